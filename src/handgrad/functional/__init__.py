@@ -1,0 +1,15 @@
+"""handgrad's public functions: the names, arguments, defaults and results of
+``torch.nn.functional``, with hand-derived backward passes (see ``handgrad.ops``).
+
+``import handgrad.functional as F`` drops in for ``import torch.nn.functional as F``.
+Each area's argument handling lives in one private module; the math lives in ``handgrad.ops``.
+"""
+from ._activations import *  # noqa: F401,F403
+from ._fused import *  # noqa: F401,F403
+from ._linear import *  # noqa: F401,F403
+from ._losses import *  # noqa: F401,F403
+from ._norms import *  # noqa: F401,F403
+from ._softmax import *  # noqa: F401,F403
+from . import _activations, _fused, _linear, _losses, _norms, _softmax
+
+__all__ = [name for m in (_linear, _activations, _softmax, _norms, _losses, _fused) for name in m.__all__]

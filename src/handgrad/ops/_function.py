@@ -1,0 +1,48 @@
+"""The one mechanism every handgrad Function goes through.
+
+Every op is a ``HandFunction``: ``forward`` without ctx, ``setup_context``, a differentiable
+``backward`` built from torch ops, and a hand-derived ``jvp`` for forward-mode AD. ``vmap``
+comes from ``generate_vmap_rule`` (forward and backward are plain torch ops, so torch.func
+can batch them).
+
+Ops are called through ``Fn.call(*args)``, not ``Fn.apply``: Dynamo refuses to trace an
+autograd.Function that defines ``jvp`` ("Unsupported custom jvp", torch 2.13), so under
+``torch.compile`` ``call`` dispatches to a twin class that is identical but for the ``jvp``.
+Forward-mode AD is not traced by Dynamo anyway, so nothing is lost there.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class HandFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @classmethod
+    def call(cls, *args):
+        if torch.compiler.is_compiling():
+            return _without_jvp(cls).apply(*args)
+        return cls.apply(*args)
+
+
+_TWINS: dict[type, type] = {}
+
+
+def _without_jvp(cls: type) -> type:
+    """The same Function with no ``jvp`` (built once per class), for Dynamo to trace."""
+    twin = _TWINS.get(cls)
+    if twin is None:
+        attrs = {}
+        for klass in reversed(cls.__mro__[: cls.__mro__.index(HandFunction) + 1]):
+            attrs.update({k: v for k, v in vars(klass).items() if not k.startswith("__") or k == "__doc__"})
+        attrs.pop("jvp", None)
+        attrs.pop("call", None)
+        twin = _TWINS[cls] = type(cls.__name__ + "NoJvp", (torch.autograd.Function,), attrs)
+    return twin
+
+
+def opmath(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Compute in float32 for float16/bfloat16 inputs, as torch's own kernels do internally."""
+    if t is not None and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t
