@@ -18,27 +18,22 @@ import torch
 class HandFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
-    @classmethod
-    def call(cls, *args):
-        if torch.compiler.is_compiling():
-            return _without_jvp(cls).apply(*args)
-        return cls.apply(*args)
-
-
-_TWINS: dict[type, type] = {}
-
-
-def _without_jvp(cls: type) -> type:
-    """The same Function with no ``jvp`` (built once per class), for Dynamo to trace."""
-    twin = _TWINS.get(cls)
-    if twin is None:
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # The twin without ``jvp``, built once when the op is defined, for Dynamo to trace.
         attrs = {}
         for klass in reversed(cls.__mro__[: cls.__mro__.index(HandFunction) + 1]):
             attrs.update({k: v for k, v in vars(klass).items() if not k.startswith("__") or k == "__doc__"})
-        attrs.pop("jvp", None)
-        attrs.pop("call", None)
-        twin = _TWINS[cls] = type(cls.__name__ + "NoJvp", (torch.autograd.Function,), attrs)
-    return twin
+        for name in ("jvp", "call"):
+            attrs.pop(name, None)
+        twin = type(cls.__name__ + "NoJvp", (torch.autograd.Function,), attrs)
+
+        def call(*args):
+            if torch.compiler.is_compiling():
+                return twin.apply(*args)
+            return cls.apply(*args)
+
+        cls.call = staticmethod(call)
 
 
 def opmath(t: torch.Tensor | None) -> torch.Tensor | None:
