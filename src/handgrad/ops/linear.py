@@ -9,7 +9,8 @@ from ._function import HandFunction
 def _flat(x, weight):
     """Views the op works on: X (N, D_in), W (D_out, D_in); 1-D weight is one output row."""
     D_in = x.shape[-1]
-    return x.reshape(-1, D_in), weight.reshape(-1, D_in)  # (N, D_in), (D_out, D_in)
+    N, D_out = x.shape[:-1].numel(), weight.shape[:-1].numel()  # explicit: D_in may be 0
+    return x.reshape(N, D_in), weight.reshape(D_out, D_in)     # (N, D_in), (D_out, D_in)
 
 
 class LinearFn(HandFunction):
@@ -56,9 +57,9 @@ class LinearFn(HandFunction):
         G = grad_y.reshape(N, D_out)                                         # (N, D_out)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (G @ weight.reshape(-1, D_in)).reshape(ctx.x_shape)     # G W
+            grad_x = (G @ weight.reshape(D_out, D_in)).reshape(ctx.x_shape)  # G W
         if ctx.needs_input_grad[1]:
-            grad_w = (G.mT @ x.reshape(-1, D_in)).reshape(ctx.w_shape)       # Gᵀ X
+            grad_w = (G.mT @ x.reshape(N, D_in)).reshape(ctx.w_shape)        # Gᵀ X
         if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
             grad_b = grad_y.sum_to_size(ctx.bias_shape)                      # 1ᵀ G
         return grad_x, grad_w, grad_b

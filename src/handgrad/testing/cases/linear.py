@@ -13,7 +13,7 @@ def _linear(bias: str):
     def make(shape, dtype, device):
         D_in, D_out = shape[-1], 4
         x = randn(shape, dtype, device)
-        w = randn((D_out, D_in), dtype, device, scale=D_in**-0.5)
+        w = randn((D_out, D_in), dtype, device, scale=max(D_in, 1) ** -0.5)
         b = {"vector": lambda: randn((D_out,), dtype, device), "none": lambda: None,
              "full": lambda: randn((*shape[:-1], D_out), dtype, device)}[bias]()
         return Inputs((x, w, b))
