@@ -4,10 +4,29 @@ Derivation: docs/derivation.md#activations.
 An ``Activation`` is the math of one f: the forward, and f'(z) written from whichever of z or
 y it is cheapest in (STYLE.md §3: sigmoid, tanh, relu from the output). ``ElementwiseFn`` is
 the one autograd Function that runs any of them; fused ops (``ops.fused``) reuse the same
-specs, so each derivative is written once.
+specs, so each derivative is written once. ``ElementwiseInplaceFn`` is its in-place twin
+(``inplace=True`` in torch.nn.functional), for the specs whose f' is read from y.
+
+The spec table (f, f', what is saved):
+
+    sigmoid      σ(z)                                 y(1 − y)                          y
+    tanh         tanh(z)                              1 − y² = (1 − y)(1 + y)           y
+    relu         max(z, 0)                            [y > 0]                           y
+    leaky_relu   z if z > 0 else s·z                  1 if z > 0 else s                 y if s ≥ 0, else z
+    elu          z if z > 0 else α(e^z − 1)           1 if z > 0 else α e^z = y + α     y if α ≥ 0, else z
+    gelu         z Φ(z)                               Φ(z) + z φ(z)                     z
+    gelu[tanh]   ½ z (1 + tanh u) = z σ(2u)           σ(2u)(1 + 2z σ(−2u) c(1 + 3κz²))   z
+                 (u = c(z + κz³), c = √(2/π), κ = 0.044715)
+    silu         z σ(z)                               σ(z)(1 + z(1 − σ(z)))             z
+    softplus     z if βz > t else log(1 + e^{βz})/β   1 if βz > t else σ(βz)            z
+
+At the kinks the derivative is torch's: relu'(0) = 0, leaky_relu'(0) = s, elu'(0) = α,
+softplus' = 1 strictly above the threshold. A nan input gets torch's gradient too (its kernels
+test ``y <= 0`` / ``z <= 0`` / ``z > 0``, and so do these).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,9 +48,122 @@ def sigmoid_spec() -> Activation:
     return Activation("sigmoid", torch.sigmoid, lambda z, y: y * (1 - y), "output")
 
 
+def tanh_spec() -> Activation:
+    # f(z) = tanh(z);  f'(z) = 1 − tanh²(z) = 1 − y² = (1 − y)(1 + y): near |y| = 1, 1 − y is exact
+    # and 1 + y one rounding, where 1 − y·y would round y² first and cancel (torch's kernel is as exact).
+    return Activation("tanh", torch.tanh, lambda z, y: (1 - y) * (1 + y), "output")
+
+
+def relu_spec() -> Activation:
+    # f(z) = max(z, 0);  f'(z) = [z > 0] = [y > 0]; written as "not y ≤ 0", torch's
+    # threshold_backward test, so f'(0) = 0 and a nan passes the gradient through as torch's does.
+    return Activation("relu", lambda z: z.clamp_min(0), lambda z, y: (y <= 0).logical_not().to(y.dtype), "output")
+
+
+def leaky_relu_spec(negative_slope: float = 0.01) -> Activation:
+    s = float(negative_slope)
+
+    def f(z):
+        return torch.where(z > 0, z, z * s)                          # z if z > 0 else s·z
+
+    if s >= 0:
+        # s ≥ 0: z > 0 ⇔ y > 0 (z ≤ 0 gives y = s·z ≤ 0), so f' = 1 if y > 0 else s; f'(0) = s.
+        return Activation("leaky_relu", f, lambda z, y: torch.where(y > 0, 1.0, torch.full_like(y, s)), "output")
+    # s < 0: z < 0 gives y > 0, so the sign of y no longer tells the branch; read it from z.
+    return Activation("leaky_relu", f, lambda z, y: torch.where(z > 0, 1.0, torch.full_like(z, s)), "input")
+
+
+def elu_spec(alpha: float = 1.0) -> Activation:
+    a = float(alpha)
+
+    def f(z):
+        # z if z > 0 else α(e^z − 1); expm1 keeps small |z| exact, and exp sees min(z, 0) only,
+        # so the unselected branch never overflows.
+        return torch.where(z > 0, z, a * torch.expm1(z.clamp_max(0)))
+
+    if a >= 0:
+        # α ≥ 0: z ≤ 0 ⇔ y ≤ 0, and there f'(z) = α e^z = α(e^z − 1) + α = y + α; f'(0) = α.
+        return Activation("elu", f, lambda z, y: torch.where(y <= 0, y + a, 1.0), "output")
+    # α < 0: z < 0 gives y > 0, so the branch is read from z: f'(z) = α e^z for z ≤ 0.
+    return Activation("elu", f, lambda z, y: torch.where(z <= 0, a * torch.exp(z.clamp_max(0)), 1.0), "input")
+
+
+_SQRT1_2 = math.sqrt(0.5)               # 1/√2
+_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)   # 1/√(2π)
+_C = math.sqrt(2 / math.pi)             # c = √(2/π)
+_KAPPA = 0.044715                       # κ
+# |z| beyond which σ(2u) and σ(−2u) are exactly 0 and 1 in every float dtype (|u| ≈ 3.6e10), so
+# the derivative's z(1 + 3κz²) factor, multiplied by 0 there, can be evaluated at the clamped z
+# without changing the result: the clamp only keeps z² from overflowing (float32 past 1.8e19)
+# into 0·∞ = nan, which torch's own float32 kernel returns there.
+_GELU_TANH_FLAT = 1e4
+
+
+def _phi_cdf(z):
+    # Φ(z) = ½ erfc(−z/√2): exact in the left tail, where ½(1 + erf(z/√2)) cancels to 0.
+    return 0.5 * torch.special.erfc(-z * _SQRT1_2)
+
+
+def gelu_spec(approximate: str = "none") -> Activation:
+    if approximate == "none":
+        # f(z) = z Φ(z);  f'(z) = Φ(z) + z φ(z),  φ(z) = e^{−z²/2}/√(2π)
+        return Activation(
+            "gelu",
+            lambda z: z * _phi_cdf(z),
+            lambda z, y: _phi_cdf(z) + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI,
+            "input",
+        )
+    if approximate == "tanh":
+        # f(z) = ½ z (1 + tanh u), u = c(z + κz³). With 1 + tanh u = 2σ(2u) and 1 − tanh u = 2σ(−2u):
+        #   f(z)  = z σ(2u)
+        #   f'(z) = ½(1 + tanh u) + ½ z (1 − tanh²u) c (1 + 3κz²)
+        #         = σ(2u) (1 + 2 z σ(−2u) c (1 + 3κz²))
+        # σ(±2u) has no cancellation where tanh u → ∓1, which 1 ± tanh u would have.
+        def u(z):
+            return _C * (z + _KAPPA * z * z * z)
+
+        def df(z, y):
+            two_u = 2 * u(z)
+            zc = z.clamp(-_GELU_TANH_FLAT, _GELU_TANH_FLAT)         # = z wherever σ(−2u)σ(2u) ≠ 0
+            return torch.sigmoid(two_u) * (1 + 2 * zc * torch.sigmoid(-two_u) * _C * (1 + 3 * _KAPPA * zc * zc))
+
+        return Activation("gelu", lambda z: z * torch.sigmoid(2 * u(z)), df, "input")
+    # torch's own message (aten/src/ATen/native/Activation.cpp), with the value given
+    raise RuntimeError(f"approximate argument must be either none or tanh. (got approximate={approximate!r})")
+
+
+def silu_spec() -> Activation:
+    def df(z, y):
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))                                 # σ(z)(1 + z(1 − σ(z)))
+
+    # f(z) = z σ(z)
+    return Activation("silu", lambda z: z * torch.sigmoid(z), df, "input")
+
+
+def softplus_spec(beta: float = 1.0, threshold: float = 20.0) -> Activation:
+    b, t = float(beta), float(threshold)
+
+    def f(z):
+        bz = b * z
+        # log(1 + e^{βz}) = max(βz, 0) + log(1 + e^{−|βz|}): never overflows, whatever the threshold
+        soft = (bz.clamp_min(0) + torch.log1p(torch.exp(-bz.abs()))) / b
+        return torch.where(bz > t, z, soft)                          # linear strictly above t
+
+    # f'(z) = e^{βz}/(1 + e^{βz}) = σ(βz) below the threshold, 1 above (torch's softplus_backward)
+    return Activation("softplus", f, lambda z, y: torch.where(b * z > t, 1.0, torch.sigmoid(b * z)), "input")
+
+
 # name → factory(**options) → Activation
 ACTIVATIONS: dict[str, Callable[..., Activation]] = {
     "sigmoid": sigmoid_spec,
+    "tanh": tanh_spec,
+    "relu": relu_spec,
+    "leaky_relu": leaky_relu_spec,
+    "elu": elu_spec,
+    "gelu": gelu_spec,
+    "silu": silu_spec,
+    "softplus": softplus_spec,
 }
 
 
@@ -40,7 +172,24 @@ def get_activation(name: str, **options) -> Activation:
         factory = ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
-    return factory(**options)
+    key = (name, tuple(sorted(options.items())))
+    try:
+        act = _BUILT.get(key)
+    except TypeError:  # an unhashable option value: build it afresh
+        return factory(**options)
+    if act is None:
+        act = _BUILT[key] = factory(**options)
+    return act
+
+
+# One Activation object per (name, options): torch.compile's guards see the same object each call.
+_BUILT: dict[tuple, Activation] = {}
+
+
+def _df(act: Activation, saved: torch.Tensor) -> torch.Tensor:
+    """f'(Z) from the saved Y or Z, in opmath (float32 for half types)."""
+    z, y = (None, saved) if act.saves == "output" else (saved, None)
+    return act.df(opmath(z), opmath(y))
 
 
 class ElementwiseFn(HandFunction):
@@ -48,7 +197,7 @@ class ElementwiseFn(HandFunction):
 
     Shapes: Z (*) → Y (*), any shape.
     Backward, G = ∂L/∂Y (*):
-        ∂L/∂Z = G ⊙ f'(Z)        (*)
+        ∂L/∂Z = G ⊙ f'(Z)        (*)      (G ⊙ conj f'(Z) for complex Z, torch's convention)
     Forward mode, tangent Ż:
         Ẏ = f'(Z) ⊙ Ż
     f'(Z) is computed from the saved Y or Z (``act.saves``), never both. In float16/bfloat16
@@ -71,15 +220,66 @@ class ElementwiseFn(HandFunction):
     @staticmethod
     def _df(ctx):
         saved, = ctx.saved_tensors
-        z, y = (None, saved) if ctx.act.saves == "output" else (saved, None)
-        return ctx.act.df(opmath(z), opmath(y))                   # f'(Z)
+        return _df(ctx.act, saved)                                # f'(Z)
 
     @staticmethod
     def backward(ctx, grad_y):
         if not ctx.needs_input_grad[0]:
             return None, None
-        return (opmath(grad_y) * ElementwiseFn._df(ctx)).to(grad_y.dtype), None   # G ⊙ f'(Z)
+        return (opmath(grad_y) * ElementwiseFn._df(ctx).conj()).to(grad_y.dtype), None   # G ⊙ f'(Z)
 
     @staticmethod
     def jvp(ctx, dz, _):
-        return (opmath(dz) * ElementwiseFn._df(ctx)).to(dz.dtype)                  # f'(Z) ⊙ Ż
+        return (opmath(dz) * ElementwiseFn._df(ctx)).to(dz.dtype)                        # f'(Z) ⊙ Ż
+
+
+class ElementwiseInplaceFn(HandFunction):
+    r"""Z ← f(Z), in place — equals torch's ``relu_``/``leaky_relu_``/``elu_`` (``inplace=True``).
+
+    Shapes: Z (*) → Z (*), the same tensor, marked dirty.
+    Backward, G = ∂L/∂Y (*):
+        ∂L/∂Z = G ⊙ f'(Z)        (*)     f'(Z) from the saved Y: Z itself is overwritten
+    Forward mode, tangent Ż (updated in place, as autograd requires of an in-place op):
+        Ż ← f'(Z) ⊙ Ż
+    Only a spec whose f' is read from y can run backward after the input is gone; for the others
+    (leaky_relu with a negative slope, elu with a negative α) torch writes the result but refuses
+    the backward, and so does this, with torch's message. The public functions refuse a leaf that
+    requires grad before anything is written, as torch does.
+    Derivation: docs/derivation.md#activations
+    """
+
+    @staticmethod
+    def forward(z, act):
+        z.copy_(act.f(opmath(z)))                                  # Z ← f(Z)
+        return z
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, act = inputs
+        ctx.act = act
+        ctx.mark_dirty(z)
+        ctx.save_for_backward(output if act.saves == "output" else None)
+        ctx.save_for_forward(output if act.saves == "output" else None)
+
+    @staticmethod
+    def _df(ctx):
+        y, = ctx.saved_tensors
+        if y is None:
+            # torch's message for its in-place leaky_relu_/elu_ (FunctionsManual.cpp)
+            raise RuntimeError(
+                f"In-place {ctx.act.name} backward calculation is triggered with a negative slope which is not "
+                "supported. This is caused by calling in-place forward function with a negative slope, please "
+                "call out-of-place version instead."
+            )
+        return _df(ctx.act, y)                                      # f'(Z) from Y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        df = ElementwiseInplaceFn._df(ctx)
+        return (opmath(grad_y) * df).to(grad_y.dtype), None                         # G ⊙ f'(Z)
+
+    @staticmethod
+    def jvp(ctx, dz, _):
+        return dz.copy_(opmath(dz) * ElementwiseInplaceFn._df(ctx))                 # Ż ← f'(Z) ⊙ Ż

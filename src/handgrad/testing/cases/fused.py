@@ -1,1 +1,136 @@
-CASES: list = []
+"""Registry entries for the fused ops (ops.fused): each against the torch.nn.functional
+composition it must equal. ``shape`` is the input's shape (*, D_in)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as TF
+
+from ... import functional as F
+from ...ops.activations import ACTIVATIONS
+from ..registry import BadInput, Inputs, OpCase, randn
+
+# activation name → (options, the torch function). Those the activation table does not hold
+# (yet) get no case; tests/test_fused.py::test_every_activation_has_a_fused_case names them.
+FUSED_ACTIVATIONS = {
+    "sigmoid": ({}, torch.sigmoid),
+    "tanh": ({}, torch.tanh),
+    "relu": ({}, TF.relu),
+    "leaky_relu": ({"negative_slope": 0.2}, lambda z: TF.leaky_relu(z, 0.2)),
+    "gelu": ({"approximate": "tanh"}, lambda z: TF.gelu(z, approximate="tanh")),
+    "silu": ({}, TF.silu),
+}
+
+
+def _linear_act_case(name: str, bias: bool = True, bad=()) -> OpCase:
+    options, torch_f = FUSED_ACTIVATIONS[name]
+
+    def make(shape, dtype, device):
+        D_in, D_out = shape[-1], 4
+        b = randn((D_out,), dtype, device) if bias else None
+        return Inputs((randn(shape, dtype, device), randn((D_out, D_in), dtype, device, scale=D_in**-0.5), b))
+
+    def ours(x, w, b):
+        return F.linear_act(x, w, b, name, **options)
+
+    def reference(x, w, b):
+        return torch_f(TF.linear(x, w, b))
+
+    return OpCase(f"linear_act[{name}{'' if bias else ',no-bias'}]", ours, reference, make, bad_inputs=bad)
+
+
+def _mlp_case(activation: str, last: str | None, bias: bool, widths=(5, 3), bad=()) -> OpCase:
+    """x → widths[0] → … → widths[-1]; the parameters are flat arguments w1, b1, w2, b2, …
+    (the registry checks positional tensors), regrouped into the lists ``mlp`` takes."""
+    # mlp takes activation names with their default options: torch's functions with theirs
+    torch_act, torch_last = getattr(TF, activation), None if last is None else getattr(TF, last)
+    L = len(widths)
+
+    def make(shape, dtype, device):
+        args, d_in = [randn(shape, dtype, device)], shape[-1]
+        for d_out in widths:
+            args += [randn((d_out, d_in), dtype, device, scale=d_in**-0.5),
+                     randn((d_out,), dtype, device) if bias else None]
+            d_in = d_out
+        return Inputs(tuple(args))
+
+    def ours(x, *params):
+        return F.mlp(x, params[0::2], params[1::2], activation=activation, last_activation=last)
+
+    def reference(x, *params):
+        for l in range(L):
+            x = TF.linear(x, params[2 * l], params[2 * l + 1])
+            f = torch_act if l < L - 1 else torch_last
+            if f is not None:
+                x = f(x)
+        return x
+
+    name = f"mlp[{activation},last={last}{'' if bias else ',no-bias'}{',' + str(L) + '-layer' if L != 2 else ''}]"
+    return OpCase(name, ours, reference, make, bad_inputs=bad)
+
+
+def _lce_case(reduction: str, label_smoothing: float = 0.0, bias: bool = True, shapes=None) -> OpCase:
+    C, ignore = 6, -100
+
+    def make(shape, dtype, device):
+        D = shape[-1]
+        target = torch.randint(0, C, shape[:-1], device=device)
+        target[(torch.arange(target.numel(), device=device) % 3 == 1).reshape(target.shape)] = ignore  # every third row ignored
+        kwargs = {"bias": randn((C,), dtype, device) if bias else None, "reduction": reduction,
+                  "label_smoothing": label_smoothing, "chunk_size": 3}   # 3 rows a chunk: several chunks, a ragged last one
+        return Inputs((randn(shape, dtype, device), randn((C, D), dtype, device, scale=D**-0.5), target), kwargs)
+
+    def reference(x, w, target, *, bias=None, reduction="mean", label_smoothing=0.0, chunk_size=None):
+        logits = TF.linear(x, w, bias)
+        loss = TF.cross_entropy(logits.reshape(-1, w.shape[0]), target.reshape(-1), ignore_index=ignore, reduction=reduction,
+                                label_smoothing=label_smoothing)
+        return loss.reshape(target.shape) if reduction == "none" else loss
+
+    name = f"linear_cross_entropy[{reduction}{f',smoothing={label_smoothing}' if label_smoothing else ''}{'' if bias else ',no-bias'}]"
+    # 'mean' of an empty batch is 0/0 = nan in torch too; its finite-difference check is meaningless
+    default = ((2, 3), (7, 13), (2, 5, 13)) if reduction == "mean" else ((2, 3), (7, 13), (2, 5, 13), (0, 13))
+    return OpCase(name, F.linear_cross_entropy, reference, make, shapes=shapes or default, bad_inputs=_LCE_BAD if reduction == "mean" else ())
+
+
+_LCE_BAD = (
+    BadInput("target batch mismatch", lambda: Inputs((torch.randn(4, 5), torch.randn(7, 5), torch.zeros(3, dtype=torch.long))),
+             ("target", "[3]", "[4, 5]")),
+    BadInput("target out of range", lambda: Inputs((torch.randn(4, 5), torch.randn(7, 5), torch.tensor([1, 2, 9, 3]))),
+             ("Target 9",)),
+    BadInput("float target", lambda: Inputs((torch.randn(4, 5), torch.randn(7, 5), torch.zeros(4))), ("target", "Float")),
+    BadInput("features mismatch", lambda: Inputs((torch.randn(4, 6), torch.randn(7, 5), torch.zeros(4, dtype=torch.long))),
+             ("weight", "[7, 5]", "6")),
+    BadInput("bad reduction", lambda: Inputs((torch.randn(4, 5), torch.randn(7, 5), torch.zeros(4, dtype=torch.long)),
+                                             {"reduction": "avg"}), ("avg", "reduction")),
+    BadInput("label_smoothing above 1", lambda: Inputs((torch.randn(4, 5), torch.randn(7, 5), torch.zeros(4, dtype=torch.long)),
+                                                       {"label_smoothing": 1.5}), ("label_smoothing",)),
+)
+
+_LINEAR_ACT_BAD = (
+    BadInput("features mismatch", lambda: Inputs((torch.randn(2, 3), torch.randn(4, 5), None)), ("weight", "[4, 5]", "3")),
+    BadInput("bias of wrong size", lambda: Inputs((torch.randn(2, 5), torch.randn(4, 5), torch.randn(3))), ("bias", "[3]")),
+)
+
+_MLP_BAD = (
+    BadInput("layers that do not chain", lambda: Inputs((torch.randn(2, 3), torch.randn(4, 3), None, torch.randn(2, 5), None)),
+             ("weights[1]", "[2, 5]", "4")),
+)
+
+
+def _available(name: str) -> bool:
+    return name in ACTIVATIONS
+
+
+CASES = [
+    *[_linear_act_case(name, bad=_LINEAR_ACT_BAD if name == "sigmoid" else ()) for name in FUSED_ACTIVATIONS if _available(name)],
+    *[_mlp_case(name, None, True, bad=_MLP_BAD if name == "sigmoid" else ()) for name in FUSED_ACTIVATIONS if _available(name)],
+    _mlp_case("sigmoid", "sigmoid", True, widths=(5, 4, 3)),     # the seed: every layer sigmoid, 3 layers
+    _mlp_case("sigmoid", "sigmoid", False, widths=(4,)),         # one layer, no bias
+    _lce_case("mean"),
+    _lce_case("sum", label_smoothing=0.2),
+    _lce_case("none"),
+    _lce_case("mean", label_smoothing=0.1, bias=False),
+]
+if _available("relu"):
+    CASES.append(_mlp_case("relu", "sigmoid", False))
+    CASES.append(_linear_act_case("relu", bias=False))
+

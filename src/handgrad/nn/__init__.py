@@ -1,0 +1,11 @@
+"""handgrad's modules: ``torch.nn``'s names, arguments, parameters, init and repr, with the
+hand-derived backward passes of ``handgrad.functional``.
+
+``from handgrad import nn`` drops in for ``from torch import nn`` for the modules listed in
+``__all__``; ``MLP`` is the seed's network.
+"""
+from ._mlp import MLP
+from ._modules import *  # noqa: F401,F403
+from ._modules import __all__ as _modules_all
+
+__all__ = [*_modules_all, "MLP"]

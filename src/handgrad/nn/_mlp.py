@@ -1,0 +1,89 @@
+"""``MLP``: the seed's network, a stack of affine layers each followed by an activation."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from ._modules import ELU, GELU, Linear, LeakyReLU, ReLU, SiLU, Sigmoid, Softplus, Tanh
+
+__all__ = ["MLP"]
+
+# activation name (as ``handgrad.functional.mlp`` takes it) → module with torch.nn's defaults
+ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
+    "sigmoid": Sigmoid, "tanh": Tanh, "relu": ReLU, "leaky_relu": LeakyReLU, "elu": ELU,
+    "gelu": GELU, "silu": SiLU, "softplus": Softplus,
+}
+
+
+def _activation_module(name: str | None, arg: str) -> nn.Module | None:
+    if name is None:
+        return None
+    if name not in ACTIVATION_MODULES:
+        raise ValueError(f"MLP: unknown {arg} {name!r}; expected one of {sorted(ACTIVATION_MODULES)}")
+    return ACTIVATION_MODULES[name]()
+
+
+class MLP(nn.Sequential):
+    r"""x_l = f(W_l x_{l-1} + b_l) for l = 1 … L−1, then x_L = W_L x_{L-1} + b_L
+    (followed by ``last_activation`` when given): the seed's network.
+
+    ``sizes = (D_0, D_1, …, D_L)``: layer l maps D_{l-1} → D_l. Children are
+    ``Linear, act, Linear, act, …, Linear[, last_act]``, so the state_dict keys ("0.weight",
+    "0.bias", "2.weight", …), shapes and initialisation are those of the equivalent
+    ``torch.nn.Sequential`` of ``torch.nn.Linear`` and activation modules built in the same order
+    with the same seed, and ``parameters()`` iterate W1, b1, W2, b2, ….
+
+    ``fused=True`` runs the whole stack as one op (``handgrad.functional.mlp``: one backward
+    pass over all layers, derivation "the seed's network"); ``fused=False`` runs the children
+    one by one (``nn.Sequential.forward``). Both give the same values and gradients.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        activation: str = "sigmoid",
+        bias: bool = True,
+        last_activation: str | None = None,
+        fused: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        sizes = [int(s) for s in sizes]
+        if len(sizes) < 2:
+            raise ValueError(f"MLP: sizes needs at least 2 entries (input and output), got {sizes}")
+        layers: list[nn.Module] = []
+        n_layers = len(sizes) - 1
+        for l, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(Linear(d_in, d_out, bias=bias, device=device, dtype=dtype))
+            act = _activation_module(activation if l < n_layers - 1 else last_activation,
+                                     "activation" if l < n_layers - 1 else "last_activation")
+            if act is not None:
+                layers.append(act)
+        if n_layers == 1:  # a single layer still validates `activation`
+            _activation_module(activation, "activation")
+        super().__init__(*layers)
+        self.sizes = tuple(sizes)
+        self.activation = activation
+        self.last_activation = last_activation
+        self.fused = fused
+
+    def linears(self) -> list[nn.Linear]:
+        return [m for m in self if isinstance(m, nn.Linear)]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return super().forward(input)
+        linears = self.linears()
+        return F.mlp(
+            input,
+            [m.weight for m in linears],
+            [m.bias for m in linears],
+            activation=self.activation,
+            last_activation=self.last_activation,
+        )
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}, activation={self.activation!r}, last_activation={self.last_activation!r}, fused={self.fused}"

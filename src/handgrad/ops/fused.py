@@ -1,0 +1,436 @@
+"""Fused ops: a whole stack of layers, or linear + cross-entropy, as one autograd node.
+Derivation: docs/derivation.md#fused-operations.
+
+A hand-derived backward can do what autograd's op-by-op graph cannot: run a whole network's
+backward as one step (the seed's Δ recursion), keep only the tensors the derivative uses, and
+work in place on buffers it owns.
+
+In place versus double backward. ``backward`` runs with grad mode off unless the caller asked
+for ``create_graph=True``. With grad mode off nothing records the backward, so it may overwrite
+buffers it allocated itself (the fast path: ``Δ_l`` is written into the ``Δ_{l+1} W_{l+1}``
+buffer, the softmax into the logits buffer). With grad mode on (double backward,
+``gradgradcheck``, ``torch.func.grad``), the same equations run out of place, so autograd can
+differentiate them. Both paths share every line of math; only ``inplace`` differs.
+
+The activation math (f and f') comes from ``ops.activations`` (one ``Activation`` spec per f):
+nothing here writes a derivative of an activation again (STYLE.md §4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._function import HandFunction, opmath
+from .activations import Activation, get_activation
+
+# f(z) = z, f'(z) = 1: the last layer of an MLP without a final activation. Recognised by
+# identity (``act is IDENTITY``), so f' is never materialised.
+IDENTITY = Activation("identity", lambda z: z, lambda z, y: torch.ones_like(z if y is None else y), "output")
+
+
+def activation_spec(activation: str | Activation | None, **options) -> Activation:
+    """``None`` → the identity; a name → ``get_activation(name, **options)``; a spec as is."""
+    if activation is None:
+        return IDENTITY
+    if isinstance(activation, Activation):
+        return activation
+    return get_activation(activation, **options)
+
+
+def _act_forward(act: Activation, Z: torch.Tensor) -> torch.Tensor:
+    """Y = f(Z), the math in float32 for float16/bfloat16 and rounded once (as torch's kernels)."""
+    if act is IDENTITY:
+        return Z
+    return act.f(opmath(Z)).to(Z.dtype)
+
+
+def _act_grad(act: Activation, G: torch.Tensor, Z: torch.Tensor | None, Y: torch.Tensor | None,
+              inplace: bool) -> torch.Tensor:
+    """Δ = G ⊙ f'(Z), with f'(Z) from the saved Z or Y (``act.saves``). ``inplace``: G is a
+    buffer this op owns and nothing records the backward, so Δ overwrites it."""
+    if act is IDENTITY:
+        return G                                                   # f'(Z) = 1
+    d = act.df(opmath(Z), opmath(Y))                               # f'(Z)
+    if inplace and G.dtype == d.dtype:
+        return G.mul_(d)                                           # G ⊙ f'(Z), into G
+    return (opmath(G) * d).to(G.dtype)                             # G ⊙ f'(Z)
+
+
+def _affine(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """Z = X Wᵀ + b   (N, D_out), one GEMM (the bias is added by addmm)."""
+    return X @ W.mT if b is None else torch.addmm(b, X, W.mT)
+
+
+# ------------------------------------------------------------------------------------------
+# The whole network: linear_act (one layer) and mlp (L layers)
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """The non-tensor options of ``StackFn``: one activation per layer (STYLE.md §5)."""
+
+    acts: tuple[Activation, ...]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.acts)
+
+    @property
+    def z_slots(self) -> tuple[int | None, ...]:
+        """For layer l, the output index of Z_l (saved when f' needs the input), else None.
+        Outputs are X_1 … X_L, then the Z_l of those layers, in layer order."""
+        slots, k = [], self.n_layers
+        for act in self.acts:
+            if act is not IDENTITY and act.saves == "input":
+                slots.append(k)
+                k += 1
+            else:
+                slots.append(None)
+        return tuple(slots)
+
+
+class StackFn(HandFunction):
+    r"""The seed's network as one node: for l = 1 … L,
+
+        Z_l = X_{l−1} W_lᵀ + b_l,    X_l = f_l(Z_l)
+
+    — equals ``f_L(linear(… f_1(linear(x, W_1, b_1)) …, W_L, b_L))``; one layer is
+    ``linear_act``, several are ``mlp``.
+
+    Shapes: X_0 (N, D_0) (leading dims flattened into N), W_l (D_l, D_{l−1}), b_l (D_l,) or
+    None → X_l (N, D_l).
+    Arguments: ``(x, spec, W_1, b_1, …, W_L, b_L)`` (flattened, b_l may be None).
+    Outputs: X_1 … X_L, then Z_l for each layer whose f' needs the input (``spec.z_slots``).
+    The public functions return X_L; the other outputs are what the backward uses, returned
+    (not kept on ctx) so that double backward sees them as functions of the inputs.
+    Backward, G_l = ∂L/∂X_l (the incoming gradient of output X_l, zero if unused), the seed's
+    recursion, top layer first:
+        Δ_l      = f_l'(Z_l) ⊙ (G_l + Δ_{l+1} W_{l+1})   (N, D_l)    (Δ_{L+1} W_{L+1} := 0)
+        ∂L/∂W_l  = Δ_lᵀ X_{l−1}                           (D_l, D_{l−1})
+        ∂L/∂b_l  = 1ᵀ Δ_l                                 (D_l,)
+        ∂L/∂X_0  = Δ_1 W_1                                (N, D_0)
+    (plus ∂L/∂Z_l added to Δ_l where Z_l is an output).
+    Forward mode, tangents Ẋ_0, Ẇ_l, ḃ_l, bottom layer first:
+        Ż_l = Ẋ_{l−1} W_lᵀ + X_{l−1} Ẇ_lᵀ + ḃ_l,    Ẋ_l = f_l'(Z_l) ⊙ Ż_l
+    Saved: X_0 … X_L, W_1 … W_L, and Z_l only where f_l' needs it (gelu, silu, …); for
+    sigmoid, tanh, relu f' comes from X_l itself, which the next layer needs anyway — the same
+    tensors native autograd keeps, no more. The backward's Δ buffers are reused in place
+    (module docstring). In float16/bfloat16 the GEMMs run in the input dtype and each
+    activation in float32, rounded once, as torch's kernels do.
+    Derivation: docs/derivation.md#fused-operations
+    """
+
+    @staticmethod
+    def forward(x, spec, *params):
+        lead, D_0 = x.shape[:-1], x.shape[-1]
+        X = x.reshape(-1, D_0)                                     # X_0 (N, D_0)
+        xs, zs = [], []
+        for l, act in enumerate(spec.acts):
+            W, b = params[2 * l], params[2 * l + 1]
+            Z = _affine(X, W, b)                                   # Z_l = X_{l−1} W_lᵀ + b_l  (N, D_l)
+            X = _act_forward(act, Z)                               # X_l = f_l(Z_l)            (N, D_l)
+            xs.append(X.reshape(*lead, W.shape[0]))                # (*, D_l)
+            if spec.z_slots[l] is not None:
+                zs.append(Z.reshape(*lead, W.shape[0]))            # (*, D_l)
+        return (*xs, *zs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, spec, *params = inputs
+        ctx.spec = spec
+        ctx.x_shape = x.shape
+        ctx.set_materialize_grads(False)   # unused outputs (X_1 … X_{L−1}) send None, not zeros
+        weights = params[0::2]
+        ctx.save_for_backward(x, *weights, *output)
+        ctx.save_for_forward(x, *weights, *output)
+
+    @staticmethod
+    def _unpack(ctx):
+        """X_0 … X_L (N, D_l), W_1 … W_L, Z_1 … Z_L (None where not saved)."""
+        L, saved = ctx.spec.n_layers, ctx.saved_tensors
+        x, weights, outs = saved[0], saved[1 : L + 1], saved[L + 1 :]
+        N = ctx.x_shape[:-1].numel()
+        X = [x.reshape(N, x.shape[-1])] + [o.reshape(N, o.shape[-1]) for o in outs[:L]]       # X_0 … X_L
+        Z = [None if k is None else outs[k].reshape(N, outs[k].shape[-1]) for k in ctx.spec.z_slots]
+        return X, weights, Z
+
+    @staticmethod
+    def backward(ctx, *grads):
+        spec, L = ctx.spec, ctx.spec.n_layers
+        X, weights, Z = StackFn._unpack(ctx)
+        N = X[0].shape[0]
+        needs = ctx.needs_input_grad                               # (x, spec, W_1, b_1, …)
+        # upstream[l]: does anything below layer l (X_0 or a parameter of layers < l) need a gradient?
+        upstream = [needs[0] or any(needs[2 : 2 + 2 * l]) for l in range(L)]
+        inplace = not torch.is_grad_enabled()   # fast path: nothing records this backward
+        result: list[torch.Tensor | None] = [None] * (2 + 2 * L)
+        G, owned = None, False                                     # Δ_{l+1} W_{l+1}, ours to overwrite?
+        for l in reversed(range(L)):
+            g_out = grads[l]                                       # ∂L/∂X_l from outside
+            if g_out is not None:
+                g_out = g_out.reshape(N, g_out.shape[-1])                       # (N, D_l)
+                G, owned = (g_out, False) if G is None else (G + g_out, True)
+            Y = X[l + 1]
+            D = None if G is None else _act_grad(spec.acts[l], G, Z[l], Y, inplace and owned)   # Δ_l = f'(Z_l) ⊙ G_l
+            k = spec.z_slots[l]
+            if k is not None and grads[k] is not None:
+                g_z = grads[k].reshape(N, grads[k].shape[-1])                      # ∂L/∂Z_l from outside
+                D = g_z if D is None else D + g_z                  # Δ_l += ∂L/∂Z_l
+            if D is None:                                          # nothing flows into this layer
+                G, owned = None, False
+                continue
+            if needs[2 + 2 * l]:
+                result[2 + 2 * l] = D.mT @ X[l]                    # ∂L/∂W_l = Δ_lᵀ X_{l−1}
+            if needs[3 + 2 * l]:
+                result[3 + 2 * l] = D.sum(0)                       # ∂L/∂b_l = 1ᵀ Δ_l
+            if upstream[l]:
+                G, owned = D @ weights[l], True                    # Δ_l W_l  (N, D_{l−1})
+        if needs[0] and G is not None:
+            result[0] = G.reshape(ctx.x_shape)                     # ∂L/∂X_0 = Δ_1 W_1
+        return tuple(result)
+
+    @staticmethod
+    def jvp(ctx, dx, _spec, *dparams):
+        spec, L = ctx.spec, ctx.spec.n_layers
+        X, weights, Z = StackFn._unpack(ctx)
+        N = X[0].shape[0]
+        dX = None if dx is None else dx.reshape(N, dx.shape[-1])            # Ẋ_0 (N, D_0)
+        dxs, dzs = [], []
+        for l, act in enumerate(spec.acts):
+            dW, db = dparams[2 * l], dparams[2 * l + 1]
+            dZ = X[l + 1].new_zeros(X[l + 1].shape)                # (N, D_l)
+            if dX is not None:
+                dZ = dZ + dX @ weights[l].mT                       # Ẋ_{l−1} W_lᵀ
+            if dW is not None:
+                dZ = dZ + X[l] @ dW.mT                             # X_{l−1} Ẇ_lᵀ
+            if db is not None:
+                dZ = dZ + db                                       # ḃ_l
+            dX = _act_grad(act, dZ, Z[l], X[l + 1], False)         # Ẋ_l = f_l'(Z_l) ⊙ Ż_l
+            shape = (*ctx.x_shape[:-1], weights[l].shape[0])       # (*, D_l)
+            dxs.append(dX.reshape(shape))
+            if spec.z_slots[l] is not None:
+                dzs.append(dZ.reshape(shape))
+        return (*dxs, *dzs)
+
+
+# ------------------------------------------------------------------------------------------
+# Linear + cross-entropy, chunked over rows
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LCEOptions:
+    """The non-tensor options of ``LinearCrossEntropyFn`` (STYLE.md §5).
+
+    ``precompute``: which of (∂/∂X, ∂/∂W, ∂/∂b) the forward computes as it goes (decided by the
+    public function from ``requires_grad``; empty when no gradient will be needed or when the
+    reduction is 'none', whose per-row incoming gradient cannot be folded in before it is known).
+    ``out_dtype``: the loss dtype (float32 under autocast, as torch's cross_entropy).
+    """
+
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    chunk_size: int
+    out_dtype: torch.dtype
+    precompute: tuple[bool, bool, bool] = (False, False, False)
+
+
+def default_chunk_size(n_rows: int, n_classes: int) -> int:
+    """Rows per chunk: a chunk of logits holds about 2²² float32 values (16 MiB), whatever C is;
+    at least 1 row and at most all of them, a multiple of 8 when above 8 (aligned GEMMs)."""
+    rows = max(1, (1 << 22) // max(n_classes, 1))
+    if rows > 8:
+        rows -= rows % 8
+    return max(1, min(rows, max(n_rows, 1)))
+
+
+def _lce_chunks(X, W, b, T, opts: LCEOptions, *, want_loss: bool, weights, needs, inplace: bool,
+                scale_inplace: bool = False):
+    r"""One pass over row chunks of X: the per-row losses and/or the gradients.
+
+    Per chunk c (rows n), logits Z_c = X_c Wᵀ + b (n, C) in opmath, lse = log Σ_j e^{Z_cj},
+    P = softmax(Z_c) = e^{Z_c − lse}, Q = (1 − ε) onehot(t) + ε/C (label smoothing ε):
+        ℓ_n      = lse_n − (1 − ε) Z_{n t_n} − (ε/C) Σ_j Z_nj          (ignored rows: 0)
+        ∂ℓ_n/∂Z_n = P_n − Q_n
+    With per-row weights ω_n = ∂L/∂ℓ_n (the reduction's 1/N_valid or 1, times the incoming
+    gradient; 0 for ignored rows) and dZ_c = ω ⊙ (P − Q):
+        ∂L/∂X_c = dZ_c W      ∂L/∂W = Σ_c dZ_cᵀ X_c      ∂L/∂b = Σ_c 1ᵀ dZ_c
+    ``weights``: ω (N, 1) in opmath, or None when no gradient is wanted; ``needs``: which of the
+    three gradients. Returns (losses (N,) opmath or None, gX, gW, gb), gradients in opmath.
+    Never more than one chunk of logits exists at a time.
+    """
+    N, D = X.shape
+    C = W.shape[0]
+    eps = opts.label_smoothing
+    valid = T != opts.ignore_index                                 # (N,)
+    t = T.where(valid, 0).unsqueeze(1)                             # (N, 1), ignored rows → class 0
+    need_x, need_w, need_b = needs if weights is not None else (False, False, False)
+    Wo, Xo = opmath(W), opmath(X)                                  # GEMMs of gradients in opmath
+    losses, gX_chunks = [], []
+    gW = gb = None
+    for s in range(0, N, opts.chunk_size):
+        e = min(s + opts.chunk_size, N)
+        Zc = opmath(_affine(X[s:e], W, b))                         # Z_c = X_c Wᵀ + b   (n, C)
+        lse = Zc.logsumexp(1, keepdim=True)                        # log Σ_j e^{Z_cj}    (n, 1)
+        if want_loss:
+            l = lse.squeeze(1) - (1 - eps) * Zc.gather(1, t[s:e]).squeeze(1)   # lse − (1−ε) Z_t
+            if eps:
+                l = l - (eps / C) * Zc.sum(1)                      # − (ε/C) Σ_j Z_j
+            losses.append(l.where(valid[s:e], 0))                  # ignored rows: 0
+        if not (need_x or need_w or need_b):
+            continue
+        if inplace:
+            P = Zc.sub_(lse).exp_()                                # P = e^{Z − lse}, in the logits buffer
+            P.scatter_add_(1, t[s:e], P.new_full((e - s, 1), -(1 - eps)))   # P − (1 − ε) onehot(t)
+            if eps:
+                P.sub_(eps / C)                                    # − ε/C
+            # dZ_c = ω ⊙ (P − Q); in place unless ω carries the incoming gradient, which may be
+            # batched by vmap where P is not (an in-place op cannot grow P's batch)
+            dZ = P.mul_(weights[s:e]) if scale_inplace else P * weights[s:e]
+        else:
+            Q = torch.zeros_like(Zc).scatter_(1, t[s:e], 1 - eps)  # (1 − ε) onehot(t)
+            dZ = ((Zc - lse).exp() - Q - eps / C) * weights[s:e]   # dZ_c = ω ⊙ (P − Q)
+        if need_x:
+            gX_chunks.append(dZ @ Wo)                              # ∂L/∂X_c = dZ_c W   (n, D)
+        if need_w:
+            if inplace and gW is not None:
+                gW.addmm_(dZ.mT, Xo[s:e])                          # ∂L/∂W += dZ_cᵀ X_c  (C, D)
+            else:
+                gW = dZ.mT @ Xo[s:e] if gW is None else gW + dZ.mT @ Xo[s:e]
+        if need_b:
+            gb = dZ.sum(0) if gb is None else gb + dZ.sum(0)       # ∂L/∂b += 1ᵀ dZ_c   (C,)
+    out_losses = None
+    if want_loss:
+        out_losses = torch.cat(losses) if losses else X.new_zeros(0, dtype=opmath(X[:0]).dtype)
+    gX = None
+    if need_x:
+        gX = torch.cat(gX_chunks) if gX_chunks else Xo.new_zeros(0, D)
+    if need_w and gW is None:
+        gW = Wo.new_zeros(C, D)                                    # no rows: ∂L/∂W = 0
+    if need_b and gb is None:
+        gb = Wo.new_zeros(C)
+    return out_losses, gX, gW, gb
+
+
+def _row_weights(T, opts: LCEOptions, g, dtype):
+    """ω_n = ∂L/∂ℓ_n: 1/N_valid ('mean') or 1, times g (the incoming gradient: a scalar, or one
+    per row for 'none'), and 0 for ignored rows.  (N, 1)"""
+    valid = (T != opts.ignore_index).to(dtype)                    # (N,)
+    # 'mean': 1/N_valid; with every row ignored the loss is 0/0 = nan but the gradient is 0,
+    # as torch's (the clamp only guards 0/0: every ω_n is 0 then anyway).
+    w = valid / valid.sum().clamp(min=1) if opts.reduction == "mean" else valid
+    if g is not None:
+        w = w * opmath(g).reshape(-1)                              # ⊙ ∂L/∂(reduced loss)
+    return w.unsqueeze(1)                                          # (N, 1)
+
+
+def _reduce(losses, T, opts: LCEOptions):
+    if opts.reduction == "none":
+        return losses
+    total = losses.sum()
+    if opts.reduction == "mean":
+        return total / (T != opts.ignore_index).sum()              # Σ ℓ / N_valid (nan if all ignored)
+    return total
+
+
+class LinearCrossEntropyFn(HandFunction):
+    r"""L = cross_entropy(X Wᵀ + b, t) without the (N, C) logits — equals
+    ``torch.nn.functional.cross_entropy(linear(x, weight, bias), target, ignore_index=…,
+    reduction=…, label_smoothing=…)``.
+
+    Shapes: X (N, D), W (C, D), b (C,) or None, t (N,) class indices → L () or (N,) ('none').
+    Per row, Z_n = X_n Wᵀ + b, Q_n = (1 − ε) onehot(t_n) + ε/C:
+        ℓ_n = logsumexp(Z_n) − Q_n · Z_n         (0 where t_n = ignore_index)
+        L   = Σ ℓ_n / N_valid ('mean'),  Σ ℓ_n ('sum'),  ℓ ('none')
+    Backward, g = ∂L_out/∂L (scalar, or (N,) for 'none'), ω_n = g_n · ∂L/∂ℓ_n, P = softmax(Z):
+        ∂L/∂Z = ω ⊙ (P − Q)     (per chunk only)
+        ∂L/∂X = (∂L/∂Z) W        (N, D)
+        ∂L/∂W = (∂L/∂Z)ᵀ X       (C, D)
+        ∂L/∂b = 1ᵀ (∂L/∂Z)       (C,)
+    Forward mode, tangents Ẋ, Ẇ, ḃ: Ż = Ẋ Wᵀ + X Ẇᵀ + ḃ (per chunk), ℓ̇_n = (P_n − Q_n) · Ż_n,
+    reduced as ℓ.
+    The rows are processed ``chunk_size`` at a time, so at most one chunk of logits exists.
+    For 'mean' and 'sum' the forward also computes ∂L/∂X, ∂L/∂W, ∂L/∂b as it goes (the
+    chunk's logits are at hand: 3 GEMMs per chunk in all, as unchunked autograd); backward then
+    only scales them by g. Those gradients are extra outputs marked non-differentiable.
+    With grad mode on in backward (double backward) or for 'none', backward recomputes the
+    chunks with out-of-place torch ops, so it is differentiable. Float16/bfloat16: logits'
+    GEMM in the input dtype (as torch), the softmax and the gradients' GEMMs in float32.
+    Derivation: docs/derivation.md#fused-operations
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, target, opts):
+        W = weight
+        losses, gX, gW, gb = _lce_chunks(
+            x, W, bias, target, opts, want_loss=True, inplace=True, scale_inplace=True, needs=opts.precompute,
+            weights=_row_weights(target, opts, None, opmath(x[:0]).dtype) if any(opts.precompute) else None,
+        )
+        loss = _reduce(losses, target, opts).to(opts.out_dtype)
+        grads = [g.to(t.dtype) for g, t in ((gX, x), (gW, weight), (gb, bias)) if g is not None]
+        return (loss, *grads) if grads else loss
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, target, opts = inputs
+        ctx.opts = opts
+        pre = output[1:] if isinstance(output, tuple) else ()
+        if pre:
+            ctx.mark_non_differentiable(*pre)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, bias, target, *pre)
+        ctx.save_for_forward(x, weight, bias, target)
+
+    @staticmethod
+    def backward(ctx, g, *_):
+        x, weight, bias, target, *pre = ctx.saved_tensors
+        opts, needs = ctx.opts, ctx.needs_input_grad[:3]
+        if g is None or not any(needs):
+            return None, None, None, None, None
+        result = [None, None, None]
+        if pre and not torch.is_grad_enabled() and all(p or not n for p, n in zip(opts.precompute, needs)):
+            # Fast path: the forward already holds ∂L/∂· for g = 1; scale by g.
+            it = iter(pre)
+            for i, p in enumerate(opts.precompute):
+                grad = next(it) if p else None
+                if needs[i]:
+                    result[i] = grad * g                           # g · ∂L/∂·
+        else:
+            # Recompute chunk by chunk (out of place when grad mode is on: differentiable).
+            _, gX, gW, gb = _lce_chunks(
+                x, weight, bias, target, opts, want_loss=False, needs=needs,
+                weights=_row_weights(target, opts, g, opmath(g).dtype),
+                inplace=not torch.is_grad_enabled(),
+            )
+            result = [None if r is None else r.to(t.dtype) for r, t in zip((gX, gW, gb), (x, weight, bias))]
+        return (*result, None, None)
+
+    @staticmethod
+    def jvp(ctx, dx, dw, db, _target, _opts):
+        x, weight, bias, target = ctx.saved_tensors[:4]
+        opts = ctx.opts
+        C = weight.shape[0]
+        eps = opts.label_smoothing
+        valid = target != opts.ignore_index
+        t = target.where(valid, 0).unsqueeze(1)                    # (N, 1)
+        dls = []
+        for s in range(0, x.shape[0], opts.chunk_size):
+            e = min(s + opts.chunk_size, x.shape[0])
+            Zc = opmath(_affine(x[s:e], weight, bias))             # Z_c (n, C)
+            P = Zc.softmax(1)                                      # softmax(Z_c)
+            Q = torch.zeros_like(P).scatter_(1, t[s:e], 1 - eps) + eps / C   # Q_c
+            dZ = Zc.new_zeros(Zc.shape)
+            if dx is not None:
+                dZ = dZ + opmath(dx[s:e] @ weight.mT)              # Ẋ_c Wᵀ
+            if dw is not None:
+                dZ = dZ + opmath(x[s:e] @ dw.mT)                   # X_c Ẇᵀ
+            if db is not None:
+                dZ = dZ + opmath(db)                               # ḃ
+            dls.append(((P - Q) * dZ).sum(1).where(valid[s:e], 0))   # ℓ̇_n = (P_n − Q_n) · Ż_n
+        dl = torch.cat(dls) if dls else x.new_zeros(0, dtype=opmath(x[:0]).dtype)
+        dloss = _reduce(dl, target, opts).to(opts.out_dtype)
+        n_pre = sum(opts.precompute)
+        return (dloss, *([None] * n_pre)) if n_pre else dloss

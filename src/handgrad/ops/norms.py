@@ -1,0 +1,114 @@
+"""Layer normalisation over the trailing dims. Derivation: docs/derivation.md#layer-normalisation.
+
+The K trailing dims given by ``normalized_shape`` are one row of D = their product elements;
+every leading dim is batch (N = the product of the rest). ``mean`` and ``1`` below act along
+the row: mean(A) = (1/D) Σ_j A_j, broadcast back over the row.
+
+The row statistics μ and rstd are recomputed in backward and jvp from the saved X, not kept
+from the forward. Why: backward must itself be differentiable (gradgradcheck), and ∂L/∂X
+depends on X through μ and rstd as well as through x̂; a μ or rstd returned as a
+non-differentiable output would cut that dependence out of the double-backward graph. The cost
+is one more reduction over X (var_mean), next to the two reductions the backward does anyway,
+and X is needed for x̂ regardless, so nothing extra is held in memory.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._function import HandFunction, opmath
+
+
+def normalize(X: torch.Tensor, K: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x̂ = (X − μ)·rstd with μ = mean(X), rstd = 1/√(var(X) + eps) over the last K dims.
+    Returns (x̂ (*, row), rstd (*, 1…1)); built from torch ops, so it is differentiable."""
+    dims = tuple(range(-K, 0))
+    var, mu = torch.var_mean(X, dims, correction=0, keepdim=True)   # biased var, μ   (*, 1…1)
+    rstd = torch.rsqrt(var + eps)                                    # 1/√(var + eps)  (*, 1…1)
+    return (X - mu) * rstd, rstd                                     # x̂               (*, row)
+
+
+def layer_norm_dx(xhat: torch.Tensor, rstd: torch.Tensor, gy: torch.Tensor, K: int) -> torch.Tensor:
+    """rstd·(gy − mean(gy) − x̂·mean(gy ⊙ x̂)): the Jacobian of x ↦ x̂ applied to gy. It is
+    symmetric, so this one helper is both the vjp (gy = G ⊙ w) and the jvp (gy = Ẋ)."""
+    dims = tuple(range(-K, 0))
+    return rstd * (gy - gy.mean(dims, keepdim=True) - xhat * (gy * xhat).mean(dims, keepdim=True))
+
+
+class LayerNormFn(HandFunction):
+    r"""Y = x̂ ⊙ w + b,  x̂ = (X − μ)·rstd  — equals ``torch.nn.functional.layer_norm``.
+
+    Forward, per row (the K trailing dims, D elements):
+        μ = mean(X),  var = mean((X − μ)²),  rstd = 1/√(var + eps),  x̂ = (X − μ)·rstd
+        Y = x̂ ⊙ w + b          (w = 1, b = 0 where not given)
+    Shapes: X (*, row) with row = normalized_shape, w (row), b (row) → Y (*, row).
+    Backward, G = ∂L/∂Y (*, row), gy = G ⊙ w, Σ_batch sums over the leading dims:
+        ∂L/∂X = rstd·(gy − mean(gy) − x̂·mean(gy ⊙ x̂))     (*, row)
+        ∂L/∂w = Σ_batch G ⊙ x̂                              (row)
+        ∂L/∂b = Σ_batch G                                  (row)
+    Forward mode, tangents Ẋ, ẇ, ḃ:
+        Ẏ = rstd·(Ẋ − mean(Ẋ) − x̂·mean(Ẋ ⊙ x̂)) ⊙ w + x̂ ⊙ ẇ + ḃ
+    Saves X (and w where ∂L/∂X needs it); μ, rstd, x̂ are recomputed (see the module docstring).
+    float16/bfloat16 X runs in float32 and rounds once; w and b may be float32 with a
+    float16/bfloat16 X (torch's CPU mixed-dtype kernel); each gradient has its input's dtype.
+    Derivation: docs/derivation.md#layer-normalisation
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, K, eps):
+        xhat, _ = normalize(opmath(x), K, eps)                   # x̂ = (X − μ)·rstd   (*, row)
+        # Out of place: under vmap over w or b alone, x̂ is unbatched and could not take them in place.
+        w, b = opmath(weight), opmath(bias)
+        if w is not None and b is not None:
+            y = torch.addcmul(b, xhat, w)                        # x̂ ⊙ w + b
+        elif w is not None:
+            y = xhat * w                                         # x̂ ⊙ w
+        elif b is not None:
+            y = xhat + b                                         # x̂ + b
+        else:
+            y = xhat                                             # x̂
+        return y.to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, K, eps = inputs
+        ctx.K, ctx.eps = K, eps
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.w_shape = None if weight is None else weight.shape
+        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # x̂ (from X) feeds ∂L/∂X and ∂L/∂w; w feeds ∂L/∂X only; ∂L/∂b needs G alone.
+        ctx.save_for_backward(x if (needs_x or needs_w) else None, weight if needs_x else None)
+        ctx.save_for_forward(x, weight)
+        ctx.x_dtype = x.dtype
+        ctx.w_dtype = None if weight is None else weight.dtype
+        ctx.b_shape, ctx.b_dtype = (None, None) if bias is None else (bias.shape, bias.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        K = ctx.K
+        G = opmath(grad_y)                                                   # (*, row)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            xhat, rstd = normalize(opmath(x), K, ctx.eps)                    # x̂ (*, row), rstd (*, 1…1)
+        if ctx.needs_input_grad[0]:
+            gy = G * opmath(weight) if weight is not None else G             # gy = G ⊙ w
+            grad_x = layer_norm_dx(xhat, rstd, gy, K).to(ctx.x_dtype)        # rstd·(gy − mean(gy) − x̂·mean(gy ⊙ x̂))
+        if ctx.has_weight and ctx.needs_input_grad[1]:
+            grad_w = (G * xhat).sum_to_size(ctx.w_shape).to(ctx.w_dtype)     # Σ_batch G ⊙ x̂
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = G.sum_to_size(ctx.b_shape).to(ctx.b_dtype)              # Σ_batch G
+        return grad_x, grad_w, grad_b, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, dw, db, _K, _eps):
+        x, weight = ctx.saved_tensors
+        xhat, rstd = normalize(opmath(x), ctx.K, ctx.eps)                    # x̂, rstd
+        dy = torch.zeros_like(xhat)                                          # (*, row)
+        if dx is not None:
+            dxhat = layer_norm_dx(xhat, rstd, opmath(dx), ctx.K)             # rstd·(Ẋ − mean(Ẋ) − x̂·mean(Ẋ ⊙ x̂))
+            dy = dy + (dxhat * opmath(weight) if weight is not None else dxhat)   # ⊙ w
+        if dw is not None:
+            dy = dy + xhat * opmath(dw)                                      # x̂ ⊙ ẇ
+        if db is not None:
+            dy = dy + opmath(db)                                             # ḃ
+        return dy.to(x.dtype)

@@ -1,0 +1,137 @@
+"""Softmax and log-softmax along one dim. Derivation: docs/derivation.md#softmax-and-log-softmax.
+
+Both are reductions along ``dim`` followed by an elementwise map, so every equation below is
+written for one slice along ``dim`` (a row x ∈ ℝᴰ) and ``1`` means "sum along dim, keep it":
+(A)1 = Σ_j A_j, broadcast back over the row. Each Jacobian is a function of the output alone,
+so both Functions save Y and never X (STYLE.md §3).
+
+The per-row vector-Jacobian and Jacobian-vector products are module-level helpers so fused
+ops (a linear layer into cross-entropy) reuse them instead of writing the math again.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._function import HandFunction, opmath
+
+
+# --- forward, in the stable forms -----------------------------------------------------------
+
+def _shifted(X: torch.Tensor, dim: int) -> torch.Tensor:
+    """X − max_j X_j along dim: every exponent is ≤ 0, so exp never overflows (±1e4 logits).
+    A row of −inf or with a +inf gives NaN, as torch's kernel does (−inf − (−inf), inf − inf)."""
+    return X - X.amax(dim, keepdim=True)                       # (*, D, *)
+
+
+def softmax_forward(X: torch.Tensor, dim: int) -> torch.Tensor:
+    """Y = exp(X − m) / (exp(X − m))1,  m = max_j X_j."""
+    E = _shifted(X, dim).exp_()                                  # exp(X − m)   (*, D, *)
+    return E.div_(E.sum(dim, keepdim=True))                     # E / (E)1     (*, D, *)
+
+
+def log_softmax_forward(X: torch.Tensor, dim: int) -> torch.Tensor:
+    """Y = (X − m) − log((exp(X − m))1)  — log-sum-exp with the max taken out."""
+    Z = _shifted(X, dim)                                         # X − m        (*, D, *)
+    lse = Z.exp().sum(dim, keepdim=True).log_()                  # log(exp(Z))1 (*, 1, *)
+    return Z.sub_(lse)                                           # Z − lse      (*, D, *)
+
+
+# --- the hand-derived products, from the output Y -------------------------------------------
+
+def softmax_vjp(Y: torch.Tensor, G: torch.Tensor, dim: int) -> torch.Tensor:
+    """∂L/∂X = Y ⊙ (G − (G ⊙ Y)1)   (the Jacobian diag(y) − y yᵀ applied to each row of G)."""
+    return Y * (G - (G * Y).sum(dim, keepdim=True))
+
+
+def log_softmax_vjp(Y: torch.Tensor, G: torch.Tensor, dim: int) -> torch.Tensor:
+    """∂L/∂X = G − exp(Y) ⊙ (G)1   (the Jacobian I − 1 softmax(x)ᵀ, transposed, on each row)."""
+    return G - Y.exp() * G.sum(dim, keepdim=True)
+
+
+def softmax_jvp(Y: torch.Tensor, dX: torch.Tensor, dim: int) -> torch.Tensor:
+    """Ẏ = Y ⊙ (Ẋ − (Ẋ ⊙ Y)1)   (the Jacobian is symmetric: the same form as the vjp)."""
+    return Y * (dX - (dX * Y).sum(dim, keepdim=True))
+
+
+def log_softmax_jvp(Y: torch.Tensor, dX: torch.Tensor, dim: int) -> torch.Tensor:
+    """Ẏ = Ẋ − (Ẋ ⊙ exp(Y))1   (each output moves by its own tangent minus the mean one)."""
+    return dX - (dX * Y.exp()).sum(dim, keepdim=True)
+
+
+class _AlongDimFn(HandFunction):
+    """What SoftmaxFn and LogSoftmaxFn share: save Y, the only tensor either Jacobian needs."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, dim = inputs
+        ctx.dim = dim
+        ctx.save_for_backward(output)                            # Y: both Jacobians need only Y
+        ctx.save_for_forward(output)
+
+
+class SoftmaxFn(_AlongDimFn):
+    r"""Y = softmax(X) along ``dim``  — equals ``torch.softmax(x, dim)``.
+
+    Forward, per slice along dim (m = max_j X_j, subtracted so no exponent is positive):
+        Y = exp(X − m) / (exp(X − m))1
+    Shapes: X (*) any shape, ``dim`` a valid non-negative dim (0 for a 0-d X) → Y (*).
+    Backward, G = ∂L/∂Y (*), sums (·)1 along dim:
+        ∂L/∂X = Y ⊙ (G − (G ⊙ Y)1)          (*)
+    Forward mode, tangent Ẋ:
+        Ẏ = Y ⊙ (Ẋ − (Ẋ ⊙ Y)1)
+    Saves Y only. float16/bfloat16 run in float32 and round once, as torch's kernels do.
+    Derivation: docs/derivation.md#softmax-and-log-softmax
+    """
+
+    @staticmethod
+    def forward(x, dim):
+        if x.numel() == 0:                                       # amax refuses an empty dim
+            return torch.empty_like(x)
+        return softmax_forward(opmath(x), dim).to(x.dtype)       # Y = exp(X − m) / (exp(X − m))1
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        y, = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        grad_x = softmax_vjp(opmath(y), opmath(grad_y), ctx.dim)  # Y ⊙ (G − (G ⊙ Y)1)
+        return grad_x.to(y.dtype), None
+
+    @staticmethod
+    def jvp(ctx, dx, _):
+        y, = ctx.saved_tensors
+        return softmax_jvp(opmath(y), opmath(dx), ctx.dim).to(y.dtype)   # Y ⊙ (Ẋ − (Ẋ ⊙ Y)1)
+
+
+class LogSoftmaxFn(_AlongDimFn):
+    r"""Y = log softmax(X) along ``dim``  — equals ``torch.log_softmax(x, dim)``.
+
+    Forward, per slice along dim (log-sum-exp with the max m = max_j X_j taken out):
+        Y = (X − m) − log((exp(X − m))1)
+    Shapes: X (*) any shape, ``dim`` a valid non-negative dim (0 for a 0-d X) → Y (*).
+    Backward, G = ∂L/∂Y (*), sums (·)1 along dim:
+        ∂L/∂X = G − exp(Y) ⊙ (G)1           (*)
+    Forward mode, tangent Ẋ:
+        Ẏ = Ẋ − (Ẋ ⊙ exp(Y))1
+    Saves Y only (exp(Y) is the softmax). float16/bfloat16 run in float32 and round once.
+    Derivation: docs/derivation.md#softmax-and-log-softmax
+    """
+
+    @staticmethod
+    def forward(x, dim):
+        if x.numel() == 0:                                       # amax refuses an empty dim
+            return torch.empty_like(x)
+        return log_softmax_forward(opmath(x), dim).to(x.dtype)   # Y = (X − m) − log((exp(X − m))1)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        y, = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        grad_x = log_softmax_vjp(opmath(y), opmath(grad_y), ctx.dim)  # G − exp(Y) ⊙ (G)1
+        return grad_x.to(y.dtype), None
+
+    @staticmethod
+    def jvp(ctx, dx, _):
+        y, = ctx.saved_tensors
+        return log_softmax_jvp(opmath(y), opmath(dx), ctx.dim).to(y.dtype)   # Ẋ − (Ẋ ⊙ exp(Y))1

@@ -1,0 +1,18 @@
+"""handgrad.testing: validate a backward pass, handgrad's or your own.
+
+- ``check_function(fn, *inputs, reference=None)`` → ``Report``: gradcheck, gradgradcheck,
+  forward-mode AD, vmap, torch.compile, agreement with a reference in float64 and in low
+  precision, missing gradients, non-contiguous inputs (``ALL``).
+- ``check_module(module, *inputs, reference=None)`` → ``Report``: the same for a module's inputs
+  and parameters, on a float64 copy.
+- ``assert_gradients_match(fn, reference, *inputs)``: raises ``AssertionError`` with the report,
+  for pytest.
+- The op registry (``registry``: ``OpCase``, ``Inputs``, ``all_cases``) that drives handgrad's
+  own tests and ``handgrad-check``.
+"""
+from .checks import ALL, GradientCheckError, assert_gradients_match, check_function, check_module
+from .registry import Inputs, OpCase, all_cases, get_case
+from .report import CheckResult, Report
+
+__all__ = ["ALL", "CheckResult", "GradientCheckError", "Inputs", "OpCase", "Report", "all_cases",
+           "assert_gradients_match", "check_function", "check_module", "get_case"]

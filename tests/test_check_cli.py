@@ -1,0 +1,130 @@
+"""The ``handgrad-check`` command, run as users run it: in a subprocess (``python -m handgrad.check``)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from handgrad.check import representative_shape
+from handgrad.testing.registry import all_cases, get_case
+
+
+def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "handgrad.check", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def test_only_linear_passes_and_writes_json(tmp_path):
+    out = tmp_path / "report.json"
+    proc = _run("--only", "linear", "--jobs", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    names = [r["name"] for r in doc["reports"]]
+    # ``--only linear`` is the op and its registry variants, nothing else
+    expected = [c for c in all_cases() if c.name.split("[")[0] == "linear"]
+    assert names == [c.id(representative_shape(c)) for c in expected]
+    assert doc["ok"] is True and doc["checks"] == ["gradcheck", "gradgradcheck", "forward_ad", "vmap", "compile",
+                                                   "reference", "lowp", "needs_grad", "noncontiguous"]
+    for r in doc["reports"]:
+        statuses = {c["name"]: c["status"] for c in r["checks"]}
+        assert set(statuses.values()) == {"pass"}, (r["name"], statuses)
+    # the table: one row per op, a column per check, and the summary line
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:3] == ["op", "grad", "gradgrad"]
+    assert any(line.startswith(names[0]) for line in lines)
+    assert lines[-1].startswith(f"OK: {len(names)} ops × 9 checks on cpu: {9 * len(names)} passed, 0 failed")
+
+
+def test_broken_user_factory_fails_with_a_precise_message(tmp_path):
+    out = tmp_path / "r.json"
+    proc = _run("handgrad.testing.examples:transposed_weight_grad", "--checks", "gradcheck,needs_grad", "--json", str(out))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL gradcheck: backward vs finite differences: the gradient of weight (argument 1) is wrong" in proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("FAILED: 1 function × 2 checks on cpu: 1 passed, 1 failed")
+    doc = json.loads(out.read_text())
+    (report,) = doc["reports"]
+    assert report["ok"] is False
+    gradcheck = report["checks"][0]
+    assert gradcheck["status"] == "fail" and gradcheck["subject"] == "the gradient of weight (argument 1)"
+    assert abs(gradcheck["got"] - gradcheck["expected"]) > 0.1
+
+
+USER_MODULE = '''
+import torch
+
+
+class Cube(torch.autograd.Function):
+    """y = x³, ∂L/∂x = 3x² G."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x ** 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return {scale} * x * x * g
+
+    @staticmethod
+    def jvp(ctx, dx):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * dx
+
+
+def factory():
+    return Cube, (torch.randn(4, 3),), lambda x: x ** 3
+
+
+def two():
+    return Cube.apply, [torch.randn(2, 2)]
+'''
+
+
+@pytest.mark.parametrize("scale,status", [("3", 0), ("2", 1)])
+def test_user_factory_from_the_working_directory(tmp_path, scale, status):
+    (tmp_path / "my_cube.py").write_text(textwrap.dedent(USER_MODULE).replace("{scale}", scale))
+    proc = _run("my_cube:factory", "--checks", "gradcheck,gradgradcheck,forward_ad,vmap,reference,needs_grad",
+                cwd=tmp_path)
+    assert proc.returncode == status, proc.stdout + proc.stderr
+    if status:
+        assert "the gradient of x (argument 0) is wrong" in proc.stdout and "off by" in proc.stdout
+
+
+def test_factory_returning_two_values_and_a_list(tmp_path):
+    (tmp_path / "my_cube.py").write_text(textwrap.dedent(USER_MODULE).replace("{scale}", "3"))
+    proc = _run("my_cube:two", "--checks", "gradcheck,reference", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("my_cube:two"))
+    assert row.split()[1:3] == ["ok", "skip"]  # gradcheck passes; no reference to compare with
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--checks", "gradcheck,nope"), "unknown checks"),
+    (("--only", "no_such_op"), "no op matches"),
+    (("not_a_spec",), "expected MODULE:FACTORY"),
+    (("no_such_module_xyz:f",), "cannot load"),
+])
+def test_bad_arguments(args, message):
+    proc = _run(*args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+
+
+def test_representative_shape_is_small_and_batched():
+    case = get_case("linear")
+    assert representative_shape(case) == (2, 3)
+    for c in all_cases():
+        shape = representative_shape(c)
+        assert shape in c.shapes and all(d > 0 for d in shape)

@@ -1,0 +1,310 @@
+"""handgrad.nn: every module is torch.nn's twin (arguments, parameters, buffers, init, repr,
+state_dict) and runs handgrad's math (values and gradients equal torch's, through a handgrad
+Function)."""
+from __future__ import annotations
+
+import copy
+import pickle
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import handgrad
+import handgrad.functional as HF
+import handgrad.nn as hnn
+from handgrad.ops._function import HandFunction
+
+
+def handgrad_nodes(t: torch.Tensor) -> list[str]:
+    """Names of the handgrad Functions in ``t``'s autograd graph (proves handgrad's math ran)."""
+    seen, stack, found = set(), [t.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        cls = getattr(node, "_forward_cls", None)
+        if isinstance(cls, type) and issubclass(cls, HandFunction):
+            found.append(cls.__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return found
+
+
+def _x(*shape):
+    return lambda: (torch.randn(*shape, dtype=torch.float64),)
+
+
+def _xy(*shape):
+    return lambda: (torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64))
+
+
+def _logits_target(n=6, c=4):
+    return lambda: (torch.randn(n, c, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 1, 0][:n]))
+
+
+def _logprobs_target(n=6, c=4):
+    return lambda: (torch.randn(n, c, dtype=torch.float64).log_softmax(-1), torch.tensor([0, 1, 2, 3, 1, 0][:n]))
+
+
+def _bce():
+    return lambda: (torch.randn(5, 3, dtype=torch.float64), torch.rand(5, 3, dtype=torch.float64))
+
+
+@dataclass(frozen=True)
+class ModuleCase:
+    id: str
+    name: str                       # the class name, in both torch.nn and handgrad.nn
+    kwargs: dict
+    make: Callable[[], tuple]       # the forward's arguments (float64; the first gets a gradient)
+    needs: str                      # the handgrad.functional it calls
+    buffers: dict = field(default_factory=dict)  # tensor constructor arguments (CrossEntropyLoss weight, …)
+
+
+W4 = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=torch.float64)
+CASES = [
+    ModuleCase("Linear", "Linear", dict(in_features=5, out_features=3), _x(4, 5), "linear"),
+    ModuleCase("Linear-nobias", "Linear", dict(in_features=5, out_features=3, bias=False), _x(2, 4, 5), "linear"),
+    ModuleCase("Sigmoid", "Sigmoid", {}, _x(4, 5), "sigmoid"),
+    ModuleCase("Tanh", "Tanh", {}, _x(4, 5), "tanh"),
+    ModuleCase("ReLU", "ReLU", {}, _x(4, 5), "relu"),
+    ModuleCase("LeakyReLU", "LeakyReLU", dict(negative_slope=0.2), _x(4, 5), "leaky_relu"),
+    ModuleCase("ELU", "ELU", dict(alpha=0.7), _x(4, 5), "elu"),
+    ModuleCase("GELU", "GELU", {}, _x(4, 5), "gelu"),
+    ModuleCase("GELU-tanh", "GELU", dict(approximate="tanh"), _x(4, 5), "gelu"),
+    ModuleCase("SiLU", "SiLU", {}, _x(4, 5), "silu"),
+    ModuleCase("Softplus", "Softplus", dict(beta=2.0, threshold=1.0), _x(4, 5), "softplus"),
+    ModuleCase("Softmax", "Softmax", dict(dim=1), _x(3, 4, 5), "softmax"),
+    ModuleCase("LogSoftmax", "LogSoftmax", dict(dim=-1), _x(3, 4, 5), "log_softmax"),
+    ModuleCase("LayerNorm", "LayerNorm", dict(normalized_shape=5), _x(4, 5), "layer_norm"),
+    ModuleCase("LayerNorm-2d-noaffine", "LayerNorm", dict(normalized_shape=(3, 5), eps=1e-3, elementwise_affine=False), _x(2, 3, 5), "layer_norm"),
+    ModuleCase("LayerNorm-nobias", "LayerNorm", dict(normalized_shape=5, bias=False), _x(4, 5), "layer_norm"),
+    ModuleCase("MSELoss", "MSELoss", {}, _xy(4, 5), "mse_loss"),
+    ModuleCase("MSELoss-sum", "MSELoss", dict(reduction="sum"), _xy(4, 5), "mse_loss"),
+    ModuleCase("CrossEntropyLoss", "CrossEntropyLoss", {}, _logits_target(), "cross_entropy"),
+    ModuleCase("CrossEntropyLoss-options", "CrossEntropyLoss", dict(ignore_index=2, label_smoothing=0.1, reduction="sum"),
+               _logits_target(), "cross_entropy", buffers=dict(weight=W4)),
+    ModuleCase("NLLLoss", "NLLLoss", dict(ignore_index=1), _logprobs_target(), "nll_loss", buffers=dict(weight=W4)),
+    ModuleCase("BCEWithLogitsLoss", "BCEWithLogitsLoss", {}, _bce(), "binary_cross_entropy_with_logits"),
+    ModuleCase("BCEWithLogitsLoss-weights", "BCEWithLogitsLoss", dict(reduction="none"), _bce(),
+               "binary_cross_entropy_with_logits",
+               buffers=dict(weight=torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64),
+                            pos_weight=torch.tensor([2.0, 1.0, 0.25], dtype=torch.float64))),
+]
+
+
+def build(case: ModuleCase, lib, seed: int = 0, **extra):
+    torch.manual_seed(seed)
+    return getattr(lib, case.name)(**case.kwargs, **{k: v.clone() for k, v in case.buffers.items()}, **extra)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_twin_of_torch_module(case):
+    """Same seed, same arguments: same class hierarchy, names, shapes, values, buffers and repr."""
+    ours, theirs = build(case, hnn), build(case, nn)
+    assert isinstance(ours, type(theirs))
+    assert repr(ours) == repr(theirs)
+    assert [(n, p.shape, p.dtype) for n, p in ours.named_parameters()] == [(n, p.shape, p.dtype) for n, p in theirs.named_parameters()]
+    assert [n for n, _ in ours.named_buffers()] == [n for n, _ in theirs.named_buffers()]
+    sd_ours, sd_theirs = ours.state_dict(), theirs.state_dict()
+    assert list(sd_ours) == list(sd_theirs)
+    for k in sd_ours:
+        assert torch.equal(sd_ours[k], sd_theirs[k]), k  # identical init: same init calls, same order
+    # reset_parameters re-runs torch's init: the same seed gives the same values again
+    if hasattr(theirs, "reset_parameters"):
+        torch.manual_seed(1)
+        ours.reset_parameters()
+        torch.manual_seed(1)
+        theirs.reset_parameters()
+        for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.kwargs.get("bias", True) and c.name in ("Linear", "LayerNorm", "CrossEntropyLoss", "BCEWithLogitsLoss")], ids=lambda c: c.id)
+def test_state_dict_loads_both_ways(case):
+    ours, theirs = build(case, hnn, seed=0), build(case, nn, seed=1)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(1.0)  # make the two differ
+    theirs.load_state_dict(ours.state_dict())  # strict: same keys, same shapes
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    fresh = build(case, hnn, seed=2)
+    fresh.load_state_dict(theirs.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), theirs.state_dict().values()))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_forward_backward_match_torch(case, monkeypatch):
+    """float64: output, input gradient and parameter gradients equal torch.nn's; the module called
+    its handgrad functional once and the graph holds a handgrad Function, so it ran handgrad's
+    math and not torch's."""
+    calls = []
+    real = getattr(HF, case.needs)
+    monkeypatch.setattr(HF, case.needs, lambda *a, **k: calls.append(1) or real(*a, **k))
+    factory = dict(dtype=torch.float64) if case.name in ("Linear", "LayerNorm") else {}
+    ours, theirs = build(case, hnn, **factory), build(case, nn, **factory)
+    args = case.make()
+    x_ours = args[0].clone().requires_grad_()
+    x_theirs = args[0].clone().requires_grad_()
+    y_ours = ours(x_ours, *args[1:])
+    y_theirs = theirs(x_theirs, *args[1:])
+    assert calls == [1] and handgrad_nodes(y_ours), "the module did not run a handgrad op"
+    assert y_ours.dtype == y_theirs.dtype and y_ours.shape == y_theirs.shape
+    # float64 on both sides: the only difference is summation order (rounding ~1e-16 relative)
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(y_theirs)
+    y_ours.backward(g)
+    y_theirs.backward(g)
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=1e-10, atol=1e-12)
+    for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("name", ["Linear", "LayerNorm"])
+def test_factory_kwargs(name):
+    args = (4, 3) if name == "Linear" else (4,)
+    m = getattr(hnn, name)(*args, device="cpu", dtype=torch.float64)
+    ref = getattr(nn, name)(*args, device="cpu", dtype=torch.float64)
+    assert [(p.dtype, p.device) for p in m.parameters()] == [(p.dtype, p.device) for p in ref.parameters()]
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+
+
+def test_inplace_activation_matches_torch():
+    x = torch.randn(4, 5, dtype=torch.float64)
+    a, b = x.clone(), x.clone()
+    ya, yb = hnn.ReLU(inplace=True)(a), nn.ReLU(inplace=True)(b)
+    assert torch.equal(ya, yb) and torch.equal(a, b)  # both wrote into their input
+
+
+# --- HalfSquaredErrorLoss: the seed's cost, no torch twin -------------------------------------
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_half_squared_error_loss(reduction):
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(6, 3, dtype=torch.float64)
+    per_sample = 0.5 * ((x - y) ** 2).sum(-1)  # C^n = ½‖x_n − y_n‖²
+    expected = {"sum": per_sample.sum(), "mean": per_sample.mean(), "none": per_sample}[reduction]
+    loss = hnn.HalfSquaredErrorLoss(reduction=reduction)(x, y)
+    assert handgrad_nodes(loss)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)  # float64, a handful of terms
+    (gx,) = torch.autograd.grad(loss.sum(), x)
+    (gx_ref,) = torch.autograd.grad(expected.sum(), x)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_half_squared_error_loss_module():
+    m = hnn.HalfSquaredErrorLoss()
+    assert m.reduction == "sum" and repr(m) == "HalfSquaredErrorLoss(reduction='sum')"
+    assert not list(m.parameters()) and not list(m.buffers()) and m.state_dict() == {}
+
+
+# --- MLP: the seed's network ------------------------------------------------------------------
+
+def torch_mlp(sizes, activation="sigmoid", bias=True, last_activation=None, dtype=None):
+    acts = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b, bias=bias, dtype=dtype))
+        act = activation if i < len(sizes) - 2 else last_activation
+        if act is not None:
+            layers.append(acts[act]())
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_mlp_is_the_sequential(bias):
+    sizes = (5, 7, 4, 3)
+    torch.manual_seed(0)
+    ours = hnn.MLP(sizes, bias=bias)
+    torch.manual_seed(0)
+    theirs = torch_mlp(sizes, bias=bias)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert list(ours.state_dict())[:4] == (["0.weight", "0.bias", "2.weight", "2.bias"] if bias else ["0.weight", "2.weight", "4.weight"])
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, theirs.state_dict()[k]), k  # same seed, same init order
+    # parameters iterate W1, b1, W2, b2, …
+    linears = [m for m in ours if isinstance(m, nn.Linear)]
+    expected = [t for m in linears for t in ((m.weight, m.bias) if bias else (m.weight,))]
+    assert len(list(ours.parameters())) == len(expected)
+    assert all(p is q for p, q in zip(ours.parameters(), expected))
+    assert [tuple(m.weight.shape) for m in linears] == [(7, 5), (4, 7), (3, 4)]
+    # state_dicts load both ways
+    theirs2 = torch_mlp(sizes, bias=bias)
+    theirs2.load_state_dict(ours.state_dict())
+    ours2 = hnn.MLP(sizes, bias=bias)
+    ours2.load_state_dict(theirs.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(ours2.state_dict().values(), theirs.state_dict().values()))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("activation,last_activation,bias", [("sigmoid", None, True), ("tanh", "sigmoid", True), ("relu", None, False)])
+def test_mlp_matches_torch(fused, activation, last_activation, bias):
+    sizes = (5, 7, 4, 3)
+    torch.manual_seed(0)
+    ours = hnn.MLP(sizes, activation=activation, bias=bias, last_activation=last_activation, fused=fused, dtype=torch.float64)
+    torch.manual_seed(0)
+    theirs = torch_mlp(sizes, activation, bias, last_activation, dtype=torch.float64)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), theirs(xb)
+    nodes = handgrad_nodes(ya)
+    assert nodes and (len(set(nodes)) == 1 if fused else "LinearFn" in nodes)  # fused: one op for the stack
+    torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-12)  # float64, summation order only
+    g = torch.randn_like(yb)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-12)
+    for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_mlp_fused_calls_functional_mlp(monkeypatch):
+    calls = []
+
+    def spy(input, weights, biases, activation="sigmoid", last_activation=None):
+        calls.append((len(weights), len(biases), activation, last_activation))
+        return torch.zeros(input.shape[0], weights[-1].shape[0])
+
+    monkeypatch.setattr(HF, "mlp", spy, raising=False)
+    x = torch.randn(2, 3)
+    hnn.MLP((3, 4, 2), activation="tanh", last_activation="sigmoid")(x)
+    assert calls == [(2, 2, "tanh", "sigmoid")]
+    hnn.MLP((3, 4, 2), fused=False)(x)
+    assert len(calls) == 1  # the unfused path runs layer by layer
+
+
+def test_mlp_arguments():
+    with pytest.raises(ValueError, match="activation"):
+        hnn.MLP((3, 4, 2), activation="swish")
+    with pytest.raises(ValueError, match="last_activation"):
+        hnn.MLP((3, 4, 2), last_activation="swish")
+    with pytest.raises(ValueError, match="sizes"):
+        hnn.MLP((3,))
+    m = hnn.MLP((3, 4, 2), activation="tanh", last_activation="sigmoid", dtype=torch.float64)
+    assert [type(c).__name__ for c in m] == ["Linear", "Tanh", "Linear", "Sigmoid"]
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    assert "sizes=(3, 4, 2)" in repr(m)
+
+
+def test_mlp_reverts_to_sequential():
+    m = hnn.MLP((3, 4, 2), dtype=torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = m(x)
+    handgrad.revert(m)
+    assert type(m) is nn.Sequential and [type(c) for c in m] == [nn.Linear, nn.Sigmoid, nn.Linear]
+    torch.testing.assert_close(m(x), y, rtol=1e-12, atol=1e-12)  # float64, same math, other kernels
+
+
+# --- copies -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [lambda: hnn.Linear(3, 2), lambda: hnn.LayerNorm(3), lambda: hnn.MLP((3, 4, 2)),
+                                  lambda: hnn.CrossEntropyLoss(weight=torch.rand(3)), lambda: hnn.HalfSquaredErrorLoss("mean")],
+                         ids=["Linear", "LayerNorm", "MLP", "CrossEntropyLoss", "HalfSquaredErrorLoss"])
+def test_deepcopy_and_pickle(make):
+    m = make()
+    for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert type(twin) is type(m) and repr(twin) == repr(m)
+        for (k, a), b in zip(m.state_dict().items(), twin.state_dict().values()):
+            assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), k

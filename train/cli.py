@@ -1,0 +1,146 @@
+"""``python -m train {fit,validate,test,predict} --config configs/<name>.yaml``: LightningCLI.
+
+On top of Lightning's CLI:
+  * the model's input/output sizes and task come from the data module (argument links), so a
+    config names the data once;
+  * top-level ``optimizer:`` / ``lr_scheduler:`` (``--optimizer Adam``, ``--lr_scheduler StepLR``)
+    are handed to the model, which builds one parameter group per layer; the learning rate α is
+    ``model.lr`` (per layer: ``model.layer_lr``); the default optimizer is plain SGD;
+  * ``checkpoint:`` configures the ModelCheckpoint (best and last);
+  * ``--ckpt_path last`` finds the newest ``last.ckpt`` of the run name;
+  * ``fit`` ends with a test of the best checkpoint (``test_after_fit``) and prints a summary;
+  * data errors stop with one line, not a traceback.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from .callbacks import Curves, PredictionWriter
+from .data import DataError, TabularData
+from .model import Model
+
+__all__ = ["TrainCLI", "main", "find_last_checkpoint"]
+
+
+def find_last_checkpoint(save_dir: str | Path, name: str) -> Optional[Path]:
+    """The newest ``<save_dir>/<name>/version_*/checkpoints/last*.ckpt``, or None."""
+    found = sorted(Path(save_dir, name).glob("version_*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+class TrainCLI(LightningCLI):
+    def __init__(self, args=None, run: bool = True, **kwargs):
+        kwargs.setdefault("trainer_defaults", {})
+        kwargs["trainer_defaults"] = {
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "run"}},
+            "callbacks": [Curves(), PredictionWriter()],
+            **kwargs["trainer_defaults"],
+        }
+        super().__init__(
+            Model,
+            TabularData,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # the optimizer: any torch.optim class; `params` and `lr` come from the model (param groups, α)
+        parser.add_subclass_arguments(
+            (torch.optim.Optimizer,), "optimizer", instantiate=False, fail_untyped=False, skip={"params", "lr"},
+            required=False,
+        )
+        parser.set_defaults({"optimizer": {"class_path": "torch.optim.SGD"}})
+        parser.link_arguments("optimizer", "model.optimizer")
+        parser.add_lr_scheduler_args(LRSchedulerTypeTuple, link_to="model.lr_scheduler")
+        # the network's sizes and task come from the data
+        parser.link_arguments("data", "model.in_features", compute_fn=lambda d: d.num_features, apply_on="instantiate")
+        parser.link_arguments("data", "model.out_features", compute_fn=lambda d: d.num_outputs, apply_on="instantiate")
+        parser.link_arguments("data", "model.task", compute_fn=lambda d: d.task, apply_on="instantiate")
+        # checkpoints: best (by `monitor`) and last, saved at the end of every epoch
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.filename": "best",
+            "checkpoint.save_last": True, "checkpoint.save_top_k": 1, "checkpoint.save_on_train_epoch_end": True,
+        })
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="fit: test the best checkpoint on the test split when training ends")
+
+    # --- `--ckpt_path last`: the newest last.ckpt of this run name ---------------------------------
+    def before_instantiate_classes(self) -> None:
+        if not self.subcommand:
+            return
+        config = self.config[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        save_dir, name = self._logger_location(config)
+        last = find_last_checkpoint(save_dir, name) if save_dir else None
+        if last is None:
+            raise DataError(f"--ckpt_path last: no last.ckpt under {save_dir}/{name}/version_*/checkpoints/")
+        config["ckpt_path"] = str(last)
+        self._print(f"resuming from {last}")
+
+    @staticmethod
+    def _logger_location(config) -> tuple[Optional[str], Optional[str]]:
+        logger = config.get("trainer", {}).get("logger")
+        init = getattr(logger, "init_args", None) if logger not in (None, False, True) else None
+        if init is None:
+            return None, None
+        return init.get("save_dir", "runs"), init.get("name", "lightning_logs")
+
+    @staticmethod
+    @rank_zero_only
+    def _print(msg: str) -> None:
+        print(msg, flush=True)
+
+    # --- fit: time it, test the best checkpoint, print what was written --------------------------
+    def before_fit(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        seconds = time.perf_counter() - self._t0
+        if trainer.fast_dev_run or trainer.interrupted:
+            return
+        test_line = ""
+        if self.config.fit.get("test_after_fit", True):
+            ckpt = trainer.checkpoint_callback
+            best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+            results = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
+            metrics = results[0] if results else {}
+            which = f"best checkpoint {Path(best).name}" if best else "final weights"
+            test_line = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())) + f" ({which})"
+        lines = [f"fit: {trainer.current_epoch} epochs, {trainer.global_step} steps in {seconds:.1f} s"]
+        if test_line:
+            lines.append(f"test: {test_line}")
+        if trainer.logger is not None and trainer.log_dir:
+            out = Path(trainer.log_dir)
+            lines.append(f"outputs: {out}/ (config.yaml, metrics.csv, checkpoints/best.ckpt, checkpoints/last.ckpt, "
+                         "curves.csv, curves.png)")
+        self._print("\n".join(lines))
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "compare":
+        from .compare import main as compare_main
+
+        compare_main(argv[1:])
+        return
+    try:
+        TrainCLI(args=args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
