@@ -3,20 +3,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from handgrad.check import representative_shape
+from handgrad.check import main, representative_shape
 from handgrad.testing.registry import all_cases, get_case
 
 
-def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+def _run(*args: str, script: bool = False) -> subprocess.CompletedProcess:
+    """``python -m handgrad.check ARGS``, or the installed console script ``handgrad-check ARGS``."""
+    command = [shutil.which("handgrad-check")] if script else [sys.executable, "-m", "handgrad.check"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "handgrad.check", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_only_linear_passes_and_writes_json(tmp_path):
@@ -42,7 +44,8 @@ def test_only_linear_passes_and_writes_json(tmp_path):
 
 def test_broken_user_factory_fails_with_a_precise_message(tmp_path):
     out = tmp_path / "r.json"
-    proc = _run("handgrad.testing.examples:transposed_weight_grad", "--checks", "gradcheck,needs_grad", "--json", str(out))
+    proc = _run("handgrad.testing.examples:transposed_weight_grad", "--checks", "gradcheck,needs_grad", "--json", str(out),
+                script=shutil.which("handgrad-check") is not None)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAIL gradcheck: backward vs finite differences: the gradient of weight (argument 1) is wrong" in proc.stdout
     assert proc.stdout.splitlines()[-1].startswith("FAILED: 1 function × 2 checks on cpu: 1 passed, 1 failed")
@@ -92,21 +95,38 @@ def two():
 '''
 
 
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """Writes a user's module into an empty working directory; yields a function making one."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    written = []
+
+    def write(name: str, scale: str = "3") -> str:
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(USER_MODULE).replace("{scale}", scale))
+        written.append(name)
+        return name
+
+    yield write
+    for name in written:
+        sys.modules.pop(name, None)
+
+
 @pytest.mark.parametrize("scale,status", [("3", 0), ("2", 1)])
-def test_user_factory_from_the_working_directory(tmp_path, scale, status):
-    (tmp_path / "my_cube.py").write_text(textwrap.dedent(USER_MODULE).replace("{scale}", scale))
-    proc = _run("my_cube:factory", "--checks", "gradcheck,gradgradcheck,forward_ad,vmap,reference,needs_grad",
-                cwd=tmp_path)
-    assert proc.returncode == status, proc.stdout + proc.stderr
-    if status:
-        assert "the gradient of x (argument 0) is wrong" in proc.stdout and "off by" in proc.stdout
+def test_user_factory_from_the_working_directory(user_module, capsys, scale, status):
+    """In-process (``main(argv)``), as the console script calls it; the module is found in the cwd."""
+    name = user_module(f"my_cube_{scale}", scale)
+    rc = main([f"{name}:factory", "--checks", "gradcheck,gradgradcheck,forward_ad,vmap,reference,needs_grad"])
+    out = capsys.readouterr().out
+    assert rc == status, out
+    if status:  # 2x²G instead of 3x²G: off by a third of the truth, everywhere
+        assert "the gradient of x (argument 0) is wrong" in out and "off by" in out and "relative 0.333" in out, out
 
 
-def test_factory_returning_two_values_and_a_list(tmp_path):
-    (tmp_path / "my_cube.py").write_text(textwrap.dedent(USER_MODULE).replace("{scale}", "3"))
-    proc = _run("my_cube:two", "--checks", "gradcheck,reference", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    row = next(line for line in proc.stdout.splitlines() if line.startswith("my_cube:two"))
+def test_factory_returning_two_values_and_a_list(user_module, capsys):
+    name = user_module("my_cube_two")
+    assert main([f"{name}:two", "--checks", "gradcheck,reference"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"{name}:two"))
     assert row.split()[1:3] == ["ok", "skip"]  # gradcheck passes; no reference to compare with
 
 
@@ -115,11 +135,15 @@ def test_factory_returning_two_values_and_a_list(tmp_path):
     (("--only", "no_such_op"), "no op matches"),
     (("not_a_spec",), "expected MODULE:FACTORY"),
     (("no_such_module_xyz:f",), "cannot load"),
+    (("handgrad.testing.examples:MyLinear",), "must be a function returning"),
 ])
-def test_bad_arguments(args, message):
-    proc = _run(*args)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert message in proc.stderr
+def test_bad_arguments(capsys, args, message):
+    try:
+        rc = main(list(args))
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 2
+    assert message in capsys.readouterr().err
 
 
 def test_representative_shape_is_small_and_batched():

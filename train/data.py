@@ -63,7 +63,9 @@ class TabularData(pl.LightningDataModule):
             (full-batch gradient descent); 1 = stochastic gradient descent.
         val_fraction: share of the samples held out for validation.
         test_fraction: share of the samples held out for the final test.
-        standardize: subtract the training mean and divide by the training std, per feature.
+        standardize: ``feature``: subtract the training split's mean and divide by its std, per
+            feature; ``global``: one mean and std over all features (keeps the relative scale of
+            pixels, what image data wants); ``none``: leave the features as they are.
         seed: seeds the split and the per-epoch shuffling.
         num_workers: DataLoader worker processes (0 = load in the training process).
     """
@@ -75,7 +77,7 @@ class TabularData(pl.LightningDataModule):
         batch_size: Optional[int] = 32,
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
-        standardize: bool = True,
+        standardize: Literal["feature", "global", "none"] = "feature",
         seed: int = 0,
         num_workers: int = 0,
     ):
@@ -85,6 +87,8 @@ class TabularData(pl.LightningDataModule):
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= frac < 1.0:
                 raise DataError(f"{name} must be in [0, 1), got {frac}")
+        if standardize not in ("feature", "global", "none"):
+            raise DataError(f"standardize must be 'feature', 'global' or 'none', got {standardize!r}")
         if val_fraction + test_fraction >= 1.0:
             raise DataError(f"val_fraction + test_fraction must be below 1, got {val_fraction} + {test_fraction}")
         self.batch_size = batch_size
@@ -96,6 +100,10 @@ class TabularData(pl.LightningDataModule):
     # --- what subclasses provide -------------------------------------------------------------
     def load(self) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def augment(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Extra training samples made from the training split (val and test are never augmented)."""
+        return x, y
 
     # --- sizes the model is built from (read by the CLI's argument links) ---------------------
     @property
@@ -137,18 +145,22 @@ class TabularData(pl.LightningDataModule):
         train, val = self._split(train_test_split, rest, val_share, None if stratify is None else y[rest])
         if len(train) == 0:
             raise DataError(f"{self.describe()}: no training samples left after the val/test split ({n} samples)")
-        mean = x[train].mean(0) if self.standardize else np.zeros(x.shape[1])
-        std = x[train].std(0) if self.standardize else np.ones(x.shape[1])
+        parts = {"train": self.augment(x[train], y[train]), "val": (x[val], y[val]), "test": (x[test], y[test])}
+        x_train = parts["train"][0]
+        if self.standardize == "feature":
+            mean, std = x_train.mean(0), x_train.std(0)
+        elif self.standardize == "global":
+            mean, std = np.full(x.shape[1], x_train.mean()), np.full(x.shape[1], x_train.std())
+        else:
+            mean, std = np.zeros(x.shape[1]), np.ones(x.shape[1])
         std = np.where(std > 0, std, 1.0)  # constant features (digits' blank corner pixels) stay 0
         self.mean, self.std = mean, std
         y_dtype = torch.int64 if self.task == "classification" else torch.float32
 
-        def ds(i):
-            return TensorDataset(
-                torch.as_tensor((x[i] - mean) / std, dtype=torch.float32), torch.as_tensor(y[i], dtype=y_dtype)
-            )
+        def ds(xs, ys):
+            return TensorDataset(torch.as_tensor((xs - mean) / std, dtype=torch.float32), torch.as_tensor(ys, dtype=y_dtype))
 
-        return {"train": ds(train), "val": ds(val), "test": ds(test)}
+        return {k: ds(*v) for k, v in parts.items()}
 
     def _split(self, train_test_split, idx, fraction, stratify):
         if fraction <= 0:
@@ -209,7 +221,33 @@ class Digits(TabularData):
 
     Shipped inside scikit-learn, so nothing is downloaded. Default split: 1257 train, 180 val,
     360 test, stratified.
+
+    Args:
+        shift_augment: add to the training split four copies of every training image shifted by
+            one pixel (up, down, left, right; the uncovered row/column is blank), 5× the samples.
+            Val and test stay untouched. Use it with ``standardize: global``: a per-pixel std
+            would blow up the near-blank border pixels the shifted copies write into.
     """
+
+    def __init__(self, shift_augment: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.shift_augment = shift_augment
+
+    def augment(self, x, y):
+        if not self.shift_augment:
+            return x, y
+        img = x.reshape(-1, 8, 8)  # (N, H, W)
+        copies = [img]
+        for axis in (1, 2):
+            for step in (1, -1):
+                shifted = np.roll(img, step, axis=axis)
+                edge = 0 if step == 1 else -1  # the row/column that wrapped around is blanked
+                if axis == 1:
+                    shifted[:, edge, :] = 0.0
+                else:
+                    shifted[:, :, edge] = 0.0
+                copies.append(shifted)
+        return np.concatenate(copies).reshape(-1, 64), np.tile(y, len(copies))
 
     def load(self):
         from sklearn.datasets import load_digits

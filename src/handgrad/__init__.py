@@ -2,6 +2,7 @@
 from . import functional, ops
 from . import nn
 from .convert import convert, revert  # the functions; the module stays importable as sys.modules['handgrad.convert']
+from . import testing  # check_function, check_module, assert_gradients_match; the op registry
 
 __version__ = "0.1.0"
-__all__ = ["functional", "ops", "nn", "convert", "revert", "__version__"]
+__all__ = ["functional", "ops", "nn", "convert", "revert", "testing", "__version__"]

@@ -105,9 +105,9 @@ _SHORT = {"gradcheck": "grad", "gradgradcheck": "gradgrad", "forward_ad": "fwd_a
 _MARK = {"pass": "ok", "fail": "FAIL", "skip": "skip"}
 
 
-def table(reports: Sequence[Report], checks: Sequence[str]) -> str:
+def table(reports: Sequence[Report], checks: Sequence[str], first: str = "op") -> str:
     """op × check: ok/FAIL/skip, the worst float64 errors (every check but lowp), the time."""
-    rows = [["op", *[_SHORT.get(c, c) for c in checks], "max abs err", "max rel err", "time"]]
+    rows = [[first, *[_SHORT.get(c, c) for c in checks], "max abs err", "max rel err", "time"]]
     for r in reports:
         by = {c.name: c for c in r.checks}
         f64 = [c for c in r.checks if c.name != "lowp" and c.max_abs_err is not None]
@@ -208,9 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         reports = _run_cases([c.name for c in cases], device, checks, args.jobs)
     elapsed = time.perf_counter() - start
 
-    print(table(reports, checks))
+    print(table(reports, checks, "op" if args.factory is None else "function"))
     for r in reports:
-        if args.verbose or not r.ok:
+        if args.verbose or not r.ok or args.factory:  # a user's function: always the whole report
             print()
             print(r)
     counts = {s: sum(c.status == s for r in reports for c in r.checks) for s in ("pass", "fail", "skip")}

@@ -108,7 +108,8 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{fn}: chunk_size must be a positive int or None, got {chunk_size!r}")
     if target.dtype not in (torch.long, torch.uint8):
-        raise RuntimeError(f"{fn}: expected target dtype to be Long or Byte, but got {target.dtype}")
+        scalar = target.new_empty(0).type().split(".")[-1].removesuffix("Tensor")   # torch's name: 'Float'
+        raise RuntimeError(f"{fn}: expected target dtype to be Long or Byte, but got {scalar} ({target.dtype})")
     if target.shape != input.shape[:-1]:
         raise ValueError(
             f"{fn}: Expected input batch_size to match target batch_size: input {shape_str(input)} "

@@ -100,8 +100,15 @@ def half_squared_error(input: torch.Tensor, target: torch.Tensor, reduction: str
 # ---------------------------------------------------------------------------------------------
 
 def _check_classes(fn, input, target, weight, *, allow_probs):
-    """Validate as torch does; returns C and whether ``target`` holds class probabilities."""
+    """Validate as torch does, in torch's order; returns C and whether ``target`` holds class
+    probabilities (torch takes that path exactly when the shapes are equal)."""
+    probs = allow_probs and target.shape == input.shape
+    if probs and not target.is_floating_point():
+        raise RuntimeError(f"{fn}: Expected floating point type for target with class probabilities "
+                           f"(target of shape {shape_str(target)}), got {target.dtype}")
     if input.dim() == 0:
+        if probs:  # torch's probability path asks for the class dim 1 first
+            raise IndexError(f"{fn}: Dimension specified as 1 but input of shape {shape_str(input)} has no dimensions")
         raise ValueError(f"{fn}: Expected 1 or more dimensions (got 0) for input of shape {shape_str(input)}")
     C = input.shape[1] if input.dim() >= 2 else input.shape[0]
     if weight is not None:
@@ -111,11 +118,7 @@ def _check_classes(fn, input, target, weight, *, allow_probs):
         if weight.dtype != input.dtype:
             raise RuntimeError(f"{fn}: expected weight of scalar type {input.dtype} (the input's) but found {weight.dtype}")
         _no_grad_weight(fn, "weight", weight)
-    # torch takes the class-probability path exactly when the shapes are equal
-    if allow_probs and target.shape == input.shape:
-        if not target.is_floating_point():
-            raise RuntimeError(f"{fn}: Expected floating point type for target with class probabilities "
-                               f"(target of shape {shape_str(target)}), got {target.dtype}")
+    if probs:
         return C, True
     if input.dim() == 1:
         if target.dim() > 1 or target.numel() != 1:

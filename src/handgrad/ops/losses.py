@@ -22,6 +22,15 @@ import torch
 from ._function import HandFunction, opmath
 
 
+def _sum(t: torch.Tensor, dim=None, keepdim: bool = False) -> torch.Tensor:
+    """Σ, accumulated in float64 for float32 on CPU (torch's CPU loss kernels accumulate float in
+    double, acc_type), in the tensor's own dtype elsewhere; the result keeps t's dtype."""
+    acc = torch.float64 if t.dtype == torch.float32 and t.device.type == "cpu" else None
+    if dim is None:
+        return t.sum(dtype=acc).to(t.dtype)
+    return t.sum(dim, keepdim=keepdim, dtype=acc).to(t.dtype)
+
+
 def _scale(g: torch.Tensor, reduction: str, den) -> torch.Tensor:
     """ĝ: the incoming gradient as it multiplies each element's derivative."""
     return g / den if reduction == "mean" else g           # g/den ('mean'), g ('sum'), G ('none')
@@ -30,7 +39,7 @@ def _scale(g: torch.Tensor, reduction: str, den) -> torch.Tensor:
 def _reduce(loss: torch.Tensor, reduction: str, den) -> torch.Tensor:
     if reduction == "none":
         return loss                                          # ℓ
-    total = loss.sum()                                       # Σ ℓ
+    total = _sum(loss)                                       # Σ ℓ
     return total / den if reduction == "mean" else total     # Σ ℓ / den  or  Σ ℓ
 
 
@@ -47,13 +56,13 @@ def _se_terms(x, y, w, kind):
     elif w is None:
         den = D.numel()                                      # every element
     else:
-        den = opmath(w).sum()                                # Σ W  (torch's weighted mean)
+        den = _sum(opmath(w))                                # Σ W  (torch's weighted mean)
     return D, c, den
 
 
 def _se_none_view(E, kind):
     """'none' output: the elementwise E (mse) or one value per row, Σ_d E (half)."""
-    return E.sum(-1) if kind == "half" else E
+    return _sum(E, -1) if kind == "half" else E
 
 
 def _se_expand(g_hat, kind):
@@ -112,7 +121,7 @@ class SquaredErrorFn(HandFunction):
         if w is not None and ctx.needs_input_grad[2]:
             GW = (c * g_hat * D * D).expand(D.shape).sum_to_size(ctx.shapes[2])  # c ĝ ⊙ D²
             if ctx.reduction == "mean":
-                L = (c * opmath(w) * D * D).sum() / den                    # L = Σ W D² / ΣW
+                L = _sum(c * opmath(w) * D * D) / den                    # L = Σ W D² / ΣW
                 GW = GW - opmath(g) * L / den                              # − g L / ΣW
             gw = GW.to(ctx.dtypes[2])
         return gx, gy, gw, None, None
@@ -133,8 +142,8 @@ class SquaredErrorFn(HandFunction):
             return _se_none_view(dE, ctx.kind).to(x.dtype)
         dL = _reduce(dE, ctx.reduction, den)                       # Σ Ė (/ den)
         if w is not None and dw is not None and ctx.reduction == "mean":
-            L = (c * opmath(w) * D * D).sum() / den
-            dL = dL - L * opmath(dw).sum() / den                   # − L ΣẆ / ΣW
+            L = _sum(c * opmath(w) * D * D) / den
+            dL = dL - L * _sum(opmath(dw)) / den                   # − L ΣẆ / ΣW
         return dL.to(x.dtype)
 
 
@@ -168,7 +177,7 @@ def _log_softmax(X):
     lose the digits of r to the rounding of 1 + r."""
     Z = X - X.amax(dim=1, keepdim=True)                                   # Z ≤ 0, max_c Z = 0   (M, C)
     top = Z == 0                                                          # the max (and its ties)
-    r = torch.where(top, torch.zeros_like(Z), Z.exp()).sum(1, keepdim=True)
+    r = _sum(torch.where(top, torch.zeros_like(Z), Z.exp()), 1, keepdim=True)
     r = r + (top.sum(1, keepdim=True) - 1).to(Z.dtype)                    # r = Σ_c e^{Z_c} − 1    (M, 1)
     return Z - torch.log1p(r)                                             # log p = Z − log(1 + r)
 
@@ -183,8 +192,8 @@ def _ce_index(logp, y, w, opts):
     loss = -(1 - eps) * a * logp.gather(1, y0.unsqueeze(1)).squeeze(1)    # −(1−ε) a_i log p_{i,y_i}
     if eps:
         wlogp = logp if w is None else logp * opmath(w)                   # w_c log p_ic
-        loss = loss - (eps / C) * keep.to(logp.dtype) * wlogp.sum(1)      # − (ε/C) keep_i Σ_c w_c log p_ic
-    return loss, a.sum(), keep, y0, a
+        loss = loss - (eps / C) * keep.to(logp.dtype) * _sum(wlogp, 1)      # − (ε/C) keep_i Σ_c w_c log p_ic
+    return loss, _sum(a), keep, y0, a
 
 
 def _ce_index_direction(logp, P, y, w, opts):
@@ -198,10 +207,10 @@ def _ce_index_direction(logp, P, y, w, opts):
     PmE = P.scatter(1, col, torch.expm1(logp.gather(1, col)))             # P − E_y            (M, C)
     R = ((1 - eps) * a).unsqueeze(1) * PmE                                # (1−ε) a_i (P_i − e_{y_i})
     if eps:
-        wsum = C if w is None else opmath(w).sum()                        # Σ_c w_c
+        wsum = C if w is None else _sum(opmath(w))                        # Σ_c w_c
         wc = 1 if w is None else opmath(w)                                # w   (C,)
         R = R + (eps / C) * keep.to(logp.dtype).unsqueeze(1) * (P * wsum - wc)   # + (ε/C) keep_i (P_i Σw − w)
-    return R, a.sum(), keep
+    return R, _sum(a), keep
 
 
 def _ce_probs_target(T, w, opts, C):
@@ -250,7 +259,7 @@ class CrossEntropyFn(HandFunction):
         logp = _log_softmax(opmath(x))                                    # log p       (M, C)
         if opts.probs:
             Q = _ce_probs_target(target, w, opts, logp.shape[1])          # (M, C)
-            loss, den = -(Q * logp).sum(1), logp.shape[0]                 # ℓ_i = −Σ_c Q_ic log p_ic
+            loss, den = -_sum(Q * logp, 1), logp.shape[0]                   # ℓ_i = −Σ_c Q_ic log p_ic
         else:
             loss, den, *_ = _ce_index(logp, target, w, opts)              # (M,)
         return _reduce(loss, opts.reduction, den).to(x.dtype), logp
@@ -270,7 +279,7 @@ class CrossEntropyFn(HandFunction):
         P = logp.exp()                                                    # P = softmax(X)    (M, C)
         if ctx.opts.probs:
             Q = _ce_probs_target(target, w, ctx.opts, logp.shape[1])
-            return P * Q.sum(1, keepdim=True) - Q, logp.shape[0], None    # P ⊙ (Q 1) − Q
+            return P * _sum(Q, 1, keepdim=True) - Q, logp.shape[0], None    # P ⊙ (Q 1) − Q
         return _ce_index_direction(logp, P, target, w, ctx.opts)
 
     @staticmethod
@@ -288,7 +297,7 @@ class CrossEntropyFn(HandFunction):
             gt = (-(1 - opts.label_smoothing) * s * wlogp).to(ctx.t_dtype)   # −(1−ε) ĝ ⊙ log P ⊙ w
         if g_logp is not None and ctx.needs_input_grad[0]:
             G = opmath(g_logp)
-            back = G - logp.exp() * G.sum(1, keepdim=True)                # G_lp − P ⊙ (G_lp 1)
+            back = G - logp.exp() * _sum(G, 1, keepdim=True)                # G_lp − P ⊙ (G_lp 1)
             gx = back if gx is None else gx + back
         if gx is not None:
             gx = gx.to(ctx.x_dtype)
@@ -304,15 +313,15 @@ class CrossEntropyFn(HandFunction):
         if dx is not None:
             R, den, _ = CrossEntropyFn._direction(ctx)
             dX = opmath(dx)
-            dloss = dloss + (R * dX).sum(1)                               # (P (Q 1) − Q) · Ẋ
-            dlogp = dX - (logp.exp() * dX).sum(1, keepdim=True)           # Ẋ − (P ⊙ Ẋ) 1
+            dloss = dloss + _sum(R * dX, 1)                                 # (P (Q 1) − Q) · Ẋ
+            dlogp = dX - _sum(logp.exp() * dX, 1, keepdim=True)             # Ẋ − (P ⊙ Ẋ) 1
         elif not opts.probs:
-            den = _index_terms(target, w, opts.ignore_index, logp.dtype)[2].sum()
+            den = _sum(_index_terms(target, w, opts.ignore_index, logp.dtype)[2])
         if dt is not None and opts.probs:
             dQ = (1 - opts.label_smoothing) * opmath(dt)                  # Q̇ = (1−ε) Ṫ ⊙ w
             if w is not None:
                 dQ = dQ * opmath(w)
-            dloss = dloss - (dQ * logp).sum(1)                            # − Q̇ · log p
+            dloss = dloss - _sum(dQ * logp, 1)                              # − Q̇ · log p
         return _reduce(dloss, opts.reduction, den).to(ctx.x_dtype), dlogp
 
 
@@ -336,7 +345,7 @@ class NLLLossFn(HandFunction):
         keep, y0, a = _index_terms(y, w, ignore_index, X.dtype)           # (M,)
         picked = X.gather(1, y0.unsqueeze(1)).squeeze(1)                  # X_{i, y_i}      (M,)
         loss = -a * picked                                                # ℓ_i = −a_i X_{i, y_i}
-        return _reduce(loss, reduction, a.sum()).to(x.dtype)
+        return _reduce(loss, reduction, _sum(a)).to(x.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -352,7 +361,7 @@ class NLLLossFn(HandFunction):
         dtype = opmath(g).dtype
         keep, y0, a = _index_terms(y, w, ctx.ignore_index, dtype)         # (M,)
         opts = CrossEntropyOptions(ctx.reduction, ctx.ignore_index)
-        s = _row_scale(g, opts, a.sum(), keep)                            # ĝ  (M, 1) or scalar
+        s = _row_scale(g, opts, _sum(a), keep)                            # ĝ  (M, 1) or scalar
         return y0, s * a.unsqueeze(1)                                     # ĝ ⊙ a   (M, 1)
 
     @staticmethod
@@ -370,7 +379,7 @@ class NLLLossFn(HandFunction):
         dX = opmath(dx)
         keep, y0, a = _index_terms(y, w, ctx.ignore_index, dX.dtype)
         dloss = -a * dX.gather(1, y0.unsqueeze(1)).squeeze(1)             # ℓ̇_i = −a_i Ẋ_{i, y_i}
-        return _reduce(dloss, ctx.reduction, a.sum()).to(ctx.x_dtype)
+        return _reduce(dloss, ctx.reduction, _sum(a)).to(ctx.x_dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ lowp            in the inputs' own dtype (or each of ``lowp_dtypes``): STYLE.md 
 needs_grad      no input that requires grad gets a None or all-zero gradient where the truth is
                 non-zero, and each input's gradient is the same when it alone requires grad
                 (a backward that skips or mishandles a ``ctx.needs_input_grad`` branch)
-noncontiguous   strided (non-contiguous) inputs and output gradient give the same outputs and
-                gradients as contiguous ones
+noncontiguous   sliced (rows D + 1 apart) and column-major inputs and output gradients give the
+                same outputs and gradients as contiguous ones
 ==============  ==========================================================================
 
 Tolerances (``atol``/``rtol`` replace both kinds when given):
@@ -47,6 +47,7 @@ import copy
 import inspect
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -229,7 +230,6 @@ class _Problem:
     inputs: Inputs                                             # as given; diff tensors require grad
     labels: list[str]                                          # one per differentiable tensor
     arg_lines: list[str]
-    unsupported_hint: str = ""
 
 
 @dataclass
@@ -308,8 +308,9 @@ def _jac_numerical(f: Callable[..., list[torch.Tensor]], xs: Sequence[torch.Tens
     return J
 
 
-def _jac_reverse(f: Callable[..., list[torch.Tensor]], xs: Sequence[torch.Tensor]) -> tuple[list[list[torch.Tensor]], list[str]]:
-    """J[o][i] by reverse mode, one backward per output element; notes for outputs with no graph."""
+def _jac_reverse(f: Callable[..., list[torch.Tensor]],
+                 xs: Sequence[torch.Tensor]) -> tuple[list[list[torch.Tensor]], list[int]]:
+    """J[o][i] by reverse mode, one backward per output element; also the outputs with no graph."""
     leaves = [x.detach().clone().requires_grad_(True) for x in xs]
     outs = f(*leaves)
     notes = []
@@ -337,8 +338,8 @@ def _compare_jacobians(w: _Worst, got, expected, out_labels, out_shapes, in_labe
 
 
 def _short(label: str) -> str:
-    """``weight (argument 1)`` → ``weight``, for the ∂out/∂weight[...] notation."""
-    return label.split(" (")[0]
+    """``weight (argument 1)`` → ``weight``, ``parameter weight`` → ``weight``, for ∂out/∂weight[...]."""
+    return label.split(" (")[0].removeprefix("parameter ")
 
 
 def _grads(f: Callable, xs: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], create_graph: bool = False):
@@ -495,6 +496,18 @@ def _check_compile(c: _Ctx) -> CheckResult:
     eager_out, eager_grads = _grads(c.f, c.leaves(), v)
     notes = []
     torch._dynamo.reset()
+    with warnings.catch_warnings():
+        # torch's own internals warn while tracing (torch.jit.script deprecation): not about fn
+        warnings.simplefilter("ignore", DeprecationWarning)
+        outs, grads = _compile_and_run(c, v, notes)
+    w = c.worst("exact")
+    _compare_outputs_and_grads(c, w, outs, grads, eager_out, eager_grads)
+    return w.result("compile", f"torch.compile(backend={c.compile_backend!r}) vs eager", notes)
+
+
+def _compile_and_run(c: _Ctx, v: list[torch.Tensor], notes: list[str]):
+    import torch._dynamo
+
     try:
         try:
             compiled = torch.compile(c.f, backend=c.compile_backend, fullgraph=True)
@@ -507,11 +520,8 @@ def _check_compile(c: _Ctx) -> CheckResult:
             compiled = torch.compile(c.f, backend=c.compile_backend)
             outs, grads = _grads(compiled, c.leaves(), v)
     finally:
-        torch._dynamo.reset()
-    w = c.worst("exact")
-    _compare_outputs_and_grads(c, w, outs, grads, eager_out, eager_grads)
-    result = w.result("compile", f"torch.compile(backend={c.compile_backend!r}) vs eager", notes)
-    return result
+        torch._dynamo.reset()  # the next check compiles a new closure of the same code: no stale guards
+    return outs, grads
 
 
 def _compare_outputs_and_grads(c: _Ctx, w: _Worst, outs, grads, ref_outs, ref_grads) -> None:
@@ -728,14 +738,20 @@ def _run(problem: _Problem, checks: Iterable[str], atol, rtol, strict, compile_b
         report.checks.append(CheckResult("inputs", "fail", "no floating-point tensor input to differentiate"))
         return report
     ctx = _Ctx(problem, atol, rtol, strict, compile_backend, tuple(lowp_dtypes) if lowp_dtypes else None, lowp_ulps, seed)
+    try:
+        has_output = bool(ctx.out_shapes)
+        why = "fn returns no floating-point tensor"
+    except Exception as e:  # noqa: BLE001 - fn cannot even run forward on float64 copies
+        has_output, why = False, f"fn raised {type(e).__name__} on float64 copies of the inputs: {_first_lines(e)}"
+    if not has_output:
+        report.checks.append(CheckResult("inputs", "fail", why))
+        return report
     for name in checks:
         start = time.perf_counter()
         try:
             result = _CHECKS[name](ctx)
         except _Unsupported as e:
-            hint = f" {problem.unsupported_hint}" if problem.unsupported_hint else ""
-            result = CheckResult(name, "fail" if strict else "skip",
-                                 f"unsupported{' (strict)' if strict else ''}: {e}{hint}")
+            result = CheckResult(name, "fail" if strict else "skip", f"unsupported{' (strict)' if strict else ''}: {e}")
         except Exception as e:  # noqa: BLE001 - the check ran fn, and fn raised: that is the verdict
             result = CheckResult(name, "fail", f"raised {type(e).__name__}: {_name_indices(_first_lines(e), names)}")
         result.seconds = time.perf_counter() - start
@@ -833,7 +849,10 @@ def check_function(
     call = _as_callable(fn)
     problem = _Problem(name or _qualname(fn), lambda dtype: call, (lambda dtype: reference) if reference else None,
                        given, labels, lines)
-    return _run(problem, checks, atol, rtol, strict, compile_backend, lowp_dtypes, lowp_ulps, seed, names)
+    # torch's "invalid gradient at index k" counts the Function's forward arguments: name them only then
+    is_function = isinstance(fn, type) and issubclass(fn, torch.autograd.Function)
+    return _run(problem, checks, atol, rtol, strict, compile_backend, lowp_dtypes, lowp_ulps, seed,
+                names if is_function else None)
 
 
 def check_module(
