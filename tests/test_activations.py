@@ -346,3 +346,28 @@ def test_complex_silu_without_gradient():
     for fn in (TF.silu, F.silu):
         with pytest.raises(RuntimeError, match="silu does not support automatic differentiation"):
             fn(z.clone().requires_grad_())
+
+
+def test_signatures_as_torch():
+    """Positional and keyword use as torch.nn.functional allows it (gelu's approximate is keyword-only)."""
+    x = torch.randn(5)
+    calls = [
+        lambda F_: F_.relu(input=x), lambda F_: F_.leaky_relu(x, 0.2, False), lambda F_: F_.elu(x, 0.5, False),
+        lambda F_: F_.softplus(x, 2.0, 5.0), lambda F_: F_.gelu(input=x, approximate="tanh"),
+        lambda F_: F_.silu(x, False), lambda F_: F_.tanh(input=x), lambda F_: F_.sigmoid(input=x),
+    ]
+    for call in calls:
+        torch.testing.assert_close(call(F), call(TF))
+    for F_ in (TF, F):
+        with pytest.raises(TypeError):
+            F_.gelu(x, "tanh")
+
+
+@pytest.mark.parametrize("name,kw", INPLACE, ids=INPLACE_IDS)
+def test_inplace_under_torch_func(name, kw):
+    ours, ref = _fns(name)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    f_ours, f_ref = (lambda t: ours(t * 1, inplace=True, **kw)), (lambda t: ref(t * 1, inplace=True, **kw))
+    torch.testing.assert_close(torch.func.vmap(f_ours)(x), torch.func.vmap(f_ref)(x))
+    torch.testing.assert_close(torch.func.grad(lambda t: f_ours(t).sum())(x), torch.func.grad(lambda t: f_ref(t).sum())(x))
+    torch.testing.assert_close(torch.func.jacfwd(f_ours)(x[0]), torch.func.jacfwd(f_ref)(x[0]))

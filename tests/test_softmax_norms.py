@@ -156,15 +156,15 @@ def test_layer_norm_constant_rows():
     x[3] = -1e4
     w, b = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     g = torch.randn(4, 6, dtype=torch.float64)
-    inputs = [t.clone().requires_grad_() for t in (x, w, b)]
-    y = F.layer_norm(inputs[0], [6], inputs[1], inputs[2])
-    ry = TF.layer_norm(*[t.detach().requires_grad_() for t in (x,)], [6], w, b)
+    results = []
+    for fn in (F.layer_norm, TF.layer_norm):
+        args = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = fn(args[0], [6], args[1], args[2])
+        results.append((y, torch.autograd.grad(y, args, g)))
+    (y, ours), (ry, theirs) = results
     torch.testing.assert_close(y, ry)
     for row in (0, 2, 3):
         torch.testing.assert_close(y[row], b)  # x̂ = 0
-    ours = torch.autograd.grad(y, inputs, g)
-    xs = [t.clone().requires_grad_() for t in (x, w, b)]
-    theirs = torch.autograd.grad(TF.layer_norm(xs[0], [6], xs[1], xs[2]), xs, g)
     for a, t in zip(ours, theirs):
         torch.testing.assert_close(a, t)
     gy = g[0] * w
@@ -173,6 +173,55 @@ def test_layer_norm_constant_rows():
     args = tuple(t.clone().requires_grad_() for t in (x[:3], w, b))
     assert gradcheck(fn, args, check_forward_ad=True)
     assert gradgradcheck(fn, args, check_fwd_over_rev=True)
+
+
+def _layer_norm_scales(x, w, b, g, K):
+    """Per output, the size of the terms that are summed or cancel (see cases/norms.py), with
+    ξ = |x̂| + rstd·mean|X| the error scale of x̂ (its own size, plus the rounding of the row sum
+    in μ carried through rstd):  Y: ξ|w| + |b|;  ∂L/∂X: rstd·(|gy| + mean|gy| + ξ·mean(|gy| ξ));
+    ∂L/∂w: Σ_batch |G| ξ;  ∂L/∂b: Σ_batch |G|.  All in float64."""
+    dims = tuple(range(-K, 0))
+    mu = x.mean(dims, keepdim=True)
+    rstd = ((x - mu).square().mean(dims, keepdim=True) + 1e-5).rsqrt()
+    xhat, G = ((x - mu) * rstd).abs() + rstd * x.abs().mean(dims, keepdim=True), g.abs()
+    W = torch.ones_like(xhat) if w is None else w.abs()
+    gy = G * W
+    mean = lambda t: t.mean(dims, keepdim=True)  # noqa: E731
+    scales = [xhat * W + (0 if b is None else b.abs()), rstd * (gy + mean(gy) + xhat * mean(gy * xhat))]
+    if w is not None:
+        scales.append((G * xhat).sum_to_size(w.shape))
+    if b is not None:
+        scales.append(G.sum_to_size(b.shape))
+    return scales
+
+
+@pytest.mark.parametrize("K,affine", [(1, True), (1, False), (2, True)], ids=["affine", "no-affine", "2d-shape"])
+@pytest.mark.parametrize("shape", [(7, 13), (2, 5, 13), (64, 13), (16, 100)], ids=str)
+def test_layer_norm_float32_parity_at_the_sum_scale(shape, K, affine):
+    """float32 against a float64 truth, as the registry's low-precision test does, with the
+    margin at the scale of the summed terms (``_layer_norm_scales``):
+    |ours − truth| ≤ |torch − truth| + 4 eps·(|truth| + scale) — 4 eps: a few roundings in each of
+    two row reductions (μ, var) and the subtraction that follows them."""
+    eps = torch.finfo(torch.float32).eps
+    row = shape[len(shape) - K:]
+    for seed in range(5):
+        torch.manual_seed(seed)
+        x = (torch.randn(shape, dtype=torch.float64) * 2).float()
+        w, b = (torch.randn(row), torch.randn(row)) if affine else (None, None)
+        g = torch.randn(shape)
+        tensors = [t for t in (x, w, b) if t is not None]
+        results = []
+        for fn, dtype in ((TF.layer_norm, torch.float64), (F.layer_norm, torch.float32), (TF.layer_norm, torch.float32)):
+            args = [t.to(dtype).requires_grad_() for t in tensors]
+            xx, ww, bb = args[0], (args[1] if affine else None), (args[2] if affine else None)
+            y = fn(xx, list(row), ww, bb)
+            results.append([y, *torch.autograd.grad(y, args, g.to(dtype))])
+        truth, ours, theirs = results
+        scales = _layer_norm_scales(*[None if t is None else t.double() for t in (x, w, b, g)], K)
+        for what, t, a, r, scale in zip(("output", "grad x", "grad w", "grad b"), truth, ours, theirs, scales):
+            assert a.dtype == torch.float32
+            excess = (a.double() - t).abs() - (r.double() - t).abs() - 4 * eps * (t.abs() + scale)
+            assert excess.max() <= 0, f"seed {seed}: {what} exceeds the margin by {excess.max().item():.3g}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -9,8 +9,8 @@ leaky_relu (slope ≥ 0) and elu (α ≥ 0) read f' from the output, so they run
 (``ops.activations.ElementwiseInplaceFn``, nothing else kept). silu needs its input: as torch
 does, the input is copied first and that copy is what the backward keeps. With a negative slope
 or α, torch writes the result but refuses the backward ("In-place leakyReLu backward ... negative
-slope"), and so does handgrad. Not supported: ``inplace=True`` inside torch.func transforms
-(vmap, grad), where autograd refuses an in-place custom Function that saves its output.
+slope"), and so does handgrad. Under vmap, where autograd refuses an in-place custom Function
+that saves its output, the out-of-place Function runs and its result is written into the input.
 """
 from __future__ import annotations
 
@@ -70,9 +70,13 @@ def _apply(input: torch.Tensor, name: str, inplace: bool = False, **options) -> 
         # a custom Function would hand back a new tensor object here).
         ElementwiseInplaceFn.call(input.detach(), act)
         return input
-    if act.saves == "input" and name == "silu" and (input.requires_grad or _has_tangent(input)):
-        # f' needs z: keep a copy of it (torch's in-place kernels save a clone of self too).
-        return input.copy_(ElementwiseFn.call(input.clone(), act))
+    silu_graph = name == "silu" and (input.requires_grad or _has_tangent(input))
+    if silu_graph or torch._C._functorch.is_batchedtensor(input):
+        # The out-of-place Function, then a write into the input: for silu, whose f' needs z (a
+        # copy of it is kept; torch's in-place kernels save a clone of self too), and under vmap,
+        # where autograd refuses an in-place custom Function that saves its output.
+        z = input.clone() if act.saves == "input" else input
+        return input.copy_(ElementwiseFn.call(z, act))
     # f' from y: overwrite the input, keep nothing else. (leaky_relu/elu with a negative
     # slope/α: f' needs the overwritten z, so, as torch, the result is written and the backward refused.)
     return ElementwiseInplaceFn.call(input, act)
@@ -120,8 +124,9 @@ def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch
     return _apply(input, "elu", inplace, alpha=a)
 
 
-def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """``torch.nn.functional.gelu``, exact (erf) or ``approximate='tanh'``; backward from the input."""
+def gelu(input: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:
+    """``torch.nn.functional.gelu``, exact (erf) or ``approximate='tanh'``; backward from the input.
+    ``approximate`` is keyword-only, as in torch (``gelu(x, 'tanh')`` is a TypeError there too)."""
     check_tensor("input", input, fn="gelu")
     if not isinstance(approximate, str):
         raise TypeError(f"gelu(): argument 'approximate' must be str, not {type(approximate).__name__}")

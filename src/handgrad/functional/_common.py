@@ -4,6 +4,8 @@ No math here: the math lives in ``handgrad.ops``.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 # What torch's autocast does with each op (torch/csrc/autocast_mode.cpp): "lower" runs in the
@@ -41,6 +43,13 @@ def autocast(op: str, *tensors):
         t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
         for t in tensors
     )
+
+
+def warn(message: str, stacklevel: int = 3) -> None:
+    """``warnings.warn`` as torch's functional does, except while Dynamo traces: it cannot trace
+    ``warnings.warn`` and would break the graph (torch's own warning lives in its C++ kernel)."""
+    if not torch.compiler.is_compiling():
+        warnings.warn(message, stacklevel=stacklevel + 1)
 
 
 REDUCTIONS = ("none", "mean", "sum")

@@ -6,7 +6,8 @@ from typing import Sequence
 
 import torch
 
-from ..ops.fused import LCEOptions, LinearCrossEntropyFn, StackFn, StackSpec, activation_spec, default_chunk_size
+from ..ops.fused import (LCEOptions, LinearCrossEntropyFn, StackFn, StackSpec, activation_spec, default_chunk_size,
+                         fast_call)
 from ._common import autocast, check_reduction, check_tensor, shape_str
 
 __all__ = ["linear_act", "mlp", "linear_cross_entropy"]
@@ -14,30 +15,48 @@ __all__ = ["linear_act", "mlp", "linear_cross_entropy"]
 
 def _check_layer(fn: str, l: int | None, X_features: int, weight, bias, dtype) -> None:
     """torch's RuntimeError for what ``linear`` would refuse, naming the argument and shapes."""
-    w_name = "weight" if l is None else f"weights[{l}]"
-    b_name = "bias" if l is None else f"biases[{l}]"
-    check_tensor(w_name, weight, fn=fn)
-    if bias is not None:
-        check_tensor(b_name, bias, fn=fn)
+    def names():
+        return ("weight", "bias") if l is None else (f"weights[{l}]", f"biases[{l}]")
+
+    if not isinstance(weight, torch.Tensor) or (bias is not None and not isinstance(bias, torch.Tensor)):
+        check_tensor(names()[0], weight, fn=fn)
+        check_tensor(names()[1], bias, fn=fn)
     if weight.dim() != 2:
-        raise RuntimeError(f"{fn}: {w_name} must be 2-D (D_out, D_in), but got shape {shape_str(weight)}")
+        raise RuntimeError(f"{fn}: {names()[0]} must be 2-D (D_out, D_in), but got shape {shape_str(weight)}")
     if weight.shape[1] != X_features:
         what = "input" if l in (None, 0) else f"the output of layer {l - 1}"
         raise RuntimeError(
-            f"{fn}: {w_name} of shape {shape_str(weight)} expects {weight.shape[1]} features, "
+            f"{fn}: {names()[0]} of shape {shape_str(weight)} expects {weight.shape[1]} features, "
             f"but {what} has {X_features}"
         )
     if bias is not None and bias.shape != weight.shape[:1]:
-        raise RuntimeError(f"{fn}: {b_name} of shape {shape_str(bias)} does not match {w_name} {shape_str(weight)}: expected [{weight.shape[0]}]")
-    for name, t in ((w_name, weight), (b_name, bias)):
-        if t is not None and t.dtype != dtype:
-            raise RuntimeError(f"{fn}: expected input and {name} to have the same dtype, but got {dtype} and {t.dtype}")
+        raise RuntimeError(f"{fn}: {names()[1]} of shape {shape_str(bias)} does not match {names()[0]} "
+                           f"{shape_str(weight)}: expected [{weight.shape[0]}]")
+    if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        name, t = (names()[0], weight) if weight.dtype != dtype else (names()[1], bias)
+        raise RuntimeError(f"{fn}: expected input and {name} to have the same dtype, but got {dtype} and {t.dtype}")
 
 
 def _check_input(fn: str, input) -> None:
     check_tensor("input", input, fn=fn)
     if input.dim() == 0:
         raise RuntimeError(f"{fn}: input must be at least 1-D (*, D_in), but got a 0-D tensor")
+
+
+_SPECS: dict[tuple, StackSpec] = {}
+
+
+def _stack_spec(activation, last_activation, L: int) -> StackSpec:
+    """The layers' activations, built once per (names, depth): hidden layers ``activation``,
+    the last ``last_activation`` (None: identity)."""
+    key = (activation, last_activation, L)
+    spec = _SPECS.get(key)
+    if spec is None:
+        if L == 1:
+            activation_spec(activation)  # validate the name even when no hidden layer uses it
+        spec = StackSpec(tuple(activation_spec(activation if l < L - 1 else last_activation) for l in range(L)))
+        _SPECS[key] = spec
+    return spec
 
 
 def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -49,7 +68,7 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     act = activation_spec(activation, **activation_kwargs)
     input, weight, bias = autocast("linear", input, weight, bias)
     _check_layer("linear_act", None, input.shape[-1], weight, bias, input.dtype)
-    return StackFn.call(input, StackSpec((act,)), weight, bias)[0]
+    return fast_call(StackFn, input, StackSpec((act,)), weight, bias)[0]
 
 
 def mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None] | None,
@@ -66,23 +85,16 @@ def mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[t
     if len(biases) != len(weights):
         raise ValueError(f"mlp: got {len(weights)} weights but {len(biases)} biases; give one bias (or None) per layer")
     L = len(weights)
-    acts = tuple(activation_spec(activation if l < L - 1 else last_activation) for l in range(L))
-    if L == 1:
-        activation_spec(activation)  # validate the name even when no hidden layer uses it
-    for l, (w, b) in enumerate(zip(weights, biases)):
-        check_tensor(f"weights[{l}]", w, fn="mlp")
-        if b is not None:
-            check_tensor(f"biases[{l}]", b, fn="mlp")
-    cast = autocast("linear", input, *weights, *[b for b in biases if b is not None])
-    input, cast_w, cast_b = cast[0], list(cast[1 : L + 1]), iter(cast[L + 1 :])
-    cast_b = [None if b is None else next(cast_b) for b in biases]
+    spec = _stack_spec(activation, last_activation, L)
+    params = [t for pair in zip(weights, biases) for t in pair]   # W_1, b_1, W_2, b_2, …
+    if torch.is_autocast_enabled(input.device.type):
+        cast = iter(autocast("linear", input, *[p for p in params if p is not None]))
+        input, params = next(cast), [None if p is None else next(cast) for p in params]
     features = input.shape[-1]
-    params = []
-    for l, (w, b) in enumerate(zip(cast_w, cast_b)):
-        _check_layer("mlp", l, features, w, b, input.dtype)
-        features = w.shape[0]
-        params += [w, b]
-    return StackFn.call(input, StackSpec(acts), *params)[L - 1]
+    for l in range(L):
+        _check_layer("mlp", l, features, params[2 * l], params[2 * l + 1], input.dtype)
+        features = params[2 * l].shape[0]
+    return fast_call(StackFn, input, spec, *params)[L - 1]
 
 
 def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
@@ -123,9 +135,10 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     _check_layer(fn, None, input.shape[-1], weight, bias, input.dtype)
     C = weight.shape[0]
     T = target.reshape(-1)                                         # (N,)
-    bad = (T != ignore_index) & ((T < 0) | (T >= C))
-    if bad.any():
-        raise IndexError(f"Target {T[bad][0].item()} is out of bounds.")   # torch's message
+    if not torch.compiler.is_compiling():   # data-dependent: Dynamo would break the graph
+        bad = (T != ignore_index) & ((T < 0) | (T >= C))
+        if bad.any():
+            raise IndexError(f"Target {T[bad][0].item()} is out of bounds.")   # torch's message
     X = input.reshape(-1, input.shape[-1])                         # (N, D)
     N = X.shape[0]
     chunk = default_chunk_size(N, C) if chunk_size is None else chunk_size
@@ -134,6 +147,6 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     wanted = torch.is_grad_enabled() and reduction != "none"
     precompute = tuple(bool(wanted and t is not None and t.requires_grad) for t in (X, weight, bias))
     opts = LCEOptions(int(ignore_index), reduction, float(label_smoothing), int(chunk), out_dtype, precompute)
-    out = LinearCrossEntropyFn.call(X, weight, bias, T.long(), opts)
+    out = fast_call(LinearCrossEntropyFn, X, weight, bias, T.long(), opts)
     loss = out[0] if isinstance(out, tuple) else out
     return loss.reshape(target.shape) if reduction == "none" else loss

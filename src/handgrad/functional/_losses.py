@@ -5,22 +5,20 @@ exception types, and the layout the Functions in ``handgrad.ops.losses`` work on
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch.nn import _reduction as _Reduction
 
 from ..ops.losses import BCEWithLogitsFn, CrossEntropyFn, CrossEntropyOptions, NLLLossFn, SquaredErrorFn
-from ._common import autocast, check_reduction, check_tensor, shape_str
+from ._common import autocast, check_reduction, check_tensor, shape_str, warn
 
 __all__ = ["mse_loss", "half_squared_error", "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits"]
 
 
-def _legacy(size_average, reduce, reduction):
+def _legacy(size_average, reduce, reduction, *, check=True):
     """torch's mapping of the deprecated flags (with its deprecation warning), then the check."""
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
-    return check_reduction(reduction)
+    return check_reduction(reduction) if check else reduction
 
 
 def _promote(*tensors):
@@ -65,17 +63,19 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average: bool | Non
         check_tensor("weight", weight, fn="mse_loss")
     input, target, weight = autocast("mse_loss", input, target, weight)
     if target.shape != input.shape:
-        warnings.warn(
+        warn(
             f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
             "This will likely lead to incorrect results due to broadcasting. "
             "Please ensure they have the same size.",
             stacklevel=2,
         )
-    reduction = _legacy(size_average, reduce, reduction)
+    # torch's order: the flags, the broadcast, the weight's shape, and only then the reduction
+    reduction = _legacy(size_average, reduce, reduction, check=False)
     _broadcast_shape("mse_loss", "input", input, "target", target)
     if weight is not None and weight.shape != input.shape:
         raise ValueError(f"mse_loss: weight of shape {shape_str(weight)} must have the input's shape {shape_str(input)} "
                          "(Weights and input must have the same size.)")
+    check_reduction(reduction)
     input, target, weight = _promote(input, target, weight)
     return SquaredErrorFn.call(input, target, weight, reduction, "mse")
 

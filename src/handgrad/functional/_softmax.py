@@ -1,11 +1,9 @@
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from ..ops.softmax import LogSoftmaxFn, SoftmaxFn
-from ._common import autocast, check_tensor, shape_str
+from ._common import autocast, check_tensor, shape_str, warn
 
 __all__ = ["softmax", "log_softmax"]
 
@@ -13,7 +11,7 @@ __all__ = ["softmax", "log_softmax"]
 def _implicit_dim(name: str, ndim: int, stacklevel: int) -> int:
     """torch's legacy rule (``torch.nn.functional._get_softmax_dim``), with its warning: dim 0 for
     0-d, 1-d and 3-d inputs, dim 1 otherwise."""
-    warnings.warn(
+    warn(
         f"Implicit dimension choice for {name} has been deprecated. "
         "Change the call to include dim=X as an argument.",
         stacklevel=stacklevel,

@@ -121,7 +121,7 @@ class SquaredErrorFn(HandFunction):
         if w is not None and ctx.needs_input_grad[2]:
             GW = (c * g_hat * D * D).expand(D.shape).sum_to_size(ctx.shapes[2])  # c ĝ ⊙ D²
             if ctx.reduction == "mean":
-                L = _sum(c * opmath(w) * D * D) / den                    # L = Σ W D² / ΣW
+                L = _sum(c * opmath(w) * D * D) / den                      # L = Σ W D² / ΣW
                 GW = GW - opmath(g) * L / den                              # − g L / ΣW
             gw = GW.to(ctx.dtypes[2])
         return gx, gy, gw, None, None
@@ -132,18 +132,18 @@ class SquaredErrorFn(HandFunction):
         D, c, den = _se_terms(x, y, w, ctx.kind)                   # D (S)
         dD = torch.zeros_like(D)
         if dx is not None:
-            dD = dD + opmath(dx)                                   # Ẋ
+            dD = dD + opmath(dx)                                           # Ẋ
         if dy is not None:
-            dD = dD - opmath(dy)                                   # − Ẏ
+            dD = dD - opmath(dy)                                           # − Ẏ
         dE = 2 * c * D * dD if w is None else 2 * c * opmath(w) * D * dD   # 2c W ⊙ D ⊙ (Ẋ − Ẏ)
         if dw is not None:
-            dE = dE + c * opmath(dw) * D * D                       # + c Ẇ ⊙ D²
+            dE = dE + c * opmath(dw) * D * D                               # + c Ẇ ⊙ D²
         if ctx.reduction == "none":
             return _se_none_view(dE, ctx.kind).to(x.dtype)
-        dL = _reduce(dE, ctx.reduction, den)                       # Σ Ė (/ den)
+        dL = _reduce(dE, ctx.reduction, den)                               # Σ Ė (/ den)
         if w is not None and dw is not None and ctx.reduction == "mean":
             L = _sum(c * opmath(w) * D * D) / den
-            dL = dL - L * _sum(opmath(dw)) / den                   # − L ΣẆ / ΣW
+            dL = dL - L * _sum(opmath(dw)) / den                           # − L ΣẆ / ΣW
         return dL.to(x.dtype)
 
 
@@ -186,13 +186,13 @@ def _ce_index(logp, y, w, opts):
     """Class-index targets: ℓ_i = −(1−ε) a_i log p_{i,y_i} − (ε/C) keep_i Σ_c w_c log p_ic
     (= −Σ_c Q_ic log p_ic with Q_ic = (1−ε) a_i δ_{c,y_i} + (ε/C) keep_i w_c), the mean's
     denominator Σ_i a_i (torch's weighted mean), and the kept rows."""
-    M, C = logp.shape
+    C = logp.shape[1]
     eps = opts.label_smoothing
     keep, y0, a = _index_terms(y, w, opts.ignore_index, logp.dtype)       # (M,)
     loss = -(1 - eps) * a * logp.gather(1, y0.unsqueeze(1)).squeeze(1)    # −(1−ε) a_i log p_{i,y_i}
     if eps:
         wlogp = logp if w is None else logp * opmath(w)                   # w_c log p_ic
-        loss = loss - (eps / C) * keep.to(logp.dtype) * _sum(wlogp, 1)      # − (ε/C) keep_i Σ_c w_c log p_ic
+        loss = loss - (eps / C) * keep.to(logp.dtype) * _sum(wlogp, 1)    # − (ε/C) keep_i Σ_c w_c log p_ic
     return loss, _sum(a), keep, y0, a
 
 
@@ -200,7 +200,7 @@ def _ce_index_direction(logp, P, y, w, opts):
     """∂ℓ_i/∂X_i = P_i (Q_i 1) − Q_i for class indices, written as
         (1−ε) a_i (P_i − e_{y_i}) + (ε/C) keep_i (P_i Σ_c w_c − w)
     with P_{i,y_i} − 1 taken as expm1(log p_{i,y_i}): no cancellation when p_{i,y_i} ≈ 1."""
-    M, C = logp.shape
+    C = logp.shape[1]
     eps = opts.label_smoothing
     keep, y0, a = _index_terms(y, w, opts.ignore_index, logp.dtype)
     col = y0.unsqueeze(1)                                                 # (M, 1)
@@ -259,7 +259,7 @@ class CrossEntropyFn(HandFunction):
         logp = _log_softmax(opmath(x))                                    # log p       (M, C)
         if opts.probs:
             Q = _ce_probs_target(target, w, opts, logp.shape[1])          # (M, C)
-            loss, den = -_sum(Q * logp, 1), logp.shape[0]                   # ℓ_i = −Σ_c Q_ic log p_ic
+            loss, den = -_sum(Q * logp, 1), logp.shape[0]                 # ℓ_i = −Σ_c Q_ic log p_ic
         else:
             loss, den, *_ = _ce_index(logp, target, w, opts)              # (M,)
         return _reduce(loss, opts.reduction, den).to(x.dtype), logp
@@ -279,7 +279,7 @@ class CrossEntropyFn(HandFunction):
         P = logp.exp()                                                    # P = softmax(X)    (M, C)
         if ctx.opts.probs:
             Q = _ce_probs_target(target, w, ctx.opts, logp.shape[1])
-            return P * _sum(Q, 1, keepdim=True) - Q, logp.shape[0], None    # P ⊙ (Q 1) − Q
+            return P * _sum(Q, 1, keepdim=True) - Q, logp.shape[0], None      # P ⊙ (Q 1) − Q
         return _ce_index_direction(logp, P, target, w, ctx.opts)
 
     @staticmethod
@@ -297,7 +297,7 @@ class CrossEntropyFn(HandFunction):
             gt = (-(1 - opts.label_smoothing) * s * wlogp).to(ctx.t_dtype)   # −(1−ε) ĝ ⊙ log P ⊙ w
         if g_logp is not None and ctx.needs_input_grad[0]:
             G = opmath(g_logp)
-            back = G - logp.exp() * _sum(G, 1, keepdim=True)                # G_lp − P ⊙ (G_lp 1)
+            back = G - logp.exp() * _sum(G, 1, keepdim=True)                  # G_lp − P ⊙ (G_lp 1)
             gx = back if gx is None else gx + back
         if gx is not None:
             gx = gx.to(ctx.x_dtype)
@@ -313,15 +313,15 @@ class CrossEntropyFn(HandFunction):
         if dx is not None:
             R, den, _ = CrossEntropyFn._direction(ctx)
             dX = opmath(dx)
-            dloss = dloss + _sum(R * dX, 1)                                 # (P (Q 1) − Q) · Ẋ
-            dlogp = dX - _sum(logp.exp() * dX, 1, keepdim=True)             # Ẋ − (P ⊙ Ẋ) 1
+            dloss = dloss + _sum(R * dX, 1)                                   # (P (Q 1) − Q) · Ẋ
+            dlogp = dX - _sum(logp.exp() * dX, 1, keepdim=True)               # Ẋ − (P ⊙ Ẋ) 1
         elif not opts.probs:
             den = _sum(_index_terms(target, w, opts.ignore_index, logp.dtype)[2])
         if dt is not None and opts.probs:
             dQ = (1 - opts.label_smoothing) * opmath(dt)                  # Q̇ = (1−ε) Ṫ ⊙ w
             if w is not None:
                 dQ = dQ * opmath(w)
-            dloss = dloss - _sum(dQ * logp, 1)                              # − Q̇ · log p
+            dloss = dloss - _sum(dQ * logp, 1)                                # − Q̇ · log p
         return _reduce(dloss, opts.reduction, den).to(ctx.x_dtype), dlogp
 
 

@@ -7,12 +7,14 @@
   and parameters, on a float64 copy.
 - ``assert_gradients_match(fn, reference, *inputs)``: raises ``AssertionError`` with the report,
   for pytest.
+- ``check_case(case, shape)``: the same for one entry of handgrad's op registry, strictly.
 - The op registry (``registry``: ``OpCase``, ``Inputs``, ``all_cases``) that drives handgrad's
   own tests and ``handgrad-check``.
 """
-from .checks import ALL, GradientCheckError, assert_gradients_match, check_function, check_module
+from .checks import (ALL, GradientCheckError, assert_gradients_match, check_case, check_function, check_module,
+                     representative_shape)
 from .registry import Inputs, OpCase, all_cases, get_case
 from .report import CheckResult, Report
 
 __all__ = ["ALL", "CheckResult", "GradientCheckError", "Inputs", "OpCase", "Report", "all_cases",
-           "assert_gradients_match", "check_function", "check_module", "get_case"]
+           "assert_gradients_match", "check_case", "check_function", "check_module", "get_case", "representative_shape"]

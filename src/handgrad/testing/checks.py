@@ -54,10 +54,11 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from .registry import Inputs
+from .registry import Inputs, OpCase, Shape
 from .report import CheckResult, Report
 
-__all__ = ["ALL", "check_function", "check_module", "assert_gradients_match", "GradientCheckError"]
+__all__ = ["ALL", "check_function", "check_module", "assert_gradients_match", "GradientCheckError", "check_case",
+           "representative_shape"]
 
 ALL: tuple[str, ...] = ("gradcheck", "gradgradcheck", "forward_ad", "vmap", "compile", "reference", "lowp",
                         "needs_grad", "noncontiguous")
@@ -407,8 +408,9 @@ def _check_gradgradcheck(c: _Ctx) -> CheckResult:
     out_labels = [f"grad_{_short(label)}" for label in c.labels]
     _compare_jacobians(w, J_rev, J_num, out_labels, [x.shape for x in c.diff], in_labels, [x.shape for x in xs],
                        lambda o, i: f"the derivative of the gradient of {c.labels[o]} with respect to {in_labels[i]}")
-    notes = [f"the gradient of {c.labels[i]} computed with create_graph=True does not require grad: backward is not "
-             "differentiable (once_differentiable, .detach(), .item() or torch.no_grad inside backward)"
+    notes = [f"the gradient of {c.labels[i]}, computed with create_graph=True, has no graph to differentiate: "
+             "backward is not differentiable (@once_differentiable, or .detach(), .item(), .numpy() or "
+             "torch.no_grad inside backward)"
              for i in sorted(detached) if (J_num[i] and any(b.abs().max() > w.atol for b in J_num[i] if b.numel()))]
     return w.result("gradgradcheck", "double backward vs finite differences", notes)
 
@@ -941,3 +943,28 @@ def assert_gradients_match(
     if not report.ok:
         raise GradientCheckError(report)
     return report
+
+
+def representative_shape(case: OpCase) -> Shape:
+    """The one shape ``handgrad-check`` uses for a case: the smallest non-empty one with at least
+    two dims (a batch and a feature dim), else the smallest non-empty one. Small keeps the full
+    Jacobian comparisons (one backward per output element, two forwards per input element) fast;
+    the registry's other shapes (odd, batched, empty) run in ``tests/test_ops.py``."""
+    nonempty = [s for s in case.shapes if all(d > 0 for d in s)] or list(case.shapes)
+    size = lambda s: (len(s) < 2, torch.Size(s).numel())  # noqa: E731
+    return min(nonempty, key=size)
+
+
+def check_case(case: OpCase, shape: Shape | None = None, device: str | torch.device = "cpu",
+               checks: Iterable[str] = ALL, strict: bool = True) -> Report:
+    """Check one registry case (``handgrad.testing.registry``) at ``shape`` (default: its
+    representative shape), strictly: a handgrad op must support every feature. Inputs are made in
+    the first of the case's low-precision dtypes, so the ``lowp`` check runs in each of
+    ``case.lowp_dtypes`` with the case's margin; every other check runs on float64 copies."""
+    shape = representative_shape(case) if shape is None else tuple(shape)
+    dtype = case.lowp_dtypes[0] if case.lowp_dtypes else torch.float64
+    with torch.random.fork_rng(devices=[]):  # the same inputs every run; the caller's RNG untouched
+        torch.manual_seed(0)
+        inputs = case.inputs(shape, dtype, device)
+    return check_function(case.fn, inputs, reference=case.reference, checks=checks, strict=strict,
+                          lowp_dtypes=case.lowp_dtypes, lowp_ulps=case.lowp_ulps, name=case.id(shape))

@@ -73,7 +73,7 @@ class OpCase:
     # Low-precision parity margin in units of the dtype's eps (see tests/test_ops.py); raise it
     # only with a comment saying why.
     lowp_ulps: float = 2.0
-    lowp_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+    lowp_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def inputs(self, shape: Shape, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> Inputs:

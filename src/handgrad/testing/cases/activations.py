@@ -8,10 +8,6 @@ import torch.nn.functional as TF
 from ... import functional as F
 from ..registry import BadInput, Inputs, OpCase, randn
 
-# float16 too: torch has CPU kernels for every activation in it, and handgrad computes it in float32.
-_LOWP = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _x(**kwargs):
     """z ~ 2·N(0, 1), and the options as keyword arguments."""
 
@@ -54,7 +50,6 @@ def _integer(**kwargs):
 
 
 def _case(name, fn, reference, make=None, **kw):
-    kw.setdefault("lowp_dtypes", _LOWP)
     return OpCase(name, fn, reference, make or _x(), **kw)
 
 

@@ -16,7 +16,6 @@ from torch.nn import _reduction as _Reduction
 from ... import functional as F
 from ..registry import BadInput, Inputs, OpCase, randn
 
-LOWP_ALL = (torch.float32, torch.bfloat16, torch.float16)
 
 # Input shapes for the class losses (the shape is the input's: (N, C, d1, …), or (C,) unbatched)
 CLASS_SHAPES = ((2, 3), (7, 13), (2, 5, 13), (13,))
@@ -204,21 +203,21 @@ CASES = [
     # mse_loss: 'mean' over every element; target differentiable; weight (torch 2.13) divides the
     # mean by Σ w and is differentiable
     OpCase("mse_loss", F.mse_loss, TF.mse_loss, _pair(reduction="mean"), shapes=NONEMPTY,
-           bad_inputs=_MSE_BAD, lowp_dtypes=LOWP_ALL),
+           bad_inputs=_MSE_BAD),
     OpCase("mse_loss[sum,broadcast-target]", F.mse_loss, TF.mse_loss, _pair(reduction="sum", target_shape="row"),
            shapes=SMALL_WITH_EMPTY),
     OpCase("mse_loss[none]", F.mse_loss, TF.mse_loss, _pair(reduction="none"), shapes=SMALL_WITH_EMPTY),
     OpCase("mse_loss[weight]", F.mse_loss, TF.mse_loss, _pair(reduction="mean", weight=True), shapes=SMALL),
     # the seed's loss Σ_n ½‖x_n − y_n‖²
     OpCase("half_squared_error", F.half_squared_error, half_squared_error_reference, _pair(reduction="sum"),
-           shapes=WITH_EMPTY + ((13,),), bad_inputs=_HSE_BAD, lowp_dtypes=LOWP_ALL),
+           shapes=WITH_EMPTY + ((13,),), bad_inputs=_HSE_BAD),
     OpCase("half_squared_error[mean]", F.half_squared_error, half_squared_error_reference, _pair(reduction="mean"),
            shapes=SMALL),
     OpCase("half_squared_error[none]", F.half_squared_error, half_squared_error_reference, _pair(reduction="none"),
            shapes=SMALL_WITH_EMPTY),
     # cross_entropy, class indices
     OpCase("cross_entropy", F.cross_entropy, TF.cross_entropy, _classes(reduction="mean"), shapes=CLASS_SHAPES,
-           bad_inputs=_class_bad("cross_entropy"), lowp_dtypes=LOWP_ALL),
+           bad_inputs=_class_bad("cross_entropy")),
     OpCase("cross_entropy[sum,weight,ignore_index]", F.cross_entropy, TF.cross_entropy,
            _classes(reduction="sum", weight=True, ignore_index=-100), shapes=((0, 13), (7, 13), (2, 3, 2, 3))),
     OpCase("cross_entropy[mean,weight,ignore_index=1,smoothing]", F.cross_entropy, TF.cross_entropy,
@@ -233,7 +232,7 @@ CASES = [
            _probs(reduction="none", weight=True, label_smoothing=0.3), shapes=((5, 7), (2, 3, 4), (0, 13))),
     # nll_loss on log-probability-like inputs (any reals: the loss is linear in them)
     OpCase("nll_loss", F.nll_loss, TF.nll_loss, _classes(reduction="mean"), shapes=CLASS_SHAPES,
-           bad_inputs=_class_bad("nll_loss"), lowp_dtypes=LOWP_ALL),
+           bad_inputs=_class_bad("nll_loss")),
     OpCase("nll_loss[mean,weight,ignore_index=1]", F.nll_loss, TF.nll_loss,
            _classes(reduction="mean", weight=True, ignore_index=1), shapes=K_DIM_SHAPES),
     OpCase("nll_loss[sum,ignore_index]", F.nll_loss, TF.nll_loss, _classes(reduction="sum", ignore_index=-100),
@@ -242,7 +241,7 @@ CASES = [
            _classes(reduction="none", weight=True, ignore_index=-100), shapes=((7, 13), (2, 5, 13), (0, 13), (13,))),
     # binary_cross_entropy_with_logits
     OpCase("binary_cross_entropy_with_logits", F.binary_cross_entropy_with_logits, TF.binary_cross_entropy_with_logits,
-           _bce(reduction="mean"), shapes=NONEMPTY, bad_inputs=_BCE_BAD, lowp_dtypes=LOWP_ALL),
+           _bce(reduction="mean"), shapes=NONEMPTY, bad_inputs=_BCE_BAD),
     OpCase("binary_cross_entropy_with_logits[sum,weight,pos_weight]", F.binary_cross_entropy_with_logits,
            TF.binary_cross_entropy_with_logits, _bce(reduction="sum", weight=True, pos_weight=True), shapes=SMALL_WITH_EMPTY),
     OpCase("binary_cross_entropy_with_logits[none,pos_weight]", F.binary_cross_entropy_with_logits,
