@@ -53,11 +53,14 @@ def net_params(dtype=torch.float64):
     return {k: (0.3 * torch.randn(s, generator=g, dtype=dtype)).requires_grad_() for k, s in shapes.items()}
 
 
-def handgrad_net(p, x, y):
+def handgrad_logits(p, x):
     h = HF.silu(HF.linear(x, p["w1"], p["b1"]))
     h = HF.layer_norm(h, (16,), p["g"], p["beta"])
-    h = HF.mlp(h, [p["w2"], p["w3"]], [p["b2"], p["b3"]], activation="tanh")
-    return HF.cross_entropy(h, y)
+    return HF.mlp(h, [p["w2"], p["w3"]], [p["b2"], p["b3"]], activation="tanh")
+
+
+def handgrad_net(p, x, y):
+    return HF.cross_entropy(handgrad_logits(p, x), y)
 
 
 def torch_net(p, x, y):
@@ -109,6 +112,23 @@ def test_compile_converted_model_fullgraph(fresh_dynamo):
     g_eager = grads_of(eager, model.parameters())
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     loss = compiled(x, y)
+    torch.testing.assert_close(loss, eager, **TOL32)
+    for a, b in zip(grads_of(loss, model.parameters()), g_eager):
+        torch.testing.assert_close(a, b, **TOL32)
+
+
+def test_compile_converted_transformer_fullgraph(fresh_dynamo):
+    """A converted TransformerEncoder (MultiheadAttention native, the rest handgrad) in one graph."""
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = convert(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False))
+    x = torch.randn(2, 5, 8)
+
+    def step(x):
+        return model(x).square().sum()
+
+    eager = step(x)
+    g_eager = grads_of(eager, model.parameters())
+    loss = torch.compile(step, backend="aot_eager", fullgraph=True)(x)
     torch.testing.assert_close(loss, eager, **TOL32)
     for a, b in zip(grads_of(loss, model.parameters()), g_eager):
         torch.testing.assert_close(a, b, **TOL32)
@@ -256,14 +276,25 @@ def test_checkpoint_converted_model(use_reentrant, monkeypatch):
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_checkpoint_functional_ops(use_reentrant):
+    """linear, silu, layer_norm and the fused mlp recomputed inside the checkpoint."""
     p = net_params()
     x, y = batch()
     plain = grads_of(handgrad_net(p, x, y), p.values())
     names = list(p)
-    loss = checkpoint(lambda x, *ps: handgrad_net(dict(zip(names, ps)), x, y), x, *p.values(),
-                      use_reentrant=use_reentrant)
-    for a, b in zip(backward_grads(loss, p.values()), plain):
+    logits = checkpoint(lambda x, *ps: handgrad_logits(dict(zip(names, ps)), x), x, *p.values(),
+                        use_reentrant=use_reentrant)
+    for a, b in zip(backward_grads(HF.cross_entropy(logits, y), p.values()), plain):
         assert torch.equal(a, b)  # recomputed with the same ops: bit for bit
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("target", ["index", "probs"])
+def test_checkpoint_cross_entropy(use_reentrant, target):
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 3, 1, 2, 0]) if target == "index" else torch.rand(5, 4, dtype=torch.float64)
+    plain = grads_of(HF.cross_entropy(x, y), [x])
+    loss = checkpoint(lambda x: HF.cross_entropy(x, y), x, use_reentrant=use_reentrant)
+    assert torch.equal(backward_grads(loss, [x])[0], plain[0])  # recomputed with the same ops: bit for bit
 
 
 # --- DDP --------------------------------------------------------------------------------------

@@ -24,33 +24,11 @@ from typing import Any, NoReturn, Sequence
 
 import torch
 
-from .testing.checks import ALL, check_function, check_module
-from .testing.registry import Inputs, OpCase, Shape, all_cases, get_case
+from .testing.checks import ALL, check_case, check_function, check_module, representative_shape
+from .testing.registry import Inputs, OpCase, all_cases, get_case
 from .testing.report import Report
 
 __all__ = ["main", "representative_shape", "check_case", "load_factory"]
-
-
-def representative_shape(case: OpCase) -> Shape:
-    """The one shape ``handgrad-check`` uses for a case: the smallest non-empty one with at least
-    two dims (a batch and a feature dim), else the smallest non-empty one. Small keeps the full
-    Jacobian comparisons (one backward per output element, two forwards per input element) fast;
-    the registry's other shapes (odd, batched, empty) run in ``tests/test_ops.py``."""
-    nonempty = [s for s in case.shapes if all(d > 0 for d in s)] or list(case.shapes)
-    size = lambda s: (len(s) < 2, torch.Size(s).numel())  # noqa: E731
-    return min(nonempty, key=size)
-
-
-def check_case(case: OpCase, device: str = "cpu", checks: Sequence[str] = ALL, strict: bool = True) -> Report:
-    """Check one registry case at its representative shape. Inputs are made in the first of the
-    case's low-precision dtypes, so the ``lowp`` check runs in each of ``case.lowp_dtypes``; every
-    other check runs on float64 copies."""
-    shape = representative_shape(case)
-    dtype = case.lowp_dtypes[0] if case.lowp_dtypes else torch.float64
-    torch.manual_seed(0)
-    inputs = case.inputs(shape, dtype, device)
-    return check_function(case.fn, inputs, reference=case.reference, checks=checks, strict=strict,
-                          lowp_dtypes=case.lowp_dtypes, lowp_ulps=case.lowp_ulps, name=case.id(shape))
 
 
 def _usage_error(message: str) -> NoReturn:
@@ -134,7 +112,7 @@ def _select(cases: list[OpCase], only: list[str]) -> list[OpCase]:
 def _check_named(name: str, device: str, checks: Sequence[str]) -> Report:
     """One case by name (what a worker process receives: cases hold lambdas, names pickle)."""
     torch.set_num_threads(1)  # one op per core; intra-op threads would only fight the other worker
-    return check_case(get_case(name), device, checks)
+    return check_case(get_case(name), device=device, checks=checks)
 
 
 def _run_cases(names: list[str], device: str, checks: Sequence[str], jobs: int) -> list[Report]:
@@ -162,7 +140,7 @@ def _run_cases(names: list[str], device: str, checks: Sequence[str], jobs: int) 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="handgrad-check", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="handgrad-check", description=__doc__.replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("factory", nargs="?", help="MODULE:FACTORY returning (fn, inputs[, reference]); "
                                               "without it, every handgrad op in the registry")
@@ -175,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="an unsupported feature (no jvp, no vmap rule, a graph break) fails rather than skips "
                         "(always on for handgrad's own ops)")
     p.add_argument("-j", "--jobs", type=int, default=None,
-                   help="worker processes for the registry run (default: 2 on CPU if there are 2 cores, 1 on CUDA)")
+                   help="worker processes for the registry run (default: min(2, cores) on CPU, 1 on CUDA)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every report in full, not only failures")
     return p
 

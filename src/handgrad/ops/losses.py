@@ -273,9 +273,10 @@ class CrossEntropyFn(HandFunction):
         ctx.save_for_forward(output[1], target, w)
 
     @staticmethod
-    def _direction(ctx):
-        """R = P ⊙ (Q 1) − Q (M, C), the mean's denominator and the kept rows (None for probs)."""
-        logp, target, w = ctx.saved_tensors
+    def _direction(ctx, logp, target, w):
+        """R = P ⊙ (Q 1) − Q (M, C), the mean's denominator and the kept rows (None for probs).
+        Takes the saved tensors from its caller: non-reentrant checkpointing allows them to be
+        unpacked only once per backward."""
         P = logp.exp()                                                    # P = softmax(X)    (M, C)
         if ctx.opts.probs:
             Q = _ce_probs_target(target, w, ctx.opts, logp.shape[1])
@@ -289,7 +290,7 @@ class CrossEntropyFn(HandFunction):
         need_x, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and opts.probs
         gx = gt = None
         if g is not None and need_x:
-            R, den, keep = CrossEntropyFn._direction(ctx)
+            R, den, keep = CrossEntropyFn._direction(ctx, logp, target, w)
             gx = _row_scale(g, opts, den, keep) * R                       # ĝ ⊙ (P (Q 1) − Q)
         if g is not None and need_t:
             s = _row_scale(g, opts, logp.shape[0], None)                  # ĝ
@@ -311,7 +312,7 @@ class CrossEntropyFn(HandFunction):
         dlogp = torch.zeros_like(logp)                                    # (M, C)
         den = logp.shape[0]
         if dx is not None:
-            R, den, _ = CrossEntropyFn._direction(ctx)
+            R, den, _ = CrossEntropyFn._direction(ctx, logp, target, w)
             dX = opmath(dx)
             dloss = dloss + _sum(R * dX, 1)                                   # (P (Q 1) − Q) · Ẋ
             dlogp = dX - _sum(logp.exp() * dX, 1, keepdim=True)               # Ẋ − (P ⊙ Ẋ) 1
