@@ -31,13 +31,18 @@ class Curves(Callback):
 
     def __init__(self) -> None:
         self.history: list[dict[str, float]] = []
+        self._validated_epoch = -1
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated_epoch = trainer.current_epoch
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
         m = trainer.callback_metrics
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
-        row.update({k: float(m[k]) for k in CURVE_KEYS if k in m})
+        # val values only for epochs that ran validation (check_val_every_n_epoch > 1 skips some)
+        keys = [k for k in CURVE_KEYS if k.startswith("train/") or self._validated_epoch == trainer.current_epoch]
+        row.update({k: float(m[k]) for k in keys if k in m})
         self.history = [r for r in self.history if r["epoch"] != row["epoch"]] + [row]
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -68,8 +73,11 @@ def read_history(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
-def plot_runs(runs: dict[str, list[dict[str, float]]], path: Path, title: str = "") -> None:
-    """Loss (left) and accuracy (right) per epoch; train dashed, val solid; one colour per run."""
+def plot_runs(runs: dict[str, list[dict[str, float]]], path: Path, title: str = "", logx: bool | None = None) -> None:
+    """Loss (left) and accuracy (right) per epoch; train dashed, val solid; one colour per run.
+
+    ``logx=None``: a log epoch axis when the runs' lengths differ tenfold or more (SGD's 5 epochs
+    against batch gradient descent's 500)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,6 +97,10 @@ def plot_runs(runs: dict[str, list[dict[str, float]]], path: Path, title: str = 
             ax.set_ylabel("loss per sample" if metric == "loss" else "accuracy")
             ax.grid(alpha=0.3)
     axes[0, 0].set_yscale("log")
+    lengths = [max((r["epoch"] for r in h), default=0) + 1 for h in runs.values()]
+    if logx or (logx is None and max(lengths) >= 10 * min(lengths)):
+        for ax in axes[0]:
+            ax.set_xscale("log")
     axes[0, -1].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)

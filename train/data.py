@@ -32,26 +32,53 @@ class DataError(ValueError):
     """A data file (or data setting) that cannot be trained on; the message names the file and the problem."""
 
 
-class EpochSampler(Sampler[int]):
-    """A random permutation that depends only on ``(seed, epoch)``.
+class EpochBatches(Sampler[torch.Tensor]):
+    """Batches of indices from a permutation that depends only on ``(seed, epoch)``; this
+    process's share of each batch.
 
-    Lightning calls ``set_epoch`` before every epoch, so a run resumed from a checkpoint draws
-    the same batches as one that was never interrupted (a ``RandomSampler`` would draw from the
-    global RNG, whose state a checkpoint does not hold).
+    Lightning calls ``set_epoch`` before each epoch, so a run resumed from a checkpoint draws the
+    same batches as one that was never interrupted (a ``RandomSampler``
+    draws from the global RNG, whose state a checkpoint does not hold). The loader indexes the
+    tensors once per batch, not once per sample.
+
+    Under DDP (W processes, rank r) each batch of ``batch_size`` samples is cut into W near-equal
+    slices and process r takes slice r, so the processes of one step together see exactly the
+    batch one process would, and DDP's average of their gradients is (up to the last, uneven
+    batch) the single-process gradient. ``seed=None``: in order, for evaluation, each process
+    taking one contiguous shard.
     """
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, batch_size: int, seed: Optional[int], rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):
+    def _batches(self) -> list[torch.Tensor]:
+        if self.seed is None:  # evaluation: this process's contiguous shard, in order
+            shard = torch.tensor_split(torch.arange(self.n), self.world)[self.rank]
+            return list(torch.split(shard, self.batch_size)) if len(shard) else []
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g)
+        batches = list(torch.split(order, self.batch_size))
+        if len(batches[-1]) < self.world:  # too few to give every process one: dropped for all, so
+            batches.pop()  # every process makes the same number of steps (DDP would hang otherwise)
+        return [torch.tensor_split(b, self.world)[self.rank] for b in batches]
+
+    def __iter__(self):
+        # a generator: the permutation is drawn at the first batch, after Lightning's set_epoch
+        # (a resumed run creates the iterator before it sets the epoch)
+        yield from self._batches()
 
     def __len__(self) -> int:
-        return self.n
+        def part(m: int) -> int:  # this process's share of m indices under tensor_split
+            return m // self.world + (1 if self.rank < m % self.world else 0)
+
+        if self.seed is None:
+            return math.ceil(part(self.n) / self.batch_size)
+        full, last = divmod(self.n, self.batch_size)
+        return full + (1 if last >= self.world else 0)
 
 
 class TabularData(pl.LightningDataModule):
@@ -177,31 +204,25 @@ class TabularData(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         self.splits  # noqa: B018 - make the split (and raise on bad data) before any loop starts
 
-    def _world_size(self) -> int:
+    def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
-        return trainer.world_size if trainer is not None else 1
-
-    def _per_process_batch(self, n: int) -> int:
-        world = self._world_size()
-        if self.batch_size is None:  # full batch: each process takes its share of the split
-            return max(1, math.ceil(n / world))
-        if self.batch_size % world:
-            raise DataError(
-                f"batch_size {self.batch_size} is the batch over all {world} processes and must be divisible by it"
-            )
-        return self.batch_size // world
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self.splits[split]
         n = len(data)
-        batch = self._per_process_batch(n) if shuffle else max(1, min(n, 1024))
-        return DataLoader(
-            data,
-            batch_size=batch,
-            sampler=EpochSampler(n, self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        rank, world = self._rank_world()
+        if shuffle:  # batch_size is the batch of one update over all processes; null: all of the split
+            batch = n if self.batch_size is None else self.batch_size
+            if batch < world:
+                raise DataError(f"batch_size {batch} is the batch over all {world} processes and must be at least {world}")
+            sampler = EpochBatches(n, batch, self.seed, rank, world)
+        else:  # evaluation: each process its own shard, nothing padded or repeated
+            sampler = EpochBatches(n, 4096, None, rank=rank, world=world)
+        # batch_size=None: the sampler yields whole batches and TensorDataset indexes with them;
+        # the trainer must not add its own DistributedSampler (the CLI sets use_distributed_sampler: false)
+        return DataLoader(data, batch_size=None, sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -422,10 +443,12 @@ class FileData(TabularData):
     def _as_numbers_if_possible(y):
         if any(v == "" for v in y):
             return y  # the missing label is reported by load()
-        try:
-            return np.array([float(v) for v in y])
-        except ValueError:
-            return y.astype(str)
+        for cast in (int, float):  # "3" → 3, "0.5" → 0.5, "setosa" stays a string
+            try:
+                return np.array([cast(v) for v in y])
+            except ValueError:
+                pass
+        return y.astype(str)
 
     def _read_npz(self):
         try:

@@ -170,8 +170,9 @@ class Model(pl.LightningModule):
         n = x.shape[0]
         # logged per sample whatever the reduction, so batch sizes 1 and N plot on one scale
         per_sample = loss / n if self.hparams.reduction == "sum" else loss
+        # sync_dist: under DDP the epoch value averages all processes (one all-reduce per epoch)
         self.log(f"{stage}/loss", per_sample.detach(), on_step=False, on_epoch=True, batch_size=n,
-                 sync_dist=stage != "train", prog_bar=stage != "test")
+                 sync_dist=True, prog_bar=stage != "test")
         if self.hparams.task == "classification":
             acc = getattr(self, f"{stage}_acc")
             acc(out.detach(), y)
