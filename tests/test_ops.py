@@ -8,7 +8,7 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 from conftest import DEVICES
-from handgrad.testing.registry import all_cases
+from handgrad.testing.registry import LOWP_RULE, all_cases, allowed_lowp_error
 
 CASES = all_cases()
 SHAPED = [pytest.param(c, s, id=c.id(s)) for c in CASES for s in c.shapes]
@@ -60,24 +60,15 @@ def test_parity_float64(case, shape, layout):
 
 
 def _lowp_check(name, ours, theirs, truth, dtype, ulps):
-    """STYLE.md §7: handgrad's error may be at most torch's own error at this precision plus a
-    margin. Torch's error is its worst over the tensor: rounding in another order moves the
-    error between elements (most where a row sum nearly cancels), so an element-by-element
-    comparison would fail at random. The margin is torch's worst error once more (another
-    summation order may round as badly, and the two need not cancel) plus ulps·eps·(|truth| +
-    mean|truth|), one rounding at the element's own size or at the tensor's typical size."""
+    """STYLE.md §7 through the registry's one rule, ``LOWP_RULE``."""
     assert ours.dtype == theirs.dtype == dtype, f"{name}: dtype {ours.dtype}, torch gives {theirs.dtype}"
     truth = truth.double()
     finite = truth.isfinite()
     assert torch.equal(ours.double().isfinite(), finite), f"{name}: non-finite values where truth is finite (or the reverse)"
-    if not finite.any():
-        return
-    err, ref_err = (ours.double() - truth).abs()[finite], (theirs.double() - truth).abs()[finite]
-    margin = ulps * torch.finfo(dtype).eps * (truth[finite].abs() + truth[finite].abs().mean())
-    excess = err - 2 * ref_err.max() - margin
-    assert excess.max() <= 0, (
-        f"{name}: worst |ours−truth| exceeds twice torch's worst error {ref_err.max().item():.3g} plus the margin "
-        f"by {excess.max().item():.3g} (at flat index {excess.argmax().item()})"
+    err, ref_err = (ours.double() - truth).abs(), (theirs.double() - truth).abs()
+    excess = (err - allowed_lowp_error(ref_err, truth, torch.finfo(dtype).eps, ulps))[finite]
+    assert excess.numel() == 0 or excess.max() <= 0, (
+        f"{name}: {LOWP_RULE} (ulps={ulps}) broken by {excess.max().item():.3g} (at flat index {excess.argmax().item()})"
     )
 
 

@@ -19,8 +19,8 @@ compile         ``torch.compile(fn, backend=compile_backend)`` (default ``"aot_e
 reference       outputs and gradients equal ``reference``'s (any autograd callable computing the
                 same function), in float64
 lowp            in the inputs' own dtype (or each of ``lowp_dtypes``): STYLE.md §7,
-                |ours − truth| ≤ |reference − truth| + margin, truth = reference in float64 on the
-                same low-precision values
+                ``registry.LOWP_RULE``, truth = reference in float64 on the same low-precision
+                values
 needs_grad      no input that requires grad gets a None or all-zero gradient where the truth is
                 non-zero, and each input's gradient is the same when it alone requires grad
                 (a backward that skips or mishandles a ``ctx.needs_input_grad`` branch)
@@ -54,7 +54,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from .registry import Inputs, OpCase, Shape
+from .registry import LOWP_RULE, Inputs, OpCase, Shape, allowed_lowp_error
 from .report import CheckResult, Report
 
 __all__ = ["ALL", "check_function", "check_module", "assert_gradients_match", "GradientCheckError", "check_case",
@@ -594,10 +594,8 @@ def _check_lowp(c: _Ctx) -> CheckResult:
             ref_err = (theirs.detach().double() - t).abs()
             if not torch.equal(ours.detach().double().isfinite(), finite):
                 raise AssertionError(f"{name}: {subject} is non-finite where the float64 truth is finite (or the reverse)")
-            # STYLE.md §7: one rounding at the element's own size, or at the tensor's typical size
-            # where cancellation leaves an element near zero.
-            margin = c.lowp_ulps * eps * (t.abs() + t[finite].abs().mean().nan_to_num())
-            excess = torch.where(finite, err - ref_err - margin, -math.inf).reshape(-1)
+            allowed = allowed_lowp_error(ref_err, t, eps, c.lowp_ulps)       # STYLE.md §7
+            excess = torch.where(finite, err - allowed, -math.inf).reshape(-1)
             if excess.numel() == 0:
                 continue
             max_abs = max(max_abs, err[finite].max().item() if finite.any() else 0.0)
@@ -608,12 +606,12 @@ def _check_lowp(c: _Ctx) -> CheckResult:
                 idx = _unravel(k, t.shape)
                 worst = dict(dtype=name, subject=subject, idx=idx, err=err.reshape(-1)[k].item(),
                              got=ours.detach().double().reshape(-1)[k].item(), truth=t.reshape(-1)[k].item(),
-                             ref_err=ref_err.reshape(-1)[k].item(), margin=margin.reshape(-1)[k].item(),
+                             ref_err=ref_err[finite].max().item(), allowed=allowed.reshape(-1)[k].item(),
                              where=f"{_short(subject.replace('the gradient of ', '').replace('the ', ''))}"
                                    f"[{', '.join(map(str, idx))}] ({name})")
     if not compared:
         return CheckResult("lowp", "skip", "; ".join(notes))
-    tol = f"|ours − truth| ≤ |reference − truth| + {c.lowp_ulps:g}·eps·(|truth| + mean|truth|)"
+    tol = LOWP_RULE.replace("ulps", f"{c.lowp_ulps:g}")
     result = CheckResult("lowp", "pass", "\n".join(notes), max_abs, max_rel, where=worst.get("where"), tolerance=tol)
     if worst_excess > 0:
         result.status = "fail"
@@ -621,7 +619,7 @@ def _check_lowp(c: _Ctx) -> CheckResult:
         result.got, result.expected = worst["got"], worst["truth"]
         result.message = "\n".join([
             f"in {worst['dtype']}, {worst['subject']} is less accurate than the reference's: at {worst['where']} "
-            f"|ours − truth| = {worst['err']:.3g}, |reference − truth| = {worst['ref_err']:.3g}, margin {worst['margin']:.3g} "
+            f"|ours − truth| = {worst['err']:.3g}, max|reference − truth| = {worst['ref_err']:.3g}, allowed {worst['allowed']:.3g} "
             f"(exceeded by {worst_excess:.3g}); allowed {tol}", *notes])
     return result
 

@@ -83,6 +83,23 @@ class OpCase:
         return f"{self.name}-{'x'.join(map(str, shape)) or 'scalar'}"
 
 
+LOWP_RULE = "|ours − truth| ≤ 2·max|reference − truth| + ulps·eps·(|truth| + mean|truth|)"
+
+
+def allowed_lowp_error(ref_err: torch.Tensor, truth: torch.Tensor, eps: float, ulps: float) -> torch.Tensor:
+    """STYLE.md §7, the one rule every low-precision comparison uses (``LOWP_RULE``): at each
+    element, the error allowed to handgrad given the reference's errors ``ref_err`` against the
+    float64 ``truth``. The reference's error is its worst over the tensor: rounding in another
+    order moves the error between elements (most where a row sum nearly cancels), so an
+    element-by-element comparison would fail at random. It is counted twice (another order may
+    round as badly, and the two need not cancel), plus ``ulps`` roundings at the element's own
+    size or at the tensor's typical size. Non-finite truth elements are the caller's to mask."""
+    finite = truth.isfinite()
+    worst = ref_err[finite].max() if finite.any() else ref_err.new_zeros(())
+    typical = truth[finite].abs().mean() if finite.any() else truth.new_zeros(())
+    return 2 * worst + ulps * eps * (truth.abs() + typical)
+
+
 def randn(shape, dtype, device, *, requires_grad=True, scale=1.0) -> torch.Tensor:
     """Float inputs are drawn in float64 then cast, so every dtype sees the same values."""
     t = torch.randn(shape, dtype=torch.float64) * scale
