@@ -90,10 +90,15 @@ def mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[t
     if torch.is_autocast_enabled(input.device.type):
         cast = iter(autocast("linear", input, *[p for p in params if p is not None]))
         input, params = next(cast), [None if p is None else next(cast) for p in params]
-    features = input.shape[-1]
+    features, dtype = input.shape[-1], input.dtype
     for l in range(L):
-        _check_layer("mlp", l, features, params[2 * l], params[2 * l + 1], input.dtype)
-        features = params[2 * l].shape[0]
+        w, b = params[2 * l], params[2 * l + 1]
+        # one cheap test per layer (this runs every step); the detailed checks only on failure
+        if not (isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == features and w.dtype == dtype
+                and (b is None or (isinstance(b, torch.Tensor) and b.dim() == 1 and b.shape[0] == w.shape[0]
+                                   and b.dtype == dtype))):
+            _check_layer("mlp", l, features, w, b, dtype)
+        features = w.shape[0]
     return fast_call(StackFn, input, spec, *params)[L - 1]
 
 
@@ -101,7 +106,7 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
                          bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, chunk_size: int | None = None) -> torch.Tensor:
     """``cross_entropy(linear(input, weight, bias), target, …)`` without materialising the (N, C)
-    logits: rows go ``chunk_size`` at a time (default: about 16 MiB of float32 logits per chunk),
+    logits: rows go ``chunk_size`` at a time (default: about 4 MiB of float32 logits per chunk),
     gradients are computed in the forward pass and only scaled in backward
     (ops.fused.LinearCrossEntropyFn). Class-index targets.
 
@@ -144,7 +149,10 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     chunk = default_chunk_size(N, C) if chunk_size is None else chunk_size
     # Gradients in the forward pass only where one will be asked for, and not for 'none'
     # (its per-row incoming gradient is unknown until backward; see LCEOptions).
-    wanted = torch.is_grad_enabled() and reduction != "none"
+    # Not under torch.func transforms or torch.compile either: there the forward's tensors would
+    # have to cross transform levels / be traced as ctx state; the backward recomputes instead.
+    wanted = (torch.is_grad_enabled() and reduction != "none" and not torch.compiler.is_compiling()
+              and not torch._C._are_functorch_transforms_active())
     precompute = tuple(bool(wanted and t is not None and t.requires_grad) for t in (X, weight, bias))
     opts = LCEOptions(int(ignore_index), reduction, float(label_smoothing), int(chunk), out_dtype, precompute)
     out = fast_call(LinearCrossEntropyFn, X, weight, bias, T.long(), opts)

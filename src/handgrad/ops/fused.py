@@ -17,7 +17,7 @@ nothing here writes a derivative of an activation again (STYLE.md §4).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,15 +51,46 @@ def _act_grad(act: Activation, G: torch.Tensor, Z: torch.Tensor | None, Y: torch
     buffer this op owns and nothing records the backward, so Δ overwrites it."""
     if act is IDENTITY:
         return G                                                   # f'(Z) = 1
+    if inplace and G.dtype not in _LOW:                            # G is its own opmath dtype
+        # G ⊙ f'(Z) into G, a block of rows at a time: f'(Z)'s temporaries (y(1 − y) makes
+        # two) then span one block, not the whole (N, D) (native's sigmoid_backward makes none)
+        N, D = G.shape
+        rows = max(1, _DF_BLOCK // max(D, 1))
+        if rows >= N:                                              # one block: no slicing
+            return G.mul_(act.df(Z, Y))                            # G ⊙ f'(Z)
+        for s in range(0, N, rows):
+            z = None if Z is None else Z[s : s + rows]
+            y = None if Y is None else Y[s : s + rows]
+            G[s : s + rows].mul_(act.df(z, y))                     # G ⊙ f'(Z)
+        return G
     d = act.df(opmath(Z), opmath(Y))                               # f'(Z)
-    if inplace and G.dtype == d.dtype:
-        return G.mul_(d)                                           # G ⊙ f'(Z), into G
     return (opmath(G) * d).to(G.dtype)                             # G ⊙ f'(Z)
+
+
+_DF_BLOCK = 1 << 16   # elements per block of the in-place Δ (256 KiB in float32)
+_LOW = (torch.float16, torch.bfloat16)
 
 
 def _affine(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """Z = X Wᵀ + b   (N, D_out), one GEMM (the bias is added by addmm)."""
     return X @ W.mT if b is None else torch.addmm(b, X, W.mT)
+
+
+def fast_call(fn: type[HandFunction], *args):
+    """``fn.call(*args)`` without ``torch.autograd.Function.apply``'s per-call
+    ``inspect.signature(forward).bind`` (tens of µs: as much as a small network's whole forward).
+    The binding only fills in defaults and keywords; these ops' ``forward`` has neither and is
+    always called positionally, so the C++ ``apply`` gets the same arguments. Under torch.compile
+    or a torch.func transform, the regular path (``fn.call``) runs."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return fn.call(*args)
+    # what Function.apply does next: unwrap tensors left over from exited torch.func transforms
+    unwrap = torch._C._functorch.unwrap_if_dead
+    args = [unwrap(a) if isinstance(a, torch.Tensor) else a for a in args]
+    return _RAW_APPLY[fn](*args)
+
+
+_RAW_APPLY: dict[type, object] = {}   # filled below: the C++ apply bound to each op class
 
 
 # ------------------------------------------------------------------------------------------
@@ -72,23 +103,21 @@ class StackSpec:
     """The non-tensor options of ``StackFn``: one activation per layer (STYLE.md §5)."""
 
     acts: tuple[Activation, ...]
+    n_layers: int = field(init=False)
+    # For layer l, the output index of Z_l (saved when f' needs the input), else None.
+    # Outputs are X_1 … X_L, then the Z_l of those layers, in layer order.
+    z_slots: tuple[int | None, ...] = field(init=False)
 
-    @property
-    def n_layers(self) -> int:
-        return len(self.acts)
-
-    @property
-    def z_slots(self) -> tuple[int | None, ...]:
-        """For layer l, the output index of Z_l (saved when f' needs the input), else None.
-        Outputs are X_1 … X_L, then the Z_l of those layers, in layer order."""
-        slots, k = [], self.n_layers
+    def __post_init__(self):
+        slots, k = [], len(self.acts)
         for act in self.acts:
             if act is not IDENTITY and act.saves == "input":
                 slots.append(k)
                 k += 1
             else:
                 slots.append(None)
-        return tuple(slots)
+        object.__setattr__(self, "n_layers", len(self.acts))
+        object.__setattr__(self, "z_slots", tuple(slots))
 
 
 class StackFn(HandFunction):
@@ -124,16 +153,17 @@ class StackFn(HandFunction):
 
     @staticmethod
     def forward(x, spec, *params):
-        lead, D_0 = x.shape[:-1], x.shape[-1]
-        X = x.reshape(-1, D_0)                                     # X_0 (N, D_0)
+        flat = x.dim() == 2                                        # already (N, D_0): no reshapes
+        lead = x.shape[:-1]
+        X = x if flat else x.reshape(-1, x.shape[-1])              # X_0 (N, D_0)
         xs, zs = [], []
         for l, act in enumerate(spec.acts):
             W, b = params[2 * l], params[2 * l + 1]
             Z = _affine(X, W, b)                                   # Z_l = X_{l−1} W_lᵀ + b_l  (N, D_l)
             X = _act_forward(act, Z)                               # X_l = f_l(Z_l)            (N, D_l)
-            xs.append(X.reshape(*lead, W.shape[0]))                # (*, D_l)
+            xs.append(X if flat else X.reshape(*lead, W.shape[0]))   # (*, D_l)
             if spec.z_slots[l] is not None:
-                zs.append(Z.reshape(*lead, W.shape[0]))            # (*, D_l)
+                zs.append(Z if flat else Z.reshape(*lead, W.shape[0]))   # (*, D_l)
         return (*xs, *zs)
 
     @staticmethod
@@ -142,9 +172,23 @@ class StackFn(HandFunction):
         ctx.spec = spec
         ctx.x_shape = x.shape
         ctx.set_materialize_grads(False)   # unused outputs (X_1 … X_{L−1}) send None, not zeros
-        weights = params[0::2]
-        ctx.save_for_backward(x, *weights, *output)
-        ctx.save_for_forward(x, *weights, *output)
+        weights, L = params[0::2], spec.n_layers
+        ctx.out_shapes = [o.shape for o in output[:L]]
+        # Backward keeps only what its equations read: X_0 if ∂L/∂W_1 is wanted, W_l if
+        # anything below layer l needs a gradient, X_L only if f_L' is read from it.
+        needs = ctx.needs_input_grad
+        ctx.below = below = [needs[0] or any(needs[2 : 2 + 2 * l]) for l in range(L)]
+        last = spec.acts[-1]
+        keep_top = last is not IDENTITY and last.saves == "output"
+        ctx.save_for_backward(
+            x if needs[2] else None,
+            *[w if below[l] else None for l, w in enumerate(weights)],
+            *output[: L - 1], output[L - 1] if keep_top else None, *output[L:],
+        )
+        # Forward mode reads all of them; saved only when a jvp can be asked for (a dual level
+        # or a torch.func transform is active), so that plain training does not hold them.
+        if torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+            ctx.save_for_forward(x, *weights, *output)
 
     @staticmethod
     def _unpack(ctx):
@@ -152,7 +196,9 @@ class StackFn(HandFunction):
         L, saved = ctx.spec.n_layers, ctx.saved_tensors
         x, weights, outs = saved[0], saved[1 : L + 1], saved[L + 1 :]
         N = ctx.x_shape[:-1].numel()
-        X = [x.reshape(N, x.shape[-1])] + [o.reshape(N, o.shape[-1]) for o in outs[:L]]       # X_0 … X_L
+        if len(ctx.x_shape) == 2:                                  # already (N, D_l)
+            return [x, *outs[:L]], weights, [None if k is None else outs[k] for k in ctx.spec.z_slots]
+        X = [None if t is None else t.reshape(N, s[-1]) for t, s in zip((x, *outs[:L]), (ctx.x_shape, *ctx.out_shapes))]
         Z = [None if k is None else outs[k].reshape(N, outs[k].shape[-1]) for k in ctx.spec.z_slots]
         return X, weights, Z
 
@@ -160,17 +206,17 @@ class StackFn(HandFunction):
     def backward(ctx, *grads):
         spec, L = ctx.spec, ctx.spec.n_layers
         X, weights, Z = StackFn._unpack(ctx)
-        N = X[0].shape[0]
+        N = ctx.x_shape[:-1].numel()
         needs = ctx.needs_input_grad                               # (x, spec, W_1, b_1, …)
-        # upstream[l]: does anything below layer l (X_0 or a parameter of layers < l) need a gradient?
-        upstream = [needs[0] or any(needs[2 : 2 + 2 * l]) for l in range(L)]
+        upstream = ctx.below   # [l]: does X_0 or a parameter of a layer below l need a gradient?
         inplace = not torch.is_grad_enabled()   # fast path: nothing records this backward
         result: list[torch.Tensor | None] = [None] * (2 + 2 * L)
         G, owned = None, False                                     # Δ_{l+1} W_{l+1}, ours to overwrite?
         for l in reversed(range(L)):
             g_out = grads[l]                                       # ∂L/∂X_l from outside
-            if g_out is not None:
+            if g_out is not None and g_out.dim() != 2:
                 g_out = g_out.reshape(N, g_out.shape[-1])                       # (N, D_l)
+            if g_out is not None:
                 G, owned = (g_out, False) if G is None else (G + g_out, True)
             Y = X[l + 1]
             D = None if G is None else _act_grad(spec.acts[l], G, Z[l], Y, inplace and owned)   # Δ_l = f'(Z_l) ⊙ G_l
@@ -182,11 +228,13 @@ class StackFn(HandFunction):
                 G, owned = None, False
                 continue
             if needs[2 + 2 * l]:
-                result[2 + 2 * l] = D.mT @ X[l]                    # ∂L/∂W_l = Δ_lᵀ X_{l−1}
+                result[2 + 2 * l] = torch.mm(D.t(), X[l])          # ∂L/∂W_l = Δ_lᵀ X_{l−1}
             if needs[3 + 2 * l]:
                 result[3 + 2 * l] = D.sum(0)                       # ∂L/∂b_l = 1ᵀ Δ_l
+            G, owned = None, False
             if upstream[l]:
-                G, owned = D @ weights[l], True                    # Δ_l W_l  (N, D_{l−1})
+                G, owned = torch.mm(D, weights[l]), True           # Δ_l W_l  (N, D_{l−1})
+            D = None                                               # Δ_l is done with: free it now
         if needs[0] and G is not None:
             result[0] = G.reshape(ctx.x_shape)                     # ∂L/∂X_0 = Δ_1 W_1
         return tuple(result)
@@ -200,7 +248,7 @@ class StackFn(HandFunction):
         dxs, dzs = [], []
         for l, act in enumerate(spec.acts):
             dW, db = dparams[2 * l], dparams[2 * l + 1]
-            dZ = X[l + 1].new_zeros(X[l + 1].shape)                # (N, D_l)
+            dZ = weights[l].new_zeros(N, weights[l].shape[0])      # (N, D_l)
             if dX is not None:
                 dZ = dZ + dX @ weights[l].mT                       # Ẋ_{l−1} W_lᵀ
             if dW is not None:
@@ -208,7 +256,7 @@ class StackFn(HandFunction):
             if db is not None:
                 dZ = dZ + db                                       # ḃ_l
             dX = _act_grad(act, dZ, Z[l], X[l + 1], False)         # Ẋ_l = f_l'(Z_l) ⊙ Ż_l
-            shape = (*ctx.x_shape[:-1], weights[l].shape[0])       # (*, D_l)
+            shape = ctx.out_shapes[l]                              # (*, D_l)
             dxs.append(dX.reshape(shape))
             if spec.z_slots[l] is not None:
                 dzs.append(dZ.reshape(shape))
@@ -239,9 +287,13 @@ class LCEOptions:
 
 
 def default_chunk_size(n_rows: int, n_classes: int) -> int:
-    """Rows per chunk: a chunk of logits holds about 2²² float32 values (16 MiB), whatever C is;
-    at least 1 row and at most all of them, a multiple of 8 when above 8 (aligned GEMMs)."""
-    rows = max(1, (1 << 22) // max(n_classes, 1))
+    """Rows per chunk: a chunk of logits holds about 2²⁰ float32 values (4 MiB), whatever C is;
+    at least 1 row and at most all of them, a multiple of 8 when above 8 (aligned GEMMs).
+    The trade-off (bench `lce`, N=4096, D=256, C=16384, one CPU thread): the step's peak is
+    ∂L/∂W + ∂L/∂X + one chunk: 16 MiB chunks measured 36 MiB at ~0.7× native's CPU time,
+    4 MiB chunks 24 MiB at ~0.85×. Smaller chunks cost time: each chunk's ∂L/∂W += dZᵀ X
+    rereads all of ∂L/∂W, and a GEMM with few rows is memory-bound."""
+    rows = max(1, (1 << 20) // max(n_classes, 1))
     if rows > 8:
         rows -= rows % 8
     return max(1, min(rows, max(n_rows, 1)))
@@ -270,20 +322,34 @@ def _lce_chunks(X, W, b, T, opts: LCEOptions, *, want_loss: bool, weights, needs
     need_x, need_w, need_b = needs if weights is not None else (False, False, False)
     Wo, Xo = opmath(W), opmath(X)                                  # GEMMs of gradients in opmath
     losses, gX_chunks = [], []
-    gW = gb = None
+    gW = gb = E = P = None
+    # ∂L/∂X written chunk by chunk into one buffer (mm's out=), where no vmap batches the chunks
+    # (out= has no batching rule); else the chunks are concatenated at the end
+    write_out = need_x and inplace and scale_inplace and not torch._C._are_functorch_transforms_active()
+    gX = Xo.new_empty(N, D) if write_out else None
     for s in range(0, N, opts.chunk_size):
         e = min(s + opts.chunk_size, N)
         Zc = opmath(_affine(X[s:e], W, b))                         # Z_c = X_c Wᵀ + b   (n, C)
-        lse = Zc.logsumexp(1, keepdim=True)                        # log Σ_j e^{Z_cj}    (n, 1)
         if want_loss:
-            l = lse.squeeze(1) - (1 - eps) * Zc.gather(1, t[s:e]).squeeze(1)   # lse − (1−ε) Z_t
+            zq = (1 - eps) * Zc.gather(1, t[s:e]).squeeze(1)       # (1 − ε) Z_t          (n,)
             if eps:
-                l = l - (eps / C) * Zc.sum(1)                      # − (ε/C) Σ_j Z_j
-            losses.append(l.where(valid[s:e], 0))                  # ignored rows: 0
-        if not (need_x or need_w or need_b):
+                zq = zq + (eps / C) * Zc.sum(1)                    # + (ε/C) Σ_j Z_j
+        grads = need_x or need_w or need_b
+        if inplace:
+            # lse = m + log Σ_j e^{Z_j − m} (m the row max, as torch's logsumexp), with e^{Z − m}
+            # written over the logits: one chunk-sized buffer in all
+            m = Zc.amax(1, keepdim=True)                           # (n, 1)
+            E = Zc.sub_(m).exp_()                                  # e^{Z − m}            (n, C)
+            S = E.sum(1, keepdim=True)                             # Σ_j e^{Z_j − m}      (n, 1)
+            lse = m + S.log()                                      # log Σ_j e^{Z_cj}     (n, 1)
+        else:
+            lse = Zc.logsumexp(1, keepdim=True)                    # log Σ_j e^{Z_cj}     (n, 1)
+        if want_loss:
+            losses.append((lse.squeeze(1) - zq).where(valid[s:e], 0))   # ℓ = lse − Q·Z; ignored rows: 0
+        if not grads:
             continue
         if inplace:
-            P = Zc.sub_(lse).exp_()                                # P = e^{Z − lse}, in the logits buffer
+            P = E.div_(S)                                          # P = softmax(Z_c), in the logits buffer
             P.scatter_add_(1, t[s:e], P.new_full((e - s, 1), -(1 - eps)))   # P − (1 − ε) onehot(t)
             if eps:
                 P.sub_(eps / C)                                    # − ε/C
@@ -293,7 +359,9 @@ def _lce_chunks(X, W, b, T, opts: LCEOptions, *, want_loss: bool, weights, needs
         else:
             Q = torch.zeros_like(Zc).scatter_(1, t[s:e], 1 - eps)  # (1 − ε) onehot(t)
             dZ = ((Zc - lse).exp() - Q - eps / C) * weights[s:e]   # dZ_c = ω ⊙ (P − Q)
-        if need_x:
+        if write_out:
+            torch.mm(dZ, Wo, out=gX[s:e])                          # ∂L/∂X_c = dZ_c W   (n, D)
+        elif need_x:
             gX_chunks.append(dZ @ Wo)                              # ∂L/∂X_c = dZ_c W   (n, D)
         if need_w:
             if inplace and gW is not None:
@@ -302,11 +370,11 @@ def _lce_chunks(X, W, b, T, opts: LCEOptions, *, want_loss: bool, weights, needs
                 gW = dZ.mT @ Xo[s:e] if gW is None else gW + dZ.mT @ Xo[s:e]
         if need_b:
             gb = dZ.sum(0) if gb is None else gb + dZ.sum(0)       # ∂L/∂b += 1ᵀ dZ_c   (C,)
+        Zc = E = P = dZ = None        # free this chunk's logits before the next is allocated
     out_losses = None
     if want_loss:
         out_losses = torch.cat(losses) if losses else X.new_zeros(0, dtype=opmath(X[:0]).dtype)
-    gX = None
-    if need_x:
+    if need_x and not write_out:
         gX = torch.cat(gX_chunks) if gX_chunks else Xo.new_zeros(0, D)
     if need_w and gW is None:
         gW = Wo.new_zeros(C, D)                                    # no rows: ∂L/∂W = 0
@@ -325,6 +393,16 @@ def _row_weights(T, opts: LCEOptions, g, dtype):
     if g is not None:
         w = w * opmath(g).reshape(-1)                              # ⊙ ∂L/∂(reduced loss)
     return w.unsqueeze(1)                                          # (N, 1)
+
+
+def _is_one(g: torch.Tensor) -> bool:
+    """Is the incoming gradient the scalar 1? (False for a vmap-batched g, which has no one value.)"""
+    if g.numel() != 1 or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return False   # (traced: a data-dependent branch; multiplying by g is always right)
+    try:
+        return bool(g == 1)
+    except RuntimeError:   # legacy vmap (gradcheck's batched check) cannot take a single value
+        return False
 
 
 def _reduce(losses, T, opts: LCEOptions):
@@ -381,23 +459,32 @@ class LinearCrossEntropyFn(HandFunction):
         if pre:
             ctx.mark_non_differentiable(*pre)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, bias, target, *pre)
+        # The precomputed gradients are held on ctx, not saved: the first backward hands them
+        # over and drops them (so AccumulateGrad adopts them without a copy, and nothing the
+        # caller then does to them in place can reach this node); a later backward (retain_graph)
+        # recomputes. They are non-differentiable outputs without a grad_fn: no reference cycle.
+        ctx.pre = list(pre) or None
+        ctx.save_for_backward(x, weight, bias, target)
         ctx.save_for_forward(x, weight, bias, target)
 
     @staticmethod
     def backward(ctx, g, *_):
-        x, weight, bias, target, *pre = ctx.saved_tensors
+        x, weight, bias, target = ctx.saved_tensors
         opts, needs = ctx.opts, ctx.needs_input_grad[:3]
         if g is None or not any(needs):
             return None, None, None, None, None
         result = [None, None, None]
+        pre = ctx.pre
         if pre and not torch.is_grad_enabled() and all(p or not n for p, n in zip(opts.precompute, needs)):
-            # Fast path: the forward already holds ∂L/∂· for g = 1; scale by g.
+            # Fast path: the forward already holds ∂L/∂· for g = 1; scale by g, or for g = 1
+            # (loss.backward()) hand the tensors over as they are, no copy.
+            ctx.pre = None
+            one = _is_one(g)
             it = iter(pre)
             for i, p in enumerate(opts.precompute):
                 grad = next(it) if p else None
                 if needs[i]:
-                    result[i] = grad * g                           # g · ∂L/∂·
+                    result[i] = grad if one else grad * g          # g · ∂L/∂·
         else:
             # Recompute chunk by chunk (out of place when grad mode is on: differentiable).
             _, gX, gW, gb = _lce_chunks(
@@ -434,3 +521,7 @@ class LinearCrossEntropyFn(HandFunction):
         dloss = _reduce(dl, target, opts).to(opts.out_dtype)
         n_pre = sum(opts.precompute)
         return (dloss, *([None] * n_pre)) if n_pre else dloss
+
+
+for _fn in (StackFn, LinearCrossEntropyFn):
+    _RAW_APPLY[_fn] = super(torch.autograd.Function, _fn).apply

@@ -1,0 +1,1 @@
+"""handgrad against native PyTorch: `python -m bench --help`."""
