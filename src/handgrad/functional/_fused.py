@@ -6,8 +6,7 @@ from typing import Sequence
 
 import torch
 
-from ..ops.fused import (LCEOptions, LinearCrossEntropyFn, StackFn, StackSpec, activation_spec, default_chunk_size,
-                         fast_call)
+from ..ops.fused import LCEOptions, LinearCrossEntropyFn, StackFn, StackSpec, activation_spec, default_chunk_size
 from ._common import autocast, check_reduction, check_tensor, shape_str
 
 __all__ = ["linear_act", "mlp", "linear_cross_entropy"]
@@ -68,7 +67,7 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     act = activation_spec(activation, **activation_kwargs)
     input, weight, bias = autocast("linear", input, weight, bias)
     _check_layer("linear_act", None, input.shape[-1], weight, bias, input.dtype)
-    return fast_call(StackFn, input, StackSpec((act,)), weight, bias)[0]
+    return StackFn.call(input, StackSpec((act,)), weight, bias)[0]
 
 
 def mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None] | None,
@@ -99,7 +98,7 @@ def mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[t
                                    and b.dtype == dtype))):
             _check_layer("mlp", l, features, w, b, dtype)
         features = w.shape[0]
-    return fast_call(StackFn, input, spec, *params)[L - 1]
+    return StackFn.call(input, spec, *params)[L - 1]
 
 
 def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
@@ -155,6 +154,6 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
               and not torch._C._are_functorch_transforms_active())
     precompute = tuple(bool(wanted and t is not None and t.requires_grad) for t in (X, weight, bias))
     opts = LCEOptions(int(ignore_index), reduction, float(label_smoothing), int(chunk), out_dtype, precompute)
-    out = fast_call(LinearCrossEntropyFn, X, weight, bias, T.long(), opts)
+    out = LinearCrossEntropyFn.call(X, weight, bias, T.long(), opts)
     loss = out[0] if isinstance(out, tuple) else out
     return loss.reshape(target.shape) if reduction == "none" else loss

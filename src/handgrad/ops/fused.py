@@ -76,21 +76,6 @@ def _affine(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.T
     return X @ W.mT if b is None else torch.addmm(b, X, W.mT)
 
 
-def fast_call(fn: type[HandFunction], *args):
-    """``fn.call(*args)`` without ``torch.autograd.Function.apply``'s per-call
-    ``inspect.signature(forward).bind`` (tens of µs: as much as a small network's whole forward).
-    The binding only fills in defaults and keywords; these ops' ``forward`` has neither and is
-    always called positionally, so the C++ ``apply`` gets the same arguments. Under torch.compile
-    or a torch.func transform, the regular path (``fn.call``) runs."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return fn.call(*args)
-    # what Function.apply does next: unwrap tensors left over from exited torch.func transforms
-    unwrap = torch._C._functorch.unwrap_if_dead
-    args = [unwrap(a) if isinstance(a, torch.Tensor) else a for a in args]
-    return _RAW_APPLY[fn](*args)
-
-
-_RAW_APPLY: dict[type, object] = {}   # filled below: the C++ apply bound to each op class
 
 
 # ------------------------------------------------------------------------------------------
@@ -521,7 +506,3 @@ class LinearCrossEntropyFn(HandFunction):
         dloss = _reduce(dl, target, opts).to(opts.out_dtype)
         n_pre = sum(opts.precompute)
         return (dloss, *([None] * n_pre)) if n_pre else dloss
-
-
-for _fn in (StackFn, LinearCrossEntropyFn):
-    _RAW_APPLY[_fn] = super(torch.autograd.Function, _fn).apply
