@@ -1,0 +1,129 @@
+"""The op catalogue: every op handgrad ships, named once.
+
+One ``Op`` per public function of ``handgrad.functional``: the torch callable it equals, the
+``handgrad.nn`` twin and the ``torch.nn`` class it stands for (where there is one), the other
+torch spellings of the same function (``torch.sigmoid`` for ``F.sigmoid``), its keyword options
+with torch's defaults, and the section of ``docs/derivation.md`` that derives it.
+
+Everything that needs a list of ops reads this table and keeps none of its own: ``nn.MLP``'s
+activations, ``convert``'s swap tables, the training app's choices, the registry of op cases and
+the bench. ``tests/test_catalogue.py`` asserts that every entry has a registry case, an nn twin
+where torch has a module, a convert mapping and a derivation section.
+
+This module imports only torch: the handgrad objects are looked up by name when asked for
+(``Op.functional``, ``Op.twin``), so every layer (ops ← functional ← nn ← convert/testing) may
+import it without a circle.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+__all__ = ["Op", "CATALOGUE", "get", "ops", "activations", "KINDS"]
+
+#: what an op is; the order is the order of the table
+KINDS = ("linear", "activation", "softmax", "norm", "loss", "fused")
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str                                   # handgrad.functional.<name>
+    kind: str                                   # one of KINDS
+    torch_function: Callable | None             # the torch callable it equals (None: handgrad only)
+    section: str                                # docs/derivation.md heading it is derived under
+    module: str | None = None                   # handgrad.nn.<module>, its module twin
+    torch_module: type[nn.Module] | None = None  # the torch.nn class the twin replaces
+    aliases: tuple[Callable, ...] = ()          # other torch spellings of torch_function
+    options: Mapping[str, Any] = field(default_factory=dict)  # keyword options → torch's default
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Op {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    @property
+    def functional(self) -> Callable:
+        """``handgrad.functional.<name>``."""
+        return getattr(importlib.import_module("handgrad.functional"), self.name)
+
+    @property
+    def twin(self) -> type[nn.Module] | None:
+        """``handgrad.nn.<module>``, or None where the op has no module."""
+        if self.module is None:
+            return None
+        return getattr(importlib.import_module("handgrad.nn"), self.module)
+
+    @property
+    def torch_functions(self) -> tuple[Callable, ...]:
+        """Every torch spelling of the op: the functional first, then the aliases."""
+        return tuple(f for f in (self.torch_function, *self.aliases) if f is not None)
+
+
+def _op(name, kind, torch_function, section, module=None, torch_module=None, aliases=(), **options) -> Op:
+    return Op(name, kind, torch_function, section, module, torch_module, tuple(aliases), options)
+
+
+_ACT = "activations"
+_TABLE: tuple[Op, ...] = (
+    _op("linear", "linear", TF.linear, "affine-layer", "Linear", nn.Linear),
+    # activations: the order is the order MLP and the app offer them in
+    _op("sigmoid", "activation", TF.sigmoid, _ACT, "Sigmoid", nn.Sigmoid, (torch.sigmoid,)),
+    _op("tanh", "activation", TF.tanh, _ACT, "Tanh", nn.Tanh, (torch.tanh,)),
+    _op("relu", "activation", TF.relu, _ACT, "ReLU", nn.ReLU, (torch.relu,), inplace=False),
+    _op("leaky_relu", "activation", TF.leaky_relu, _ACT, "LeakyReLU", nn.LeakyReLU,
+        negative_slope=0.01, inplace=False),
+    _op("elu", "activation", TF.elu, _ACT, "ELU", nn.ELU, alpha=1.0, inplace=False),
+    _op("gelu", "activation", TF.gelu, _ACT, "GELU", nn.GELU, approximate="none"),
+    _op("silu", "activation", TF.silu, _ACT, "SiLU", nn.SiLU, inplace=False),
+    _op("softplus", "activation", TF.softplus, _ACT, "Softplus", nn.Softplus, beta=1.0, threshold=20.0),
+    # torch.softmax / torch.log_softmax are not aliases: their third positional argument is
+    # ``dtype``, the functional's is ``_stacklevel``.
+    _op("softmax", "softmax", TF.softmax, "softmax-and-log-softmax", "Softmax", nn.Softmax, dim=None, dtype=None),
+    _op("log_softmax", "softmax", TF.log_softmax, "softmax-and-log-softmax", "LogSoftmax", nn.LogSoftmax,
+        dim=None, dtype=None),
+    _op("layer_norm", "norm", TF.layer_norm, "layer-normalisation", "LayerNorm", nn.LayerNorm,
+        weight=None, bias=None, eps=1e-5),
+    _op("mse_loss", "loss", TF.mse_loss, "mean-squared-error", "MSELoss", nn.MSELoss, reduction="mean"),
+    _op("half_squared_error", "loss", None, "half-squared-error", "HalfSquaredErrorLoss", reduction="sum"),
+    _op("cross_entropy", "loss", TF.cross_entropy, "cross-entropy", "CrossEntropyLoss", nn.CrossEntropyLoss,
+        weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0),
+    _op("nll_loss", "loss", TF.nll_loss, "negative-log-likelihood", "NLLLoss", nn.NLLLoss,
+        weight=None, ignore_index=-100, reduction="mean"),
+    _op("binary_cross_entropy_with_logits", "loss", TF.binary_cross_entropy_with_logits,
+        "binary-cross-entropy-with-logits", "BCEWithLogitsLoss", nn.BCEWithLogitsLoss,
+        weight=None, reduction="mean", pos_weight=None),
+    # fused: no single torch twin (linear_cross_entropy's is torch ≥ 2.13's F.linear_cross_entropy)
+    _op("linear_act", "fused", None, "linear-activation", activation="relu"),
+    _op("mlp", "fused", None, "the-whole-network", "MLP", activation="sigmoid", last_activation=None),
+    _op("linear_cross_entropy", "fused", getattr(TF, "linear_cross_entropy", None), "linear-cross-entropy-chunked",
+        ignore_index=-100, reduction="mean", label_smoothing=0.0),
+)
+
+#: name → Op, in table order
+CATALOGUE: Mapping[str, Op] = MappingProxyType({op.name: op for op in _TABLE})
+
+
+def get(name: str) -> Op:
+    """The entry named ``name``; a ValueError listing the known names otherwise."""
+    try:
+        return CATALOGUE[name]
+    except KeyError:
+        raise ValueError(f"handgrad has no op {name!r}; known: {', '.join(CATALOGUE)}") from None
+
+
+def ops(kind: str | None = None) -> tuple[Op, ...]:
+    """Every entry, or those of one kind, in table order."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown op kind {kind!r}; expected one of {KINDS}")
+    return tuple(op for op in _TABLE if kind is None or op.kind == kind)
+
+
+def activations() -> tuple[str, ...]:
+    """The names of the elementwise activations (what ``MLP``, ``linear_act`` and the app take)."""
+    return tuple(op.name for op in ops("activation"))
