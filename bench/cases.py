@@ -16,8 +16,12 @@ import torch
 import torch.nn.functional as TF
 from torch import nn
 
-import handgrad.functional as HF
 import handgrad.nn as hnn
+from handgrad import catalogue
+
+# the seed's activation: MLP's default, on every hidden layer of every MLP case
+SEED_ACTIVATION = catalogue.get(catalogue.get("mlp").options["activation"])
+LCE = catalogue.get("linear_cross_entropy")
 
 
 @dataclass
@@ -47,7 +51,7 @@ def _sequential(sizes, act: type[nn.Module], last: type[nn.Module] | None, devic
 
 def _handgrad_mlp(native: nn.Sequential, sizes, last: str | None, device) -> nn.Module:
     """handgrad.nn.MLP (fused) with the native network's parameters (state_dicts match)."""
-    model = hnn.MLP(sizes, activation="sigmoid", last_activation=last, device=device)
+    model = hnn.MLP(sizes, activation=SEED_ACTIVATION.name, last_activation=last, device=device)
     model.load_state_dict(native.state_dict())
     return model
 
@@ -62,7 +66,8 @@ def _mlp_pair(sizes, batch, device, *, last: str | None, sgd: bool, seed=0):
     seed's loss ½‖x − y‖² (the same torch expression for both: the network is what is compared),
     backward, and (sgd) the same torch.optim.SGD step for both."""
     torch.manual_seed(seed)
-    native = _sequential(sizes, nn.Sigmoid, nn.Sigmoid if last == "sigmoid" else None, device)
+    last_module = None if last is None else catalogue.activation(last).torch_module
+    native = _sequential(sizes, SEED_ACTIVATION.torch_module, last_module, device)
     ours = _handgrad_mlp(native, sizes, last, device)
     x = torch.randn(batch, sizes[0], device=device)
     y = torch.rand(batch, sizes[-1], device=device)
@@ -84,8 +89,8 @@ def _mlp_pair(sizes, batch, device, *, last: str | None, sgd: bool, seed=0):
 
 def seed_sgd(device, quick):
     sizes = (64, 32, 32, 10)
-    *_, native, ours = _mlp_pair(sizes, 1, device, last="sigmoid", sgd=True)
-    return Case("seed-sgd", "64-32-32-10, sigmoid on every layer, ½‖x−y‖², batch 1, SGD step; "
+    *_, native, ours = _mlp_pair(sizes, 1, device, last=SEED_ACTIVATION.name, sgd=True)
+    return Case("seed-sgd", f"64-32-32-10, {SEED_ACTIVATION.name} on every layer, ½‖x−y‖², batch 1, SGD step; "
                 "handgrad.nn.MLP vs nn.Sequential", {"native": native, "handgrad": ours})
 
 
@@ -93,7 +98,7 @@ def _mlp_case(name, sizes, batch, quick_sizes, quick_batch):
     def build(device, quick):
         s, b = (quick_sizes, quick_batch) if quick else (sizes, batch)
         *_, native, ours = _mlp_pair(s, b, device, last=None, sgd=False)
-        return Case(name, f"{'-'.join(map(str, s))}, sigmoid hidden layers, ½‖x−y‖², batch {b}; "
+        return Case(name, f"{'-'.join(map(str, s))}, {SEED_ACTIVATION.name} hidden layers, ½‖x−y‖², batch {b}; "
                     "handgrad.nn.MLP vs nn.Sequential", {"native": native, "handgrad": ours})
 
     return build
@@ -123,7 +128,7 @@ def mlp_big(device, quick):
                 if l > 0:
                     Ds[l] @ Ws[l]
 
-    return Case("mlp-big", f"{'-'.join(map(str, sizes))}, sigmoid hidden layers, ½‖x−y‖², batch {batch}; "
+    return Case("mlp-big", f"{'-'.join(map(str, sizes))}, {SEED_ACTIVATION.name} hidden layers, ½‖x−y‖², batch {batch}; "
                 "handgrad.nn.MLP vs nn.Sequential; gemm-floor: the 8 GEMMs alone",
                 {"native": native, "handgrad": ours}, floors={"gemm-floor": floor})
 
@@ -142,18 +147,19 @@ def lce(device, quick):
 
         return step
 
+    ours = LCE.functional
     steps = {
         "native": make(lambda: TF.cross_entropy(TF.linear(x, W), t)),
-        "handgrad": make(lambda: HF.linear_cross_entropy(x, W, t)),
+        "handgrad": make(lambda: ours(x, W, t)),
     }
     note = ""
-    if hasattr(TF, "linear_cross_entropy") and hasattr(nn, "LinearCrossEntropyOptions"):
+    if LCE.torch_function is not None and hasattr(nn, "LinearCrossEntropyOptions"):
         options = nn.LinearCrossEntropyOptions()
 
         def torch_chunked():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return TF.linear_cross_entropy(x, W, t, options=options)
+                return LCE.torch_function(x, W, t, options=options)
 
         steps["torch-chunked"] = make(torch_chunked)
     else:

@@ -24,13 +24,12 @@ import torchmetrics
 from lightning.pytorch.cli import instantiate_class
 from torch import nn
 
+from handgrad import catalogue
+
 __all__ = ["Model", "build_network", "TorchHalfSquaredErrorLoss"]
 
-ACTIVATIONS = Literal["sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "silu", "softplus"]
-TORCH_ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU,
-    "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU, "softplus": nn.Softplus,
-}
+# the activation names jsonargparse offers and checks: the catalogue's, in its order
+ACTIVATIONS = Literal[catalogue.activations()]
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.SGD", "init_args": {}}
 
 
@@ -73,7 +72,7 @@ def build_network(
         layers.append(nn.Linear(d_in, d_out, bias=bias))
         act = activation if i < len(sizes) - 2 else last_activation
         if act is not None:
-            layers.append(TORCH_ACTIVATIONS[act]())
+            layers.append(catalogue.activation(act).torch_module())
     reference = nn.Sequential(*layers)
     if backend == "torch":
         return reference

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as TF
 from torch import nn
 
-__all__ = ["Op", "CATALOGUE", "get", "ops", "activations", "KINDS"]
+__all__ = ["Op", "CATALOGUE", "get", "ops", "activations", "activation", "KINDS"]
 
 #: what an op is; the order is the order of the table
 KINDS = ("linear", "activation", "softmax", "norm", "loss", "fused")
@@ -127,3 +127,12 @@ def ops(kind: str | None = None) -> tuple[Op, ...]:
 def activations() -> tuple[str, ...]:
     """The names of the elementwise activations (what ``MLP``, ``linear_act`` and the app take)."""
     return tuple(op.name for op in ops("activation"))
+
+
+def activation(name: str, what: str = "activation") -> Op:
+    """The activation entry named ``name``; a ValueError naming ``what`` (the argument) and
+    listing the activations otherwise."""
+    op = CATALOGUE.get(name)
+    if op is None or op.kind != "activation":
+        raise ValueError(f"unknown {what} {name!r}; expected one of {', '.join(activations())}")
+    return op

@@ -39,39 +39,31 @@ import torch
 import torch.nn.functional as TF
 from torch import nn
 
+from . import catalogue
 from . import functional as HF
 from .nn import MLP
-from .nn._modules import TWINS, HalfSquaredErrorLoss
 
 __all__ = ["convert", "revert", "ConversionReport", "Swap", "COVERED_MODULES", "COVERED_FUNCTIONS"]
 
 logger = logging.getLogger("handgrad.convert")
 
+# The tables below are read off the catalogue (handgrad.catalogue); none names an op itself.
+# torch.nn class → its handgrad.nn twin, for every op with a torch.nn class.
+_TWINS: dict[type[nn.Module], type[nn.Module]] = {
+    op.torch_module: op.twin for op in catalogue.ops() if op.torch_module is not None
+}
 #: torch.nn module classes ``convert`` swaps (subclasses that keep torch's forward included).
-COVERED_MODULES: tuple[type[nn.Module], ...] = tuple(TWINS)
-_REVERSE: dict[type[nn.Module], type[nn.Module]] = {twin: base for base, twin in TWINS.items()}
-_HANDGRAD_ONLY = (MLP, HalfSquaredErrorLoss)
+COVERED_MODULES: tuple[type[nn.Module], ...] = tuple(_TWINS)
+_REVERSE: dict[type[nn.Module], type[nn.Module]] = {twin: base for base, twin in _TWINS.items()}
+# handgrad modules with no torch.nn class (MLP, HalfSquaredErrorLoss): never swapped
+_HANDGRAD_ONLY = tuple(op.twin for op in catalogue.ops() if op.module is not None and op.torch_module is None)
 
 # torch function → (handgrad.functional name, the torch.nn module type it stands for in
-# include/exclude). torch.softmax/log_softmax are left out: their third positional argument is
-# ``dtype``, the functional's is ``_stacklevel``.
+# include/exclude): every torch spelling of the ops with a torch.nn class. (The fused ops have
+# none, and linear_cross_entropy's signature is not torch's, so a held F.linear_cross_entropy
+# stays native.)
 _FUNCTIONS: dict[object, tuple[str, type[nn.Module]]] = {
-    TF.linear: ("linear", nn.Linear),
-    TF.sigmoid: ("sigmoid", nn.Sigmoid), torch.sigmoid: ("sigmoid", nn.Sigmoid),
-    TF.tanh: ("tanh", nn.Tanh), torch.tanh: ("tanh", nn.Tanh),
-    TF.relu: ("relu", nn.ReLU), torch.relu: ("relu", nn.ReLU),
-    TF.leaky_relu: ("leaky_relu", nn.LeakyReLU),
-    TF.elu: ("elu", nn.ELU),
-    TF.gelu: ("gelu", nn.GELU),
-    TF.silu: ("silu", nn.SiLU),
-    TF.softplus: ("softplus", nn.Softplus),
-    TF.softmax: ("softmax", nn.Softmax),
-    TF.log_softmax: ("log_softmax", nn.LogSoftmax),
-    TF.layer_norm: ("layer_norm", nn.LayerNorm),
-    TF.mse_loss: ("mse_loss", nn.MSELoss),
-    TF.cross_entropy: ("cross_entropy", nn.CrossEntropyLoss),
-    TF.nll_loss: ("nll_loss", nn.NLLLoss),
-    TF.binary_cross_entropy_with_logits: ("binary_cross_entropy_with_logits", nn.BCEWithLogitsLoss),
+    f: (op.name, op.torch_module) for op in catalogue.ops() if op.torch_module is not None for f in op.torch_functions
 }
 #: torch functions held as module attributes that ``convert`` swaps, by name.
 COVERED_FUNCTIONS: tuple[str, ...]  # filled in below, once _qual is defined
@@ -197,7 +189,7 @@ def _is_handgrad(cls: type) -> bool:
 
 
 def _covered_base(cls: type) -> type | None:
-    return next((k for k in cls.__mro__ if k in TWINS), None)
+    return next((k for k in cls.__mro__ if k in _TWINS), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +279,7 @@ def convert(model: nn.Module, *, include: Selector = None, exclude: Selector = N
         elif cls is not base and cls.forward is not base.forward:
             report.skipped.append(Swap(name, _qual(cls), f"overrides {base.__name__}.forward; left native"))
         else:
-            twin = TWINS[base]
+            twin = _TWINS[base]
             new = twin if cls is base else _mixed_class(twin, cls)
             m.__class__ = new
             note = ""

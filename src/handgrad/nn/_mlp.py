@@ -6,24 +6,16 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .. import catalogue
 from .. import functional as F
-from ._modules import ELU, GELU, Linear, LeakyReLU, ReLU, SiLU, Sigmoid, Softplus, Tanh
+from ._modules import Linear
 
 __all__ = ["MLP"]
 
-# activation name (as ``handgrad.functional.mlp`` takes it) → module with torch.nn's defaults
-ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
-    "sigmoid": Sigmoid, "tanh": Tanh, "relu": ReLU, "leaky_relu": LeakyReLU, "elu": ELU,
-    "gelu": GELU, "silu": SiLU, "softplus": Softplus,
-}
-
 
 def _activation_module(name: str | None, arg: str) -> nn.Module | None:
-    if name is None:
-        return None
-    if name not in ACTIVATION_MODULES:
-        raise ValueError(f"MLP: unknown {arg} {name!r}; expected one of {sorted(ACTIVATION_MODULES)}")
-    return ACTIVATION_MODULES[name]()
+    """The ``handgrad.nn`` twin of the catalogue's activation ``name``, with torch.nn's defaults."""
+    return None if name is None else catalogue.activation(name, f"MLP {arg}").twin()
 
 
 class MLP(nn.Sequential):

@@ -158,11 +158,3 @@ class HalfSquaredErrorLoss(nn.modules.loss._Loss):
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"
 
-
-# torch.nn class → handgrad twin, for handgrad.convert / revert.
-TWINS: dict[type[nn.Module], type[nn.Module]] = {
-    base: twin for twin in (
-        Linear, Sigmoid, Tanh, ReLU, LeakyReLU, ELU, GELU, SiLU, Softplus, Softmax, LogSoftmax,
-        LayerNorm, MSELoss, CrossEntropyLoss, NLLLoss, BCEWithLogitsLoss,
-    ) for base in (twin.__bases__[0],)
-}

@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from .. import catalogue
 from ._function import HandFunction, opmath
 
 
@@ -154,7 +155,7 @@ def softplus_spec(beta: float = 1.0, threshold: float = 20.0) -> Activation:
     return Activation("softplus", f, lambda z, y: torch.where(b * z > t, 1.0, torch.sigmoid(b * z)), "input")
 
 
-# name → factory(**options) → Activation
+# name → factory(**options) → Activation: the math of each of the catalogue's activations
 ACTIVATIONS: dict[str, Callable[..., Activation]] = {
     "sigmoid": sigmoid_spec,
     "tanh": tanh_spec,
@@ -165,13 +166,17 @@ ACTIVATIONS: dict[str, Callable[..., Activation]] = {
     "silu": silu_spec,
     "softplus": softplus_spec,
 }
+# The names are the catalogue's (handgrad.catalogue): an activation added there without its math
+# here, or here without an entry there, fails at import rather than at its first call.
+if tuple(ACTIVATIONS) != catalogue.activations():
+    raise ImportError(f"handgrad.ops.activations: the spec table {tuple(ACTIVATIONS)} is not the "
+                      f"catalogue's activations {catalogue.activations()} (same names, same order)")
 
 
 def get_activation(name: str, **options) -> Activation:
-    try:
-        factory = ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
+    factory = ACTIVATIONS.get(name)
+    if factory is None:
+        catalogue.activation(name)  # not an activation: raises the ValueError naming them
     key = (name, tuple(sorted(options.items())))
     try:
         act = _BUILT.get(key)
