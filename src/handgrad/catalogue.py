@@ -40,7 +40,10 @@ class Op:
     module: str | None = None                   # handgrad.nn.<module>, its module twin
     torch_module: type[nn.Module] | None = None  # the torch.nn class the twin replaces
     aliases: tuple[Callable, ...] = ()          # other torch spellings of torch_function
-    options: Mapping[str, Any] = field(default_factory=dict)  # keyword options → torch's default
+    # keyword options → default: every defaulted argument of the functional (torch's deprecated
+    # size_average / reduce and its private _stacklevel aside), with torch's default where torch
+    # has the keyword
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -71,7 +74,7 @@ def _op(name, kind, torch_function, section, module=None, torch_module=None, ali
 
 _ACT = "activations"
 _TABLE: tuple[Op, ...] = (
-    _op("linear", "linear", TF.linear, "affine-layer", "Linear", nn.Linear),
+    _op("linear", "linear", TF.linear, "affine-layer", "Linear", nn.Linear, bias=None),
     # activations: the order is the order MLP and the app offer them in
     _op("sigmoid", "activation", TF.sigmoid, _ACT, "Sigmoid", nn.Sigmoid, (torch.sigmoid,)),
     _op("tanh", "activation", TF.tanh, _ACT, "Tanh", nn.Tanh, (torch.tanh,)),
@@ -89,7 +92,7 @@ _TABLE: tuple[Op, ...] = (
         dim=None, dtype=None),
     _op("layer_norm", "norm", TF.layer_norm, "layer-normalisation", "LayerNorm", nn.LayerNorm,
         weight=None, bias=None, eps=1e-5),
-    _op("mse_loss", "loss", TF.mse_loss, "mean-squared-error", "MSELoss", nn.MSELoss, reduction="mean"),
+    _op("mse_loss", "loss", TF.mse_loss, "mean-squared-error", "MSELoss", nn.MSELoss, reduction="mean", weight=None),
     _op("half_squared_error", "loss", None, "half-squared-error", "HalfSquaredErrorLoss", reduction="sum"),
     _op("cross_entropy", "loss", TF.cross_entropy, "cross-entropy", "CrossEntropyLoss", nn.CrossEntropyLoss,
         weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0),
@@ -99,10 +102,10 @@ _TABLE: tuple[Op, ...] = (
         "binary-cross-entropy-with-logits", "BCEWithLogitsLoss", nn.BCEWithLogitsLoss,
         weight=None, reduction="mean", pos_weight=None),
     # fused: no single torch twin (linear_cross_entropy's is torch ≥ 2.13's F.linear_cross_entropy)
-    _op("linear_act", "fused", None, "linear-activation", activation="relu"),
+    _op("linear_act", "fused", None, "linear-and-activation", bias=None, activation="relu"),
     _op("mlp", "fused", None, "the-whole-network", "MLP", activation="sigmoid", last_activation=None),
-    _op("linear_cross_entropy", "fused", getattr(TF, "linear_cross_entropy", None), "linear-cross-entropy-chunked",
-        ignore_index=-100, reduction="mean", label_smoothing=0.0),
+    _op("linear_cross_entropy", "fused", getattr(TF, "linear_cross_entropy", None), "linear-and-cross-entropy-chunked",
+        bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, chunk_size=None),
 )
 
 #: name → Op, in table order

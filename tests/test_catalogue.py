@@ -1,0 +1,236 @@
+"""handgrad.catalogue is the one list of ops: every entry has its functional, a registry case, an
+nn twin where torch has a module, a convert mapping, a derivation section and the defaults it
+claims, and the consumers (MLP, the activation spec table, the app) offer exactly its names."""
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+import typing
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import handgrad
+import handgrad.functional as HF
+import handgrad.nn as hnn
+from handgrad import catalogue
+from handgrad.catalogue import CATALOGUE
+from handgrad.ops.activations import ACTIVATIONS
+from handgrad.testing.registry import all_cases
+
+ROOT = Path(__file__).resolve().parents[1]
+OPS = catalogue.ops()
+ids = lambda op: op.name  # noqa: E731
+convert_module = sys.modules["handgrad.convert"]  # ``handgrad.convert`` is the function
+
+# handgrad.functional names that are not ops (helpers, types); none today
+NOT_OPS: frozenset[str] = frozenset()
+# signature arguments that are not options: torch's deprecated reduction flags, its private stack level
+NOT_OPTIONS = frozenset({"size_average", "reduce", "_stacklevel"})
+# (op, option) where torch's default differs on purpose, with why. Each must still differ.
+TORCH_DIFFERS = {
+    ("linear", "bias"): "nn.Linear's bias is a flag (True); F.linear's is the tensor (None)",
+    ("linear_cross_entropy", "ignore_index"): "F.linear_cross_entropy's None means -100 for class-index targets",
+}
+# activations with no fused case yet (testing/cases/fused.py: issue 9's drift, fixed on H2's branch)
+FUSED_DRIFT = {"elu", "softplus"}
+
+
+def _case_op(case_name: str) -> str:
+    """``'cross_entropy[sum,weight]'`` → ``'cross_entropy'``."""
+    return case_name.split("[", 1)[0]
+
+
+def _case_variant(case_name: str) -> list[str]:
+    """``'mlp[relu,last=None]'`` → ``['relu', 'last=None']``."""
+    return case_name[len(_case_op(case_name)) + 1:-1].split(",") if "[" in case_name else []
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces → hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    seen: Counter = Counter()
+    out = set()
+    for line in path.read_text().splitlines():
+        m = re.match(r"#{1,6} (.+)", line)
+        if m:
+            slug = _slug(m.group(1))
+            out.add(slug if not seen[slug] else f"{slug}-{seen[slug]}")  # GitHub numbers repeats
+            seen[slug] += 1
+    return out
+
+
+ANCHORS = _anchors(ROOT / "docs" / "derivation.md")
+
+
+def _defaults(fn) -> dict:
+    """The defaulted arguments of ``fn``'s signature (those that are options)."""
+    return {n: p.default for n, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty and n not in NOT_OPTIONS}
+
+
+# --- the table itself ---------------------------------------------------------------------------
+
+
+def test_functional_and_catalogue_name_the_same_ops():
+    assert set(HF.__all__) - NOT_OPS - set(CATALOGUE) == set(), "a functional op with no catalogue entry"
+    assert set(CATALOGUE) - set(HF.__all__) == set(), "a catalogue entry with no public functional"
+
+
+def test_lookups():
+    assert catalogue.get("relu") is CATALOGUE["relu"]
+    assert [op.name for op in catalogue.ops("activation")] == list(catalogue.activations())
+    assert catalogue.activation("gelu") is CATALOGUE["gelu"]
+    with pytest.raises(ValueError, match="no op 'swish'"):
+        catalogue.get("swish")
+    with pytest.raises(ValueError, match="unknown activation 'linear'; expected one of sigmoid"):
+        catalogue.activation("linear")  # an op, not an activation
+    with pytest.raises(ValueError, match="kind"):
+        catalogue.ops("conv")
+
+
+@pytest.mark.parametrize("op", OPS, ids=ids)
+def test_functional(op):
+    assert op.functional is getattr(HF, op.name)
+    assert op.kind in catalogue.KINDS
+
+
+# --- every entry: case, twin, convert, section, options -------------------------------------------
+
+CASES = all_cases()
+
+
+@pytest.mark.parametrize("op", OPS, ids=ids)
+def test_registry_case(op):
+    assert any(_case_op(c.name) == op.name for c in CASES), f"no registry case named {op.name} or {op.name}[…]"
+
+
+def test_every_registry_case_is_a_catalogue_op():
+    assert {_case_op(c.name) for c in CASES} - set(CATALOGUE) == set()
+
+
+@pytest.mark.parametrize("op", OPS, ids=ids)
+def test_nn_twin(op):
+    if op.torch_module is not None:
+        assert op.module is not None, f"torch has {op.torch_module.__name__}; handgrad.nn needs a twin"
+    if op.module is None:
+        return
+    assert op.module in hnn.__all__ and op.twin is getattr(hnn, op.module)
+    if op.torch_module is not None:
+        assert issubclass(op.twin, op.torch_module)
+        assert op.twin.forward is not op.torch_module.forward, "the twin must run handgrad's forward"
+
+
+def _bare(cls: type[nn.Module]) -> nn.Module:
+    """An instance of ``cls`` with Module's state only (convert reads the type, not the arguments)."""
+    m = cls.__new__(cls)
+    nn.Module.__init__(m)
+    return m
+
+
+@pytest.mark.parametrize("op", [op for op in OPS if op.torch_module is not None], ids=ids)
+def test_convert_swaps_the_module(op):
+    m = _bare(op.torch_module)
+    handgrad.convert(m, inplace=True)
+    assert type(m) is op.twin
+    handgrad.revert(m)
+    assert type(m) is op.torch_module
+
+
+FUNCTIONS = [(op, f) for op in OPS if op.torch_module is not None for f in op.torch_functions]
+
+
+@pytest.mark.parametrize("op,f", FUNCTIONS, ids=[f"{op.name}-{convert_module._qual(f)}" for op, f in FUNCTIONS])
+def test_convert_swaps_the_function(op, f):
+    holder = nn.Module()
+    holder.fn = f  # as TransformerEncoderLayer holds its activation
+    handgrad.convert(holder, inplace=True)
+    assert holder.fn is op.functional
+    handgrad.revert(holder)
+    assert holder.fn is f
+
+
+def test_convert_covers_exactly_the_catalogue():
+    assert set(convert_module.COVERED_MODULES) == {op.torch_module for op in OPS if op.torch_module is not None}
+    assert set(convert_module.COVERED_FUNCTIONS) == {convert_module._qual(f) for _, f in FUNCTIONS}
+
+
+@pytest.mark.parametrize("op", OPS, ids=ids)
+def test_section_is_a_heading(op):
+    assert op.section in ANCHORS, f"docs/derivation.md has no heading #{op.section}"
+
+
+def test_derivation_links_in_src_are_headings():
+    links = {(p.relative_to(ROOT), a) for p in (ROOT / "src").rglob("*.py")
+             for a in re.findall(r"derivation\.md#([\w-]+)", p.read_text())}
+    assert links, "no links found: the pattern is wrong"
+    assert {(str(p), a) for p, a in links if a not in ANCHORS} == set()
+
+
+@pytest.mark.parametrize("op", OPS, ids=ids)
+def test_options_are_the_functional_defaults(op):
+    assert dict(op.options) == _defaults(op.functional)
+
+
+@pytest.mark.parametrize("op", [op for op in OPS if op.torch_function is not None], ids=ids)
+def test_options_are_torchs_defaults(op):
+    try:
+        torch_defaults = _defaults(op.torch_function)
+    except ValueError:  # a builtin without a signature: its module's constructor has the same keywords
+        torch_defaults = _defaults(op.torch_module.__init__) if op.torch_module is not None else {}
+    shared = [k for k in op.options if k in torch_defaults]
+    if op.kind != "activation" or op.options:  # a bare activation (sigmoid) has nothing to compare
+        assert shared, f"no option of {op.name} found in torch's signature: the lookup is wrong"
+    for k in shared:
+        if (op.name, k) in TORCH_DIFFERS:
+            assert op.options[k] != torch_defaults[k], f"torch now agrees; drop {(op.name, k)} from TORCH_DIFFERS"
+        else:
+            assert op.options[k] == torch_defaults[k], f"{op.name}({k}=…): handgrad {op.options[k]!r}, torch {torch_defaults[k]!r}"
+
+
+# --- the consumers read it ------------------------------------------------------------------------
+
+
+def test_activation_spec_table_is_the_catalogues():
+    assert tuple(ACTIVATIONS) == catalogue.activations()
+
+
+@pytest.mark.parametrize("name", catalogue.activations())
+def test_mlp_offers_every_activation(name):
+    m = hnn.MLP((2, 3, 2), activation=name, last_activation=name)
+    assert [type(c) for c in m] == [hnn.Linear, catalogue.get(name).twin, hnn.Linear, catalogue.get(name).twin]
+    with pytest.raises(ValueError, match="unknown MLP activation 'linear'"):
+        hnn.MLP((2, 3, 2), activation="linear")
+
+
+def test_app_offers_the_catalogues_activations():
+    pytest.importorskip("lightning")
+    from train.model import ACTIVATIONS as APP_ACTIVATIONS, build_network
+
+    assert typing.get_args(APP_ACTIVATIONS) == catalogue.activations()
+    net = build_network([2, 3, 2], activation="softplus", last_activation="elu", backend="torch")
+    assert [type(c) for c in net] == [nn.Linear, nn.Softplus, nn.Linear, nn.ELU]
+
+
+FUSED_WITH_ACTIVATION = [op for op in catalogue.ops("fused") if "activation" in op.options]
+
+
+@pytest.mark.parametrize("op,activation", [
+    pytest.param(op, a, marks=pytest.mark.xfail(a in FUSED_DRIFT, strict=False,
+                                                 reason=f"no fused {a} case yet (testing/cases/fused.py drift, issue 9)"))
+    for op in FUSED_WITH_ACTIVATION for a in catalogue.activations()
+], ids=lambda v: getattr(v, "name", v))
+def test_fused_cases_cover_every_activation(op, activation):
+    # linear_act and mlp take every activation (catalogue.activations()): each needs a case
+    assert any(_case_op(c.name) == op.name and _case_variant(c.name)[:1] == [activation] for c in CASES)
+
+
+def test_fused_ops_take_an_activation():
+    assert [op.name for op in FUSED_WITH_ACTIVATION] == ["linear_act", "mlp"]  # the lookup above is not empty
