@@ -122,6 +122,10 @@ def test_nn_twin(op):
         assert op.module is not None, f"torch has {op.torch_module.__name__}; handgrad.nn needs a twin"
     if op.module is None:
         return
+    if op.torch_module is None:  # handgrad's own (MLP, HalfSquaredErrorLoss)
+        assert getattr(nn, op.module, None) is None, f"torch.nn.{op.module} exists: set torch_module"
+    else:
+        assert op.module == op.torch_module.__name__, "a twin is named as its torch.nn class"
     assert op.module in hnn.__all__ and op.twin is getattr(hnn, op.module)
     if op.torch_module is not None:
         assert issubclass(op.twin, op.torch_module)
