@@ -49,12 +49,12 @@ logger = logging.getLogger("handgrad.convert")
 
 # The tables below are read off the catalogue (handgrad.catalogue); none names an op itself.
 # torch.nn class → its handgrad.nn twin, for every op with a torch.nn class.
-_TWINS: dict[type[nn.Module], type[nn.Module]] = {
+TWINS: dict[type[nn.Module], type[nn.Module]] = {
     op.torch_module: op.twin for op in catalogue.ops() if op.torch_module is not None
 }
 #: torch.nn module classes ``convert`` swaps (subclasses that keep torch's forward included).
-COVERED_MODULES: tuple[type[nn.Module], ...] = tuple(_TWINS)
-_REVERSE: dict[type[nn.Module], type[nn.Module]] = {twin: base for base, twin in _TWINS.items()}
+COVERED_MODULES: tuple[type[nn.Module], ...] = tuple(TWINS)
+_REVERSE: dict[type[nn.Module], type[nn.Module]] = {twin: base for base, twin in TWINS.items()}
 # handgrad modules with no torch.nn class (MLP, HalfSquaredErrorLoss): never swapped
 _HANDGRAD_ONLY = tuple(op.twin for op in catalogue.ops() if op.module is not None and op.torch_module is None)
 
@@ -189,7 +189,7 @@ def _is_handgrad(cls: type) -> bool:
 
 
 def _covered_base(cls: type) -> type | None:
-    return next((k for k in cls.__mro__ if k in _TWINS), None)
+    return next((k for k in cls.__mro__ if k in TWINS), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +279,7 @@ def convert(model: nn.Module, *, include: Selector = None, exclude: Selector = N
         elif cls is not base and cls.forward is not base.forward:
             report.skipped.append(Swap(name, _qual(cls), f"overrides {base.__name__}.forward; left native"))
         else:
-            twin = _TWINS[base]
+            twin = TWINS[base]
             new = twin if cls is base else _mixed_class(twin, cls)
             m.__class__ = new
             note = ""
