@@ -77,8 +77,8 @@ class Progress(Callback):
             return
         m = trainer.callback_metrics
         values = "  ".join(f"{k} {float(m[k]):.4f}" for k in CURVE_KEYS if k in m)
-        last = trainer.max_epochs - 1 if trainer.max_epochs is not None and trainer.max_epochs >= 0 else "?"
-        print(f"epoch {trainer.current_epoch}/{last}  {values}  ({time.perf_counter() - self._t:.1f} s)", flush=True)
+        span = f" (0..{trainer.max_epochs - 1})" if trainer.max_epochs is not None and trainer.max_epochs > 0 else ""
+        print(f"epoch {trainer.current_epoch}{span}  {values}  ({time.perf_counter() - self._t:.1f} s)", flush=True)
 
 
 class Curves(Callback):

@@ -217,11 +217,7 @@ class TrainCLI(LightningCLI):
             metrics = results[0] if results else {}
             which = f"best checkpoint {Path(best).name}" if best else "final weights"
             test_line = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())) + f" ({which})"
-        first, epochs = self.progress.first_epoch, trainer.current_epoch - self.progress.first_epoch
-        span = f"epochs {first}..{trainer.current_epoch - 1}" if epochs > 1 else f"epoch {first}"
-        lines = [f"fit: {epochs} epoch{'s' if epochs != 1 else ''} ({span}), "
-                 f"{trainer.global_step - self.progress.first_step} steps in {seconds:.1f} s"
-                 + (f", resumed after epoch {first - 1}" if first else "")]
+        lines = [self._fit_line(seconds)]
         if test_line:
             lines.append(f"test: {test_line}")
         if trainer.logger is not None and trainer.log_dir:
@@ -229,6 +225,16 @@ class TrainCLI(LightningCLI):
             lines.append(f"outputs: {out}/ (config.yaml, metrics.csv, checkpoints/best.ckpt, checkpoints/last.ckpt, "
                          "curves.csv, curves.png)")
         self._print("\n".join(lines))
+
+    def _fit_line(self, seconds: float) -> str:
+        """What this run trained: a resumed run counts from the epoch after its checkpoint's."""
+        first, end = self.progress.first_epoch, self.trainer.current_epoch
+        resumed = f", resumed after epoch {first - 1}" if first else ""
+        if end <= first:
+            return f"fit: no epoch left to train (trainer.max_epochs {self.trainer.max_epochs}){resumed}"
+        span = f"epochs {first}..{end - 1}" if end - first > 1 else f"epoch {first}"
+        steps = self.trainer.global_step - self.progress.first_step
+        return f"fit: {end - first} epoch{'s' if end - first > 1 else ''} ({span}), {steps} steps in {seconds:.1f} s{resumed}"
 
 
 def main(args: Optional[list[str]] = None) -> None:
