@@ -88,9 +88,12 @@ def checkpoint_mismatch(ckpt: dict[str, Any], model_hparams: dict[str, Any], dat
             diffs.append(f"{key}: {class_of(saved[key])} → {class_of(model_hparams.get(key))}")
     saved_data = ckpt.get("datamodule_hyper_parameters")
     if saved_data is not None:  # num_workers changes how the data is loaded, not what it is
-        keys = sorted((set(saved_data) | set(data_hparams)) - {"num_workers"})
-        diffs += [f"data.{k.lstrip('_')}: {saved_data.get(k, '(none)')!r} → {data_hparams.get(k, '(none)')!r}" for k in keys
-                  if k != "_instantiator" and saved_data.get(k, "(none)") != data_hparams.get(k, "(none)")]
+        def show(d: dict, k: str) -> str:
+            return repr(d[k]) if k in d else "(not set)"
+
+        keys = sorted((set(saved_data) | set(data_hparams)) - {"num_workers", "_instantiator"})
+        diffs += [f"data.{k.lstrip('_')}: {show(saved_data, k)} → {show(data_hparams, k)}" for k in keys
+                  if show(saved_data, k) != show(data_hparams, k)]
     return diffs
 
 
