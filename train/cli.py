@@ -225,8 +225,9 @@ class TrainCLI(LightningCLI):
             lines.append(f"test: {test_line}")
         if trainer.logger is not None and trainer.log_dir:
             out = Path(trainer.log_dir)
-            lines.append(f"outputs: {out}/ (config.yaml, metrics.csv, checkpoints/best.ckpt, checkpoints/last.ckpt, "
-                         "curves.csv, curves.png)")
+            files = [f for f in ("config.yaml", "metrics.csv", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
+                                 "curves.csv", "curves.png") if (out / f).is_file()]  # no best.ckpt without validation
+            lines.append(f"outputs: {out}/ ({', '.join(files)})")
         self._print("\n".join(lines))
 
     def _fit_line(self, seconds: float) -> str:
