@@ -218,13 +218,16 @@ def test_cli_test_and_predict_from_checkpoint(killed_and_resumed):
 # --- resume when the monitored metric never improves; checkpoints that do not fit --------------
 def flat_args(save_dir, *extra):
     """moons with α = 0: val/acc is the same every epoch, so best.ckpt stays at epoch 0."""
-    return ["fit", *moons_args(save_dir, epochs=2), "--data.n_samples", "200", "--model.lr", "0", *extra]
+    return ["fit", *moons_args(save_dir, epochs=2), "--data.n_samples", "200", "--model.lr", "0",
+            "--trainer.log_every_n_steps", "5", *extra]
 
 
 @pytest.fixture(scope="module")
 def flat_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("flat")
-    c = cli(*flat_args(runs), "--test_after_fit", "false")
+    with pytest.MonkeyPatch.context() as m:  # what the function-scoped autouse fixture does
+        m.setattr(sys, "argv", ["train"])
+        c = cli(*flat_args(runs), "--test_after_fit", "false")
     assert c.trainer.state.finished
     return runs
 
