@@ -223,9 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(r)
     counts = {s: sum(c.status == s for r in reports for c in r.checks) for s in ("pass", "fail", "skip")}
     failed_ops = [r.name for r in reports if not r.ok]
+    not_applicable = len(reports) * len(checks) - sum(counts.values())  # the "-" cells of the table
     summary = (f"{'FAILED' if failed_ops else 'OK'}: {len(reports)} {'op' if args.factory is None else 'function'}"
                f"{'s' if len(reports) != 1 else ''} × {len(checks)} checks on {device}: {counts['pass']} passed, "
-               f"{counts['fail']} failed, {counts['skip']} skipped in {elapsed:.1f} s"
+               f"{counts['fail']} failed, {counts['skip']} skipped"
+               + (f", {not_applicable} not applicable" if not_applicable else "") + f" in {elapsed:.1f} s"
                + (f" (failed: {', '.join(failed_ops)})" if failed_ops else ""))
     print()
     print(summary)
