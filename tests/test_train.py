@@ -263,6 +263,21 @@ def test_a_checkpoint_that_does_not_fit_the_config_is_refused(flat_run, capsys, 
     assert sorted(p.name for p in (flat_run / "moons").iterdir()) == before  # no new version_N left behind
 
 
+@pytest.mark.parametrize("command,extra,differs", [
+    ("fit", ["--optimizer", "Adam"], "optimizer: torch.optim.SGD → torch.optim.Adam"),
+    ("validate", ["--model.hidden", "[8]"], "model.hidden: [16, 16] → [8]"),
+])
+def test_a_checkpoint_named_by_its_path_is_checked_too(flat_run, capsys, command, extra, differs):
+    # Lightning would replace the config's model settings by the checkpoint's without a word
+    last = flat_run / "moons" / "version_0" / "checkpoints" / "last.ckpt"
+    args = [command, *flat_args(flat_run)[1:], "--ckpt_path", last, *extra]
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: checkpoint {last} does not fit the config" in err and differs in err, err
+
+
 def test_curves_number_epochs_from_0_with_integer_ticks():
     from train.callbacks import figure
 

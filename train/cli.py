@@ -183,6 +183,12 @@ class TrainCLI(LightningCLI):
         print(msg, flush=True)
 
     # --- a checkpoint must fit the config: refused before the trainer writes anything -----------
+    def _parse_ckpt_path(self) -> None:
+        """Lightning (2.3 on) overwrites the model's settings in the config with the checkpoint's
+        when ``--ckpt_path`` names a file, so ``--model.hidden [8]`` or ``--optimizer SGD`` would
+        be dropped without a word. Here the config stays what the user wrote, and a checkpoint
+        that does not fit it is refused with what differs (``_check_checkpoint``)."""
+
     def _check_checkpoint(self) -> None:
         path = self.config[self.subcommand].get("ckpt_path")
         if not path or not Path(path).is_file():
