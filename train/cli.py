@@ -59,10 +59,14 @@ def _no_litlogger_tip(record: logging.LogRecord) -> bool:
 
 def _quiet_lightning() -> None:
     """Silence what a user of the app cannot act on: Lightning's advertisement for its cloud
-    logger, and Lightning 2.6's own use of a torch pytree API that torch 2.13 deprecates."""
+    logger, Lightning 2.6's own use of a torch pytree API that torch 2.13 deprecates, and a
+    predict-time warning about batch indices nothing here uses."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):  # rank_zero_info's
         logging.getLogger(name).addFilter(_no_litlogger_tip)
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+    # predict: our loaders yield whole batches (batch_size=None), and PredictionWriter writes the
+    # rows in order without the indices Lightning says it cannot infer
+    warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices", category=UserWarning)
 
 
 # what a checkpoint must share with the config to be loaded into it (the model's hparams); the
