@@ -135,7 +135,12 @@ def test_factory_returning_two_values_and_a_list(user_module, capsys):
     (("--only", "no_such_op"), "no op matches"),
     (("not_a_spec",), "expected MODULE:FACTORY"),
     (("no_such_module_xyz:f",), "cannot load"),
-    (("handgrad.testing.examples:MyLinear",), "must be a function returning"),
+    (("handgrad.testing.examples:MyLinear",), "is the class MyLinear; it must be a function of no arguments returning"),
+    # torch's decorator, imported in that module: it takes a function, a factory takes nothing
+    (("handgrad.testing.examples:once_differentiable",), "takes arguments (fn); it must be a function of no arguments"),
+    (("torch.nn.functional:linear",), "cannot be called without arguments"),  # a builtin: no signature to read
+    (("handgrad.testing.examples:__all__",), "is a list; it must be a function of no arguments"),
+    (("handgrad.testing.examples:_inputs",), "returned (Tensor, Tensor, Tensor); fn must be"),
 ])
 def test_bad_arguments(capsys, args, message):
     try:
@@ -144,6 +149,19 @@ def test_bad_arguments(capsys, args, message):
         rc = e.code
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def test_registry_run_prints_no_warnings_and_counts_no_skips():
+    """What a user sees of handgrad's own ops: no warnings they cannot act on (the vmap check of
+    the fused cross-entropy used an in-place scatter that vmap cannot batch; the broadcast-target
+    mse_loss case warns as torch does, on purpose), and no skip in the strict run: the
+    ``dtype=float64`` softmax variants have no lower precision, so ``lowp`` does not apply."""
+    proc = _run("--only", "linear_cross_entropy,mse_loss,softmax[dtype=float64]", "--jobs", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("softmax[dtype=float64]"))
+    assert row.split()[1:10] == ["ok", "ok", "ok", "ok", "ok", "ok", "-", "ok", "ok"]  # lowp: not applicable
+    assert ", 0 failed, 0 skipped, 1 not applicable in " in proc.stdout.splitlines()[-1]
 
 
 def test_representative_shape_is_small_and_batched():

@@ -83,6 +83,22 @@ def test_gpu_config(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "accelerator: gpu" in out and "precision: bf16-mixed" in out
+    # and running it says why in one line, before anything is written
+    assert_one_line_error(capsys, ["fit", "--config", CONFIGS / "digits.yaml", "--config", CONFIGS / "gpu.yaml"],
+                          "error: trainer.accelerator is 'gpu' but this torch")
+
+
+def assert_one_line_error(capsys, args, message):
+    """``python -m train ARGS`` stops with status 2 and one ``error:`` line holding ``message``,
+    no traceback, and writes no run directory (the tests run in an empty tmp_path)."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err and not Path("runs").exists()
+    return errors[0]
 
 
 def test_print_config_and_overrides(capsys):
@@ -105,6 +121,15 @@ def test_optimizer_param_groups_per_layer_lr():
     assert type(conf["optimizer"]) is torch.optim.SGD and conf["optimizer"].defaults["momentum"] == 0.9
     assert isinstance(conf["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.CosineAnnealingLR)
     assert Model().configure_optimizers().defaults["momentum"] == 0  # no config: plain SGD
+    # the README's example for digits.yaml (64 → 256 → 10: two affine layers)
+    c = cli("--config", CONFIGS / "digits.yaml", "--model.layer_lr", "[0.4, null]", run=False)
+    assert [g["lr"] for g in c.model.configure_optimizers()["optimizer"].param_groups] == [0.4, 0.2]
+
+
+def test_layer_lr_of_the_wrong_length_is_one_line(capsys):
+    line = assert_one_line_error(capsys, ["fit", "--config", CONFIGS / "digits.yaml", "--model.layer_lr", "[0.5, null, 0.1]"],
+                                 "model.layer_lr has 3 entries [0.5, null, 0.1] but the network 64 → 256 → 10 has 2")
+    assert "one per layer" in line
 
 
 # --- the CLI end to end in subprocesses: fit, killed mid-epoch, resumed, then test ----------------
@@ -117,22 +142,36 @@ class KillAt(Callback):
 
 
 def run_cli(*args, cwd=REPO):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO), str(REPO / "tests")])}
     return subprocess.run([sys.executable, "-m", "train", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
-def moons_args(save_dir, epochs=4):
+def moons_args(save_dir, epochs=4, quiet=QUIET):
     return ["--config", CONFIGS / "moons.yaml", "--trainer.max_epochs", epochs, "--trainer.logger.init_args.save_dir",
-            save_dir, "--data.n_samples", "400", *QUIET]
+            save_dir, "--data.n_samples", "400", *quiet]
 
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     killed = run_cli("fit", *moons_args(runs), "--trainer.callbacks+=test_train.KillAt")
-    resumed = run_cli("fit", *moons_args(runs), "--ckpt_path", "last")
+    # the progress bar left on, as a user would: stdout is a pipe here, not a terminal
+    resumed = run_cli("fit", *moons_args(runs, quiet=[]), "--ckpt_path", "last")
     return runs, killed, resumed
+
+
+def test_a_log_file_gets_a_line_per_epoch_and_no_noise(killed_and_resumed):
+    _, _, resumed = killed_and_resumed
+    out = resumed.stdout
+    epochs = [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")]
+    assert epochs == ["2", "3"], out  # one plain line per epoch this run trained
+    assert "epoch 2 (0..3)  train/loss " in out
+    assert "\r" not in out and "it/s" not in out and len(out) < 2000, out  # no progress bar redraws
+    # nothing a user cannot act on: Lightning's cloud-logger tip, its use of torch's deprecated
+    # pytree API, or a warning that the checkpoint's directory is another run's
+    for noise in ("litlogger", "LeafSpec", "dirpath has changed"):
+        assert noise not in resumed.stderr, noise
 
 
 def test_resume_after_kill(killed_and_resumed):
@@ -141,7 +180,7 @@ def test_resume_after_kill(killed_and_resumed):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "version_0/checkpoints/last.ckpt" in resumed.stdout
     # epochs 0 and 1 completed before the kill; the resumed run did epochs 2 and 3 only
-    assert "fit: 4 epochs, " in resumed.stdout
+    assert "fit: 2 epochs (epochs 2..3), " in resumed.stdout and "resumed after epoch 1" in resumed.stdout
     history = read_history(runs / "moons" / "version_1" / "curves.csv")
     assert [int(r["epoch"]) for r in history] == [0, 1, 2, 3]
     # the same run without the interruption gives the same curve: same weights and optimizer state
@@ -162,6 +201,7 @@ def test_cli_test_and_predict_from_checkpoint(killed_and_resumed):
     assert "test: test/acc" in resumed.stdout
     done = run_cli("test", "--config", run_dir / "config.yaml", "--ckpt_path", run_dir / "checkpoints" / "best.ckpt")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "dirpath has changed" not in done.stderr and "litlogger" not in done.stderr, done.stderr
     line = next(ln for ln in done.stdout.splitlines() if "test/acc" in ln)
     assert float(line.replace("│", " ").split()[-1]) > 0.85  # moons, 4 epochs: about 0.97
     # predict (in this process): predictions.csv in a new version directory
@@ -173,6 +213,82 @@ def test_cli_test_and_predict_from_checkpoint(killed_and_resumed):
     # compare: both runs' curves on one figure
     main(["compare", str(runs / "moons" / "version_1"), str(runs / "moons"), "--out", str(runs / "cmp.png")])
     assert (runs / "cmp.png").stat().st_size > 1000
+
+
+# --- resume when the monitored metric never improves; checkpoints that do not fit --------------
+def flat_args(save_dir, *extra):
+    """moons with α = 0: val/acc is the same every epoch, so best.ckpt stays at epoch 0."""
+    return ["fit", *moons_args(save_dir, epochs=2), "--data.n_samples", "200", "--model.lr", "0",
+            "--trainer.log_every_n_steps", "5", *extra]
+
+
+@pytest.fixture(scope="module")
+def flat_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("flat")
+    with pytest.MonkeyPatch.context() as m:  # what the function-scoped autouse fixture does
+        m.setattr(sys, "argv", ["train"])
+        c = cli(*flat_args(runs), "--test_after_fit", "false")
+    assert c.trainer.state.finished
+    return runs
+
+
+def test_last_ckpt_is_the_latest_epoch_when_the_metric_is_flat(flat_run, capsys):
+    ckpts = flat_run / "moons" / "version_0" / "checkpoints"
+    assert torch.load(ckpts / "best.ckpt", weights_only=False)["epoch"] == 0  # never improved after epoch 0
+    last = torch.load(ckpts / "last.ckpt", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (1, 10)  # the end of epoch 1: 2 epochs × 5 steps
+    capsys.readouterr()
+    main([str(a) for a in flat_args(flat_run, "--ckpt_path", "last", "--trainer.max_epochs", "3", "--test_after_fit", "false")])
+    out = capsys.readouterr().out
+    assert "version_0/checkpoints/last.ckpt" in out
+    # it trained epoch 2 only, and says so
+    assert "fit: 1 epoch (epoch 2), 5 steps in " in out and "resumed after epoch 1" in out, out
+
+
+@pytest.mark.parametrize("extra,differs", [
+    (["--optimizer", "Adam"], "optimizer: torch.optim.SGD → torch.optim.Adam"),
+    (["--model.hidden", "[8]"], "model.hidden: [16, 16] → [8]"),
+    (["--data.noise", "0.3"], "data.noise: 0.2 → 0.3"),
+    (["--data", "train.data.Digits"], "model.in_features: 2 → 64"),
+])
+def test_a_checkpoint_that_does_not_fit_the_config_is_refused(flat_run, capsys, extra, differs):
+    before = sorted(p.name for p in (flat_run / "moons").iterdir())
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in flat_args(flat_run, "--ckpt_path", "last", *extra)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert "does not fit the config" in line and differs in line, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (flat_run / "moons").iterdir()) == before  # no new version_N left behind
+
+
+@pytest.mark.parametrize("command,extra,differs", [
+    ("fit", ["--optimizer", "Adam"], "optimizer: torch.optim.SGD → torch.optim.Adam"),
+    ("validate", ["--model.hidden", "[8]"], "model.hidden: [16, 16] → [8]"),
+])
+def test_a_checkpoint_named_by_its_path_is_checked_too(flat_run, capsys, command, extra, differs):
+    # Lightning would replace the config's model settings by the checkpoint's without a word
+    last = flat_run / "moons" / "version_0" / "checkpoints" / "last.ckpt"
+    args = [command, *flat_args(flat_run)[1:], "--ckpt_path", last, *extra]
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: checkpoint {last} does not fit the config" in err and differs in err, err
+
+
+def test_curves_number_epochs_from_0_with_integer_ticks():
+    from train.callbacks import figure
+
+    history = [{"epoch": e, "train/loss": 1.0 / (e + 1), "val/loss": 1.2 / (e + 1), "val/acc": 0.5 + 0.1 * e}
+               for e in range(3)]
+    for runs in ({"a": history}, {"a": history, "b": history[:1] + [{"epoch": 40, "val/acc": 0.9}]}):  # linear, log axis
+        fig = figure(runs)
+        for ax in fig.axes:
+            assert [list(line.get_xdata()) for line in ax.get_lines()][0] == [0, 1, 2]  # as on the console and in curves.csv
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
 
 
 # --- DDP: 2 forked CPU processes train like one ------------------------------------------------

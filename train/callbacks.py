@@ -1,15 +1,19 @@
-"""Callbacks the CLI adds to every run: per-epoch curves (csv + png) and prediction files."""
+"""Callbacks the CLI adds to every run: the checkpoints (best and last), per-epoch curves (csv +
+png), the console's per-epoch lines, and prediction files."""
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
 
-__all__ = ["Curves", "PredictionWriter", "CURVE_KEYS", "plot_runs"]
+__all__ = ["Checkpoint", "Curves", "Progress", "PredictionWriter", "CURVE_KEYS", "plot_runs", "figure"]
 
 CURVE_KEYS = ["train/loss", "train/acc", "val/loss", "val/acc"]
 
@@ -18,6 +22,63 @@ def _run_dir(trainer: pl.Trainer) -> Path | None:
     if trainer.logger is None or trainer.fast_dev_run or trainer.log_dir is None:
         return None
     return Path(trainer.log_dir)
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with ``last.ckpt`` written at the end of every training epoch.
+
+    Lightning 2.6 writes ``last.ckpt`` only at a step where it also writes a top-k checkpoint, so
+    with ``save_top_k: 1`` it is a copy of ``best.ckpt``: a run whose monitored metric stops
+    improving resumes from its best epoch, not its last. Here ``save_last`` means what the
+    config says: the end of the latest epoch, written after the best checkpoint (so it holds
+    this epoch's best-so-far) and after ``Curves`` has recorded the epoch.
+
+    A checkpoint of another directory (a resumed fit writes a new ``version_N``; test, validate
+    and predict save nothing) keeps its best/last bookkeeping to itself: a resumed run's
+    ``best.ckpt`` is the best of the epochs it trained.
+    """
+
+    def __init__(self, *args: Any, save_last: bool | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, save_last=False, **kwargs)  # last.ckpt is written below instead
+        self.keep_last = bool(save_last)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if not self.keep_last or trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self.last_model_path = str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+        trainer.save_checkpoint(self.last_model_path, self.save_weights_only)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            super().load_state_dict(state_dict)
+
+
+class Progress(Callback):
+    """Where this fit started (a resumed run starts after the checkpoint's epoch), for the CLI's
+    summary; with ``lines=True``, one plain line per epoch on stdout instead of a progress bar
+    (what the CLI uses when stdout is not a terminal: a redirected log gets a line per epoch, not
+    the bar's redraws)."""
+
+    def __init__(self, lines: bool = False) -> None:
+        self.lines = lines
+        self.first_epoch = self.first_step = 0
+        self._t = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.first_epoch, self.first_step = trainer.current_epoch, trainer.global_step
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t = time.perf_counter()
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.lines:
+            return
+        m = trainer.callback_metrics
+        values = "  ".join(f"{k} {float(m[k]):.4f}" for k in CURVE_KEYS if k in m)
+        span = f" (0..{trainer.max_epochs - 1})" if trainer.max_epochs is not None and trainer.max_epochs > 0 else ""
+        print(f"epoch {trainer.current_epoch}{span}  {values}  ({time.perf_counter() - self._t:.1f} s)", flush=True)
 
 
 class Curves(Callback):
@@ -76,12 +137,24 @@ def read_history(path: Path) -> list[dict[str, float]]:
 def plot_runs(runs: dict[str, list[dict[str, float]]], path: Path, title: str = "", logx: bool | None = None) -> None:
     """Loss (left) and accuracy (right) per epoch; train dashed, val solid; one colour per run.
 
+    Epochs are numbered from 0, as on the console and in ``curves.csv``, with integer ticks.
     ``logx=None``: a log epoch axis when the runs' lengths differ tenfold or more (SGD's 5 epochs
-    against batch gradient descent's 500)."""
+    against batch gradient descent's 500); it is symmetric-log, linear from 0 to 1, so epoch 0
+    has a place on it."""
+    fig = figure(runs, title, logx)
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def figure(runs: dict[str, list[dict[str, float]]], title: str = "", logx: bool | None = None):
+    """The matplotlib figure ``plot_runs`` saves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     has_acc = any("val/acc" in r or "train/acc" in r for h in runs.values() for r in h)
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
@@ -90,23 +163,23 @@ def plot_runs(runs: dict[str, list[dict[str, float]]], path: Path, title: str = 
         for j, metric in enumerate(["loss", "acc"] if has_acc else ["loss"]):
             ax = axes[0, j]
             for stage, style in (("train", "--"), ("val", "-")):
-                pts = [(r["epoch"] + 1, r[f"{stage}/{metric}"]) for r in history if f"{stage}/{metric}" in r]
+                pts = [(r["epoch"], r[f"{stage}/{metric}"]) for r in history if f"{stage}/{metric}" in r]
                 if pts:
                     ax.plot(*zip(*pts), style, color=color, label=f"{label} {stage}")
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("loss per sample" if metric == "loss" else "accuracy")
             ax.grid(alpha=0.3)
     axes[0, 0].set_yscale("log")
     lengths = [max((r["epoch"] for r in h), default=0) + 1 for h in runs.values()]
     if logx or (logx is None and max(lengths) >= 10 * min(lengths)):
         for ax in axes[0]:
-            ax.set_xscale("log")
+            ax.set_xscale("symlog", linthresh=1)  # its ticks 0, 1, 10, 100: integers already
     axes[0, -1].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 class PredictionWriter(BasePredictionWriter):

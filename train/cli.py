@@ -6,25 +6,32 @@ On top of Lightning's CLI:
   * top-level ``optimizer:`` / ``lr_scheduler:`` (``--optimizer Adam``, ``--lr_scheduler StepLR``)
     are handed to the model, which builds one parameter group per layer; the learning rate α is
     ``model.lr`` (per layer: ``model.layer_lr``); the default optimizer is plain SGD;
-  * ``checkpoint:`` configures the ModelCheckpoint (best and last);
-  * ``--ckpt_path last`` finds the newest ``last.ckpt`` of the run name;
-  * ``fit`` ends with a test of the best checkpoint (``test_after_fit``) and prints a summary;
-  * data errors stop with one line, not a traceback.
+  * ``checkpoint:`` configures the checkpoints (``train.callbacks.Checkpoint``: best, and last
+    at the end of every epoch);
+  * ``--ckpt_path last`` finds the newest ``last.ckpt`` of the run name; a checkpoint whose
+    network, optimizer or data differ from the config is refused before anything is written;
+  * ``fit`` ends with a test of the best checkpoint (``test_after_fit``) and prints a summary
+    counting the epochs this run trained;
+  * when stdout is not a terminal, one plain line per epoch replaces the progress bar;
+  * configuration and data errors stop with one line, not a traceback.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
-from .callbacks import Curves, PredictionWriter
-from .data import DataError, TabularData
+from .callbacks import Checkpoint, Curves, PredictionWriter, Progress
+from .data import TabularData
+from .errors import ConfigError
 from .model import Model
 
 __all__ = ["TrainCLI", "main", "find_last_checkpoint"]
@@ -46,12 +53,62 @@ class SaveConfig(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+def _no_litlogger_tip(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
+def _quiet_lightning() -> None:
+    """Silence what a user of the app cannot act on: Lightning's advertisement for its cloud
+    logger, Lightning 2.6's own use of a torch pytree API that torch 2.13 deprecates, and a
+    predict-time warning about batch indices nothing here uses."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):  # rank_zero_info's
+        logging.getLogger(name).addFilter(_no_litlogger_tip)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+    # predict: our loaders yield whole batches (batch_size=None), and PredictionWriter writes the
+    # rows in order without the indices Lightning says it cannot infer
+    warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices", category=UserWarning)
+
+
+# what a checkpoint must share with the config to be loaded into it (the model's hparams); the
+# optimizer, the scheduler and the data matter only when fit resumes training from it
+NETWORK_KEYS = ("task", "in_features", "hidden", "out_features", "bias", "activation", "last_activation")
+
+
+def checkpoint_mismatch(ckpt: dict[str, Any], model_hparams: dict[str, Any], data_hparams: dict[str, Any],
+                        resume: bool) -> list[str]:
+    """What differs between a checkpoint and the model/data built from the config, one
+    ``name: checkpoint → config`` phrase each; empty when it fits."""
+    saved = ckpt.get("hyper_parameters", {})
+    diffs = [f"model.{k}: {saved[k]!r} → {model_hparams.get(k)!r}" for k in NETWORK_KEYS
+             if k in saved and saved[k] != model_hparams.get(k)]
+    if not resume:
+        return diffs
+
+    def class_of(section: Optional[dict]) -> Optional[str]:
+        return (section or {}).get("class_path")
+
+    for key in ("optimizer", "lr_scheduler"):
+        if key in saved and class_of(saved[key]) != class_of(model_hparams.get(key)):
+            diffs.append(f"{key}: {class_of(saved[key])} → {class_of(model_hparams.get(key))}")
+    saved_data = ckpt.get("datamodule_hyper_parameters")
+    if saved_data is not None:  # num_workers changes how the data is loaded, not what it is
+        def show(d: dict, k: str) -> str:
+            return repr(d[k]) if k in d else "(not set)"
+
+        keys = sorted((set(saved_data) | set(data_hparams)) - {"num_workers", "_instantiator"})
+        diffs += [f"data.{k.lstrip('_')}: {show(saved_data, k)} → {show(data_hparams, k)}" for k in keys
+                  if show(saved_data, k) != show(data_hparams, k)]
+    return diffs
+
+
 class TrainCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True, **kwargs):
+        _quiet_lightning()
+        self.progress = Progress()
         kwargs.setdefault("trainer_defaults", {})
         kwargs["trainer_defaults"] = {
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "run"}},
-            "callbacks": [Curves(), PredictionWriter()],
+            "callbacks": [Curves(), PredictionWriter(), self.progress],
             # the data modules shard batches over DDP processes themselves (train.data.EpochBatches)
             "use_distributed_sampler": False,
             **kwargs["trainer_defaults"],
@@ -82,7 +139,7 @@ class TrainCLI(LightningCLI):
         parser.link_arguments("data", "model.out_features", compute_fn=lambda d: d.num_outputs, apply_on="instantiate")
         parser.link_arguments("data", "model.task", compute_fn=lambda d: d.task, apply_on="instantiate")
         # checkpoints: best (by `monitor`) and last, saved at the end of every epoch
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.filename": "best",
             "checkpoint.save_last": True, "checkpoint.save_top_k": 1, "checkpoint.save_on_train_epoch_end": True,
@@ -93,11 +150,18 @@ class TrainCLI(LightningCLI):
                             help="torch CPU threads per process (null: torch's default, one per core). 1 is "
                                  "fastest for small networks: digits.yaml took 4× the CPU time with 2")
 
-    # --- `--ckpt_path last`: the newest last.ckpt of this run name ---------------------------------
+    # --- before anything is built: threads, CUDA, the console, `--ckpt_path last` -----------------
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("num_threads"):
             torch.set_num_threads(config.num_threads)
+        trainer = config.get("trainer", {})
+        if str(trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator is {trainer.accelerator!r} but this torch ({torch.__version__}) "
+                              "sees no CUDA device; leave out configs/gpu.yaml or set --trainer.accelerator cpu")
+        if trainer.get("enable_progress_bar") in (True, None) and not sys.stdout.isatty():
+            trainer["enable_progress_bar"] = False  # a log file gets one line per epoch, not the bar's redraws
+            self.progress.lines = True
         if not self.subcommand:
             return
         if config.get("ckpt_path") != "last":
@@ -105,7 +169,7 @@ class TrainCLI(LightningCLI):
         save_dir, name = self._logger_location(config)
         last = find_last_checkpoint(save_dir, name) if save_dir else None
         if last is None:
-            raise DataError(f"--ckpt_path last: no last.ckpt under {save_dir}/{name}/version_*/checkpoints/")
+            raise ConfigError(f"--ckpt_path last: no last.ckpt under {save_dir}/{name}/version_*/checkpoints/")
         config["ckpt_path"] = str(last)
         self._print(f"resuming from {last}")
 
@@ -122,8 +186,35 @@ class TrainCLI(LightningCLI):
     def _print(msg: str) -> None:
         print(msg, flush=True)
 
+    # --- a checkpoint must fit the config: refused before the trainer writes anything -----------
+    def _parse_ckpt_path(self) -> None:
+        """Lightning (2.3 on) overwrites the model's settings in the config with the checkpoint's
+        when ``--ckpt_path`` names a file, so ``--model.hidden [8]`` or ``--optimizer SGD`` would
+        be dropped without a word. Here the config stays what the user wrote, and a checkpoint
+        that does not fit it is refused with what differs (``_check_checkpoint``)."""
+
+    def _check_checkpoint(self) -> None:
+        path = self.config[self.subcommand].get("ckpt_path")
+        if not path or not Path(path).is_file():
+            return  # none, or one of Lightning's names ("best", "hpc"), which it resolves itself
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        data_hparams = dict(getattr(self.datamodule, "hparams", {}) or {})
+        diffs = checkpoint_mismatch(ckpt, dict(self.model.hparams), data_hparams, resume=self.subcommand == "fit")
+        if diffs:
+            raise ConfigError(f"checkpoint {path} does not fit the config (checkpoint → config): {'; '.join(diffs)}")
+
+    def before_validate(self) -> None:
+        self._check_checkpoint()
+
+    def before_test(self) -> None:
+        self._check_checkpoint()
+
+    def before_predict(self) -> None:
+        self._check_checkpoint()
+
     # --- fit: time it, test the best checkpoint, print what was written --------------------------
     def before_fit(self) -> None:
+        self._check_checkpoint()
         self._t0 = time.perf_counter()
 
     def after_fit(self) -> None:
@@ -139,14 +230,25 @@ class TrainCLI(LightningCLI):
             metrics = results[0] if results else {}
             which = f"best checkpoint {Path(best).name}" if best else "final weights"
             test_line = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())) + f" ({which})"
-        lines = [f"fit: {trainer.current_epoch} epochs, {trainer.global_step} steps in {seconds:.1f} s"]
+        lines = [self._fit_line(seconds)]
         if test_line:
             lines.append(f"test: {test_line}")
         if trainer.logger is not None and trainer.log_dir:
             out = Path(trainer.log_dir)
-            lines.append(f"outputs: {out}/ (config.yaml, metrics.csv, checkpoints/best.ckpt, checkpoints/last.ckpt, "
-                         "curves.csv, curves.png)")
+            files = [f for f in ("config.yaml", "metrics.csv", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
+                                 "curves.csv", "curves.png") if (out / f).is_file()]  # no best.ckpt without validation
+            lines.append(f"outputs: {out}/ ({', '.join(files)})")
         self._print("\n".join(lines))
+
+    def _fit_line(self, seconds: float) -> str:
+        """What this run trained: a resumed run counts from the epoch after its checkpoint's."""
+        first, end = self.progress.first_epoch, self.trainer.current_epoch
+        resumed = f", resumed after epoch {first - 1}" if first else ""
+        if end <= first:
+            return f"fit: no epoch left to train (trainer.max_epochs {self.trainer.max_epochs}){resumed}"
+        span = f"epochs {first}..{end - 1}" if end - first > 1 else f"epoch {first}"
+        steps = self.trainer.global_step - self.progress.first_step
+        return f"fit: {end - first} epoch{'s' if end - first > 1 else ''} ({span}), {steps} steps in {seconds:.1f} s{resumed}"
 
 
 def main(args: Optional[list[str]] = None) -> None:
@@ -159,18 +261,19 @@ def main(args: Optional[list[str]] = None) -> None:
     try:
         TrainCLI(args=args)
     except Exception as e:
-        cause = _data_error(e)
+        cause = _user_error(e)
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def _data_error(e: BaseException | None) -> DataError | None:
-    """The DataError behind ``e`` (jsonargparse wraps errors raised while building the data)."""
+def _user_error(e: BaseException | None) -> Exception | None:
+    """The ConfigError (or DataError) behind ``e`` (jsonargparse wraps errors raised while
+    building the model and the data), or Lightning's own MisconfigurationException."""
     seen = set()
     while e is not None and id(e) not in seen:
-        if isinstance(e, DataError):
+        if isinstance(e, (ConfigError, MisconfigurationException)):
             return e
         seen.add(id(e))
         e = e.__cause__ or e.__context__

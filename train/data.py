@@ -23,13 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from .errors import DataError
+
 __all__ = ["DataError", "TabularData", "Digits", "Moons", "SeedRegression", "FileData"]
 
 Task = Literal["classification", "regression"]
-
-
-class DataError(ValueError):
-    """A data file (or data setting) that cannot be trained on; the message names the file and the problem."""
 
 
 class EpochBatches(Sampler[torch.Tensor]):
@@ -109,6 +107,9 @@ class TabularData(pl.LightningDataModule):
         num_workers: int = 0,
     ):
         super().__init__()
+        # every __init__ argument (of the subclass too) goes into the checkpoint, so resuming can
+        # tell whether the config names the same data; not logged (hparams.yaml is the model's)
+        self.save_hyperparameters(logger=False)
         if batch_size is not None and batch_size < 1:
             raise DataError(f"batch_size must be a positive integer or null (full batch), got {batch_size}")
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):

@@ -26,6 +26,8 @@ from torch import nn
 
 from handgrad import catalogue
 
+from .errors import ConfigError
+
 __all__ = ["Model", "build_network", "TorchHalfSquaredErrorLoss"]
 
 # the activation names jsonargparse offers and checks: the catalogue's, in its order
@@ -129,11 +131,14 @@ class Model(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if task == "regression" and loss == "cross_entropy":
-            raise ValueError("loss 'cross_entropy' needs class labels; use 'half_squared_error' for regression data")
+            raise ConfigError("model.loss: 'cross_entropy' needs class labels; use 'half_squared_error' for regression data")
         sizes = [in_features, *hidden, out_features]
         n_layers = len(sizes) - 1
         if layer_lr is not None and len(layer_lr) != n_layers:
-            raise ValueError(f"layer_lr has {len(layer_lr)} entries but the network has {n_layers} affine layers {sizes}")
+            given = ", ".join("null" if v is None else str(v) for v in layer_lr)
+            raise ConfigError(f"model.layer_lr has {len(layer_lr)} entries [{given}] but the network "
+                              f"{' → '.join(map(str, sizes))} has {n_layers} affine layers: give one per layer "
+                              "(null: that layer uses model.lr)")
         self.net = self.build_network(sizes)
         self.loss_fn = self._loss_module()
         if task == "classification":

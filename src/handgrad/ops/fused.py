@@ -342,7 +342,7 @@ def _lce_chunks(X, W, b, T, opts: LCEOptions, *, want_loss: bool, weights, needs
             # batched by vmap where P is not (an in-place op cannot grow P's batch)
             dZ = P.mul_(weights[s:e]) if scale_inplace else P * weights[s:e]
         else:
-            Q = torch.zeros_like(Zc).scatter_(1, t[s:e], 1 - eps)  # (1 − ε) onehot(t)
+            Q = torch.zeros_like(Zc).scatter(1, t[s:e], 1 - eps)   # (1 − ε) onehot(t); vmap batches scatter, not scatter_
             dZ = ((Zc - lse).exp() - Q - eps / C) * weights[s:e]   # dZ_c = ω ⊙ (P − Q)
         if write_out:
             torch.mm(dZ, Wo, out=gX[s:e])                          # ∂L/∂X_c = dZ_c W   (n, D)
