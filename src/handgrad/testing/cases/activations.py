@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as TF
 
 from ... import functional as F
-from ..registry import BadInput, Inputs, OpCase, randn
+from ..types import BadInput, Inputs, OpCase, randn
 
 def _x(**kwargs):
     """z ~ 2·N(0, 1), and the options as keyword arguments."""

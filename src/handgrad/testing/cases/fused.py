@@ -7,7 +7,7 @@ import torch.nn.functional as TF
 
 from ... import functional as F
 from ...ops.activations import ACTIVATIONS
-from ..registry import BadInput, Inputs, OpCase, randn
+from ..types import BadInput, Inputs, OpCase, randn
 
 # activation name → (options, the torch function). Those the activation table does not hold
 # (yet) get no case; tests/test_fused.py::test_every_activation_has_a_fused_case names them.

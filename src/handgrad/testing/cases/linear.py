@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as TF
 
 from ... import functional as F
-from ..registry import BadInput, Inputs, OpCase, randn
+from ..types import BadInput, Inputs, OpCase, randn
 
 
 def _linear(bias: str):

@@ -14,7 +14,7 @@ import torch.nn.functional as TF
 from torch.nn import _reduction as _Reduction
 
 from ... import functional as F
-from ..registry import BadInput, Inputs, OpCase, randn
+from ..types import BadInput, Inputs, OpCase, randn
 
 
 # Input shapes for the class losses (the shape is the input's: (N, C, d1, …), or (C,) unbatched)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as TF
 
 from ... import functional as F
-from ..registry import DEFAULT_SHAPES, BadInput, Inputs, OpCase, randn
+from ..types import DEFAULT_SHAPES, BadInput, Inputs, OpCase, randn
 
 
 

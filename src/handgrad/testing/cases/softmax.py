@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as TF
 
 from ... import functional as F
-from ..registry import DEFAULT_SHAPES, BadInput, Inputs, OpCase, randn
+from ..types import DEFAULT_SHAPES, BadInput, Inputs, OpCase, randn
 
 # the defaults plus a 1-d row and a 0-d input (softmax of a scalar is 1, its log 0)
 _SHAPES = (*DEFAULT_SHAPES, (13,), ())
