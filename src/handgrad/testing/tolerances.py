@@ -14,13 +14,15 @@ float64, the checks' own arithmetic:
 
 Low precision (float32, bfloat16, float16) against a float64 truth: ``LOWP_RULE``, computed by
 ``allowed_lowp_error``, with a margin of ``ulps`` roundings (``DEFAULT_LOWP_ULPS`` unless a case
-names a wider one below).
+names a wider one below). The named edge-case tests use its element-by-element form at a scale
+they derive from where the error lives, ``SCALED_LOWP_RULE`` (``scaled_lowp_excess``).
 """
 from __future__ import annotations
 
 import torch
 
 __all__ = ["FD_ATOL", "FD_RTOL", "FD_EPS", "EXACT_ATOL", "EXACT_RTOL", "LOWP_RULE", "allowed_lowp_error",
+           "SCALED_LOWP_RULE", "scaled_lowp_excess",
            "DEFAULT_LOWP_ULPS", "ROW_REDUCTION_ULPS", "FUSED_ULPS", "DEEP_MLP_ULPS"]
 
 FD_ATOL, FD_RTOL = 1e-5, 1e-3          # against finite differences: torch.autograd.gradcheck's defaults
@@ -62,3 +64,18 @@ def allowed_lowp_error(ref_err: torch.Tensor, truth: torch.Tensor, eps: float, u
     worst = ref_err[finite].max() if finite.any() else ref_err.new_zeros(())
     typical = truth[finite].abs().mean() if finite.any() else truth.new_zeros(())
     return 2 * worst + ulps * eps * (truth.abs() + typical)
+
+
+SCALED_LOWP_RULE = "|ours − truth| ≤ |reference − truth| + ulps·eps·scale, element by element"
+
+
+def scaled_lowp_excess(ours: torch.Tensor, reference: torch.Tensor, truth: torch.Tensor, ulps: float,
+                       scale: torch.Tensor) -> torch.Tensor:
+    """``SCALED_LOWP_RULE``: by how much ``ours`` (in its low-precision dtype, whose eps is used)
+    misses the rule at each element (≤ 0 everywhere passes). Stricter than ``LOWP_RULE``: the
+    reference's own error at the same element, not its worst, plus ``ulps`` roundings at ``scale``,
+    the size of the terms the element is computed from (a row's sum, not its nearly cancelled
+    result), which the caller derives for its op."""
+    eps = torch.finfo(ours.dtype).eps
+    truth = truth.double()
+    return (ours.double() - truth).abs() - (reference.double() - truth).abs() - ulps * eps * scale
