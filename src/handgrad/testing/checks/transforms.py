@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch._dynamo
 
 from ..report import CheckResult
 from .jacobians import outputs, outputs_and_grads
@@ -64,6 +63,8 @@ def check_vmap(c: Ctx) -> CheckResult:
 
 
 def check_compile(c: Ctx) -> CheckResult:
+    import torch._dynamo  # private, and slow to import: only when the check runs (not on `import handgrad`)
+
     v = c.grad_outputs()
     eager_out, eager_grads = outputs_and_grads(c.f, c.leaves(), v)
     notes = []
@@ -81,6 +82,8 @@ def compile_and_run(c: Ctx, v: list[torch.Tensor], notes: list[str]):
     """Compiled outputs and gradients: in one graph (``fullgraph=True``), or, when Dynamo cannot
     (``torch._dynamo.exc.Unsupported``, the one use of a private torch API in handgrad.testing)
     and the check is not strict, with graph breaks."""
+    import torch._dynamo
+
     try:
         try:
             compiled = torch.compile(c.f, backend=c.options.compile_backend, fullgraph=True)
