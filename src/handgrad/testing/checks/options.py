@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -56,6 +56,3 @@ def resolve_options(options: CheckOptions | None, values: dict[str, Any], caller
     base = options if options is not None else CheckOptions()
     return dataclasses.replace(base, **values) if values else base
 
-
-def as_dtypes(dtypes: Sequence[torch.dtype] | None) -> tuple[torch.dtype, ...] | None:
-    return tuple(dtypes) if dtypes else None
