@@ -50,16 +50,17 @@ _BAD = (
 
 # the backward subtracts a row reduction: tolerances.ROW_REDUCTION_ULPS says why
 _ULPS = ROW_REDUCTION_ULPS
+_REF = torch_reference("layer_norm")
 
 CASES = [
-    OpCase("layer_norm", F.layer_norm, torch_reference("layer_norm"), _layer_norm(1, True, True), lowp_ulps=_ULPS, shapes=(*DEFAULT_SHAPES, (13,)),
+    OpCase("layer_norm", F.layer_norm, _REF, _layer_norm(1, True, True), lowp_ulps=_ULPS, shapes=(*DEFAULT_SHAPES, (13,)),
            bad_inputs=_BAD),
-    OpCase("layer_norm[no-affine]", F.layer_norm, torch_reference("layer_norm"), _layer_norm(1, False, False), lowp_ulps=_ULPS),
-    OpCase("layer_norm[weight-only]", F.layer_norm, torch_reference("layer_norm"), _layer_norm(1, True, False), lowp_ulps=_ULPS,
+    OpCase("layer_norm[no-affine]", F.layer_norm, _REF, _layer_norm(1, False, False), lowp_ulps=_ULPS),
+    OpCase("layer_norm[weight-only]", F.layer_norm, _REF, _layer_norm(1, True, False), lowp_ulps=_ULPS,
            shapes=((2, 3), (2, 5, 13))),
-    OpCase("layer_norm[bias-only]", F.layer_norm, torch_reference("layer_norm"), _layer_norm(1, False, True), lowp_ulps=_ULPS,
+    OpCase("layer_norm[bias-only]", F.layer_norm, _REF, _layer_norm(1, False, True), lowp_ulps=_ULPS,
            shapes=((2, 3), (2, 5, 13))),
     # normalised over the last two dims; (5, 13) has no batch dim at all
-    OpCase("layer_norm[2d-shape]", F.layer_norm, torch_reference("layer_norm"), _layer_norm(2, True, True), lowp_ulps=_ULPS,
+    OpCase("layer_norm[2d-shape]", F.layer_norm, _REF, _layer_norm(2, True, True), lowp_ulps=_ULPS,
            shapes=((2, 3), (2, 5, 13), (0, 5, 13), (5, 13))),
 ]
