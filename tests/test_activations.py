@@ -10,6 +10,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as TF
 
 import handgrad.functional as F
+from handgrad import catalogue
 from handgrad.ops.activations import ACTIVATIONS, get_activation
 
 FLOATS = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -79,20 +80,18 @@ def test_softplus_above_threshold(dtype, beta, threshold):
 # --- huge inputs: finite wherever the float64 truth is --------------------------------------------
 
 _HUGE = {torch.float64: 1e300, torch.float32: 1e30, torch.bfloat16: 1e38, torch.float16: 6e4}
-_CALLS = {
-    "sigmoid": (F.sigmoid, torch.sigmoid, {}),
-    "tanh": (F.tanh, torch.tanh, {}),
-    "relu": (F.relu, TF.relu, {}),
-    "leaky_relu": (F.leaky_relu, TF.leaky_relu, {}),
-    "leaky_relu[-0.2]": (F.leaky_relu, TF.leaky_relu, {"negative_slope": -0.2}),
-    "elu": (F.elu, TF.elu, {}),
-    "elu[-0.5]": (F.elu, TF.elu, {"alpha": -0.5}),
-    "gelu": (F.gelu, TF.gelu, {}),
-    "gelu[tanh]": (F.gelu, TF.gelu, {"approximate": "tanh"}),
-    "silu": (F.silu, TF.silu, {}),
-    "softplus": (F.softplus, TF.softplus, {}),
-    "softplus[threshold=1e4]": (F.softplus, TF.softplus, {"threshold": 1e4}),
+# every activation of the catalogue with its defaults, and the option variants whose f' takes
+# another code path at huge |z| (a negative slope or α: f' from z; gelu's tanh form; a threshold
+# above exp's range)
+_VARIANTS = {
+    "leaky_relu[-0.2]": ("leaky_relu", {"negative_slope": -0.2}),
+    "elu[-0.5]": ("elu", {"alpha": -0.5}),
+    "gelu[tanh]": ("gelu", {"approximate": "tanh"}),
+    "softplus[threshold=1e4]": ("softplus", {"threshold": 1e4}),
 }
+_CALLS = {name: (catalogue.get(name).functional, catalogue.get(name).torch_function, {})
+          for name in catalogue.activations()}
+_CALLS |= {k: (catalogue.get(n).functional, catalogue.get(n).torch_function, kw) for k, (n, kw) in _VARIANTS.items()}
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
@@ -159,10 +158,9 @@ def test_gelu_exact_points(approximate, exact):
 
 # --- in place ------------------------------------------------------------------------------------
 
-INPLACE = [
-    ("relu", {}), ("leaky_relu", {}), ("leaky_relu", {"negative_slope": 0.2}),
-    ("elu", {}), ("elu", {"alpha": 0.5}), ("silu", {}),
-]
+# the activations that take ``inplace`` (the catalogue's options), plus a non-default slope and α
+INPLACE = [(op.name, {}) for op in catalogue.ops("activation") if "inplace" in op.options]
+INPLACE += [("leaky_relu", {"negative_slope": 0.2}), ("elu", {"alpha": 0.5})]
 INPLACE_IDS = [f"{n}{kw or ''}" for n, kw in INPLACE]
 
 
@@ -301,7 +299,7 @@ def test_saves_one_tensor(name, kw, saves):
 
 
 def test_get_activation():
-    assert set(ACTIVATIONS) == {"sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "silu", "softplus"}
+    assert set(ACTIVATIONS) == set(catalogue.activations())
     assert get_activation("gelu", approximate="tanh") is get_activation("gelu", approximate="tanh")
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         get_activation("swish")

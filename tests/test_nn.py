@@ -15,6 +15,8 @@ from torch import nn
 import handgrad
 import handgrad.functional as HF
 import handgrad.nn as hnn
+from handgrad import catalogue
+from handgrad.testing import check_function, check_module, references
 from handgrad.ops._function import HandFunction
 
 
@@ -53,51 +55,67 @@ def _bce():
     return lambda: (torch.randn(5, 3, dtype=torch.float64), torch.rand(5, 3, dtype=torch.float64))
 
 
+W4 = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=torch.float64)
+
+# The modules come from the catalogue (every op with an nn twin and a torch.nn class); what the
+# catalogue cannot say is how to build and call one: per op, (variant, constructor arguments,
+# the forward's arguments (float64), tensor constructor arguments such as CrossEntropyLoss's weight).
+# An activation without an entry gets the plain one; any other op without one fails
+# test_every_twin_has_module_cases.
+_PLAIN = ("", {}, _x(4, 5), {})
+VARIANTS: dict[str, list[tuple[str, dict, Callable[[], tuple], dict]]] = {
+    "linear": [("", dict(in_features=5, out_features=3), _x(4, 5), {}),
+               ("nobias", dict(in_features=5, out_features=3, bias=False), _x(2, 4, 5), {})],
+    "leaky_relu": [_PLAIN, ("slope", dict(negative_slope=0.2), _x(4, 5), {})],
+    "elu": [_PLAIN, ("alpha", dict(alpha=0.7), _x(4, 5), {})],
+    "gelu": [_PLAIN, ("tanh", dict(approximate="tanh"), _x(4, 5), {})],
+    "softplus": [_PLAIN, ("beta-threshold", dict(beta=2.0, threshold=1.0), _x(4, 5), {})],
+    "softmax": [("", dict(dim=1), _x(3, 4, 5), {})],
+    "log_softmax": [("", dict(dim=-1), _x(3, 4, 5), {})],
+    "layer_norm": [("", dict(normalized_shape=5), _x(4, 5), {}),
+                   ("2d-noaffine", dict(normalized_shape=(3, 5), eps=1e-3, elementwise_affine=False), _x(2, 3, 5), {}),
+                   ("nobias", dict(normalized_shape=5, bias=False), _x(4, 5), {})],
+    "mse_loss": [("", {}, _xy(4, 5), {}), ("sum", dict(reduction="sum"), _xy(4, 5), {})],
+    "cross_entropy": [("", {}, _logits_target(), {}),
+                      ("options", dict(ignore_index=2, label_smoothing=0.1, reduction="sum"), _logits_target(),
+                       dict(weight=W4))],
+    "nll_loss": [("", dict(ignore_index=1), _logprobs_target(), dict(weight=W4))],
+    "binary_cross_entropy_with_logits": [
+        ("", {}, _bce(), {}),
+        ("weights", dict(reduction="none"), _bce(), dict(weight=torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64),
+                                                         pos_weight=torch.tensor([2.0, 1.0, 0.25], dtype=torch.float64)))],
+}
+TWINNED = [op for op in catalogue.ops() if op.module is not None and op.torch_module is not None]
+
+
 @dataclass(frozen=True)
 class ModuleCase:
     id: str
-    name: str                       # the class name, in both torch.nn and handgrad.nn
+    op: catalogue.Op                # its twin and torch.nn class, and the functional it calls
     kwargs: dict
-    make: Callable[[], tuple]       # the forward's arguments (float64; the first gets a gradient)
-    needs: str                      # the handgrad.functional it calls
+    make: Callable[[], tuple]       # the forward's arguments (float64)
     buffers: dict = field(default_factory=dict)  # tensor constructor arguments (CrossEntropyLoss weight, …)
 
 
-W4 = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=torch.float64)
-CASES = [
-    ModuleCase("Linear", "Linear", dict(in_features=5, out_features=3), _x(4, 5), "linear"),
-    ModuleCase("Linear-nobias", "Linear", dict(in_features=5, out_features=3, bias=False), _x(2, 4, 5), "linear"),
-    ModuleCase("Sigmoid", "Sigmoid", {}, _x(4, 5), "sigmoid"),
-    ModuleCase("Tanh", "Tanh", {}, _x(4, 5), "tanh"),
-    ModuleCase("ReLU", "ReLU", {}, _x(4, 5), "relu"),
-    ModuleCase("LeakyReLU", "LeakyReLU", dict(negative_slope=0.2), _x(4, 5), "leaky_relu"),
-    ModuleCase("ELU", "ELU", dict(alpha=0.7), _x(4, 5), "elu"),
-    ModuleCase("GELU", "GELU", {}, _x(4, 5), "gelu"),
-    ModuleCase("GELU-tanh", "GELU", dict(approximate="tanh"), _x(4, 5), "gelu"),
-    ModuleCase("SiLU", "SiLU", {}, _x(4, 5), "silu"),
-    ModuleCase("Softplus", "Softplus", dict(beta=2.0, threshold=1.0), _x(4, 5), "softplus"),
-    ModuleCase("Softmax", "Softmax", dict(dim=1), _x(3, 4, 5), "softmax"),
-    ModuleCase("LogSoftmax", "LogSoftmax", dict(dim=-1), _x(3, 4, 5), "log_softmax"),
-    ModuleCase("LayerNorm", "LayerNorm", dict(normalized_shape=5), _x(4, 5), "layer_norm"),
-    ModuleCase("LayerNorm-2d-noaffine", "LayerNorm", dict(normalized_shape=(3, 5), eps=1e-3, elementwise_affine=False), _x(2, 3, 5), "layer_norm"),
-    ModuleCase("LayerNorm-nobias", "LayerNorm", dict(normalized_shape=5, bias=False), _x(4, 5), "layer_norm"),
-    ModuleCase("MSELoss", "MSELoss", {}, _xy(4, 5), "mse_loss"),
-    ModuleCase("MSELoss-sum", "MSELoss", dict(reduction="sum"), _xy(4, 5), "mse_loss"),
-    ModuleCase("CrossEntropyLoss", "CrossEntropyLoss", {}, _logits_target(), "cross_entropy"),
-    ModuleCase("CrossEntropyLoss-options", "CrossEntropyLoss", dict(ignore_index=2, label_smoothing=0.1, reduction="sum"),
-               _logits_target(), "cross_entropy", buffers=dict(weight=W4)),
-    ModuleCase("NLLLoss", "NLLLoss", dict(ignore_index=1), _logprobs_target(), "nll_loss", buffers=dict(weight=W4)),
-    ModuleCase("BCEWithLogitsLoss", "BCEWithLogitsLoss", {}, _bce(), "binary_cross_entropy_with_logits"),
-    ModuleCase("BCEWithLogitsLoss-weights", "BCEWithLogitsLoss", dict(reduction="none"), _bce(),
-               "binary_cross_entropy_with_logits",
-               buffers=dict(weight=torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64),
-                            pos_weight=torch.tensor([2.0, 1.0, 0.25], dtype=torch.float64))),
-]
+def _variants(op):
+    return VARIANTS.get(op.name, [_PLAIN] if op.kind == "activation" else [])
+
+
+CASES = [ModuleCase(f"{op.module}{'-' + v if v else ''}", op, kw, make, buf)
+         for op in TWINNED for v, kw, make, buf in _variants(op)]
 
 
 def build(case: ModuleCase, lib, seed: int = 0, **extra):
     torch.manual_seed(seed)
-    return getattr(lib, case.name)(**case.kwargs, **{k: v.clone() for k, v in case.buffers.items()}, **extra)
+    cls = case.op.twin if lib is hnn else case.op.torch_module
+    return cls(**case.kwargs, **{k: v.clone() for k, v in case.buffers.items()}, **extra)
+
+
+def test_every_twin_has_module_cases():
+    """Each catalogue op with an nn twin and a torch.nn class is tested here (a new op needs a way
+    to build and call its module, or it fails here)."""
+    assert [op.name for op in TWINNED if not _variants(op)] == []
+    assert not set(VARIANTS) - {op.name for op in TWINNED}, "entries for ops the catalogue gives no module pair"
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -122,7 +140,7 @@ def test_twin_of_torch_module(case):
             assert torch.equal(a, b), k
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.kwargs.get("bias", True) and c.name in ("Linear", "LayerNorm", "CrossEntropyLoss", "BCEWithLogitsLoss")], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [c for c in CASES if build(c, nn).state_dict()], ids=lambda c: c.id)
 def test_state_dict_loads_both_ways(case):
     ours, theirs = build(case, hnn, seed=0), build(case, nn, seed=1)
     with torch.no_grad():
@@ -137,29 +155,19 @@ def test_state_dict_loads_both_ways(case):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_forward_backward_match_torch(case, monkeypatch):
-    """float64: output, input gradient and parameter gradients equal torch.nn's; the module called
-    its handgrad functional once and the graph holds a handgrad Function, so it ran handgrad's
-    math and not torch's."""
+    """Outputs and the gradients of the inputs and every parameter equal torch.nn's in float64
+    (handgrad.testing's reference check, its tolerances); the module called its handgrad
+    functional once and the graph holds a handgrad Function, so it ran handgrad's math."""
     calls = []
-    real = getattr(HF, case.needs)
-    monkeypatch.setattr(HF, case.needs, lambda *a, **k: calls.append(1) or real(*a, **k))
-    factory = dict(dtype=torch.float64) if case.name in ("Linear", "LayerNorm") else {}
-    ours, theirs = build(case, hnn, **factory), build(case, nn, **factory)
+    real = getattr(HF, case.op.name)
+    monkeypatch.setattr(HF, case.op.name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    ours, theirs = build(case, hnn).double(), build(case, nn).double()  # the inputs are float64
     args = case.make()
-    x_ours = args[0].clone().requires_grad_()
-    x_theirs = args[0].clone().requires_grad_()
-    y_ours = ours(x_ours, *args[1:])
-    y_theirs = theirs(x_theirs, *args[1:])
-    assert calls == [1] and handgrad_nodes(y_ours), "the module did not run a handgrad op"
-    assert y_ours.dtype == y_theirs.dtype and y_ours.shape == y_theirs.shape
-    # float64 on both sides: the only difference is summation order (rounding ~1e-16 relative)
-    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-10, atol=1e-12)
-    g = torch.randn_like(y_theirs)
-    y_ours.backward(g)
-    y_theirs.backward(g)
-    torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=1e-10, atol=1e-12)
-    for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=n)
+    y = ours(args[0].clone().requires_grad_(), *args[1:])
+    assert calls == [1] and handgrad_nodes(y), "the module did not run a handgrad op"
+    monkeypatch.undo()
+    report = check_module(ours, *args, reference=theirs, checks=("reference", "needs_grad"), name=case.id)
+    assert report.ok, report
 
 
 @pytest.mark.parametrize("name", ["Linear", "LayerNorm"])
@@ -182,16 +190,14 @@ def test_inplace_activation_matches_torch():
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 def test_half_squared_error_loss(reduction):
-    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(6, 3, dtype=torch.float64)
-    per_sample = 0.5 * ((x - y) ** 2).sum(-1)  # C^n = ½‖x_n − y_n‖²
-    expected = {"sum": per_sample.sum(), "mean": per_sample.mean(), "none": per_sample}[reduction]
-    loss = hnn.HalfSquaredErrorLoss(reduction=reduction)(x, y)
-    assert handgrad_nodes(loss)
-    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)  # float64, a handful of terms
-    (gx,) = torch.autograd.grad(loss.sum(), x)
-    (gx_ref,) = torch.autograd.grad(expected.sum(), x)
-    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+    """C^n = ½‖x_n − y_n‖², summed, averaged or kept: the seed's loss (testing.references) in
+    float64, through handgrad's Function."""
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    loss = hnn.HalfSquaredErrorLoss(reduction=reduction)
+    assert handgrad_nodes(loss(x.requires_grad_(), y))
+    reference = lambda input, target: references.half_squared_error(input, target, reduction)  # noqa: E731
+    report = check_function(loss, x.detach(), y, reference=reference, checks=("reference", "needs_grad"))
+    assert report.ok, report
 
 
 def test_half_squared_error_loss_module():
@@ -202,15 +208,7 @@ def test_half_squared_error_loss_module():
 
 # --- MLP: the seed's network ------------------------------------------------------------------
 
-def torch_mlp(sizes, activation="sigmoid", bias=True, last_activation=None, dtype=None):
-    acts = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b, bias=bias, dtype=dtype))
-        act = activation if i < len(sizes) - 2 else last_activation
-        if act is not None:
-            layers.append(acts[act]())
-    return nn.Sequential(*layers)
+torch_mlp = references.sequential_mlp  # the torch twin of MLP, written once
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -247,17 +245,10 @@ def test_mlp_matches_torch(fused, activation, last_activation, bias):
     torch.manual_seed(0)
     theirs = torch_mlp(sizes, activation, bias, last_activation, dtype=torch.float64)
     x = torch.randn(6, 5, dtype=torch.float64)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = ours(xa), theirs(xb)
-    nodes = handgrad_nodes(ya)
+    nodes = handgrad_nodes(ours(x.clone().requires_grad_()))
     assert nodes and (len(set(nodes)) == 1 if fused else "LinearFn" in nodes)  # fused: one op for the stack
-    torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-12)  # float64, summation order only
-    g = torch.randn_like(yb)
-    ya.backward(g)
-    yb.backward(g)
-    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-12)
-    for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=n)
+    report = check_module(ours, x, reference=theirs, checks=("reference", "needs_grad"))
+    assert report.ok, report
 
 
 def test_mlp_fused_calls_functional_mlp(monkeypatch):

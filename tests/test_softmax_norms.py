@@ -10,6 +10,7 @@ import torch.nn.functional as TF
 from torch.autograd import gradcheck, gradgradcheck
 
 import handgrad.functional as F
+from handgrad.testing.tolerances import scaled_lowp_excess
 
 SOFTMAXES = [pytest.param(F.softmax, TF.softmax, id="softmax"), pytest.param(F.log_softmax, TF.log_softmax, id="log_softmax")]
 INF = float("inf")
@@ -124,13 +125,12 @@ def _row_scale(name, y, g, dim):
 @pytest.mark.parametrize("shape", [(7, 13), (2, 5, 13), (64, 13), (16, 100)], ids=str)
 @pytest.mark.parametrize("ours,theirs", SOFTMAXES)
 def test_float32_parity_at_the_row_scale(ours, theirs, shape, dim):
-    """float32 against a float64 truth, as the registry's low-precision test does, but with the
+    """float32 against a float64 truth, as the registry's low-precision check does, but with
     margin at the scale where the error lives: |ours − truth| ≤ |torch − truth| + 4 eps·scale.
     Output: scale |truth| + mean|truth|; 4 eps, not 2, because exp's argument X − m is itself
     rounded (relative error |X − m|·eps/2 in Y, ~2 ulps for logits spread over ±9), for torch too.
     Gradient: scale |truth| + the row scale of ``_row_scale``."""
     name = "softmax" if ours is F.softmax else "log_softmax"
-    eps = torch.finfo(torch.float32).eps
     for seed in range(5):
         torch.manual_seed(seed)
         x = (torch.randn(shape, dtype=torch.float64) * 3).float()   # scale 3: confident rows too
@@ -141,7 +141,7 @@ def test_float32_parity_at_the_row_scale(ours, theirs, shape, dim):
         scales = (truth.abs() + truth.abs().mean(), truth_gx.abs() + _row_scale(name, truth, g, dim))
         for what, a, b, t, scale in (("output", y, ry, truth, scales[0]), ("gradient", gx, rgx, truth_gx, scales[1])):
             assert a.dtype == torch.float32
-            excess = (a.double() - t).abs() - (b.double() - t).abs() - 4 * eps * scale
+            excess = scaled_lowp_excess(a, b, t, 4.0, scale)
             assert excess.max() <= 0, f"seed {seed}: {what} exceeds the margin by {excess.max().item():.3g}"
 
 
@@ -202,7 +202,6 @@ def test_layer_norm_float32_parity_at_the_sum_scale(shape, K, affine):
     margin at the scale of the summed terms (``_layer_norm_scales``):
     |ours − truth| ≤ |torch − truth| + 4 eps·(|truth| + scale) — 4 eps: a few roundings in each of
     two row reductions (μ, var) and the subtraction that follows them."""
-    eps = torch.finfo(torch.float32).eps
     row = shape[len(shape) - K:]
     for seed in range(5):
         torch.manual_seed(seed)
@@ -220,7 +219,7 @@ def test_layer_norm_float32_parity_at_the_sum_scale(shape, K, affine):
         scales = _layer_norm_scales(*[None if t is None else t.double() for t in (x, w, b, g)], K)
         for what, t, a, r, scale in zip(("output", "grad x", "grad w", "grad b"), truth, ours, theirs, scales):
             assert a.dtype == torch.float32
-            excess = (a.double() - t).abs() - (r.double() - t).abs() - 4 * eps * (t.abs() + scale)
+            excess = scaled_lowp_excess(a, r, t, 4.0, t.abs() + scale)
             assert excess.max() <= 0, f"seed {seed}: {what} exceeds the margin by {excess.max().item():.3g}"
 
 
@@ -255,8 +254,7 @@ def test_layer_norm_mixed_dtype(dtype):
         # One rounding at a's dtype, at the element's or the tensor's typical size (STYLE.md §7).
         # torch's ∂L/∂w, ∂L/∂b come out ~1e-2 off here (summed in the input's dtype, it seems);
         # handgrad's are float32 sums, so they pass with room to spare.
-        margin = 2 * torch.finfo(a.dtype).eps * (t.abs() + t.abs().mean())
-        excess = (a.double() - t).abs() - (r.double() - t).abs() - margin
+        excess = scaled_lowp_excess(a, r, t, 2.0, t.abs() + t.abs().mean())
         assert excess.max() <= 0, f"{what}: exceeds the margin by {excess.max().item():.3g}"
 
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as TF
 
 import handgrad.functional as F
-from handgrad.testing import ALL, GradientCheckError, Report, assert_gradients_match, check_function, check_module
+from handgrad.testing import (ALL, BadInput, CheckOptions, GradientCheckError, Inputs, Report, assert_gradients_match,
+                              check_function, check_module, get_case)
 from handgrad.testing import examples as E
 
 
@@ -24,20 +25,26 @@ def _check(factory, checks, **kw) -> Report:
 
 
 def test_correct_function_passes_every_check():
-    report = _check(E.linear, ALL)
+    fn, inputs, reference = E.linear()
+    bad = BadInput("features mismatch", lambda: Inputs((torch.randn(2, 3), torch.randn(4, 5))), ())
+    report = check_function(fn, *inputs, reference=reference, bad_inputs=(bad,))
     assert report.ok, report
     assert [c.name for c in report.checks] == list(ALL)
     # a user's Function with a jvp: Dynamo cannot put it in one graph (torch 2.13), so the
-    # non-strict compile check falls back to fullgraph=False and says so; every other check ran.
+    # non-strict compile check falls back to fullgraph=False and says so. MyLinear's backward
+    # multiplies autocast's bfloat16 G by the float32 X, which torch refuses: autocast is a
+    # feature it lacks (a skip naming why; a failure when strict). Every other check passed.
     statuses = {c.name: c.status for c in report.checks}
+    assert statuses.pop("autocast") == "skip" and "autocast" in report["autocast"].message
     assert all(s == "pass" for s in statuses.values()), statuses
     assert "fullgraph=False" in report["compile"].message
+    assert not check_function(fn, *inputs, reference=reference, checks=("autocast",), strict=True).ok
 
 
 def test_handgrad_op_passes_strictly():
     """A handgrad op supports everything: strict mode (no skips, compile in one graph) passes."""
     x, w, b = torch.randn(5, 3), torch.randn(4, 3), torch.randn(4)
-    report = check_function(F.linear, x, w, b, reference=TF.linear, strict=True)
+    report = check_function(F.linear, x, w, b, reference=TF.linear, strict=True, bad_inputs=get_case("linear").bad_inputs)
     assert report.ok, report
     assert {c.status for c in report.checks} == {"pass"}
 
@@ -281,3 +288,38 @@ def test_check_module():
     assert report["gradcheck"].subject == "the gradient of parameter weight"
     with pytest.raises(AssertionError, match="parameter weight"):
         assert_gradients_match(bad, torch.nn.Linear(4, 4), torch.randn(5, 4), checks=("gradcheck",))
+
+
+def test_torch_func_catches_a_wrong_jvp():
+    """jacfwd runs the jvp under vmap: a wrong jvp is caught there too, with where it is wrong."""
+    r = _check(E.wrong_jvp, ("torch_func",))["torch_func"]
+    assert r.status == "fail" and "jacfwd" in r.message and r.subject.startswith("torch.func.jacfwd"), r
+
+
+def test_bad_inputs_wrong_type_missing_name_and_accepted():
+    def picky(x, w):
+        if x.shape[-1] != w.shape[-1]:
+            raise ValueError("shapes differ")  # torch raises RuntimeError, naming mat1 and mat2
+        return TF.linear(x, w)
+
+    bad = (
+        BadInput("features mismatch", lambda: Inputs((torch.randn(2, 3), torch.randn(4, 5))), ()),
+        BadInput("3-D weight", lambda: Inputs((torch.randn(2, 3), torch.randn(2, 4, 3))), ("weight",)),
+        BadInput("not bad at all", lambda: Inputs((torch.randn(2, 3), torch.randn(4, 3))), ()),
+    )
+    r = check_function(picky, torch.randn(2, 3), torch.randn(4, 3), reference=TF.linear, bad_inputs=bad,
+                       checks=("bad_inputs",))["bad_inputs"]
+    assert r.status == "fail"
+    assert "features mismatch: raised ValueError" in r.message and "the reference raises RuntimeError" in r.message
+    assert "3-D weight" in r.message and "does not name ['weight']" in r.message
+    assert "not bad at all: the reference accepts it" in r.message
+    assert check_function(picky, torch.randn(2, 3), torch.randn(4, 3), checks=("bad_inputs",))["bad_inputs"].status == "skip"
+
+
+def test_options_as_one_value_or_keywords():
+    fn, inputs, _ = E.wrong_scale()
+    loose = CheckOptions(atol=100.0, rtol=0.0)
+    assert check_function(fn, *inputs, checks=("gradcheck",), options=loose).ok
+    assert not check_function(fn, *inputs, checks=("gradcheck",), options=loose, atol=1e-5, rtol=1e-3).ok  # keywords win
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['atoll'\\]"):
+        check_function(fn, *inputs, checks=("gradcheck",), atoll=1.0)

@@ -5,32 +5,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as TF
 
+from ... import catalogue
 from ... import functional as F
-from ...ops.activations import ACTIVATIONS
-from ..registry import BadInput, Inputs, OpCase, randn
+from ..references import mlp as mlp_reference
+from ..references import torch_reference
+from ..tolerances import DEEP_MLP_ULPS, FUSED_ULPS
+from ..types import BadInput, Inputs, OpCase, randn
 
-# activation name → (options, the torch function). Those the activation table does not hold
-# (yet) get no case; tests/test_fused.py::test_every_activation_has_a_fused_case names them.
-FUSED_ACTIVATIONS = {
-    "sigmoid": ({}, torch.sigmoid),
-    "tanh": ({}, torch.tanh),
-    "relu": ({}, TF.relu),
-    "leaky_relu": ({"negative_slope": 0.2}, lambda z: TF.leaky_relu(z, 0.2)),
-    "gelu": ({"approximate": "tanh"}, lambda z: TF.gelu(z, approximate="tanh")),
-    "silu": ({}, TF.silu),
-}
-
-
-# Low-precision margin (STYLE.md §7) of the fused ops: 4 ulps, not the registry's 2. A fused op
-# rounds in another order than torch's op-by-op chain (Δ = G ⊙ (y(1 − y)) against torch's
-# sigmoid_backward (G(1 − y))y; the loss as lse − Q·Z against −Σ Q log_softmax), and the
-# reductions 1ᵀΔ, ΔᵀX, Σℓ cancel, so an element's error follows the sum of |terms|, not |sum|.
-# Measured worst (float32, this registry's inputs): 3.6 ulps (linear_cross_entropy, smoothing).
-FUSED_ULPS = 4.0
+# Every activation of the catalogue, with the options its fused case passes: a non-default where
+# the default would leave an option's code path unchecked.
+_OPTIONS = {"leaky_relu": {"negative_slope": 0.2}, "gelu": {"approximate": "tanh"}}
+FUSED_ACTIVATIONS = {name: _OPTIONS.get(name, {}) for name in catalogue.activations()}
 
 
 def _linear_act_case(name: str, bias: bool = True, bad=()) -> OpCase:
-    options, torch_f = FUSED_ACTIVATIONS[name]
+    options, torch_f = FUSED_ACTIVATIONS[name], torch_reference(name)
 
     def make(shape, dtype, device):
         D_in, D_out = shape[-1], 4
@@ -41,7 +30,7 @@ def _linear_act_case(name: str, bias: bool = True, bad=()) -> OpCase:
         return F.linear_act(x, w, b, name, **options)
 
     def reference(x, w, b):
-        return torch_f(TF.linear(x, w, b))
+        return torch_f(TF.linear(x, w, b), **options)
 
     return OpCase(f"linear_act[{name}{'' if bias else ',no-bias'}]", ours, reference, make, bad_inputs=bad,
                   lowp_ulps=FUSED_ULPS)
@@ -51,9 +40,6 @@ def _mlp_case(activation: str, last: str | None, bias: bool, widths=(5, 3), bad=
     """x → widths[0] → … → widths[-1]; the parameters are flat arguments w1, b1, w2, b2, …
     (the registry checks positional tensors), regrouped into the lists ``mlp`` takes."""
     # mlp takes activation names with their default options: torch's functions with theirs
-    torch_act, torch_last = getattr(TF, activation), None if last is None else getattr(TF, last)
-    L = len(widths)
-
     def make(shape, dtype, device):
         args, d_in = [randn(shape, dtype, device)], shape[-1]
         for d_out in widths:
@@ -66,13 +52,9 @@ def _mlp_case(activation: str, last: str | None, bias: bool, widths=(5, 3), bad=
         return F.mlp(x, params[0::2], params[1::2], activation=activation, last_activation=last)
 
     def reference(x, *params):
-        for l in range(L):
-            x = TF.linear(x, params[2 * l], params[2 * l + 1])
-            f = torch_act if l < L - 1 else torch_last
-            if f is not None:
-                x = f(x)
-        return x
+        return mlp_reference(x, params[0::2], params[1::2], activation, last)
 
+    L = len(widths)
     name = f"mlp[{activation},last={last}{'' if bias else ',no-bias'}{',' + str(L) + '-layer' if L != 2 else ''}]"
     return OpCase(name, ours, reference, make, bad_inputs=bad, lowp_ulps=ulps or FUSED_ULPS)
 
@@ -126,24 +108,17 @@ _MLP_BAD = (
 )
 
 
-def _available(name: str) -> bool:
-    return name in ACTIVATIONS
-
-
 CASES = [
-    *[_linear_act_case(name, bad=_LINEAR_ACT_BAD if name == "sigmoid" else ()) for name in FUSED_ACTIVATIONS if _available(name)],
-    *[_mlp_case(name, None, True, bad=_MLP_BAD if name == "sigmoid" else ()) for name in FUSED_ACTIVATIONS if _available(name)],
-    # the seed: every layer sigmoid, 3 layers. Each Δ_l's rounding difference (FUSED_ULPS) is carried
-    # through the layers below by their GEMMs: measured up to 10.4 float32 ulps with this
-    # registry's inputs.
-    _mlp_case("sigmoid", "sigmoid", True, widths=(5, 4, 3), ulps=16.0),
+    *[_linear_act_case(name, bad=_LINEAR_ACT_BAD if name == "sigmoid" else ()) for name in FUSED_ACTIVATIONS],
+    *[_mlp_case(name, None, True, bad=_MLP_BAD if name == "sigmoid" else ()) for name in FUSED_ACTIVATIONS],
+    # the seed: every layer sigmoid, 3 layers
+    _mlp_case("sigmoid", "sigmoid", True, widths=(5, 4, 3), ulps=DEEP_MLP_ULPS),
     _mlp_case("sigmoid", "sigmoid", False, widths=(4,)),         # one layer, no bias
     _lce_case("mean"),
     _lce_case("sum", label_smoothing=0.2),
     _lce_case("none"),
     _lce_case("mean", label_smoothing=0.1, bias=False),
+    _mlp_case("relu", "sigmoid", False),
+    _linear_act_case("relu", bias=False),
 ]
-if _available("relu"):
-    CASES.append(_mlp_case("relu", "sigmoid", False))
-    CASES.append(_linear_act_case("relu", bias=False))
 

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as TF
 
 from ... import functional as F
-from ..registry import BadInput, Inputs, OpCase, randn
+from ..references import torch_reference
+from ..types import BadInput, Inputs, OpCase, randn
 
 
 def _linear(bias: str):
@@ -41,9 +41,12 @@ _BAD = (
 )
 
 CASES = [
-    OpCase("linear", F.linear, TF.linear, _linear("vector"), shapes=((2, 3), (7, 13), (2, 5, 13), (0, 13), (13,)),
+    OpCase("linear", F.linear, torch_reference("linear"), _linear("vector"), shapes=((2, 3), (7, 13), (2, 5, 13), (0, 13), (13,)),
            bad_inputs=_BAD),
-    OpCase("linear[no-bias]", F.linear, TF.linear, _linear("none")),
-    OpCase("linear[full-bias]", F.linear, TF.linear, _linear("full"), shapes=((2, 3), (2, 5, 13))),
-    OpCase("linear[1d-weight]", F.linear, TF.linear, _weight_1d, shapes=((2, 3), (13,))),
+    OpCase("linear[no-bias]", F.linear, torch_reference("linear"), _linear("none"),
+           bad_inputs=(_bad("features mismatch", (7, 13), (4, 12), None, ("input", "weight", "[7, 13]", "[4, 12]")),)),
+    OpCase("linear[full-bias]", F.linear, torch_reference("linear"), _linear("full"), shapes=((2, 3), (2, 5, 13)),
+           bad_inputs=(_bad("bias that would grow the output", (2, 5, 3), (4, 3), (3, 2, 5, 4), ("bias", "[3, 2, 5, 4]")),)),
+    OpCase("linear[1d-weight]", F.linear, torch_reference("linear"), _weight_1d, shapes=((2, 3), (13,)),
+           bad_inputs=(_bad("1-D weight of the wrong size", (2, 3), (4,), None, ("weight", "[4]", "[2, 3]")),)),
 ]

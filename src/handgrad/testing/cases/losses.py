@@ -10,23 +10,16 @@ checks the nan of an empty mean by name.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as TF
-from torch.nn import _reduction as _Reduction
 
 from ... import functional as F
-from ..registry import BadInput, Inputs, OpCase, randn
+from ..references import half_squared_error as half_squared_error_reference
+from ..references import torch_reference
+from ..types import BadInput, Inputs, OpCase, randn
 
 
 # Input shapes for the class losses (the shape is the input's: (N, C, d1, …), or (C,) unbatched)
 CLASS_SHAPES = ((2, 3), (7, 13), (2, 5, 13), (13,))
 K_DIM_SHAPES = ((7, 13), (2, 3, 4, 5), (2, 3, 2, 2, 2), (2, 3, 1, 2, 2, 2))  # K = 0, 2, 3, 4
-
-
-def half_squared_error_reference(input, target, reduction="sum"):
-    """The seed's loss in plain torch ops: Σ_n ½‖x_n − y_n‖²."""
-    _Reduction.get_enum(reduction)  # torch's reduction check (ValueError)
-    per_row = 0.5 * ((input - target) ** 2).sum(-1)
-    return {"none": per_row, "sum": per_row.sum(), "mean": per_row.mean()}[reduction]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,12 +195,12 @@ SMALL_WITH_EMPTY = SMALL + ((0, 5),)
 CASES = [
     # mse_loss: 'mean' over every element; target differentiable; weight (torch 2.13) divides the
     # mean by Σ w and is differentiable
-    OpCase("mse_loss", F.mse_loss, TF.mse_loss, _pair(reduction="mean"), shapes=NONEMPTY,
+    OpCase("mse_loss", F.mse_loss, torch_reference("mse_loss"), _pair(reduction="mean"), shapes=NONEMPTY,
            bad_inputs=_MSE_BAD),
-    OpCase("mse_loss[sum,broadcast-target]", F.mse_loss, TF.mse_loss, _pair(reduction="sum", target_shape="row"),
+    OpCase("mse_loss[sum,broadcast-target]", F.mse_loss, torch_reference("mse_loss"), _pair(reduction="sum", target_shape="row"),
            shapes=SMALL_WITH_EMPTY),
-    OpCase("mse_loss[none]", F.mse_loss, TF.mse_loss, _pair(reduction="none"), shapes=SMALL_WITH_EMPTY),
-    OpCase("mse_loss[weight]", F.mse_loss, TF.mse_loss, _pair(reduction="mean", weight=True), shapes=SMALL),
+    OpCase("mse_loss[none]", F.mse_loss, torch_reference("mse_loss"), _pair(reduction="none"), shapes=SMALL_WITH_EMPTY),
+    OpCase("mse_loss[weight]", F.mse_loss, torch_reference("mse_loss"), _pair(reduction="mean", weight=True), shapes=SMALL),
     # the seed's loss Σ_n ½‖x_n − y_n‖²
     OpCase("half_squared_error", F.half_squared_error, half_squared_error_reference, _pair(reduction="sum"),
            shapes=WITH_EMPTY + ((13,),), bad_inputs=_HSE_BAD),
@@ -216,34 +209,34 @@ CASES = [
     OpCase("half_squared_error[none]", F.half_squared_error, half_squared_error_reference, _pair(reduction="none"),
            shapes=SMALL_WITH_EMPTY),
     # cross_entropy, class indices
-    OpCase("cross_entropy", F.cross_entropy, TF.cross_entropy, _classes(reduction="mean"), shapes=CLASS_SHAPES,
+    OpCase("cross_entropy", F.cross_entropy, torch_reference("cross_entropy"), _classes(reduction="mean"), shapes=CLASS_SHAPES,
            bad_inputs=_class_bad("cross_entropy")),
-    OpCase("cross_entropy[sum,weight,ignore_index]", F.cross_entropy, TF.cross_entropy,
+    OpCase("cross_entropy[sum,weight,ignore_index]", F.cross_entropy, torch_reference("cross_entropy"),
            _classes(reduction="sum", weight=True, ignore_index=-100), shapes=((0, 13), (7, 13), (2, 3, 2, 3))),
-    OpCase("cross_entropy[mean,weight,ignore_index=1,smoothing]", F.cross_entropy, TF.cross_entropy,
+    OpCase("cross_entropy[mean,weight,ignore_index=1,smoothing]", F.cross_entropy, torch_reference("cross_entropy"),
            _classes(reduction="mean", weight=True, ignore_index=1, label_smoothing=0.2), shapes=K_DIM_SHAPES),
-    OpCase("cross_entropy[none,weight,ignore_index,smoothing]", F.cross_entropy, TF.cross_entropy,
+    OpCase("cross_entropy[none,weight,ignore_index,smoothing]", F.cross_entropy, torch_reference("cross_entropy"),
            _classes(reduction="none", weight=True, ignore_index=-100, label_smoothing=0.1),
            shapes=((7, 13), (2, 3, 4), (0, 13), (13,))),
     # cross_entropy, class probabilities (differentiable target)
-    OpCase("cross_entropy[probs]", F.cross_entropy, TF.cross_entropy, _probs(reduction="mean"),
+    OpCase("cross_entropy[probs]", F.cross_entropy, torch_reference("cross_entropy"), _probs(reduction="mean"),
            shapes=((2, 3), (5, 7), (2, 3, 2, 3), (13,))),
-    OpCase("cross_entropy[probs,none,weight,smoothing]", F.cross_entropy, TF.cross_entropy,
+    OpCase("cross_entropy[probs,none,weight,smoothing]", F.cross_entropy, torch_reference("cross_entropy"),
            _probs(reduction="none", weight=True, label_smoothing=0.3), shapes=((5, 7), (2, 3, 4), (0, 13))),
     # nll_loss on log-probability-like inputs (any reals: the loss is linear in them)
-    OpCase("nll_loss", F.nll_loss, TF.nll_loss, _classes(reduction="mean"), shapes=CLASS_SHAPES,
+    OpCase("nll_loss", F.nll_loss, torch_reference("nll_loss"), _classes(reduction="mean"), shapes=CLASS_SHAPES,
            bad_inputs=_class_bad("nll_loss")),
-    OpCase("nll_loss[mean,weight,ignore_index=1]", F.nll_loss, TF.nll_loss,
+    OpCase("nll_loss[mean,weight,ignore_index=1]", F.nll_loss, torch_reference("nll_loss"),
            _classes(reduction="mean", weight=True, ignore_index=1), shapes=K_DIM_SHAPES),
-    OpCase("nll_loss[sum,ignore_index]", F.nll_loss, TF.nll_loss, _classes(reduction="sum", ignore_index=-100),
+    OpCase("nll_loss[sum,ignore_index]", F.nll_loss, torch_reference("nll_loss"), _classes(reduction="sum", ignore_index=-100),
            shapes=((7, 13), (0, 13), (2, 3, 4, 5))),
-    OpCase("nll_loss[none,weight,ignore_index]", F.nll_loss, TF.nll_loss,
+    OpCase("nll_loss[none,weight,ignore_index]", F.nll_loss, torch_reference("nll_loss"),
            _classes(reduction="none", weight=True, ignore_index=-100), shapes=((7, 13), (2, 5, 13), (0, 13), (13,))),
     # binary_cross_entropy_with_logits
-    OpCase("binary_cross_entropy_with_logits", F.binary_cross_entropy_with_logits, TF.binary_cross_entropy_with_logits,
+    OpCase("binary_cross_entropy_with_logits", F.binary_cross_entropy_with_logits, torch_reference("binary_cross_entropy_with_logits"),
            _bce(reduction="mean"), shapes=NONEMPTY, bad_inputs=_BCE_BAD),
     OpCase("binary_cross_entropy_with_logits[sum,weight,pos_weight]", F.binary_cross_entropy_with_logits,
-           TF.binary_cross_entropy_with_logits, _bce(reduction="sum", weight=True, pos_weight=True), shapes=SMALL_WITH_EMPTY),
+           torch_reference("binary_cross_entropy_with_logits"), _bce(reduction="sum", weight=True, pos_weight=True), shapes=SMALL_WITH_EMPTY),
     OpCase("binary_cross_entropy_with_logits[none,pos_weight]", F.binary_cross_entropy_with_logits,
-           TF.binary_cross_entropy_with_logits, _bce(reduction="none", pos_weight=True), shapes=SMALL_WITH_EMPTY),
+           torch_reference("binary_cross_entropy_with_logits"), _bce(reduction="none", pos_weight=True), shapes=SMALL_WITH_EMPTY),
 ]
