@@ -36,8 +36,6 @@ TORCH_DIFFERS = {
     ("linear", "bias"): "nn.Linear's bias is a flag (True); F.linear's is the tensor (None)",
     ("linear_cross_entropy", "ignore_index"): "F.linear_cross_entropy's None means -100 for class-index targets",
 }
-# activations with no fused case yet (testing/cases/fused.py: issue 9's drift, fixed on H2's branch)
-FUSED_DRIFT = {"elu", "softplus"}
 
 
 def _case_op(case_name: str) -> str:
@@ -227,9 +225,7 @@ FUSED_WITH_ACTIVATION = [op for op in catalogue.ops("fused") if "activation" in 
 
 
 @pytest.mark.parametrize("op,activation", [
-    pytest.param(op, a, marks=pytest.mark.xfail(a in FUSED_DRIFT, strict=False,
-                                                 reason=f"no fused {a} case yet (testing/cases/fused.py drift, issue 9)"))
-    for op in FUSED_WITH_ACTIVATION for a in catalogue.activations()
+    pytest.param(op, a) for op in FUSED_WITH_ACTIVATION for a in catalogue.activations()
 ], ids=lambda v: getattr(v, "name", v))
 def test_fused_cases_cover_every_activation(op, activation):
     # linear_act and mlp take every activation (catalogue.activations()): each needs a case
