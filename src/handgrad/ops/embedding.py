@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ._function import HandFunction
+from ._function import HandFunction, opmath
 
 __all__ = ["EmbeddingFn", "embedding_renorm_"]
 
@@ -32,7 +32,7 @@ class EmbeddingFn(HandFunction):
     scale_grad_by_freq, else 1):
         ∂L/∂W = Eᵀ (c ⊙ G)       a scatter-add of G's rows into rows idx   (V, D)
     It is linear in G; its own backward (double backward) is the gather again, (c ⊙ E Ġ).
-    idx gets no gradient (integer).
+    idx gets no gradient (integer). float16/bfloat16 rows are summed in float32 and rounded once.
     Forward mode: Ẏ = Ẇ[idx].
     Derivation: docs/derivation.md#embedding
     """
@@ -46,7 +46,7 @@ class EmbeddingFn(HandFunction):
         idx, weight, padding_idx, scale_grad_by_freq = inputs
         ctx.save_for_backward(idx)
         ctx.save_for_forward(idx)
-        ctx.V = weight.shape[0]
+        ctx.V, ctx.w_dtype = weight.shape[0], weight.dtype
         ctx.padding_idx, ctx.scale_grad_by_freq = padding_idx, scale_grad_by_freq
 
     @staticmethod
@@ -55,11 +55,12 @@ class EmbeddingFn(HandFunction):
         grad_w = None
         if ctx.needs_input_grad[1]:
             flat = idx.reshape(-1)                                                  # (n,)
-            G = grad_y.reshape(flat.numel(), grad_y.shape[-1])                     # (n, D)
+            G = opmath(grad_y).reshape(flat.numel(), grad_y.shape[-1])             # (n, D), float32 for half
             c = _row_scale(flat, ctx.V, ctx.padding_idx, ctx.scale_grad_by_freq, G.dtype)
             if c is not None:
                 G = G * c                                                           # c ⊙ G
             grad_w = G.new_zeros(ctx.V, G.shape[1]).index_add(0, flat, G)          # Eᵀ (c ⊙ G)  (V, D)
+            grad_w = grad_w.to(ctx.w_dtype)
         return None, grad_w, None, None
 
     @staticmethod
