@@ -101,16 +101,16 @@ class Norm:
             return x.reshape(N, self.k, x.numel() // max(N * self.k, 1)), (-1,)
         return x, tuple(range(-self.k, 0))                           # (*, row): over the row
 
-    def param_shape(self, shape, x: torch.Tensor) -> tuple[int, ...]:
-        """The shape a w or b of ``shape`` takes to broadcast against x: (C, 1…1) per channel,
-        the row as it is."""
+    def param_shape(self, shape, ndim: int) -> tuple[int, ...]:
+        """The shape a w or b of ``shape`` takes to broadcast against an X of ``ndim`` dims:
+        (C, 1…1) per channel, the row as it is."""
         if self.over == "trailing":
             return tuple(shape)
-        return (shape[0], *([1] * (x.dim() - 2)))                    # (C, 1…1)
+        return (shape[0], *([1] * (ndim - 2)))                       # (C, 1…1)
 
     def param(self, t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
         """w or b viewed to broadcast against x."""
-        return None if t is None else t.reshape(self.param_shape(t.shape, x))
+        return None if t is None else t.reshape(self.param_shape(t.shape, x.dim()))
 
 
 def _xhat(x: torch.Tensor, spec: Norm):
@@ -171,6 +171,7 @@ class NormFn(HandFunction):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
+        ndim = grad_y.dim()
         spec = ctx.spec
         G = opmath(grad_y)                                                   # X's shape
         grad_x = grad_w = grad_b = None
@@ -184,10 +185,10 @@ class NormFn(HandFunction):
             grad_x = normalize_dx(xhs, rstd, gys, dims, spec.center)         # rstd·(gy − mean(gy) − x̂·mean(gy ⊙ x̂))
             grad_x = grad_x.reshape(x.shape).to(ctx.x_dtype)
         if ctx.w is not None and ctx.needs_input_grad[1]:
-            shape = spec.param_shape(ctx.w[0], x)
+            shape = spec.param_shape(ctx.w[0], ndim)
             grad_w = (G * xhat).sum_to_size(shape).reshape(ctx.w[0]).to(ctx.w[1])   # Σ_rest G ⊙ x̂
         if ctx.b is not None and ctx.needs_input_grad[2]:
-            shape = spec.param_shape(ctx.b[0], x)
+            shape = spec.param_shape(ctx.b[0], ndim)
             grad_b = G.sum_to_size(shape).reshape(ctx.b[0]).to(ctx.b[1])           # Σ_rest G
         return grad_x, grad_w, grad_b, None
 

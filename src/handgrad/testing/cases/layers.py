@@ -175,29 +175,25 @@ _DROP_BAD = (
     BadInput("negative p", lambda: Inputs((torch.randn(3),), {"p": -0.1}), ("p", "-0.1")),
 )
 
-# Low precision, 4 ulps instead of 2: as layer_norm's (testing/cases/norms.py), the backward
-# subtracts two means from G that nearly cancel, and torch's fused kernels sum in another order.
-_ULPS = 4.0
-
+# Low precision: the registry's default margin (2 ulps) holds for every case here (measured on
+# 3 seeds); no case raises it.
 CASES = [
     OpCase("batch_norm[train]", F.batch_norm, TF.batch_norm, _batch_norm(True, True), shapes=_CHANNEL_SHAPES,
-           lowp_ulps=_ULPS, bad_inputs=_BN_BAD),
+           bad_inputs=_BN_BAD),
     OpCase("batch_norm[train,no-affine]", F.batch_norm, TF.batch_norm, _batch_norm(True, False),
-           shapes=((4, 3), (2, 5, 13)), lowp_ulps=_ULPS),
-    OpCase("batch_norm[eval]", F.batch_norm, TF.batch_norm, _batch_norm(False, True), shapes=_CHANNEL_SHAPES,
-           lowp_ulps=_ULPS),
+           shapes=((4, 3), (2, 5, 13))),
+    OpCase("batch_norm[eval]", F.batch_norm, TF.batch_norm, _batch_norm(False, True), shapes=_CHANNEL_SHAPES,),
     OpCase("batch_norm[eval,no-affine]", F.batch_norm, TF.batch_norm, _batch_norm(False, False),
            shapes=((4, 3), (2, 5, 13))),
     OpCase("group_norm", F.group_norm, TF.group_norm, _group_norm(False),
-           shapes=((2, 6), (7, 13), (2, 6, 5), (0, 6), (2, 4, 3, 3)), lowp_ulps=_ULPS, bad_inputs=_GN_BAD),
+           shapes=((2, 6), (7, 13), (2, 6, 5), (0, 6), (2, 4, 3, 3)), bad_inputs=_GN_BAD),
     OpCase("group_norm[per-channel]", F.group_norm, TF.group_norm, _group_norm(True),
-           shapes=((2, 6, 5), (2, 4, 3, 3)), lowp_ulps=_ULPS),
+           shapes=((2, 6, 5), (2, 4, 3, 3))),
     OpCase("rms_norm", F.rms_norm, TF.rms_norm, _rms_norm(1, True), shapes=(*DEFAULT_SHAPES, (13,)),
-           lowp_ulps=_ULPS, bad_inputs=_RMS_BAD),
-    OpCase("rms_norm[no-weight]", F.rms_norm, TF.rms_norm, _rms_norm(1, False), shapes=((2, 3), (2, 5, 13)),
-           lowp_ulps=_ULPS),
+           bad_inputs=_RMS_BAD),
+    OpCase("rms_norm[no-weight]", F.rms_norm, TF.rms_norm, _rms_norm(1, False), shapes=((2, 3), (2, 5, 13)),),
     OpCase("rms_norm[2d-shape,eps]", F.rms_norm, TF.rms_norm, _rms_norm(2, True, 1e-3),
-           shapes=((2, 3), (2, 5, 13), (0, 5, 13), (5, 13)), lowp_ulps=_ULPS),
+           shapes=((2, 3), (2, 5, 13), (0, 5, 13), (5, 13))),
     OpCase("embedding", F.embedding, TF.embedding, _embedding(torch.int64), shapes=(*DEFAULT_SHAPES, (13,)),
            bad_inputs=_EMB_BAD),
     OpCase("embedding[int32]", F.embedding, TF.embedding, _embedding(torch.int32), shapes=((2, 3), (2, 5, 13))),
