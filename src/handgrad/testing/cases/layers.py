@@ -22,10 +22,12 @@ from ..registry import DEFAULT_SHAPES, BadInput, Inputs, OpCase, randn
 _CHANNEL_SHAPES = ((4, 3), (7, 13), (2, 5, 13), (0, 13), (2, 3, 2, 2))
 
 
-def _at_least_two_values(shape, groups: int = 1):
-    """torch refuses one value per channel (or group) in training (ValueError, a named BadInput
-    below); a drawn shape with N·(C/G)·Π spatial = 1 is widened to N = 2 so it is a valid call."""
-    if shape[0] * (shape[1] // groups) * math.prod(shape[2:]) == 1:
+def _at_least_two_values(shape, channels_per_set: int = 1):
+    """torch refuses one value per normalised set in training (ValueError, a named BadInput
+    below): a set is N·Π spatial values per channel (batch norm, ``channels_per_set=1``) or
+    N·(C/G)·Π spatial (group norm, C/G channels per group). A drawn shape with one value per set
+    is widened to N = 2, so every drawn shape is a valid call."""
+    if shape[0] * channels_per_set * math.prod(shape[2:]) == 1:
         return (2, *shape[1:])
     return shape
 
@@ -77,7 +79,7 @@ def _group_divisor(C: int) -> int:
 def _group_norm(per_channel: bool):
     def make(shape, dtype, device):
         G = shape[1] if per_channel else _group_divisor(shape[1])
-        shape = _at_least_two_values(shape, G)
+        shape = _at_least_two_values(shape, shape[1] // G)
         C = shape[1]
         x = randn(shape, dtype, device, scale=2.0)
         return Inputs((x, G, randn((C,), dtype, device), randn((C,), dtype, device)))
