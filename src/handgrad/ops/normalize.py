@@ -55,10 +55,10 @@ def normalize_dx(xhat: torch.Tensor, rstd: torch.Tensor, v: torch.Tensor, dims: 
                  center: bool = True) -> torch.Tensor:
     """The Jacobian of X ↦ x̂ applied to v: rstd·(v − mean(v) − x̂·mean(v ⊙ x̂)) (RMS: no mean(v)).
     It is symmetric, so this one helper is the vjp (v = G ⊙ w) and the jvp (v = Ẋ)."""
-    out = v - xhat * (v * xhat).mean(dims, keepdim=True)             # v − x̂·mean(v ⊙ x̂)
+    proj = xhat * (v * xhat).mean(dims, keepdim=True)                # x̂·mean(v ⊙ x̂)
     if center:
-        out = out - v.mean(dims, keepdim=True)                       # − mean(v)
-    return rstd * out
+        return rstd * (v - v.mean(dims, keepdim=True) - proj)        # rstd·(v − mean(v) − x̂·mean(v ⊙ x̂))
+    return rstd * (v - proj)                                         # rstd·(v − x̂·mean(v ⊙ x̂))
 
 
 def update_running_stats(running_mean, running_var, x: torch.Tensor, momentum: float) -> None:
