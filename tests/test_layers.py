@@ -3,6 +3,7 @@
 scale_grad_by_freq, max_norm, and dropout's random training path."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as TF
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
+import handgrad
 import handgrad.functional as HF
 import handgrad.nn as hnn
 
@@ -339,3 +341,36 @@ def test_dropout_module_modes():
     assert (m(x) == 0).any()
     m.eval()
     assert m(x) is x
+
+
+# --- torch.compile of the twins -----------------------------------------------------------------
+
+
+def test_twins_compile_fullgraph_train_then_eval():
+    """BatchNorm2d (its buffer updates included), GroupNorm, RMSNorm, Embedding and Dropout in one
+    graph (aot_eager, as handgrad.testing's compile check): compiled equals eager."""
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Flatten(), nn.Dropout(0.0), nn.Linear(3 * 2 * 2, 5), nn.RMSNorm(5),
+                          nn.Unflatten(1, (5, 1)), nn.GroupNorm(1, 5)).double()
+    emb = nn.Embedding(7, 3 * 2 * 2, padding_idx=0, dtype=D64)
+    eager_m, eager_e = handgrad.convert(model), handgrad.convert(emb)
+    comp_m, comp_e = copy.deepcopy(eager_m), copy.deepcopy(eager_e)
+    idx = torch.tensor([0, 3, 3, 6])
+
+    def step(m, e, x):
+        return (m(x + e(idx).reshape(4, 3, 2, 2)) ** 2).sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for train in (True, False):
+        for mod in (eager_m, comp_m):
+            mod.train(train)
+        x = torch.randn(4, 3, 2, 2, dtype=D64)
+        a, b = step(eager_m, eager_e, x), compiled(comp_m, comp_e, x)
+        torch.testing.assert_close(b, a)
+        a.backward(), b.backward()
+    for (name, p), (_, q) in zip([*eager_m.named_parameters(), *eager_e.named_parameters()],
+                                 [*comp_m.named_parameters(), *comp_e.named_parameters()]):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    for (name, p), (_, q) in zip(eager_m.named_buffers(), comp_m.named_buffers()):
+        torch.testing.assert_close(q, p, msg=name)

@@ -6,25 +6,30 @@ As in ``_modules.py``: each subclasses its ``torch.nn`` namesake and overrides `
 """
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
-from torch.nn.modules import batchnorm as _torch_batchnorm
 
 from .. import functional as F
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "GroupNorm", "RMSNorm", "Embedding", "Dropout"]
 
-# torch's own ``_BatchNorm.forward`` (the num_batches_tracked count, momentum=None as the
-# cumulative average 1/num_batches_tracked, batch statistics in eval when the buffers are None,
-# no running update with track_running_stats=False), run with ``F`` bound to handgrad.functional
-# instead of torch.nn.functional: the module logic is torch's, line for line, and only the
-# ``F.batch_norm`` it ends in is handgrad's.
-_batch_norm_forward = types.FunctionType(
-    _torch_batchnorm._BatchNorm.forward.__code__, {**vars(_torch_batchnorm), "F": F},
-    "forward", _torch_batchnorm._BatchNorm.forward.__defaults__, _torch_batchnorm._BatchNorm.forward.__closure__,
-)
+
+def _batch_norm_forward(m: nn.modules.batchnorm._BatchNorm, input: torch.Tensor) -> torch.Tensor:
+    """torch's ``_BatchNorm.forward`` (torch 2.13), step for step, ending in handgrad's
+    ``F.batch_norm``: count the batch in ``num_batches_tracked``; ``momentum=None`` is the
+    cumulative average 1/num_batches_tracked; batch statistics in training, and in eval when the
+    buffers are None; buffers passed (so updated) only where tracked. (Running torch's own
+    function with another ``F`` in its globals would be shorter, but Dynamo guards a function's
+    globals as its module's and fails on it.)"""
+    m._check_input_dim(input)
+    factor = 0.0 if m.momentum is None else m.momentum
+    if m.training and m.track_running_stats and m.num_batches_tracked is not None:
+        m.num_batches_tracked.add_(1)
+        factor = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
+    use_batch_stats = m.training or (m.running_mean is None and m.running_var is None)
+    pass_buffers = not m.training or m.track_running_stats
+    return F.batch_norm(input, m.running_mean if pass_buffers else None, m.running_var if pass_buffers else None,
+                        m.weight, m.bias, use_batch_stats, factor, m.eps)
 
 
 class BatchNorm1d(nn.BatchNorm1d):
