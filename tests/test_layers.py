@@ -335,6 +335,21 @@ def test_dropout_inplace():
         HF.dropout(torch.randn(3, requires_grad=True), 0.5, inplace=True)
 
 
+def test_dropout_inplace_forward_ad():
+    """In place, the jvp writes the tangent in place too (torch requires it of an in-place Function)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = torch.randn(5, 3, dtype=D64), torch.randn(5, 3, dtype=D64)
+    results = []
+    for fn in (HF.dropout, TF.dropout):
+        with fwAD.dual_level():
+            y = fwAD.make_dual(x.clone(), t.clone()) * 1.0
+            z = _seeded(fn, p=0.5, inplace=True)(y)
+            assert z is y
+            results.append(tuple(v.clone() for v in fwAD.unpack_dual(z)[:2]))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_dropout_module_modes():
     m = hnn.Dropout(0.5)
     x = torch.ones(1000)

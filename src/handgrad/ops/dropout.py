@@ -47,7 +47,7 @@ class DropoutFn(HandFunction):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, mask, p, inplace = inputs
-        ctx.p = p
+        ctx.p, ctx.inplace = p, inplace
         if inplace:
             ctx.mark_dirty(x)
         ctx.save_for_backward(mask)
@@ -62,7 +62,7 @@ class DropoutFn(HandFunction):
         return grad_x, None, None, None
 
     @staticmethod
-    def jvp(ctx, dx, _dmask, _p, inplace):
+    def jvp(ctx, dx, _dmask, _p, _inplace):
         (mask,) = ctx.saved_tensors
         noise = keep_scale(mask, ctx.p, dx.dtype)
-        return dx.mul_(noise) if inplace else dx * noise                     # Ẋ ⊙ m / (1 − p)
+        return dx.mul_(noise) if ctx.inplace else dx * noise                 # Ẋ ⊙ m / (1 − p)

@@ -23,6 +23,7 @@ dependence out of the double-backward graph.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -99,8 +100,7 @@ class Norm:
         if self.over == "channel":                                   # (N, C, *spatial): over all but 1
             return x, (0, *range(2, x.dim()))
         if self.over == "group":                                     # (N, C, *) → (N, G, C/G·Π*)
-            N = x.shape[0]
-            return x.reshape(N, self.k, x.numel() // max(N * self.k, 1)), (-1,)
+            return x.reshape(x.shape[0], self.k, x.shape[1] // self.k * math.prod(x.shape[2:])), (-1,)
         return x, tuple(range(-self.k, 0))                           # (*, row): over the row
 
     def param_shape(self, shape, ndim: int) -> tuple[int, ...]:
