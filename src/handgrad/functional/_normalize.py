@@ -69,18 +69,18 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
         _verify_batch_size(list(input.size()), input)
     input, weight, bias = autocast("batch_norm", input, weight, bias)
     _check_floating("batch_norm", input)
-    C = input.shape[1] if input.dim() > 1 else 0
     if input.dim() < 2:
         raise RuntimeError(f"batch_norm: expected input of shape (N, C, *) with at least 2 dims, but got input of "
                            f"size {shape_str(input)}")
+    C = input.shape[1]
     if not training:
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
             if t is None:
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and t.numel() != C:
-            raise RuntimeError(f"batch_norm: {name} should contain {C} elements not {t.numel()} ({name} of shape "
-                               f"{shape_str(t)}, input of size {shape_str(input)})")
+        if t is not None and t.numel() != C:  # torch checks the count only (a (C, 1) weight passes)
+            raise RuntimeError(f"batch_norm: {name} should contain {C} elements, the channels of input of size "
+                               f"{shape_str(input)}, but got {name} of shape {shape_str(t)}")
     _check_param_dtypes("batch_norm", input, weight=weight, bias=bias, running_mean=running_mean,
                         running_var=running_var)
     if torch.is_grad_enabled():

@@ -255,9 +255,9 @@ class BatchNormEvalFn(HandFunction):
             grad_x = (G * scale).to(ctx.x_dtype)                             # G ⊙ w·r_rstd
         if ctx.w is not None and ctx.needs_input_grad[3]:
             xhat, _ = _eval_xhat(x, running_mean, running_var, ctx.eps)
-            grad_w = _channel_sum(G * xhat).to(ctx.w[1])                     # Σ_rest G ⊙ x̂
+            grad_w = _channel_sum(G * xhat).reshape(ctx.w[0]).to(ctx.w[1])   # Σ_rest G ⊙ x̂
         if ctx.b is not None and ctx.needs_input_grad[4]:
-            grad_b = _channel_sum(G).to(ctx.b[1])                            # Σ_rest G
+            grad_b = _channel_sum(G).reshape(ctx.b[0]).to(ctx.b[1])          # Σ_rest G
         return grad_x, None, None, grad_w, grad_b, None
 
     @staticmethod

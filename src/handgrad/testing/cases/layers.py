@@ -58,9 +58,9 @@ def _bn_bad(what, x, names, mean=(3,), var=(3,), w=None, b=None, **kw):
 
 
 _BN_BAD = (
-    _bn_bad("running_mean of wrong size", (2, 3), ("running_mean", "3", "4"), mean=(4,)),
-    _bn_bad("weight of wrong size", (2, 3), ("weight", "3", "4"), w=(4,)),
-    _bn_bad("bias of wrong size", (2, 3), ("bias", "3", "4"), b=(4,)),
+    _bn_bad("running_mean of wrong size", (2, 3), ("running_mean", "[4]", "[2, 3]"), mean=(4,)),
+    _bn_bad("weight of wrong size", (2, 3), ("weight", "[4]", "[2, 3]"), w=(4,)),
+    _bn_bad("bias of wrong size", (2, 3), ("bias", "[4]", "[2, 3]"), b=(4,)),
     _bn_bad("eval without running statistics", (2, 3), ("running_mean",), mean=None, var=None),
     _bn_bad("one value per channel in training", (1, 3), ("torch.Size([1, 3])",), training=True),
     _bn_bad("integer input", lambda: torch.arange(6).reshape(2, 3), ("input", "torch.int64")),
