@@ -389,3 +389,12 @@ def test_twins_compile_fullgraph_train_then_eval():
         torch.testing.assert_close(q.grad, p.grad, msg=name)
     for (name, p), (_, q) in zip(eager_m.named_buffers(), comp_m.named_buffers()):
         torch.testing.assert_close(q, p, msg=name)
+
+
+def test_constant_sets_normalise_to_exact_zero():
+    """A constant set has X − μ = 0 exactly (ops.normalize.moments shifts by the first element),
+    so x̂ = 0 and Y = b: float32 1000.1s gave x̂ = −0.019 from mean(X)'s rounding alone."""
+    c = torch.full((6, 2, 3), 1000.1)
+    b = torch.randn(2)
+    assert torch.equal(HF.batch_norm(c, None, None, None, b, training=True), b[:, None].expand(6, 2, 3))
+    assert torch.equal(HF.group_norm(c.reshape(6, 6), 2), torch.zeros(6, 6))
