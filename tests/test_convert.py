@@ -61,11 +61,12 @@ def test_cnn_with_mlp_head():
     model = SmallCNN().double()
     converted = convert(model)
     report = converted.handgrad_report
-    # the convolutions, pooling, batch norm, flatten and dropout stay native
-    assert type(converted.features[0]) is nn.Conv2d and type(converted.features[1]) is nn.BatchNorm2d
-    assert dict(report.native) == {"Conv2d": 2, "BatchNorm2d": 1, "MaxPool2d": 1, "Flatten": 1, "Dropout": 1}
+    # the convolutions, pooling and flatten stay native
+    assert type(converted.features[0]) is nn.Conv2d and type(converted.features[1]) is hnn.BatchNorm2d
+    assert type(converted.head[5]) is hnn.Dropout
+    assert dict(report.native) == {"Conv2d": 2, "MaxPool2d": 1, "Flatten": 1}
     assert sorted(s.name for s in report.swapped) == sorted(
-        ["features.2", "features.5", "head.0", "head.1", "head.2", "head.3", "head.4", "head.6"])
+        ["features.1", "features.2", "features.5", "head.0", "head.1", "head.2", "head.3", "head.4", "head.5", "head.6"])
     assert type(converted.head[0]) is hnn.Linear and type(converted.features[5]) is hnn.GELU
     # the original is untouched (inplace=False): its own classes, its own parameters
     assert type(model.head[0]) is nn.Linear and not hasattr(model, "handgrad_report")
@@ -136,7 +137,8 @@ def test_transformer_full():
                            dropout=0.0, batch_first=True, dtype=torch.float64)
     converted = convert(model)
     kinds = {s.before for s in converted.handgrad_report.swapped}
-    assert kinds == {"torch.nn.Linear", "torch.nn.LayerNorm", "torch.nn.modules.linear.NonDynamicallyQuantizableLinear"}
+    assert kinds == {"torch.nn.Linear", "torch.nn.LayerNorm", "torch.nn.Dropout",
+                     "torch.nn.modules.linear.NonDynamicallyQuantizableLinear"}
     src, tgt = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 4, 8, dtype=torch.float64)
     tgt_mask = nn.Transformer.generate_square_subsequent_mask(4, dtype=torch.float64)
     assert_same_training_step(model, converted, src, tgt, None, tgt_mask)

@@ -28,7 +28,7 @@ from torch import nn
 __all__ = ["Op", "CATALOGUE", "get", "ops", "activations", "activation", "KINDS"]
 
 #: what an op is; the order is the order of the table
-KINDS = ("linear", "activation", "softmax", "norm", "loss", "fused")
+KINDS = ("linear", "activation", "softmax", "norm", "loss", "fused", "embedding", "dropout")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ def _op(name, kind, torch_function, section, module=None, torch_module=None, ali
 
 
 _ACT = "activations"
+_BGR = "batch-group-and-rms-normalisation"
 _TABLE: tuple[Op, ...] = (
     _op("linear", "linear", TF.linear, "affine-layer", "Linear", nn.Linear, bias=None),
     # activations: the order is the order MLP and the app offer them in
@@ -106,6 +107,14 @@ _TABLE: tuple[Op, ...] = (
     _op("mlp", "fused", None, "the-whole-network", "MLP", activation="sigmoid", last_activation=None),
     _op("linear_cross_entropy", "fused", getattr(TF, "linear_cross_entropy", None), "linear-and-cross-entropy-chunked",
         bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, chunk_size=None),
+    # batch_norm has two torch.nn classes: one row for each (the same functional); CATALOGUE keeps the last
+    *(_op("batch_norm", "norm", TF.batch_norm, _BGR, m.__name__, m, weight=None, bias=None, training=False,
+          momentum=0.1, eps=1e-5) for m in (nn.BatchNorm1d, nn.BatchNorm2d)),
+    _op("group_norm", "norm", TF.group_norm, _BGR, "GroupNorm", nn.GroupNorm, weight=None, bias=None, eps=1e-5),
+    _op("rms_norm", "norm", TF.rms_norm, _BGR, "RMSNorm", nn.RMSNorm, (torch.rms_norm,), weight=None, eps=None),
+    _op("embedding", "embedding", TF.embedding, "embedding", "Embedding", nn.Embedding, padding_idx=None,
+        max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False),
+    _op("dropout", "dropout", TF.dropout, "dropout", "Dropout", nn.Dropout, p=0.5, training=True, inplace=False),
 )
 
 #: name → Op, in table order

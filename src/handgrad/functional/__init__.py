@@ -13,3 +13,10 @@ from ._softmax import *  # noqa: F401,F403
 from . import _activations, _fused, _linear, _losses, _norms, _softmax
 
 __all__ = [name for m in (_linear, _activations, _softmax, _norms, _losses, _fused) for name in m.__all__]
+# issue 10's layers (H9): normalisations, embedding, dropout
+from ._normalize import *  # noqa: F401,F403,E402
+from ._embedding import *  # noqa: F401,F403,E402
+from ._dropout import *  # noqa: F401,F403,E402
+from . import _normalize, _embedding, _dropout  # noqa: E402
+
+__all__ += [name for m in (_normalize, _embedding, _dropout) for name in m.__all__]

@@ -21,7 +21,7 @@ _AUTOCAST = {
         "linear": "lower",
         "softmax": "fp32", "log_softmax": "fp32", "layer_norm": "fp32", "softplus": "fp32",
         "mse_loss": "fp32", "nll_loss": "fp32", "cross_entropy": "fp32",
-        "binary_cross_entropy_with_logits": "fp32", "half_squared_error": "fp32",
+        "binary_cross_entropy_with_logits": "fp32", "half_squared_error": "fp32", "group_norm": "fp32",
     },
 }
 
