@@ -1,7 +1,4 @@
 """The op cases, one module per area; ``CASES`` is the registry (see ..registry)."""
-from . import activations, fused, linear, losses, norms, softmax
+from . import activations, fused, layers, linear, losses, norms, softmax
 
-CASES = [*linear.CASES, *activations.CASES, *softmax.CASES, *norms.CASES, *losses.CASES, *fused.CASES]
-from . import layers  # noqa: E402  (issue 10's layers, H9)
-
-CASES += layers.CASES
+CASES = [*linear.CASES, *activations.CASES, *softmax.CASES, *norms.CASES, *layers.CASES, *losses.CASES, *fused.CASES]

@@ -16,7 +16,7 @@ import torch.nn.functional as TF
 
 from ... import functional as F
 from ...ops.dropout import DropoutFn
-from ..registry import DEFAULT_SHAPES, BadInput, Inputs, OpCase, randn
+from ..types import DEFAULT_SHAPES, BadInput, Inputs, OpCase, randn
 
 # (N, C), (N, C, L), (N, C, H, W), an empty batch
 _CHANNEL_SHAPES = ((4, 3), (7, 13), (2, 5, 13), (0, 13), (2, 3, 2, 2))
