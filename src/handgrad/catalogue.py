@@ -28,7 +28,7 @@ from torch import nn
 __all__ = ["Op", "CATALOGUE", "get", "ops", "activations", "activation", "KINDS"]
 
 #: what an op is; the order is the order of the table
-KINDS = ("linear", "activation", "softmax", "norm", "loss", "fused")
+KINDS = ("linear", "activation", "softmax", "norm", "loss", "fused", "convolution", "pooling")
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,16 @@ _TABLE: tuple[Op, ...] = (
     _op("mlp", "fused", None, "the-whole-network", "MLP", activation="sigmoid", last_activation=None),
     _op("linear_cross_entropy", "fused", getattr(TF, "linear_cross_entropy", None), "linear-and-cross-entropy-chunked",
         bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, chunk_size=None),
+    _op("conv1d", "convolution", TF.conv1d, "convolution", "Conv1d", nn.Conv1d,
+        bias=None, stride=1, padding=0, dilation=1, groups=1),
+    _op("conv2d", "convolution", TF.conv2d, "convolution", "Conv2d", nn.Conv2d,
+        bias=None, stride=1, padding=0, dilation=1, groups=1),
+    _op("max_pool2d", "pooling", TF.max_pool2d, "max-pooling", "MaxPool2d", nn.MaxPool2d,
+        stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False),
+    _op("avg_pool2d", "pooling", TF.avg_pool2d, "average-pooling", "AvgPool2d", nn.AvgPool2d,
+        stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None),
+    _op("adaptive_avg_pool2d", "pooling", TF.adaptive_avg_pool2d, "average-pooling", "AdaptiveAvgPool2d",
+        nn.AdaptiveAvgPool2d),
 )
 
 #: name → Op, in table order

@@ -5,11 +5,14 @@
 Each area's argument handling lives in one private module; the math lives in ``handgrad.ops``.
 """
 from ._activations import *  # noqa: F401,F403
+from ._conv import *  # noqa: F401,F403
 from ._fused import *  # noqa: F401,F403
 from ._linear import *  # noqa: F401,F403
 from ._losses import *  # noqa: F401,F403
 from ._norms import *  # noqa: F401,F403
+from ._pool import *  # noqa: F401,F403
 from ._softmax import *  # noqa: F401,F403
 from . import _activations, _fused, _linear, _losses, _norms, _softmax
+from . import _conv, _pool
 
-__all__ = [name for m in (_linear, _activations, _softmax, _norms, _losses, _fused) for name in m.__all__]
+__all__ = [name for m in (_linear, _activations, _softmax, _norms, _losses, _fused, _conv, _pool) for name in m.__all__]

@@ -7,5 +7,9 @@ hand-derived backward passes of ``handgrad.functional``.
 from ._mlp import MLP
 from ._modules import *  # noqa: F401,F403
 from ._modules import __all__ as _modules_all
+from ._conv import *  # noqa: F401,F403
+from ._conv import __all__ as _conv_all
+from ._pool import *  # noqa: F401,F403
+from ._pool import __all__ as _pool_all
 
-__all__ = [*_modules_all, "MLP"]
+__all__ = [*_modules_all, "MLP", *_conv_all, *_pool_all]

@@ -100,7 +100,7 @@ class MaxPoolOptions:
 def _planes(t: torch.Tensor) -> torch.Tensor:
     """(N, C, A, B) → (N, C, A·B) (reshape, not flatten: the legacy vmap of batched gradcheck
     has no rule for flatten)."""
-    return t.reshape(t.shape[0], t.shape[1], -1)
+    return t.reshape(t.shape[0], t.shape[1], t.shape[2] * t.shape[3])
 
 
 class MaxPool2dFn(HandFunction):
