@@ -35,6 +35,8 @@ NOT_OPTIONS = frozenset({"size_average", "reduce", "_stacklevel"})
 TORCH_DIFFERS = {
     ("linear", "bias"): "nn.Linear's bias is a flag (True); F.linear's is the tensor (None)",
     ("linear_cross_entropy", "ignore_index"): "F.linear_cross_entropy's None means -100 for class-index targets",
+    ("conv1d", "bias"): "nn.Conv1d's bias is a flag (True); F.conv1d's is the tensor (None)",
+    ("conv2d", "bias"): "nn.Conv2d's bias is a flag (True); F.conv2d's is the tensor (None)",
 }
 # activations with no fused case yet (testing/cases/fused.py: issue 9's drift, fixed on H2's branch)
 FUSED_DRIFT = {"elu", "softplus"}
@@ -187,10 +189,14 @@ def test_options_are_the_functional_defaults(op):
 def test_options_are_torchs_defaults(op):
     try:
         torch_defaults = _defaults(op.torch_function)
-    except ValueError:  # a builtin without a signature: its module's constructor has the same keywords
-        torch_defaults = _defaults(op.torch_module.__init__) if op.torch_module is not None else {}
+    except ValueError:  # a builtin without a signature
+        torch_defaults = {}
+    if not torch_defaults and op.torch_module is not None:
+        # no signature, or (*args, **kwargs) (F.max_pool2d's boolean dispatch): its module's
+        # constructor has the same keywords
+        torch_defaults = _defaults(op.torch_module.__init__)
     shared = [k for k in op.options if k in torch_defaults]
-    if op.kind != "activation" or op.options:  # a bare activation (sigmoid) has nothing to compare
+    if op.options:  # a bare op (sigmoid, adaptive_avg_pool2d) has nothing to compare
         assert shared, f"no option of {op.name} found in torch's signature: the lookup is wrong"
     for k in shared:
         if (op.name, k) in TORCH_DIFFERS:
