@@ -114,9 +114,10 @@ def _crop(t, starts, sizes):
 
 
 def _fresh(t):
-    """A Function's output must not be a view of a temporary: forward-mode AD would treat it as
-    a view and demand its tangent share the view's layout (an internal assert, torch 2.13)."""
-    return t.clone(memory_format=torch.contiguous_format) if t._is_view() else t
+    """A copy of the view ``t``: a Function's output must not be a view of a temporary, or
+    forward-mode AD demands its tangent share the view's layout (an internal assert, torch 2.13).
+    Always a copy (asking ``t._is_view()`` would break Dynamo's graph)."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _bias_shape(b, dims):
