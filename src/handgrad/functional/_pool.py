@@ -106,7 +106,7 @@ def adaptive_avg_pool2d(input: torch.Tensor, output_size) -> torch.Tensor:
     size = (output_size, output_size) if isinstance(output_size, int) or output_size is None else tuple(output_size)
     if len(size) != 2:
         raise RuntimeError(f"{fn}: output_size must be 2, but got output_size={list(size)}")
-    if any(d == 0 for d in input.shape[-3:]):
+    if any(d == 0 for d in input.shape[1:]):  # torch's rule: dim 0 may be empty, whether 3-D or 4-D
         raise RuntimeError(f"{fn}(): Expected input to have non-zero size for non-batch dimensions, but input has "
                            f"sizes {shape_str(input)}")
     x = input.unsqueeze(0) if input.dim() == 3 else input             # (N, C, H, W)
