@@ -320,3 +320,22 @@ def test_compile_cnn_fullgraph():
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", [
+    lambda x, w: F.conv2d(x, w, stride=2, padding="valid"), lambda x, w: F.conv2d(x, w, padding="same", groups=3),
+    lambda x, w: F.max_pool2d(F.conv2d(x, w), 2), lambda x, w: F.avg_pool2d(F.conv2d(x, w), 2, ceil_mode=True),
+    lambda x, w: F.adaptive_avg_pool2d(F.conv2d(x, w), 3)], ids=["conv", "conv-same-groups", "max", "avg", "adaptive"])
+def test_torch_func_hessian(op, request):
+    """torch.func.hessian (forward over reverse through functorch) equals native's."""
+    groups = 3 if "groups" in request.node.callspec.id else 1
+    x, w = torch.randn(2, 3, 6, 5, **f64), torch.randn(3, 3 // groups, 3, 3, **f64)
+    ref = {"conv": lambda x, w: TF.conv2d(x, w, stride=2, padding="valid"),
+           "conv-same-groups": lambda x, w: TF.conv2d(x, w, padding="same", groups=3),
+           "max": lambda x, w: TF.max_pool2d(TF.conv2d(x, w), 2),
+           "avg": lambda x, w: TF.avg_pool2d(TF.conv2d(x, w), 2, ceil_mode=True),
+           "adaptive": lambda x, w: TF.adaptive_avg_pool2d(TF.conv2d(x, w), 3)}[request.node.callspec.id]
+    ours = torch.func.hessian(lambda x, w: op(x, w).tanh().sum(), argnums=(0, 1))(x, w)
+    theirs = torch.func.hessian(lambda x, w: ref(x, w).tanh().sum(), argnums=(0, 1))(x, w)
+    for a, b in zip(torch.utils._pytree.tree_leaves(ours), torch.utils._pytree.tree_leaves(theirs)):
+        torch.testing.assert_close(a, b)

@@ -57,6 +57,15 @@ class ConvOptions:
                      zip(in_size, k_size, self.stride, self.pad_lo, self.pad_hi, self.dilation))
 
 
+@dataclass(frozen=True)
+class Spatial:
+    """A spatial size (S or K) passed to a Function as one opaque argument: a plain tuple would be
+    flattened by torch.func's pytree into several arguments, and forward-over-reverse
+    (``torch.func.hessian``) would then count more inputs than the jvp has tangents."""
+
+    dims: tuple[int, ...]
+
+
 def _conv(x, w, b, o: ConvOptions):
     """Y[n, o, p] = b[o] + Σ_{c, k} W[o, c, k] X_pad[n, g(o) C_g + c, s p + d k]  — W_col X_col + b."""
     xp, pad = o.padded(x)
@@ -70,7 +79,7 @@ def _conv_input_grad(g, w, o: ConvOptions, in_size):
     (S_out − 1)s + d(K − 1) + 1 falls short of the padded length by r = (S + lo + hi − d(K − 1) − 1)
     mod s (< s) rows no window reaches: output_padding r restores them (as zeros); then the
     padding is cropped (by the primitive when lo = hi)."""
-    dt = g.dtype
+    dt, in_size = g.dtype, in_size.dims
     g, w = opmath(g), opmath(w)
     k_size = w.shape[2:]
     r = tuple((S + lo + hi - d * (K - 1) - 1) % s for S, K, s, lo, hi, d in
@@ -87,7 +96,7 @@ def _conv_weight_grad(x, g, o: ConvOptions, k_size):
     channel (group, n)), G is the weight (C_out, N, *S_out), stride and dilation swap roles
     (tap k at position d k + s p), groups stay. Its spatial output is at least K (trailing
     positions no window reaches give more): the first K are kept."""
-    dt = x.dtype
+    dt, k_size = x.dtype, k_size.dims
     x, g = opmath(x), opmath(g)
     N, C_in, *S = x.shape
     C_out, groups = g.shape[1], o.groups
@@ -146,7 +155,7 @@ class ConvFn(HandFunction):
         x, weight, bias, opts = inputs
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
         ctx.save_for_forward(x, weight)
-        ctx.opts, ctx.in_size, ctx.k_size = opts, tuple(x.shape[2:]), tuple(weight.shape[2:])
+        ctx.opts, ctx.in_size, ctx.k_size = opts, Spatial(tuple(x.shape[2:])), Spatial(tuple(weight.shape[2:]))
         ctx.has_bias = bias is not None
 
     @staticmethod
@@ -171,8 +180,9 @@ class ConvFn(HandFunction):
             t = ConvFn.call(x, dw, None, ctx.opts)                                # Conv(X, Ẇ)
             dy = t if dy is None else dy + t
         if db is not None:
-            t = _bias_shape(db, len(ctx.in_size))                                  # ḃ
-            dy = t.expand(x.shape[0], -1, *ctx.opts.out_size(ctx.in_size, ctx.k_size)) if dy is None else dy + t
+            t = _bias_shape(db, len(ctx.in_size.dims))                             # ḃ
+            out_size = ctx.opts.out_size(ctx.in_size.dims, ctx.k_size.dims)
+            dy = t.expand(x.shape[0], -1, *out_size) if dy is None else dy + t
         return dy
 
 
@@ -196,7 +206,7 @@ class ConvInputGradFn(HandFunction):
         g, weight, opts, in_size = inputs
         ctx.save_for_backward(g if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
         ctx.save_for_forward(g, weight)
-        ctx.opts, ctx.in_size, ctx.k_size = opts, in_size, tuple(weight.shape[2:])
+        ctx.opts, ctx.in_size, ctx.k_size = opts, in_size, Spatial(tuple(weight.shape[2:]))
 
     @staticmethod
     def backward(ctx, grad_z):
@@ -240,7 +250,7 @@ class ConvWeightGradFn(HandFunction):
         x, g, opts, k_size = inputs
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, g if ctx.needs_input_grad[0] else None)
         ctx.save_for_forward(x, g)
-        ctx.opts, ctx.in_size, ctx.k_size = opts, tuple(x.shape[2:]), k_size
+        ctx.opts, ctx.in_size, ctx.k_size = opts, Spatial(tuple(x.shape[2:])), k_size
 
     @staticmethod
     def backward(ctx, grad_v):
