@@ -19,6 +19,8 @@ from test_nn import handgrad_nodes
 
 # float64 on both sides: only the order of summation differs (assert_close's float64 defaults).
 f64 = dict(dtype=torch.float64)
+# torch warns that it pads a copy of the input for an even effective kernel: expected here
+SAME_WARNING = "ignore:Using padding='same' with even kernel"
 
 
 def _grads(fn, tensors, g=None, create_graph=False):
@@ -56,6 +58,7 @@ def native_layer_nodes(names) -> list[str]:
     return sorted(n for n in names if "Backward" in n and any(k in n for k in NATIVE))
 
 
+@pytest.mark.filterwarnings(SAME_WARNING)
 @pytest.mark.parametrize("options", [dict(), dict(stride=2, padding=1, dilation=2), dict(groups=3, padding="same")],
                          ids=["plain", "strided", "grouped-same"])
 def test_conv_gradient_graphs_have_no_native_convolution(options):
@@ -91,10 +94,6 @@ def test_pool_gradient_graphs_have_no_native_pooling(pool, request):
 
 
 # --- convolution --------------------------------------------------------------------------------
-
-
-# torch warns that it pads a copy of the input for an even effective kernel: expected here
-SAME_WARNING = "ignore:Using padding='same' with even kernel"
 
 
 @pytest.mark.filterwarnings(SAME_WARNING)
@@ -339,3 +338,18 @@ def test_torch_func_hessian(op, request):
     theirs = torch.func.hessian(lambda x, w: ref(x, w).tanh().sum(), argnums=(0, 1))(x, w)
     for a, b in zip(torch.utils._pytree.tree_leaves(ours), torch.utils._pytree.tree_leaves(theirs)):
         torch.testing.assert_close(a, b)
+
+
+# the checks tests/test_ops.py does not run per case today (compile, vmap's batched and per-sample
+# gradients, needs_grad branches, non-contiguous inputs), through handgrad-check's engine, on one
+# case per op and the asymmetric-padding conv
+ENGINE_CASES = ["conv2d", "conv2d[padding=same,even-kernel]", "conv1d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d"]
+
+
+@pytest.mark.parametrize("name", ENGINE_CASES)
+def test_engine_checks(name):
+    from handgrad.testing.checks import check_case
+    from handgrad.testing.registry import get_case
+
+    report = check_case(get_case(name), checks=("vmap", "compile", "needs_grad", "noncontiguous"))
+    assert report.ok, str(report)
