@@ -353,3 +353,18 @@ def test_engine_checks(name):
 
     report = check_case(get_case(name), checks=("vmap", "compile", "needs_grad", "noncontiguous"))
     assert report.ok, str(report)
+
+
+def test_autocast_runs_pools_in_float32_and_convs_in_the_lower_dtype():
+    """As torch: under CPU autocast a conv runs in bfloat16, the pools in the input's float32 (the
+    pools' matrix products must not be autocast to bfloat16 inside the Function)."""
+    x, w = torch.randn(2, 3, 8, 8, requires_grad=True), torch.randn(4, 3, 3, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for ours, theirs in ((lambda x: F.avg_pool2d(x, 3, 2, 1), lambda x: TF.avg_pool2d(x, 3, 2, 1)),
+                             (lambda x: F.adaptive_avg_pool2d(x, 3), lambda x: TF.adaptive_avg_pool2d(x, 3)),
+                             (lambda x: F.max_pool2d(x, 2), lambda x: TF.max_pool2d(x, 2))):
+            # float32 values: summation order only (a bfloat16 product would be off by ~1e-2)
+            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
+        y = F.conv2d(x, w)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y, TF.conv2d(x, w), rtol=0, atol=0)  # the same bfloat16 kernel on the same values

@@ -66,11 +66,18 @@ class Spatial:
     dims: tuple[int, ...]
 
 
+def _own_dtype(t: torch.Tensor):
+    """Each product runs in the dtype it is given: autocast's cast is made once, by the functional
+    (recorded outside the Function), never again inside a forward or a backward run in its region."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def _conv(x, w, b, o: ConvOptions):
     """Y[n, o, p] = b[o] + Σ_{c, k} W[o, c, k] X_pad[n, g(o) C_g + c, s p + d k]  — W_col X_col + b."""
     xp, pad = o.padded(x)
     zeros = (0,) * len(pad)
-    return torch.convolution(xp, w, b, o.stride, pad, o.dilation, False, zeros, o.groups)
+    with _own_dtype(x):
+        return torch.convolution(xp, w, b, o.stride, pad, o.dilation, False, zeros, o.groups)
 
 
 def _conv_input_grad(g, w, o: ConvOptions, in_size):
@@ -84,9 +91,10 @@ def _conv_input_grad(g, w, o: ConvOptions, in_size):
     k_size = w.shape[2:]
     r = tuple((S + lo + hi - d * (K - 1) - 1) % s for S, K, s, lo, hi, d in
               zip(in_size, k_size, o.stride, o.pad_lo, o.pad_hi, o.dilation))
-    if o.symmetric:
-        return torch.convolution(g, w, None, o.stride, o.pad_lo, o.dilation, True, r, o.groups).to(dt)
-    full = torch.convolution(g, w, None, o.stride, (0,) * len(r), o.dilation, True, r, o.groups)  # (N, C_in, *S_pad)
+    with _own_dtype(g):
+        if o.symmetric:
+            return torch.convolution(g, w, None, o.stride, o.pad_lo, o.dilation, True, r, o.groups).to(dt)
+        full = torch.convolution(g, w, None, o.stride, (0,) * len(r), o.dilation, True, r, o.groups)  # (N, C_in, *S_pad)
     return _fresh(_crop(full, o.pad_lo, in_size).to(dt))                                           # (N, C_in, *S)
 
 
@@ -107,7 +115,8 @@ def _conv_weight_grad(x, g, o: ConvOptions, k_size):
     gt = g.transpose(0, 1)                                                             # (C_out, N, *S_out)
     xp, pad = o.padded(xt)
     zeros = (0,) * len(S)
-    v = torch.convolution(xp, gt, None, o.dilation, pad, o.stride, False, zeros, groups)  # (C_g, C_out, *K')
+    with _own_dtype(x):
+        v = torch.convolution(xp, gt, None, o.dilation, pad, o.stride, False, zeros, groups)  # (C_g, C_out, *K')
     v = _crop(v, (0,) * len(k_size), k_size)                                           # (C_g, C_out, *K)
     return _fresh(v.transpose(0, 1).to(dt))                                            # (C_out, C_g, *K)
 

@@ -63,7 +63,8 @@ class SeparablePoolFn(HandFunction):
 
     @staticmethod
     def forward(x, a_h, a_w):
-        return (a_h @ opmath(x) @ a_w.mT).to(x.dtype)                     # A_h X A_wᵀ
+        with torch.autocast(x.device.type, enabled=False):                # in float32, as torch's pools under autocast
+            return (a_h @ opmath(x) @ a_w.mT).to(x.dtype)                 # A_h X A_wᵀ
 
     @staticmethod
     def setup_context(ctx, inputs, output):
