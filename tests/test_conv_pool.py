@@ -368,3 +368,20 @@ def test_autocast_runs_pools_in_float32_and_convs_in_the_lower_dtype():
         y = F.conv2d(x, w)
         assert y.dtype == torch.bfloat16
         torch.testing.assert_close(y, TF.conv2d(x, w), rtol=0, atol=0)  # the same bfloat16 kernel on the same values
+
+
+class StdConv2d(nn.Conv2d):
+    """A third-party conv whose math is its own ``_conv_forward`` (weight standardisation); it keeps
+    torch's ``forward``, so convert swaps it."""
+
+    def _conv_forward(self, input, weight, bias):
+        w = (weight - weight.mean((1, 2, 3), keepdim=True)) / weight.std((1, 2, 3), keepdim=True)
+        return TF.conv2d(input, w, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def test_converted_subclass_keeps_its_own_conv_forward():
+    model = nn.Sequential(StdConv2d(2, 3, 3, padding=1), nn.Conv2d(3, 2, 1)).double()
+    converted = handgrad.convert(model)
+    x = torch.randn(2, 2, 5, 5, **f64)
+    torch.testing.assert_close(converted(x), model(x))
+    assert isinstance(converted[0], StdConv2d) and type(converted[1]) is hnn.Conv2d
