@@ -35,6 +35,8 @@ NOT_OPTIONS = frozenset({"size_average", "reduce", "_stacklevel"})
 TORCH_DIFFERS = {
     ("linear", "bias"): "nn.Linear's bias is a flag (True); F.linear's is the tensor (None)",
     ("linear_cross_entropy", "ignore_index"): "F.linear_cross_entropy's None means -100 for class-index targets",
+    ("conv1d", "bias"): "nn.Conv1d's bias is a flag (True); F.conv1d's is the tensor (None)",
+    ("conv2d", "bias"): "nn.Conv2d's bias is a flag (True); F.conv2d's is the tensor (None)",
 }
 
 
@@ -119,15 +121,17 @@ def test_nn_twin(op):
     if op.torch_module is not None:
         assert op.module is not None, f"torch has {op.torch_module.__name__}; handgrad.nn needs a twin"
     if op.module is None:
+        assert op.more_modules == ()
         return
-    if op.torch_module is None:  # handgrad's own (MLP, HalfSquaredErrorLoss)
-        assert getattr(nn, op.module, None) is None, f"torch.nn.{op.module} exists: set torch_module"
-    else:
-        assert op.module == op.torch_module.__name__, "a twin is named as its torch.nn class"
-    assert op.module in hnn.__all__ and op.twin is getattr(hnn, op.module)
-    if op.torch_module is not None:
-        assert issubclass(op.twin, op.torch_module)
-        assert op.twin.forward is not op.torch_module.forward, "the twin must run handgrad's forward"
+    assert op.twin is getattr(hnn, op.module) and op.twins[0] == (op.twin, op.torch_module)
+    for twin, torch_module in op.twins:
+        assert twin.__name__ in hnn.__all__ and getattr(hnn, twin.__name__) is twin
+        if torch_module is None:  # handgrad's own (MLP, HalfSquaredErrorLoss)
+            assert getattr(nn, twin.__name__, None) is None, f"torch.nn.{twin.__name__} exists: set torch_module"
+            continue
+        assert twin.__name__ == torch_module.__name__, "a twin is named as its torch.nn class"
+        assert issubclass(twin, torch_module)
+        assert twin.forward is not torch_module.forward, "the twin must run handgrad's forward"
 
 
 def _bare(cls: type[nn.Module]) -> nn.Module:
@@ -137,13 +141,16 @@ def _bare(cls: type[nn.Module]) -> nn.Module:
     return m
 
 
-@pytest.mark.parametrize("op", [op for op in OPS if op.torch_module is not None], ids=ids)
-def test_convert_swaps_the_module(op):
-    m = _bare(op.torch_module)
+MODULES = [(twin, torch_module) for op in OPS for twin, torch_module in op.twins if torch_module is not None]
+
+
+@pytest.mark.parametrize("twin,torch_module", MODULES, ids=[t.__name__ for t, _ in MODULES])
+def test_convert_swaps_the_module(twin, torch_module):
+    m = _bare(torch_module)
     handgrad.convert(m, inplace=True)
-    assert type(m) is op.twin
+    assert type(m) is twin
     handgrad.revert(m)
-    assert type(m) is op.torch_module
+    assert type(m) is torch_module
 
 
 FUNCTIONS = [(op, f) for op in OPS if op.torch_module is not None for f in op.torch_functions]
@@ -160,7 +167,7 @@ def test_convert_swaps_the_function(op, f):
 
 
 def test_convert_covers_exactly_the_catalogue():
-    assert set(convert_module.COVERED_MODULES) == {op.torch_module for op in OPS if op.torch_module is not None}
+    assert set(convert_module.COVERED_MODULES) == {torch_module for _, torch_module in MODULES}
     assert set(convert_module.COVERED_FUNCTIONS) == {convert_module._qual(f) for _, f in FUNCTIONS}
 
 
@@ -185,10 +192,14 @@ def test_options_are_the_functional_defaults(op):
 def test_options_are_torchs_defaults(op):
     try:
         torch_defaults = _defaults(op.torch_function)
-    except ValueError:  # a builtin without a signature: its module's constructor has the same keywords
-        torch_defaults = _defaults(op.torch_module.__init__) if op.torch_module is not None else {}
+    except ValueError:  # a builtin without a signature
+        torch_defaults = {}
+    if not torch_defaults and op.torch_module is not None:
+        # no signature, or (*args, **kwargs) (F.max_pool2d's boolean dispatch): its module's
+        # constructor has the same keywords
+        torch_defaults = _defaults(op.torch_module.__init__)
     shared = [k for k in op.options if k in torch_defaults]
-    if op.kind != "activation" or op.options:  # a bare activation (sigmoid) has nothing to compare
+    if op.options:  # a bare op (sigmoid, adaptive_avg_pool2d) has nothing to compare
         assert shared, f"no option of {op.name} found in torch's signature: the lookup is wrong"
     for k in shared:
         if (op.name, k) in TORCH_DIFFERS:

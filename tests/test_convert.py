@@ -42,7 +42,7 @@ def assert_same_training_step(model, converted, *inputs, loss_fn=None, target=No
 
 
 class SmallCNN(nn.Module):
-    """Convolutions (left native) and an MLP head (converted)."""
+    """Convolutions, batch norm, pooling and an MLP head: all converted but the flatten."""
 
     def __init__(self):
         super().__init__()
@@ -61,12 +61,13 @@ def test_cnn_with_mlp_head():
     model = SmallCNN().double()
     converted = convert(model)
     report = converted.handgrad_report
-    # the convolutions, pooling and flatten stay native
-    assert type(converted.features[0]) is nn.Conv2d and type(converted.features[1]) is hnn.BatchNorm2d
-    assert type(converted.head[5]) is hnn.Dropout
-    assert dict(report.native) == {"Conv2d": 2, "MaxPool2d": 1, "Flatten": 1}
+    # everything with a twin is swapped; only the flatten stays native
+    assert type(converted.features[0]) is hnn.Conv2d and type(converted.features[1]) is hnn.BatchNorm2d
+    assert type(converted.features[3]) is hnn.MaxPool2d and type(converted.head[5]) is hnn.Dropout
+    assert dict(report.native) == {"Flatten": 1}
     assert sorted(s.name for s in report.swapped) == sorted(
-        ["features.1", "features.2", "features.5", "head.0", "head.1", "head.2", "head.3", "head.4", "head.5", "head.6"])
+        ["features.0", "features.1", "features.2", "features.3", "features.4", "features.5",
+         "head.0", "head.1", "head.2", "head.3", "head.4", "head.5", "head.6"])
     assert type(converted.head[0]) is hnn.Linear and type(converted.features[5]) is hnn.GELU
     # the original is untouched (inplace=False): its own classes, its own parameters
     assert type(model.head[0]) is nn.Linear and not hasattr(model, "handgrad_report")
@@ -287,8 +288,8 @@ def test_report_prints_and_logs(caplog):
     report = converted.handgrad_report
     summary = report.summary()
     assert summary in caplog.text
-    assert "swapped 3 module(s) (Linear x1, MSELoss x1, ReLU x1)" in summary
-    assert "left native: Conv1d x1, Flatten x1" in summary
+    assert "swapped 4 module(s) (Conv1d x1, Linear x1, MSELoss x1, ReLU x1)" in summary
+    assert "left native: Flatten x1" in summary
     text = str(report)
     assert "2  torch.nn.Linear -> handgrad.nn.Linear" in text
     json.dumps(report.as_dict())  # plain data

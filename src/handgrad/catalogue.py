@@ -28,7 +28,8 @@ from torch import nn
 __all__ = ["Op", "CATALOGUE", "get", "ops", "activations", "activation", "KINDS"]
 
 #: what an op is; the order is the order of the table
-KINDS = ("linear", "activation", "softmax", "norm", "loss", "fused", "embedding", "dropout")
+KINDS = ("linear", "activation", "softmax", "norm", "loss", "fused", "embedding", "dropout", "convolution",
+         "pooling")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class Op:
     # size_average / reduce and its private _stacklevel aside), with torch's default where torch
     # has the keyword
     options: Mapping[str, Any] = field(default_factory=dict)
+    # further (handgrad.nn name, torch.nn class) pairs running the same functional
+    # (BatchNorm1d beside BatchNorm2d); ``module``/``torch_module`` are the first pair
+    more_modules: tuple[tuple[str, type[nn.Module]], ...] = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -63,13 +67,23 @@ class Op:
         return getattr(importlib.import_module("handgrad.nn"), self.module)
 
     @property
+    def twins(self) -> tuple[tuple[type[nn.Module], type[nn.Module] | None], ...]:
+        """Every (handgrad.nn twin, torch.nn class it replaces) pair, the first pair first."""
+        if self.module is None:
+            return ()
+        hnn = importlib.import_module("handgrad.nn")
+        pairs = ((self.module, self.torch_module), *self.more_modules)
+        return tuple((getattr(hnn, name), torch_module) for name, torch_module in pairs)
+
+    @property
     def torch_functions(self) -> tuple[Callable, ...]:
         """Every torch spelling of the op: the functional first, then the aliases."""
         return tuple(f for f in (self.torch_function, *self.aliases) if f is not None)
 
 
-def _op(name, kind, torch_function, section, module=None, torch_module=None, aliases=(), **options) -> Op:
-    return Op(name, kind, torch_function, section, module, torch_module, tuple(aliases), options)
+def _op(name, kind, torch_function, section, module=None, torch_module=None, aliases=(), more_modules=(),
+        **options) -> Op:
+    return Op(name, kind, torch_function, section, module, torch_module, tuple(aliases), options, tuple(more_modules))
 
 
 _ACT = "activations"
@@ -107,15 +121,27 @@ _TABLE: tuple[Op, ...] = (
     _op("mlp", "fused", None, "the-whole-network", "MLP", activation="sigmoid", last_activation=None),
     _op("linear_cross_entropy", "fused", getattr(TF, "linear_cross_entropy", None), "linear-and-cross-entropy-chunked",
         bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, chunk_size=None),
-    # batch_norm has two torch.nn classes: one row for each (the same functional); CATALOGUE keeps the last
-    *(_op("batch_norm", "norm", TF.batch_norm, _BGR, m.__name__, m, weight=None, bias=None, training=False,
-          momentum=0.1, eps=1e-5) for m in (nn.BatchNorm1d, nn.BatchNorm2d)),
+    _op("batch_norm", "norm", TF.batch_norm, _BGR, "BatchNorm2d", nn.BatchNorm2d,
+        more_modules=(("BatchNorm1d", nn.BatchNorm1d),), weight=None, bias=None, training=False, momentum=0.1,
+        eps=1e-5),
     _op("group_norm", "norm", TF.group_norm, _BGR, "GroupNorm", nn.GroupNorm, weight=None, bias=None, eps=1e-5),
     _op("rms_norm", "norm", TF.rms_norm, _BGR, "RMSNorm", nn.RMSNorm, (torch.rms_norm,), weight=None, eps=None),
     _op("embedding", "embedding", TF.embedding, "embedding", "Embedding", nn.Embedding, padding_idx=None,
         max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False),
     _op("dropout", "dropout", TF.dropout, "dropout", "Dropout", nn.Dropout, p=0.5, training=True, inplace=False),
+    _op("conv1d", "convolution", TF.conv1d, "convolution", "Conv1d", nn.Conv1d,
+        bias=None, stride=1, padding=0, dilation=1, groups=1),
+    _op("conv2d", "convolution", TF.conv2d, "convolution", "Conv2d", nn.Conv2d,
+        bias=None, stride=1, padding=0, dilation=1, groups=1),
+    _op("max_pool2d", "pooling", TF.max_pool2d, "max-pooling", "MaxPool2d", nn.MaxPool2d,
+        stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False),
+    _op("avg_pool2d", "pooling", TF.avg_pool2d, "average-pooling", "AvgPool2d", nn.AvgPool2d,
+        stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None),
+    _op("adaptive_avg_pool2d", "pooling", TF.adaptive_avg_pool2d, "average-pooling", "AdaptiveAvgPool2d",
+        nn.AdaptiveAvgPool2d),
 )
+
+assert len({op.name for op in _TABLE}) == len(_TABLE), "one entry per op name"
 
 #: name → Op, in table order
 CATALOGUE: Mapping[str, Op] = MappingProxyType({op.name: op for op in _TABLE})

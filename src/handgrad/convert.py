@@ -50,7 +50,7 @@ logger = logging.getLogger("handgrad.convert")
 # The tables below are read off the catalogue (handgrad.catalogue); none names an op itself.
 # torch.nn class → its handgrad.nn twin, for every op with a torch.nn class.
 TWINS: dict[type[nn.Module], type[nn.Module]] = {
-    op.torch_module: op.twin for op in catalogue.ops() if op.torch_module is not None
+    torch_module: twin for op in catalogue.ops() for twin, torch_module in op.twins if torch_module is not None
 }
 #: torch.nn module classes ``convert`` swaps (subclasses that keep torch's forward included).
 COVERED_MODULES: tuple[type[nn.Module], ...] = tuple(TWINS)

@@ -1,4 +1,5 @@
 """The op cases, one module per area; ``CASES`` is the registry (see ..registry)."""
-from . import activations, fused, layers, linear, losses, norms, softmax
+from . import activations, conv, fused, layers, linear, losses, norms, softmax
 
-CASES = [*linear.CASES, *activations.CASES, *softmax.CASES, *norms.CASES, *layers.CASES, *losses.CASES, *fused.CASES]
+CASES = [*linear.CASES, *activations.CASES, *softmax.CASES, *norms.CASES, *layers.CASES, *conv.CASES,
+         *losses.CASES, *fused.CASES]

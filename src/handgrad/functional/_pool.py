@@ -1,0 +1,118 @@
+"""``max_pool2d``, ``avg_pool2d``, ``adaptive_avg_pool2d``: torch.nn.functional's arguments,
+checks and output sizes; the math is ops.pool (docs/derivation.md#pooling)."""
+from __future__ import annotations
+
+import torch
+
+from ..ops.pool import MaxPool2dFn, MaxPoolOptions, SeparablePoolFn, adaptive_matrix, avg_pool_matrix
+from ._common import check_tensor, shape_str
+
+__all__ = ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d"]
+
+
+def _pair(fn: str, name: str, value) -> tuple[int, int]:
+    t = (value, value) if isinstance(value, int) else tuple(value)
+    if len(t) == 1:
+        t = t * 2
+    if len(t) != 2:
+        raise RuntimeError(f"{fn}: {name} must either be a single int, or a tuple of two ints, but got {name}={list(t)}")
+    return t
+
+
+def _batched(fn: str, input, error=RuntimeError) -> torch.Tensor:
+    """(N, C, H, W): a 3-D (C, H, W) input gets N = 1; every dim but N must be non-empty."""
+    check_tensor("input", input, fn=fn)
+    if input.dim() not in (3, 4):
+        raise error(f"{fn}: expected a 3D (unbatched) or 4D (batched) input, but got input of size {shape_str(input)}")
+    if any(d == 0 for d in input.shape[-3:]):
+        raise RuntimeError(f"{fn}: Expected 3D or 4D (batch mode) tensor with optional 0 dim batch size for input, "
+                           f"but got input of size {shape_str(input)}")
+    return input.unsqueeze(0) if input.dim() == 3 else input
+
+
+def _window_args(fn, kernel_size, stride, padding, dilation):
+    k = _pair(fn, "kernel_size", kernel_size)
+    s = k if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _pair(fn, "stride", stride)
+    p, d = _pair(fn, "padding", padding), _pair(fn, "dilation", dilation)
+    for name, v in (("kernel_size", k), ("stride", s), ("dilation", d)):
+        if any(x <= 0 for x in v):
+            raise RuntimeError(f"{fn}: {name} should be greater than zero, but got {name}={list(v)}")
+    if any(x < 0 for x in p):
+        raise RuntimeError(f"{fn}: padding should not be negative, but got padding={list(p)}")
+    return k, s, p, d
+
+
+def _out_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """torch's pooling_output_shape: ⌊ or ⌈(size + 2p − d(k − 1) − 1)/s⌉ + 1, and in ceil_mode
+    the last window is dropped when it would start in the end padding."""
+    out = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def _out_shape(fn, x, k, s, p, d, ceil_mode, half_of):
+    """(H_out, W_out), after torch's checks: padding at most half the (effective) kernel, an output
+    of at least one element."""
+    for i in range(2):
+        if p[i] > half_of[i] // 2:
+            raise RuntimeError(f"{fn}: pad should be at most half of effective kernel size, but got padding={list(p)}, "
+                               f"kernel_size={list(k)} and dilation={list(d)}")
+    out = tuple(_out_size(x.shape[2 + i], k[i], s[i], p[i], d[i], ceil_mode) for i in range(2))
+    if any(o < 1 for o in out):
+        raise RuntimeError(f"{fn}: Given input of size {shape_str(x)} and kernel_size={list(k)}, the calculated output "
+                           f"size {list(out)} is too small")
+    return out
+
+
+def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
+               return_indices: bool = False):
+    """``torch.nn.functional.max_pool2d``: the max over each window; backward scatters G to the
+    argmax (ops.pool.MaxPool2dFn). ``return_indices=True`` also returns the argmax indices (int64)."""
+    x = _batched("max_pool2d", input)                                  # (N, C, H, W)
+    k, s, p, d = _window_args("max_pool2d", kernel_size, stride, padding, dilation)
+    _out_shape("max_pool2d", x, k, s, p, d, ceil_mode, tuple((ki - 1) * di + 1 for ki, di in zip(k, d)))
+    y, idx = MaxPool2dFn.call(x, MaxPoolOptions(k, s, p, d, bool(ceil_mode)))
+    if input.dim() == 3:
+        y, idx = y.squeeze(0), idx.squeeze(0)
+    return (y, idx) if return_indices else y
+
+
+def avg_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+               count_include_pad: bool = True, divisor_override: int | None = None) -> torch.Tensor:
+    """``torch.nn.functional.avg_pool2d``: Y = A_h X A_wᵀ with torch's windows and divisors
+    (ops.pool.SeparablePoolFn)."""
+    x = _batched("avg_pool2d", input, IndexError)                     # (N, C, H, W); torch: IndexError for 2-D
+    k, s, p, d = _window_args("avg_pool2d", kernel_size, stride, padding, 1)
+    if divisor_override is not None and divisor_override == 0:
+        raise RuntimeError(f"avg_pool2d: divisor must be not zero (divisor_override={divisor_override})")
+    H_out, W_out = _out_shape("avg_pool2d", x, k, s, p, d, ceil_mode, k)
+    H, W = x.shape[2:]
+    a_h = avg_pool_matrix(H, H_out, k[0], s[0], p[0], count_include_pad, divisor_override, x)   # (H_out, H)
+    a_w = avg_pool_matrix(W, W_out, k[1], s[1], p[1], count_include_pad, divisor_override, x)   # (W_out, W)
+    if divisor_override is not None:
+        a_h = a_h / divisor_override                                                           # once, on A_h
+    y = SeparablePoolFn.call(x, a_h, a_w)                              # (N, C, H_out, W_out)
+    return y.squeeze(0) if input.dim() == 3 else y
+
+
+def adaptive_avg_pool2d(input: torch.Tensor, output_size) -> torch.Tensor:
+    """``torch.nn.functional.adaptive_avg_pool2d``: Y = A_h X A_wᵀ with windows
+    [⌊i·H/H_out⌋, ⌈(i + 1)·H/H_out⌉) (ops.pool.SeparablePoolFn). A None size keeps the input's."""
+    fn = "adaptive_avg_pool2d"
+    check_tensor("input", input, fn=fn)
+    if input.dim() not in (3, 4):
+        raise RuntimeError(f"{fn}(): Expected 3D or 4D tensor, but got input of size {shape_str(input)}")
+    size = (output_size, output_size) if isinstance(output_size, int) or output_size is None else tuple(output_size)
+    if len(size) != 2:
+        raise RuntimeError(f"{fn}: output_size must be 2, but got output_size={list(size)}")
+    if any(d == 0 for d in input.shape[1:]):  # torch's rule: dim 0 may be empty, whether 3-D or 4-D
+        raise RuntimeError(f"{fn}(): Expected input to have non-zero size for non-batch dimensions, but input has "
+                           f"sizes {shape_str(input)}")
+    x = input.unsqueeze(0) if input.dim() == 3 else input             # (N, C, H, W)
+    H, W = x.shape[2:]
+    H_out, W_out = (H if size[0] is None else size[0]), (W if size[1] is None else size[1])
+    if H_out < 0 or W_out < 0:
+        raise RuntimeError(f"{fn}: elements of output_size must be greater than or equal to 0 but got {list(size)}")
+    y = SeparablePoolFn.call(x, adaptive_matrix(H, H_out, x), adaptive_matrix(W, W_out, x))   # (N, C, H_out, W_out)
+    return y.squeeze(0) if input.dim() == 3 else y

@@ -1,0 +1,283 @@
+r"""Convolution, 1-d and 2-d, as three bilinear Functions closed under differentiation.
+
+Derivation: docs/derivation.md#convolution. With X_col the im2col matrix of the zero-padded
+input (one column per output position, one row per (input channel of the group, kernel tap)):
+
+    Y = W_col X_col + b                       Conv(X, W) + b          (ConvFn)
+    ∂L/∂X = col2im(W_colᵀ G)                  ConvT(G, W)             (ConvInputGradFn)
+    ∂L/∂W = G X_colᵀ                          ConvW(X, G)             (ConvWeightGradFn)
+    ∂L/∂b = Σ_{n, p} G
+
+Each of the three is bilinear, and the pairing ⟨G, Conv(X, W)⟩ = ⟨ConvT(G, W), X⟩ = ⟨ConvW(X, G), W⟩
+gives every one's backward and jvp in terms of the other two (and itself): the gradient of a
+gradient is again one of the three, never torch's convolution backward (``aten.convolution_backward``,
+``torch.nn.grad``). Each forward evaluates its product with a forward convolution primitive
+(``torch.convolution``, transposed or not), which is the same sum: see the helpers' comments.
+
+Shapes (glossary): N batch, C_in / C_out channels, g groups, C_g = C_in / g, S the spatial size
+(1 or 2 dims), K the kernel size, S_out = ⌊(S + lo + hi − d(K − 1) − 1) / s⌋ + 1.
+X (N, C_in, *S), W (C_out, C_g, *K), b (C_out,), G and Y (N, C_out, *S_out).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as TF
+
+from ._function import HandFunction, opmath
+
+
+@dataclass(frozen=True)
+class ConvOptions:
+    """stride s, zero padding lo (before) and hi (after), dilation d, per spatial dim; groups g.
+    ``lo ≠ hi`` is ``padding='same'`` with an even effective kernel (torch pads the extra at the end)."""
+
+    stride: tuple[int, ...]
+    pad_lo: tuple[int, ...]
+    pad_hi: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+    @property
+    def symmetric(self) -> bool:
+        return self.pad_lo == self.pad_hi
+
+    def padded(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """X and the padding to give torch.convolution: asymmetric padding is applied to X first
+        (zeros; inside a Function's forward, so not recorded), symmetric by the primitive."""
+        if self.symmetric:
+            return x, self.pad_lo
+        pairs = [p for lo, hi in zip(reversed(self.pad_lo), reversed(self.pad_hi)) for p in (lo, hi)]
+        return TF.pad(x, pairs), (0,) * len(self.pad_lo)
+
+    def out_size(self, in_size, k_size) -> tuple[int, ...]:
+        """S_out = ⌊(S + lo + hi − d(K − 1) − 1) / s⌋ + 1."""
+        return tuple((S + lo + hi - d * (K - 1) - 1) // s + 1 for S, K, s, lo, hi, d in
+                     zip(in_size, k_size, self.stride, self.pad_lo, self.pad_hi, self.dilation))
+
+
+@dataclass(frozen=True)
+class Spatial:
+    """A spatial size (S or K) passed to a Function as one opaque argument: a plain tuple would be
+    flattened by torch.func's pytree into several arguments, and forward-over-reverse
+    (``torch.func.hessian``) would then count more inputs than the jvp has tangents."""
+
+    dims: tuple[int, ...]
+
+
+def _own_dtype(t: torch.Tensor):
+    """Each product runs in the dtype it is given: autocast's cast is made once, by the functional
+    (recorded outside the Function), never again inside a forward or a backward run in its region."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _conv(x, w, b, o: ConvOptions):
+    """Y[n, o, p] = b[o] + Σ_{c, k} W[o, c, k] X_pad[n, g(o) C_g + c, s p + d k]  — W_col X_col + b."""
+    xp, pad = o.padded(x)
+    zeros = (0,) * len(pad)
+    with _own_dtype(x):
+        return torch.convolution(xp, w, b, o.stride, pad, o.dilation, False, zeros, o.groups)
+
+
+def _conv_input_grad(g, w, o: ConvOptions, in_size):
+    """col2im(W_colᵀ G): every output position p sends W[o, c, k] G[n, o, p] back to input
+    position s p + d k − lo, which is the transposed convolution of G with W. Its natural length
+    (S_out − 1)s + d(K − 1) + 1 falls short of the padded length by r = (S + lo + hi − d(K − 1) − 1)
+    mod s (< s) rows no window reaches: output_padding r restores them (as zeros); then the
+    padding is cropped (by the primitive when lo = hi)."""
+    dt, in_size = g.dtype, in_size.dims
+    g, w = opmath(g), opmath(w)
+    k_size = w.shape[2:]
+    r = tuple((S + lo + hi - d * (K - 1) - 1) % s for S, K, s, lo, hi, d in
+              zip(in_size, k_size, o.stride, o.pad_lo, o.pad_hi, o.dilation))
+    with _own_dtype(g):
+        if o.symmetric:
+            return torch.convolution(g, w, None, o.stride, o.pad_lo, o.dilation, True, r, o.groups).to(dt)
+        full = torch.convolution(g, w, None, o.stride, (0,) * len(r), o.dilation, True, r, o.groups)  # (N, C_in, *S_pad)
+    return _fresh(_crop(full, o.pad_lo, in_size).to(dt))                                           # (N, C_in, *S)
+
+
+def _conv_weight_grad(x, g, o: ConvOptions, k_size):
+    """G X_colᵀ: ∂L/∂W[o, c, k] = Σ_{n, p} G[n, o, p] X_pad[n, g(o) C_g + c, s p + d k], a
+    convolution over the batch: X's batch and channel dims swap (input (C_g, g·N, *S): batch c,
+    channel (group, n)), G is the weight (C_out, N, *S_out), stride and dilation swap roles
+    (tap k at position d k + s p), groups stay. Its spatial output is at least K (trailing
+    positions no window reaches give more): the first K are kept."""
+    dt, k_size = x.dtype, k_size.dims
+    x, g = opmath(x), opmath(g)
+    N, C_in, *S = x.shape
+    C_out, groups = g.shape[1], o.groups
+    if N == 0:
+        return x.new_zeros((C_out, C_in // groups, *k_size)).to(dt)
+    C_g = C_in // groups
+    xt = x.reshape(N, groups, C_g, *S).transpose(0, 2).reshape(C_g, groups * N, *S)   # (C_g, g·N, *S)
+    gt = g.transpose(0, 1)                                                             # (C_out, N, *S_out)
+    xp, pad = o.padded(xt)
+    zeros = (0,) * len(S)
+    with _own_dtype(x):
+        v = torch.convolution(xp, gt, None, o.dilation, pad, o.stride, False, zeros, groups)  # (C_g, C_out, *K')
+    v = _crop(v, (0,) * len(k_size), k_size)                                           # (C_g, C_out, *K)
+    return _fresh(v.transpose(0, 1).to(dt))                                            # (C_out, C_g, *K)
+
+
+def _crop(t, starts, sizes):
+    """t[..., a:a+S, b:b+T] over the trailing dims, each narrowed only where it must be (a slice
+    that keeps a whole dim is an ``alias``, which the legacy vmap of batched gradcheck refuses)."""
+    lead = t.dim() - len(sizes)
+    for i, (a, S) in enumerate(zip(starts, sizes)):
+        if a != 0 or t.shape[lead + i] != S:
+            t = t.narrow(lead + i, a, S)
+    return t
+
+
+def _fresh(t):
+    """A copy of the view ``t``: a Function's output must not be a view of a temporary, or
+    forward-mode AD demands its tangent share the view's layout (an internal assert, torch 2.13).
+    Always a copy (asking ``t._is_view()`` would break Dynamo's graph)."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _bias_shape(b, dims):
+    return b.reshape(-1, *(1,) * dims)   # (C_out, 1, …): broadcast over positions
+
+
+class ConvFn(HandFunction):
+    r"""Y = W_col X_col + b  — equals ``torch.nn.functional.conv1d`` / ``conv2d`` (batched input).
+
+    Shapes: X (N, C_in, *S), W (C_out, C_g, *K), b (C_out,) or None → Y (N, C_out, *S_out).
+    Backward, G = ∂L/∂Y:
+        ∂L/∂X = col2im(W_colᵀ G) = ConvT(G, W)      (N, C_in, *S)
+        ∂L/∂W = G X_colᵀ        = ConvW(X, G)      (C_out, C_g, *K)
+        ∂L/∂b = Σ_{n, p} G                          (C_out,)
+    Forward mode: Ẏ = Conv(Ẋ, W) + Conv(X, Ẇ) + ḃ.
+    Saves X only if W needs a gradient, W only if X does.
+    Derivation: docs/derivation.md#convolution
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, opts):
+        return _conv(x, weight, bias, opts)                               # W_col X_col + b
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, opts = inputs
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
+        ctx.save_for_forward(x, weight)
+        ctx.opts, ctx.in_size, ctx.k_size = opts, Spatial(tuple(x.shape[2:])), Spatial(tuple(weight.shape[2:]))
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ConvInputGradFn.call(grad_y, weight, ctx.opts, ctx.in_size)   # col2im(W_colᵀ G)
+        if ctx.needs_input_grad[1]:
+            grad_w = ConvWeightGradFn.call(x, grad_y, ctx.opts, ctx.k_size)        # G X_colᵀ
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_y.sum([0, *range(2, grad_y.dim())])                      # Σ_{n,p} G
+        return grad_x, grad_w, grad_b, None
+
+    @staticmethod
+    def jvp(ctx, dx, dw, db, _):
+        x, weight = ctx.saved_tensors
+        dy = None
+        if dx is not None:
+            dy = ConvFn.call(dx, weight, None, ctx.opts)                          # Conv(Ẋ, W)
+        if dw is not None:
+            t = ConvFn.call(x, dw, None, ctx.opts)                                # Conv(X, Ẇ)
+            dy = t if dy is None else dy + t
+        if db is not None:
+            t = _bias_shape(db, len(ctx.in_size.dims))                             # ḃ
+            out_size = ctx.opts.out_size(ctx.in_size.dims, ctx.k_size.dims)
+            dy = t.expand(x.shape[0], -1, *out_size) if dy is None else dy + t
+        return dy
+
+
+class ConvInputGradFn(HandFunction):
+    r"""Z = ConvT(G, W) = col2im(W_colᵀ G): the input gradient of a convolution, as an op.
+
+    Shapes: G (N, C_out, *S_out), W (C_out, C_g, *K) → Z (N, C_in, *S).
+    Linear in G and in W; ⟨H, ConvT(G, W)⟩ = ⟨Conv(H, W), G⟩ = ⟨ConvW(H, G), W⟩, so, H = ∂L/∂Z:
+        ∂L/∂G = Conv(H, W)         (N, C_out, *S_out)
+        ∂L/∂W = ConvW(H, G)        (C_out, C_g, *K)
+    Forward mode: Ż = ConvT(Ġ, W) + ConvT(G, Ẇ).
+    Derivation: docs/derivation.md#convolution
+    """
+
+    @staticmethod
+    def forward(g, weight, opts, in_size):
+        return _conv_input_grad(g, weight, opts, in_size)                 # col2im(W_colᵀ G)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        g, weight, opts, in_size = inputs
+        ctx.save_for_backward(g if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
+        ctx.save_for_forward(g, weight)
+        ctx.opts, ctx.in_size, ctx.k_size = opts, in_size, Spatial(tuple(weight.shape[2:]))
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        g, weight = ctx.saved_tensors
+        grad_g = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_g = ConvFn.call(grad_z, weight, None, ctx.opts)                  # Conv(H, W)
+        if ctx.needs_input_grad[1]:
+            grad_w = ConvWeightGradFn.call(grad_z, g, ctx.opts, ctx.k_size)       # ConvW(H, G)
+        return grad_g, grad_w, None, None
+
+    @staticmethod
+    def jvp(ctx, dg, dw, _o, _s):
+        g, weight = ctx.saved_tensors
+        dz = None
+        if dg is not None:
+            dz = ConvInputGradFn.call(dg, weight, ctx.opts, ctx.in_size)          # ConvT(Ġ, W)
+        if dw is not None:
+            t = ConvInputGradFn.call(g, dw, ctx.opts, ctx.in_size)                # ConvT(G, Ẇ)
+            dz = t if dz is None else dz + t
+        return dz
+
+
+class ConvWeightGradFn(HandFunction):
+    r"""V = ConvW(X, G) = G X_colᵀ: the weight gradient of a convolution, as an op.
+
+    Shapes: X (N, C_in, *S), G (N, C_out, *S_out) → V (C_out, C_g, *K).
+    Linear in X and in G; ⟨H, ConvW(X, G)⟩ = ⟨G, Conv(X, H)⟩ = ⟨ConvT(G, H), X⟩, so, H = ∂L/∂V:
+        ∂L/∂X = ConvT(G, H)        (N, C_in, *S)
+        ∂L/∂G = Conv(X, H)         (N, C_out, *S_out)
+    Forward mode: V̇ = ConvW(Ẋ, G) + ConvW(X, Ġ).
+    Derivation: docs/derivation.md#convolution
+    """
+
+    @staticmethod
+    def forward(x, g, opts, k_size):
+        return _conv_weight_grad(x, g, opts, k_size)                      # G X_colᵀ
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, g, opts, k_size = inputs
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, g if ctx.needs_input_grad[0] else None)
+        ctx.save_for_forward(x, g)
+        ctx.opts, ctx.in_size, ctx.k_size = opts, Spatial(tuple(x.shape[2:])), k_size
+
+    @staticmethod
+    def backward(ctx, grad_v):
+        x, g = ctx.saved_tensors
+        grad_x = grad_g = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ConvInputGradFn.call(g, grad_v, ctx.opts, ctx.in_size)       # ConvT(G, H)
+        if ctx.needs_input_grad[1]:
+            grad_g = ConvFn.call(x, grad_v, None, ctx.opts)                       # Conv(X, H)
+        return grad_x, grad_g, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, dg, _o, _k):
+        x, g = ctx.saved_tensors
+        dv = None
+        if dx is not None:
+            dv = ConvWeightGradFn.call(dx, g, ctx.opts, ctx.k_size)               # ConvW(Ẋ, G)
+        if dg is not None:
+            t = ConvWeightGradFn.call(x, dg, ctx.opts, ctx.k_size)                # ConvW(X, Ġ)
+            dv = t if dv is None else dv + t
+        return dv

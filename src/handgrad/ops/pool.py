@@ -1,0 +1,151 @@
+r"""Pooling over the two trailing dims: max pooling, and average pooling (fixed and adaptive
+windows) as the separable linear map Y = A_h X A_wᵀ. Derivation: docs/derivation.md#pooling.
+
+Shapes (glossary): X (N, C, H, W) (the functional adds N = 1 for unbatched input),
+Y (N, C, H_out, W_out); A_h (H_out, H) and A_w (W_out, W) are the averaging matrices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as TF
+
+from ._function import HandFunction, opmath
+
+
+# --- average pooling: Y = A_h X A_wᵀ ----------------------------------------------------------
+
+
+def window_matrix(start: torch.Tensor, end: torch.Tensor, size: int, divisor: torch.Tensor, like: torch.Tensor):
+    """A (len(start), size), A[i, j] = 1/divisor[i] for start[i] ≤ j < end[i], else 0: row i
+    averages window i of one spatial dim."""
+    j = torch.arange(size, device=like.device)
+    inside = (j >= start[:, None]) & (j < end[:, None])                       # (H_out, H)
+    return inside.to(opmath(like).dtype) / divisor[:, None].to(opmath(like).dtype)
+
+
+def avg_pool_matrix(size: int, out: int, k: int, s: int, p: int, count_include_pad: bool,
+                    divisor: int | None, like: torch.Tensor) -> torch.Tensor:
+    """Torch's windows: start = i s − p, end = min(start + k, size + p) (ceil_mode's last window is
+    cut at the padding's end), then clipped to [0, size). The divisor is the padded window's length
+    (``count_include_pad``) or the clipped one; ``divisor_override`` (applied by the caller, once,
+    on A_h) replaces both."""
+    i = torch.arange(out, device=like.device)
+    start = i * s - p
+    end = torch.clamp(start + k, max=size + p)
+    lo, hi = start.clamp(min=0), end.clamp(max=size)
+    length = end - start if count_include_pad else hi - lo
+    if divisor is not None:
+        length = torch.ones_like(length)
+    return window_matrix(lo, hi, size, length, like)
+
+
+def adaptive_matrix(size: int, out: int, like: torch.Tensor) -> torch.Tensor:
+    """Torch's adaptive windows: start = ⌊i·size/out⌋, end = ⌈(i + 1)·size/out⌉."""
+    i = torch.arange(out, device=like.device)
+    start = torch.div(i * size, out, rounding_mode="floor")
+    end = torch.div((i + 1) * size + out - 1, out, rounding_mode="floor")
+    return window_matrix(start, end, size, end - start, like)
+
+
+class SeparablePoolFn(HandFunction):
+    r"""Y = A_h X A_wᵀ  — equals ``torch.nn.functional.avg_pool2d`` and ``adaptive_avg_pool2d``
+    with A_h, A_w from ``avg_pool_matrix`` / ``adaptive_matrix`` (constants, no gradient).
+
+    Shapes: X (N, C, H, W), A_h (H_out, H), A_w (W_out, W) → Y (N, C, H_out, W_out).
+    Backward, G = ∂L/∂Y; linear in X, so its own transpose, the same op on (A_hᵀ, A_wᵀ):
+        ∂L/∂X = A_hᵀ G A_w        (N, C, H, W)
+    Forward mode: Ẏ = A_h Ẋ A_wᵀ.
+    float16/bfloat16: computed in float32, rounded once.
+    Derivation: docs/derivation.md#pooling
+    """
+
+    @staticmethod
+    def forward(x, a_h, a_w):
+        with torch.autocast(x.device.type, enabled=False):                # in float32, as torch's pools under autocast
+            return (a_h @ opmath(x) @ a_w.mT).to(x.dtype)                 # A_h X A_wᵀ
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, a_h, a_w = inputs
+        ctx.save_for_backward(a_h, a_w)
+        ctx.save_for_forward(a_h, a_w)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        a_h, a_w = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = SeparablePoolFn.call(grad_y, a_h.mT, a_w.mT)         # A_hᵀ G A_w
+        return grad_x, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, _h, _w):
+        a_h, a_w = ctx.saved_tensors
+        return SeparablePoolFn.call(dx, a_h, a_w)                         # A_h Ẋ A_wᵀ
+
+
+# --- max pooling ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaxPoolOptions:
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    ceil_mode: bool
+
+
+def _planes(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, A, B) → (N, C, A·B) (reshape, not flatten: the legacy vmap of batched gradcheck
+    has no rule for flatten)."""
+    return t.reshape(t.shape[0], t.shape[1], t.shape[2] * t.shape[3])
+
+
+class MaxPool2dFn(HandFunction):
+    r"""Y[n, c, i] = X[n, c, a(i)], a(i) = argmax over window i  — equals
+    ``torch.nn.functional.max_pool2d(..., return_indices=True)``.
+
+    Shapes: X (N, C, H, W) → Y (N, C, H_out, W_out) and the argmax indices I (same shape, int64,
+    flat over H·W, torch's: its tie and NaN choices, windows never wholly in the padding).
+    Y is a selection, Y = gather(X, I), linear in X with a 0/1 matrix S (one 1 per row), so with
+    G = ∂L/∂Y:
+        ∂L/∂X = Sᵀ G = scatter_add(0, I, G)       (N, C, H, W): each G lands on its argmax;
+                                                   windows that share an argmax add up
+    Forward mode: Ẏ = S Ẋ = gather(Ẋ, I).
+    The forward is torch's max pooling kernel (it gives Y and I); the backward never calls its
+    backward. Saves I only.
+    Derivation: docs/derivation.md#pooling
+    """
+
+    @staticmethod
+    def forward(x, opts):
+        o = opts
+        return TF.max_pool2d(x, o.kernel_size, o.stride, o.padding, o.dilation, o.ceil_mode, return_indices=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _ = inputs
+        _, idx = output
+        ctx.mark_non_differentiable(idx)
+        ctx.save_for_backward(idx)
+        ctx.save_for_forward(idx)
+        ctx.x_shape = x.shape
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_idx):
+        idx, = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            N, C, H, W = ctx.x_shape
+            flat = grad_y.new_zeros(N, C, H * W)                                         # (N, C, H·W)
+            grad_x = flat.scatter_add(2, _planes(idx), _planes(grad_y)).reshape(ctx.x_shape)  # Sᵀ G
+        return grad_x, None
+
+    @staticmethod
+    def jvp(ctx, dx, _):
+        idx, = ctx.saved_tensors
+        dy = _planes(dx).gather(2, _planes(idx)).reshape(idx.shape)                     # S Ẋ
+        return dy, None
