@@ -36,6 +36,21 @@ def log_softmax_forward(X: torch.Tensor, dim: int) -> torch.Tensor:
     return Z.sub_(lse)                                           # Z − lse      (*, D, *)
 
 
+def log_softmax_rows(X: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """log p = Z − log((exp(Z))1), Z = X − m, with log((exp(Z))1) taken as log1p(r): the row max's
+    own term is exactly e^0 = 1, so (exp(Z))1 = 1 + r, r = Σ_{Z_j<0} e^{Z_j} + (ties − 1), and
+    log1p(r) keeps r's digits when one class dominates ((exp(Z))1 ≈ 1), where log of the rounded
+    1 + r would lose them. The losses' log-softmax (cross_entropy, linear_cross_entropy per
+    chunk). An empty dim (0 classes) gives the empty log p."""
+    if X.shape[dim] == 0:                                        # amax refuses an empty dim
+        return X.clone()
+    Z = _shifted(X, dim)                                         # Z ≤ 0, max_j Z = 0    (*, C)
+    top = Z == 0                                                 # the max (and its ties)
+    r = accurate_sum(torch.where(top, torch.zeros_like(Z), Z.exp()), dim, keepdim=True)
+    r = r + (top.sum(dim, keepdim=True) - 1).to(Z.dtype)         # r = (exp(Z))1 − 1     (*, 1)
+    return Z - torch.log1p(r)                                    # log p = Z − log(1 + r)
+
+
 # --- the hand-derived products, from the output Y -------------------------------------------
 
 def softmax_vjp(Y: torch.Tensor, G: torch.Tensor, dim: int) -> torch.Tensor:

@@ -84,19 +84,17 @@ def _lce_case(reduction: str, label_smoothing: float = 0.0, bias: bool = True, s
         D = shape[-1]
         target = torch.randint(0, C, shape[:-1], device=device)
         target[(torch.arange(target.numel(), device=device) % 3 == 1).reshape(target.shape)] = ignore  # every third row ignored
-        kwargs = {"bias": randn((C,), dtype, device) if bias else None, "reduction": reduction,
+        kwargs = {"linear_bias": randn((C,), dtype, device) if bias else None, "reduction": reduction,
                   "label_smoothing": label_smoothing, "chunk_size": 3}   # 3 rows a chunk: several chunks, a ragged last one
         return Inputs((randn(shape, dtype, device), randn((C, D), dtype, device, scale=D**-0.5), target), kwargs)
 
-    def reference(x, w, target, *, bias=None, reduction="mean", label_smoothing=0.0, chunk_size=None):
-        logits = TF.linear(x, w, bias)
-        loss = TF.cross_entropy(logits.reshape(-1, w.shape[0]), target.reshape(-1), ignore_index=ignore, reduction=reduction,
-                                label_smoothing=label_smoothing)
-        return loss.reshape(target.shape) if reduction == "none" else loss
+    def reference(x, w, target, *, chunk_size=None, **kwargs):   # torch's function (chunk_size: handgrad's)
+        return TF.linear_cross_entropy(x, w, target, **kwargs)
 
     name = f"linear_cross_entropy[{reduction}{f',smoothing={label_smoothing}' if label_smoothing else ''}{'' if bias else ',no-bias'}]"
     # 'mean' of an empty batch is 0/0 = nan in torch too; its finite-difference check is meaningless
-    default = ((2, 3), (7, 13), (2, 5, 13)) if reduction == "mean" else ((2, 3), (7, 13), (2, 5, 13), (0, 13))
+    # input (N, D) or unbatched (D,), as torch's linear_cross_entropy
+    default = ((2, 3), (7, 13), (13,)) if reduction == "mean" else ((2, 3), (7, 13), (0, 13), (13,))
     return OpCase(name, F.linear_cross_entropy, reference, make, shapes=shapes or default,
                   bad_inputs=_LCE_BAD if reduction == "mean" else (), lowp_ulps=FUSED_ULPS)
 
