@@ -193,10 +193,10 @@ def check_linear(fn: str, weight, bias, *, features: int, dtype: torch.dtype, in
 
     ``input`` given (``linear`` itself): torch's rules. W is 1-D or 2-D with ``features`` columns,
     of the input's dtype. torch adds b one of two ways (aten/native/Linear.cpp): by addmm for a
-    2-D input, or a contiguous input with a 1-D b: b of the input's dtype, and W 2-D; else in place
-    on the product (``output.add_(b)``): b of any dtype that casts into the output's (cast here,
-    so the hand-derived Function sees one dtype). Either way b broadcasts to the output without
-    growing it.
+    2-D input, or a contiguous input with a b along the last dim only: b of the input's dtype,
+    and W 2-D; else in place on the product (``output.add_(b)``): b of any dtype that casts into
+    the output's (cast here, so the hand-derived Function sees one dtype). Either way b
+    broadcasts to the output without growing it.
     ``input`` None (a fused layer; ``layer`` its index in an mlp): W (D_out, D_in), b (D_out,),
     one dtype."""
     w_name, b_name = ("weight", "bias") if layer is None else (f"weights[{layer}]", f"biases[{layer}]")
@@ -226,7 +226,9 @@ def check_linear(fn: str, weight, bias, *, features: int, dtype: torch.dtype, in
             raise RuntimeError(f"{fn}: expected input and {b_name} to have the same dtype, but got {dtype} and {bias.dtype}")
         return bias
     out_shape = torch.Size((*input.shape[:-1], *weight.shape[:-1]))
-    addmm = input.dim() == 2 or (input.is_contiguous() and bias.dim() == 1)
+    # torch's addmm path: a 2-D input, or a contiguous one with a bias that varies along the
+    # last dim only ((D_out,), (1,), (1, D_out), …: measured on torch 2.13)
+    addmm = input.dim() == 2 or (input.is_contiguous() and bias.dim() >= 1 and bias.numel() == bias.shape[-1])
     if addmm and weight.dim() == 1:
         raise RuntimeError(f"{fn}: a 1-D weight {shape_str(weight)} with bias {shape_str(bias)} on input "
                            f"{shape_str(input)}: mat2 must be a matrix, got 1-D tensor (torch's addmm path)")

@@ -142,7 +142,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and out_dtype != torch.float64:
         out_dtype = torch.float32     # autocast runs cross_entropy in float32 (functional._common)
     input, linear_weight, linear_bias = autocast("linear", input, linear_weight, linear_bias)
-    W2 = linear_weight.reshape(-1, D)                              # (C·d1·…, D)
+    W2 = linear_weight.reshape(linear_weight.shape[:-1].numel(), D)   # (C·d1·…, D) (D may be 0)
     b2 = None if linear_bias is None else linear_bias.reshape(-1)
     check_linear(fn, W2, b2, features=D, dtype=input.dtype)
     # the cross entropy's checks on the logits' shape and dtype (no tensor: nothing allocated)
@@ -155,7 +155,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
         # torch's reference path, in handgrad's ops: linear, then cross_entropy on the logits
         logits = linear(input, W2, b2).reshape(logits_shape)
         return class_loss(fn, logits, target, weight, ce, C)
-    X = input.reshape(-1, D)                                       # (N, D)
+    X = input.reshape(input.shape[:-1].numel(), D)                 # (N, D) (D may be 0)
     T = target.reshape(-1).long()                                  # (N,)
     check_target_range(fn, T, C, ce.ignore_index, logits)
     N = X.shape[0]

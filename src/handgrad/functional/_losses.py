@@ -106,8 +106,9 @@ def _rows(input, target, probs):
     elif input.dim() == 2:
         X, Y = input, target                                            # (M, C), (M,) or (M, C)
     else:
-        X = input.movedim(1, -1).reshape(-1, C)                         # (N·d1·…, C)
-        Y = target.movedim(1, -1).reshape(-1, C) if probs else target.reshape(-1)
+        M = (input.shape[:1] + input.shape[2:]).numel()                 # N·d1·… (C may be 0)
+        X = input.movedim(1, -1).reshape(M, C)                          # (M, C)
+        Y = target.movedim(1, -1).reshape(M, C) if probs else target.reshape(M)
     if not probs and Y.dtype != torch.int64:
         Y = Y.long()                                                    # Byte targets index too
     return X, Y

@@ -139,7 +139,7 @@ class StackFn(HandFunction):
     def forward(x, spec, *params):
         flat = x.dim() == 2                                        # already (N, D_0): no reshapes
         lead = x.shape[:-1]
-        X = x if flat else x.reshape(-1, x.shape[-1])              # X_0 (N, D_0)
+        X = x if flat else x.reshape(lead.numel(), x.shape[-1])    # X_0 (N, D_0) (D_0 may be 0)
         xs, zs = [], []
         for l, act in enumerate(spec.acts):
             W, b = params[2 * l], params[2 * l + 1]

@@ -15,6 +15,7 @@ rows X (M, C) or elementwise tensors only. In float16/bfloat16 the math runs in 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -179,8 +180,8 @@ def _picked(X, y0):
 def ce_denominator(target, w, opts, dtype):
     """The 'mean' denominator: Σ_i a_i for class indices (torch's weighted mean), M for
     probabilities. Needs only the targets, so a chunked caller computes it once for all rows."""
-    if opts.probs:
-        return target.shape[0]
+    if opts.probs:   # torch: numel / C, so 0/0 = nan with no classes
+        return target.shape[0] if target.shape[1] else math.nan
     return _sum(ce_index_terms(target, w, opts.ignore_index, dtype)[2])   # Σ_i a_i
 
 
@@ -202,9 +203,11 @@ def ce_losses(logp, target, w, opts):
     eps = opts.label_smoothing
     keep, y0, a = ce_index_terms(target, w, opts.ignore_index, logp.dtype)   # (M,)
     loss = -(1 - eps) * a * _picked(logp, y0)                            # −(1−ε) a_i log p_{i,y_i}
-    if eps and C:
+    if eps:
         wlogp = logp if w is None else logp * opmath(w)                   # w_c log p_ic
-        loss = loss - (eps / C) * keep.to(logp.dtype) * _sum(wlogp, 1)    # − (ε/C) keep_i Σ_c w_c log p_ic
+        # (no classes: ε/C = ∞ times Σ = 0 is nan, as torch's, on every row)
+        smooth = eps / C if C else math.inf
+        loss = loss - smooth * (keep.to(logp.dtype) * _sum(wlogp, 1))     # − (ε/C) keep_i Σ_c w_c log p_ic
     return loss
 
 
