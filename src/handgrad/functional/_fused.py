@@ -154,6 +154,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     if ce.probs or out_features:
         # torch's reference path, in handgrad's ops: linear, then cross_entropy on the logits
         logits = linear(input, W2, b2).reshape(logits_shape)
+        logits, target, weight = autocast("cross_entropy", logits, target, weight)
         return class_loss(fn, logits, target, weight, ce, C)
     X = input.reshape(input.shape[:-1].numel(), D)                 # (N, D) (D may be 0)
     T = target.reshape(-1).long()                                  # (N,)
