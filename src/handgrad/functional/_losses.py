@@ -131,20 +131,29 @@ def _class_options(fn, input, target, weight, ignore_index, reduction, label_smo
     return C, weight, CrossEntropyOptions(reduction, ignore_index, eps, probs)
 
 
+def _class_args(fn, input, target, weight, size_average, reduce, reduction, ignore_index, label_smoothing, *,
+                allow_probs):
+    """cross_entropy's and nll_loss's arguments: tensors, autocast, the legacy flags, then every
+    option (``_class_options``). Returns (input, target, weight, opts, C)."""
+    check_tensor("input", input, fn=fn)
+    check_tensor("target", target, fn=fn)
+    if weight is not None:
+        check_tensor("weight", weight, fn=fn)
+    input, target, weight = autocast(fn, input, target, weight)
+    reduction = _legacy(size_average, reduce, reduction)
+    C, weight, opts = _class_options(fn, input, target, weight, ignore_index, reduction, label_smoothing,
+                                     allow_probs=allow_probs)
+    return input, target, weight, opts, C
+
+
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
                   size_average: bool | None = None, ignore_index: int = -100, reduce: bool | None = None,
                   reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
     """``torch.nn.functional.cross_entropy``: log-softmax and NLL in one Function
     (ops.losses.CrossEntropyFn), class-index or class-probability targets, K-dim and unbatched
     inputs, ``weight``, ``ignore_index``, ``label_smoothing``; torch's numbers in every case."""
-    check_tensor("input", input, fn="cross_entropy")
-    check_tensor("target", target, fn="cross_entropy")
-    if weight is not None:
-        check_tensor("weight", weight, fn="cross_entropy")
-    input, target, weight = autocast("cross_entropy", input, target, weight)
-    reduction = _legacy(size_average, reduce, reduction)
-    C, weight, opts = _class_options("cross_entropy", input, target, weight, ignore_index, reduction,
-                                     label_smoothing, allow_probs=True)
+    input, target, weight, opts, C = _class_args("cross_entropy", input, target, weight, size_average, reduce,
+                                                 reduction, ignore_index, label_smoothing, allow_probs=True)
     return class_loss("cross_entropy", input, target, weight, opts, C)
 
 
@@ -164,18 +173,12 @@ def nll_loss(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
              reduction: str = "mean") -> torch.Tensor:
     """``torch.nn.functional.nll_loss``: −w_y x_y (ops.losses.NLLLossFn), K-dim and unbatched
     inputs, ``weight``, ``ignore_index``; 'mean' divides by the kept rows' weights, as torch does."""
-    check_tensor("input", input, fn="nll_loss")
-    check_tensor("target", target, fn="nll_loss")
-    if weight is not None:
-        check_tensor("weight", weight, fn="nll_loss")
-    input, target, weight = autocast("nll_loss", input, target, weight)
-    reduction = _legacy(size_average, reduce, reduction)
-    C, weight, opts = _class_options("nll_loss", input, target, weight, ignore_index, reduction, 0.0,
-                                     allow_probs=False)
+    input, target, weight, opts, C = _class_args("nll_loss", input, target, weight, size_average, reduce,
+                                                 reduction, ignore_index, 0.0, allow_probs=False)
     X, Y = _rows(input, target, False)
     check_target_range("nll_loss", Y, C, opts.ignore_index, input)
     loss = NLLLossFn.call(X, Y, weight, opts)
-    return loss.reshape(_loss_shape(input)) if reduction == "none" else loss
+    return loss.reshape(_loss_shape(input)) if opts.reduction == "none" else loss
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,9 +21,7 @@ def affine_jvp(X: torch.Tensor, W: torch.Tensor, dX, dW, db) -> torch.Tensor:
         dZ = dZ + dX @ W.mT                                     # Ẋ Wᵀ
     if dW is not None:
         dZ = dZ + X @ dW.mT                                     # X Ẇᵀ
-    if db is not None:
-        dZ = dZ + db                                            # ḃ
-    return dZ
+    return dZ if db is None else dZ + db                        # + ḃ
 
 
 def bias_vjp(G: torch.Tensor, b_shape) -> torch.Tensor:
