@@ -276,11 +276,13 @@ def default_chunk_size(n_rows: int, n_classes: int) -> int:
 def _chunk_logp(X, W, b, T, w, ce, differentiable: bool):
     """log p = log_softmax(X Wᵀ + b) of one chunk (n, C), in opmath. ``differentiable`` (a
     backward that is itself recorded): through ``LinearFn`` and ``CrossEntropyFn``'s log p
-    output, so the double backward runs their hand-derived rules, not autograd's of torch ops."""
+    output, so the double backward runs their hand-derived rules, not autograd's of torch ops.
+    With grad mode off, log p overwrites the chunk's logits (a buffer only this op holds)."""
     if differentiable:
         Z = opmath(LinearFn.call(X, W, b))                         # Z_c = X_c Wᵀ + b   (n, C)
         return CrossEntropyFn.call(Z, T, w, ce)[1]                 # log p, connected to Z
-    return log_softmax_rows(opmath(affine(X, W, b)), 1)            # log p              (n, C)
+    fast = not torch.is_grad_enabled()
+    return log_softmax_rows(opmath(affine(X, W, b)), 1, inplace=fast, accurate=False)   # log p  (n, C)
 
 
 def _lce_chunks(X, W, b, T, w, opts: LCEOptions, *, want_loss: bool, g, den, needs, inplace: bool,
@@ -320,10 +322,12 @@ def _lce_chunks(X, W, b, T, w, opts: LCEOptions, *, want_loss: bool, g, den, nee
             losses.append(ce_losses(logp, Tc, w, ce))              # ℓ_n = −Q_n · log p_n   (n,)
         if not grads:
             continue
-        R, keep = ce_direction(logp, Tc, w, ce)                    # P ⊙ (Q 1) − Q          (n, C)
-        logp = None
+        R, keep = ce_direction(logp, Tc, w, ce, inplace=not differentiable and not torch.is_grad_enabled())
+        logp = None                                                # R = P ⊙ (Q 1) − Q      (n, C)
         gc = g if g.dim() == 0 else g[s:e]                         # g, or g_n for 'none'
-        dZ = ce_row_scale(gc, ce, den, keep) * R                   # dZ_c = ĝ ⊙ (P (Q 1) − Q)
+        scale = ce_row_scale(gc, ce, den, keep)                    # ĝ                      (n, 1)
+        # dZ_c = ĝ ⊙ (P (Q 1) − Q); in place unless ĝ may be batched by vmap where R is not
+        dZ = R.mul_(scale) if own_g and inplace else scale * R
         R = None
         acc = (gW, gb) if inplace else (None, None)
         gX_c, gW_c, gb_c = affine_vjp(dZ, Xo[s:e], Wo, (need_x, need_w, need_b), acc=acc)

@@ -211,14 +211,16 @@ def ce_losses(logp, target, w, opts):
     return loss
 
 
-def ce_direction(logp, target, w, opts):
+def ce_direction(logp, target, w, opts, inplace: bool = False):
     """R = ∂ℓ_i/∂X_i = P_i (Q_i 1) − Q_i   (M, C), P = exp(log p), and the kept rows (None for
-    probabilities). For class indices it is written as
-        (1−ε) a_i (P_i − e_{y_i}) + (ε/C) keep_i (P_i Σ_c w_c − w)
-    with P_{i,y_i} − 1 taken as expm1(log p_{i,y_i}): no cancellation when p_{i,y_i} ≈ 1."""
+    probabilities). For class indices, with c_i = (1−ε) a_i and s_i = (ε/C) keep_i, it is
+        c_i (P_i − e_{y_i}) + s_i (P_i Σ_c w_c − w) = (c_i + s_i Σw) (P_i − e_{y_i}) + s_i (Σw e_{y_i} − w)
+    with P_{i,y_i} − 1 taken as expm1(log p_{i,y_i}): no cancellation when p_{i,y_i} ≈ 1.
+    ``inplace``: log p is a buffer the caller owns and nothing records this (a chunk's), so R
+    overwrites it; the same equations, one in-place op each."""
     C = logp.shape[1]
-    P = logp.exp()                                                        # P = softmax(X)    (M, C)
     if opts.probs:
+        P = logp.exp()                                                    # P = softmax(X)    (M, C)
         Q = _smoothed(target, opts, C)
         Q = Q if w is None else Q * opmath(w)                             # Q = w ⊙ ((1−ε) T + ε/C)
         return P * _sum(Q, 1, keepdim=True) - Q, None                     # P ⊙ (Q 1) − Q
@@ -227,12 +229,21 @@ def ce_direction(logp, target, w, opts):
     if C == 0:                                                            # no classes: every row ignored
         return torch.zeros_like(logp), keep
     col = y0.unsqueeze(1)                                                 # (M, 1)
-    PmE = P.scatter(1, col, torch.expm1(logp.gather(1, col)))             # P − E_y            (M, C)
-    R = ((1 - eps) * a).unsqueeze(1) * PmE                                # (1−ε) a_i (P_i − e_{y_i})
-    if eps:
-        wsum = C if w is None else _sum(opmath(w))                        # Σ_c w_c
-        wc = 1 if w is None else opmath(w)                                # w   (C,)
-        R = R + (eps / C) * keep.to(logp.dtype).unsqueeze(1) * (P * wsum - wc)   # + (ε/C) keep_i (P_i Σw − w)
+    picked = torch.expm1(logp.gather(1, col))                             # p_{i,y_i} − 1      (M, 1)
+    P = logp.exp_() if inplace else logp.exp()                            # P = softmax(X)    (M, C)
+    PmE = P.scatter_(1, col, picked) if inplace else P.scatter(1, col, picked)   # P − E_y     (M, C)
+    c = ((1 - eps) * a).unsqueeze(1)                                      # c_i = (1−ε) a_i    (M, 1)
+    if not eps:
+        return (PmE.mul_(c) if inplace else c * PmE), keep                # c_i (P_i − e_{y_i})
+    s = (eps / C) * keep.to(logp.dtype).unsqueeze(1)                      # s_i = (ε/C) keep_i (M, 1)
+    wsum = C if w is None else _sum(opmath(w))                            # Σ_c w_c
+    R = PmE.mul_(c + s * wsum) if inplace else (c + s * wsum) * PmE       # (c_i + s_i Σw)(P_i − e_{y_i})
+    if w is None:
+        R = R.sub_(s) if inplace else R - s                               # − s_i w   (w = 1)
+    else:
+        R = R.addcmul_(s, opmath(w), value=-1) if inplace else R - s * opmath(w)   # − s_i w
+    sw = (s * wsum).expand(R.shape[0], 1)                                 # s_i Σw             (M, 1)
+    R = R.scatter_add_(1, col, sw) if inplace else R.scatter_add(1, col, sw)   # + s_i Σw e_{y_i}
     return R, keep
 
 
