@@ -273,7 +273,7 @@ def default_chunk_size(n_rows: int, n_classes: int) -> int:
     return max(1, min(rows, max(n_rows, 1)))
 
 
-def _chunk_logp(X, W, b, T, w, ce, differentiable: bool):
+def _chunk_logp(X, W, b, T, w, ce, differentiable: bool, scratch=None):
     """log p = log_softmax(X Wᵀ + b) of one chunk (n, C), in opmath. ``differentiable`` (a
     backward that is itself recorded): through ``LinearFn`` and ``CrossEntropyFn``'s log p
     output, so the double backward runs their hand-derived rules, not autograd's of torch ops.
@@ -282,7 +282,9 @@ def _chunk_logp(X, W, b, T, w, ce, differentiable: bool):
         Z = opmath(LinearFn.call(X, W, b))                         # Z_c = X_c Wᵀ + b   (n, C)
         return CrossEntropyFn.call(Z, T, w, ce)[1]                 # log p, connected to Z
     fast = not torch.is_grad_enabled()
-    return log_softmax_rows(opmath(affine(X, W, b)), 1, inplace=fast, accurate=False)   # log p  (n, C)
+    Z = opmath(affine(X, W, b))                                    # Z_c                (n, C)
+    E = None if scratch is None else scratch[: Z.shape[0]]
+    return log_softmax_rows(Z, inplace=fast, accurate=False, scratch=E)   # log p           (n, C)
 
 
 def _lce_chunks(X, W, b, T, w, opts: LCEOptions, *, want_loss: bool, g, den, needs, inplace: bool,
@@ -312,12 +314,15 @@ def _lce_chunks(X, W, b, T, w, opts: LCEOptions, *, want_loss: bool, g, den, nee
     gW = gb = None
     # ∂L/∂X copied chunk by chunk into one buffer, where no vmap batches the chunks (an in-place
     # copy cannot grow the buffer's batch: a batched g would); else the chunks are concatenated
-    write_out = need_x and inplace and own_g and not torch._C._are_functorch_transforms_active()
+    unbatched = inplace and not torch._C._are_functorch_transforms_active()
+    write_out = need_x and own_g and unbatched
     gX = Xo.new_empty(N, D) if write_out else None
+    # e^{Z} of each chunk into one buffer (out= has no batching rule either)
+    scratch = Wo.new_empty(min(opts.chunk_size, N), C) if unbatched and N else None
     for s in range(0, N, opts.chunk_size):
         e = min(s + opts.chunk_size, N)
         Tc = T[s:e]
-        logp = _chunk_logp(X[s:e], W, b, Tc, w, ce, differentiable)   # log p         (n, C)
+        logp = _chunk_logp(X[s:e], W, b, Tc, w, ce, differentiable, scratch)   # log p  (n, C)
         if want_loss:
             losses.append(ce_losses(logp, Tc, w, ce))              # ℓ_n = −Q_n · log p_n   (n,)
         if not grads:

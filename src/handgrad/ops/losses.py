@@ -285,7 +285,7 @@ class CrossEntropyFn(HandFunction):
 
     @staticmethod
     def forward(x, target, w, opts):
-        logp = log_softmax_rows(opmath(x), 1)                             # log p       (M, C)
+        logp = log_softmax_rows(opmath(x))                                # log p       (M, C)
         loss = ce_losses(logp, target, w, opts)                           # ℓ           (M,)
         den = ce_denominator(target, w, opts, logp.dtype)
         return reduce_loss(loss, opts.reduction, den).to(x.dtype), logp
