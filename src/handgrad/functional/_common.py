@@ -187,7 +187,8 @@ def check_target_range(fn: str, y, C: int, ignore_index: int, input) -> None:
                          f"of shape {shape_str(input)}")
 
 
-def check_linear(fn: str, weight, bias, *, features: int, dtype: torch.dtype, input=None, layer: int | None = None):
+def check_linear(fn: str, weight, bias, *, features: int, dtype: torch.dtype, input=None, layer: int | None = None,
+                 names: tuple[str, str] = ("weight", "bias")):
     """A linear layer's weight and bias, torch's RuntimeError for what ``linear`` refuses, naming
     the argument and the shapes; returns the bias to use.
 
@@ -198,8 +199,8 @@ def check_linear(fn: str, weight, bias, *, features: int, dtype: torch.dtype, in
     the output's (cast here, so the hand-derived Function sees one dtype). Either way b
     broadcasts to the output without growing it.
     ``input`` None (a fused layer; ``layer`` its index in an mlp): W (D_out, D_in), b (D_out,),
-    one dtype."""
-    w_name, b_name = ("weight", "bias") if layer is None else (f"weights[{layer}]", f"biases[{layer}]")
+    one dtype. ``names``: the arguments' names (linear_cross_entropy's ``linear_weight``, …)."""
+    w_name, b_name = names if layer is None else (f"weights[{layer}]", f"biases[{layer}]")
     check_tensor(w_name, weight, fn=fn)
     if bias is not None:
         check_tensor(b_name, bias, fn=fn)

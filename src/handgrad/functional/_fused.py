@@ -144,7 +144,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     input, linear_weight, linear_bias = autocast("linear", input, linear_weight, linear_bias)
     W2 = linear_weight.reshape(linear_weight.shape[:-1].numel(), D)   # (C·d1·…, D) (D may be 0)
     b2 = None if linear_bias is None else linear_bias.reshape(-1)
-    check_linear(fn, W2, b2, features=D, dtype=input.dtype)
+    check_linear(fn, W2, b2, features=D, dtype=input.dtype, names=("linear_weight", "linear_bias"))
     # the cross entropy's checks on the logits' shape and dtype (no tensor: nothing allocated)
     logits_shape = torch.Size((*input.shape[:-1], C, *out_features))
     logits = _Logits(logits_shape, out_dtype, input, linear_weight)

@@ -299,8 +299,10 @@ def _lce_chunks(X, W, b, T, w, opts: LCEOptions, *, want_loss: bool, g, den, nee
         ∂L/∂X_c = dZ_c W      ∂L/∂W = Σ_c dZ_cᵀ X_c      ∂L/∂b = Σ_c 1ᵀ dZ_c   (affine_vjp)
     ``g``: the incoming gradient (a scalar, or (N,) for 'none'), None when no gradient is wanted;
     ``den``: the 'mean' denominator over all rows; ``needs``: which of the three gradients.
-    ``inplace``: nothing records this pass, so ∂L/∂W, ∂L/∂b accumulate in place; and with
-    ``own_g`` (the forward's g = 1, which no vmap batches) ∂L/∂X is written into one buffer. Returns (losses (N,) opmath or None, gX, gW, gb) in opmath.
+    ``inplace``: nothing records this pass, so each chunk's logits become log p, then R, in place
+    and ∂L/∂W, ∂L/∂b accumulate in place; with ``own_g`` too (the forward's g = 1, which no vmap
+    batches) ĝ scales R in place and ∂L/∂X is written into one buffer.
+    Returns (losses (N,) opmath or None, gX, gW, gb) in opmath.
     Never more than one chunk of logits exists at a time.
     """
     N, D = X.shape
