@@ -34,7 +34,6 @@ NOT_OPTIONS = frozenset({"size_average", "reduce", "_stacklevel"})
 # (op, option) where torch's default differs on purpose, with why. Each must still differ.
 TORCH_DIFFERS = {
     ("linear", "bias"): "nn.Linear's bias is a flag (True); F.linear's is the tensor (None)",
-    ("linear_cross_entropy", "ignore_index"): "F.linear_cross_entropy's None means -100 for class-index targets",
     ("conv1d", "bias"): "nn.Conv1d's bias is a flag (True); F.conv1d's is the tensor (None)",
     ("conv2d", "bias"): "nn.Conv2d's bias is a flag (True); F.conv2d's is the tensor (None)",
 }

@@ -136,7 +136,7 @@ def test_lce_gradient_handed_over_then_changed_in_place():
     then zeroes them in place and backpropagates again (retain_graph) gets the right values."""
     x, w, b, t = _lce_inputs()
     ref = torch.autograd.grad(TF.cross_entropy(TF.linear(x, w, b), t), (x, w, b))
-    loss = F.linear_cross_entropy(x, w, t, bias=b)
+    loss = F.linear_cross_entropy(x, w, t, linear_bias=b)
     first = torch.autograd.grad(loss, (x, w, b), retain_graph=True)
     for g in first:
         g.zero_()
@@ -191,7 +191,7 @@ def _lce_inputs(N=10, D=3, C=7, dtype=D64):
 def test_lce_any_chunk_size_equals_unchunked(chunk_size, reduction):
     x, w, b, t = _lce_inputs()
     g = torch.rand(10, dtype=D64) if reduction == "none" else torch.tensor(1.7, dtype=D64)  # a non-unit incoming gradient
-    ours = F.linear_cross_entropy(x, w, t, bias=b, reduction=reduction, label_smoothing=0.1, chunk_size=chunk_size)
+    ours = F.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, label_smoothing=0.1, chunk_size=chunk_size)
     theirs = TF.cross_entropy(TF.linear(x, w, b), t, reduction=reduction, label_smoothing=0.1)
     torch.testing.assert_close(ours, theirs)
     for a, c in zip(torch.autograd.grad(ours, (x, w, b), g), torch.autograd.grad(theirs, (x, w, b), g)):
@@ -202,7 +202,7 @@ def test_lce_every_row_ignored():
     """As torch: 'mean' of no rows is nan, yet every gradient is 0 (not nan)."""
     x, w, b, _ = _lce_inputs()
     t = torch.full((10,), -100)
-    ours = F.linear_cross_entropy(x, w, t, bias=b)
+    ours = F.linear_cross_entropy(x, w, t, linear_bias=b)
     theirs = TF.cross_entropy(TF.linear(x, w, b), t)
     assert ours.isnan() and theirs.isnan()
     for a, c in zip(torch.autograd.grad(ours, (x, w, b)), torch.autograd.grad(theirs, (x, w, b))):
@@ -213,7 +213,7 @@ def test_lce_custom_ignore_index_and_byte_target():
     x, w, b, t = _lce_inputs()
     t = t.clamp(min=0)
     t[1] = 5
-    ours = F.linear_cross_entropy(x, w, t.to(torch.uint8), bias=b, ignore_index=5)
+    ours = F.linear_cross_entropy(x, w, t.to(torch.uint8), linear_bias=b, ignore_index=5)
     theirs = TF.cross_entropy(TF.linear(x, w, b), t, ignore_index=5)
     torch.testing.assert_close(ours, theirs)
 
@@ -240,7 +240,7 @@ def test_lce_never_materialises_the_logits():
     N, D, C, chunk = 64, 3, 50, 8
     x, w, b, t = _lce_inputs(N, D, C)
     with _Shapes() as mode:
-        loss = F.linear_cross_entropy(x, w, t, bias=b, chunk_size=chunk)
+        loss = F.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=chunk)
         loss.backward()
     largest = max(chunk * C, N * D, C * D)   # a chunk's logits, ∂L/∂X, ∂L/∂W
     assert max(mode.numels) <= largest < N * C
@@ -255,13 +255,13 @@ def test_lce_gradients_in_forward_only_when_asked():
     N, chunk = 40, 8
     x, w, b, t = _lce_inputs(N)
     with _Shapes() as mode:
-        loss = F.linear_cross_entropy(x, w, t, bias=b, chunk_size=chunk)
+        loss = F.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=chunk)
     assert mode.matmuls == 3 * (N // chunk)
     with _Shapes() as mode:
         loss.backward()
     assert mode.matmuls == 0
     with torch.no_grad(), _Shapes() as mode:
-        F.linear_cross_entropy(x, w, t, bias=b, chunk_size=chunk)
+        F.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=chunk)
     assert mode.matmuls == N // chunk
 
 

@@ -52,13 +52,199 @@ def warn(message: str, stacklevel: int = 3) -> None:
         warnings.warn(message, stacklevel=stacklevel + 1)
 
 
+# ---------------------------------------------------------------------------------------------
+# Each option torch's losses and linear layers take, validated by one function, used by every
+# op that takes it (torch's exception types, messages naming the argument and the shapes).
+# ---------------------------------------------------------------------------------------------
+
 REDUCTIONS = ("none", "mean", "sum")
 
 
 def check_reduction(reduction: str) -> str:
+    """'none' | 'mean' | 'sum'; torch's legacy alias 'elementwise_mean' is 'mean', with torch's
+    deprecation warning; anything else is torch's ValueError."""
+    if reduction == "elementwise_mean":
+        warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.")
+        return "mean"
     if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")  # torch's own message
     return reduction
+
+
+def check_label_smoothing(fn: str, label_smoothing: float) -> float:
+    """ε ∈ [0, 1]. torch refuses ε > 1 (RuntimeError) and applies the smoothing only when ε > 0:
+    a negative ε (or nan) is no smoothing at all, so it is mapped to 0 here."""
+    eps = float(label_smoothing)
+    if eps > 1.0:
+        raise RuntimeError(f"{fn}: label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    return eps if eps > 0.0 else 0.0
+
+
+def check_ignore_index(fn: str, ignore_index, target, *, probs: bool, none_is_default: bool = False) -> int:
+    """The class index whose targets are ignored. With class-probability targets,
+    ``cross_entropy`` refuses one ≥ 0 (its default −100 is allowed); ``linear_cross_entropy``
+    (``none_is_default``: its default is None, meaning −100) refuses any given value."""
+    if none_is_default:
+        if ignore_index is not None and probs:
+            raise RuntimeError(f"{fn}: ignore_index cannot be specified when target contains probabilities "
+                               f"(target of shape {shape_str(target)}, ignore_index={ignore_index})")
+        return -100 if ignore_index is None else int(ignore_index)
+    if probs and ignore_index >= 0:
+        raise RuntimeError(f"{fn}: ignore_index ({ignore_index}) is not supported for floating point target "
+                           f"(target of shape {shape_str(target)})")
+    return int(ignore_index)
+
+
+def check_not_differentiable(fn: str, name: str, t) -> None:
+    """torch refuses a weight it does not differentiate when it requires grad and grad mode is
+    on (under ``no_grad`` it is accepted: nothing is recorded)."""
+    if t is not None and t.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{fn}: not differentiable with respect to argument '{name}' "
+                           f"(shape {shape_str(t)}); this input cannot have requires_grad True")
+
+
+def check_class_weight(fn: str, weight, input, C: int, *, probs: bool):
+    """The class weight w: C values, returned as (C,) or None. torch's rules: a 1-D (C,) tensor,
+    except for K-dim inputs (N, C, d1, …) with class indices, where any shape of C elements
+    passes (torch's nll_loss2d/nd flatten it); the input's dtype for class indices (for
+    probabilities torch promotes instead); differentiated only for probability targets."""
+    if weight is None:
+        return None
+    if probs or input.dim() <= 2:
+        if weight.dim() != 1 or weight.numel() != C:
+            raise RuntimeError(f"{fn}: weight tensor should be defined either for all {C} classes or no classes "
+                               f"but got weight of shape {shape_str(weight)} (input of shape {shape_str(input)})")
+    elif weight.numel() != C:
+        raise RuntimeError(f"{fn}: weight tensor should be defined either for all {C} classes or no classes, "
+                           f"but got weight of shape {shape_str(weight)} (input of shape {shape_str(input)})")
+    if not probs:
+        if weight.dtype != input.dtype:
+            raise RuntimeError(f"{fn}: expected weight of scalar type {input.dtype} (the input's) but found {weight.dtype}")
+        check_not_differentiable(fn, "weight", weight)
+    return weight.reshape(C)
+
+
+def check_class_target(fn: str, input, target, *, allow_probs: bool) -> tuple[int, bool]:
+    """Validate (input, target) as torch's cross_entropy / nll_loss do, in torch's order; returns C
+    and whether ``target`` holds class probabilities (torch takes that path exactly when the
+    shapes are equal). ``input`` may be a meta tensor (linear_cross_entropy's logits' shape)."""
+    probs = allow_probs and target.shape == input.shape
+    if probs and not target.is_floating_point():
+        raise RuntimeError(f"{fn}: Expected floating point type for target with class probabilities "
+                           f"(target of shape {shape_str(target)}), got {target.dtype}")
+    if input.dim() == 0:
+        if probs:  # torch's probability path asks for the class dim 1 first
+            raise IndexError(f"{fn}: Dimension specified as 1 but input of shape {shape_str(input)} has no dimensions")
+        raise ValueError(f"{fn}: Expected 1 or more dimensions (got 0) for input of shape {shape_str(input)}")
+    C = input.shape[1] if input.dim() >= 2 else input.shape[0]
+    if probs:
+        return C, True
+    if input.dim() <= 2 and target.dim() > 1:
+        raise RuntimeError(f"{fn}: 0D or 1D target tensor expected, multi-target not supported: "
+                           f"target of shape {shape_str(target)} for input of shape {shape_str(input)}")
+    if input.dim() == 1 and target.numel() != 1:
+        raise ValueError(f"{fn}: For 1D input, 1D target must have size 1, but got target size: {target.numel()} "
+                         f"(target of shape {shape_str(target)} for unbatched input of shape {shape_str(input)})")
+    if input.dim() >= 2:
+        if target.dim() == 0 or target.shape[0] != input.shape[0]:
+            n_t = target.shape[0] if target.dim() else 0
+            raise ValueError(f"{fn}: Expected input batch_size ({input.shape[0]}) to match target batch_size ({n_t}): "
+                             f"input of shape {shape_str(input)}, target of shape {shape_str(target)}")
+        expected = input.shape[:1] + input.shape[2:]
+        if target.shape != expected:
+            raise RuntimeError(f"{fn}: Expected target size {list(expected)}, got {list(target.shape)} "
+                               f"(target of shape {shape_str(target)} for input of shape {shape_str(input)})")
+    if target.dtype != torch.int64 and not (target.dtype == torch.uint8 and input.dim() <= 2):
+        # torch: Byte targets only for 1-D/2-D input (its K-dim kernels take Long alone)
+        scalar = torch.empty(0, dtype=target.dtype).type().split(".")[-1].removesuffix("Tensor")   # torch's 'Float'
+        raise RuntimeError(f"{fn}: expected target dtype to be Long or Byte, but got {scalar} ({target.dtype}) "
+                           f"(target of shape {shape_str(target)} for input of shape {shape_str(input)}"
+                           f"{'; Byte only for 1-D or 2-D input' if target.dtype == torch.uint8 else ''})")
+    return C, False
+
+
+def _is_wrapped(t) -> bool:
+    """True for a functorch-wrapped (vmap/grad) tensor, whose values Python cannot branch on."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def check_target_range(fn: str, y, C: int, ignore_index: int, input) -> None:
+    """IndexError for a class index outside [0, C) that is not ignore_index (torch: "Target 5 is
+    out of bounds."), compared as int64 (a Byte target never wraps against C > 255).
+
+    One policy for every op with class indices: checked on the host only for CPU targets, where
+    it costs no device sync. On CUDA reading the answer back would stall every step on a sync
+    torch does not make; there the gather of the out-of-range index asserts on the device, as
+    torch's own kernel does. Skipped while compiling (a data-dependent branch), under vmap (no
+    single value) and for empty targets."""
+    if torch.compiler.is_compiling() or y.device.type != "cpu" or _is_wrapped(y) or y.numel() == 0:
+        return
+    y = y.long()
+    bad = (y != ignore_index) & ((y < 0) | (y >= C))
+    if bad.any():
+        value = int(y[bad][0])
+        raise IndexError(f"{fn}: Target {value} is out of bounds: target holds class indices in [0, {C}) for input "
+                         f"of shape {shape_str(input)}")
+
+
+def check_linear(fn: str, weight, bias, *, features: int, dtype: torch.dtype, input=None, layer: int | None = None,
+                 names: tuple[str, str] = ("weight", "bias")):
+    """A linear layer's weight and bias, torch's RuntimeError for what ``linear`` refuses, naming
+    the argument and the shapes; returns the bias to use.
+
+    ``input`` given (``linear`` itself): torch's rules. W is 1-D or 2-D with ``features`` columns,
+    of the input's dtype. torch adds b one of two ways (aten/native/Linear.cpp): by addmm for a
+    2-D input, or a contiguous input with a b along the last dim only: b of the input's dtype,
+    and W 2-D; else in place on the product (``output.add_(b)``): b of any dtype that casts into
+    the output's (cast here, so the hand-derived Function sees one dtype). Either way b
+    broadcasts to the output without growing it.
+    ``input`` None (a fused layer; ``layer`` its index in an mlp): W (D_out, D_in), b (D_out,),
+    one dtype. ``names``: the arguments' names (linear_cross_entropy's ``linear_weight``, …)."""
+    w_name, b_name = names if layer is None else (f"weights[{layer}]", f"biases[{layer}]")
+    check_tensor(w_name, weight, fn=fn)
+    if bias is not None:
+        check_tensor(b_name, bias, fn=fn)
+    if input is not None and (input.dim() == 0 or weight.dim() == 0):
+        raise RuntimeError(f"{fn}: both arguments to linear need to be at least 1D, but input is {input.dim()}D "
+                           f"and weight is {weight.dim()}D")
+    if weight.dim() > 2 or (input is None and weight.dim() != 2):
+        raise RuntimeError(f"{fn}: {w_name} must be {'1-D or ' if input is not None else ''}2-D (D_out, D_in), "
+                           f"but got shape {shape_str(weight)}")
+    if weight.shape[-1] != features:
+        what = "input" if layer in (None, 0) else f"the output of layer {layer - 1}"
+        what = what if input is None else f"input {shape_str(input)}"
+        raise RuntimeError(f"{fn}: {w_name} of shape {shape_str(weight)} expects {weight.shape[-1]} features, "
+                           f"but {what} has {features} (input and weight shapes cannot be multiplied)")
+    if weight.dtype != dtype:
+        raise RuntimeError(f"{fn}: expected input and {w_name} to have the same dtype, but got {dtype} and {weight.dtype}")
+    if bias is None:
+        return None
+    if input is None:
+        if bias.shape != weight.shape[:1]:
+            raise RuntimeError(f"{fn}: {b_name} of shape {shape_str(bias)} does not match {w_name} "
+                               f"{shape_str(weight)}: expected [{weight.shape[0]}]")
+        if bias.dtype != dtype:
+            raise RuntimeError(f"{fn}: expected input and {b_name} to have the same dtype, but got {dtype} and {bias.dtype}")
+        return bias
+    out_shape = torch.Size((*input.shape[:-1], *weight.shape[:-1]))
+    # torch's addmm path: a 2-D input, or a contiguous one with a bias that varies along the
+    # last dim only ((D_out,), (1,), (1, D_out), …: measured on torch 2.13)
+    addmm = input.dim() == 2 or (input.is_contiguous() and bias.dim() >= 1 and bias.numel() == bias.shape[-1])
+    if addmm and weight.dim() == 1:
+        raise RuntimeError(f"{fn}: a 1-D weight {shape_str(weight)} with bias {shape_str(bias)} on input "
+                           f"{shape_str(input)}: mat2 must be a matrix, got 1-D tensor (torch's addmm path)")
+    try:
+        broadcast = torch.broadcast_shapes(out_shape, bias.shape)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != out_shape:
+        raise RuntimeError(f"{fn}: bias of shape {shape_str(bias)} does not broadcast to the output shape {list(out_shape)}")
+    if bias.dtype == dtype:
+        return bias
+    if addmm or not torch.can_cast(torch.result_type(torch.empty((1,), dtype=dtype), bias), dtype):
+        raise RuntimeError(f"{fn}: expected input and bias to have the same dtype, but got {dtype} and {bias.dtype} "
+                           f"(bias of shape {shape_str(bias)}, input of shape {shape_str(input)})")
+    return bias.to(dtype)                                       # torch's output.add_(bias) casts
 
 
 def check_tensor(name: str, t, *, fn: str) -> None:
@@ -66,5 +252,9 @@ def check_tensor(name: str, t, *, fn: str) -> None:
         raise TypeError(f"{fn}(): argument '{name}' must be Tensor, not {type(t).__name__}")
 
 
-def shape_str(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+def shape_str(t) -> str:
+    """A tensor's shape as torch prints it, ``[2, 3]``; an object that describes itself (the
+    never-materialised logits of linear_cross_entropy) says what it stands for."""
+    text = "[" + ", ".join(str(s) for s in t.shape) + "]"
+    describe = getattr(t, "describe", None)
+    return text if describe is None else f"{text} ({describe})"

@@ -7,33 +7,11 @@ from typing import Sequence
 import torch
 
 from ..ops.fused import LCEOptions, LinearCrossEntropyFn, StackFn, StackSpec, activation_spec, default_chunk_size
-from ._common import autocast, check_reduction, check_tensor, shape_str
+from ._common import autocast, check_linear, check_reduction, check_target_range, check_tensor, shape_str
+from ._linear import linear
+from ._losses import _class_options, class_loss
 
 __all__ = ["linear_act", "mlp", "linear_cross_entropy"]
-
-
-def _check_layer(fn: str, l: int | None, X_features: int, weight, bias, dtype) -> None:
-    """torch's RuntimeError for what ``linear`` would refuse, naming the argument and shapes."""
-    def names():
-        return ("weight", "bias") if l is None else (f"weights[{l}]", f"biases[{l}]")
-
-    if not isinstance(weight, torch.Tensor) or (bias is not None and not isinstance(bias, torch.Tensor)):
-        check_tensor(names()[0], weight, fn=fn)
-        check_tensor(names()[1], bias, fn=fn)
-    if weight.dim() != 2:
-        raise RuntimeError(f"{fn}: {names()[0]} must be 2-D (D_out, D_in), but got shape {shape_str(weight)}")
-    if weight.shape[1] != X_features:
-        what = "input" if l in (None, 0) else f"the output of layer {l - 1}"
-        raise RuntimeError(
-            f"{fn}: {names()[0]} of shape {shape_str(weight)} expects {weight.shape[1]} features, "
-            f"but {what} has {X_features}"
-        )
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise RuntimeError(f"{fn}: {names()[1]} of shape {shape_str(bias)} does not match {names()[0]} "
-                           f"{shape_str(weight)}: expected [{weight.shape[0]}]")
-    if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
-        name, t = (names()[0], weight) if weight.dtype != dtype else (names()[1], bias)
-        raise RuntimeError(f"{fn}: expected input and {name} to have the same dtype, but got {dtype} and {t.dtype}")
 
 
 def _check_input(fn: str, input) -> None:
@@ -66,7 +44,7 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     _check_input("linear_act", input)
     act = activation_spec(activation, **activation_kwargs)
     input, weight, bias = autocast("linear", input, weight, bias)
-    _check_layer("linear_act", None, input.shape[-1], weight, bias, input.dtype)
+    check_linear("linear_act", weight, bias, features=input.shape[-1], dtype=input.dtype)
     return StackFn.call(input, StackSpec((act,)), weight, bias)[0]
 
 
@@ -96,54 +74,91 @@ def mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[t
         if not (isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == features and w.dtype == dtype
                 and (b is None or (isinstance(b, torch.Tensor) and b.dim() == 1 and b.shape[0] == w.shape[0]
                                    and b.dtype == dtype))):
-            _check_layer("mlp", l, features, w, b, dtype)
+            check_linear("mlp", w, b, features=features, dtype=dtype, layer=l)
         features = w.shape[0]
     return StackFn.call(input, spec, *params)[L - 1]
 
 
-def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
-                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-                         label_smoothing: float = 0.0, chunk_size: int | None = None) -> torch.Tensor:
-    """``cross_entropy(linear(input, weight, bias), target, …)`` without materialising the (N, C)
-    logits: rows go ``chunk_size`` at a time (default: about 4 MiB of float32 logits per chunk),
-    gradients are computed in the forward pass and only scaled in backward
-    (ops.fused.LinearCrossEntropyFn). Class-index targets.
+class _Logits:
+    """What the cross entropy's checks read of its input (shape, dim, dtype), for logits that are
+    never materialised."""
 
-    Shapes: input (*, D) with target (*) (leading dims are flattened into rows, as
-    ``cross_entropy(linear(x).flatten(0, -2), target.flatten())``; 'none' gives (*)),
-    weight (C, D), bias (C,)."""
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, input, linear_weight):
+        self.shape, self.dtype = shape, dtype
+        self.describe = f"the logits of input {shape_str(input)} and linear_weight {shape_str(linear_weight)}"
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
+                         linear_bias: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                         reduction: str = "mean", ignore_index: int | None = None, label_smoothing: float = 0.0,
+                         options=None, chunk_size: int | None = None) -> torch.Tensor:
+    """``torch.nn.functional.linear_cross_entropy`` (torch ≥ 2.13's signature and semantics):
+    ``cross_entropy(linear(input, linear_weight, linear_bias), target, weight=weight, …)`` with
+    ``weight`` the class weight and ``ignore_index=None`` meaning −100 (refused with class
+    probabilities).
+
+    Class-index targets with a 2-D ``linear_weight`` (C, D) run chunked, without materialising
+    the (N, C) logits: rows go ``chunk_size`` at a time (handgrad's extra keyword; default
+    ``options.batch_chunk_size`` if given, else about 4 MiB of float32 logits per chunk), and the
+    gradients are computed in the forward pass and only scaled in backward
+    (ops.fused.LinearCrossEntropyFn). Class-probability targets and K-dim weights
+    (C, d1, …, dK, D) take handgrad's ``cross_entropy(linear(…))``, as torch's reference path.
+
+    Shapes: input (D,) or (N, D); linear_weight (C, D) or (C, d1, …, dK, D); linear_bias (C, d1, …);
+    target as ``cross_entropy``'s for logits (N, C, d1, …) (or (C,) unbatched)."""
     fn = "linear_cross_entropy"
-    _check_input(fn, input)
-    check_tensor("weight", weight, fn=fn)
+    check_tensor("input", input, fn=fn)
+    check_tensor("linear_weight", linear_weight, fn=fn)
     check_tensor("target", target, fn=fn)
-    if bias is not None:
-        check_tensor("bias", bias, fn=fn)
-    check_reduction(reduction)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")  # torch's message
+    for name, t in (("linear_bias", linear_bias), ("weight", weight)):
+        if t is not None:
+            check_tensor(name, t, fn=fn)
+    # torch's own checks, in its order (torch.nn.functional.linear_cross_entropy)
+    if not 1 <= input.dim() <= 2:
+        raise RuntimeError(f"{fn}: expected input with dimensionality 1 or 2, got {input.dim()} "
+                           f"(input of shape {shape_str(input)})")
+    if linear_weight.dim() < 2:
+        raise RuntimeError(f"{fn}: expected linear_weight with dimensionality at least 2, got {linear_weight.dim()} "
+                           f"(linear_weight of shape {shape_str(linear_weight)})")
+    D, C, out_features = input.shape[-1], linear_weight.shape[0], linear_weight.shape[1:-1]
+    if linear_weight.shape[-1] != D:
+        raise RuntimeError(f"{fn}: expected equal input and linear_weight last dimensions (in_features), got {D} and "
+                           f"{linear_weight.shape[-1]}: input {shape_str(input)}, linear_weight {shape_str(linear_weight)}")
+    if linear_bias is not None and linear_bias.shape != linear_weight.shape[:-1]:
+        raise RuntimeError(f"{fn}: expected linear_bias shape {list(linear_weight.shape[:-1])}, got "
+                           f"{shape_str(linear_bias)} (linear_weight of shape {shape_str(linear_weight)})")
+    if out_features and input.dim() == 1:
+        raise RuntimeError(f"{fn}: K-dimensional loss defined by linear_weight shape {shape_str(linear_weight)} "
+                           f"requires batched input (N, {D}), got unbatched input of shape {shape_str(input)}")
+    if chunk_size is None and options is not None:
+        chunk_size = getattr(options, "batch_chunk_size", None)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{fn}: chunk_size must be a positive int or None, got {chunk_size!r}")
-    if target.dtype not in (torch.long, torch.uint8):
-        scalar = target.new_empty(0).type().split(".")[-1].removesuffix("Tensor")   # torch's name: 'Float'
-        raise RuntimeError(f"{fn}: expected target dtype to be Long or Byte, but got {scalar} ({target.dtype})")
-    if target.shape != input.shape[:-1]:
-        raise ValueError(
-            f"{fn}: Expected input batch_size to match target batch_size: input {shape_str(input)} "
-            f"needs target of shape {list(input.shape[:-1])}, got target {shape_str(target)}"
-        )
     out_dtype = input.dtype
     device = input.device.type
     if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and out_dtype != torch.float64:
         out_dtype = torch.float32     # autocast runs cross_entropy in float32 (functional._common)
-    input, weight, bias = autocast("linear", input, weight, bias)
-    _check_layer(fn, None, input.shape[-1], weight, bias, input.dtype)
-    C = weight.shape[0]
-    T = target.reshape(-1)                                         # (N,)
-    if not torch.compiler.is_compiling():   # data-dependent: Dynamo would break the graph
-        bad = (T != ignore_index) & ((T < 0) | (T >= C))
-        if bad.any():
-            raise IndexError(f"Target {T[bad][0].item()} is out of bounds.")   # torch's message
-    X = input.reshape(-1, input.shape[-1])                         # (N, D)
+    input, linear_weight, linear_bias = autocast("linear", input, linear_weight, linear_bias)
+    W2 = linear_weight.reshape(linear_weight.shape[:-1].numel(), D)   # (C·d1·…, D) (D may be 0)
+    b2 = None if linear_bias is None else linear_bias.reshape(-1)
+    check_linear(fn, W2, b2, features=D, dtype=input.dtype, names=("linear_weight", "linear_bias"))
+    # the cross entropy's checks on the logits' shape and dtype (no tensor: nothing allocated)
+    logits_shape = torch.Size((*input.shape[:-1], C, *out_features))
+    logits = _Logits(logits_shape, out_dtype, input, linear_weight)
+    reduction = check_reduction(reduction)
+    _, weight, ce = _class_options(fn, logits, target, weight, ignore_index, reduction, label_smoothing,
+                                   allow_probs=True, none_is_default=True)
+    if ce.probs or out_features:
+        # torch's reference path, in handgrad's ops: linear, then cross_entropy on the logits
+        logits = linear(input, W2, b2).reshape(logits_shape)
+        logits, target, weight = autocast("cross_entropy", logits, target, weight)
+        return class_loss(fn, logits, target, weight, ce, C)
+    X = input.reshape(input.shape[:-1].numel(), D)                 # (N, D) (D may be 0)
+    T = target.reshape(-1).long()                                  # (N,)
+    check_target_range(fn, T, C, ce.ignore_index, logits)
     N = X.shape[0]
     chunk = default_chunk_size(N, C) if chunk_size is None else chunk_size
     # Gradients in the forward pass only where one will be asked for, and not for 'none'
@@ -152,8 +167,8 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     # have to cross transform levels / be traced as ctx state; the backward recomputes instead.
     wanted = (torch.is_grad_enabled() and reduction != "none" and not torch.compiler.is_compiling()
               and not torch._C._are_functorch_transforms_active())
-    precompute = tuple(bool(wanted and t is not None and t.requires_grad) for t in (X, weight, bias))
-    opts = LCEOptions(int(ignore_index), reduction, float(label_smoothing), int(chunk), out_dtype, precompute)
-    out = LinearCrossEntropyFn.call(X, weight, bias, T.long(), opts)
+    precompute = tuple(bool(wanted and t is not None and t.requires_grad) for t in (X, linear_weight, linear_bias))
+    opts = LCEOptions(ce, int(chunk), out_dtype, precompute)
+    out = LinearCrossEntropyFn.call(X, linear_weight, linear_bias, T, weight, opts)
     loss = out[0] if isinstance(out, tuple) else out
-    return loss.reshape(target.shape) if reduction == "none" else loss
+    return loss.reshape(()) if reduction == "none" and input.dim() == 1 else loss

@@ -9,7 +9,8 @@ import torch
 from torch.nn import _reduction as _Reduction
 
 from ..ops.losses import BCEWithLogitsFn, CrossEntropyFn, CrossEntropyOptions, NLLLossFn, SquaredErrorFn
-from ._common import autocast, check_reduction, check_tensor, shape_str, warn
+from ._common import (autocast, check_class_target, check_class_weight, check_ignore_index, check_label_smoothing,
+                      check_not_differentiable, check_reduction, check_target_range, check_tensor, shape_str, warn)
 
 __all__ = ["mse_loss", "half_squared_error", "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits"]
 
@@ -42,13 +43,6 @@ def _broadcast_shape(fn, a_name, a, b_name, b):
         ) from None
 
 
-def _no_grad_weight(fn, name, t):
-    # torch: "The function '…' is not differentiable with respect to argument 'weight'"
-    if t is not None and t.requires_grad:
-        raise RuntimeError(f"{fn}: not differentiable with respect to argument '{name}' "
-                           f"(shape {shape_str(t)}); this input cannot have requires_grad True")
-
-
 # ---------------------------------------------------------------------------------------------
 # Squared error
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +69,11 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average: bool | Non
     if weight is not None and weight.shape != input.shape:
         raise ValueError(f"mse_loss: weight of shape {shape_str(weight)} must have the input's shape {shape_str(input)} "
                          "(Weights and input must have the same size.)")
-    check_reduction(reduction)
+    reduction = check_reduction(reduction)
+    if weight is not None and torch.bool in (input.dtype, target.dtype):
+        # torch's weighted path computes input − target, which refuses bool tensors
+        raise RuntimeError(f"mse_loss: Subtraction, the `-` operator, with a bool tensor is not supported "
+                           f"(input {input.dtype}, target {target.dtype} of shape {shape_str(target)}, with weight)")
     input, target, weight = _promote(input, target, weight)
     return SquaredErrorFn.call(input, target, weight, reduction, "mse")
 
@@ -99,67 +97,6 @@ def half_squared_error(input: torch.Tensor, target: torch.Tensor, reduction: str
 # Cross entropy and NLL: validation and layout
 # ---------------------------------------------------------------------------------------------
 
-def _check_classes(fn, input, target, weight, *, allow_probs):
-    """Validate as torch does, in torch's order; returns C and whether ``target`` holds class
-    probabilities (torch takes that path exactly when the shapes are equal)."""
-    probs = allow_probs and target.shape == input.shape
-    if probs and not target.is_floating_point():
-        raise RuntimeError(f"{fn}: Expected floating point type for target with class probabilities "
-                           f"(target of shape {shape_str(target)}), got {target.dtype}")
-    if input.dim() == 0:
-        if probs:  # torch's probability path asks for the class dim 1 first
-            raise IndexError(f"{fn}: Dimension specified as 1 but input of shape {shape_str(input)} has no dimensions")
-        raise ValueError(f"{fn}: Expected 1 or more dimensions (got 0) for input of shape {shape_str(input)}")
-    C = input.shape[1] if input.dim() >= 2 else input.shape[0]
-    if weight is not None:
-        if weight.dim() != 1 or weight.numel() != C:
-            raise RuntimeError(f"{fn}: weight tensor should be defined either for all {C} classes or no classes "
-                               f"but got weight of shape {shape_str(weight)} (input of shape {shape_str(input)})")
-        if weight.dtype != input.dtype:
-            raise RuntimeError(f"{fn}: expected weight of scalar type {input.dtype} (the input's) but found {weight.dtype}")
-        _no_grad_weight(fn, "weight", weight)
-    if probs:
-        return C, True
-    if input.dim() == 1:
-        if target.dim() > 1 or target.numel() != 1:
-            raise RuntimeError(f"{fn}: 0D or 1D target tensor expected, multi-target not supported: "
-                               f"target of shape {shape_str(target)} for unbatched input of shape {shape_str(input)}")
-    elif input.dim() == 2 and target.dim() != 1:
-        raise RuntimeError(f"{fn}: 0D or 1D target tensor expected, multi-target not supported: "
-                           f"target of shape {shape_str(target)} for input of shape {shape_str(input)}")
-    if input.dim() >= 2:
-        if target.dim() == 0 or target.shape[0] != input.shape[0]:
-            n_t = target.shape[0] if target.dim() else 0
-            raise ValueError(f"{fn}: Expected input batch_size ({input.shape[0]}) to match target batch_size ({n_t}): "
-                             f"input of shape {shape_str(input)}, target of shape {shape_str(target)}")
-        expected = input.shape[:1] + input.shape[2:]
-        if target.shape != expected:
-            raise RuntimeError(f"{fn}: Expected target size {list(expected)}, got {list(target.shape)} "
-                               f"(target of shape {shape_str(target)} for input of shape {shape_str(input)})")
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(f"{fn}: expected target dtype to be Long or Byte, but got {target.dtype} "
-                           f"(target of shape {shape_str(target)})")
-    return C, False
-
-
-def _is_wrapped(t):
-    """True for a functorch-wrapped (vmap/grad) tensor, whose values Python cannot branch on."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
-
-
-def _check_range(fn, y, C, ignore_index, input):
-    """IndexError for a class index outside [0, C) that is not ignore_index (torch: "Target 5 is out
-    of bounds."). Checked on CPU, where it costs no sync; on CUDA the gather asserts on the device,
-    as torch's kernel does. Skipped while compiling (a data-dependent branch) and under vmap."""
-    if torch.compiler.is_compiling() or y.device.type != "cpu" or _is_wrapped(y) or y.numel() == 0:
-        return
-    bad = (y != ignore_index) & ((y < 0) | (y >= C))
-    if bad.any():
-        value = int(y[bad][0])
-        raise IndexError(f"{fn}: Target {value} is out of bounds: target holds class indices in [0, {C}) for input "
-                         f"of shape {shape_str(input)}")
-
-
 def _rows(input, target, probs):
     """(N, C, d1, …) → X (M, C) with the class dim last; targets → (M,) or (M, C); unbatched → one row."""
     C = input.shape[1] if input.dim() >= 2 else input.shape[0]
@@ -169,18 +106,44 @@ def _rows(input, target, probs):
     elif input.dim() == 2:
         X, Y = input, target                                            # (M, C), (M,) or (M, C)
     else:
-        X = input.movedim(1, -1).reshape(-1, C)                         # (N·d1·…, C)
-        Y = target.movedim(1, -1).reshape(-1, C) if probs else target.reshape(-1)
+        M = (input.shape[:1] + input.shape[2:]).numel()                 # N·d1·… (C may be 0)
+        X = input.movedim(1, -1).reshape(M, C)                          # (M, C)
+        Y = target.movedim(1, -1).reshape(M, C) if probs else target.reshape(M)
     if not probs and Y.dtype != torch.int64:
         Y = Y.long()                                                    # Byte targets index too
     return X, Y
 
 
-def _loss_shape(input, target, probs):
-    """The 'none' output shape: one loss per position."""
-    if probs:
-        return input.shape[:1] + input.shape[2:] if input.dim() >= 2 else torch.Size([])
-    return target.shape
+def _loss_shape(input):
+    """The 'none' output shape: one loss per position, (N, d1, …); [] for an unbatched (C,) input
+    (whatever the target's shape, () or (1,), as torch)."""
+    return input.shape[:1] + input.shape[2:] if input.dim() >= 2 else torch.Size([])
+
+
+def _class_options(fn, input, target, weight, ignore_index, reduction, label_smoothing, *, allow_probs,
+                   none_is_default=False):
+    """Every cross-entropy option validated, in torch's order, by its one function in ``_common``:
+    returns (C, weight (C,) or None, CrossEntropyOptions)."""
+    C, probs = check_class_target(fn, input, target, allow_probs=allow_probs)
+    weight = check_class_weight(fn, weight, input, C, probs=probs)
+    ignore_index = check_ignore_index(fn, ignore_index, target, probs=probs, none_is_default=none_is_default)
+    eps = check_label_smoothing(fn, label_smoothing)
+    return C, weight, CrossEntropyOptions(reduction, ignore_index, eps, probs)
+
+
+def _class_args(fn, input, target, weight, size_average, reduce, reduction, ignore_index, label_smoothing, *,
+                allow_probs):
+    """cross_entropy's and nll_loss's arguments: tensors, autocast, the legacy flags, then every
+    option (``_class_options``). Returns (input, target, weight, opts, C)."""
+    check_tensor("input", input, fn=fn)
+    check_tensor("target", target, fn=fn)
+    if weight is not None:
+        check_tensor("weight", weight, fn=fn)
+    input, target, weight = autocast(fn, input, target, weight)
+    reduction = _legacy(size_average, reduce, reduction)
+    C, weight, opts = _class_options(fn, input, target, weight, ignore_index, reduction, label_smoothing,
+                                     allow_probs=allow_probs)
+    return input, target, weight, opts, C
 
 
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
@@ -189,26 +152,20 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     """``torch.nn.functional.cross_entropy``: log-softmax and NLL in one Function
     (ops.losses.CrossEntropyFn), class-index or class-probability targets, K-dim and unbatched
     inputs, ``weight``, ``ignore_index``, ``label_smoothing``; torch's numbers in every case."""
-    check_tensor("input", input, fn="cross_entropy")
-    check_tensor("target", target, fn="cross_entropy")
-    if weight is not None:
-        check_tensor("weight", weight, fn="cross_entropy")
-    input, target, weight = autocast("cross_entropy", input, target, weight)
-    reduction = _legacy(size_average, reduce, reduction)
-    if not label_smoothing <= 1.0:
-        raise RuntimeError(f"cross_entropy: label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    C, probs = _check_classes("cross_entropy", input, target, weight, allow_probs=True)
-    if probs:
-        if ignore_index >= 0:
-            raise RuntimeError(f"cross_entropy: ignore_index ({ignore_index}) is not supported for floating point "
-                               f"target (target of shape {shape_str(target)})")
-        input, target = _promote(input, target)
-    X, Y = _rows(input, target, probs)
-    if not probs:
-        _check_range("cross_entropy", Y, C, ignore_index, input)
-    opts = CrossEntropyOptions(reduction, ignore_index, float(label_smoothing), probs)
+    input, target, weight, opts, C = _class_args("cross_entropy", input, target, weight, size_average, reduce,
+                                                 reduction, ignore_index, label_smoothing, allow_probs=True)
+    return class_loss("cross_entropy", input, target, weight, opts, C)
+
+
+def class_loss(fn, input, target, weight, opts, C):
+    """cross_entropy on validated arguments (also linear_cross_entropy's unchunked path)."""
+    if opts.probs:
+        input, target, weight = _promote(input, target, weight)   # torch promotes the probability path
+    X, Y = _rows(input, target, opts.probs)
+    if not opts.probs:
+        check_target_range(fn, Y, C, opts.ignore_index, input)
     loss, _ = CrossEntropyFn.call(X, Y, weight, opts)
-    return loss.reshape(_loss_shape(input, target, probs)) if reduction == "none" else loss
+    return loss.reshape(_loss_shape(input)) if opts.reduction == "none" else loss
 
 
 def nll_loss(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
@@ -216,17 +173,12 @@ def nll_loss(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
              reduction: str = "mean") -> torch.Tensor:
     """``torch.nn.functional.nll_loss``: −w_y x_y (ops.losses.NLLLossFn), K-dim and unbatched
     inputs, ``weight``, ``ignore_index``; 'mean' divides by the kept rows' weights, as torch does."""
-    check_tensor("input", input, fn="nll_loss")
-    check_tensor("target", target, fn="nll_loss")
-    if weight is not None:
-        check_tensor("weight", weight, fn="nll_loss")
-    input, target, weight = autocast("nll_loss", input, target, weight)
-    reduction = _legacy(size_average, reduce, reduction)
-    C, _ = _check_classes("nll_loss", input, target, weight, allow_probs=False)
+    input, target, weight, opts, C = _class_args("nll_loss", input, target, weight, size_average, reduce,
+                                                 reduction, ignore_index, 0.0, allow_probs=False)
     X, Y = _rows(input, target, False)
-    _check_range("nll_loss", Y, C, ignore_index, input)
-    loss = NLLLossFn.call(X, Y, weight, reduction, ignore_index)
-    return loss.reshape(target.shape) if reduction == "none" else loss
+    check_target_range("nll_loss", Y, C, opts.ignore_index, input)
+    loss = NLLLossFn.call(X, Y, weight, opts)
+    return loss.reshape(_loss_shape(input)) if opts.reduction == "none" else loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +209,8 @@ def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor, 
             if _broadcast_shape(fn, "input", input, name, t) != input.shape:
                 raise RuntimeError(f"{fn}: {name} of shape {shape_str(t)} broadcasts beyond the input's shape "
                                    f"{shape_str(input)}")
-            _no_grad_weight(fn, name, t)
+            check_not_differentiable(fn, name, t)
+    out_dtype = target.dtype     # torch's loss is (1 − T) ⊙ X − …, written into T's dtype
     input, target, weight, pos_weight = _promote(input, target, weight, pos_weight)
-    return BCEWithLogitsFn.call(input, target, weight, pos_weight, reduction)
+    loss = BCEWithLogitsFn.call(input, target, weight, pos_weight, reduction)
+    return loss if loss.dtype == out_dtype else loss.to(out_dtype)

@@ -22,7 +22,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ._function import HandFunction, opmath
+from ._function import accurate_sum as _sum
 from .activations import Activation, get_activation
+from .linear import LinearFn, affine, affine_jvp, affine_vjp
+from .losses import (CrossEntropyFn, CrossEntropyOptions, ce_denominator, ce_direction, ce_losses, ce_row_scale,
+                     reduce_loss)
+from .softmax import log_softmax_rows
 
 # f(z) = z, f'(z) = 1: the last layer of an MLP without a final activation. Recognised by
 # identity (``act is IDENTITY``), so f' is never materialised.
@@ -69,12 +74,6 @@ def _act_grad(act: Activation, G: torch.Tensor, Z: torch.Tensor | None, Y: torch
 
 _DF_BLOCK = 1 << 16   # elements per block of the in-place Δ (256 KiB in float32)
 _LOW = (torch.float16, torch.bfloat16)
-
-
-def _affine(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """Z = X Wᵀ + b   (N, D_out), one GEMM (the bias is added by addmm)."""
-    return X @ W.mT if b is None else torch.addmm(b, X, W.mT)
-
 
 
 
@@ -140,11 +139,11 @@ class StackFn(HandFunction):
     def forward(x, spec, *params):
         flat = x.dim() == 2                                        # already (N, D_0): no reshapes
         lead = x.shape[:-1]
-        X = x if flat else x.reshape(-1, x.shape[-1])              # X_0 (N, D_0)
+        X = x if flat else x.reshape(lead.numel(), x.shape[-1])    # X_0 (N, D_0) (D_0 may be 0)
         xs, zs = [], []
         for l, act in enumerate(spec.acts):
             W, b = params[2 * l], params[2 * l + 1]
-            Z = _affine(X, W, b)                                   # Z_l = X_{l−1} W_lᵀ + b_l  (N, D_l)
+            Z = affine(X, W, b)                                    # Z_l = X_{l−1} W_lᵀ + b_l  (N, D_l)
             X = _act_forward(act, Z)                               # X_l = f_l(Z_l)            (N, D_l)
             xs.append(X if flat else X.reshape(*lead, W.shape[0]))   # (*, D_l)
             if spec.z_slots[l] is not None:
@@ -212,13 +211,10 @@ class StackFn(HandFunction):
             if D is None:                                          # nothing flows into this layer
                 G, owned = None, False
                 continue
-            if needs[2 + 2 * l]:
-                result[2 + 2 * l] = torch.mm(D.t(), X[l])          # ∂L/∂W_l = Δ_lᵀ X_{l−1}
-            if needs[3 + 2 * l]:
-                result[3 + 2 * l] = D.sum(0)                       # ∂L/∂b_l = 1ᵀ Δ_l
-            G, owned = None, False
-            if upstream[l]:
-                G, owned = torch.mm(D, weights[l]), True           # Δ_l W_l  (N, D_{l−1})
+            # the affine rule: Δ_l W_l (N, D_{l−1}), ∂L/∂W_l = Δ_lᵀ X_{l−1}, ∂L/∂b_l = 1ᵀ Δ_l
+            G, result[2 + 2 * l], result[3 + 2 * l] = affine_vjp(
+                D, X[l], weights[l], (upstream[l], needs[2 + 2 * l], needs[3 + 2 * l]))
+            owned = G is not None                                  # Δ_l W_l is a fresh buffer
             D = None                                               # Δ_l is done with: free it now
         if needs[0] and G is not None:
             result[0] = G.reshape(ctx.x_shape)                     # ∂L/∂X_0 = Δ_1 W_1
@@ -233,13 +229,7 @@ class StackFn(HandFunction):
         dxs, dzs = [], []
         for l, act in enumerate(spec.acts):
             dW, db = dparams[2 * l], dparams[2 * l + 1]
-            dZ = weights[l].new_zeros(N, weights[l].shape[0])      # (N, D_l)
-            if dX is not None:
-                dZ = dZ + dX @ weights[l].mT                       # Ẋ_{l−1} W_lᵀ
-            if dW is not None:
-                dZ = dZ + X[l] @ dW.mT                             # X_{l−1} Ẇ_lᵀ
-            if db is not None:
-                dZ = dZ + db                                       # ḃ_l
+            dZ = affine_jvp(X[l], weights[l], dX, dW, db)          # Ż_l = Ẋ_{l−1} W_lᵀ + X_{l−1} Ẇ_lᵀ + ḃ_l
             dX = _act_grad(act, dZ, Z[l], X[l + 1], False)         # Ẋ_l = f_l'(Z_l) ⊙ Ż_l
             shape = ctx.out_shapes[l]                              # (*, D_l)
             dxs.append(dX.reshape(shape))
@@ -255,7 +245,8 @@ class StackFn(HandFunction):
 
 @dataclass(frozen=True)
 class LCEOptions:
-    """The non-tensor options of ``LinearCrossEntropyFn`` (STYLE.md §5).
+    """The non-tensor options of ``LinearCrossEntropyFn`` (STYLE.md §5): the cross entropy's own
+    (``ce``, class-index targets) and the chunking.
 
     ``precompute``: which of (∂/∂X, ∂/∂W, ∂/∂b) the forward computes as it goes (decided by the
     public function from ``requires_grad``; empty when no gradient will be needed or when the
@@ -263,9 +254,7 @@ class LCEOptions:
     ``out_dtype``: the loss dtype (float32 under autocast, as torch's cross_entropy).
     """
 
-    ignore_index: int
-    reduction: str
-    label_smoothing: float
+    ce: CrossEntropyOptions
     chunk_size: int
     out_dtype: torch.dtype
     precompute: tuple[bool, bool, bool] = (False, False, False)
@@ -284,78 +273,80 @@ def default_chunk_size(n_rows: int, n_classes: int) -> int:
     return max(1, min(rows, max(n_rows, 1)))
 
 
-def _lce_chunks(X, W, b, T, opts: LCEOptions, *, want_loss: bool, weights, needs, inplace: bool,
-                scale_inplace: bool = False):
-    r"""One pass over row chunks of X: the per-row losses and/or the gradients.
+def _chunk_logp(X, W, b, T, w, ce, differentiable: bool, scratch=None):
+    """log p = log_softmax(X Wᵀ + b) of one chunk (n, C), in opmath. ``differentiable`` (a
+    backward that is itself recorded): through ``LinearFn`` and ``CrossEntropyFn``'s log p
+    output, so the double backward runs their hand-derived rules, not autograd's of torch ops.
+    With grad mode off, log p overwrites the chunk's logits (a buffer only this op holds)."""
+    if differentiable:
+        Z = opmath(LinearFn.call(X, W, b))                         # Z_c = X_c Wᵀ + b   (n, C)
+        return CrossEntropyFn.call(Z, T, w, ce)[1]                 # log p, connected to Z
+    fast = not torch.is_grad_enabled()
+    Z = opmath(affine(X, W, b))                                    # Z_c                (n, C)
+    E = None if scratch is None else scratch[: Z.shape[0]]
+    return log_softmax_rows(Z, inplace=fast, accurate=False, scratch=E)   # log p           (n, C)
 
-    Per chunk c (rows n), logits Z_c = X_c Wᵀ + b (n, C) in opmath, lse = log Σ_j e^{Z_cj},
-    P = softmax(Z_c) = e^{Z_c − lse}, Q = (1 − ε) onehot(t) + ε/C (label smoothing ε):
-        ℓ_n      = lse_n − (1 − ε) Z_{n t_n} − (ε/C) Σ_j Z_nj          (ignored rows: 0)
-        ∂ℓ_n/∂Z_n = P_n − Q_n
-    With per-row weights ω_n = ∂L/∂ℓ_n (the reduction's 1/N_valid or 1, times the incoming
-    gradient; 0 for ignored rows) and dZ_c = ω ⊙ (P − Q):
-        ∂L/∂X_c = dZ_c W      ∂L/∂W = Σ_c dZ_cᵀ X_c      ∂L/∂b = Σ_c 1ᵀ dZ_c
-    ``weights``: ω (N, 1) in opmath, or None when no gradient is wanted; ``needs``: which of the
-    three gradients. Returns (losses (N,) opmath or None, gX, gW, gb), gradients in opmath.
+
+def _lce_chunks(X, W, b, T, w, opts: LCEOptions, *, want_loss: bool, g, den, needs, inplace: bool,
+                own_g: bool = False):
+    r"""One pass over row chunks of X: the per-row losses and/or the gradients, each chunk through
+    the cross entropy's own formulas (ops.losses) and the affine rules (ops.linear).
+
+    Per chunk c, Z_c = X_c Wᵀ + b (n, C), log p = log_softmax(Z_c) and, with Q the weighted,
+    smoothed target of ``ops.losses.ce_losses``:
+        ℓ_n = −Q_n · log p_n                       (ce_losses; ignored rows: 0)
+        dZ_c = ĝ ⊙ (P ⊙ (Q 1) − Q)                 (ce_direction, ce_row_scale: ĝ = g/den, g or g_n)
+        ∂L/∂X_c = dZ_c W      ∂L/∂W = Σ_c dZ_cᵀ X_c      ∂L/∂b = Σ_c 1ᵀ dZ_c   (affine_vjp)
+    ``g``: the incoming gradient (a scalar, or (N,) for 'none'), None when no gradient is wanted;
+    ``den``: the 'mean' denominator over all rows; ``needs``: which of the three gradients.
+    ``inplace``: nothing records this pass, so each chunk's logits become log p, then R, in place
+    and ∂L/∂W, ∂L/∂b accumulate in place; with ``own_g`` too (the forward's g = 1, which no vmap
+    batches) ĝ scales R in place and ∂L/∂X is written into one buffer.
+    Returns (losses (N,) opmath or None, gX, gW, gb) in opmath.
     Never more than one chunk of logits exists at a time.
     """
     N, D = X.shape
     C = W.shape[0]
-    eps = opts.label_smoothing
-    valid = T != opts.ignore_index                                 # (N,)
-    t = T.where(valid, 0).unsqueeze(1)                             # (N, 1), ignored rows → class 0
-    need_x, need_w, need_b = needs if weights is not None else (False, False, False)
+    ce = opts.ce
+    need_x, need_w, need_b = needs if g is not None else (False, False, False)
+    grads = need_x or need_w or need_b
+    differentiable = grads and not inplace and torch.is_grad_enabled()
     Wo, Xo = opmath(W), opmath(X)                                  # GEMMs of gradients in opmath
     losses, gX_chunks = [], []
-    gW = gb = E = P = None
-    # ∂L/∂X written chunk by chunk into one buffer (mm's out=), where no vmap batches the chunks
-    # (out= has no batching rule); else the chunks are concatenated at the end
-    write_out = need_x and inplace and scale_inplace and not torch._C._are_functorch_transforms_active()
+    gW = gb = None
+    # ∂L/∂X copied chunk by chunk into one buffer, where no vmap batches the chunks (an in-place
+    # copy cannot grow the buffer's batch: a batched g would); else the chunks are concatenated
+    unbatched = inplace and not torch._C._are_functorch_transforms_active()
+    write_out = need_x and own_g and unbatched
     gX = Xo.new_empty(N, D) if write_out else None
+    # e^{Z} of each chunk into one buffer (out= has no batching rule either)
+    scratch = Wo.new_empty(min(opts.chunk_size, N), C) if unbatched and N else None
     for s in range(0, N, opts.chunk_size):
         e = min(s + opts.chunk_size, N)
-        Zc = opmath(_affine(X[s:e], W, b))                         # Z_c = X_c Wᵀ + b   (n, C)
+        Tc = T[s:e]
+        logp = _chunk_logp(X[s:e], W, b, Tc, w, ce, differentiable, scratch)   # log p  (n, C)
         if want_loss:
-            zq = (1 - eps) * Zc.gather(1, t[s:e]).squeeze(1)       # (1 − ε) Z_t          (n,)
-            if eps:
-                zq = zq + (eps / C) * Zc.sum(1)                    # + (ε/C) Σ_j Z_j
-        grads = need_x or need_w or need_b
-        if inplace:
-            # lse = m + log Σ_j e^{Z_j − m} (m the row max, as torch's logsumexp), with e^{Z − m}
-            # written over the logits: one chunk-sized buffer in all
-            m = Zc.amax(1, keepdim=True)                           # (n, 1)
-            E = Zc.sub_(m).exp_()                                  # e^{Z − m}            (n, C)
-            S = E.sum(1, keepdim=True)                             # Σ_j e^{Z_j − m}      (n, 1)
-            lse = m + S.log()                                      # log Σ_j e^{Z_cj}     (n, 1)
-        else:
-            lse = Zc.logsumexp(1, keepdim=True)                    # log Σ_j e^{Z_cj}     (n, 1)
-        if want_loss:
-            losses.append((lse.squeeze(1) - zq).where(valid[s:e], 0))   # ℓ = lse − Q·Z; ignored rows: 0
+            losses.append(ce_losses(logp, Tc, w, ce))              # ℓ_n = −Q_n · log p_n   (n,)
         if not grads:
             continue
-        if inplace:
-            P = E.div_(S)                                          # P = softmax(Z_c), in the logits buffer
-            P.scatter_add_(1, t[s:e], P.new_full((e - s, 1), -(1 - eps)))   # P − (1 − ε) onehot(t)
-            if eps:
-                P.sub_(eps / C)                                    # − ε/C
-            # dZ_c = ω ⊙ (P − Q); in place unless ω carries the incoming gradient, which may be
-            # batched by vmap where P is not (an in-place op cannot grow P's batch)
-            dZ = P.mul_(weights[s:e]) if scale_inplace else P * weights[s:e]
-        else:
-            Q = torch.zeros_like(Zc).scatter(1, t[s:e], 1 - eps)   # (1 − ε) onehot(t); vmap batches scatter, not scatter_
-            dZ = ((Zc - lse).exp() - Q - eps / C) * weights[s:e]   # dZ_c = ω ⊙ (P − Q)
+        R, keep = ce_direction(logp, Tc, w, ce, inplace=not differentiable and not torch.is_grad_enabled())
+        logp = None                                                # R = P ⊙ (Q 1) − Q      (n, C)
+        gc = g if g.dim() == 0 else g[s:e]                         # g, or g_n for 'none'
+        scale = ce_row_scale(gc, ce, den, keep)                    # ĝ                      (n, 1)
+        # dZ_c = ĝ ⊙ (P (Q 1) − Q); in place unless ĝ may be batched by vmap where R is not
+        dZ = R.mul_(scale) if own_g and inplace else scale * R
+        R = None
+        acc = (gW, gb) if inplace else (None, None)
+        gX_c, gW_c, gb_c = affine_vjp(dZ, Xo[s:e], Wo, (need_x, need_w, need_b), acc=acc)
         if write_out:
-            torch.mm(dZ, Wo, out=gX[s:e])                          # ∂L/∂X_c = dZ_c W   (n, D)
+            gX[s:e].copy_(gX_c)                                    # ∂L/∂X_c = dZ_c W   (n, D)
         elif need_x:
-            gX_chunks.append(dZ @ Wo)                              # ∂L/∂X_c = dZ_c W   (n, D)
+            gX_chunks.append(gX_c)
         if need_w:
-            if inplace and gW is not None:
-                gW.addmm_(dZ.mT, Xo[s:e])                          # ∂L/∂W += dZ_cᵀ X_c  (C, D)
-            else:
-                gW = dZ.mT @ Xo[s:e] if gW is None else gW + dZ.mT @ Xo[s:e]
+            gW = gW_c if inplace or gW is None else gW + gW_c      # ∂L/∂W += dZ_cᵀ X_c  (C, D)
         if need_b:
-            gb = dZ.sum(0) if gb is None else gb + dZ.sum(0)       # ∂L/∂b += 1ᵀ dZ_c   (C,)
-        Zc = E = P = dZ = None        # free this chunk's logits before the next is allocated
+            gb = gb_c if inplace or gb is None else gb + gb_c      # ∂L/∂b += 1ᵀ dZ_c   (C,)
+        dZ = gX_c = None              # free this chunk before the next is allocated
     out_losses = None
     if want_loss:
         out_losses = torch.cat(losses) if losses else X.new_zeros(0, dtype=opmath(X[:0]).dtype)
@@ -368,18 +359,6 @@ def _lce_chunks(X, W, b, T, opts: LCEOptions, *, want_loss: bool, weights, needs
     return out_losses, gX, gW, gb
 
 
-def _row_weights(T, opts: LCEOptions, g, dtype):
-    """ω_n = ∂L/∂ℓ_n: 1/N_valid ('mean') or 1, times g (the incoming gradient: a scalar, or one
-    per row for 'none'), and 0 for ignored rows.  (N, 1)"""
-    valid = (T != opts.ignore_index).to(dtype)                    # (N,)
-    # 'mean': 1/N_valid; with every row ignored the loss is 0/0 = nan but the gradient is 0,
-    # as torch's (the clamp only guards 0/0: every ω_n is 0 then anyway).
-    w = valid / valid.sum().clamp(min=1) if opts.reduction == "mean" else valid
-    if g is not None:
-        w = w * opmath(g).reshape(-1)                              # ⊙ ∂L/∂(reduced loss)
-    return w.unsqueeze(1)                                          # (N, 1)
-
-
 def _is_one(g: torch.Tensor) -> bool:
     """Is the incoming gradient the scalar 1? (False for a vmap-batched g, which has no one value.)"""
     if g.numel() != 1 or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
@@ -390,55 +369,48 @@ def _is_one(g: torch.Tensor) -> bool:
         return False
 
 
-def _reduce(losses, T, opts: LCEOptions):
-    if opts.reduction == "none":
-        return losses
-    total = losses.sum()
-    if opts.reduction == "mean":
-        return total / (T != opts.ignore_index).sum()              # Σ ℓ / N_valid (nan if all ignored)
-    return total
-
-
 class LinearCrossEntropyFn(HandFunction):
-    r"""L = cross_entropy(X Wᵀ + b, t) without the (N, C) logits — equals
-    ``torch.nn.functional.cross_entropy(linear(x, weight, bias), target, ignore_index=…,
-    reduction=…, label_smoothing=…)``.
+    r"""L = cross_entropy(X Wᵀ + b, t, w) without the (N, C) logits — equals
+    ``torch.nn.functional.linear_cross_entropy(x, W, t, linear_bias=b, weight=w, ignore_index=…,
+    reduction=…, label_smoothing=…)`` for class-index targets.
 
-    Shapes: X (N, D), W (C, D), b (C,) or None, t (N,) class indices → L () or (N,) ('none').
-    Per row, Z_n = X_n Wᵀ + b, Q_n = (1 − ε) onehot(t_n) + ε/C:
-        ℓ_n = logsumexp(Z_n) − Q_n · Z_n         (0 where t_n = ignore_index)
-        L   = Σ ℓ_n / N_valid ('mean'),  Σ ℓ_n ('sum'),  ℓ ('none')
-    Backward, g = ∂L_out/∂L (scalar, or (N,) for 'none'), ω_n = g_n · ∂L/∂ℓ_n, P = softmax(Z):
-        ∂L/∂Z = ω ⊙ (P − Q)     (per chunk only)
+    Shapes: X (N, D), W (C, D), b (C,) or None, t (N,) class indices, w (C,) class weights or
+    None → L () or (N,) ('none').
+    Per chunk of rows, Z = X Wᵀ + b and the cross entropy's formulas (``ops.losses``, with Q the
+    weighted, smoothed one-hot target, 'mean' over Σ_n w_{t_n} of the kept rows):
+        ℓ_n = −Q_n · log softmax(Z_n)
+    Backward, ĝ per row (g/den, g or g_n; 0 on ignored rows), P = softmax(Z):
+        ∂L/∂Z = ĝ ⊙ (P ⊙ (Q 1) − Q)     (per chunk only)
         ∂L/∂X = (∂L/∂Z) W        (N, D)
         ∂L/∂W = (∂L/∂Z)ᵀ X       (C, D)
         ∂L/∂b = 1ᵀ (∂L/∂Z)       (C,)
-    Forward mode, tangents Ẋ, Ẇ, ḃ: Ż = Ẋ Wᵀ + X Ẇᵀ + ḃ (per chunk), ℓ̇_n = (P_n − Q_n) · Ż_n,
-    reduced as ℓ.
+    Forward mode, tangents Ẋ, Ẇ, ḃ: Ż = Ẋ Wᵀ + X Ẇᵀ + ḃ (per chunk),
+    ℓ̇_n = (P_n (Q_n 1) − Q_n) · Ż_n, reduced as ℓ.
     The rows are processed ``chunk_size`` at a time, so at most one chunk of logits exists.
     For 'mean' and 'sum' the forward also computes ∂L/∂X, ∂L/∂W, ∂L/∂b as it goes (the
     chunk's logits are at hand: 3 GEMMs per chunk in all, as unchunked autograd); backward then
     only scales them by g. Those gradients are extra outputs marked non-differentiable.
     With grad mode on in backward (double backward) or for 'none', backward recomputes the
-    chunks with out-of-place torch ops, so it is differentiable. Float16/bfloat16: logits'
-    GEMM in the input dtype (as torch), the softmax and the gradients' GEMMs in float32.
+    chunks; recorded (double backward), through ``LinearFn`` and ``CrossEntropyFn``'s log p, so
+    the second derivative is their hand-derived rules. Float16/bfloat16: logits' GEMM in the
+    input dtype (as torch), the softmax and the gradients' GEMMs in float32.
     Derivation: docs/derivation.md#fused-operations
     """
 
     @staticmethod
-    def forward(x, weight, bias, target, opts):
-        W = weight
-        losses, gX, gW, gb = _lce_chunks(
-            x, W, bias, target, opts, want_loss=True, inplace=True, scale_inplace=True, needs=opts.precompute,
-            weights=_row_weights(target, opts, None, opmath(x[:0]).dtype) if any(opts.precompute) else None,
-        )
-        loss = _reduce(losses, target, opts).to(opts.out_dtype)
+    def forward(x, weight, bias, target, w, opts):
+        pre = any(opts.precompute)
+        den = ce_denominator(target, w, opts.ce, opmath(x[:0]).dtype)
+        g = opmath(x[:0]).new_ones(()) if pre else None              # g = 1
+        losses, gX, gW, gb = _lce_chunks(x, weight, bias, target, w, opts, want_loss=True, g=g, den=den,
+                                         needs=opts.precompute, inplace=True, own_g=True)
+        loss = reduce_loss(losses, opts.ce.reduction, den).to(opts.out_dtype)
         grads = [g.to(t.dtype) for g, t in ((gX, x), (gW, weight), (gb, bias)) if g is not None]
         return (loss, *grads) if grads else loss
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, target, opts = inputs
+        x, weight, bias, target, w, opts = inputs
         ctx.opts = opts
         pre = output[1:] if isinstance(output, tuple) else ()
         if pre:
@@ -449,15 +421,15 @@ class LinearCrossEntropyFn(HandFunction):
         # caller then does to them in place can reach this node); a later backward (retain_graph)
         # recomputes. They are non-differentiable outputs without a grad_fn: no reference cycle.
         ctx.pre = list(pre) or None
-        ctx.save_for_backward(x, weight, bias, target)
-        ctx.save_for_forward(x, weight, bias, target)
+        ctx.save_for_backward(x, weight, bias, target, w)
+        ctx.save_for_forward(x, weight, bias, target, w)
 
     @staticmethod
     def backward(ctx, g, *_):
-        x, weight, bias, target = ctx.saved_tensors
+        x, weight, bias, target, w = ctx.saved_tensors
         opts, needs = ctx.opts, ctx.needs_input_grad[:3]
         if g is None or not any(needs):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         result = [None, None, None]
         pre = ctx.pre
         if pre and not torch.is_grad_enabled() and all(p or not n for p, n in zip(opts.precompute, needs)):
@@ -471,38 +443,27 @@ class LinearCrossEntropyFn(HandFunction):
                 if needs[i]:
                     result[i] = grad if one else grad * g          # g · ∂L/∂·
         else:
-            # Recompute chunk by chunk (out of place when grad mode is on: differentiable).
-            _, gX, gW, gb = _lce_chunks(
-                x, weight, bias, target, opts, want_loss=False, needs=needs,
-                weights=_row_weights(target, opts, g, opmath(g).dtype),
-                inplace=not torch.is_grad_enabled(),
-            )
+            # Recompute chunk by chunk (recorded when grad mode is on: differentiable).
+            G = opmath(g)
+            den = ce_denominator(target, w, opts.ce, G.dtype)
+            _, gX, gW, gb = _lce_chunks(x, weight, bias, target, w, opts, want_loss=False, g=G.reshape(-1)
+                                        if G.dim() else G, den=den, needs=needs, inplace=not torch.is_grad_enabled())
             result = [None if r is None else r.to(t.dtype) for r, t in zip((gX, gW, gb), (x, weight, bias))]
-        return (*result, None, None)
+        return (*result, None, None, None)
 
     @staticmethod
-    def jvp(ctx, dx, dw, db, _target, _opts):
-        x, weight, bias, target = ctx.saved_tensors[:4]
-        opts = ctx.opts
-        C = weight.shape[0]
-        eps = opts.label_smoothing
-        valid = target != opts.ignore_index
-        t = target.where(valid, 0).unsqueeze(1)                    # (N, 1)
+    def jvp(ctx, dx, dw, db, _target, _w, _opts):
+        x, weight, bias, target, w = ctx.saved_tensors
+        opts, ce = ctx.opts, ctx.opts.ce
         dls = []
         for s in range(0, x.shape[0], opts.chunk_size):
             e = min(s + opts.chunk_size, x.shape[0])
-            Zc = opmath(_affine(x[s:e], weight, bias))             # Z_c (n, C)
-            P = Zc.softmax(1)                                      # softmax(Z_c)
-            Q = torch.zeros_like(P).scatter_(1, t[s:e], 1 - eps) + eps / C   # Q_c
-            dZ = Zc.new_zeros(Zc.shape)
-            if dx is not None:
-                dZ = dZ + opmath(dx[s:e] @ weight.mT)              # Ẋ_c Wᵀ
-            if dw is not None:
-                dZ = dZ + opmath(x[s:e] @ dw.mT)                   # X_c Ẇᵀ
-            if db is not None:
-                dZ = dZ + opmath(db)                               # ḃ
-            dls.append(((P - Q) * dZ).sum(1).where(valid[s:e], 0))   # ℓ̇_n = (P_n − Q_n) · Ż_n
+            logp = _chunk_logp(x[s:e], weight, bias, target[s:e], w, ce, False)   # log p   (n, C)
+            R, _ = ce_direction(logp, target[s:e], w, ce)                          # P (Q 1) − Q
+            dZ = affine_jvp(x[s:e], weight, None if dx is None else dx[s:e], dw, db)   # Ż = Ẋ Wᵀ + X Ẇᵀ + ḃ
+            dls.append(_sum(R * opmath(dZ), 1))                    # ℓ̇_n = (P_n (Q_n 1) − Q_n) · Ż_n
         dl = torch.cat(dls) if dls else x.new_zeros(0, dtype=opmath(x[:0]).dtype)
-        dloss = _reduce(dl, target, opts).to(opts.out_dtype)
+        den = ce_denominator(target, w, ce, dl.dtype)
+        dloss = reduce_loss(dl, ce.reduction, den).to(opts.out_dtype)
         n_pre = sum(opts.precompute)
         return (dloss, *([None] * n_pre)) if n_pre else dloss

@@ -1,9 +1,48 @@
-"""The affine layer. Derivation: docs/derivation.md#affine-layer."""
+"""The affine layer, and the affine rules every op with a linear layer reuses (``linear``, the
+fused ``linear_act``/``mlp`` and ``linear_cross_entropy``): each written here once.
+Derivation: docs/derivation.md#affine-layer.
+"""
 from __future__ import annotations
 
 import torch
 
 from ._function import HandFunction
+
+
+def affine(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """Z = X Wᵀ + b   (N, D_out), one GEMM (addmm adds a bias that broadcasts to Z)."""
+    return X @ W.mT if b is None else torch.addmm(b, X, W.mT)
+
+
+def affine_jvp(X: torch.Tensor, W: torch.Tensor, dX, dW, db) -> torch.Tensor:
+    """Ż = Ẋ Wᵀ + X Ẇᵀ + ḃ   (N, D_out); a missing tangent is zero."""
+    dZ = X.new_zeros(X.shape[0], W.shape[0])                   # (N, D_out)
+    if dX is not None:
+        dZ = dZ + dX @ W.mT                                     # Ẋ Wᵀ
+    if dW is not None:
+        dZ = dZ + X @ dW.mT                                     # X Ẇᵀ
+    return dZ if db is None else dZ + db                        # + ḃ
+
+
+def bias_vjp(G: torch.Tensor, b_shape) -> torch.Tensor:
+    """∂L/∂b = 1ᵀ G, in general G summed down to b's shape."""
+    return G.sum_to_size(b_shape)
+
+
+def affine_vjp(G: torch.Tensor, X, W, needs, *, acc=(None, None)):
+    """(∂L/∂X, ∂L/∂W, ∂L/∂b) = (G W, Gᵀ X, 1ᵀ G) for G = ∂L/∂Z (N, D_out), each only where
+    ``needs`` (three bools) asks. ``acc``: running sums (∂L/∂W, ∂L/∂b) of earlier row blocks to
+    add this block's into, in place (the caller owns them and nothing records the backward)."""
+    need_x, need_w, need_b = needs
+    gW_acc, gb_acc = acc
+    gX = G @ W if need_x else None                              # G W       (N, D_in)
+    gW = gb = None
+    if need_w:
+        gW = gW_acc.addmm_(G.mT, X) if gW_acc is not None else G.mT @ X   # (+=) Gᵀ X   (D_out, D_in)
+    if need_b:
+        gb = bias_vjp(G, G.shape[-1:])                          # 1ᵀ G      (D_out,)
+        gb = gb_acc.add_(gb) if gb_acc is not None else gb
+    return gX, gW, gb
 
 
 def _flat(x, weight):
@@ -25,19 +64,18 @@ class LinearFn(HandFunction):
     Forward mode, tangents Ẋ, Ẇ, ḃ:
         Ẏ = Ẋ Wᵀ + X Ẇᵀ + ḃ
     Saves X only if W needs a gradient, W only if X does.
+    The bias has the output's dtype (the functional casts one torch adds in place).
     Derivation: docs/derivation.md#affine-layer
     """
 
     @staticmethod
     def forward(x, weight, bias):
         X, W = _flat(x, weight)                                  # (N, D_in), (D_out, D_in)
-        if bias is not None and bias.dim() <= 1:
-            Y = torch.addmm(bias, X, W.mT)                       # X Wᵀ + b   (N, D_out)
-        else:
-            Y = X @ W.mT                                         # X Wᵀ       (N, D_out)
+        vector_bias = bias is not None and bias.dim() <= 1 and weight.dim() == 2
+        Y = affine(X, W, bias if vector_bias else None)          # X Wᵀ (+ b)   (N, D_out)
         y = Y.reshape(x.shape[:-1] + weight.shape[:-1])         # (*, D_out)
-        if bias is not None and bias.dim() > 1:
-            y = y + bias
+        if bias is not None and not vector_bias:
+            y = y + bias                                         # + b, broadcast to Y
         return y
 
     @staticmethod
@@ -55,26 +93,24 @@ class LinearFn(HandFunction):
         D_in = ctx.x_shape[-1]
         N, D_out = ctx.x_shape[:-1].numel(), ctx.w_shape[:-1].numel()
         G = grad_y.reshape(N, D_out)                                         # (N, D_out)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (G @ weight.reshape(D_out, D_in)).reshape(ctx.x_shape)  # G W
-        if ctx.needs_input_grad[1]:
-            grad_w = (G.mT @ x.reshape(N, D_in)).reshape(ctx.w_shape)        # Gᵀ X
+        X = None if x is None else x.reshape(N, D_in)
+        W = None if weight is None else weight.reshape(D_out, D_in)
+        gX, gW, _ = affine_vjp(G, X, W, (ctx.needs_input_grad[0], ctx.needs_input_grad[1], False))
+        grad_x = None if gX is None else gX.reshape(ctx.x_shape)             # G W
+        grad_w = None if gW is None else gW.reshape(ctx.w_shape)             # Gᵀ X
+        grad_b = None
         if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
-            grad_b = grad_y.sum_to_size(ctx.bias_shape)                      # 1ᵀ G
+            grad_b = bias_vjp(grad_y, ctx.bias_shape)                        # 1ᵀ G
         return grad_x, grad_w, grad_b
 
     @staticmethod
     def jvp(ctx, dx, dw, db):
         x, weight = ctx.saved_tensors
         X, W = _flat(x, weight)                                  # (N, D_in), (D_out, D_in)
-        dY = X.new_zeros(X.shape[0], W.shape[0])                 # (N, D_out)
-        if dx is not None:
-            dY = dY + dx.reshape(X.shape) @ W.mT                 # Ẋ Wᵀ
-        if dw is not None:
-            dY = dY + X @ dw.reshape(W.shape).mT                 # X Ẇᵀ
+        dX = None if dx is None else dx.reshape(X.shape)
+        dW = None if dw is None else dw.reshape(W.shape)
+        dY = affine_jvp(X, W, dX, dW, None)                      # Ẋ Wᵀ + X Ẇᵀ   (N, D_out)
         dy = dY.reshape(x.shape[:-1] + weight.shape[:-1])       # (*, D_out)
         if db is not None:
             dy = dy + db                                         # ḃ
         return dy
-

@@ -15,12 +15,14 @@ rows X (M, C) or elementwise tensors only. In float16/bfloat16 the math runs in 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ._function import HandFunction, opmath
 from ._function import accurate_sum as _sum
+from .softmax import log_softmax_jvp, log_softmax_rows, log_softmax_vjp
 
 
 def _scale(g: torch.Tensor, reduction: str, den) -> torch.Tensor:
@@ -28,7 +30,7 @@ def _scale(g: torch.Tensor, reduction: str, den) -> torch.Tensor:
     return g / den if reduction == "mean" else g           # g/den ('mean'), g ('sum'), G ('none')
 
 
-def _reduce(loss: torch.Tensor, reduction: str, den) -> torch.Tensor:
+def reduce_loss(loss: torch.Tensor, reduction: str, den) -> torch.Tensor:
     if reduction == "none":
         return loss                                          # ℓ
     total = _sum(loss)                                       # Σ ℓ
@@ -86,7 +88,7 @@ class SquaredErrorFn(HandFunction):
         E = c * D * D if w is None else c * opmath(w) * D * D   # E = c W ⊙ D²      (S)
         if reduction == "none":
             E = _se_none_view(E, kind)
-        return _reduce(E, reduction, den).to(x.dtype)
+        return reduce_loss(E, reduction, den).to(x.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -132,7 +134,7 @@ class SquaredErrorFn(HandFunction):
             dE = dE + c * opmath(dw) * D * D                               # + c Ẇ ⊙ D²
         if ctx.reduction == "none":
             return _se_none_view(dE, ctx.kind).to(x.dtype)
-        dL = _reduce(dE, ctx.reduction, den)                               # Σ Ė (/ den)
+        dL = reduce_loss(dE, ctx.reduction, den)                               # Σ Ė (/ den)
         if w is not None and dw is not None and ctx.reduction == "mean":
             L = _sum(c * opmath(w) * D * D) / den
             dL = dL - L * _sum(opmath(dw)) / den                           # − L ΣẆ / ΣW
@@ -141,78 +143,111 @@ class SquaredErrorFn(HandFunction):
 
 # ---------------------------------------------------------------------------------------------
 # Softmax cross entropy and negative log-likelihood (rows X (M, C), class dim last)
+#
+# The pieces below are the cross entropy's formulas, each written once: CrossEntropyFn uses
+# them on all rows, ops.fused.LinearCrossEntropyFn on one chunk of rows at a time.
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class CrossEntropyOptions:
-    """The non-tensor options of ``CrossEntropyFn`` (STYLE.md §5)."""
+    """The non-tensor options of the cross entropy (STYLE.md §5): ``CrossEntropyFn``,
+    ``NLLLossFn`` and, inside ``LCEOptions``, the fused ``LinearCrossEntropyFn``."""
 
     reduction: str = "mean"
     ignore_index: int = -100
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # ε ∈ [0, 1] (functional._common maps torch's ε ≤ 0 to 0)
     probs: bool = False           # target holds class probabilities T (M, C), not indices y (M,)
 
 
-def _index_terms(y, w, ignore_index, dtype):
+def ce_index_terms(y, w, ignore_index, dtype):
     """For class-index targets: the kept mask, y with ignored rows sent to class 0 (safe to
     gather), and each row's weight a_i = w_{y_i} [y_i ≠ ignore_index]."""
     keep = y != ignore_index                                              # (M,)
     y0 = y.where(keep, 0)                                                 # (M,)
-    a = keep.to(dtype) if w is None else opmath(w)[y0] * keep             # a_i = w_{y_i} · keep_i  (M,)
+    if w is None or w.numel() == 0:                                      # (no classes: every row ignored)
+        return keep, y0, keep.to(dtype)
+    a = opmath(w)[y0] * keep                                              # a_i = w_{y_i} · keep_i  (M,)
     return keep, y0, a
 
 
-def _log_softmax(X):
-    """log p = Z − log Σ_c e^{Z_c}, Z = X − max_c X (log-sum-exp: no e^{X} overflows).
-    The max's own term is exactly e^0 = 1, so Σ_c e^{Z_c} = 1 + r with r = Σ_{Z_c<0} e^{Z_c} + (ties − 1)
-    and log Σ = log1p(r): accurate even when one class dominates (Σ ≈ 1), where log(Σ) would
-    lose the digits of r to the rounding of 1 + r."""
-    Z = X - X.amax(dim=1, keepdim=True)                                   # Z ≤ 0, max_c Z = 0   (M, C)
-    top = Z == 0                                                          # the max (and its ties)
-    r = _sum(torch.where(top, torch.zeros_like(Z), Z.exp()), 1, keepdim=True)
-    r = r + (top.sum(1, keepdim=True) - 1).to(Z.dtype)                    # r = Σ_c e^{Z_c} − 1    (M, 1)
-    return Z - torch.log1p(r)                                             # log p = Z − log(1 + r)
+def _picked(X, y0):
+    """X_{i, y_i}   (M,); 0 with no classes (C = 0: every row is ignored, nothing to pick)."""
+    if X.shape[1] == 0:
+        return X.new_zeros(X.shape[0])
+    return X.gather(1, y0.unsqueeze(1)).squeeze(1)
 
 
-def _ce_index(logp, y, w, opts):
-    """Class-index targets: ℓ_i = −(1−ε) a_i log p_{i,y_i} − (ε/C) keep_i Σ_c w_c log p_ic
-    (= −Σ_c Q_ic log p_ic with Q_ic = (1−ε) a_i δ_{c,y_i} + (ε/C) keep_i w_c), the mean's
-    denominator Σ_i a_i (torch's weighted mean), and the kept rows."""
-    C = logp.shape[1]
+def ce_denominator(target, w, opts, dtype):
+    """The 'mean' denominator: Σ_i a_i for class indices (torch's weighted mean), M for
+    probabilities. Needs only the targets, so a chunked caller computes it once for all rows."""
+    if opts.probs:   # torch: numel / C, so 0/0 = nan with no classes
+        return target.shape[0] if target.shape[1] else math.nan
+    return _sum(ce_index_terms(target, w, opts.ignore_index, dtype)[2])   # Σ_i a_i
+
+
+def _smoothed(T, opts, C):
+    """(1−ε) T + ε/C: the smoothed class-probability target (before the class weight)."""
     eps = opts.label_smoothing
-    keep, y0, a = _index_terms(y, w, opts.ignore_index, logp.dtype)       # (M,)
-    loss = -(1 - eps) * a * logp.gather(1, y0.unsqueeze(1)).squeeze(1)    # −(1−ε) a_i log p_{i,y_i}
+    return (1 - eps) * opmath(T) + eps / C if eps and C else opmath(T)
+
+
+def ce_losses(logp, target, w, opts):
+    """ℓ_i = −Σ_c Q_ic log p_ic   (M,), with Q the weighted, smoothed target:
+        class indices:        Q_ic = (1−ε) a_i δ_{c,y_i} + (ε/C) keep_i w_c
+        class probabilities:  Q_ic = w_c ((1−ε) T_ic + ε/C)"""
+    C = logp.shape[1]
+    if opts.probs:
+        Q = _smoothed(target, opts, C)
+        Q = Q if w is None else Q * opmath(w)                             # Q = w ⊙ ((1−ε) T + ε/C)
+        return -_sum(Q * logp, 1)                                         # −Σ_c Q_ic log p_ic
+    eps = opts.label_smoothing
+    keep, y0, a = ce_index_terms(target, w, opts.ignore_index, logp.dtype)   # (M,)
+    loss = -(1 - eps) * a * _picked(logp, y0)                            # −(1−ε) a_i log p_{i,y_i}
     if eps:
         wlogp = logp if w is None else logp * opmath(w)                   # w_c log p_ic
-        loss = loss - (eps / C) * keep.to(logp.dtype) * _sum(wlogp, 1)    # − (ε/C) keep_i Σ_c w_c log p_ic
-    return loss, _sum(a), keep, y0, a
+        # (no classes: ε/C = ∞ times Σ = 0 is nan, as torch's, on every row)
+        smooth = eps / C if C else math.inf
+        loss = loss - smooth * (keep.to(logp.dtype) * _sum(wlogp, 1))     # − (ε/C) keep_i Σ_c w_c log p_ic
+    return loss
 
 
-def _ce_index_direction(logp, P, y, w, opts):
-    """∂ℓ_i/∂X_i = P_i (Q_i 1) − Q_i for class indices, written as
-        (1−ε) a_i (P_i − e_{y_i}) + (ε/C) keep_i (P_i Σ_c w_c − w)
-    with P_{i,y_i} − 1 taken as expm1(log p_{i,y_i}): no cancellation when p_{i,y_i} ≈ 1."""
+def ce_direction(logp, target, w, opts, inplace: bool = False):
+    """R = ∂ℓ_i/∂X_i = P_i (Q_i 1) − Q_i   (M, C), P = exp(log p), and the kept rows (None for
+    probabilities). For class indices, with c_i = (1−ε) a_i and s_i = (ε/C) keep_i, it is
+        c_i (P_i − e_{y_i}) + s_i (P_i Σ_c w_c − w) = (c_i + s_i Σw) (P_i − e_{y_i}) + s_i (Σw e_{y_i} − w)
+    with P_{i,y_i} − 1 taken as expm1(log p_{i,y_i}): no cancellation when p_{i,y_i} ≈ 1.
+    ``inplace``: log p is a buffer the caller owns and nothing records this (a chunk's), so R
+    overwrites it; the same equations, one in-place op each."""
     C = logp.shape[1]
+    if opts.probs:
+        P = logp.exp()                                                    # P = softmax(X)    (M, C)
+        Q = _smoothed(target, opts, C)
+        Q = Q if w is None else Q * opmath(w)                             # Q = w ⊙ ((1−ε) T + ε/C)
+        return P * _sum(Q, 1, keepdim=True) - Q, None                     # P ⊙ (Q 1) − Q
     eps = opts.label_smoothing
-    keep, y0, a = _index_terms(y, w, opts.ignore_index, logp.dtype)
+    keep, y0, a = ce_index_terms(target, w, opts.ignore_index, logp.dtype)
+    if C == 0:                                                            # no classes: every row ignored
+        return torch.zeros_like(logp), keep
     col = y0.unsqueeze(1)                                                 # (M, 1)
-    PmE = P.scatter(1, col, torch.expm1(logp.gather(1, col)))             # P − E_y            (M, C)
-    R = ((1 - eps) * a).unsqueeze(1) * PmE                                # (1−ε) a_i (P_i − e_{y_i})
-    if eps:
-        wsum = C if w is None else _sum(opmath(w))                        # Σ_c w_c
-        wc = 1 if w is None else opmath(w)                                # w   (C,)
-        R = R + (eps / C) * keep.to(logp.dtype).unsqueeze(1) * (P * wsum - wc)   # + (ε/C) keep_i (P_i Σw − w)
-    return R, _sum(a), keep
+    picked = torch.expm1(logp.gather(1, col))                             # p_{i,y_i} − 1      (M, 1)
+    P = logp.exp_() if inplace else logp.exp()                            # P = softmax(X)    (M, C)
+    PmE = P.scatter_(1, col, picked) if inplace else P.scatter(1, col, picked)   # P − E_y     (M, C)
+    c = ((1 - eps) * a).unsqueeze(1)                                      # c_i = (1−ε) a_i    (M, 1)
+    if not eps:
+        return (PmE.mul_(c) if inplace else c * PmE), keep                # c_i (P_i − e_{y_i})
+    s = (eps / C) * keep.to(logp.dtype).unsqueeze(1)                      # s_i = (ε/C) keep_i (M, 1)
+    wsum = C if w is None else _sum(opmath(w))                            # Σ_c w_c
+    R = PmE.mul_(c + s * wsum) if inplace else (c + s * wsum) * PmE       # (c_i + s_i Σw)(P_i − e_{y_i})
+    if w is None:
+        R = R.sub_(s) if inplace else R - s                               # − s_i w   (w = 1)
+    else:
+        R = R.addcmul_(s, opmath(w), value=-1) if inplace else R - s * opmath(w)   # − s_i w
+    sw = (s * wsum).expand(R.shape[0], 1)                                 # s_i Σw             (M, 1)
+    R = R.scatter_add_(1, col, sw) if inplace else R.scatter_add(1, col, sw)   # + s_i Σw e_{y_i}
+    return R, keep
 
 
-def _ce_probs_target(T, w, opts, C):
-    """Class-probability targets: Q = w ⊙ ((1−ε) T + ε/C)   (M, C)."""
-    eps = opts.label_smoothing
-    Q = (1 - eps) * opmath(T) + eps / C if eps else opmath(T)             # (1−ε) T + ε/C
-    return Q if w is None else Q * opmath(w)                              # ⊙ w
-
-
-def _row_scale(g, opts, den, keep_rows):
+def ce_row_scale(g, opts, den, keep_rows):
     """ĝ per row (M, 1) or scalar; for index targets ignored rows get exactly 0 (torch's backward
     never touches them, even when den = 0 makes g/den infinite)."""
     s = _scale(opmath(g), opts.reduction, den)
@@ -232,15 +267,17 @@ class CrossEntropyFn(HandFunction):
         class indices:        Q_ic = (1−ε) a_i δ_{c,y_i} + (ε/C) keep_i w_c,  a_i = w_{y_i} keep_i
         class probabilities:  Q_ic = w_c ((1−ε) T_ic + ε/C)
     'mean' divides by Σ_i a_i (index targets: torch's weighted mean, nan when every row is
-    ignored) or by M (probabilities). Stable forward: see ``_log_softmax`` (log-sum-exp).
+    ignored) or by M (probabilities). Stable forward: ``ops.softmax.log_softmax_rows``.
     Backward, P = softmax(X) = exp(log p), ĝ per row (g/den, g, or G_i; 0 on ignored rows):
         ∂L/∂X = ĝ ⊙ (P ⊙ (Q 1) − Q)                       (M, C)   [= ĝ (P − Y) when Q = Y, one-hot]
         ∂L/∂T = −(1−ε) ĝ ⊙ (log P ⊙ w)                    (M, C)   (probability targets)
+        ∂L/∂w = −Σ_i ĝ_i ((1−ε) T_i + ε/C) ⊙ log p_i      (C,)     (probability targets; torch
+                                                                    refuses a w with grad for indices)
     The second output, log p, is returned so that it can be saved and stay connected to X: in
     the double backward its gradient G_lp arrives here and adds the log-softmax backward
         ∂L/∂X += G_lp − P ⊙ (G_lp 1).
-    Forward mode, tangents Ẋ, Ṫ:
-        ℓ̇_i = (P_i (Q_i 1) − Q_i) · Ẋ_i − (1−ε) Σ_c w_c Ṫ_ic log p_ic   (reduced as ℓ)
+    Forward mode, tangents Ẋ, Ṫ, ẇ:
+        ℓ̇_i = (P_i (Q_i 1) − Q_i) · Ẋ_i − Σ_c (Q̇_ic) log p_ic,  Q̇ = (1−ε) Ṫ ⊙ w + ((1−ε) T + ε/C) ⊙ ẇ
         (log p)˙ = Ẋ − (P ⊙ Ẋ) 1
     Saves log p (M, C) (float32 for half inputs), the target and w.
     Derivation: docs/derivation.md#cross-entropy
@@ -248,74 +285,68 @@ class CrossEntropyFn(HandFunction):
 
     @staticmethod
     def forward(x, target, w, opts):
-        logp = _log_softmax(opmath(x))                                    # log p       (M, C)
-        if opts.probs:
-            Q = _ce_probs_target(target, w, opts, logp.shape[1])          # (M, C)
-            loss, den = -_sum(Q * logp, 1), logp.shape[0]                 # ℓ_i = −Σ_c Q_ic log p_ic
-        else:
-            loss, den, *_ = _ce_index(logp, target, w, opts)              # (M,)
-        return _reduce(loss, opts.reduction, den).to(x.dtype), logp
+        logp = log_softmax_rows(opmath(x))                                # log p       (M, C)
+        loss = ce_losses(logp, target, w, opts)                           # ℓ           (M,)
+        den = ce_denominator(target, w, opts, logp.dtype)
+        return reduce_loss(loss, opts.reduction, den).to(x.dtype), logp
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, target, w, opts = inputs
         ctx.opts, ctx.x_dtype, ctx.t_dtype = opts, x.dtype, target.dtype
+        ctx.w_dtype = None if w is None else w.dtype
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(output[1], target, w)
         ctx.save_for_forward(output[1], target, w)
 
     @staticmethod
-    def _direction(ctx, logp, target, w):
-        """R = P ⊙ (Q 1) − Q (M, C), the mean's denominator and the kept rows (None for probs).
-        Takes the saved tensors from its caller: non-reentrant checkpointing allows them to be
-        unpacked only once per backward."""
-        P = logp.exp()                                                    # P = softmax(X)    (M, C)
-        if ctx.opts.probs:
-            Q = _ce_probs_target(target, w, ctx.opts, logp.shape[1])
-            return P * _sum(Q, 1, keepdim=True) - Q, logp.shape[0], None      # P ⊙ (Q 1) − Q
-        return _ce_index_direction(logp, P, target, w, ctx.opts)
-
-    @staticmethod
     def backward(ctx, g, g_logp):
+        # the saved tensors are unpacked once (non-reentrant checkpointing allows no more)
         opts = ctx.opts
         logp, target, w = ctx.saved_tensors
-        need_x, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and opts.probs
-        gx = gt = None
+        need_x = ctx.needs_input_grad[0]
+        need_t, need_w = (ctx.needs_input_grad[1] and opts.probs), (ctx.needs_input_grad[2] and opts.probs)
+        gx = gt = gw = None
         if g is not None and need_x:
-            R, den, keep = CrossEntropyFn._direction(ctx, logp, target, w)
-            gx = _row_scale(g, opts, den, keep) * R                       # ĝ ⊙ (P (Q 1) − Q)
-        if g is not None and need_t:
-            s = _row_scale(g, opts, logp.shape[0], None)                  # ĝ
-            wlogp = logp if w is None else logp * opmath(w)               # log P ⊙ w
-            gt = (-(1 - opts.label_smoothing) * s * wlogp).to(ctx.t_dtype)   # −(1−ε) ĝ ⊙ log P ⊙ w
-        if g_logp is not None and ctx.needs_input_grad[0]:
-            G = opmath(g_logp)
-            back = G - logp.exp() * _sum(G, 1, keepdim=True)                  # G_lp − P ⊙ (G_lp 1)
+            R, keep = ce_direction(logp, target, w, opts)                 # P (Q 1) − Q      (M, C)
+            den = ce_denominator(target, w, opts, logp.dtype)
+            gx = ce_row_scale(g, opts, den, keep) * R                     # ĝ ⊙ (P (Q 1) − Q)
+        if g is not None and (need_t or need_w):
+            s = ce_row_scale(g, opts, logp.shape[0], None)                # ĝ
+            if need_t:
+                wlogp = logp if w is None else logp * opmath(w)           # log P ⊙ w
+                gt = (-(1 - opts.label_smoothing) * s * wlogp).to(ctx.t_dtype)   # −(1−ε) ĝ ⊙ log P ⊙ w
+            if need_w:
+                S = _smoothed(target, opts, logp.shape[1])                # (1−ε) T + ε/C
+                gw = (-_sum(s * S * logp, 0)).to(ctx.w_dtype)                 # −Σ_i ĝ_i S_i ⊙ log p_i
+        if g_logp is not None and need_x:
+            back = log_softmax_vjp(logp, opmath(g_logp), 1)               # G_lp − P ⊙ (G_lp 1)
             gx = back if gx is None else gx + back
         if gx is not None:
             gx = gx.to(ctx.x_dtype)
-        return gx, gt, None, None
+        return gx, gt, gw, None
 
     @staticmethod
-    def jvp(ctx, dx, dt, _w, _opts):
+    def jvp(ctx, dx, dt, dw, _opts):
         opts = ctx.opts
         logp, target, w = ctx.saved_tensors
         dloss = torch.zeros_like(logp[:, 0])                              # (M,)
         dlogp = torch.zeros_like(logp)                                    # (M, C)
-        den = logp.shape[0]
+        den = ce_denominator(target, w, opts, logp.dtype)
         if dx is not None:
-            R, den, _ = CrossEntropyFn._direction(ctx, logp, target, w)
+            R, _ = ce_direction(logp, target, w, opts)
             dX = opmath(dx)
             dloss = dloss + _sum(R * dX, 1)                                   # (P (Q 1) − Q) · Ẋ
-            dlogp = dX - _sum(logp.exp() * dX, 1, keepdim=True)               # Ẋ − (P ⊙ Ẋ) 1
-        elif not opts.probs:
-            den = _sum(_index_terms(target, w, opts.ignore_index, logp.dtype)[2])
-        if dt is not None and opts.probs:
-            dQ = (1 - opts.label_smoothing) * opmath(dt)                  # Q̇ = (1−ε) Ṫ ⊙ w
-            if w is not None:
-                dQ = dQ * opmath(w)
+            dlogp = log_softmax_jvp(logp, dX, 1)                              # Ẋ − (P ⊙ Ẋ) 1
+        if opts.probs and (dt is not None or dw is not None):
+            dQ = 0
+            if dt is not None:
+                dQ = (1 - opts.label_smoothing) * opmath(dt)                  # (1−ε) Ṫ
+                dQ = dQ if w is None else dQ * opmath(w)                      # ⊙ w
+            if dw is not None:
+                dQ = dQ + _smoothed(target, opts, logp.shape[1]) * opmath(dw)     # + ((1−ε) T + ε/C) ⊙ ẇ
             dloss = dloss - _sum(dQ * logp, 1)                                # − Q̇ · log p
-        return _reduce(dloss, opts.reduction, den).to(ctx.x_dtype), dlogp
+        return reduce_loss(dloss, opts.reduction, den).to(ctx.x_dtype), dlogp
 
 
 class NLLLossFn(HandFunction):
@@ -333,46 +364,39 @@ class NLLLossFn(HandFunction):
     """
 
     @staticmethod
-    def forward(x, y, w, reduction, ignore_index):
+    def forward(x, y, w, opts):
         X = opmath(x)                                                     # (M, C)
-        keep, y0, a = _index_terms(y, w, ignore_index, X.dtype)           # (M,)
-        picked = X.gather(1, y0.unsqueeze(1)).squeeze(1)                  # X_{i, y_i}      (M,)
+        keep, y0, a = ce_index_terms(y, w, opts.ignore_index, X.dtype)    # (M,)
+        picked = _picked(X, y0)                                           # X_{i, y_i}      (M,)
         loss = -a * picked                                                # ℓ_i = −a_i X_{i, y_i}
-        return _reduce(loss, reduction, _sum(a)).to(x.dtype)
+        return reduce_loss(loss, opts.reduction, _sum(a)).to(x.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, y, w, reduction, ignore_index = inputs
-        ctx.reduction, ctx.ignore_index = reduction, ignore_index
+        x, y, w, opts = inputs
+        ctx.opts = opts
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.save_for_backward(y, w)
         ctx.save_for_forward(y, w)
 
     @staticmethod
-    def _terms(ctx, g):
-        y, w = ctx.saved_tensors
-        dtype = opmath(g).dtype
-        keep, y0, a = _index_terms(y, w, ctx.ignore_index, dtype)         # (M,)
-        opts = CrossEntropyOptions(ctx.reduction, ctx.ignore_index)
-        s = _row_scale(g, opts, _sum(a), keep)                            # ĝ  (M, 1) or scalar
-        return y0, s * a.unsqueeze(1)                                     # ĝ ⊙ a   (M, 1)
-
-    @staticmethod
     def backward(ctx, g):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        y0, sa = NLLLossFn._terms(ctx, g)                                 # (M,), (M, 1)
+            return None, None, None, None
+        y, w = ctx.saved_tensors
+        keep, y0, a = ce_index_terms(y, w, ctx.opts.ignore_index, opmath(g).dtype)   # (M,)
+        sa = ce_row_scale(g, ctx.opts, _sum(a), keep) * a.unsqueeze(1)    # ĝ ⊙ a   (M, 1)
         zeros = sa.new_zeros(ctx.x_shape)                                 # (M, C)
-        gx = zeros.scatter(1, y0.unsqueeze(1), -sa)                       # −(ĝ ⊙ a) ⊙ E_y
-        return gx.to(ctx.x_dtype), None, None, None, None
+        gx = zeros.scatter(1, y0.unsqueeze(1), -sa) if ctx.x_shape[1] else zeros   # −(ĝ ⊙ a) ⊙ E_y
+        return gx.to(ctx.x_dtype), None, None, None
 
     @staticmethod
-    def jvp(ctx, dx, _y, _w, _r, _i):
+    def jvp(ctx, dx, _y, _w, _opts):
         y, w = ctx.saved_tensors
         dX = opmath(dx)
-        keep, y0, a = _index_terms(y, w, ctx.ignore_index, dX.dtype)
-        dloss = -a * dX.gather(1, y0.unsqueeze(1)).squeeze(1)             # ℓ̇_i = −a_i Ẋ_{i, y_i}
-        return _reduce(dloss, ctx.reduction, _sum(a)).to(ctx.x_dtype)
+        keep, y0, a = ce_index_terms(y, w, ctx.opts.ignore_index, dX.dtype)
+        dloss = -a * _picked(dX, y0)                                      # ℓ̇_i = −a_i Ẋ_{i, y_i}
+        return reduce_loss(dloss, ctx.opts.reduction, _sum(a)).to(ctx.x_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +439,7 @@ class BCEWithLogitsFn(HandFunction):
             loss = (1 - T) * torch.clamp_min(X, 0) + P * T * torch.clamp_min(-X, 0) + lam * log1p_term
         if w is not None:
             loss = loss * opmath(w)                                       # ⊙ w
-        return _reduce(loss, reduction, loss.numel()).to(x.dtype)
+        return reduce_loss(loss, reduction, loss.numel()).to(x.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -464,4 +488,4 @@ class BCEWithLogitsFn(HandFunction):
             dl = dl + dX * opmath(dx)                                     # ∂ℓ/∂X ⊙ Ẋ
         if dt is not None:
             dl = dl + dT * opmath(dt)                                     # ∂ℓ/∂T ⊙ Ṫ
-        return _reduce(dl, ctx.reduction, n).to(ctx.dtypes[0])
+        return reduce_loss(dl, ctx.reduction, n).to(ctx.dtypes[0])

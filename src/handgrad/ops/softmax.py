@@ -36,6 +36,29 @@ def log_softmax_forward(X: torch.Tensor, dim: int) -> torch.Tensor:
     return Z.sub_(lse)                                           # Z − lse      (*, D, *)
 
 
+def log_softmax_rows(X: torch.Tensor, inplace: bool = False, accurate: bool = True, scratch=None) -> torch.Tensor:
+    """log p = Z − log((exp(Z))1) of rows X (M, C), Z = X − m, with log((exp(Z))1) taken as
+    log1p(r): the row max's own term is exactly e^0 = 1, so (exp(Z))1 = 1 + r with
+    r = Σ_{j ≠ argmax} e^{Z_j}, and log1p(r) keeps r's digits when one class dominates
+    ((exp(Z))1 ≈ 1), where log of the rounded 1 + r would lose them. The losses' log-softmax
+    (cross_entropy, linear_cross_entropy per chunk). No classes (C = 0) gives the empty log p.
+    ``inplace``: X is a buffer the caller owns and nothing records this (a chunk's logits), so
+    log p overwrites it. ``accurate``: r is summed by ``accurate_sum`` (float64 for float32 on
+    CPU: cross_entropy's error then stays within torch's); False sums in X's dtype (torch's
+    pairwise sum, a few ulps of r, so of log p), sparing a float64 copy of every chunk in the
+    chunked linear_cross_entropy's training step. ``scratch``: a contiguous (M, C) buffer for
+    e^{Z}, reused across chunks (a fresh 4 MiB buffer a chunk costs its page faults each time)."""
+    M, C = X.shape
+    if C == 0:                                                   # max refuses an empty dim
+        return X if inplace else X.clone()
+    m, top = X.max(1, keepdim=True)                              # m = max_j X_j, one argmax  (M, 1)
+    Z = X.sub_(m) if inplace else X - m                          # Z ≤ 0, Z_top = 0          (M, C)
+    E = Z.exp() if scratch is None else torch.exp(Z, out=scratch)   # e^{Z}                  (M, C)
+    E.view(-1).index_fill_(0, top.view(-1) + torch.arange(M, device=X.device) * C, 0)   # 0 at the argmax
+    r = accurate_sum(E, 1, keepdim=True) if accurate else E.sum(1, keepdim=True)   # r        (M, 1)
+    return Z.sub_(torch.log1p(r)) if inplace else Z - torch.log1p(r)   # log p = Z − log(1 + r)
+
+
 # --- the hand-derived products, from the output Y -------------------------------------------
 
 def softmax_vjp(Y: torch.Tensor, G: torch.Tensor, dim: int) -> torch.Tensor:

@@ -66,19 +66,17 @@ def _lce_case(reduction: str, label_smoothing: float = 0.0, bias: bool = True, s
         D = shape[-1]
         target = torch.randint(0, C, shape[:-1], device=device)
         target[(torch.arange(target.numel(), device=device) % 3 == 1).reshape(target.shape)] = ignore  # every third row ignored
-        kwargs = {"bias": randn((C,), dtype, device) if bias else None, "reduction": reduction,
+        kwargs = {"linear_bias": randn((C,), dtype, device) if bias else None, "reduction": reduction,
                   "label_smoothing": label_smoothing, "chunk_size": 3}   # 3 rows a chunk: several chunks, a ragged last one
         return Inputs((randn(shape, dtype, device), randn((C, D), dtype, device, scale=D**-0.5), target), kwargs)
 
-    def reference(x, w, target, *, bias=None, reduction="mean", label_smoothing=0.0, chunk_size=None):
-        logits = TF.linear(x, w, bias)
-        loss = TF.cross_entropy(logits.reshape(-1, w.shape[0]), target.reshape(-1), ignore_index=ignore, reduction=reduction,
-                                label_smoothing=label_smoothing)
-        return loss.reshape(target.shape) if reduction == "none" else loss
+    def reference(x, w, target, *, chunk_size=None, **kwargs):   # torch's function (chunk_size: handgrad's)
+        return TF.linear_cross_entropy(x, w, target, **kwargs)
 
     name = f"linear_cross_entropy[{reduction}{f',smoothing={label_smoothing}' if label_smoothing else ''}{'' if bias else ',no-bias'}]"
     # 'mean' of an empty batch is 0/0 = nan in torch too; its finite-difference check is meaningless
-    default = ((2, 3), (7, 13), (2, 5, 13)) if reduction == "mean" else ((2, 3), (7, 13), (2, 5, 13), (0, 13))
+    # input (N, D) or unbatched (D,), as torch's linear_cross_entropy
+    default = ((2, 3), (7, 13), (13,)) if reduction == "mean" else ((2, 3), (7, 13), (0, 13), (13,))
     return OpCase(name, F.linear_cross_entropy, reference, make, shapes=shapes or default,
                   bad_inputs=_LCE_BAD if reduction == "mean" else (), lowp_ulps=FUSED_ULPS)
 
@@ -122,3 +120,58 @@ CASES = [
     _linear_act_case("relu", bias=False),
 ]
 
+
+
+# ---- linear_cross_entropy: torch 2.13's options, each against torch's function ---------------
+
+def _lce_variant(name: str, base: OpCase, change, shapes=((2, 3), (7, 13), (13,)), bad=()) -> OpCase:
+    """``base`` with its inputs changed by ``change(inputs, shape, dtype, device) → Inputs``."""
+    def make(shape, dtype, device):
+        return change(base.make(shape, dtype, device), shape, dtype, device)
+    return OpCase(name, base.fn, base.reference, make, shapes=shapes, bad_inputs=bad, lowp_ulps=FUSED_ULPS)
+
+
+def _with_class_weight(inputs, shape, dtype, device):
+    C = inputs.args[1].shape[0]
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(dtype=dtype, device=device)
+    return Inputs(inputs.args, {**inputs.kwargs, "weight": w})
+
+
+def _with_probs(inputs, shape, dtype, device):
+    x, W, t = inputs.args
+    T = torch.randn((*shape[:-1], W.shape[0]), dtype=torch.float64).softmax(-1).to(dtype=dtype, device=device)
+    return Inputs((x, W, T.requires_grad_()), inputs.kwargs)
+
+
+def _k_dim(inputs, shape, dtype, device):
+    """linear_weight (C, 2, D): the logits (N, C, 2), a K-dim loss over 2 positions per row."""
+    x, W, t = inputs.args
+    C, D = W.shape
+    W2 = randn((C, 2, D), dtype, device, scale=D**-0.5)
+    t2 = torch.randint(0, C, (*shape[:-1], 2), device=device)
+    kwargs = {**inputs.kwargs, "linear_bias": randn((C, 2), dtype, device)}
+    return Inputs((x, W2, t2), kwargs)
+
+
+_LCE_OPTION_BAD = (
+    BadInput("3-D input", lambda: Inputs((torch.randn(2, 4, 5), torch.randn(7, 5), torch.zeros(2, 4, dtype=torch.long))),
+             ("input", "3")),
+    BadInput("ignore_index with probabilities", lambda: Inputs((torch.randn(4, 5), torch.randn(7, 5), torch.rand(4, 7)),
+                                                               {"ignore_index": -100}), ("ignore_index",)),
+    BadInput("class weight of another dtype", lambda: Inputs((torch.randn(4, 5), torch.randn(7, 5), torch.zeros(4, dtype=torch.long)),
+                                                             {"weight": torch.ones(7, dtype=torch.float64)}), ("weight", "torch.float64")),
+    BadInput("linear_bias of wrong shape", lambda: Inputs((torch.randn(4, 5), torch.randn(7, 5), torch.zeros(4, dtype=torch.long)),
+                                                          {"linear_bias": torch.randn(1)}), ("linear_bias", "[1]")),
+)
+
+CASES += [
+    _lce_variant("linear_cross_entropy[mean,smoothing=-0.1]", _lce_case("mean", label_smoothing=-0.1), lambda i, *_: i,
+                 bad=_LCE_OPTION_BAD),
+    _lce_variant("linear_cross_entropy[mean,class-weight,smoothing=0.2]", _lce_case("mean", label_smoothing=0.2),
+                 _with_class_weight),
+    _lce_variant("linear_cross_entropy[none,class-weight]", _lce_case("none"), _with_class_weight,
+                 shapes=((7, 13), (0, 13))),
+    _lce_variant("linear_cross_entropy[probs,class-weight]", _lce_case("mean"),
+                 lambda i, *a: _with_class_weight(_with_probs(i, *a), *a), shapes=((2, 3), (7, 13))),
+    _lce_variant("linear_cross_entropy[K-dim]", _lce_case("sum"), _k_dim, shapes=((2, 3), (7, 13))),
+]

@@ -240,3 +240,66 @@ CASES = [
     OpCase("binary_cross_entropy_with_logits[none,pos_weight]", F.binary_cross_entropy_with_logits,
            torch_reference("binary_cross_entropy_with_logits"), _bce(reduction="none", pos_weight=True), shapes=SMALL_WITH_EMPTY),
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Options validated once (functional._common), each against torch 2.13 (issue 9 item 4, issue 13)
+# ---------------------------------------------------------------------------------------------
+
+def _weight_requiring_grad(make):
+    """``make``'s inputs with the class weight differentiable (torch differentiates it for
+    probability targets)."""
+    def made(shape, dtype, device):
+        inputs = make(shape, dtype, device)
+        return Inputs(inputs.args, {**inputs.kwargs, "weight": inputs.kwargs["weight"].requires_grad_()})
+    return made
+
+
+def _weight_row(make):
+    """``make``'s inputs with the class weight as a (1, C) row (torch accepts it for K-dim input)."""
+    def made(shape, dtype, device):
+        inputs = make(shape, dtype, device)
+        return Inputs(inputs.args, {**inputs.kwargs, "weight": inputs.kwargs["weight"].reshape(1, -1)})
+    return made
+
+
+def _flat_weight(torch_fn):
+    def reference(input, target, weight=None, **kwargs):
+        return torch_fn(input, target, weight=None if weight is None else weight.reshape(-1), **kwargs)
+    return reference
+
+
+_OPTION_BAD = (
+    _bad("Byte target with K-dim input", lambda: Inputs((torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.uint8))),
+         ("target", "[2, 4]", "Byte")),
+    _bad("unbatched input, target of size 2", lambda: Inputs((torch.randn(3), _idx(0, 1))), ("target", "size", "2")),
+    _bad("(1, C) weight with 2-D input", lambda: Inputs((torch.randn(2, 3), _idx(0, 1)), {"weight": torch.ones(1, 3)}),
+         ("weight", "[1, 3]")),
+)
+
+CASES += [
+    # torch applies label smoothing only for ε > 0: a negative ε is no smoothing
+    OpCase("cross_entropy[mean,weight,smoothing=-0.1]", F.cross_entropy, torch_reference("cross_entropy"),
+           _classes(reduction="mean", weight=True, label_smoothing=-0.1), shapes=SMALL, bad_inputs=_OPTION_BAD),
+    OpCase("cross_entropy[probs,sum,smoothing=-0.1]", F.cross_entropy, torch_reference("cross_entropy"),
+           _probs(reduction="sum", label_smoothing=-0.1), shapes=SMALL),
+    # a class weight that requires grad: differentiated for probability targets
+    OpCase("cross_entropy[probs,weight-grad,smoothing]", F.cross_entropy, torch_reference("cross_entropy"),
+           _weight_requiring_grad(_probs(reduction="mean", weight=True, label_smoothing=0.2)), shapes=SMALL),
+    # a (1, C) class weight with K-dim input; the reference flattens it, as torch's kernel does
+    # (torch's own function fails under torch.func with it: its decomposition reshapes the weight
+    # to the input's rank; tests/test_formulas.py compares the (1, C) weight with torch directly)
+    OpCase("nll_loss[K-dim,(1,C)-weight]", F.nll_loss, _flat_weight(torch_reference("nll_loss")),
+           _weight_row(_classes(reduction="mean", weight=True, ignore_index=1)), shapes=((2, 3, 4), (2, 3, 2, 2))),
+    OpCase("cross_entropy[K-dim,(1,C)-weight,none]", F.cross_entropy, _flat_weight(torch_reference("cross_entropy")),
+           _weight_row(_classes(reduction="none", weight=True)), shapes=((2, 3, 4),)),
+]
+
+_MSE_OPTION_BAD = (
+    _bad("bool target with weight", lambda: Inputs((torch.randn(3), torch.tensor([True, False, True])),
+                                                   {"weight": torch.ones(3)}), ("bool", "target")),
+)
+CASES += [
+    OpCase("mse_loss[elementwise_mean]", F.mse_loss, torch_reference("mse_loss"), _pair(reduction="elementwise_mean"), shapes=((2, 3),),
+           bad_inputs=_MSE_OPTION_BAD),
+]
