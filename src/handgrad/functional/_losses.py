@@ -6,7 +6,7 @@ exception types, and the layout the Functions in ``handgrad.ops.losses`` work on
 from __future__ import annotations
 
 import torch
-from torch.nn import _reduction as _Reduction
+from .._compat import is_functorch_wrapped, nn_reduction as _Reduction
 
 from ..ops.losses import BCEWithLogitsFn, CrossEntropyFn, CrossEntropyOptions, NLLLossFn, SquaredErrorFn
 from ._common import autocast, check_reduction, check_tensor, shape_str, warn
@@ -144,7 +144,7 @@ def _check_classes(fn, input, target, weight, *, allow_probs):
 
 def _is_wrapped(t):
     """True for a functorch-wrapped (vmap/grad) tensor, whose values Python cannot branch on."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return is_functorch_wrapped(t)
 
 
 def _check_range(fn, y, C, ignore_index, input):

@@ -5,16 +5,23 @@ Every op is a ``HandFunction``: ``forward`` without ctx, ``setup_context``, a di
 comes from ``generate_vmap_rule`` (forward and backward are plain torch ops, so torch.func
 can batch them).
 
-Ops are called through ``Fn.call(*args)``, not ``Fn.apply``: Dynamo refuses to trace an
-autograd.Function that defines ``jvp`` ("Unsupported custom jvp", torch 2.13), so under
-``torch.compile`` ``call`` dispatches to a twin class that is identical but for the ``jvp``.
-Forward-mode AD is not traced by Dynamo anyway, so nothing is lost there. Outside compile and
-torch.func, ``call`` also skips ``Function.apply``'s per-call signature binding (see ``call``).
+Ops are called through ``Fn.call(...)``, not ``Fn.apply``: Dynamo refuses to trace an
+autograd.Function that defines ``jvp`` ("Unsupported custom jvp", torch 2.4 … 2.13; a test in
+tests/test_compat.py fails once it accepts one), so under ``torch.compile`` ``call`` dispatches
+to a twin class that is identical but for the ``jvp``. Forward-mode AD is not traced by Dynamo
+anyway, so nothing is lost there. Outside compile and torch.func, ``call`` also skips
+``Function.apply``'s per-call signature binding when the arguments are already positional and
+complete (see ``call``); it accepts every argument form ``apply`` does.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
-from torch._functorch.utils import unwrap_dead_wrappers
+
+from .. import _compat
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 class HandFunction(torch.autograd.Function):
@@ -30,16 +37,39 @@ class HandFunction(torch.autograd.Function):
             attrs.pop(name, None)
         twin = type(cls.__name__ + "NoJvp", (torch.autograd.Function,), attrs)
         raw_apply = super(torch.autograd.Function, cls).apply   # the C++ apply under Function.apply
+        unwrap = _compat.unwrap_dead_wrappers
+        # forward's signature, read once per class: positional arguments that fill it exactly
+        # (or reach its *args) need no binding; anything else is bound as apply binds it.
+        sig = inspect.signature(cls.forward)
+        n_pos = sum(p.kind in _POSITIONAL for p in sig.parameters.values())
+        varargs = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in sig.parameters.values())
 
-        def call(*args):
+        names = set(sig.parameters)
+        any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+
+        def bind(args, kwargs):
+            unknown = [k for k in kwargs if k not in names]
+            if unknown and not any_keyword:   # named first (bind would report a missing one first)
+                raise TypeError(f"{cls.__name__}.call{sig}: unexpected keyword argument(s) "
+                                f"{', '.join(map(repr, unknown))}")
+            try:
+                bound = sig.bind(*args, **kwargs)
+            except TypeError as e:
+                raise TypeError(f"{cls.__name__}.call{sig}: {e}") from None
+            bound.apply_defaults()
+            return bound.args, bound.kwargs
+
+        def call(*args, **kwargs):
             if torch.compiler.is_compiling():
-                return twin.apply(*args)
-            if torch._C._are_functorch_transforms_active():
-                return cls.apply(*args)
+                return twin.apply(*args, **kwargs)       # Dynamo binds apply's arguments itself
+            if kwargs or not (len(args) == n_pos or (varargs and len(args) > n_pos)):
+                args, kwargs = bind(args, kwargs)        # keywords, defaults: as Function.apply
+            if unwrap is None or _compat.functorch_transforms_active():
+                return cls.apply(*args, **kwargs)
             # Outside torch.func, what Function.apply does minus its per-call
-            # inspect.signature(forward).bind (it only fills defaults and keywords; every op's
-            # forward is called positionally with all its arguments): ~3× less overhead per op.
-            return raw_apply(*unwrap_dead_wrappers(args))
+            # inspect.signature(forward).bind (which only fills defaults and keywords, done above
+            # where there are any): ~3× less overhead per op.
+            return raw_apply(*unwrap(args), **kwargs)
 
         cls.call = staticmethod(call)
 

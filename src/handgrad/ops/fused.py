@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._compat import forward_ad_active, functorch_transforms_active
 from ._function import HandFunction, opmath
 from .activations import Activation, get_activation
 
@@ -172,7 +173,7 @@ class StackFn(HandFunction):
         )
         # Forward mode reads all of them; saved only when a jvp can be asked for (a dual level
         # or a torch.func transform is active), so that plain training does not hold them.
-        if torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+        if forward_ad_active() or functorch_transforms_active():
             ctx.save_for_forward(x, *weights, *output)
 
     @staticmethod
@@ -310,7 +311,7 @@ def _lce_chunks(X, W, b, T, opts: LCEOptions, *, want_loss: bool, weights, needs
     gW = gb = E = P = None
     # ∂L/∂X written chunk by chunk into one buffer (mm's out=), where no vmap batches the chunks
     # (out= has no batching rule); else the chunks are concatenated at the end
-    write_out = need_x and inplace and scale_inplace and not torch._C._are_functorch_transforms_active()
+    write_out = need_x and inplace and scale_inplace and not functorch_transforms_active()
     gX = Xo.new_empty(N, D) if write_out else None
     for s in range(0, N, opts.chunk_size):
         e = min(s + opts.chunk_size, N)
@@ -382,7 +383,7 @@ def _row_weights(T, opts: LCEOptions, g, dtype):
 
 def _is_one(g: torch.Tensor) -> bool:
     """Is the incoming gradient the scalar 1? (False for a vmap-batched g, which has no one value.)"""
-    if g.numel() != 1 or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+    if g.numel() != 1 or functorch_transforms_active() or torch.compiler.is_compiling():
         return False   # (traced: a data-dependent branch; multiplying by g is always right)
     try:
         return bool(g == 1)
