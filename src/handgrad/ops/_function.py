@@ -21,9 +21,6 @@ import torch
 
 from .. import _compat
 
-_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-
-
 class HandFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
@@ -38,40 +35,63 @@ class HandFunction(torch.autograd.Function):
         twin = type(cls.__name__ + "NoJvp", (torch.autograd.Function,), attrs)
         raw_apply = super(torch.autograd.Function, cls).apply   # the C++ apply under Function.apply
         unwrap = _compat.unwrap_dead_wrappers
-        # forward's signature, read once per class: positional arguments that fill it exactly
-        # (or reach its *args) need no binding; anything else is bound as apply binds it.
-        sig = inspect.signature(cls.forward)
-        n_pos = sum(p.kind in _POSITIONAL for p in sig.parameters.values())
-        varargs = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in sig.parameters.values())
-
-        names = set(sig.parameters)
-        any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
-
-        def bind(args, kwargs):
-            unknown = [k for k in kwargs if k not in names]
-            if unknown and not any_keyword:   # named first (bind would report a missing one first)
-                raise TypeError(f"{cls.__name__}.call{sig}: unexpected keyword argument(s) "
-                                f"{', '.join(map(repr, unknown))}")
-            try:
-                bound = sig.bind(*args, **kwargs)
-            except TypeError as e:
-                raise TypeError(f"{cls.__name__}.call{sig}: {e}") from None
-            bound.apply_defaults()
-            return bound.args, bound.kwargs
+        complete, bind = _binder(cls)
 
         def call(*args, **kwargs):
+            if kwargs or not complete(args):
+                args = bind(args, kwargs)                # keywords, defaults: as Function.apply
             if torch.compiler.is_compiling():
-                return twin.apply(*args, **kwargs)       # Dynamo binds apply's arguments itself
-            if kwargs or not (len(args) == n_pos or (varargs and len(args) > n_pos)):
-                args, kwargs = bind(args, kwargs)        # keywords, defaults: as Function.apply
+                return twin.apply(*args)
             if unwrap is None or _compat.functorch_transforms_active():
-                return cls.apply(*args, **kwargs)
+                return cls.apply(*args)
             # Outside torch.func, what Function.apply does minus its per-call
             # inspect.signature(forward).bind (which only fills defaults and keywords, done above
             # where there are any): ~3× less overhead per op.
-            return raw_apply(*unwrap(args), **kwargs)
+            return raw_apply(*unwrap(args))
 
         cls.call = staticmethod(call)
+
+
+def _binder(cls):
+    """``complete(args)``: do positional ``args`` fill ``cls.forward``'s parameters exactly (or
+    reach its ``*args``)? Then they need no binding. ``bind(args, kwargs)``: the positional
+    arguments ``Function.apply`` would pass (keywords placed, defaults filled), or a TypeError
+    naming the op and the argument. Read from the signature once per class, and plain Python so
+    that Dynamo traces it (it does not trace ``inspect.Signature.bind``)."""
+    P = inspect.Parameter
+    sig = inspect.signature(cls.forward)
+    params = list(sig.parameters.values())
+    if cls.forward is not torch.autograd.Function.forward and any(p.kind in (P.KEYWORD_ONLY, P.VAR_KEYWORD) for p in params):
+        raise TypeError(f"{cls.__name__}.forward{sig}: a HandFunction's forward takes positional parameters only")
+    names = [p.name for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+    by_keyword = {p.name for p in params if p.kind is P.POSITIONAL_OR_KEYWORD}
+    defaults = {p.name: p.default for p in params if p.default is not P.empty}
+    varargs, n = any(p.kind is P.VAR_POSITIONAL for p in params), len(names)
+    where = f"{cls.__name__}.call{sig}"
+
+    def complete(args):
+        return len(args) == n or (varargs and len(args) > n)
+
+    def bind(args, kwargs):
+        unknown = [k for k in kwargs if k not in by_keyword]
+        if unknown:
+            raise TypeError(f"{where}: unexpected keyword argument {unknown[0]!r}")
+        if len(args) > n and not varargs:
+            raise TypeError(f"{where}: takes {n} positional arguments but {len(args)} were given")
+        twice = [k for k in names[: len(args)] if k in kwargs]
+        if twice:
+            raise TypeError(f"{where}: got multiple values for argument {twice[0]!r}")
+        out = list(args)
+        for name in names[len(args):]:
+            if name in kwargs:
+                out.append(kwargs[name])
+            elif name in defaults:
+                out.append(defaults[name])
+            else:
+                raise TypeError(f"{where}: missing a required argument: {name!r}")
+        return tuple(out)
+
+    return complete, bind
 
 
 def opmath(t: torch.Tensor | None) -> torch.Tensor | None:
