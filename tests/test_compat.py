@@ -287,11 +287,12 @@ EXPECTED = {name: ab for name, (_, ab) in FORMS.items()}
 def test_call_binds_like_apply(form):
     (x,) = _leaves((4,))
     alpha, beta = EXPECTED[form]
-    args, kwargs = FORMS[form][0](x)
     y, g = _out_and_grads(CALL_FORMS[form], x)
     torch.testing.assert_close(y, x.detach() * alpha + beta)
     torch.testing.assert_close(g, torch.full_like(x, alpha))
-    _assert_same([y, g], _out_and_grads(lambda x: Scale.apply(*FORMS[form][0](x)[0], **FORMS[form][0](x)[1]), x))
+    # apply with the arguments bound (torch 2.4's apply itself passes keywords on to the C++
+    # apply, which refuses them)
+    _assert_same([y, g], _out_and_grads(lambda x: Scale.apply(x, alpha, beta), x))
 
 
 @pytest.mark.parametrize("form", CALL_FORMS)

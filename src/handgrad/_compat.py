@@ -43,10 +43,17 @@ _forward_ad = _private(lambda: importlib.import_module("torch.autograd.forward_a
 _unwrap_dead = _private(lambda: importlib.import_module("torch._functorch.utils").unwrap_dead_wrappers)
 
 
+# Dynamo of torch 2.4 cannot trace the query ("torch.* op returned non-Tensor bool"); there,
+# while compiling, the answer is the conservative True.
+_DYNAMO_TRACES_TRANSFORM_QUERY = torch_version() >= (2, 5)
+
+
 def functorch_transforms_active() -> bool:
     """Is a torch.func transform (vmap, grad, jvp, …) running? Fallback: True (take the path
     that is right under a transform too; only slower)."""
-    return True if _transforms_active is None else _transforms_active()
+    if _transforms_active is None or not (_DYNAMO_TRACES_TRANSFORM_QUERY or not torch.compiler.is_compiling()):
+        return True
+    return _transforms_active()
 
 
 def forward_ad_active() -> bool:

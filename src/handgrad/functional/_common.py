@@ -29,9 +29,10 @@ _AUTOCAST = {
 def autocast(op: str, *tensors):
     """Cast ``tensors`` as torch's autocast would for ``op``; the casts are recorded by autograd
     outside the handgrad Function, so its backward sees one dtype, as native autograd does."""
-    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
-    if first is None:
+    tensor_args = [t for t in tensors if isinstance(t, torch.Tensor)]   # (no next(…, default): Dynamo < 2.5)
+    if not tensor_args:
         return tensors
+    first = tensor_args[0]
     device = first.device.type
     if device not in _AUTOCAST or not torch.is_autocast_enabled(device):
         return tensors
