@@ -11,6 +11,7 @@ import torch.nn.functional as TF
 from torch.autograd import gradcheck, gradgradcheck
 
 import handgrad.functional as F
+from handgrad._compat import torch_reference
 
 # float64 comparisons: assert_close's defaults (rtol 1e-7, atol 1e-7): only summation order differs.
 D = torch.float64
@@ -20,7 +21,7 @@ def _both(fn_name, *args, grad_out=None, **kwargs):
     """Output and gradients (for the tensors that require grad) from handgrad and from torch."""
     diff = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
     results = []
-    for fn in (getattr(F, fn_name), getattr(TF, fn_name)):
+    for fn in (getattr(F, fn_name), torch_reference(fn_name)):
         out = fn(*args, **kwargs)
         g = torch.ones_like(out) if grad_out is None else grad_out
         grads = torch.autograd.grad(out, diff, g) if diff else ()
@@ -168,7 +169,7 @@ def _seed_loss(x, t, reduction="sum"):
 
 
 def _reference(name):
-    return _seed_loss if name == "half_squared_error" else getattr(TF, name.split("[")[0])
+    return _seed_loss if name == "half_squared_error" else torch_reference(name.split("[")[0])
 
 
 LOSSES = ["mse_loss", "half_squared_error", "cross_entropy", "cross_entropy[probs]", "nll_loss",

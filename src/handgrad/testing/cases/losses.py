@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as TF
-from torch.nn import _reduction as _Reduction
+from ..._compat import nn_reduction as _Reduction
 
 from ... import functional as F
+from ..._compat import torch_reference
 from ..registry import BadInput, Inputs, OpCase, randn
 
 
@@ -202,12 +203,12 @@ SMALL_WITH_EMPTY = SMALL + ((0, 5),)
 CASES = [
     # mse_loss: 'mean' over every element; target differentiable; weight (torch 2.13) divides the
     # mean by Σ w and is differentiable
-    OpCase("mse_loss", F.mse_loss, TF.mse_loss, _pair(reduction="mean"), shapes=NONEMPTY,
+    OpCase("mse_loss", F.mse_loss, torch_reference("mse_loss"), _pair(reduction="mean"), shapes=NONEMPTY,
            bad_inputs=_MSE_BAD),
-    OpCase("mse_loss[sum,broadcast-target]", F.mse_loss, TF.mse_loss, _pair(reduction="sum", target_shape="row"),
+    OpCase("mse_loss[sum,broadcast-target]", F.mse_loss, torch_reference("mse_loss"), _pair(reduction="sum", target_shape="row"),
            shapes=SMALL_WITH_EMPTY),
-    OpCase("mse_loss[none]", F.mse_loss, TF.mse_loss, _pair(reduction="none"), shapes=SMALL_WITH_EMPTY),
-    OpCase("mse_loss[weight]", F.mse_loss, TF.mse_loss, _pair(reduction="mean", weight=True), shapes=SMALL),
+    OpCase("mse_loss[none]", F.mse_loss, torch_reference("mse_loss"), _pair(reduction="none"), shapes=SMALL_WITH_EMPTY),
+    OpCase("mse_loss[weight]", F.mse_loss, torch_reference("mse_loss"), _pair(reduction="mean", weight=True), shapes=SMALL),
     # the seed's loss Σ_n ½‖x_n − y_n‖²
     OpCase("half_squared_error", F.half_squared_error, half_squared_error_reference, _pair(reduction="sum"),
            shapes=WITH_EMPTY + ((13,),), bad_inputs=_HSE_BAD),
