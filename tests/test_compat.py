@@ -364,3 +364,55 @@ def test_dynamo_still_refuses_a_function_with_jvp():
                     "ops/_function.py; call Function.apply under compile) and delete this test")
     finally:
         torch.compiler.reset()
+
+
+# ---- the supported torch range --------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_floor_is_said_once_everywhere():
+    """pyproject.toml, the README and _compat.TORCH_FLOOR name the same floor (CI installs it)."""
+    floor = ".".join(map(str, _compat.TORCH_FLOOR))
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        assert f'"torch>={floor}"' in f.read()
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert f"torch ≥ {floor}" in f.read()
+    assert _compat.torch_version() >= _compat.TORCH_FLOOR
+
+
+def test_requires_torch_is_the_function_itself_where_torch_has_it():
+    assert _compat.requires_torch(_compat.torch_version(), "x", TF.relu) is TF.relu
+    for name in _compat._REFERENCE_NEEDS:
+        if _compat.torch_version() >= _compat._REFERENCE_NEEDS[name][0]:
+            assert _compat.torch_reference(name) is getattr(TF, name)
+
+
+def test_requires_torch_on_an_older_torch_raises_torch_lacks_only_where_needed():
+    mse = _compat.requires_torch((99, 0), "the weight argument", TF.mse_loss, _compat._mse_weighted)
+    x, y = torch.randn(3), torch.randn(3)
+    torch.testing.assert_close(mse(x, y), TF.mse_loss(x, y))        # no weight: torch's own
+    with pytest.raises(_compat.TorchLacks, match=r"torch < 99\.0 lacks the weight argument"):
+        mse(x, y, weight=torch.ones(3))
+    with pytest.raises(_compat.TorchLacks):
+        mse(x, y, None, None, "mean", torch.ones(3))                 # weight given positionally
+    try:                                                             # passes `except Exception`
+        mse(x, y, weight=torch.ones(3))
+    except Exception:  # noqa: BLE001
+        pytest.fail("TorchLacks was caught by except Exception")
+    except _compat.TorchLacks:
+        pass
+
+
+def test_torch_lacks_is_reported_as_a_skip(tmp_path):
+    """tests/conftest.py turns a TorchLacks raised in a test into a skip carrying its reason."""
+    (tmp_path / "test_lacks.py").write_text(textwrap.dedent("""
+        from handgrad._compat import TorchLacks
+        def test_needs_a_newer_torch():
+            raise TorchLacks("torch < 99.0 lacks a thing")
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "tests"), *sys.path])}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-o", "addopts=",
+                        "-rs", str(tmp_path / "test_lacks.py")], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=300)
+    assert r.returncode == 0 and "1 skipped" in r.stdout and "torch < 99.0 lacks a thing" in r.stdout, r.stdout[-2000:]
