@@ -344,6 +344,28 @@ def test_a_keyword_only_forward_is_refused_when_defined():
                 return x * k
 
 
+# What Function.apply refers to (torch 2.4 … 2.13): binding, the functorch check, unwrapping
+# dead wrappers, the C++ apply, custom_function_call. HandFunction.call's fast path does the same.
+_APPLY_NAMES = {"RuntimeError", "_C", "_are_functorch_transforms_active", "_functorch", "_is_setup_context_defined",
+                "apply", "apply_defaults", "args", "bind", "custom_function_call", "forward", "inspect", "kwargs",
+                "setup_context", "signature", "super", "torch", "unwrap_dead_wrappers", "utils"}
+
+
+def _names(code):
+    out = set(code.co_names)
+    for c in code.co_consts:
+        if hasattr(c, "co_names"):
+            out |= _names(c)
+    return out
+
+
+def test_function_apply_does_nothing_call_skips():
+    """A canary for what torch adds to Function.apply later: call's fast path would skip it."""
+    new = _names(torch.autograd.Function.apply.__func__.__code__) - _APPLY_NAMES
+    assert not new, (f"torch {torch.__version__}'s Function.apply now also uses {sorted(new)}: check that "
+                     "HandFunction.call's fast path (ops/_function.py) still does everything apply does")
+
+
 # ---- the canary: the jvp-less twin exists only because Dynamo refuses a jvp -----------------
 
 def test_dynamo_still_refuses_a_function_with_jvp():
