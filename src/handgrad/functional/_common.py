@@ -29,7 +29,7 @@ _AUTOCAST = {
 def autocast(op: str, *tensors):
     """Cast ``tensors`` as torch's autocast would for ``op``; the casts are recorded by autograd
     outside the handgrad Function, so its backward sees one dtype, as native autograd does."""
-    tensor_args = [t for t in tensors if isinstance(t, torch.Tensor)]   # (no next(…, default): Dynamo < 2.5)
+    tensor_args = [t for t in tensors if isinstance(t, torch.Tensor)]   # (not next(…, default): torch 2.4/2.5 Dynamo cannot trace it)
     if not tensor_args:
         return tensors
     first = tensor_args[0]
