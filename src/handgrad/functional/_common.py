@@ -29,7 +29,8 @@ _AUTOCAST = {
 def autocast(op: str, *tensors):
     """Cast ``tensors`` as torch's autocast would for ``op``; the casts are recorded by autograd
     outside the handgrad Function, so its backward sees one dtype, as native autograd does."""
-    tensor_args = [t for t in tensors if isinstance(t, torch.Tensor)]   # (not next(…, default): torch 2.4/2.5 Dynamo cannot trace it)
+    # (a list, not next(…, default): the Dynamo of torch 2.4/2.5 cannot trace that)
+    tensor_args = [t for t in tensors if isinstance(t, torch.Tensor)]
     if not tensor_args:
         return tensors
     first = tensor_args[0]

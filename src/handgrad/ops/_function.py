@@ -56,12 +56,14 @@ def _binder(cls):
     """``complete(args)``: do positional ``args`` fill ``cls.forward``'s parameters exactly (or
     reach its ``*args``)? Then they need no binding. ``bind(args, kwargs)``: the positional
     arguments ``Function.apply`` would pass (keywords placed, defaults filled), or a TypeError
-    naming the op and the argument. Read from the signature once per class, and plain Python so
-    that Dynamo traces it (it does not trace ``inspect.Signature.bind``)."""
+    naming the op and the argument. Read from the signature once per class; plain Python, run
+    before the twin too, since Dynamo's tracing of ``apply`` does not fill defaults (torch 2.13:
+    setup_context then gets fewer inputs than forward's parameters)."""
     P = inspect.Parameter
     sig = inspect.signature(cls.forward)
     params = list(sig.parameters.values())
-    if cls.forward is not torch.autograd.Function.forward and any(p.kind in (P.KEYWORD_ONLY, P.VAR_KEYWORD) for p in params):
+    keyword_only = any(p.kind in (P.KEYWORD_ONLY, P.VAR_KEYWORD) for p in params)
+    if keyword_only and cls.forward is not torch.autograd.Function.forward:
         raise TypeError(f"{cls.__name__}.forward{sig}: a HandFunction's forward takes positional parameters only")
     names = [p.name for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
     by_keyword = {p.name for p in params if p.kind is P.POSITIONAL_OR_KEYWORD}
