@@ -35,10 +35,10 @@ class HandFunction(torch.autograd.Function):
         twin = type(cls.__name__ + "NoJvp", (torch.autograd.Function,), attrs)
         raw_apply = super(torch.autograd.Function, cls).apply   # the C++ apply under Function.apply
         unwrap = _compat.unwrap_dead_wrappers
-        complete, bind = _binder(cls)
+        n, varargs, bind = _binder(cls)
 
         def call(*args, **kwargs):
-            if kwargs or not complete(args):
+            if kwargs or (len(args) != n and not (varargs and len(args) > n)):
                 args = bind(args, kwargs)                # keywords, defaults: as Function.apply
             if torch.compiler.is_compiling():
                 return twin.apply(*args)
@@ -53,8 +53,8 @@ class HandFunction(torch.autograd.Function):
 
 
 def _binder(cls):
-    """``complete(args)``: do positional ``args`` fill ``cls.forward``'s parameters exactly (or
-    reach its ``*args``)? Then they need no binding. ``bind(args, kwargs)``: the positional
+    """``n, varargs, bind``: positional arguments that fill ``cls.forward``'s ``n`` parameters
+    exactly (or reach its ``*args``) need no binding. ``bind(args, kwargs)``: the positional
     arguments ``Function.apply`` would pass (keywords placed, defaults filled), or a TypeError
     naming the op and the argument. Read from the signature once per class; plain Python, run
     before the twin too, since Dynamo's tracing of ``apply`` does not fill defaults (torch 2.13:
@@ -70,9 +70,6 @@ def _binder(cls):
     defaults = {p.name: p.default for p in params if p.default is not P.empty}
     varargs, n = any(p.kind is P.VAR_POSITIONAL for p in params), len(names)
     where = f"{cls.__name__}.call{sig}"
-
-    def complete(args):
-        return len(args) == n or (varargs and len(args) > n)
 
     def bind(args, kwargs):
         unknown = [k for k in kwargs if k not in by_keyword]
@@ -93,7 +90,7 @@ def _binder(cls):
                 raise TypeError(f"{where}: missing a required argument: {name!r}")
         return tuple(out)
 
-    return complete, bind
+    return n, varargs, bind
 
 
 def opmath(t: torch.Tensor | None) -> torch.Tensor | None:
