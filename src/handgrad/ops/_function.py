@@ -46,7 +46,7 @@ class HandFunction(torch.autograd.Function):
                 return cls.apply(*args)
             # Outside torch.func, what Function.apply does minus its per-call
             # inspect.signature(forward).bind (which only fills defaults and keywords, done above
-            # where there are any): ~3× less overhead per op.
+            # where there are any): half the overhead (a tiny linear: 12 µs per call, apply 25 µs).
             return raw_apply(*unwrap(args))
 
         cls.call = staticmethod(call)
