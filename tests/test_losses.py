@@ -21,7 +21,7 @@ def _both(fn_name, *args, grad_out=None, **kwargs):
     """Output and gradients (for the tensors that require grad) from handgrad and from torch."""
     diff = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
     results = []
-    for fn in (getattr(F, fn_name), getattr(TF, fn_name)):
+    for fn in (getattr(F, fn_name), references.torch_reference(fn_name)):
         out = fn(*args, **kwargs)
         g = torch.ones_like(out) if grad_out is None else grad_out
         grads = torch.autograd.grad(out, diff, g) if diff else ()

@@ -306,18 +306,29 @@ def convert(model: nn.Module, *, include: Selector = None, exclude: Selector = N
             report.attributes.append(Swap(full, _qual(value), f"handgrad.functional.{hit[0]}"))
             converted.add(id(m))
 
-    # Native fast paths that bypass the submodules (torch/nn/modules/transformer.py).
+    # Native fast paths that bypass the submodules (torch/nn/modules/transformer.py); the flags
+    # are torch's private attributes, named in _compat.
+    import warnings
+
+    from ._compat import ENCODER_FAST_PATH_FLAG as FAST, ENCODER_NESTED_FLAG as NESTED, has_encoder_fast_path_flag
     for name, m in model.named_modules():
-        if isinstance(m, nn.TransformerEncoderLayer) and getattr(m, "activation_relu_or_gelu", 0):
-            if any(id(s) in converted for s in m.modules() if s is not m.self_attn) or id(m) in converted:
-                _patch(m, "activation_relu_or_gelu", 0)
-                report.patched.append(Swap(name, "activation_relu_or_gelu (fast path on)", "0 (fast path off)",
-                                           "torch._transformer_encoder_layer_fwd never calls the submodules"))
+        if not isinstance(m, nn.TransformerEncoderLayer):
+            continue
+        if not (any(id(s) in converted for s in m.modules() if s is not m.self_attn) or id(m) in converted):
+            continue
+        if not has_encoder_fast_path_flag(m):
+            warnings.warn(f"convert: torch {torch.__version__}'s TransformerEncoderLayer has no {FAST!r} switch, so "
+                          f"{name or 'the model'} in eval mode without grad may take torch's native fast path "
+                          f"instead of the handgrad ops", stacklevel=2)
+        elif getattr(m, FAST):
+            _patch(m, FAST, 0)
+            report.patched.append(Swap(name, f"{FAST} (fast path on)", "0 (fast path off)",
+                                       "torch._transformer_encoder_layer_fwd never calls the submodules"))
     for name, m in model.named_modules():
-        if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False):
-            if any(_PATCHES in vars(layer) and "activation_relu_or_gelu" in vars(layer)[_PATCHES] for layer in m.layers):
-                _patch(m, "use_nested_tensor", False)
-                report.patched.append(Swap(name, "use_nested_tensor=True", "False",
+        if isinstance(m, nn.TransformerEncoder) and getattr(m, NESTED, False):
+            if any(_PATCHES in vars(layer) and FAST in vars(layer)[_PATCHES] for layer in m.layers):
+                _patch(m, NESTED, False)
+                report.patched.append(Swap(name, f"{NESTED}=True", "False",
                                            "the nested-tensor path needs every layer's fast path"))
 
     model.handgrad_report = report

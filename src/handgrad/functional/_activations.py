@@ -19,6 +19,7 @@ import numbers
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from .._compat import is_batched_tensor
 from ..ops.activations import ElementwiseFn, ElementwiseInplaceFn, get_activation
 from ._common import autocast, check_tensor
 
@@ -71,7 +72,7 @@ def _apply(input: torch.Tensor, name: str, inplace: bool = False, **options) -> 
         ElementwiseInplaceFn.call(input.detach(), act)
         return input
     silu_graph = name == "silu" and (input.requires_grad or _has_tangent(input))
-    if silu_graph or torch._C._functorch.is_batchedtensor(input):
+    if silu_graph or is_batched_tensor(input):
         # The out-of-place Function, then a write into the input: for silu, whose f' needs z (a
         # copy of it is kept; torch's in-place kernels save a clone of self too), and under vmap,
         # where autograd refuses an in-place custom Function that saves its output.

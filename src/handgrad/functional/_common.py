@@ -8,6 +8,8 @@ import warnings
 
 import torch
 
+from .._compat import is_functorch_wrapped
+
 # What torch's autocast does with each op (torch/csrc/autocast_mode.cpp): "lower" runs in the
 # autocast dtype, "fp32" in float32; ops not listed run in their inputs' dtype. The registry's
 # autocast test checks every op's output dtype against torch's, so this table cannot drift.
@@ -29,9 +31,11 @@ _AUTOCAST = {
 def autocast(op: str, *tensors):
     """Cast ``tensors`` as torch's autocast would for ``op``; the casts are recorded by autograd
     outside the handgrad Function, so its backward sees one dtype, as native autograd does."""
-    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
-    if first is None:
+    # (a list, not next(…, default): the Dynamo of torch 2.4/2.5 cannot trace that)
+    tensor_args = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if not tensor_args:
         return tensors
+    first = tensor_args[0]
     device = first.device.type
     if device not in _AUTOCAST or not torch.is_autocast_enabled(device):
         return tensors
@@ -165,7 +169,7 @@ def check_class_target(fn: str, input, target, *, allow_probs: bool) -> tuple[in
 
 def _is_wrapped(t) -> bool:
     """True for a functorch-wrapped (vmap/grad) tensor, whose values Python cannot branch on."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return is_functorch_wrapped(t)
 
 
 def check_target_range(fn: str, y, C: int, ignore_index: int, input) -> None:

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from .._compat import functorch_transforms_active
 from ..ops.fused import LCEOptions, LinearCrossEntropyFn, StackFn, StackSpec, activation_spec, default_chunk_size
 from ._common import autocast, check_linear, check_reduction, check_target_range, check_tensor, shape_str
 from ._linear import linear
@@ -166,7 +167,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     # Not under torch.func transforms or torch.compile either: there the forward's tensors would
     # have to cross transform levels / be traced as ctx state; the backward recomputes instead.
     wanted = (torch.is_grad_enabled() and reduction != "none" and not torch.compiler.is_compiling()
-              and not torch._C._are_functorch_transforms_active())
+              and not functorch_transforms_active())
     precompute = tuple(bool(wanted and t is not None and t.requires_grad) for t in (X, linear_weight, linear_bias))
     opts = LCEOptions(ce, int(chunk), out_dtype, precompute)
     out = LinearCrossEntropyFn.call(X, linear_weight, linear_bias, T, weight, opts)

@@ -6,7 +6,7 @@ exception types, and the layout the Functions in ``handgrad.ops.losses`` work on
 from __future__ import annotations
 
 import torch
-from torch.nn import _reduction as _Reduction
+from .._compat import nn_reduction as _Reduction
 
 from ..ops.losses import BCEWithLogitsFn, CrossEntropyFn, CrossEntropyOptions, NLLLossFn, SquaredErrorFn
 from ._common import (autocast, check_class_target, check_class_weight, check_ignore_index, check_label_smoothing,

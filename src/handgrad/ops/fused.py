@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._compat import forward_ad_active, functorch_transforms_active
 from ._function import HandFunction, opmath
 from ._function import accurate_sum as _sum
 from .activations import Activation, get_activation
@@ -171,7 +172,7 @@ class StackFn(HandFunction):
         )
         # Forward mode reads all of them; saved only when a jvp can be asked for (a dual level
         # or a torch.func transform is active), so that plain training does not hold them.
-        if torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+        if forward_ad_active() or functorch_transforms_active():
             ctx.save_for_forward(x, *weights, *output)
 
     @staticmethod
@@ -316,7 +317,7 @@ def _lce_chunks(X, W, b, T, w, opts: LCEOptions, *, want_loss: bool, g, den, nee
     gW = gb = None
     # ∂L/∂X copied chunk by chunk into one buffer, where no vmap batches the chunks (an in-place
     # copy cannot grow the buffer's batch: a batched g would); else the chunks are concatenated
-    unbatched = inplace and not torch._C._are_functorch_transforms_active()
+    unbatched = inplace and not functorch_transforms_active()
     write_out = need_x and own_g and unbatched
     gX = Xo.new_empty(N, D) if write_out else None
     # e^{Z} of each chunk into one buffer (out= has no batching rule either)
@@ -361,7 +362,7 @@ def _lce_chunks(X, W, b, T, w, opts: LCEOptions, *, want_loss: bool, g, den, nee
 
 def _is_one(g: torch.Tensor) -> bool:
     """Is the incoming gradient the scalar 1? (False for a vmap-batched g, which has no one value.)"""
-    if g.numel() != 1 or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+    if g.numel() != 1 or functorch_transforms_active() or torch.compiler.is_compiling():
         return False   # (traced: a data-dependent branch; multiplying by g is always right)
     try:
         return bool(g == 1)

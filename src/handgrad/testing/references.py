@@ -9,19 +9,21 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as TF
 from torch import nn
-from torch.nn import _reduction as _Reduction
+from .._compat import nn_reduction as _Reduction
 
-from .. import catalogue
+from .. import _compat, catalogue
 
 __all__ = ["torch_reference", "half_squared_error", "mlp", "sequential_mlp"]
 
 
 def torch_reference(name: str) -> Callable:
-    """The torch callable op ``name`` equals (``catalogue.get(name).torch_function``)."""
+    """The torch callable op ``name`` equals (``catalogue.get(name).torch_function``); on a torch
+    in the supported range that lacks a feature handgrad has, a stand-in raising ``TorchLacks``
+    for the calls that need it (``_compat.torch_reference``)."""
     fn = catalogue.get(name).torch_function
     if fn is None:
         raise ValueError(f"the catalogue names no torch function for {name!r}: give its reference explicitly")
-    return fn
+    return _compat.torch_reference(name, fn)
 
 
 def half_squared_error(input: torch.Tensor, target: torch.Tensor, reduction: str = "sum") -> torch.Tensor:

@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from ..._compat import dynamo_unsupported
 from ..report import CheckResult
 from .jacobians import outputs, outputs_and_grads
 from .measure import first_lines, locate, short
@@ -63,12 +64,10 @@ def check_vmap(c: Ctx) -> CheckResult:
 
 
 def check_compile(c: Ctx) -> CheckResult:
-    import torch._dynamo  # private, and slow to import: only when the check runs (not on `import handgrad`)
-
     v = c.grad_outputs()
     eager_out, eager_grads = outputs_and_grads(c.f, c.leaves(), v)
     notes = []
-    torch._dynamo.reset()
+    torch.compiler.reset()
     with warnings.catch_warnings():
         # torch's own internals warn while tracing (torch.jit.script deprecation): not about fn
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -80,23 +79,20 @@ def check_compile(c: Ctx) -> CheckResult:
 
 def compile_and_run(c: Ctx, v: list[torch.Tensor], notes: list[str]):
     """Compiled outputs and gradients: in one graph (``fullgraph=True``), or, when Dynamo cannot
-    (``torch._dynamo.exc.Unsupported``, the one use of a private torch API in handgrad.testing)
-    and the check is not strict, with graph breaks."""
-    import torch._dynamo
-
+    (``_compat.dynamo_unsupported()``) and the check is not strict, with graph breaks."""
     try:
         try:
             compiled = torch.compile(c.f, backend=c.options.compile_backend, fullgraph=True)
             outs, grads = outputs_and_grads(compiled, c.leaves(), v)
-        except torch._dynamo.exc.Unsupported as e:
+        except dynamo_unsupported() as e:
             if c.strict:
                 raise Unsupported(f"Dynamo cannot trace fn in one graph (fullgraph=True): {first_lines(e)}") from e
             notes.append(f"Dynamo cannot trace fn in one graph, compared with fullgraph=False: {first_lines(e, 1)}")
-            torch._dynamo.reset()
+            torch.compiler.reset()
             compiled = torch.compile(c.f, backend=c.options.compile_backend)
             outs, grads = outputs_and_grads(compiled, c.leaves(), v)
     finally:
-        torch._dynamo.reset()  # the next check compiles a new closure of the same code: no stale guards
+        torch.compiler.reset()  # the next check compiles a new closure of the same code: no stale guards
     return outs, grads
 
 
