@@ -1,0 +1,182 @@
+"""Run one call on torch and on handgrad, and say every way the two differ.
+
+Compared, in order: whether the forward raises and the exception's type; the output's type,
+dtype, shape and values; whether it requires grad; the backward (a random G = ∂L/∂Y, the same on
+both sides) raising and its type; and each input gradient's presence, dtype, shape and values.
+
+Values. float16/bfloat16/float32 use the registry's rule against a float64 truth
+(``registry.LOWP_RULE``): the truth is torch's op in float64 on the very values the call saw
+(rounded to its dtype first), so handgrad may differ from torch only by as much as torch itself
+differs from the truth, plus ``ulps`` roundings. float64 has no truth above it: torch's float64
+result is the truth and ``FLOAT64_ULPS`` roundings are allowed (see its comment). An element
+agrees too if it equals torch's exactly (the same nan, the same inf).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..registry import allowed_lowp_error
+from .call import Call, build
+
+__all__ = ["Outcome", "Mismatch", "run_side", "compare", "FLOAT64_ULPS"]
+
+# float64: handgrad and torch evaluate the same formula in another form or order (two-pass
+# variance against Welford, erfc against erf, a log-sum-exp against a fused kernel, the sums of a
+# backward in another order). Each differs from the exact value by a few roundings of the
+# largest intermediate, which the rule scales by |truth| + mean|truth|; 64 roundings of float64
+# (1.4e-14 relative) is far below any wrong formula, which errs at 1e-3 or more.
+FLOAT64_ULPS = 64.0
+
+
+@dataclass
+class Outcome:
+    error: type | None = None           # the forward's exception type
+    message: str = ""
+    out: Any = None
+    requires_grad: bool = False
+    backward_error: type | None = None
+    backward_message: str = ""
+    grads: tuple | None = None          # one per leaf that requires grad (None where unused)
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    kind: str          # "exception", "output", "dtype", "shape", "value", "requires_grad", "backward", "grad"
+    detail: str        # what differs, torch's first then handgrad's
+    key: str           # the class: kind plus what identifies it (e.g. the two exception types)
+
+
+def _grad_output(out: torch.Tensor, seed: int, rounding: torch.dtype) -> torch.Tensor:
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return g.to(rounding).to(out.dtype)
+
+
+def run_side(fn: Callable, call: Call, dtype: torch.dtype | None = None, rounding: dict | None = None,
+             perturb: int | None = None) -> Outcome:
+    """Call ``fn`` on the call's arguments (in ``dtype`` for the truth; ``perturb``: moved by a
+    rounding), then backward with a seeded G rounded to ``rounding['g']`` (torch's output dtype)."""
+    args, kwargs, leaves = build(call, dtype, perturb)
+    o = Outcome()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as e:          # noqa: BLE001 — the type is what is compared
+            o.error, o.message = type(e), str(e).split("\n")[0][:200]
+            return o
+        o.out = out
+        if not isinstance(out, torch.Tensor):
+            return o
+        o.requires_grad = out.requires_grad
+        if out.requires_grad and leaves and out.is_floating_point():
+            g = _grad_output(out, call.seed + 1, (rounding or {}).get("g", out.dtype))
+            try:
+                o.grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
+            except Exception as e:      # noqa: BLE001
+                o.backward_error, o.backward_message = type(e), str(e).split("\n")[0][:200]
+        o.out = out.detach()
+    return o
+
+
+def _ulps(dtype: torch.dtype, lowp_ulps: float) -> float:
+    return FLOAT64_ULPS if dtype == torch.float64 else lowp_ulps
+
+
+def _same_shape(t, ref):
+    return t if isinstance(t, torch.Tensor) and t.shape == ref.shape and not t.is_complex() else None
+
+
+def value_mismatch(ours: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor | None, wobble: torch.Tensor | None,
+                   lowp_ulps: float) -> str | None:
+    """None if ``ours`` agrees with ``ref`` under the rule above, else a line saying where not.
+    ``truth``: torch in float64; ``wobble``: the same, its inputs moved by a float64 rounding."""
+    if ours.numel() == 0:
+        return None
+    if not (ref.is_floating_point() or ref.is_complex()):
+        return None if torch.equal(ours, ref) else f"values differ (exact dtype {ref.dtype})"
+    if ref.is_complex():
+        ours, ref = torch.view_as_real(ours.resolve_conj()), torch.view_as_real(ref.resolve_conj())
+        truth = wobble = None
+    o, r = ours.double(), ref.double()
+    truth, wobble = _same_shape(truth, ref), _same_shape(wobble, ref)
+    t = r if truth is None else truth.double()
+    same = (o == r) | (o.isnan() & r.isnan())
+    tf = t.isfinite()
+    # torch's own error: against the truth, and the truth's sensitivity to one rounding of its inputs
+    ref_err = (r - t).abs().where(r.isfinite() & tf, 0.0)
+    if wobble is not None:
+        w = wobble.double()
+        ref_err = torch.maximum(ref_err, (w - t).abs().where(w.isfinite() & tf, 0.0))
+    allowed = allowed_lowp_error(ref_err, t, torch.finfo(ref.dtype).eps, _ulps(ref.dtype, lowp_ulps))
+    ok = same | (tf & o.isfinite() & ((o - t).abs() <= allowed))
+    if bool(ok.all()):
+        return None
+    i = int((~ok).flatten().nonzero()[0])
+    n = int((~ok).sum())
+    return (f"{n}/{ok.numel()} elements: e.g. at flat index {i} torch {r.flatten()[i].item():.6g}, "
+            f"handgrad {o.flatten()[i].item():.6g}, truth {t.flatten()[i].item():.6g}, "
+            f"allowed ±{allowed.flatten()[i].item():.3g}")
+
+
+def _name(e: type | None) -> str:
+    return "ok" if e is None else e.__name__
+
+
+def _ok(o: Outcome | None) -> Outcome | None:
+    return o if o is not None and o.error is None and o.backward_error is None else None
+
+
+def compare(theirs: Outcome, ours: Outcome, truth: Outcome | None, wobble: Outcome | None,
+            lowp_ulps: float) -> list[Mismatch]:
+    """Every way ``ours`` (handgrad) differs from ``theirs`` (torch); ``truth``: torch in float64,
+    ``wobble``: the same with its inputs moved by a rounding (see ``value_mismatch``)."""
+    if theirs.error or ours.error:
+        if theirs.error is ours.error:
+            return []
+        key = f"exception torch {_name(theirs.error)} / handgrad {_name(ours.error)}"
+        return [Mismatch("exception", f"torch: {_name(theirs.error)}: {theirs.message} | handgrad: "
+                                      f"{_name(ours.error)}: {ours.message}", key)]
+    t, h = theirs.out, ours.out
+    if not isinstance(t, torch.Tensor) or not isinstance(h, torch.Tensor):
+        return [] if type(t) is type(h) and t == h else [Mismatch("output", f"{t!r} | {h!r}", "output type")]
+    if t.dtype != h.dtype:
+        return [Mismatch("dtype", f"torch {t.dtype} | handgrad {h.dtype}", f"dtype {t.dtype} / {h.dtype}")]
+    if t.shape != h.shape:
+        return [Mismatch("shape", f"torch {list(t.shape)} | handgrad {list(h.shape)}", "shape")]
+    out: list[Mismatch] = []
+    truth, wobble = _ok(truth), _ok(wobble)
+    bad = value_mismatch(h, t, truth and truth.out, wobble and wobble.out, lowp_ulps)
+    if bad:
+        out.append(Mismatch("value", bad, "value"))
+    if theirs.requires_grad != ours.requires_grad:
+        return out + [Mismatch("requires_grad", f"torch {theirs.requires_grad} | handgrad {ours.requires_grad}",
+                               "requires_grad")]
+    if theirs.backward_error or ours.backward_error:
+        if theirs.backward_error is not ours.backward_error:
+            out.append(Mismatch("backward", f"torch: {_name(theirs.backward_error)}: {theirs.backward_message} | "
+                                            f"handgrad: {_name(ours.backward_error)}: {ours.backward_message}",
+                                f"backward torch {_name(theirs.backward_error)} / handgrad "
+                                f"{_name(ours.backward_error)}"))
+        return out
+    if theirs.grads is None or ours.grads is None:
+        return out
+    none = [None] * len(theirs.grads)
+    truth_grads = truth.grads if truth is not None and truth.grads is not None else none
+    wobble_grads = wobble.grads if wobble is not None and wobble.grads is not None else none
+    for i, (tg, hg, xg, wg) in enumerate(zip(theirs.grads, ours.grads, truth_grads, wobble_grads)):
+        if (tg is None) != (hg is None):
+            out.append(Mismatch("grad", f"input {i}: torch {'no ' if tg is None else ''}gradient | handgrad "
+                                        f"{'no ' if hg is None else ''}gradient", "grad presence"))
+        elif tg is not None:
+            if tg.dtype != hg.dtype or tg.shape != hg.shape:
+                out.append(Mismatch("grad", f"input {i}: torch {tg.dtype}{list(tg.shape)} | handgrad "
+                                            f"{hg.dtype}{list(hg.shape)}", "grad dtype/shape"))
+                continue
+            bad = value_mismatch(hg, tg, xg, wg, lowp_ulps)
+            if bad:
+                out.append(Mismatch("grad", f"input {i}: {bad}", "grad value"))
+    return out
