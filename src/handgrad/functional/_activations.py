@@ -50,7 +50,7 @@ def _check_inplace(input: torch.Tensor, overlap: bool = True) -> None:
 
 def _check_overlap(input: torch.Tensor) -> None:
     # torch's has_internal_overlap: "Yes" exactly where a dim of size > 1 has stride 0
-    if any(stride == 0 and size > 1 for size, stride in zip(input.shape, input.stride())):
+    if input.numel() > 0 and any(stride == 0 and size > 1 for size, stride in zip(input.shape, input.stride())):
         raise RuntimeError(
             "unsupported operation: more than one element of the written-to tensor refers to a single memory "
             "location. Please clone() the tensor before performing the operation."
@@ -138,6 +138,7 @@ def gelu(input: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:
     check_tensor("input", input, fn="gelu")
     if not isinstance(approximate, str):
         raise TypeError(f"gelu(): argument 'approximate' must be str, not {type(approximate).__name__}")
+    get_activation("gelu", approximate=approximate)  # torch checks the value before the dtype
     _check_floating(input, "gelu")
     return _apply(input, "gelu", approximate=approximate)
 

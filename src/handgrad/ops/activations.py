@@ -22,7 +22,8 @@ The spec table (f, f', what is saved):
 
 At the kinks the derivative is torch's: relu'(0) = 0, leaky_relu'(0) = s, elu'(0) = α,
 softplus' = 1 strictly above the threshold. A nan input gets torch's gradient too (its kernels
-test ``y <= 0`` / ``z <= 0`` / ``z > 0``, and so do these).
+test ``y <= 0`` / ``z <= 0`` / ``z > 0``, and so do these), but for elu, whose f'(nan) is nan
+(torch's depends on where the element falls in its vectorised loop).
 
 elu's f' is α e^z from the saved z, not y + α from y: for very negative z, y rounds to −α and
 y + α cancels to 0 (z = −17, float32: 0 instead of 4.1e-8), where α e^z is exact to a rounding.
@@ -108,8 +109,10 @@ def elu_spec(alpha: float = 1.0) -> Activation:
         return torch.where(z > 0, z, a * torch.expm1(z.clamp_max(0)))
 
     def df(z, y):
-        # f'(z) = α e^z for z ≤ 0 (α at 0), 1 above; exp sees min(z, 0) only
-        return torch.where(z <= 0, a * torch.exp(z.clamp_max(0)), 1.0)
+        # f'(z) = 1 for z > 0, α e^z otherwise (α at 0); exp sees min(z, 0) only. Tested as
+        # "z > 0", so a nan z gives a nan gradient (torch's: nan in its vectorised loop, 1 in
+        # its scalar tail; docs/differences.md).
+        return torch.where(z > 0, 1.0, a * torch.exp(z.clamp_max(0)))
 
     from_y = None
     if a >= 0:
@@ -184,8 +187,16 @@ def softplus_spec(beta: float = 1.0, threshold: float = 20.0) -> Activation:
         soft = (bz.clamp_min(0) + torch.log1p(torch.exp(-bz.abs()))) / b
         return torch.where(bz > t, z, soft)                          # linear strictly above t
 
-    # f'(z) = e^{βz}/(1 + e^{βz}) = σ(βz) below the threshold, 1 above (torch's softplus_backward)
-    return Activation("softplus", f, lambda z, y: torch.where(b * z > t, 1.0, torch.sigmoid(b * z)), "input")
+    def df(z, y):
+        # f'(z) = e^{βz}/(1 + e^{βz}) = σ(βz) below the threshold, 1 above (torch's softplus_backward).
+        # σ(βz) as e^{−|βz|}/(1 + e^{−|βz|}) for βz < 0: torch.sigmoid's 1/(1 + e^{−βz}) flushes to 0
+        # where e^{βz} is subnormal (float32 βz < −87), and torch's e^{βz}/(e^{βz} + 1) does not.
+        bz = b * z
+        e = torch.exp(-bz.abs())                                     # e^{−|βz|} ≤ 1: never overflows
+        sig = torch.where(bz < 0, e, 1.0) / (1 + e)                  # σ(βz)
+        return torch.where(bz > t, 1.0, sig)
+
+    return Activation("softplus", f, df, "input")
 
 
 # name → factory(**options) → Activation

@@ -23,9 +23,14 @@ def normalize(X: torch.Tensor, K: int, eps: float) -> tuple[torch.Tensor, torch.
     Returns (x̂ (*, row), rstd (*, 1…1)); built from torch ops, so it is differentiable."""
     # Two passes, mean((X − μ)²), not mean(X²) − μ² (which cancels for rows far from 0); also
     # several times faster than torch.var_mean's Welford kernel on CPU (measured 5–10×,
-    # 512×1024 float32, one thread).
+    # 512×1024 float32, one thread). The row is first shifted by its first element x₀:
+    # X − μ = (X − x₀) − mean(X − x₀), so a constant row gives X − μ = 0 exactly (x̂ = 0, as
+    # torch's; mean(X) alone rounds, and x̂ = (X − μ)·rstd was ±2e-3 for a float32 row of 1e3s),
+    # and the mean is taken of values near 0, where it rounds least.
     dims = tuple(range(-K, 0))
-    Xc = X - X.mean(dims, keepdim=True)                              # X − μ           (*, row)
+    x0 = X[(..., *[slice(0, 1)] * K)]                                # x₀ (*, 1…1; 0 in an empty row's dim)
+    Xs = X - x0                                                      # X − x₀          (*, row)
+    Xc = Xs - Xs.mean(dims, keepdim=True)                            # X − μ           (*, row)
     rstd = torch.rsqrt((Xc * Xc).mean(dims, keepdim=True) + eps)     # 1/√(var + eps)  (*, 1…1)
     return Xc * rstd, rstd                                           # x̂               (*, row)
 

@@ -96,16 +96,19 @@ def fuzzed_ops() -> tuple[dict[str, tuple], dict[str, str]]:
 
 
 def _outcomes(call: Call, fn, ref) -> tuple[Outcome, ...]:
-    """(torch, handgrad, the float64 truth, the truth on inputs moved by a rounding)."""
+    """(torch, handgrad, the float64 truth, the truth on inputs moved by a rounding, and for
+    float64 calls torch in float32: see ``compare.value_mismatch``)."""
     torch.manual_seed(call.seed)
     theirs = run_side(ref, call)
     g = {"g": theirs.out.dtype} if isinstance(theirs.out, torch.Tensor) else None
     ours = run_side(fn, call, rounding=g)
-    truth = wobble = None
+    truth = wobble = coarse = None
     if theirs.error is None and ours.error is None:
-        truth = theirs if call.precision() in (None, torch.float64) else run_side(ref, call, torch.float64, g)
+        f64 = call.precision() in (None, torch.float64)
+        truth = theirs if f64 else run_side(ref, call, torch.float64, g)
         wobble = run_side(ref, call, torch.float64, g, perturb=call.seed + 2)
-    return theirs, ours, truth, wobble
+        coarse = run_side(ref, call, torch.float32, g) if f64 else None
+    return theirs, ours, truth, wobble, coarse
 
 
 def check_call(call: Call, ulps: dict | None = None) -> list[Mismatch]:
@@ -114,7 +117,7 @@ def check_call(call: Call, ulps: dict | None = None) -> list[Mismatch]:
     if call.op not in ops:
         raise ValueError(skipped.get(call.op, f"no op {call.op!r}"))
     fn, ref = ops[call.op]
-    return compare(*_outcomes(call, fn, ref), (ulps or _ulps()).get(call.op, 2.0))
+    return compare(*_outcomes(call, fn, ref), (ulps or _ulps()).get(call.op, 2.0), call.precision())
 
 
 def run(seed: int | None = None, calls: int = 2000, seconds: float | None = None, only=None,
@@ -140,7 +143,7 @@ def run(seed: int | None = None, calls: int = 2000, seconds: float | None = None
             report.calls += 1
             report.per_op[name] += 1
             fn, ref = ops[name]
-            mismatches = compare(*_outcomes(call, fn, ref), ulps.get(name, 2.0))
+            mismatches = compare(*_outcomes(call, fn, ref), ulps.get(name, 2.0), call.precision())
             open_ = []
             for m in mismatches:
                 d = covering(call, m.kind, DIFFERENCES)

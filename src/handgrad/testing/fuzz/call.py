@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Spec", "Call", "build", "describe"]
+__all__ = ["Spec", "Call", "build", "describe", "wobble"]
 
 
 @dataclass(frozen=True)
@@ -28,21 +28,25 @@ class Spec:
     def shape(self) -> tuple[int, ...]:
         return tuple(_view(self.base, self.view).shape)
 
-    def build(self, dtype: torch.dtype | None = None, perturb: torch.Generator | None = None
+    def build(self, dtype: torch.dtype | None = None, perturb: tuple | None = None
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the argument, the leaf whose gradient is compared, or None). ``dtype``: the same values
-        in that dtype; ``perturb``: each value moved by up to two float64 roundings, relatively
+        in that dtype; ``perturb`` (generator, ε): each float64 value moved by up to ε relatively
         (zeros, signs and ±inf stay: the kinks are kept)."""
         t = self.base.to(self.dtype)                                      # the call's rounding
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)                                               # the same values, in dtype
         if perturb is not None and t.dtype == torch.float64:
-            u = torch.rand(t.shape, generator=perturb, dtype=torch.float64) * 2 - 1
-            t = t * (1 + 2 * torch.finfo(torch.float64).eps * u)
+            t = wobble(t, *perturb)
         rg = self.requires_grad and (t.is_floating_point() or t.is_complex())
         leaf = t.requires_grad_(rg)
         x = leaf if self.leaf else (leaf * 1 if t.is_floating_point() or t.is_complex() else leaf.clone())
         return _view(x, self.view), (leaf if rg else None)
+
+
+def wobble(t: torch.Tensor, gen: torch.Generator, eps: float) -> torch.Tensor:
+    """t moved by up to ``eps`` relatively, at random: one rounding of each value."""
+    return t * (1 + eps * (torch.rand(t.shape, generator=gen, dtype=torch.float64) * 2 - 1))
 
 
 def _view(x: torch.Tensor, view: tuple) -> torch.Tensor:
@@ -90,19 +94,22 @@ def _specs(value):
             yield from _specs(v)
 
 
-def build(call: Call, dtype: torch.dtype | None = None, perturb: int | None = None
+def build(call: Call, dtype: torch.dtype | None = None, perturb: tuple | None = None
           ) -> tuple[tuple, dict, list[torch.Tensor]]:
-    """The call's (args, kwargs) as tensors, and the leaves that require grad, in order. ``dtype``:
+    """The call's (args, kwargs) as tensors, and the tensors whose gradients are compared, in
+    order: the arguments that require grad (their views, as the op sees them), or for an
+    in-place call the leaves (the arguments are overwritten). ``dtype``:
     every floating tensor, and a floating ``dtype=`` option, in that dtype instead (the float64
-    truth); ``perturb``: a seed, to move every float64 value by up to two roundings."""
+    truth); ``perturb`` (generator, ε): every float64 value moved by up to ε relatively."""
     leaves: list[torch.Tensor] = []
-    gen = None if perturb is None else torch.Generator().manual_seed(perturb)
+    views: list[torch.Tensor] = []
 
     def one(v: Any):
         if isinstance(v, Spec):
-            x, leaf = v.build(dtype, gen)
+            x, leaf = v.build(dtype, perturb)
             if leaf is not None:
                 leaves.append(leaf)
+                views.append(x)
             return x
         if isinstance(v, list):
             return [one(a) for a in v]
@@ -114,7 +121,7 @@ def build(call: Call, dtype: torch.dtype | None = None, perturb: int | None = No
     kwargs = {k: one(v) for k, v in call.kwargs.items()}
     if dtype is not None:
         kwargs = {k: dtype if isinstance(v, torch.dtype) and v.is_floating_point else v for k, v in kwargs.items()}
-    return args, kwargs, leaves
+    return args, kwargs, (leaves if call.kwargs.get("inplace") else views)
 
 
 def describe(call: Call) -> str:
