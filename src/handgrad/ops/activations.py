@@ -142,6 +142,8 @@ def _phi_cdf(z):
 
 
 def gelu_spec(approximate: str = "none") -> Activation:
+    if not isinstance(approximate, str):
+        raise TypeError(f"gelu(): argument 'approximate' must be str, not {type(approximate).__name__}")
     if approximate == "none":
         # f(z) = z Φ(z);  f'(z) = Φ(z) + z φ(z),  φ(z) = e^{−z²/2}/√(2π)
         return Activation(

@@ -31,7 +31,10 @@ def normalize(X: torch.Tensor, K: int, eps: float) -> tuple[torch.Tensor, torch.
     x0 = X[(..., *[slice(0, 1)] * K)]                                # x₀ (*, 1…1; 0 in an empty row's dim)
     Xs = X - x0                                                      # X − x₀          (*, row)
     Xc = Xs - Xs.mean(dims, keepdim=True)                            # X − μ           (*, row)
-    rstd = torch.rsqrt((Xc * Xc).mean(dims, keepdim=True) + eps)     # 1/√(var + eps)  (*, 1…1)
+    var = (Xc * Xc).mean(dims, keepdim=True)                         # var             (*, 1…1)
+    # var − var is 0, or nan where the squares overflowed (var = inf): such a row is nan, as
+    # torch's, instead of a silent x̂ = 0 from rstd = 0
+    rstd = torch.rsqrt(var + eps) + (var - var)                      # 1/√(var + eps)  (*, 1…1)
     return Xc * rstd, rstd                                           # x̂               (*, row)
 
 

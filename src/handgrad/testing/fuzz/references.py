@@ -33,9 +33,11 @@ def half_squared_error(input, target, reduction="sum"):
 
 
 def linear_act(input, weight, bias=None, activation="relu", **activation_kwargs):
-    """``getattr(F, activation)(F.linear(input, weight, bias), **activation_kwargs)``."""
-    f = _activation(activation)
-    return f(TF.linear(input, weight, bias), **activation_kwargs)
+    """``getattr(F, activation)(F.linear(input, weight, bias), **activation_kwargs)``; None: no
+    activation (as ``mlp``'s ``last_activation``)."""
+    f = None if activation is None else _activation(activation)
+    y = TF.linear(input, weight, bias)
+    return y if f is None else f(y, **activation_kwargs)
 
 
 def mlp(input, weights, biases, activation="sigmoid", last_activation=None):
