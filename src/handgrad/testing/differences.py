@@ -90,6 +90,21 @@ def _noncontiguous_kdim(call) -> bool:
     return isinstance(x, Spec) and len(x.shape) >= 3 and bool(x.view)
 
 
+def _layer_norm_overflow(call) -> bool:
+    # (x − μ)² overflows the opmath dtype for |x − μ| ≥ √max (float32 1.8e19, float64 1.3e154)
+    x, ns = _input(call), call.args[1] if len(call.args) > 1 else None
+    if _not_tensor(call) or not isinstance(ns, (list, tuple)) or not ns or not x.dtype.is_floating_point:
+        return False
+    v = x.base.detach().to(x.dtype).double()
+    if not v.isfinite().all() or len(x.shape) < len(ns) or v.numel() == 0:
+        return False
+    from .fuzz.call import _view
+    v = _view(v, x.view) if x.view else v
+    dims = tuple(range(-len(ns), 0))
+    dev = (v - v.mean(dims, keepdim=True)).abs()
+    return bool((dev >= math.sqrt(_opmath_max(x.dtype)) / 2).any())
+
+
 def _half_input_float32_bias(call) -> bool:
     x, w, b = _input(call), call.kwargs.get("weight"), call.kwargs.get("bias")
     return (not _not_tensor(call) and x.dtype in (torch.float16, torch.bfloat16) and w is None
@@ -183,6 +198,25 @@ DIFFERENCES: tuple[Difference, ...] = (
         "names an internal buffer, not an argument).",
         "F.nll_loss(torch.randn(1, 2, 5, 3).transpose(1, 3).requires_grad_(), torch.zeros(1, 5, 2, "
         "dtype=torch.long)).backward()") for op in ("nll_loss", "cross_entropy")),
+    Difference(
+        "layer_norm: nan where the squared deviations overflow", "layer_norm", ("value", "grad"),
+        _layer_norm_overflow,
+        "rows whose (x − μ)² overflow (|x − μ| ≥ 1.8e19 in float32, 1.3e154 in float64) normalise to "
+        "nan or to 0 by the row (its Welford update): (1e24, −1e24, 3) gives 0, neither being the "
+        "normalised row (1.22, −1.22, 0)",
+        "nan for every such row",
+        "Both lose the row; a nan says so, where a 0 is a plausible wrong value that flows on silently. "
+        "(An overflow-free variance would cost an extra pass over every row.)",
+        "F.layer_norm(torch.tensor([[1e24, -1e24, 3.0]]), (3,))"),
+    Difference(
+        "silu in place on complex: the conjugate", "silu", ("grad",),
+        lambda call: not _not_tensor(call) and _input(call).dtype.is_complex and bool(call.kwargs.get("inplace")),
+        "silu_(z) on a complex non-leaf differentiates as G ⊙ f'(z) (out of place torch refuses complex "
+        "autograd for silu altogether)",
+        "G ⊙ conj f'(z), torch's convention for every holomorphic op (exp, tanh, sigmoid)",
+        "torch's own convention for complex gradients is the conjugate (its docs' 'Autograd for Complex "
+        "Numbers'); the in-place kernel's missing conj is inconsistent with it.",
+        "torch.autograd.grad(F.silu(z * 1, inplace=True), z, G) for a complex z"),
     Difference(
         "layer_norm: half input with a float32 bias differentiates", "layer_norm", ("backward",),
         _half_input_float32_bias,
