@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Difference", "DIFFERENCES", "covering"]
+__all__ = ["Difference", "DIFFERENCES", "covering", "render"]
 
 
 @dataclass(frozen=True)
@@ -258,3 +258,21 @@ def covering(call, kind: str, table=DIFFERENCES) -> Difference | None:
         if d.op == call.op and kind in d.kinds and d.when(call):
             return d
     return None
+
+
+def render(table=DIFFERENCES) -> str:
+    """The table as Markdown, one row per entry: docs/differences.md holds it verbatim (between
+    its ``<!-- table -->`` markers; tests/test_fuzz.py checks they are the same)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    rows = ["| op | difference | torch | handgrad | why handgrad's | reproducer |",
+            "|---|---|---|---|---|---|"]
+    for d in table:
+        rows.append(f"| `{d.op}` | {cell(d.name)} | {cell(d.torch)} | {cell(d.handgrad)} | {cell(d.why)} | "
+                    f"`{cell(d.reproducer)}` |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")
