@@ -98,6 +98,17 @@ def _low_precision(call):
     return call.precision() in (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _odd_linear_shapes(call):
+    """a 1-D input or weight, or a bias that is not (D_out,): shapes F.linear broadcasts"""
+    x, w = call.args[0], call.args[1]
+    if call.op == "mlp":
+        return False
+    b = call.args[2] if len(call.args) > 2 else None
+    if not (isinstance(x, Spec) and isinstance(w, Spec)):
+        return False
+    return len(x.shape) == 1 or len(w.shape) != 2 or (isinstance(b, Spec) and b.shape != w.shape[:1])
+
+
 def _any(*preds):
     return lambda call: any(p(call) for p in preds)
 
@@ -149,6 +160,10 @@ KNOWN_OPEN: tuple[Difference, ...] = (
            lambda call: call.kwargs.get("weight") is not None,
            "F.mse_loss(torch.tensor(0.969, dtype=torch.double), torch.tensor(-14202.156, dtype=torch.double, "
            "requires_grad=True), weight=torch.tensor(-0.23, dtype=torch.double, requires_grad=True))"),
+    *_open("1-D weight, 0-d or 2-D bias: linear's other paths", _LINEAR, _ALL_KINDS,
+           lambda call: _odd_linear_shapes(call),
+           "F.linear_act(torch.randn(2, 7), torch.randn(7), torch.tensor(1.0)) (torch: accepted); "
+           "F.linear(torch.randn(2, 1).t(), torch.randn(1), torch.tensor(0.2)) (torch: RuntimeError)"),
     *_open("linear_act: activation options checked before the linear's arguments", ("linear_act",),
            ("exception",), lambda call: len(call.kwargs) > 1,
            "F.linear_act(torch.randn(2, 3), torch.randn(4, 3, dtype=torch.double), activation='softplus', "

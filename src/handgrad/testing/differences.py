@@ -100,9 +100,26 @@ def _layer_norm_overflow(call) -> bool:
         return False
     from .fuzz.call import _view
     v = _view(v, x.view) if x.view else v
-    dims = tuple(range(-len(ns), 0))
-    dev = (v - v.mean(dims, keepdim=True)).abs()
-    return bool((dev >= math.sqrt(_opmath_max(x.dtype)) / 2).any())
+    # torch squares the values themselves (not only their deviations) somewhere: rows of huge
+    # values fail there even when constant
+    return bool((v.abs() >= math.sqrt(_opmath_max(x.dtype) / max(math.prod(ns), 1)) / 2).any())
+
+
+def _layer_norm_big_constant_row(call) -> bool:
+    # a row that is constant after rounding, of magnitude ≥ 1e6 (torch's float32 backward cancels)
+    x, ns = _input(call), call.args[1] if len(call.args) > 1 else None
+    if _not_tensor(call) or not isinstance(ns, (list, tuple)) or not ns or x.dtype == torch.float64:
+        return False
+    if not x.dtype.is_floating_point or len(x.shape) < len(ns) or x.base.numel() == 0:
+        return False
+    from .fuzz.call import _view
+    v = x.base.detach().to(x.dtype).double()
+    v = _view(v, x.view) if x.view else v
+    rows = v.reshape(-1, math.prod(ns)) if math.prod(ns) else v.reshape(0, 0)
+    if rows.numel() == 0 or rows.shape[1] < 2:
+        return False
+    const = (rows == rows[:, :1]).all(1) & (rows[:, 0].abs() >= 1e6) & rows[:, 0].isfinite()
+    return bool(const.any())
 
 
 def _half_input_float32_bias(call) -> bool:
@@ -199,15 +216,24 @@ DIFFERENCES: tuple[Difference, ...] = (
         "F.nll_loss(torch.randn(1, 2, 5, 3).transpose(1, 3).requires_grad_(), torch.zeros(1, 5, 2, "
         "dtype=torch.long)).backward()") for op in ("nll_loss", "cross_entropy")),
     Difference(
-        "layer_norm: nan where the squared deviations overflow", "layer_norm", ("value", "grad"),
+        "layer_norm: rows of values whose squares overflow", "layer_norm", ("value", "grad"),
         _layer_norm_overflow,
-        "rows whose (x − μ)² overflow (|x − μ| ≥ 1.8e19 in float32, 1.3e154 in float64) normalise to "
-        "nan or to 0 by the row (its Welford update): (1e24, −1e24, 3) gives 0, neither being the "
-        "normalised row (1.22, −1.22, 0)",
-        "nan for every such row",
-        "Both lose the row; a nan says so, where a 0 is a plausible wrong value that flows on silently. "
+        "rows with |x| ≥ √(max/D) (float32 ~1e19, float64 ~1e154) normalise to nan or to 0 by the "
+        "row: (1e24, −1e24, 3) gives 0, neither being the normalised row (1.22, −1.22, 0); even a "
+        "constant or one-element row of −1e300 gives nan",
+        "the exact x̂ where the deviations' squares fit (a constant row: 0), nan where they overflow",
+        "handgrad squares only the deviations from the row's first element, so it loses a row only "
+        "when its deviations overflow, and then says so with a nan instead of a plausible wrong 0. "
         "(An overflow-free variance would cost an extra pass over every row.)",
         "F.layer_norm(torch.tensor([[1e24, -1e24, 3.0]]), (3,))"),
+    Difference(
+        "layer_norm: gradient of a large constant row", "layer_norm", ("grad",), _layer_norm_big_constant_row,
+        "the float32 (and half) gradient of a constant row of magnitude ≥ ~1e6 is 0: its backward "
+        "cancels x against the row mean (float64 torch gives rstd·(G − mean G))",
+        "rstd·(G − mean(G)) (x̂ = 0 exactly, from the row shifted by its first element)",
+        "That is the exact derivative, the one torch's own float64 gives; the 0 is cancellation.",
+        "torch.autograd.grad(F.layer_norm(torch.full((5,), 1e12, requires_grad=True), (5,)), ..., "
+        "torch.tensor([1., -2., .5, .25, 3.]))"),
     Difference(
         "silu in place on complex: the conjugate", "silu", ("grad",),
         lambda call: not _not_tensor(call) and _input(call).dtype.is_complex and bool(call.kwargs.get("inplace")),
