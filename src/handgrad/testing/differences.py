@@ -228,9 +228,9 @@ DIFFERENCES: tuple[Difference, ...] = (
         "(An overflow-free variance would cost an extra pass over every row.)",
         "F.layer_norm(torch.tensor([[1e24, -1e24, 3.0]]), (3,))"),
     Difference(
-        "layer_norm: constant rows are exact", "layer_norm", ("value", "grad"), _layer_norm_constant_row,
-        "a constant row's x̂ is a rounding residue of about |x|·eps·rstd (so ∂L/∂w = Σ G ⊙ x̂ is "
-        "−2e-13 for a one-element float64 row of −63); its float32 ∂L/∂x of a constant row of "
+        "layer_norm: constant rows are exact", "layer_norm", ("grad",), _layer_norm_constant_row,
+        "its backward's x̂ of a constant row is a rounding residue of about |x|·eps·rstd (so ∂L/∂w = "
+        "Σ G ⊙ x̂ is −2e-13 for a one-element float64 row of −63); its float32 ∂L/∂x of a constant row of "
         "magnitude ≥ ~1e6 is 0 (its backward cancels x against the row mean)",
         "x̂ = 0 exactly (the row is shifted by its first element), ∂L/∂w = 0, and ∂L/∂x = rstd·(G − mean G)",
         "Those are the exact values, the ones torch's own float64 gives for ∂L/∂x; torch's are "
