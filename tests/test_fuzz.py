@@ -178,7 +178,9 @@ def test_fuzzer_agrees_with_torch():
     (or, for now, KNOWN_OPEN) covers it."""
     report = fuzz.run(calls=CALLS, seconds=SECONDS, known=KNOWN_OPEN)
     print(report.summary())
-    assert report.calls >= min(CALLS, 2000), report.summary()     # it ran: not a test that cannot fail
+    # it ran (not a test that cannot fail): ~1000 calls a second on an idle core, a few hundred
+    # on a loaded CI machine
+    assert report.calls >= min(CALLS, 300), report.summary()
     assert not report.disagreements, report.summary()
 
 
