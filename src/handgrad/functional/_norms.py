@@ -52,8 +52,10 @@ def _check_dtypes(input: torch.Tensor, weight, bias) -> None:
             f"layer_norm: mixed dtype (CPU): {name} of dtype {t.dtype} with input of dtype {input.dtype}; "
             "expected every parameter to have the input's dtype"
         )
-    # the one dtype w and b must have: float32 if all given are float32 with a half input, else the input's
-    mixed = input.dtype in _LOW and bool(params) and all(t.dtype == torch.float32 for _, t in params)
+    # the one dtype w and b must have: float32 with a half input and a float32 weight (or no weight
+    # and a float32 bias), else the input's; the message then names the one that differs
+    first = weight if weight is not None else bias
+    mixed = input.dtype in _LOW and first is not None and first.dtype == torch.float32
     expected = torch.float32 if mixed else input.dtype
     for name, t in params:
         if t.dtype != expected:
