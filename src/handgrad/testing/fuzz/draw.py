@@ -118,9 +118,10 @@ class Draw:
         """Keyword options of op ``name``: each catalogue option given with probability ``p``, its
         value drawn from ``OPTIONS[name][option]`` (valid mostly, invalid sometimes)."""
         out = {}
+        domains = OPTIONS.get(name, {})   # an option without a domain fails tests/test_fuzz.py, not here
         for opt in catalogue.get(name).options:
-            if self.chance(p):
-                out[opt] = OPTIONS[name][opt](self, ctx)
+            if opt in domains and self.chance(p):
+                out[opt] = domains[opt](self, ctx)
         return out
 
 
@@ -199,18 +200,22 @@ OPTIONS: dict[str, dict[str, Callable[[Draw, dict], Any]]] = {
     "log_softmax": {},  # filled below: softmax's
     "layer_norm": {"weight": _norm_param, "bias": _norm_param,
                    "eps": _from((1e-5, 0.0, 1e-2, 1e-12, 1.0), ("a", None, -1.0))},
-    "mse_loss": {"reduction": _REDUCTION},
+    "mse_loss": {"reduction": _REDUCTION, "weight": _like_input},   # torch ≥ 2.10's elementwise weight
     "half_squared_error": {"reduction": _REDUCTION},
     "cross_entropy": {"weight": _class_weight, "ignore_index": _from((-100, 0, 1, -1, 2)), "reduction": _REDUCTION,
                       "label_smoothing": _from((0.0, 0.1, 0.5, 1.0), (-0.1, 1.5, "a"))},
     "nll_loss": {"weight": _class_weight, "ignore_index": _from((-100, 0, 1, -1, 2)), "reduction": _REDUCTION},
     "binary_cross_entropy_with_logits": {"weight": _like_input, "reduction": _REDUCTION, "pos_weight": _like_input},
-    "linear_act": {"activation": _from(catalogue.activations(), ("swish", None))},
+    "linear_act": {"activation": _from(catalogue.activations(), ("swish", None)),
+                   "bias": lambda d, ctx: ctx["bias"]},        # drawn with the weight (_linear_args)
     "mlp": {"activation": _from(catalogue.activations(), ("swish",)),
             "last_activation": _from((None, *catalogue.activations()), ("swish",))},
-    "linear_cross_entropy": {"ignore_index": _from((-100, 0, 1, -1, 2)), "reduction": _REDUCTION,
+    "linear_cross_entropy": {"ignore_index": _from((None, -100, 0, 1, -1, 2)), "reduction": _REDUCTION,
                              "label_smoothing": _from((0.0, 0.1, 0.5, 1.0), (-0.1, 1.5)),
-                             "weight": _class_weight, "options": _from((None,))},
+                             "weight": _class_weight, "options": _from((None,)),
+                             "linear_bias": lambda d, ctx: d.tensor((ctx["C"],), ctx["dtype"], scale=1.0)
+                             if d.chance(0.7) else None,
+                             "chunk_size": _from((None, 1, 2, 1000), (0, -1, "a"))},
 }
 OPTIONS["log_softmax"] = OPTIONS["softmax"]
 
@@ -278,9 +283,9 @@ def _squared(name):
         ts = shape if r < 0.8 or not shape else (shape[-1:] if r < 0.9 else (*shape[:-1], shape[-1] + 1))
         tdtype = dtype if d.chance(0.85) else d.pick((*FLOATS, torch.int64, torch.bool))
         t = d.tensor(ts, tdtype, requires_grad=d.chance(0.4))
-        kw = d.options(name, {"shape": shape})
-        if name == "mse_loss" and d.chance(0.2):           # torch ≥ 2.10's elementwise weight
-            kw["weight"] = _like_input(d, {"shape": shape, "dtype": dtype})
+        kw = d.options(name, {"shape": shape, "dtype": dtype}, p=0.3)
+        if name == "mse_loss" and "weight" not in catalogue.get(name).options and d.chance(0.2):
+            kw["weight"] = _like_input(d, {"shape": shape, "dtype": dtype})   # torch's, not yet catalogued
         return Call(name, (x, t), kw, d.seed)
 
     return draw
@@ -329,7 +334,7 @@ def _classification(name):
             t = d.tensor(shape, dtype if d.chance(0.9) else d.pick(FLOATS), values=p, requires_grad=d.chance(0.3),
                          layout=False)
         else:
-            t = _class_target(d, lead, C, dtype, (kw.get("ignore_index", -100),))
+            t = _class_target(d, lead, C, dtype, (-100 if kw.get("ignore_index") is None else kw["ignore_index"],))
         return Call(name, (x, t), kw, d.seed)
 
     return draw
@@ -381,8 +386,10 @@ def _act_kwargs(d: Draw, act) -> dict:
 
 def _linear_act(d: Draw) -> Call:
     x, w, b = _linear_args(d, d.input_dtype(0.02))
-    kw = d.options("linear_act", {})
+    kw = d.options("linear_act", {"bias": b})
     kw.update(_act_kwargs(d, kw.get("activation", "relu")))
+    if "bias" in catalogue.get("linear_act").options:   # a keyword: given, or left to its default
+        return Call("linear_act", (x, w), kw, d.seed)
     return Call("linear_act", (x, w, b), kw, d.seed)
 
 
@@ -404,9 +411,7 @@ def _linear_cross_entropy(d: Draw) -> Call:
     x = d.tensor((*lead, D), dtype, scale=1.0)
     w = d.tensor((C, D), dtype, scale=1.0)
     kw = d.options("linear_cross_entropy", {"C": C, "dtype": dtype if dtype.is_floating_point else torch.float32})
-    if d.chance(0.5):
-        kw["linear_bias"] = d.tensor((C,), dtype, scale=1.0)
-    t = _class_target(d, lead, C, dtype, (kw.get("ignore_index", -100),))
+    t = _class_target(d, lead, C, dtype, (-100 if kw.get("ignore_index") is None else kw["ignore_index"],))
     return Call("linear_cross_entropy", (x, w, t), kw, d.seed)
 
 
