@@ -82,4 +82,16 @@ def reference(op: catalogue.Op) -> tuple[Callable | None, str | None]:
         if ours[: len(theirs)] != theirs:
             return None, (f"linear_cross_entropy: handgrad's signature {inspect.signature(op.functional)} is not "
                           f"torch's {inspect.signature(op.torch_function)} (issue 13: it is being changed)")
+        extra = {name for name, _ in ours[len(theirs):]}
+        if extra:
+            return _without(op.torch_function, extra), None
     return op.torch_function, None
+
+
+def _without(fn: Callable, extra: set[str]) -> Callable:
+    """``fn`` called without handgrad's extra keywords (options torch has no twin of, such as a
+    chunk size, which change how handgrad computes, not what)."""
+    def call(*args, **kwargs):
+        return fn(*args, **{k: v for k, v in kwargs.items() if k not in extra})
+
+    return call
