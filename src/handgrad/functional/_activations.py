@@ -14,13 +14,11 @@ that saves its output, the out-of-place Function runs and its result is written 
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.autograd.forward_ad as fwAD
 
 from .._compat import is_batched_tensor
-from ..ops.activations import ElementwiseFn, ElementwiseInplaceFn, get_activation
+from ..ops.activations import ElementwiseFn, ElementwiseInplaceFn, get_activation, scalar
 from ._common import autocast, check_tensor
 
 __all__ = ["sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "silu", "softplus"]
@@ -36,24 +34,28 @@ def _check_floating(input: torch.Tensor, fn: str, complex_ok: bool = False) -> N
         )
 
 
-def _number(value, name: str, fn: str) -> float:
-    """A Scalar argument as torch's binding takes it: a Python number or a one-element tensor."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return float(value)
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    raise TypeError(f"{fn}(): argument '{name}' must be Number, not {type(value).__name__}")
+def _check_inplace(input: torch.Tensor, overlap: bool = True) -> None:
+    """torch's checks before an in-place op writes anything, in torch's order, before any dtype
+    check: a leaf (or a view of one) that requires grad (torch/csrc/autograd/VariableTypeUtils.h),
+    then, unless ``overlap=False`` (relu, whose dtype checks come first), an input whose elements
+    share memory (an expanded tensor: aten/src/ATen/MemoryOverlap.cpp)."""
+    if torch.is_grad_enabled() and input.requires_grad:
+        if input.is_leaf:
+            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
+        base = input._base
+        if base is not None and base.is_leaf and base.requires_grad:
+            raise RuntimeError("a view of a leaf Variable that requires grad is being used in an in-place operation.")
+    if overlap:
+        _check_overlap(input)
 
 
-def _check_inplace(input: torch.Tensor) -> None:
-    """torch's check before an in-place op writes anything (torch/csrc/autograd/VariableTypeUtils.h)."""
-    if not (torch.is_grad_enabled() and input.requires_grad):
-        return
-    if input.is_leaf:
-        raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
-    base = input._base
-    if base is not None and base.is_leaf and base.requires_grad:
-        raise RuntimeError("a view of a leaf Variable that requires grad is being used in an in-place operation.")
+def _check_overlap(input: torch.Tensor) -> None:
+    # torch's has_internal_overlap: "Yes" exactly where a dim of size > 1 has stride 0
+    if input.numel() > 0 and any(stride == 0 and size > 1 for size, stride in zip(input.shape, input.stride())):
+        raise RuntimeError(
+            "unsupported operation: more than one element of the written-to tensor refers to a single memory "
+            "location. Please clone() the tensor before performing the operation."
+        )
 
 
 def _has_tangent(t: torch.Tensor) -> bool:
@@ -65,7 +67,7 @@ def _apply(input: torch.Tensor, name: str, inplace: bool = False, **options) -> 
     act = get_activation(name, **options)
     if not inplace:
         return ElementwiseFn.call(input, act)
-    _check_inplace(input)
+    _check_overlap(input)
     if input.requires_grad and not torch.is_grad_enabled():
         # A leaf that requires grad, under no_grad: no graph, just the write (through an alias, as
         # a custom Function would hand back a new tensor object here).
@@ -102,6 +104,8 @@ def tanh(input: torch.Tensor) -> torch.Tensor:
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``torch.nn.functional.relu``; backward [y > 0] from the saved output (0 at z = 0)."""
     check_tensor("input", input, fn="relu")
+    if inplace:
+        _check_inplace(input, overlap=False)
     if input.is_complex():
         raise NotImplementedError("relu(): argument 'input' is complex; relu is not supported for complex types")
     if input.dtype == torch.bool:
@@ -112,7 +116,9 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 def leaky_relu(input: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False) -> torch.Tensor:
     """``torch.nn.functional.leaky_relu``; f'(0) = negative_slope, as torch."""
     check_tensor("input", input, fn="leaky_relu")
-    slope = _number(negative_slope, "negative_slope", "leaky_relu")
+    slope = scalar(negative_slope, "negative_slope", "leaky_relu")
+    if inplace:
+        _check_inplace(input)
     _check_floating(input, "leaky_relu")
     return _apply(input, "leaky_relu", inplace, negative_slope=slope)
 
@@ -120,7 +126,9 @@ def leaky_relu(input: torch.Tensor, negative_slope: float = 0.01, inplace: bool 
 def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch.Tensor:
     """``torch.nn.functional.elu``; for z ≤ 0, f' = α e^z = y + α (from the output when α ≥ 0)."""
     check_tensor("input", input, fn="elu")
-    a = _number(alpha, "alpha", "elu")
+    a = scalar(alpha, "alpha", "elu")
+    if inplace:
+        _check_inplace(input)
     _check_floating(input, "elu")
     return _apply(input, "elu", inplace, alpha=a)
 
@@ -131,6 +139,7 @@ def gelu(input: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:
     check_tensor("input", input, fn="gelu")
     if not isinstance(approximate, str):
         raise TypeError(f"gelu(): argument 'approximate' must be str, not {type(approximate).__name__}")
+    get_activation("gelu", approximate=approximate)  # torch checks the value before the dtype
     _check_floating(input, "gelu")
     return _apply(input, "gelu", approximate=approximate)
 
@@ -138,8 +147,11 @@ def gelu(input: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:
 def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``torch.nn.functional.silu``: z σ(z); backward σ(z)(1 + z(1 − σ(z))) from the input."""
     check_tensor("input", input, fn="silu")
-    _check_floating(input, "silu", complex_ok=True)  # torch's silu takes complex z, without a gradient
-    if input.is_complex() and input.requires_grad and torch.is_grad_enabled():
+    if inplace:
+        _check_inplace(input)
+    _check_floating(input, "silu", complex_ok=True)  # torch's silu takes complex z
+    # out of place without a gradient; in place (on a non-leaf) torch differentiates it
+    if not inplace and input.is_complex() and input.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("silu does not support automatic differentiation for outputs with complex dtype.")
     return _apply(input, "silu", inplace)
 
@@ -147,7 +159,7 @@ def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 def softplus(input: torch.Tensor, beta: float = 1.0, threshold: float = 20.0) -> torch.Tensor:
     """``torch.nn.functional.softplus``: linear (f' = 1) where βz > threshold, else log(1 + e^{βz})/β."""
     check_tensor("input", input, fn="softplus")
-    b = _number(beta, "beta", "softplus")
-    t = _number(threshold, "threshold", "softplus")
+    b = scalar(beta, "beta", "softplus")
+    t = scalar(threshold, "threshold", "softplus")
     _check_floating(input, "softplus")
     return _apply(input, "softplus", beta=b, threshold=t)

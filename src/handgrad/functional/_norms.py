@@ -36,19 +36,30 @@ def _normalized_shape(normalized_shape) -> tuple[int, ...]:
 
 
 def _check_dtypes(input: torch.Tensor, weight, bias) -> None:
-    """torch's CPU rule: w and b share one dtype, the input's, or float32 with a float16/bfloat16
-    input (its mixed-dtype kernel, which wants the weight given)."""
+    """torch's CPU rule: w and b have the input's dtype, or all the given ones are float32 with
+    a float16/bfloat16 input (its mixed-dtype kernel; a float32 bias alone too). An integer input
+    is torch's NotImplementedError when w and b share its dtype (no kernel), else its mixed-dtype
+    RuntimeError."""
+    params = [(name, t) for name, t in (("weight", weight), ("bias", bias)) if t is not None]
     if not input.is_floating_point():
-        raise NotImplementedError(
-            f"layer_norm: argument 'input' of dtype {input.dtype} is not supported: layer_norm needs a floating "
-            f"dtype (torch: \"LayerNormKernelImpl\" not implemented for {input.dtype})"
+        if all(t.dtype == input.dtype for _, t in params):
+            raise NotImplementedError(
+                f"layer_norm: argument 'input' of dtype {input.dtype} is not supported: layer_norm needs a "
+                f"floating dtype (torch: \"LayerNormKernelImpl\" not implemented for {input.dtype})"
+            )
+        name, t = next((n, t) for n, t in params if t.dtype != input.dtype)
+        raise RuntimeError(
+            f"layer_norm: mixed dtype (CPU): {name} of dtype {t.dtype} with input of dtype {input.dtype}; "
+            "expected every parameter to have the input's dtype"
         )
-    # the one dtype w and b must have: float32 if a float32 w comes with a half input, else the input's
-    mixed = input.dtype in _LOW and weight is not None and weight.dtype == torch.float32
+    # the one dtype w and b must have: float32 with a half input and a float32 weight (or no weight
+    # and a float32 bias), else the input's; the message then names the one that differs
+    first = weight if weight is not None else bias
+    mixed = input.dtype in _LOW and first is not None and first.dtype == torch.float32
     expected = torch.float32 if mixed else input.dtype
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != expected:
-            also = " (or torch.float32 for both, given a weight)" if input.dtype in _LOW else ""
+    for name, t in params:
+        if t.dtype != expected:
+            also = " (or torch.float32 for all given)" if input.dtype in _LOW else ""
             raise RuntimeError(
                 f"layer_norm: expected {name} to have dtype {expected}{also}, but got {name} of dtype {t.dtype} "
                 f"with input of dtype {input.dtype}"

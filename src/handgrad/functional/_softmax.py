@@ -20,7 +20,8 @@ def _implicit_dim(name: str, ndim: int, stacklevel: int) -> int:
 
 
 def _prepare(name: str, input, dim, stacklevel: int, dtype):
-    """Validate as torch does (type, then dim, then dtype) and return (input, non-negative dim).
+    """Validate as torch does (type, then dim, then dtype) and return (input, non-negative dim);
+    dim None for an empty non-floating input (torch returns it, empty, without a kernel).
 
     ``stacklevel`` is the caller's ``_stacklevel``, counted from ``softmax``/``log_softmax`` as in
     torch; this helper adds one frame, so the warning is raised one level further up."""
@@ -43,6 +44,10 @@ def _prepare(name: str, input, dim, stacklevel: int, dtype):
         # CUDA autocast runs softmax in float32 unless dtype is given (torch's fp32_set_opt_dtype)
         input, = autocast(name, input)
     if not input.is_floating_point():
+        if input.numel() == 0:  # torch: an empty result of any dtype; no kernel runs, so none is refused
+            if input.is_complex() and input.requires_grad and torch.is_grad_enabled():
+                raise RuntimeError(f"_{name} does not support automatic differentiation for outputs with complex dtype.")
+            return input, None
         what = f"argument 'dtype' {dtype}" if dtype is not None else f"argument 'input' of dtype {input.dtype}"
         raise NotImplementedError(
             f"{name}(): {what} is not supported: {name} needs a floating dtype (torch: \"{name}_kernel_impl\" "
@@ -56,7 +61,7 @@ def softmax(input: torch.Tensor, dim: int | None = None, _stacklevel: int = 3,
     """``torch.nn.functional.softmax``; backward Y ⊙ (G − (G ⊙ Y)1) from the saved output
     (ops.softmax.SoftmaxFn)."""
     input, dim = _prepare("softmax", input, dim, _stacklevel, dtype)
-    return SoftmaxFn.call(input, dim)
+    return torch.empty_like(input) if dim is None else SoftmaxFn.call(input, dim)
 
 
 def log_softmax(input: torch.Tensor, dim: int | None = None, _stacklevel: int = 3,
@@ -64,4 +69,4 @@ def log_softmax(input: torch.Tensor, dim: int | None = None, _stacklevel: int = 
     """``torch.nn.functional.log_softmax``; backward G − exp(Y) ⊙ (G)1 from the saved output
     (ops.softmax.LogSoftmaxFn)."""
     input, dim = _prepare("log_softmax", input, dim, _stacklevel, dtype)
-    return LogSoftmaxFn.call(input, dim)
+    return torch.empty_like(input) if dim is None else LogSoftmaxFn.call(input, dim)

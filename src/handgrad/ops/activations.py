@@ -13,7 +13,7 @@ The spec table (f, f', what is saved):
     tanh         tanh(z)                              1 − y² = (1 − y)(1 + y)           y
     relu         max(z, 0)                            [y > 0]                           y
     leaky_relu   z if z > 0 else s·z                  1 if z > 0 else s                 y if s ≥ 0, else z
-    elu          z if z > 0 else α(e^z − 1)           1 if z > 0 else α e^z = y + α     y if α ≥ 0, else z
+    elu          z if z > 0 else α(e^z − 1)           1 if z > 0 else α e^z             z  (in place: y + α, from y)
     gelu         z Φ(z)                               Φ(z) + z φ(z)                     z
     gelu[tanh]   ½ z (1 + tanh u) = z σ(2u)           σ(2u)(1 + 2z σ(−2u) c(1 + 3κz²))   z
                  (u = c(z + κz³), c = √(2/π), κ = 0.044715)
@@ -22,11 +22,21 @@ The spec table (f, f', what is saved):
 
 At the kinks the derivative is torch's: relu'(0) = 0, leaky_relu'(0) = s, elu'(0) = α,
 softplus' = 1 strictly above the threshold. A nan input gets torch's gradient too (its kernels
-test ``y <= 0`` / ``z <= 0`` / ``z > 0``, and so do these).
+test ``y <= 0`` / ``z <= 0`` / ``z > 0``, and so do these), but for elu, whose f'(nan) is nan
+(torch's depends on where the element falls in its vectorised loop).
+
+elu's f' is α e^z from the saved z, not y + α from y: for very negative z, y rounds to −α and
+y + α cancels to 0 (z = −17, float32: 0 instead of 4.1e-8), where α e^z is exact to a rounding.
+Only the in-place twin, whose z is overwritten, reads y + α (``df_from_output``), as torch's
+in-place ``elu_`` does (its ``is_result`` backward).
+
+The numeric options are parsed as torch's bindings parse a Scalar (``scalar``): a Python number
+or a one-element tensor, else a TypeError naming the argument; the fused ops get the same check.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,6 +52,23 @@ class Activation:
     f: Callable[[torch.Tensor], torch.Tensor]                       # y = f(z)
     df: Callable[[torch.Tensor | None, torch.Tensor | None], torch.Tensor]  # f'(z), from (z, y)
     saves: str                                                      # "output" (y) or "input" (z)
+    # f'(z) from y alone where ``df`` reads z but y determines f' too (less accurately): what the
+    # in-place twin uses once z is overwritten. None: only ``df`` (from y if saves == "output").
+    df_from_output: Callable[[None, torch.Tensor], torch.Tensor] | None = None
+
+    def output_df(self) -> Callable[[None, torch.Tensor], torch.Tensor] | None:
+        """f' as a function (None, y) → f'(z), or None where y does not determine it."""
+        return self.df if self.saves == "output" else self.df_from_output
+
+
+def scalar(value, name: str, fn: str) -> float:
+    """A Scalar argument as torch's binding takes it: a Python number or a one-element tensor;
+    torch's TypeError otherwise (``float()`` would give a ValueError for a string)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{fn}(): argument '{name}' must be Number, not {type(value).__name__}")
 
 
 def sigmoid_spec() -> Activation:
@@ -62,7 +89,7 @@ def relu_spec() -> Activation:
 
 
 def leaky_relu_spec(negative_slope: float = 0.01) -> Activation:
-    s = float(negative_slope)
+    s = scalar(negative_slope, "negative_slope", "leaky_relu")
 
     def f(z):
         return torch.where(z > 0, z, z * s)                          # z if z > 0 else s·z
@@ -75,18 +102,28 @@ def leaky_relu_spec(negative_slope: float = 0.01) -> Activation:
 
 
 def elu_spec(alpha: float = 1.0) -> Activation:
-    a = float(alpha)
+    a = scalar(alpha, "alpha", "elu")
 
     def f(z):
         # z if z > 0 else α(e^z − 1); expm1 keeps small |z| exact, and exp sees min(z, 0) only,
         # so the unselected branch never overflows.
         return torch.where(z > 0, z, a * torch.expm1(z.clamp_max(0)))
 
+    def df(z, y):
+        # f'(z) = 1 for z > 0, α e^z otherwise (α at 0); exp sees min(z, 0) only. Tested as
+        # "z > 0", so a nan z gives a nan gradient (torch's: nan in its vectorised loop, 1 in
+        # its scalar tail; docs/differences.md).
+        return torch.where(z > 0, 1.0, a * torch.exp(z.clamp_max(0)))
+
+    from_y = None
     if a >= 0:
-        # α ≥ 0: z ≤ 0 ⇔ y ≤ 0, and there f'(z) = α e^z = α(e^z − 1) + α = y + α; f'(0) = α.
-        return Activation("elu", f, lambda z, y: torch.where(y <= 0, y + a, 1.0), "output")
-    # α < 0: z < 0 gives y > 0, so the branch is read from z: f'(z) = α e^z for z ≤ 0.
-    return Activation("elu", f, lambda z, y: torch.where(z <= 0, a * torch.exp(z.clamp_max(0)), 1.0), "input")
+        # α ≥ 0: z ≤ 0 ⇔ y ≤ 0, and there f'(z) = α e^z = α(e^z − 1) + α = y + α (cancels for
+        # very negative z: only for the in-place twin, whose z is gone). α < 0: z < 0 gives
+        # y > 0, so y does not tell the branch, and the in-place backward is refused.
+        def from_y(z, y):
+            return torch.where(y <= 0, y + a, 1.0)
+
+    return Activation("elu", f, df, "input", from_y)
 
 
 _SQRT1_2 = math.sqrt(0.5)               # 1/√2
@@ -106,6 +143,8 @@ def _phi_cdf(z):
 
 
 def gelu_spec(approximate: str = "none") -> Activation:
+    if not isinstance(approximate, str):
+        raise TypeError(f"gelu(): argument 'approximate' must be str, not {type(approximate).__name__}")
     if approximate == "none":
         # f(z) = z Φ(z);  f'(z) = Φ(z) + z φ(z),  φ(z) = e^{−z²/2}/√(2π)
         return Activation(
@@ -143,7 +182,7 @@ def silu_spec() -> Activation:
 
 
 def softplus_spec(beta: float = 1.0, threshold: float = 20.0) -> Activation:
-    b, t = float(beta), float(threshold)
+    b, t = scalar(beta, "beta", "softplus"), scalar(threshold, "threshold", "softplus")
 
     def f(z):
         bz = b * z
@@ -151,8 +190,16 @@ def softplus_spec(beta: float = 1.0, threshold: float = 20.0) -> Activation:
         soft = (bz.clamp_min(0) + torch.log1p(torch.exp(-bz.abs()))) / b
         return torch.where(bz > t, z, soft)                          # linear strictly above t
 
-    # f'(z) = e^{βz}/(1 + e^{βz}) = σ(βz) below the threshold, 1 above (torch's softplus_backward)
-    return Activation("softplus", f, lambda z, y: torch.where(b * z > t, 1.0, torch.sigmoid(b * z)), "input")
+    def df(z, y):
+        # f'(z) = e^{βz}/(1 + e^{βz}) = σ(βz) below the threshold, 1 above (torch's softplus_backward).
+        # σ(βz) as e^{−|βz|}/(1 + e^{−|βz|}) for βz < 0: torch.sigmoid's 1/(1 + e^{−βz}) flushes to 0
+        # where e^{βz} is subnormal (float32 βz < −87), and torch's e^{βz}/(e^{βz} + 1) does not.
+        bz = b * z
+        e = torch.exp(-bz.abs())                                     # e^{−|βz|} ≤ 1: never overflows
+        sig = torch.where(bz < 0, e, 1.0) / (1 + e)                  # σ(βz)
+        return torch.where(bz > t, 1.0, sig)
+
+    return Activation("softplus", f, df, "input")
 
 
 # name → factory(**options) → Activation: the math of each of the catalogue's activations
@@ -263,8 +310,9 @@ class ElementwiseInplaceFn(HandFunction):
         z, act = inputs
         ctx.act = act
         ctx.mark_dirty(z)
-        ctx.save_for_backward(output if act.saves == "output" else None)
-        ctx.save_for_forward(output if act.saves == "output" else None)
+        reads_y = act.output_df() is not None
+        ctx.save_for_backward(output if reads_y else None)
+        ctx.save_for_forward(output if reads_y else None)
 
     @staticmethod
     def _df(ctx):
@@ -276,7 +324,7 @@ class ElementwiseInplaceFn(HandFunction):
                 "supported. This is caused by calling in-place forward function with a negative slope, please "
                 "call out-of-place version instead."
             )
-        return _df(ctx.act, y)                                      # f'(Z) from Y
+        return ctx.act.output_df()(None, opmath(y))                 # f'(Z) from Y
 
     @staticmethod
     def backward(ctx, grad_y):

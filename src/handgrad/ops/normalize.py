@@ -56,11 +56,16 @@ def moments(X: torch.Tensor, dims: tuple[int, ...], center: bool = True):
     return Xc, x0 + shift, (Xc * Xc).mean(dims, keepdim=True)            # X − μ, μ, var = mean((X − μ)²)
 
 
-def normalize(X: torch.Tensor, dims: tuple[int, ...], eps: float, center: bool = True):
+def normalize(X: torch.Tensor, dims: tuple[int, ...], eps: float, center: bool = True,
+              nan_on_overflow: bool = False):
     """x̂ = (X − μ)·rstd, rstd = 1/√(var + eps) over ``dims`` (RMS: x̂ = X·rstd, rstd = 1/√(mean(X²) + eps)).
-    Returns (x̂, rstd (keepdim)); built from torch ops, so it is differentiable."""
+    Returns (x̂, rstd (keepdim)); built from torch ops, so it is differentiable.
+    ``nan_on_overflow``: a set whose squares overflow (var = inf) gives nan, as torch's layer norm
+    does, instead of x̂ = 0 from rstd = 0 (torch's batch, group and RMS norms give the 0)."""
     Xc, _, var = moments(X, dims, center)
     rstd = torch.rsqrt(var + eps)                                    # 1/√(var + eps)
+    if nan_on_overflow:
+        rstd = rstd + (var - var)                                    # + 0, or nan where var = inf
     return Xc * rstd, rstd                                           # x̂
 
 

@@ -22,7 +22,7 @@ from .normalize import normalize as normalize_over, normalize_dx
 def normalize(X: torch.Tensor, K: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x̂ = (X − μ)·rstd with μ = mean(X), rstd = 1/√(var(X) + eps) over the last K dims.
     Returns (x̂ (*, row), rstd (*, 1…1)): ops.normalize's normalisation over the trailing dims."""
-    return normalize_over(X, tuple(range(-K, 0)), eps)
+    return normalize_over(X, tuple(range(-K, 0)), eps, nan_on_overflow=True)
 
 
 def layer_norm_dx(xhat: torch.Tensor, rstd: torch.Tensor, gy: torch.Tensor, K: int) -> torch.Tensor:

@@ -61,14 +61,30 @@ def log_softmax_rows(X: torch.Tensor, inplace: bool = False, accurate: bool = Tr
 
 # --- the hand-derived products, from the output Y -------------------------------------------
 
+def _minus_row_dot(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dim: int) -> torch.Tensor:
+    """G − (A ⊙ B)1. For float32 on CPU the products and their sum are formed in float64 and
+    subtracted in two float32 parts, hi + lo = the float64 sum, so G − hi is exact where it
+    cancels (Sterbenz) and neither the products' nor the sum's rounding to float32 is left in
+    the result, as in torch's CPU kernel, which keeps them in double."""
+    if G.dtype != torch.float32 or G.device.type != "cpu":
+        return G - accurate_sum(A * B, dim, keepdim=True)
+    s64 = (A.double() * B.double()).sum(dim, keepdim=True)           # (A ⊙ B)1 in float64
+    hi = s64.to(G.dtype)
+    lo = (s64 - hi.double()).to(G.dtype)                              # its rounding error
+    return (G - hi) - lo
+
+
 def softmax_vjp(Y: torch.Tensor, G: torch.Tensor, dim: int) -> torch.Tensor:
-    """∂L/∂X = Y ⊙ (G − (G ⊙ Y)1)   (the Jacobian diag(y) − y yᵀ applied to each row of G)."""
-    return Y * (G - (G * Y).sum(dim, keepdim=True))
+    """∂L/∂X = Y ⊙ (G − (G ⊙ Y)1)   (the Jacobian diag(y) − y yᵀ applied to each row of G).
+    G − (G ⊙ Y)1 cancels where one y is ≈ 1, so the row sum is kept to float64 accuracy there
+    (``_minus_row_dot``)."""
+    return Y * _minus_row_dot(G, G, Y, dim)
 
 
 def log_softmax_vjp(Y: torch.Tensor, G: torch.Tensor, dim: int) -> torch.Tensor:
-    """∂L/∂X = G − exp(Y) ⊙ (G)1   (the Jacobian I − 1 softmax(x)ᵀ, transposed, on each row)."""
-    return G - Y.exp() * G.sum(dim, keepdim=True)
+    """∂L/∂X = G − exp(Y) ⊙ (G)1   (the Jacobian I − 1 softmax(x)ᵀ, transposed, on each row);
+    (G)1 accumulated in float64, as in ``softmax_vjp``."""
+    return G - Y.exp() * accurate_sum(G, dim, keepdim=True)
 
 
 # Ẏ = Y ⊙ (Ẋ − (Ẋ ⊙ Y)1): diag(y) − y yᵀ is symmetric, so the jvp is the vjp with G = Ẋ.

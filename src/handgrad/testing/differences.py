@@ -1,0 +1,307 @@
+"""The deliberate differences from torch: where torch's behaviour is an accident and handgrad
+keeps a better one. Data, read by the differential fuzzer (``handgrad.testing.fuzz``), which
+passes a disagreement only if an entry here covers it; ``docs/differences.md`` explains each
+(tests/test_fuzz.py checks that every entry is there by name).
+
+Each entry: the op, the comparison it differs in (``kinds``, the fuzzer's mismatch kinds), the
+condition on the call (a predicate on ``fuzz.call.Call``: its tensor arguments are ``Spec``s,
+with the float64 values of the call's storage and the call's dtype), what torch does, what
+handgrad does, and why handgrad's is better.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["Difference", "DIFFERENCES", "covering", "render"]
+
+
+@dataclass(frozen=True)
+class Difference:
+    name: str
+    op: str
+    kinds: tuple[str, ...]             # the fuzzer's mismatch kinds it may show as
+    when: Callable                     # Call → bool: the calls it covers
+    torch: str
+    handgrad: str
+    why: str
+    reproducer: str = ""               # a one-line call showing it
+
+
+def _input(call):
+    return call.args[0] if call.args else None
+
+
+def _not_tensor(call) -> bool:
+    from .fuzz.call import Spec
+    return not isinstance(_input(call), Spec)
+
+
+def _max_abs(spec) -> float:
+    v = spec.base.detach().to(spec.dtype).double()
+    v = v[v.isfinite()]
+    return float(v.abs().max()) if v.numel() else 0.0
+
+
+def _opmath_max(dtype) -> float:
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max
+
+
+def _gelu_tanh_flat(call) -> bool:
+    # torch's kernel squares z: z² overflows for |z| ≥ √max (float32 1.8e19, float64 1.3e154), and
+    # at ±inf its 0·∞ is nan too
+    x = _input(call)
+    if _not_tensor(call) or call.kwargs.get("approximate") != "tanh":
+        return False
+    v = x.base.to(x.dtype).double()
+    return bool(v.isinf().any()) or _max_abs(x) >= math.sqrt(_opmath_max(x.dtype)) / 4
+
+
+def _gelu_left_tail(call) -> bool:
+    # torch's Φ(z) = ½(1 + erf(z/√2)) (and the tanh form's ½(1 + tanh u)) has lost more than 6
+    # bits to cancellation below z = −2.4
+    x = _input(call)
+    if _not_tensor(call) or call.kwargs.get("approximate", "none") not in ("none", "tanh"):
+        return False
+    v = x.base.to(x.dtype).double()
+    return bool((v < -2.4).any())
+
+
+def _has_nan(call) -> bool:
+    x = _input(call)
+    return not _not_tensor(call) and bool(x.base.to(x.dtype).isnan().any())
+
+
+def _elu_layer_nonfinite(call) -> bool:
+    # an elu layer whose pre-activation may be nan: a nan or inf anywhere in the call
+    from .fuzz.call import Spec
+    if "elu" not in (call.kwargs.get("activation", "relu" if call.op == "linear_act" else "sigmoid"),
+                     call.kwargs.get("last_activation")):
+        return False
+    return any(not s.base.to(s.dtype).isfinite().all() for s in call.specs() if s.dtype.is_floating_point)
+
+
+def _noncontiguous_kdim(call) -> bool:
+    from .fuzz.call import Spec
+    x = _input(call)
+    return isinstance(x, Spec) and len(x.shape) >= 3 and bool(x.view)
+
+
+def _layer_norm_overflow(call) -> bool:
+    # (x − μ)² overflows the opmath dtype for |x − μ| ≥ √max (float32 1.8e19, float64 1.3e154)
+    x, ns = _input(call), call.args[1] if len(call.args) > 1 else None
+    if _not_tensor(call) or not isinstance(ns, (list, tuple)) or not ns or not x.dtype.is_floating_point:
+        return False
+    v = x.base.detach().to(x.dtype).double()
+    if len(x.shape) < len(ns) or v.numel() == 0:
+        return False
+    from .fuzz.call import _view
+    v = _view(v, x.view) if x.view else v
+    v = v.where(v.isfinite(), 0.0)
+    # torch squares the values themselves (not only their deviations) somewhere: rows of huge
+    # values fail there even when constant
+    return bool((v.abs() >= math.sqrt(_opmath_max(x.dtype) / max(math.prod(ns), 1)) / 2).any())
+
+
+def _layer_norm_constant_row(call) -> bool:
+    # a row that is constant after rounding (one element: always)
+    x, ns = _input(call), call.args[1] if len(call.args) > 1 else None
+    if _not_tensor(call) or not isinstance(ns, (list, tuple)) or not ns:
+        return False
+    if not x.dtype.is_floating_point or len(x.shape) < len(ns) or x.base.numel() == 0:
+        return False
+    from .fuzz.call import _view
+    v = x.base.detach().to(x.dtype).double()
+    v = _view(v, x.view) if x.view else v
+    rows = v.reshape(-1, math.prod(ns)) if math.prod(ns) else v.reshape(0, 0)
+    if rows.numel() == 0:
+        return False
+    const = (rows == rows[:, :1]).all(1) & rows[:, 0].isfinite()
+    return bool(const.any())
+
+
+def _half_input_float32_bias(call) -> bool:
+    x, w, b = _input(call), call.kwargs.get("weight"), call.kwargs.get("bias")
+    return (not _not_tensor(call) and x.dtype in (torch.float16, torch.bfloat16) and w is None
+            and getattr(b, "dtype", None) == torch.float32)
+
+
+def _scalar_input(call) -> bool:
+    x = _input(call)
+    return not _not_tensor(call) and len(x.shape) == 0
+
+
+def _high_rank_bias(call) -> bool:
+    from .fuzz.call import Spec
+    b = call.args[2] if len(call.args) > 2 else None
+    if not isinstance(b, Spec) or len(b.shape) < 3:
+        return False
+    x, w = call.args[0], call.args[1]
+    out = (*x.shape[:-1], *w.shape[:-1])
+    try:
+        return tuple(torch.broadcast_shapes(out, b.shape)) == tuple(out)
+    except RuntimeError:
+        return False
+
+
+def _softplus_overflow(call) -> bool:
+    # torch computes log1p(exp(βz)) below the threshold: exp overflows for βz > log(max)
+    x = _input(call)
+    if _not_tensor(call):
+        return False
+    beta, threshold = call.kwargs.get("beta", 1.0), call.kwargs.get("threshold", 20.0)
+    if not isinstance(beta, (int, float)) or not isinstance(threshold, (int, float)):
+        return False
+    v = x.base.to(x.dtype).double() * beta
+    v = v[v.isfinite()]
+    return bool(((v > math.log(_opmath_max(x.dtype)) - 1) & (v <= threshold)).any())
+
+
+DIFFERENCES: tuple[Difference, ...] = (
+    Difference(
+        "non-tensor input: TypeError", "sigmoid", ("exception",), _not_tensor,
+        "F.sigmoid(1.5) raises AttributeError ('float' object has no attribute 'sigmoid'): it calls "
+        "input.sigmoid() without a check",
+        "TypeError: sigmoid(): argument 'input' must be Tensor, not float",
+        "A wrong argument type is a TypeError everywhere else in torch.nn.functional; the AttributeError "
+        "is an accident of the method call and names no argument.",
+        "F.sigmoid(1.5)"),
+    Difference(
+        "non-tensor input: TypeError", "tanh", ("exception",), _not_tensor,
+        "F.tanh(1.5) raises AttributeError ('float' object has no attribute 'tanh')",
+        "TypeError: tanh(): argument 'input' must be Tensor, not float",
+        "As for sigmoid: the AttributeError is an accident of calling input.tanh().",
+        "F.tanh(1.5)"),
+    Difference(
+        "gelu tanh: finite gradient at huge |z|", "gelu", ("grad",), _gelu_tanh_flat,
+        "gelu(z, approximate='tanh') has gradient nan for |z| ≥ 1.8e19 in float32 (z² overflows, 0·∞), "
+        "1.3e154 in float64, and at z = ±inf",
+        "the limit: 0 for z → −∞, 1 for z → +∞",
+        "The function is flat there and its derivative's limit is finite; nan would poison a whole "
+        "backward pass for one large activation.",
+        "F.gelu(torch.tensor([1e20], requires_grad=True), approximate='tanh').backward()"),
+    Difference(
+        "gelu: the left tail exact", "gelu", ("value", "grad"), _gelu_left_tail,
+        "gelu(z) = z·½(1 + erf(z/√2)) (approximate='tanh': ½z(1 + tanh u)): the sum cancels for z < 0, "
+        "leaving few correct digits below z ≈ −2.4 in float64 and 0 below z ≈ −8.3 (gelu(−12.3) = −0, "
+        "its gradient 1% off)",
+        "z·½ erfc(−z/√2) (tanh: z·σ(2u)), exact to a rounding: gelu(−12.3) = −5.68e-34",
+        "erfc and σ have no cancellation in the left tail; the value and gradient are correct to the "
+        "last digit where torch's have few or none.",
+        "F.gelu(torch.tensor([-12.3], dtype=torch.float64))"),
+    Difference(
+        "elu: gradient nan at a nan input", "elu", ("grad",), _has_nan,
+        "elu's gradient at z = nan is nan in its vectorised loop but G·1 in its scalar tail: which "
+        "one an element gets depends on the tensor's length and the element's position",
+        "nan, for every element (f' is tested as z > 0)",
+        "The derivative at nan is undefined; one consistent answer is better than one that depends "
+        "on where the element falls in a SIMD loop.",
+        "F.elu(torch.full((40,), float('nan'), requires_grad=True)) then .sum().backward(): "
+        "torch's grad[0] is nan, grad[-1] is 1"),
+    *(Difference(
+        "elu layer: gradient nan at a nan pre-activation", op, ("grad",), _elu_layer_nonfinite,
+        "as for elu: the composition's elu gradient at a nan z is nan or G·1 by the element's position",
+        "nan, for every element (the fused op uses elu's spec)",
+        "As for elu.",
+        "F.linear_act(x, w_with_a_nan, activation='elu')") for op in ("linear_act", "mlp")),
+    *(Difference(
+        "K-dim input, non-contiguous: a backward", op, ("backward",), _noncontiguous_kdim,
+        "nll_loss/cross_entropy of a non-contiguous (N, C, d1, …) input computes the loss, then its "
+        "backward raises RuntimeError: grad_input must be contiguous",
+        "the gradient, for any layout",
+        "The forward is accepted; a layout is not a reason to refuse its gradient (torch's own message "
+        "names an internal buffer, not an argument).",
+        "F.nll_loss(torch.randn(1, 2, 5, 3).transpose(1, 3).requires_grad_(), torch.zeros(1, 5, 2, "
+        "dtype=torch.long)).backward()") for op in ("nll_loss", "cross_entropy")),
+    Difference(
+        "layer_norm: rows of values whose squares overflow", "layer_norm", ("value", "grad"),
+        _layer_norm_overflow,
+        "rows with |x| ≥ √(max/D) (float32 ~1e19, float64 ~1e154) normalise to nan or to 0 by the "
+        "row: (1e24, −1e24, 3) gives 0, neither being the normalised row (1.22, −1.22, 0); even a "
+        "constant or one-element row of −1e300 gives nan",
+        "the exact x̂ where the deviations' squares fit (a constant row: 0), nan where they overflow",
+        "handgrad squares only the deviations from the row's first element, so it loses a row only "
+        "when its deviations overflow, and then says so with a nan instead of a plausible wrong 0. "
+        "(An overflow-free variance would cost an extra pass over every row.)",
+        "F.layer_norm(torch.tensor([[1e24, -1e24, 3.0]]), (3,))"),
+    Difference(
+        "layer_norm: constant rows are exact", "layer_norm", ("grad",), _layer_norm_constant_row,
+        "its backward's x̂ of a constant row is a rounding residue of about |x|·eps·rstd (so ∂L/∂w = "
+        "Σ G ⊙ x̂ is −2e-13 for a one-element float64 row of −63); its float32 ∂L/∂x of a constant row of "
+        "magnitude ≥ ~1e6 is 0 (its backward cancels x against the row mean)",
+        "x̂ = 0 exactly (the row is shifted by its first element), ∂L/∂w = 0, and ∂L/∂x = rstd·(G − mean G)",
+        "Those are the exact values, the ones torch's own float64 gives for ∂L/∂x; torch's are "
+        "cancellation residues.",
+        "torch.autograd.grad(F.layer_norm(torch.full((5,), 1e12, requires_grad=True), (5,)), ..., "
+        "torch.tensor([1., -2., .5, .25, 3.]))"),
+    Difference(
+        "silu in place on complex: the conjugate", "silu", ("grad",),
+        lambda call: not _not_tensor(call) and _input(call).dtype.is_complex and bool(call.kwargs.get("inplace")),
+        "silu_(z) on a complex non-leaf differentiates as G ⊙ f'(z) (out of place torch refuses complex "
+        "autograd for silu altogether)",
+        "G ⊙ conj f'(z), torch's convention for every holomorphic op (exp, tanh, sigmoid)",
+        "torch's own convention for complex gradients is the conjugate (its docs' 'Autograd for Complex "
+        "Numbers'); the in-place kernel's missing conj is inconsistent with it.",
+        "torch.autograd.grad(F.silu(z * 1, inplace=True), z, G) for a complex z"),
+    Difference(
+        "layer_norm: half input with a float32 bias differentiates", "layer_norm", ("backward",),
+        _half_input_float32_bias,
+        "layer_norm(x_half, shape, bias=b_float32) computes the forward (its mixed-dtype kernel) but "
+        "its backward raises RuntimeError: expected scalar type Half but found Float",
+        "the same forward, and a backward: ∂L/∂x in half, ∂L/∂b in float32",
+        "A forward torch accepts should be differentiable; the backward refusal is an accident of "
+        "torch's dtype dispatch (with a float32 weight as well, torch differentiates it).",
+        "F.layer_norm(torch.randn(2, 3, dtype=torch.half, requires_grad=True), (3,), "
+        "bias=torch.zeros(3, requires_grad=True)).sum().backward()"),
+    Difference(
+        "half_squared_error: refuses a 0-d input", "half_squared_error", ("exception",), _scalar_input,
+        "its composition 0.5·((x − y)²).sum(−1) treats a 0-d x as one row of one feature",
+        "ValueError: half_squared_error: input must have at least 1 dimension (the features)",
+        "The loss is defined over rows of features (Σ_n ½‖x_n − y_n‖²); a 0-d tensor has none, and "
+        "silently treating it as one feature hides a wrong shape.",
+        "F.half_squared_error(torch.tensor(1.0), torch.tensor(0.0))"),
+    Difference(
+        "linear: a bias of 3 or more dims that broadcasts", "linear", ("exception",), _high_rank_bias,
+        "F.linear(x (1, 1, 3), w (3, 3), b (1, 1, 3)) raises RuntimeError (its addmm path expands the "
+        "bias to 2-D (rows, out)), while it computes x (1, 2, 3) with b (1, 2, 3)",
+        "x Wᵀ + b with b broadcast to the output, on every path",
+        "The result is well defined and torch computes it for other shapes of the same rank; the "
+        "refusal depends on which internal kernel the shapes select.",
+        "F.linear(torch.randn(1, 1, 3), torch.randn(3, 3), torch.randn(1, 1, 3))"),
+    Difference(
+        "softplus: no overflow below a large threshold", "softplus", ("value", "grad"), _softplus_overflow,
+        "softplus(z, threshold=t) computes log1p(exp(βz))/β for βz ≤ t: inf (and gradient nan) once "
+        "βz > 88 in float32 (709 in float64)",
+        "max(βz, 0) + log1p(e^{−|βz|}), over β: the exact value (≈ z) and gradient σ(βz) ≈ 1",
+        "The function is finite and ≈ z there; the overflow is an artefact of the unstable form.",
+        "F.softplus(torch.tensor([100.0]), threshold=1e4)"),
+)
+
+
+def covering(call, kind: str, table=DIFFERENCES) -> Difference | None:
+    """The entry of ``table`` that covers a ``kind`` mismatch of ``call``, if one does."""
+    for d in table:
+        if d.op == call.op and kind in d.kinds and d.when(call):
+            return d
+    return None
+
+
+def render(table=DIFFERENCES) -> str:
+    """The table as Markdown, one row per entry: docs/differences.md holds it verbatim (between
+    its ``<!-- table -->`` markers; tests/test_fuzz.py checks they are the same)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    rows = ["| op | difference | torch | handgrad | why handgrad's | reproducer |",
+            "|---|---|---|---|---|---|"]
+    for d in table:
+        rows.append(f"| `{d.op}` | {cell(d.name)} | {cell(d.torch)} | {cell(d.handgrad)} | {cell(d.why)} | "
+                    f"`{cell(d.reproducer)}` |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")

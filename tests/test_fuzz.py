@@ -1,0 +1,437 @@
+"""The differential fuzzer in CI (issue 13 §1), and named regression tests for the parity fixes it
+found in the activations, softmax and layer_norm.
+
+The fuzzer run is seeded (``$HANDGRAD_FUZZ_SEED``, default ``fuzz.DEFAULT_SEED``) and bounded:
+``$HANDGRAD_FUZZ_CALLS`` calls (3000: ~5 s on an idle core) or ``$HANDGRAD_FUZZ_SECONDS`` of wall
+clock (25 s, within the CI budget of one core, on a loaded machine), whichever comes first; the
+calls are the same for a seed, so a slower machine runs a prefix of them. A failure prints every
+disagreeing class with a one-line reproducer (``python -m handgrad.testing.fuzz --call OP:SEED``).
+Larger runs: ``HANDGRAD_FUZZ_CALLS=50000 HANDGRAD_FUZZ_SECONDS=600 HANDGRAD_FUZZ_SEED=7 pytest
+tests/test_fuzz.py -k agrees``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import handgrad.functional as F
+from handgrad import catalogue
+from handgrad.testing import fuzz
+from handgrad.testing.differences import DIFFERENCES, Difference, render
+from handgrad.testing.fuzz.call import Spec, describe
+from handgrad.testing.fuzz.draw import OPTIONS, draw_call
+
+ROOT = Path(__file__).resolve().parents[1]
+CALLS = int(os.environ.get("HANDGRAD_FUZZ_CALLS", 3000))
+SECONDS = float(os.environ.get("HANDGRAD_FUZZ_SECONDS", 25))
+
+
+# --- KNOWN_OPEN: TEMPORARY. Disagreements in the loss / linear / fused ops, whose fixes land on
+# another branch (issue 13 §1, the classes in ops/losses.py, ops/fused.py, ops/linear.py and their
+# functional modules). Each entry: the class, a predicate on the call, and a reproducer. Remove an
+# entry once its fix is merged; the fuzzer then holds the op to torch again. ------------------------
+
+def _specs(call):
+    return [s for s in call.specs()]
+
+
+def _kw(name, value):
+    return lambda call: call.kwargs.get(name) == value
+
+
+def _nonfloat_tensor(call):
+    """a tensor argument that is integer, bool or complex (an invalid-domain call)"""
+    return any(not s.dtype.is_floating_point for s in _specs(call) if s is not _target(call))
+
+
+def _target(call):
+    return call.args[1] if call.op in ("cross_entropy", "nll_loss") and len(call.args) > 1 else None
+
+
+def _mixed_float_dtypes(call):
+    return len({s.dtype for s in _specs(call) if s.dtype.is_floating_point and s is not _target(call)}) > 1
+
+
+def _zero_features(call):
+    """a 0-size feature / class dim: the input's last dim (linear, fused) or its class dim"""
+    x = call.first()
+    if x is None or not x.shape:
+        return False
+    if call.op in ("cross_entropy", "nll_loss"):
+        return (x.shape[1] if len(x.shape) > 1 else x.shape[0]) == 0
+    shapes = [s.shape for s in _specs(call)]
+    return any(0 in s for s in shapes)
+
+
+def _nonfinite_or_huge(call):
+    return any(not (v := s.base.to(s.dtype).double()).isfinite().all() or bool((v.abs() > 1e15).any())
+               for s in _specs(call) if s.dtype.is_floating_point)
+
+
+def _uint8_target(call):
+    t = _target(call)
+    return isinstance(t, Spec) and t.dtype == torch.uint8
+
+
+def _unbatched_bad_target(call):
+    x, t = call.first(), _target(call)
+    return x is not None and len(x.shape) == 1 and isinstance(t, Spec) and len(t.shape) >= 1 and t.shape != (1,)
+
+
+def _class_weight_2d_or_signed(call):
+    w = call.kwargs.get("weight")
+    return isinstance(w, Spec) and (len(w.shape) != 1 or bool((w.base.to(w.dtype) <= 0).any()) or w.requires_grad)
+
+
+def _negative_smoothing(call):
+    v = call.kwargs.get("label_smoothing", 0.0)
+    return isinstance(v, float) and v < 0
+
+
+def _bool_operand(call):
+    return any(s.dtype == torch.bool for s in _specs(call))
+
+
+def _low_precision(call):
+    return call.precision() in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _odd_linear_shapes(call):
+    """a 1-D input or weight, or a bias that is not (D_out,): shapes F.linear broadcasts"""
+    x, w = call.args[0], call.args[1]
+    if call.op == "mlp":
+        return False
+    b = call.args[2] if len(call.args) > 2 else None
+    if not (isinstance(x, Spec) and isinstance(w, Spec)):
+        return False
+    return len(x.shape) == 1 or len(w.shape) != 2 or (isinstance(b, Spec) and b.shape != w.shape[:1])
+
+
+def _any(*preds):
+    return lambda call: any(p(call) for p in preds)
+
+
+def _open(name, ops, kinds, when, repro):
+    return tuple(Difference(name, op, kinds, when, "", "", "open: being fixed on another branch", repro) for op in ops)
+
+
+_ALL_KINDS = ("exception", "output", "dtype", "shape", "value", "requires_grad", "backward", "grad")
+_LOSSES = ("mse_loss", "half_squared_error", "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits")
+_LINEAR = ("linear", "linear_act", "mlp")
+
+KNOWN_OPEN: tuple[Difference, ...] = (
+    *_open("0 features / 0 classes crash", ("linear_act", "mlp", "cross_entropy", "nll_loss"), _ALL_KINDS,
+           _zero_features,
+           "F.linear_act(torch.randn(2, 0), torch.randn(3, 0)) (torch: shape [2, 3]); "
+           "F.cross_entropy(torch.randn(2, 0), torch.zeros(2)) (torch: a value)"),
+    *_open("reduction='elementwise_mean' (torch's legacy alias)", _LOSSES, ("exception",),
+           _kw("reduction", "elementwise_mean"),
+           "F.mse_loss(torch.randn(3), torch.randn(3), reduction='elementwise_mean')"),
+    *_open("integer/bool/complex inputs: another exception or a result", _LOSSES + _LINEAR, _ALL_KINDS,
+           _nonfloat_tensor,
+           "F.mse_loss(torch.ones(3, dtype=torch.uint8), torch.ones(3, dtype=torch.uint8)) "
+           "(torch: NotImplementedError)"),
+    *_open("mixed float dtypes: accepted/refused or promoted differently", _LOSSES + _LINEAR, _ALL_KINDS,
+           _mixed_float_dtypes,
+           "F.binary_cross_entropy_with_logits(torch.randn(2), torch.rand(2, dtype=torch.half)) (torch: "
+           "float16); F.linear(torch.randn(3, dtype=torch.double), torch.randn(5, 3, dtype=torch.double), "
+           "torch.randn(5)) (torch: accepted)"),
+    *_open("bool target: torch's subtraction refuses it", ("mse_loss", "half_squared_error"), ("exception",),
+           _bool_operand, "F.half_squared_error(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.bool))"),
+    *_open("uint8 targets", ("cross_entropy", "nll_loss"), _ALL_KINDS, _uint8_target,
+           "F.cross_entropy(torch.randn(1, 3, 2), torch.zeros(1, 2, dtype=torch.uint8)) (torch: RuntimeError)"),
+    *_open("unbatched input with a target of another size", ("cross_entropy", "nll_loss"), ("exception",),
+           _unbatched_bad_target, "F.nll_loss(torch.randn(3), torch.tensor([0, 1])) (torch: ValueError)"),
+    *_open("class weight: (1, C), non-positive or requiring grad", ("cross_entropy", "nll_loss"), _ALL_KINDS,
+           _class_weight_2d_or_signed,
+           "F.cross_entropy(torch.randn(3, 2), torch.tensor([0, 1, -100]), weight=torch.tensor([-.5, -.3]))"),
+    *_open("negative label_smoothing (torch treats it as 0)", ("cross_entropy",), _ALL_KINDS, _negative_smoothing,
+           "F.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), label_smoothing=-0.1)"),
+    *_open("non-finite or huge values in the losses and fused ops", _LOSSES + ("linear_act", "mlp"),
+           ("value", "grad"), _nonfinite_or_huge,
+           "F.binary_cross_entropy_with_logits(torch.tensor([-1e30]).half(), torch.tensor([0.76]).half()) "
+           "(torch: nan)"),
+    *_open("fused ops below float64: the composition rounds between layers", ("linear_act", "mlp"),
+           ("value", "grad"), _low_precision,
+           "python -m handgrad.testing.fuzz --call mlp:400735881620"),
+    *_open("mse_loss with a weight, float64: gradient rounded like float32", ("mse_loss",), ("grad", "value"),
+           lambda call: call.kwargs.get("weight") is not None,
+           "F.mse_loss(torch.tensor(0.969, dtype=torch.double), torch.tensor(-14202.156, dtype=torch.double, "
+           "requires_grad=True), weight=torch.tensor(-0.23, dtype=torch.double, requires_grad=True))"),
+    *_open("1-D weight, 0-d or 2-D bias: linear's other paths", _LINEAR, _ALL_KINDS,
+           lambda call: _odd_linear_shapes(call),
+           "F.linear_act(torch.randn(2, 7), torch.randn(7), torch.tensor(1.0)) (torch: accepted); "
+           "F.linear(torch.randn(2, 1).t(), torch.randn(1), torch.tensor(0.2)) (torch: RuntimeError)"),
+    *_open("linear_act: activation options checked before the linear's arguments", ("linear_act",),
+           ("exception",), lambda call: len(call.kwargs) > 1,
+           "F.linear_act(torch.randn(2, 3), torch.randn(4, 3, dtype=torch.double), activation='softplus', "
+           "beta='a') (torch: RuntimeError from linear first)"),
+)
+
+
+# --- the fuzzer ------------------------------------------------------------------------------------
+
+def test_fuzzer_agrees_with_torch():
+    """Every call the fuzzer draws agrees with torch, but where the table of deliberate differences
+    (or, for now, KNOWN_OPEN) covers it."""
+    report = fuzz.run(calls=CALLS, seconds=SECONDS, known=KNOWN_OPEN)
+    print(report.summary())
+    # it ran (not a test that cannot fail): ~1000 calls a second on an idle core, a few hundred
+    # on a loaded CI machine
+    assert report.calls >= min(CALLS, 300), report.summary()
+    assert not report.disagreements, report.summary()
+
+
+def test_fuzzer_finds_a_wrong_value(monkeypatch):
+    """A planted error (tanh off by 1e-3 relatively) is reported, with its reproducer."""
+    monkeypatch.setattr(F, "tanh", lambda input: TF.tanh(input) * (1 + 1e-3))
+    report = fuzz.run(seed=1, calls=300, only=["tanh"])
+    assert report.disagreements
+    assert "--call tanh:" in report.summary()
+
+
+def test_fuzzer_finds_a_wrong_exception(monkeypatch):
+    def relu(input, inplace=False):
+        if not input.is_floating_point():
+            raise ValueError("planted")
+        return TF.relu(input, inplace=inplace)
+
+    monkeypatch.setattr(F, "relu", relu)
+    report = fuzz.run(seed=1, calls=800, only=["relu"])
+    assert any(d.mismatch.kind == "exception" for d in report.disagreements)
+
+
+def test_fuzz_seed_from_environment(monkeypatch):
+    monkeypatch.setenv(fuzz.SEED_ENV, "1234")
+    report = fuzz.run(calls=5)
+    assert report.seed == 1234 and f"fuzz seed 1234 (${fuzz.SEED_ENV})" in report.summary()
+
+
+def test_a_call_is_redrawn_from_its_seed():
+    for op in fuzz.fuzzed_ops()[0]:
+        a, b = draw_call(op, 42), draw_call(op, 42)
+        assert describe(a) == describe(b)
+        assert all(torch.equal(x.base, y.base) for x, y in zip(a.specs(), b.specs()))
+
+
+def test_every_catalogue_op_is_fuzzed_or_skipped_with_a_reason():
+    ops, skipped = fuzz.fuzzed_ops()
+    assert set(ops) | set(skipped) == set(catalogue.CATALOGUE)
+    # only linear_cross_entropy may be skipped, and only while its signature is not torch's; a new
+    # catalogue op needs a domain in fuzz/draw.py (and, without a torch twin, a fuzz/references.py entry)
+    assert set(skipped) <= {"linear_cross_entropy"}, skipped
+    for why in skipped.values():
+        assert "signature" in why
+
+
+def test_every_option_has_a_domain():
+    """An option added to the catalogue must get valid and invalid values in fuzz/draw.py."""
+    for op in catalogue.ops():
+        assert op.name in OPTIONS, f"{op.name}: no fuzz domain in handgrad/testing/fuzz/draw.py (OPTIONS, DRAW)"
+        missing = set(op.options) - set(OPTIONS[op.name])
+        assert not missing, f"{op.name}: no fuzz domain for {sorted(missing)}"
+
+
+def test_deliberate_differences_are_documented():
+    """docs/differences.md holds the table as rendered from the data, verbatim; every entry says
+    what torch does, what handgrad does, why, and how to see it."""
+    doc = (ROOT / "docs" / "differences.md").read_text()
+    table = doc.split("<!-- table -->\n", 1)[1].split("<!-- /table -->", 1)[0]
+    assert table == render(), "docs/differences.md is stale: paste `python -m handgrad.testing.differences`"
+    for d in DIFFERENCES:
+        assert d.torch and d.handgrad and d.why and d.reproducer
+        assert d.op in catalogue.CATALOGUE
+
+
+def test_known_open_entries_have_reproducers():
+    for d in KNOWN_OPEN:
+        assert d.reproducer and d.op in catalogue.CATALOGUE
+
+
+# --- regression tests for the classes fixed (issue 13 §1) --------------------------------------------
+
+def _vg(fn, x, g=None, **kw):
+    x = x.detach().clone().requires_grad_()
+    y = fn(x, **kw)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y) if g is None else g)
+    return y.detach(), gx
+
+
+def test_layer_norm_constant_float32_rows_are_zero():
+    """A constant row normalises to exactly 0, as torch's (was ±2e-3 for rows of 1e3s in float32);
+    with eps = 0 it is 0/0 = nan, as torch's (was 1.0)."""
+    x = torch.full((4, 13), 1234.567, dtype=torch.float32)
+    for eps in (1e-5, 0.0):
+        y, ty = F.layer_norm(x, (13,), eps=eps), TF.layer_norm(x, (13,), eps=eps)
+        torch.testing.assert_close(y, ty, rtol=0, atol=0, equal_nan=True)
+    assert (F.layer_norm(x, (13,)) == 0).all()
+    assert F.layer_norm(x, (13,), eps=0.0).isnan().all()
+
+
+def test_layer_norm_squares_that_overflow_give_nan():
+    """float32 deviations of 1e24: the squares overflow. torch gives 0 or nan by the row (both
+    wrong: the row normalises to ±1.22, 0); handgrad nan, not a silent 0 (docs/differences.md)."""
+    for row in ([1e24, -1e24, 3.0], [6.7e23, -8.0e23, -5.5e23, 1.1e24]):
+        x = torch.tensor([row])
+        assert F.layer_norm(x, (len(row),)).isnan().all()
+        assert not TF.layer_norm(x, (len(row),)).isfinite().all() or (TF.layer_norm(x, (len(row),)) == 0).all()
+        assert TF.layer_norm(x.double(), (len(row),)).isfinite().all()     # the truth is finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_elu_gradient_far_left(dtype):
+    """f'(z) = α e^z from z: 4.1e-8 at z = −17 in float32, where y + α cancelled to 0 — also in
+    the fused ops, which use the same spec."""
+    z = torch.tensor([-17.0, -30.0, -80.0], dtype=dtype)
+    for alpha in (1.0, 0.5):
+        _, g = _vg(F.elu, z, alpha=alpha)
+        _, tg = _vg(TF.elu, z, alpha=alpha)
+        exact = alpha * torch.exp(z.double())
+        torch.testing.assert_close(g.double(), exact, rtol=4 * torch.finfo(dtype).eps, atol=0)
+        torch.testing.assert_close(g, tg)
+    x = torch.tensor([[1.0]], dtype=dtype)
+    w = torch.tensor([[-17.0]], dtype=dtype, requires_grad=True)
+    (gw,) = torch.autograd.grad(F.linear_act(x, w, None, activation="elu").sum(), w)
+    assert gw.item() == pytest.approx(math.exp(-17), rel=1e-6)
+
+
+def test_elu_in_place_keeps_torchs_output_form():
+    """In place, z is gone: f' = y + α from y, as torch's elu_ (so the two agree exactly)."""
+    z = torch.linspace(-20, 2, 23, requires_grad=True)
+    (g,) = torch.autograd.grad(F.elu(z * 1, inplace=True).sum(), z)
+    (tg,) = torch.autograd.grad(TF.elu(z * 1, inplace=True).sum(), z)
+    # y itself may differ from torch's by a rounding (expm1), which y + α carries into f' where
+    # it cancels: equal to float32's default tolerance, absolute near 0
+    torch.testing.assert_close(g, tg)
+
+
+@pytest.mark.parametrize("fn,tfn", [(F.softmax, TF.softmax), (F.log_softmax, TF.log_softmax)])
+def test_softmax_of_empty_non_floating_inputs(fn, tfn):
+    """torch returns an empty tensor of any dtype (no kernel runs); non-empty ones it refuses."""
+    for x, dtype in ((torch.zeros(0, 3, dtype=torch.long), None), (torch.zeros(0, 3, dtype=torch.bool), None),
+                     (torch.zeros(0, 3), torch.long), (torch.zeros(0, 3, dtype=torch.uint8), torch.float16)):
+        y, ty = fn(x, 1, dtype=dtype), tfn(x, 1, dtype=dtype)
+        assert y.dtype == ty.dtype and y.shape == ty.shape
+    with pytest.raises(NotImplementedError):
+        fn(torch.zeros(2, 3, dtype=torch.long), 1)
+    with pytest.raises(NotImplementedError):
+        fn(torch.zeros(2, 3), 1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="complex"):
+        fn(torch.zeros(0, 3, dtype=torch.complex64, requires_grad=True), 1)
+
+
+def test_softmax_gradient_where_one_probability_is_one():
+    """Y ⊙ (G − (G ⊙ Y)1) cancels where y ≈ 1: the row sum is kept to float64 accuracy, so the
+    float32 gradient is as close to the truth as torch's."""
+    x = torch.tensor([[20.0, 0.0, -3.0, 1.0, 2.5]])
+    g = torch.tensor([[0.7, -1.3, 0.2, 0.9, -0.4]])
+    _, ours = _vg(lambda t: F.softmax(t, 1), x, g)
+    _, theirs = _vg(lambda t: TF.softmax(t, 1), x, g)
+    _, truth = _vg(lambda t: TF.softmax(t, 1), x.double(), g.double())
+    assert (ours.double() - truth).abs().max() <= 2 * (theirs.double() - truth).abs().max() + 1e-12
+
+
+def test_layer_norm_integer_input_with_float_weight():
+    """torch: RuntimeError (its mixed-dtype check) when a parameter's dtype is not the integer
+    input's; NotImplementedError (no kernel) otherwise."""
+    x = torch.ones(2, 3, dtype=torch.int32)
+    for w, b, exc in ((torch.ones(3), None, RuntimeError), (None, torch.ones(3, dtype=torch.double), RuntimeError),
+                      (None, None, NotImplementedError), (torch.ones(3, dtype=torch.int32), None, NotImplementedError)):
+        with pytest.raises(exc):
+            TF.layer_norm(x, (3,), w, b)
+        with pytest.raises(exc):
+            F.layer_norm(x, (3,), w, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layer_norm_half_input_float32_bias(dtype):
+    """torch computes the forward (its mixed-dtype kernel) and refuses only the backward; handgrad
+    computes both (docs/differences.md): ∂L/∂x in the half type, ∂L/∂b in float32."""
+    x = torch.randn(4, 6).to(dtype).requires_grad_()
+    b = torch.randn(6, requires_grad=True)
+    y, ty = F.layer_norm(x, (6,), bias=b), TF.layer_norm(x, (6,), bias=b)
+    assert y.dtype == ty.dtype == dtype
+    torch.testing.assert_close(y, ty)
+    with pytest.raises(RuntimeError):
+        ty.sum().backward()
+    gx, gb = torch.autograd.grad(y.sum(), (x, b))
+    assert gx.dtype == dtype and gb.dtype == torch.float32
+    torch.testing.assert_close(gb, torch.full((6,), 4.0))
+
+
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "elu", "silu"])
+def test_inplace_activation_checks_in_torchs_order(name):
+    """In place: the leaf check first, then (but for relu) overlapping memory, then the dtype —
+    each with torch's exception type."""
+    ours, theirs = getattr(F, name), getattr(TF, name)
+    cases = [torch.ones(3, dtype=torch.complex64, requires_grad=True),                    # a leaf, complex
+             torch.ones(1, 3, dtype=torch.complex64, requires_grad=True).expand(2, 3),   # a view of one
+             torch.ones(1, 3, dtype=torch.complex64).expand(2, 3),                       # overlapping
+             torch.ones(1, 3, dtype=torch.long).expand(2, 3),
+             torch.ones(1, 3, dtype=torch.bool).expand(2, 3)]
+    for x in cases:
+        try:
+            theirs(x.clone() if False else x, inplace=True)
+            expected = None
+        except Exception as e:       # noqa: BLE001
+            expected = type(e)
+        if expected is None:
+            ours(x, inplace=True)
+        else:
+            with pytest.raises(expected):
+                ours(x, inplace=True)
+    # an empty expanded tensor has no overlapping elements: accepted
+    ours(torch.ones(1, 0).expand(3, 0), inplace=True)
+
+
+def test_silu_in_place_on_complex_is_differentiable():
+    """torch refuses the gradient of out-of-place silu on complex z, but not of silu_ on a non-leaf;
+    handgrad accepts it too, with torch's complex convention G ⊙ conj f'(z) (torch's silu_ drops
+    the conj: docs/differences.md)."""
+    x = torch.randn(4, dtype=torch.complex64, requires_grad=True)
+    G = torch.randn(4, dtype=torch.complex64)
+    (g,) = torch.autograd.grad(F.silu(x * 1, inplace=True), x, G)
+    (tg,) = torch.autograd.grad(TF.silu(x * 1, inplace=True), x, G)
+    z = x.detach()
+    s = torch.sigmoid(z)
+    df = s * (1 + z * (1 - s))                                        # f'(z)
+    torch.testing.assert_close(g, G * df.conj())
+    torch.testing.assert_close(tg, G * df)                            # torch's, without the conj
+    with pytest.raises(RuntimeError):
+        F.silu(x * 1)
+
+
+def test_scalar_options_are_type_errors_everywhere():
+    """A non-number where torch's binding wants a Scalar: TypeError, also through the fused ops
+    (which build the same specs); gelu's approximate must be a str."""
+    x, w = torch.randn(2, 3), torch.randn(4, 3)
+    with pytest.raises(TypeError, match="beta"):
+        F.softplus(x, beta="a")
+    with pytest.raises(TypeError, match="beta"):
+        F.linear_act(x, w, None, activation="softplus", beta="a")
+    with pytest.raises(TypeError, match="negative_slope"):
+        F.linear_act(x, w, None, activation="leaky_relu", negative_slope=None)
+    with pytest.raises(TypeError, match="approximate"):
+        F.linear_act(x, w, None, activation="gelu", approximate=1)
+
+
+def test_gelu_checks_approximate_before_the_dtype():
+    x = torch.ones(3, dtype=torch.bool)
+    with pytest.raises(RuntimeError):
+        TF.gelu(x, approximate="erf")
+    with pytest.raises(RuntimeError, match="approximate"):
+        F.gelu(x, approximate="erf")
+
+
+def test_softplus_gradient_in_the_subnormal_tail():
+    """σ(βz) for βz = −97 is 7.2e-43, a float32 subnormal: torch's e^{βz}/(e^{βz} + 1) keeps it,
+    torch.sigmoid flushes it to 0; handgrad's e^{−|βz|}/(1 + e^{−|βz|}) keeps it too."""
+    z = torch.tensor([-48.57])
+    _, g = _vg(F.softplus, z, beta=2.0)
+    _, tg = _vg(TF.softplus, z, beta=2.0)
+    assert tg.item() > 0 and g.item() == pytest.approx(tg.item(), rel=1e-2)   # subnormal: few digits
