@@ -4,6 +4,8 @@ No math here: the math lives in ``handgrad.ops``.
 """
 from __future__ import annotations
 
+import numbers
+
 import warnings
 
 import torch
@@ -78,6 +80,8 @@ def check_reduction(reduction: str) -> str:
 def check_label_smoothing(fn: str, label_smoothing: float) -> float:
     """ε ∈ [0, 1]. torch refuses ε > 1 (RuntimeError) and applies the smoothing only when ε > 0:
     a negative ε (or nan) is no smoothing at all, so it is mapped to 0 here."""
+    if not isinstance(label_smoothing, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{fn}(): argument 'label_smoothing' must be float, not {type(label_smoothing).__name__}")
     eps = float(label_smoothing)
     if eps > 1.0:
         raise RuntimeError(f"{fn}: label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
@@ -224,6 +228,8 @@ def check_linear(fn: str, weight, bias, *, features: int, dtype: torch.dtype, in
     if bias is None:
         return None
     if input is None:
+        if bias.dim() <= 1 and bias.numel() == 1 and weight.shape[0] != 1:
+            bias = bias.reshape(1).expand(weight.shape[0])      # () or (1,): broadcast to (D_out,), as linear's
         if bias.shape != weight.shape[:1]:
             raise RuntimeError(f"{fn}: {b_name} of shape {shape_str(bias)} does not match {w_name} "
                                f"{shape_str(weight)}: expected [{weight.shape[0]}]")

@@ -45,7 +45,7 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     _check_input("linear_act", input)
     act = activation_spec(activation, **activation_kwargs)
     input, weight, bias = autocast("linear", input, weight, bias)
-    check_linear("linear_act", weight, bias, features=input.shape[-1], dtype=input.dtype)
+    bias = check_linear("linear_act", weight, bias, features=input.shape[-1], dtype=input.dtype)
     return StackFn.call(input, StackSpec((act,)), weight, bias)[0]
 
 
@@ -75,7 +75,7 @@ def mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[t
         if not (isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == features and w.dtype == dtype
                 and (b is None or (isinstance(b, torch.Tensor) and b.dim() == 1 and b.shape[0] == w.shape[0]
                                    and b.dtype == dtype))):
-            check_linear("mlp", w, b, features=features, dtype=dtype, layer=l)
+            params[2 * l + 1] = check_linear("mlp", w, b, features=features, dtype=dtype, layer=l)
         features = w.shape[0]
     return StackFn.call(input, spec, *params)[L - 1]
 

@@ -208,7 +208,8 @@ def ce_losses(logp, target, w, opts):
         # (no classes: ε/C = ∞ times Σ = 0 is nan, as torch's, on every row)
         smooth = eps / C if C else math.inf
         loss = loss - smooth * (keep.to(logp.dtype) * _sum(wlogp, 1))     # − (ε/C) keep_i Σ_c w_c log p_ic
-    return loss
+    # an ignored row is 0 even where its log p is not finite (0 · nan): torch skips it
+    return loss.where(keep, 0.0) if C else loss
 
 
 def ce_direction(logp, target, w, opts, inplace: bool = False):

@@ -98,7 +98,6 @@ def fuzzed_ops() -> tuple[dict[str, tuple], dict[str, str]]:
 def _outcomes(call: Call, fn, ref) -> tuple[Outcome, ...]:
     """(torch, handgrad, the float64 truth, the truth on inputs moved by a rounding, and for
     float64 calls torch in float32: see ``compare.value_mismatch``)."""
-    torch.manual_seed(call.seed)
     theirs = run_side(ref, call)
     g = {"g": theirs.out.dtype} if isinstance(theirs.out, torch.Tensor) else None
     ours = run_side(fn, call, rounding=g)

@@ -53,6 +53,7 @@ class Outcome:
     grads: tuple | None = None          # one per leaf that requires grad (None where unused)
     g_scale: float = 0.0                # max |G| over its finite elements
     x_scale: float = 0.0                # max |input| over the finite elements (reductions only)
+    extra: tuple | None = None          # a tuple result's other tensors (max_pool2d's indices)
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,16 @@ def run_side(fn: Callable, call: Call, dtype: torch.dtype | None = None, roundin
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
+            torch.manual_seed(call.seed)        # every side draws the same random numbers (dropout's mask)
             out = fn(*args, **kwargs)
         except Exception as e:          # noqa: BLE001 — the type is what is compared
             o.error, o.message = type(e), str(e).split("\n")[0][:200]
             return o
+        if isinstance(out, tuple) and out and all(isinstance(t, torch.Tensor) for t in out):
+            # (output, indices…) as max_pool2d's return_indices: the first is differentiated, the
+            # others compared exactly
+            o.extra = tuple(t.detach() for t in out[1:])
+            out = out[0]
         o.out = out
         if not isinstance(out, torch.Tensor):
             return o
@@ -207,8 +214,14 @@ def compare(theirs: Outcome, ours: Outcome, truth: Outcome | None, wobble: Outco
     if t.shape != h.shape:
         return [Mismatch("shape", f"torch {list(t.shape)} | handgrad {list(h.shape)}", "shape")]
     out: list[Mismatch] = []
+    if (theirs.extra is None) != (ours.extra is None) or theirs.extra is not None and (
+            len(theirs.extra) != len(ours.extra) or not all(
+                a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) for a, b in zip(theirs.extra, ours.extra))):
+        out.append(Mismatch("output", "the other outputs of a tuple result (indices) differ", "tuple outputs"))
+    # the forward's truth stands where only torch's backward refuses (group_norm's bias without a weight)
+    fwd = [o.out if o is not None and o.error is None else None for o in (truth, wobble, coarse)]
     truth, wobble, coarse = _ok(truth), _ok(wobble), _ok(coarse)
-    bad = value_mismatch(h, t, truth and truth.out, wobble and wobble.out, coarse and coarse.out, lowp_ulps,
+    bad = value_mismatch(h, t, *fwd, lowp_ulps,
                          FLOAT64_ULPS * torch.finfo(torch.float64).eps * theirs.x_scale
                          if t.dtype == torch.float64 and precision in (None, torch.float64) else 0.0, precision)
     if bad:

@@ -432,6 +432,11 @@ DRAW: dict[str, Callable[[Draw], Call]] = {
     "linear_cross_entropy": _linear_cross_entropy,
 }
 
+from . import layers  # noqa: E402 — the layer ops' domains, which use the helpers above
+
+OPTIONS.update(layers.OPTIONS)
+DRAW.update(layers.DRAW)
+
 
 def draw_call(op: str, seed: int) -> Call:
     return DRAW[op](Draw(seed))
