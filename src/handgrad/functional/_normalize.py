@@ -63,10 +63,12 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None:
             check_tensor(name, t, fn="batch_norm")
+    if training:                                   # torch's order: these before any type check
+        _verify_batch_size(list(input.size()), input)
+        if not isinstance(eps, str) and eps is not None and eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     momentum = _check_float("batch_norm", "momentum", momentum, 7)
     eps = _check_float("batch_norm", "eps", eps, 8)
-    if training:
-        _verify_batch_size(list(input.size()), input)
     input, weight, bias = autocast("batch_norm", input, weight, bias)
     _check_floating("batch_norm", input)
     if input.dim() < 2:

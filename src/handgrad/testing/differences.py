@@ -160,6 +160,15 @@ def _softplus_overflow(call) -> bool:
     return bool(((v > math.log(_opmath_max(x.dtype)) - 1) & (v <= threshold)).any())
 
 
+def _bias_without_weight(call) -> bool:
+    return call.kwargs.get("weight") is None and call.kwargs.get("bias") is not None
+
+
+def _strided_weight(call) -> bool:
+    w = call.kwargs.get("weight")
+    return w is not None and bool(getattr(w, "view", ()))
+
+
 DIFFERENCES: tuple[Difference, ...] = (
     Difference(
         "non-tensor input: TypeError", "sigmoid", ("exception",), _not_tensor,
@@ -278,6 +287,24 @@ DIFFERENCES: tuple[Difference, ...] = (
         "max(βz, 0) + log1p(e^{−|βz|}), over β: the exact value (≈ z) and gradient σ(βz) ≈ 1",
         "The function is finite and ≈ z there; the overflow is an artefact of the unstable form.",
         "F.softplus(torch.tensor([100.0]), threshold=1e4)"),
+    Difference(
+        "group_norm: a bias without a weight differentiates", "group_norm", ("backward",), _bias_without_weight,
+        "group_norm(x, G, bias=b) computes the forward, but its backward raises RuntimeError: tensor does not "
+        "have a device (for any dtype, whether or not x requires grad)",
+        "the same forward, and its backward: ∂L/∂x as with a weight of ones, ∂L/∂b = Σ G per channel",
+        "A forward torch accepts should be differentiable; with a weight as well torch differentiates it, so "
+        "the refusal is an accident of its backward's undefined-weight path.",
+        "F.group_norm(torch.randn(2, 4, 3, requires_grad=True), 2, bias=torch.zeros(4)).sum().backward()"),
+    Difference(
+        "batch_norm: a non-contiguous weight", "batch_norm", ("value", "grad"), _strided_weight,
+        "batch_norm's CPU backward with a strided weight view (w[::2]) gives a wrong ∂L/∂x (3.18 where the "
+        "same weight, contiguous, gives 2.70), in float64 too",
+        "the same gradient for any layout of the weight",
+        "The gradient cannot depend on the weight's memory layout; torch's reads the weight as if it were "
+        "contiguous.",
+        "x = torch.randn(7, 5, dtype=torch.double, requires_grad=True); w = torch.randn(10, dtype=torch.double)"
+        "[::2]; compare torch.autograd.grad(F.batch_norm(x, None, None, w, training=True), x, G) with "
+        "w.contiguous()"),
 )
 
 

@@ -183,7 +183,7 @@ def _norm_param(d: Draw, ctx):
 
 
 OPTIONS: dict[str, dict[str, Callable[[Draw, dict], Any]]] = {
-    "linear": {},
+    "linear": {"bias": lambda d, ctx: ctx["bias"]},   # drawn with the weight (_linear_args), passed positionally
     "sigmoid": {},
     "tanh": {},
     "relu": {"inplace": _INPLACE},
