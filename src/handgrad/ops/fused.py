@@ -447,7 +447,7 @@ class LinearCrossEntropyFn(HandFunction):
             # Recompute chunk by chunk (recorded when grad mode is on: differentiable).
             G = opmath(g)
             den = ce_denominator(target, w, opts.ce, G.dtype)
-            _, gX, gW, gb = _lce_chunks(x, weight, bias, target, w, opts, want_loss=False, g=G.flatten()
+            _, gX, gW, gb = _lce_chunks(x, weight, bias, target, w, opts, want_loss=False, g=G.reshape(-1)
                                         if G.dim() else G, den=den, needs=needs, inplace=not torch.is_grad_enabled())
             result = [None if r is None else r.to(t.dtype) for r, t in zip((gX, gW, gb), (x, weight, bias))]
         return (*result, None, None, None)
