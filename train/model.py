@@ -1,7 +1,9 @@
-"""The LightningModule: the seed's network trained by gradient descent, on handgrad or on torch.
+"""The LightningModule: the seed's network (or a CNN) trained by gradient descent, on handgrad or on torch.
 
-Network (the seed's, ``handgrad.nn.MLP``): ``x_l = f(W_l x_{l-1} + b_l)`` for the hidden
+Network ``mlp`` (the seed's, ``handgrad.nn.MLP``): ``x_l = f(W_l x_{l-1} + b_l)`` for the hidden
 layers, ``x_L = W_L x_{L-1} + b_L`` (then ``last_activation`` when given, the seed's sigmoid).
+Network ``cnn`` (``build_cnn``), on image data: blocks ``X' = pool₂(f(BN(W ⋆ X)))``, then that MLP
+on the flattened output of the last block.
 
 Loss, per sample n with output x_L^n and target y^n:
     cross_entropy:       C^n = −log softmax(x_L^n)[y^n]
@@ -9,13 +11,15 @@ Loss, per sample n with output x_L^n and target y^n:
     reduction 'sum' gives L = Σ_n C^n (the seed's), 'mean' gives L = (1/N) Σ_n C^n.
 
 Update: the optimizer from the config, plain SGD ``w ← w − α_w ∂L/∂w`` by default, with one
-parameter group per affine layer so each layer can have its own learning rate α_w.
+parameter group per layer with parameters (affine layers; cnn: convs and batch norms too) so
+each layer can have its own learning rate α_w.
 
 ``backend: torch`` builds the same network from ``torch.nn`` modules and copies the same
 initial weights into it, so one config trains both for a side-by-side comparison.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -134,13 +138,10 @@ def build_cnn(
 
 
 class Model(pl.LightningModule):
-    """Trains the seed's MLP (or any network you return from ``build_network``) on ``(x, y)`` batches.
+    """Trains the seed's MLP, a CNN (``network: cnn``) or any network you return from the
+    ``build_network`` hook on ``(x, y)`` batches.
 
     Args:
-        network: ``mlp`` (the seed's MLP on the flat features) or ``cnn`` (conv blocks on the
-            image, then the MLP on their flattened output; needs image data, ``image_shape``).
-        channels: cnn only: output channels of each conv → batch norm → f → pool block.
-        pool: cnn only: ``max`` or ``avg`` 2×2 pooling at the end of each block.
         hidden: widths of the hidden layers, D_1 … D_{L-1} (cnn: of the MLP after the blocks).
         activation: f for the hidden layers.
         last_activation: applied to the output layer (the seed: ``sigmoid``); ``null`` = none
@@ -154,7 +155,11 @@ class Model(pl.LightningModule):
         fused: handgrad only: run the MLP as one fused op (``handgrad.functional.mlp``).
         lr: α, the learning rate of every layer without its own entry in ``layer_lr``.
         layer_lr: α_w per affine layer (W_l and b_l share it), first layer first; ``null``
-            entries fall back to ``lr``.
+            entries fall back to ``lr`` (cnn: one per conv, batch norm and linear layer).
+        network: ``mlp`` (the seed's MLP on the flat features) or ``cnn`` (conv blocks on the
+            image, then the MLP on their flattened output; needs image data, ``image_shape``).
+        channels: cnn only: output channels of each conv → batch norm → f → pool block.
+        pool: cnn only: ``max`` or ``avg`` 2×2 pooling at the end of each block.
         in_features, out_features, task, image_shape: set from the data module by the CLI
             (``image_shape`` (C, H, W) of the flat features; ``null`` for tabular data).
         optimizer: set by the CLI from the top-level ``optimizer:`` key (class_path, init_args).
@@ -163,9 +168,6 @@ class Model(pl.LightningModule):
 
     def __init__(
         self,
-        network: Literal["mlp", "cnn"] = "mlp",
-        channels: list[int] = [16, 32],  # noqa: B006 - jsonargparse needs a plain default
-        pool: Literal["max", "avg"] = "max",
         hidden: list[int] = [64],  # noqa: B006 - jsonargparse needs a plain default
         activation: ACTIVATIONS = "sigmoid",
         last_activation: Optional[ACTIVATIONS] = None,
@@ -176,6 +178,9 @@ class Model(pl.LightningModule):
         fused: bool = True,
         lr: float = 0.1,
         layer_lr: Optional[list[Optional[float]]] = None,
+        network: Literal["mlp", "cnn"] = "mlp",
+        channels: list[int] = [16, 32],  # noqa: B006 - jsonargparse needs a plain default
+        pool: Literal["max", "avg"] = "max",
         in_features: int = 64,
         out_features: int = 10,
         task: Literal["classification", "regression"] = "classification",
@@ -190,6 +195,9 @@ class Model(pl.LightningModule):
         if network == "cnn" and image_shape is None:
             raise ConfigError("model.network 'cnn' needs image data: this data module gives flat features "
                               "with no image_shape (train.data.Digits gives 1×8×8 images)")
+        if network == "cnn" and math.prod(image_shape) != in_features:
+            raise ConfigError(f"model.image_shape {list(image_shape)} holds {math.prod(image_shape)} pixels but the data "
+                              f"has {in_features} features")
         sizes = [in_features, *hidden, out_features]
         self.net = self.build_network(sizes)
         n_layers = len(self._layers())
