@@ -339,7 +339,7 @@ def test_backend_parity_first_epoch(loss, reduction, last):
 
 def test_cnn_backend_parity_first_epoch():
     # configs/digits_cnn.yaml's network, narrower: conv → batch norm (batch statistics) → ReLU → max pool ×2, linear
-    kw = dict(network="cnn", channels=[8, 16], hidden=[], activation="relu", image_shape=(1, 8, 8), lr=0.1,
+    kw = dict(network="cnn", channels=[8, 16], hidden=[], activation="relu", image_shape=[1, 8, 8], lr=0.1,
               optimizer={"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.9}})
     hand, ref = train_one_epoch(backend="handgrad", **kw), train_one_epoch(backend="torch", **kw)
     assert len(hand) == len(ref) == 40

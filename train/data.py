@@ -139,8 +139,8 @@ class TabularData(pl.LightningDataModule):
         return self.splits["train"].tensors[0].shape[1]
 
     @property
-    def image_shape(self) -> Optional[tuple[int, int, int]]:
-        """(C, H, W) when each sample's D features are an image's pixels, C·H·W = D; ``None``: tabular."""
+    def image_shape(self) -> Optional[list[int]]:
+        """[C, H, W] when each sample's D features are an image's pixels, C·H·W = D; ``None``: tabular."""
         return None
 
     @property
@@ -261,8 +261,8 @@ class Digits(TabularData):
         self.shift_augment = shift_augment
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (1, 8, 8)  # the 64 features are the 8×8 pixels, row by row (what network: cnn reads)
+    def image_shape(self) -> list[int]:
+        return [1, 8, 8]  # the 64 features are the 8×8 pixels, row by row (what network: cnn reads)
 
     def augment(self, x, y):
         if not self.shift_augment:

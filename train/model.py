@@ -97,7 +97,7 @@ def build_network(
 
 
 def build_cnn(
-    image_shape: tuple[int, int, int],
+    image_shape: list[int],
     channels: list[int],
     sizes: list[int],
     activation: str = "relu",
@@ -161,7 +161,7 @@ class Model(pl.LightningModule):
         channels: cnn only: output channels of each conv → batch norm → f → pool block.
         pool: cnn only: ``max`` or ``avg`` 2×2 pooling at the end of each block.
         in_features, out_features, task, image_shape: set from the data module by the CLI
-            (``image_shape`` (C, H, W) of the flat features; ``null`` for tabular data).
+            (``image_shape`` [C, H, W] of the flat features; ``null`` for tabular data).
         optimizer: set by the CLI from the top-level ``optimizer:`` key (class_path, init_args).
         lr_scheduler: set by the CLI from the top-level ``lr_scheduler:`` key.
     """
@@ -184,7 +184,7 @@ class Model(pl.LightningModule):
         in_features: int = 64,
         out_features: int = 10,
         task: Literal["classification", "regression"] = "classification",
-        image_shape: Optional[tuple[int, int, int]] = None,
+        image_shape: Optional[list[int]] = None,
         optimizer: Optional[dict] = None,
         lr_scheduler: Optional[dict] = None,
     ):
@@ -195,9 +195,9 @@ class Model(pl.LightningModule):
         if network == "cnn" and image_shape is None:
             raise ConfigError("model.network 'cnn' needs image data: this data module gives flat features "
                               "with no image_shape (train.data.Digits gives 1×8×8 images)")
-        if network == "cnn" and math.prod(image_shape) != in_features:
-            raise ConfigError(f"model.image_shape {list(image_shape)} holds {math.prod(image_shape)} pixels but the data "
-                              f"has {in_features} features")
+        if network == "cnn" and (len(image_shape) != 3 or math.prod(image_shape) != in_features):
+            raise ConfigError(f"model.image_shape {image_shape} must be [C, H, W] with C·H·W = {in_features}, the data's "
+                              "number of features")
         sizes = [in_features, *hidden, out_features]
         self.net = self.build_network(sizes)
         n_layers = len(self._layers())
