@@ -400,9 +400,15 @@ def test_cnn_config_is_all_handgrad(pool):
     assert {"ConvolutionBackward0", "NativeBatchNormBackward0", pool_node, "AddmmBackward0"} <= ref_names, ref_names
 
 
-def test_cnn_needs_image_data(capsys):
-    assert_one_line_error(capsys, ["fit", "--config", CONFIGS / "moons.yaml", "--model.network", "cnn"],
-                          "model.network 'cnn' needs image data")
+@pytest.mark.parametrize("args,message", [
+    (["--config", CONFIGS / "moons.yaml", "--model.network", "cnn"], "model.network 'cnn' needs image data"),
+    (["--config", CONFIGS / "digits_cnn.yaml", "--model.channels", "[4, 4, 4, 4]"],
+     "model.channels [4, 4, 4, 4]: 4 blocks halve the 8×8 image 4 times, below 1×1"),
+    (["--config", CONFIGS / "digits_cnn.yaml", "--model.layer_lr", "[0.1, null]"],
+     "but the network has 5 layers with parameters (Conv2d, BatchNorm2d, Conv2d, BatchNorm2d, Linear)"),
+])
+def test_a_cnn_that_cannot_be_built_is_one_line(capsys, args, message):
+    assert_one_line_error(capsys, ["fit", *args], message)
 
 
 def test_same_seed_same_metrics():

@@ -120,8 +120,9 @@ def build_cnn(
     layers: list[nn.Module] = [nn.Unflatten(1, (c, h, w))]  # (N, C·H·W) → (N, C, H, W): a view
     for c_out in channels:
         if h < 2 or w < 2:
-            raise ConfigError(f"model.channels {channels}: {len(channels)} blocks halve the {image_shape[1]}×{image_shape[2]} "
-                              f"image {len(channels)} times, below 1×1; give fewer blocks")
+            _, height, width = image_shape
+            raise ConfigError(f"model.channels {channels}: {len(channels)} blocks halve the {height}×{width} image "
+                              f"{len(channels)} times, below 1×1; give fewer blocks")
         layers += [nn.Conv2d(c, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
                    catalogue.activation(activation).torch_module(),
                    nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2)]
@@ -203,8 +204,9 @@ class Model(pl.LightningModule):
         n_layers = len(self._layers())
         if layer_lr is not None and len(layer_lr) != n_layers:
             given = ", ".join("null" if v is None else str(v) for v in layer_lr)
+            kinds = ", ".join(type(m).__name__ for m in self._layers().values())
             layers = (f"{' → '.join(map(str, sizes))} has {n_layers} affine layers" if network == "mlp" else
-                      f"has {n_layers} layers with parameters ({', '.join(type(m).__name__ for m in self._layers().values())})")
+                      f"has {n_layers} layers with parameters ({kinds})")
             raise ConfigError(f"model.layer_lr has {len(layer_lr)} entries [{given}] but the network {layers}: "
                               "give one per layer (null: that layer uses model.lr)")
         self.loss_fn = self._loss_module()
