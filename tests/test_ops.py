@@ -9,7 +9,6 @@ not depend on the shape: once per case that has some; ``lowp`` for the cases che
 precision. What each check asserts is in ``handgrad.testing.checks``."""
 from __future__ import annotations
 
-import math
 
 import pytest
 
@@ -34,26 +33,13 @@ def _params():
                     yield pytest.param(case, shape, check, id=f"{check}-{case.id(shape)}")
 
 
-# Bugs these checks found in ops that are not this suite's to fix, each with where it lies. Strict:
-# when the op is fixed the test passes, and the entry must go.
-KNOWN_FAILURES = {
-    ("autocast", "linear_cross_entropy"): "ops/fused.py _lce_chunks: under autocast, the gradients-in-forward "
-                                          "path's gW.addmm_(dZᵀ, X) mixes bfloat16 and float32 from the second "
-                                          "chunk on (reduction 'mean'/'sum')",
-    ("torch_func", "linear_cross_entropy[none]-0x13"): "ops/fused.py _row_weights: g.reshape(-1) of an empty "
-                                                       "batch under vmap",
-}
-
-
-def _known(case, shape, check) -> str | None:
-    if check == "autocast" and case.name.startswith("linear_cross_entropy") and "none" not in case.name \
-            and math.prod(shape[:-1]) > 3:  # the cases' chunk_size
-        return KNOWN_FAILURES[("autocast", "linear_cross_entropy")]
-    return KNOWN_FAILURES.get((check, case.id(shape)))
-
-
-PARAMS = [p if _known(*p.values) is None else pytest.param(*p.values, id=p.id, marks=pytest.mark.xfail(
-    reason=_known(*p.values), strict=True)) for p in _params()]
+# Open: at this draw the float32 input gradient's truth is ~1e-7 of its terms (it nearly cancels),
+# so the rule's margin, which scales with |truth|, is ~0 and the comparison is rounding luck:
+# over 30 seeds handgrad's worst error was 0.45–3.1× torch's (median 1.0). Not strict: it passes
+# on most draws; the fix is a margin at the scale of the summed terms (tolerances.SCALED_LOWP_RULE).
+OPEN = {"lowp-batch_norm[train]-2x3x2x2": "near-zero truth: rounding luck against torch's (see above)"}
+PARAMS = [pytest.param(*p.values, id=p.id, marks=pytest.mark.xfail(reason=OPEN[p.id], strict=False))
+          if p.id in OPEN else p for p in _params()]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -71,7 +71,8 @@ def _quiet_lightning() -> None:
 
 # what a checkpoint must share with the config to be loaded into it (the model's hparams); the
 # optimizer, the scheduler and the data matter only when fit resumes training from it
-NETWORK_KEYS = ("task", "in_features", "hidden", "out_features", "bias", "activation", "last_activation")
+NETWORK_KEYS = ("task", "network", "image_shape", "in_features", "channels", "pool", "hidden", "out_features", "bias",
+                "activation", "last_activation")
 
 
 def checkpoint_mismatch(ckpt: dict[str, Any], model_hparams: dict[str, Any], data_hparams: dict[str, Any],
@@ -138,6 +139,7 @@ class TrainCLI(LightningCLI):
         parser.link_arguments("data", "model.in_features", compute_fn=lambda d: d.num_features, apply_on="instantiate")
         parser.link_arguments("data", "model.out_features", compute_fn=lambda d: d.num_outputs, apply_on="instantiate")
         parser.link_arguments("data", "model.task", compute_fn=lambda d: d.task, apply_on="instantiate")
+        parser.link_arguments("data", "model.image_shape", compute_fn=lambda d: d.image_shape, apply_on="instantiate")
         # checkpoints: best (by `monitor`) and last, saved at the end of every epoch
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({

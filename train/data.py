@@ -139,6 +139,11 @@ class TabularData(pl.LightningDataModule):
         return self.splits["train"].tensors[0].shape[1]
 
     @property
+    def image_shape(self) -> Optional[list[int]]:
+        """[C, H, W] when each sample's D features are an image's pixels, C·H·W = D; ``None``: tabular."""
+        return None
+
+    @property
     def num_outputs(self) -> int:
         """Classes for classification, target dimensions for regression."""
         if self.task == "classification":
@@ -254,6 +259,10 @@ class Digits(TabularData):
     def __init__(self, shift_augment: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.shift_augment = shift_augment
+
+    @property
+    def image_shape(self) -> list[int]:
+        return [1, 8, 8]  # the 64 features are the 8×8 pixels, row by row (what network: cnn reads)
 
     def augment(self, x, y):
         if not self.shift_augment:

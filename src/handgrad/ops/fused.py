@@ -338,7 +338,8 @@ def _lce_chunks(X, W, b, T, w, opts: LCEOptions, *, want_loss: bool, g, den, nee
         dZ = R.mul_(scale) if own_g and inplace else scale * R
         R = None
         acc = (gW, gb) if inplace else (None, None)
-        gX_c, gW_c, gb_c = affine_vjp(dZ, Xo[s:e], Wo, (need_x, need_w, need_b), acc=acc)
+        with torch.autocast(X.device.type, enabled=False):         # the gradient GEMMs stay in opmath
+            gX_c, gW_c, gb_c = affine_vjp(dZ, Xo[s:e], Wo, (need_x, need_w, need_b), acc=acc)
         if write_out:
             gX[s:e].copy_(gX_c)                                    # ∂L/∂X_c = dZ_c W   (n, D)
         elif need_x:
@@ -447,7 +448,7 @@ class LinearCrossEntropyFn(HandFunction):
             # Recompute chunk by chunk (recorded when grad mode is on: differentiable).
             G = opmath(g)
             den = ce_denominator(target, w, opts.ce, G.dtype)
-            _, gX, gW, gb = _lce_chunks(x, weight, bias, target, w, opts, want_loss=False, g=G.reshape(-1)
+            _, gX, gW, gb = _lce_chunks(x, weight, bias, target, w, opts, want_loss=False, g=G.reshape(G.numel())
                                         if G.dim() else G, den=den, needs=needs, inplace=not torch.is_grad_enabled())
             result = [None if r is None else r.to(t.dtype) for r, t in zip((gX, gW, gb), (x, weight, bias))]
         return (*result, None, None, None)

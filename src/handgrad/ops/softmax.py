@@ -54,7 +54,10 @@ def log_softmax_rows(X: torch.Tensor, inplace: bool = False, accurate: bool = Tr
     m, top = X.max(1, keepdim=True)                              # m = max_j X_j, one argmax  (M, 1)
     Z = X.sub_(m) if inplace else X - m                          # Z ≤ 0, Z_top = 0          (M, C)
     E = Z.exp() if scratch is None else torch.exp(Z, out=scratch)   # e^{Z}                  (M, C)
-    E.scatter_(1, top, 0)                                        # 0 at the argmax (any layout)
+    if E.is_contiguous():                                        # 0 at the argmax, in place
+        E.view(-1).index_fill_(0, top.view(-1) + torch.arange(M, device=X.device) * C, 0)
+    else:                                                        # exp keeps a strided X's layout
+        E = E.scatter(1, top, 0.0)
     r = accurate_sum(E, 1, keepdim=True) if accurate else E.sum(1, keepdim=True)   # r        (M, 1)
     return Z.sub_(torch.log1p(r)) if inplace else Z - torch.log1p(r)   # log p = Z − log(1 + r)
 

