@@ -480,6 +480,8 @@ def test_fused_bias_of_one_element_broadcasts(shape):
     assert g.shape == b.shape
     torch.testing.assert_close(g, tg)
     torch.testing.assert_close(F.mlp(x, [w], [b], activation="relu"), TF.linear(x, w, tb).detach())
+    w1 = torch.randn(1, 2)                                          # D_out = 1: () broadcasts too
+    torch.testing.assert_close(F.linear_act(x, w1, b.detach()), TF.relu(TF.linear(x, w1, b.detach())))
 
 
 def test_ignored_rows_are_zero_even_with_infinite_logits():
@@ -502,6 +504,11 @@ def test_label_smoothing_must_be_a_number():
         TF.cross_entropy(x, t, label_smoothing="a")
     with pytest.raises(TypeError, match="label_smoothing"):
         F.cross_entropy(x, t, label_smoothing="a")
+    bad_target = torch.zeros(3, 7)                                  # the type is checked first, as torch's
+    with pytest.raises(TypeError):
+        TF.cross_entropy(x, bad_target, ignore_index=2, label_smoothing="a")
+    with pytest.raises(TypeError, match="label_smoothing"):
+        F.cross_entropy(x, bad_target, ignore_index=2, label_smoothing="a")
     torch.testing.assert_close(F.cross_entropy(x, t, label_smoothing=torch.tensor(0.1)),
                                TF.cross_entropy(x, t, label_smoothing=0.1))
 
@@ -558,3 +565,14 @@ def test_dropout_is_fuzzed_mask_for_mask():
     want = TF.dropout(x, 0.3)
     torch.manual_seed(5)
     torch.testing.assert_close(F.dropout(x, 0.3), want, rtol=0, atol=0)
+
+
+def test_max_pool2d_window_of_only_padding_is_refused():
+    """Dilated taps can skip a window's only input element: torch's CPU kernel then returns -inf
+    with an argmax outside the input, and its backward writes through it (heap corruption: the
+    fuzzer found it as a crash and no longer draws it). handgrad refuses the call, naming it."""
+    x = torch.tensor([[[-8.97, 0.27, 4.85, -11.9]]], requires_grad=True)
+    with pytest.raises(RuntimeError, match="no element of the input"):
+        F.max_pool2d(x, 2, padding=(1, 0), dilation=2, ceil_mode=True)
+    F.max_pool2d(x, 2, padding=(1, 0), dilation=1, ceil_mode=True).sum().backward()    # no such window
+    assert x.grad is not None

@@ -77,11 +77,17 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
+def check_label_smoothing_type(fn: str, label_smoothing) -> None:
+    """A number (or a 0-d tensor): torch's binding refuses anything else with a TypeError, before
+    it looks at the tensors."""
+    if not isinstance(label_smoothing, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{fn}(): argument 'label_smoothing' must be float, not {type(label_smoothing).__name__}")
+
+
 def check_label_smoothing(fn: str, label_smoothing: float) -> float:
     """ε ∈ [0, 1]. torch refuses ε > 1 (RuntimeError) and applies the smoothing only when ε > 0:
     a negative ε (or nan) is no smoothing at all, so it is mapped to 0 here."""
-    if not isinstance(label_smoothing, (numbers.Real, torch.Tensor)):
-        raise TypeError(f"{fn}(): argument 'label_smoothing' must be float, not {type(label_smoothing).__name__}")
+    check_label_smoothing_type(fn, label_smoothing)
     eps = float(label_smoothing)
     if eps > 1.0:
         raise RuntimeError(f"{fn}: label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
@@ -228,7 +234,7 @@ def check_linear(fn: str, weight, bias, *, features: int, dtype: torch.dtype, in
     if bias is None:
         return None
     if input is None:
-        if bias.dim() <= 1 and bias.numel() == 1 and weight.shape[0] != 1:
+        if bias.dim() <= 1 and bias.numel() == 1:
             bias = bias.reshape(1).expand(weight.shape[0])      # () or (1,): broadcast to (D_out,), as linear's
         if bias.shape != weight.shape[:1]:
             raise RuntimeError(f"{fn}: {b_name} of shape {shape_str(bias)} does not match {w_name} "

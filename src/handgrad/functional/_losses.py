@@ -10,6 +10,7 @@ from .._compat import nn_reduction as _Reduction
 
 from ..ops.losses import BCEWithLogitsFn, CrossEntropyFn, CrossEntropyOptions, NLLLossFn, SquaredErrorFn
 from ._common import (autocast, check_class_target, check_class_weight, check_ignore_index, check_label_smoothing,
+                      check_label_smoothing_type,
                       check_not_differentiable, check_reduction, check_target_range, check_tensor, shape_str, warn)
 
 __all__ = ["mse_loss", "half_squared_error", "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits"]
@@ -124,6 +125,7 @@ def _class_options(fn, input, target, weight, ignore_index, reduction, label_smo
                    none_is_default=False):
     """Every cross-entropy option validated, in torch's order, by its one function in ``_common``:
     returns (C, weight (C,) or None, CrossEntropyOptions)."""
+    check_label_smoothing_type(fn, label_smoothing)
     C, probs = check_class_target(fn, input, target, allow_probs=allow_probs)
     weight = check_class_weight(fn, weight, input, C, probs=probs)
     ignore_index = check_ignore_index(fn, ignore_index, target, probs=probs, none_is_default=none_is_default)

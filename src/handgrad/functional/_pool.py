@@ -51,6 +51,11 @@ def _out_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int
     return out
 
 
+def empty_window(size: int, out: int, k: int, s: int, p: int, d: int) -> bool:
+    """Does some window's every tap, o·s − p + j·d (j < k), fall outside [0, size)?"""
+    return any(not any(0 <= o * s - p + j * d < size for j in range(k)) for o in range(out))
+
+
 def _out_shape(fn, x, k, s, p, d, ceil_mode, half_of):
     """(H_out, W_out), after torch's checks: padding at most half the (effective) kernel, an output
     of at least one element."""
@@ -71,7 +76,14 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     argmax (ops.pool.MaxPool2dFn). ``return_indices=True`` also returns the argmax indices (int64)."""
     x = _batched("max_pool2d", input)                                  # (N, C, H, W)
     k, s, p, d = _window_args("max_pool2d", kernel_size, stride, padding, dilation)
-    _out_shape("max_pool2d", x, k, s, p, d, ceil_mode, tuple((ki - 1) * di + 1 for ki, di in zip(k, d)))
+    out = _out_shape("max_pool2d", x, k, s, p, d, ceil_mode, tuple((ki - 1) * di + 1 for ki, di in zip(k, d)))
+    for i in range(2):
+        if empty_window(x.shape[2 + i], out[i], k[i], s[i], p[i], d[i]):
+            # torch's kernel returns -inf with an argmax outside the input there, and its
+            # backward writes G through it, out of bounds (heap corruption on CPU)
+            raise RuntimeError(f"max_pool2d: a window holds no element of the input (only padding, between its "
+                               f"dilated taps): input of size {shape_str(input)}, kernel_size={list(k)}, stride={list(s)}, "
+                               f"padding={list(p)}, dilation={list(d)}, ceil_mode={bool(ceil_mode)}")
     y, idx = MaxPool2dFn.call(x, MaxPoolOptions(k, s, p, d, bool(ceil_mode)))
     if input.dim() == 3:
         y, idx = y.squeeze(0), idx.squeeze(0)

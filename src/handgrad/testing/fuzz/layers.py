@@ -106,7 +106,25 @@ def _kernel(d):
 
 def _max_pool2d(d) -> Call:
     x, _ = _pool_input(d)
-    return Call("max_pool2d", (x, _kernel(d)), d.options("max_pool2d", {}), d.seed)
+    k, kw = _kernel(d), d.options("max_pool2d", {})
+    if _torch_corrupts_memory(x.shape, k, kw):
+        kw.pop("dilation")
+    return Call("max_pool2d", (x, k), kw, d.seed)
+
+
+def _torch_corrupts_memory(shape, k, kw) -> bool:
+    """A window of only padding (dilated taps that skip the input): torch's CPU max_pool2d returns
+    an argmax outside the input there and its backward writes through it (heap corruption), so the
+    fuzzer cannot run the call; handgrad refuses it (tests/test_fuzz.py)."""
+    from ...functional._pool import _out_size, _window_args, empty_window
+    try:
+        k, s, p, dil = _window_args("max_pool2d", k, kw.get("stride"), kw.get("padding", 0), kw.get("dilation", 1))
+        sizes = shape[-2:]
+        return len(shape) >= 3 and any(
+            empty_window(sizes[i], _out_size(sizes[i], k[i], s[i], p[i], dil[i], bool(kw.get("ceil_mode"))),
+                         k[i], s[i], p[i], dil[i]) for i in range(2))
+    except (RuntimeError, TypeError, ValueError):
+        return False
 
 
 def _avg_pool2d(d) -> Call:
