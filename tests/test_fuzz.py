@@ -132,9 +132,6 @@ KNOWN_OPEN: tuple[Difference, ...] = (
            _zero_features,
            "F.linear_act(torch.randn(2, 0), torch.randn(3, 0)) (torch: shape [2, 3]); "
            "F.cross_entropy(torch.randn(2, 0), torch.zeros(2)) (torch: a value)"),
-    *_open("reduction='elementwise_mean' (torch's legacy alias)", _LOSSES, ("exception",),
-           _kw("reduction", "elementwise_mean"),
-           "F.mse_loss(torch.randn(3), torch.randn(3), reduction='elementwise_mean')"),
     *_open("integer/bool/complex inputs: another exception or a result", _LOSSES + _LINEAR, _ALL_KINDS,
            _nonfloat_tensor,
            "F.mse_loss(torch.ones(3, dtype=torch.uint8), torch.ones(3, dtype=torch.uint8)) "
@@ -576,3 +573,14 @@ def test_max_pool2d_window_of_only_padding_is_refused():
         F.max_pool2d(x, 2, padding=(1, 0), dilation=2, ceil_mode=True)
     F.max_pool2d(x, 2, padding=(1, 0), dilation=1, ceil_mode=True).sum().backward()    # no such window
     assert x.grad is not None
+
+
+def test_elementwise_mean_with_an_mse_weight_is_refused():
+    """torch's weighted mse_loss has no legacy alias (ValueError); without a weight it is 'mean'."""
+    x, y, w = torch.randn(3), torch.randn(3), torch.rand(3)
+    with pytest.raises(ValueError):
+        TF.mse_loss(x, y, reduction="elementwise_mean", weight=w)
+    with pytest.raises(ValueError, match="elementwise_mean"):
+        F.mse_loss(x, y, reduction="elementwise_mean", weight=w)
+    with pytest.warns(UserWarning):
+        torch.testing.assert_close(F.mse_loss(x, y, reduction="elementwise_mean"), TF.mse_loss(x, y))

@@ -70,6 +70,10 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average: bool | Non
     if weight is not None and weight.shape != input.shape:
         raise ValueError(f"mse_loss: weight of shape {shape_str(weight)} must have the input's shape {shape_str(input)} "
                          "(Weights and input must have the same size.)")
+    if weight is not None and reduction == "elementwise_mean":
+        # torch's weighted path has no legacy alias
+        raise ValueError("mse_loss: Invalid reduction mode: elementwise_mean. Expected one of 'none', 'mean', 'sum'. "
+                         f"(with weight of shape {shape_str(weight)})")
     reduction = check_reduction(reduction)
     if weight is not None and torch.bool in (input.dtype, target.dtype):
         # torch's weighted path computes input − target, which refuses bool tensors

@@ -107,8 +107,9 @@ def _kernel(d):
 def _max_pool2d(d) -> Call:
     x, _ = _pool_input(d)
     k, kw = _kernel(d), d.options("max_pool2d", {})
-    if _torch_corrupts_memory(x.shape, k, kw):
-        kw.pop("dilation")
+    for opt in ("dilation", "padding", "ceil_mode", "stride"):
+        if _torch_corrupts_memory(x.shape, k, kw):
+            kw.pop(opt, None)
     return Call("max_pool2d", (x, k), kw, d.seed)
 
 

@@ -25,7 +25,9 @@ def _activation(name):
 
 def half_squared_error(input, target, reduction="sum"):
     """Σ_n ½‖x_n − y_n‖² over the rows (last dim): ``0.5 * ((x − y) ** 2).sum(-1)``, reduced
-    over the rows ('mean': divided by the number of rows)."""
+    over the rows ('mean', or its legacy alias 'elementwise_mean' as for torch's losses: divided by
+    the number of rows)."""
+    reduction = "mean" if reduction == "elementwise_mean" else reduction
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{reduction} is not a valid value for reduction")
     per_row = 0.5 * ((input - target) ** 2).sum(-1)
