@@ -94,7 +94,7 @@ def _odd_linear_shapes(call):
     x, w = call.args[0], call.args[1]
     if call.op == "mlp":
         return False
-    b = call.args[2] if len(call.args) > 2 else None
+    b = call.args[2] if len(call.args) > 2 else call.kwargs.get("bias")
     if not (isinstance(x, Spec) and isinstance(w, Spec)):
         return False
     return len(x.shape) == 1 or len(w.shape) != 2 or (isinstance(b, Spec) and b.shape != w.shape[:1])
@@ -152,7 +152,7 @@ KNOWN_OPEN: tuple[Difference, ...] = (
            ("value", "grad"), _nonfinite_or_huge,
            "F.binary_cross_entropy_with_logits(torch.tensor([-1e30]).half(), torch.tensor([0.76]).half()) "
            "(torch: nan)"),
-    *_open("1-D weight, 0-d or 2-D bias: linear's other paths", _LINEAR, _ALL_KINDS,
+    *_open("a bias of the output's shape (or 2-D), or a 1-D weight with one: linear's other paths", _LINEAR, _ALL_KINDS,
            lambda call: _odd_linear_shapes(call),
            "F.linear_act(torch.randn(2, 7), torch.randn(7), torch.tensor(1.0)) (torch: accepted); "
            "F.linear(torch.randn(2, 1).t(), torch.randn(1), torch.tensor(0.2)) (torch: RuntimeError)"),
@@ -181,10 +181,6 @@ KNOWN_OPEN: tuple[Difference, ...] = (
            or call.args[1] == 1, "python -m handgrad.testing.fuzz --call rms_norm:662020048260"),
     *_open("embedding sparse=True: handgrad's gradient is dense (refused)", ("embedding",), _ALL_KINDS,
            _kw("sparse", True), "F.embedding(torch.tensor([0]), torch.randn(2, 3), sparse=True)"),
-    *_open("linear_act: activation options checked before the linear's arguments", ("linear_act",),
-           ("exception",), lambda call: len(call.kwargs) > 1,
-           "F.linear_act(torch.randn(2, 3), torch.randn(4, 3, dtype=torch.double), activation='softplus', "
-           "beta='a') (torch: RuntimeError from linear first)"),
 )
 
 
@@ -584,3 +580,23 @@ def test_elementwise_mean_with_an_mse_weight_is_refused():
         F.mse_loss(x, y, reduction="elementwise_mean", weight=w)
     with pytest.warns(UserWarning):
         torch.testing.assert_close(F.mse_loss(x, y, reduction="elementwise_mean"), TF.mse_loss(x, y))
+
+
+def test_linear_act_vector_weight_and_torchs_check_order():
+    """linear's 1-D weight (D_in,) gives one output per row with the dim dropped, in linear_act too;
+    the linear's arguments are checked before the activation's options, as the composition does."""
+    for x, b in ((torch.randn(4, 3), None), (torch.randn(2, 4, 3), torch.tensor(0.5))):
+        x, w = x.requires_grad_(), torch.randn(3, requires_grad=True)
+        y, ty = F.linear_act(x, w, b, activation="tanh"), TF.tanh(TF.linear(x, w, b))
+        assert y.shape == ty.shape == x.shape[:-1]
+        torch.testing.assert_close(y, ty)
+        torch.testing.assert_close(torch.autograd.grad(y.sum(), (x, w)), torch.autograd.grad(ty.sum(), (x, w)))
+    x2, w1, b0 = torch.randn(4, 3), torch.randn(3), torch.tensor(0.5)
+    with pytest.raises(RuntimeError):                   # a 2-D input: torch's addmm wants W as a matrix
+        TF.linear(x2, w1, b0)
+    with pytest.raises(RuntimeError, match="matrix"):
+        F.linear_act(x2, w1, b0)
+    with pytest.raises(RuntimeError, match="shape"):
+        F.linear_act(torch.randn(3, 3), torch.randn(3, 4), activation="gelu", approximate=None)
+    with pytest.raises(ValueError):
+        F.linear_act(torch.randn(3, 3), torch.randn(3, 4), activation="swish")

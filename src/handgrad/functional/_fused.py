@@ -43,10 +43,18 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     ``getattr(torch.nn.functional, activation)(linear(input, weight, bias), **activation_kwargs)``,
     saving only X, W and what f' needs (the output for sigmoid, tanh, relu)."""
     _check_input("linear_act", input)
-    act = activation_spec(activation, **activation_kwargs)
+    activation_spec(activation)                     # torch's order: the name, the linear, then f's options
     input, weight, bias = autocast("linear", input, weight, bias)
+    vector = isinstance(weight, torch.Tensor) and weight.dim() == 1 and (bias is None or bias.numel() == 1)
+    if vector:                                      # linear's 1-D W (D_in,): one output per row, the dim dropped
+        if bias is not None and input.dim() == 2:   # torch's addmm path takes W as a matrix
+            raise RuntimeError(f"linear_act: mat2 must be a matrix, got 1-D tensor (weight of shape "
+                               f"{list(weight.shape)} with a bias, input of shape {list(input.shape)})")
+        weight = weight.unsqueeze(0)                # (1, D_in)
     bias = check_linear("linear_act", weight, bias, features=input.shape[-1], dtype=input.dtype)
-    return StackFn.call(input, StackSpec((act,)), weight, bias)[0]
+    act = activation_spec(activation, **activation_kwargs)
+    y = StackFn.call(input, StackSpec((act,)), weight, bias)[0]
+    return y.squeeze(-1) if vector else y
 
 
 def mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None] | None,

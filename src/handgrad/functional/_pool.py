@@ -94,11 +94,12 @@ def avg_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, ceil_mo
                count_include_pad: bool = True, divisor_override: int | None = None) -> torch.Tensor:
     """``torch.nn.functional.avg_pool2d``: Y = A_h X A_wᵀ with torch's windows and divisors
     (ops.pool.SeparablePoolFn)."""
-    x = _batched("avg_pool2d", input, IndexError)                     # (N, C, H, W); torch: IndexError for 2-D
-    k, s, p, d = _window_args("avg_pool2d", kernel_size, stride, padding, 1)
     if divisor_override is not None and (isinstance(divisor_override, bool)
                                          or not isinstance(divisor_override, (int, torch.Tensor))):
+        # torch's binding: before any check of the tensors or the window
         raise TypeError(f"avg_pool2d(): argument 'divisor_override' must be int, not {type(divisor_override).__name__}")
+    x = _batched("avg_pool2d", input, IndexError)                     # (N, C, H, W); torch: IndexError for 2-D
+    k, s, p, d = _window_args("avg_pool2d", kernel_size, stride, padding, 1)
     if divisor_override is not None and divisor_override == 0:
         raise RuntimeError(f"avg_pool2d: divisor must be not zero (divisor_override={divisor_override})")
     H_out, W_out = _out_shape("avg_pool2d", x, k, s, p, d, ceil_mode, k)
