@@ -600,3 +600,14 @@ def test_linear_act_vector_weight_and_torchs_check_order():
         F.linear_act(torch.randn(3, 3), torch.randn(3, 4), activation="gelu", approximate=None)
     with pytest.raises(ValueError):
         F.linear_act(torch.randn(3, 3), torch.randn(3, 4), activation="swish")
+
+
+def test_group_norm_one_element_groups_are_exact():
+    """A one-element group is its own mean: y = b and ∂L/∂x = 0 exactly (torch's are rounding
+    residues: docs/differences.md)."""
+    x = torch.tensor([[601.14, -1200.3, 1604.7]], dtype=torch.double).repeat(2, 1).requires_grad_()
+    b = torch.tensor([0.25, -1.0, 2.0], dtype=torch.double)
+    y = F.group_norm(x, 3, weight=torch.full((3,), 2.0, dtype=torch.double), bias=b)
+    assert torch.equal(y.detach(), b.expand(2, 3))
+    (g,) = torch.autograd.grad(y, x, torch.randn(2, 3, dtype=torch.double))
+    assert (g == 0).all()

@@ -169,6 +169,14 @@ def _strided_weight(call) -> bool:
     return w is not None and bool(getattr(w, "view", ()))
 
 
+def _one_element_groups(call) -> bool:
+    from .fuzz.call import Spec
+    x, G = _input(call), call.args[1] if len(call.args) > 1 else None
+    if not isinstance(x, Spec) or len(x.shape) < 2 or not isinstance(G, int) or G <= 0 or x.shape[1] % G:
+        return False
+    return x.shape[1] // G * math.prod(x.shape[2:]) == 1
+
+
 DIFFERENCES: tuple[Difference, ...] = (
     Difference(
         "non-tensor input: TypeError", "sigmoid", ("exception",), _not_tensor,
@@ -295,6 +303,13 @@ DIFFERENCES: tuple[Difference, ...] = (
         "A forward torch accepts should be differentiable; with a weight as well torch differentiates it, so "
         "the refusal is an accident of its backward's undefined-weight path.",
         "F.group_norm(torch.randn(2, 4, 3, requires_grad=True), 2, bias=torch.zeros(4)).sum().backward()"),
+    Difference(
+        "group_norm: one-element groups are exact", "group_norm", ("value", "grad"), _one_element_groups,
+        "a group of one element normalises to a rounding residue of x·rstd (its ∂L/∂x is 1e-13, not 0, in "
+        "float64; its float32 output is off by 5e-3 for |x| ~ 1e3)",
+        "x̂ = 0 exactly, so y = b and ∂L/∂x = 0",
+        "Those are the exact values: a one-element group is its own mean. As for layer_norm's constant rows.",
+        "F.group_norm(torch.tensor([[601.14, -1200.3]]).repeat(2, 1), 2, bias=torch.zeros(2))"),
     Difference(
         "batch_norm: a non-contiguous weight", "batch_norm", ("value", "grad"), _strided_weight,
         "batch_norm's CPU backward with a strided weight view (w[::2]) gives a wrong ∂L/∂x (3.18 where the "
