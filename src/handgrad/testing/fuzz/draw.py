@@ -18,6 +18,8 @@ import torch
 
 from ... import catalogue
 from .call import Call, Spec
+from .domain import one_of as _from
+from .layers import DRAW as LAYER_DRAW, OPTIONS as LAYER_OPTIONS
 
 __all__ = ["Draw", "DRAW", "OPTIONS", "draw_call"]
 
@@ -126,13 +128,6 @@ class Draw:
 
 
 # --- option domains: each a function (draw, context) → a value, valid or invalid ----------------
-
-def _from(valid, invalid=(), p_invalid=0.1):
-    def draw(d: Draw, ctx):
-        return d.pick(invalid) if invalid and d.chance(p_invalid) else d.pick(valid)
-
-    return draw
-
 
 _REDUCTION = _from(("none", "mean", "sum"), ("elementwise_mean", "max", None, "Mean"))
 _INPLACE = _from((False, True, True), (0, 1))
@@ -432,10 +427,8 @@ DRAW: dict[str, Callable[[Draw], Call]] = {
     "linear_cross_entropy": _linear_cross_entropy,
 }
 
-from . import layers  # noqa: E402 — the layer ops' domains, which use the helpers above
-
-OPTIONS.update(layers.OPTIONS)
-DRAW.update(layers.DRAW)
+OPTIONS.update(LAYER_OPTIONS)
+DRAW.update(LAYER_DRAW)
 
 
 def draw_call(op: str, seed: int) -> Call:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from .call import Call, Spec
-from .draw import _from
+from .domain import one_of as _from
 
 __all__ = ["OPTIONS", "DRAW"]
 
