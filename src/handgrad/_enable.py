@@ -106,6 +106,13 @@ def _torch_max_pool2d(input, kernel_size, stride=(), padding=0, dilation=1, ceil
     return (input, kernel_size, stride if len(stride) else None, padding, dilation, ceil_mode), {}
 
 
+def _max_pool2d_with_indices(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                             return_indices=False):
+    # F.max_pool2d(..., return_indices=True) reaches the mode as this; it returns the indices
+    # whatever its own return_indices says
+    return (input, kernel_size, stride, padding, dilation, ceil_mode, True), {}
+
+
 # torch callable → (handgrad.functional name, adapter)
 _ADAPTERS: dict[Callable, tuple[str, Callable]] = {
     Tensor.sigmoid: ("sigmoid", _method),
@@ -121,15 +128,27 @@ _ADAPTERS: dict[Callable, tuple[str, Callable]] = {
     torch.embedding: ("embedding", _torch_embedding),
     torch.dropout: ("dropout", _torch_dropout),
     torch.max_pool2d: ("max_pool2d", _torch_max_pool2d),
+    nn.functional.max_pool2d_with_indices: ("max_pool2d", _max_pool2d_with_indices),
 }
 
 
+def _f_embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+                 sparse=False):
+    # F.embedding (the functional's own signature): sparse gradients are torch's alone
+    return None if sparse else ((input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq), {})
+
+
+# catalogue op name → the adapter of its spellings that share the functional's signature, where
+# handgrad's functional refuses an option torch's takes
+_GUARDS: dict[str, Callable] = {"embedding": _f_embedding}
+
+
 def _routes() -> dict[Callable, tuple[Callable, Callable | None]]:
-    """torch callable → (handgrad functional, adapter or None for "same signature")."""
+    """torch callable → (handgrad functional, adapter or None for "call it as it was called")."""
     routes: dict[Callable, tuple[Callable, Callable | None]] = {}
     for op in catalogue.ops():
         for f in op.torch_functions:   # the catalogue's spellings share the functional's signature
-            routes[f] = (op.functional, None)
+            routes[f] = (op.functional, _GUARDS.get(op.name))
     for f, (name, adapter) in _ADAPTERS.items():
         assert f not in routes, f"{f} is a catalogue spelling; it needs no adapter"
         routes[f] = (catalogue.get(name).functional, adapter)
