@@ -45,8 +45,6 @@ STRUCTURAL: Mapping[str, str] = MappingProxyType({
     "AccumulateGrad": "stores a leaf's gradient",
     "View": "view/flatten/unflatten: the gradient is reshaped back",
     "UnsafeView": "view (of a matmul's result): reshaped back",
-    "Reshape": "reshape: reshaped back",
-    "ReshapeAlias": "reshape: reshaped back",
     "AsStrided": "strided view: scattered back",
     "Alias": "alias: passed through",
     "Expand": "broadcast: summed back over the broadcast dims",
