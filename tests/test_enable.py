@@ -198,6 +198,15 @@ def test_handgrad_ops_do_not_recurse(monkeypatch):
         F.cross_entropy(X, Y)       # (its log-softmax inside is handgrad's own, not re-routed)
         F.gelu(X, approximate="tanh")
     assert routed == ["silu", "cross_entropy", "gelu"]
+    # nor do their backward formulas (silu's f' calls torch.sigmoid): a backward started in the
+    # region runs with the mode popped
+    with handgrad.enable():
+        y = F.silu(X)
+        routed.clear()
+        (g,) = torch.autograd.grad(y.sum(), X, create_graph=True)
+        g.sum().backward(inputs=[X])
+    assert routed == [] and X.grad is not None
+    X.grad = None
 
 
 class Marked(torch.Tensor):

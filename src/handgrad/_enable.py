@@ -27,7 +27,7 @@ arguments handgrad does not take) runs torch's own.
   runs wholly native: a non-covered composite such as ``F.multi_head_attention_forward`` computes
   its linears and softmax with torch's kernels. ``Tensor.backward`` and ``torch.autograd.grad``
   reach the mode too, so a backward run inside the region runs with the mode popped, exactly as
-  outside; a backward node running under the mode anyway (an engine thread) falls through.
+  outside (handgrad's backward formulas are not re-routed).
 - Nested ``enable()`` regions are one region (an inner one pushes nothing).
 - Arguments handgrad does not take fall through to torch: a tensor that is not a plain dense
   strided tensor (sparse, nested, quantized, a tensor subclass with its own
@@ -191,8 +191,7 @@ class _HandgradMode(TorchFunctionMode):
         # torch has popped this mode for the duration of this call: what runs here is not seen by it
         kwargs = kwargs or {}
         route = _ROUTES.get(func)
-        if (route is not None and "out" not in kwargs and all(t in _PLAIN for t in types)
-                and (torch.compiler.is_compiling() or torch._C._current_autograd_node() is None)
+        if (route is not None and "out" not in kwargs and (not types or all(t in _PLAIN for t in types))
                 and _handgrad_can_take(args, kwargs)):
             fn, adapter = route
             if adapter is None:
