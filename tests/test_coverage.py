@@ -81,7 +81,8 @@ def test_half_converted_names_the_native_modules():
     assert report.percent == pytest.approx(100 / 3)
     assert {(n.module, n.node) for n in report.native_nodes} == {
         ("norm", "NativeBatchNormBackward0"), ("", "ReluBackward0"), ("head", "AddmmBackward0")}
-    assert re.search(r"norm +NativeBatchNormBackward0", str(report)) and re.search(r"<model> +ReluBackward0", str(report))
+    text = str(report)
+    assert re.search(r"norm +NativeBatchNormBackward0", text) and re.search(r"<model> +ReluBackward0", text)
 
 
 def test_residual_adds_and_flatten_are_not_layer_nodes():

@@ -283,7 +283,8 @@ def _check_replacement(name: str, old: nn.Module, new) -> None:
                          "original's Parameter (and buffer) objects, not copies")
 
 
-def _apply_mapping(model: nn.Module, mapping: dict, include, exclude, report: "ConversionReport") -> tuple[nn.Module, set[int]]:
+def _apply_mapping(model: nn.Module, mapping: dict, include, exclude,
+                   report: ConversionReport) -> tuple[nn.Module, set[int]]:
     """Replace, top-down, each module of a mapped class by its factory's module; returns the
     (possibly replaced) model and the ids of the replacements."""
     made: dict[int, nn.Module] = {}   # id(original) → replacement: a module shared by two parents is replaced once
