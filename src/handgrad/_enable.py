@@ -212,8 +212,9 @@ def _active() -> bool:
 class enable(contextlib.ContextDecorator):
     """Route the covered torch functions (``INTERCEPTED``) to ``handgrad.functional`` inside a
     ``with`` block or a decorated function; see the module docstring. Nestable; thread-safe, as
-    the mode lives on the entering thread's mode stack only (a decorated function enters a fresh
-    ``enable`` per call, so it may run on many threads at once)."""
+    the mode lives on the entering thread's mode stack only. One ``enable`` object is entered by
+    one thread at a time (``with handgrad.enable():`` makes one per region, and a decorated
+    function one per call, so it may run on many threads at once)."""
 
     def __init__(self):
         self._modes: list[_HandgradMode | None] = []  # pushed per entry (None: nested in a region)
