@@ -115,13 +115,9 @@ def _max_pool2d_with_indices(input, kernel_size, stride=None, padding=0, dilatio
 
 # torch callable → (handgrad.functional name, adapter)
 _ADAPTERS: dict[Callable, tuple[str, Callable]] = {
-    Tensor.sigmoid: ("sigmoid", _method),
-    Tensor.tanh: ("tanh", _method),
-    Tensor.relu: ("relu", _method),
-    Tensor.softmax: ("softmax", _softmax_method),
-    Tensor.log_softmax: ("log_softmax", _softmax_method),
-    torch.softmax: ("softmax", _torch_softmax),
-    torch.log_softmax: ("log_softmax", _torch_softmax),
+    **{getattr(Tensor, name): (name, _method) for name in ("sigmoid", "tanh", "relu")},
+    **{getattr(Tensor, name): (name, _softmax_method) for name in ("softmax", "log_softmax")},
+    **{getattr(torch, name): (name, _torch_softmax) for name in ("softmax", "log_softmax")},
     torch.layer_norm: ("layer_norm", _torch_layer_norm),
     torch.batch_norm: ("batch_norm", _torch_batch_norm),
     torch.group_norm: ("group_norm", _torch_group_norm),
