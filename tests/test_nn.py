@@ -51,6 +51,10 @@ def _logprobs_target(n=6, c=4):
     return lambda: (torch.randn(n, c, dtype=torch.float64).log_softmax(-1), torch.tensor([0, 1, 2, 3, 1, 0][:n]))
 
 
+def _x_target(n, d, c):
+    return lambda: (torch.randn(n, d, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 1, 0][:n]) % c)
+
+
 def _bce():
     return lambda: (torch.randn(5, 3, dtype=torch.float64), torch.rand(5, 3, dtype=torch.float64))
 
@@ -104,6 +108,9 @@ VARIANTS: dict[str, list[tuple[str, dict, Callable[[], tuple], dict]]] = {
                    ("ceil-nopad-count", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True,
                                              count_include_pad=False), _x(2, 3, 6, 5), {})],
     "adaptive_avg_pool2d": [("", dict(output_size=(2, 3)), _x(2, 3, 7, 5), {})],
+    "linear_cross_entropy": [("", dict(in_features=5, num_classes=4), _x_target(6, 5, 4), {}),
+                             ("bias-smoothing", dict(in_features=5, num_classes=4, bias=True, label_smoothing=0.1,
+                                                     reduction="sum"), _x_target(6, 5, 4), {})],
 }
 # ops whose module cannot be compared call for call: their forward draws random numbers
 RANDOM = {"dropout": "a random mask; tests/test_layers.py compares it with torch's under one seed"}

@@ -120,6 +120,7 @@ _TABLE: tuple[Op, ...] = (
     _op("linear_act", "fused", None, "linear-and-activation", bias=None, activation="relu"),
     _op("mlp", "fused", None, "the-whole-network", "MLP", activation="sigmoid", last_activation=None),
     _op("linear_cross_entropy", "fused", getattr(TF, "linear_cross_entropy", None), "linear-and-cross-entropy-chunked",
+        *(("LinearCrossEntropyLoss", nn.LinearCrossEntropyLoss) if hasattr(nn, "LinearCrossEntropyLoss") else ()),
         linear_bias=None, weight=None, reduction="mean", ignore_index=None, label_smoothing=0.0, options=None,
         chunk_size=None),
     _op("batch_norm", "norm", TF.batch_norm, _BGR, "BatchNorm2d", nn.BatchNorm2d,
