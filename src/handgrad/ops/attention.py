@@ -1,7 +1,7 @@
 """Scaled dot-product attention as one Function. Derivation: docs/derivation.md#attention.
 
 The scores S = scale·Q Kᵀ + M and the weights P = softmax(S) are (L × S) per head: the Function
-saves neither. It saves Q, K, V, its output O and the row log-sum-exp ℓ = log Σ_j exp(S_j) (one
+saves neither. It saves Q, K, V and the row log-sum-exp ℓ = log Σ_j exp(S_j) (one
 value per query row), and the backward recomputes P = exp(S − ℓ) from them, as flash attention
 does. ℓ is returned as a second output (the functional drops it) so that the backward, which
 reads it, stays differentiable: its VJP is ∂L/∂S += P ⊙ ∂L/∂ℓ (∂ℓ/∂S = P).
@@ -16,10 +16,20 @@ import math
 
 import torch
 
-from ._function import HandFunction, accurate_sum, opmath
+from ._function import HandFunction, accurate_sum, opmath as _opmath
 from .dropout import keep_scale
 
 __all__ = ["AttentionFn", "causal_keep"]
+
+
+def opmath(t):
+    """The compute dtype: float32 for float16/bfloat16 (as torch's kernels), and float64 for
+    float32 on CPU: the recomputed P = exp(S − ℓ) and the products over the keys lost up to 3.6×
+    torch's float32 error (its kernel normalises once at the end); on CPU a float64 pass is cheap
+    at attention's sizes and leaves one rounding. (CUDA float32 stays float32.)"""
+    if t is not None and t.dtype == torch.float32 and t.device.type == "cpu":
+        return t.double()
+    return _opmath(t)
 
 
 def causal_keep(L: int, S: int, device) -> torch.Tensor:
@@ -34,7 +44,7 @@ def repeat_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
 
 def sum_heads(g: torch.Tensor, groups: int) -> torch.Tensor:
     """The adjoint of ``repeat_heads``: the gradients of a head's ``groups`` copies, summed."""
-    return g if groups == 1 else g.unflatten(-3, (g.shape[-3] // groups, groups)).sum(-3)
+    return g if groups == 1 else g.reshape(*g.shape[:-3], g.shape[-3] // groups, groups, *g.shape[-2:]).sum(-3)
 
 
 def scores(q, k, mask, causal: bool, scale: float) -> torch.Tensor:
@@ -76,12 +86,13 @@ class AttentionFn(HandFunction):
         S = scale·Q Kᵀ + M,   P = softmax(S) = exp(S − ℓ),   O = (P ⊙ N) V
     Backward, G = ∂L/∂O, Γ = ∂L/∂ℓ (zero unless a double backward reads ℓ):
         ∂L/∂V = (P ⊙ N)ᵀ G            dP = (G Vᵀ) ⊙ N
-        dS = P ⊙ (dP − rowsum(G ⊙ O)) + P ⊙ Γ
+        dS = P ⊙ (dP − rowsum(G ⊙ O)) + P ⊙ Γ,   rowsum(G ⊙ O) = rowsum(P ⊙ dP)
         ∂L/∂Q = scale·dS K            ∂L/∂K = scale·dSᵀ Q            ∂L/∂M = dS (summed to M)
     Forward mode:
         Ṡ = scale(Q̇ Kᵀ + Q K̇ᵀ) + Ṁ,   ℓ̇ = rowsum(P ⊙ Ṡ),   Ṗ = P ⊙ (Ṡ − ℓ̇)
         Ȯ = (Ṗ ⊙ N) V + (P ⊙ N) V̇
-    Saves Q, K, V, M, D, O and ℓ; P is recomputed. float16/bfloat16 run in float32.
+    Saves Q, K, V, M, D and ℓ; P is recomputed, and the row term is taken as rowsum(P ⊙ dP), so
+    O is not kept either. float16/bfloat16 run in float32, float32 on CPU in float64 (``opmath``).
     Derivation: docs/derivation.md#attention
     """
 
@@ -100,13 +111,13 @@ class AttentionFn(HandFunction):
     def setup_context(ctx, inputs, output):
         q, k, v, mask, drop, p, causal, scale, groups = inputs
         ctx.p, ctx.causal, ctx.scale, ctx.groups = p, causal, scale, groups
-        O, lse = output
-        ctx.save_for_backward(q, k, v, mask, drop, O, lse)
-        ctx.save_for_forward(q, k, v, mask, drop, O, lse)
+        _O, lse = output
+        ctx.save_for_backward(q, k, v, mask, drop, lse)
+        ctx.save_for_forward(q, k, v, mask, drop, lse)
 
     @staticmethod
     def backward(ctx, grad_o, grad_lse):
-        q, k, v, mask, drop, O, lse = ctx.saved_tensors
+        q, k, v, mask, drop, lse = ctx.saved_tensors
         g = ctx.groups
         Q, K, V = opmath(q), repeat_heads(opmath(k), g), repeat_heads(opmath(v), g)
         G = opmath(grad_o)                                                   # (*, L, Ev)
@@ -121,8 +132,9 @@ class AttentionFn(HandFunction):
             dP = G @ V.mT                                                    # G Vᵀ   (*, L, S)
             if N is not None:
                 dP = dP * N                                                  # ⊙ N
-            # rowsum(G ⊙ O) = rowsum(P ⊙ dP) (the softmax's own row term), minus Γ
-            row = (G * opmath(O)).sum(-1, keepdim=True) - opmath(grad_lse).unsqueeze(-1)
+            # rowsum(G ⊙ O) = rowsum(P ⊙ dP), the softmax's row term, taken in the second form:
+            # from P and dP in the compute dtype rather than the rounded output O; minus Γ
+            row = (P * dP).sum(-1, keepdim=True) - grad_lse.to(P.dtype).unsqueeze(-1)
             dS = P * (dP - row)                                              # (*, L, S)
             if need_q:
                 grad_q = (ctx.scale * (dS @ K)).sum_to_size(q.shape).to(q.dtype)         # scale·dS K
@@ -134,7 +146,7 @@ class AttentionFn(HandFunction):
 
     @staticmethod
     def jvp(ctx, dq, dk, dv, dmask, _ddrop, _p, _causal, _scale, _groups):
-        q, k, v, mask, drop, O, lse = ctx.saved_tensors
+        q, k, v, mask, drop, lse = ctx.saved_tensors
         g = ctx.groups
         Q, K, V = opmath(q), repeat_heads(opmath(k), g), repeat_heads(opmath(v), g)
         P = weights(scores(Q, K, mask, ctx.causal, ctx.scale), lse)          # (*, L, S)
@@ -153,4 +165,4 @@ class AttentionFn(HandFunction):
         dO = dP @ V                                                          # Ṗ V
         if dv is not None:
             dO = dO + P @ repeat_heads(opmath(dv), g)                        # + P V̇
-        return dO.to(O.dtype), dlse.expand_as(lse).to(lse.dtype)
+        return dO.to(q.dtype), dlse.expand_as(lse).to(lse.dtype)

@@ -1,0 +1,115 @@
+"""Registry cases of attention: scaled_dot_product_attention and multi_head_attention_forward.
+
+A case's shape is the query's, (N, H, L, E) or unbatched (L, E); keys and values have S = 3
+positions and values Ev = E + 1 features (so a transposed product cannot pass by accident).
+dropout's random draw cannot run inside ``vmap``: the dropout case passes a drawn keep mask to
+the Function and compares with torch's math kernel given the same mask (``dropout_mask``), as
+``layers.py`` does for dropout. ``tests/test_attention.py`` checks the random path against
+torch on the same seed, and ``nn.MultiheadAttention`` option by option.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as TF
+
+from ... import functional as F
+from ...ops.attention import AttentionFn
+from ..types import BadInput, Inputs, OpCase, randn
+
+_S = 3                                            # key/value positions
+_SHAPES = ((2, 2, 5, 4), (0, 2, 5, 4))            # (N, H, L, E), and an empty batch
+_P = 0.3                                          # drop probability of the given-mask case
+
+
+def _kv(shape, dtype, device, heads=None):
+    *batch, _L, E = shape
+    if heads is not None:
+        batch[-1] = heads
+    return randn((*batch, _S, E), dtype, device), randn((*batch, _S, E + 1), dtype, device)
+
+
+def _sdpa(mask=None, heads=None, **kw):
+    """``mask``: None, "bool" (some rows fully masked, a (L, S) mask broadcast over N, H), or
+    "float" (an additive (N, 1, L, S) mask broadcast over heads, requiring grad)."""
+
+    def make(shape, dtype, device):
+        L = shape[-2]
+        q = randn(shape, dtype, device)
+        k, v = _kv(shape, dtype, device, heads)
+        extra = dict(kw)
+        if mask == "bool":
+            keep = torch.rand(L, _S) > 0.4
+            keep[0] = False                       # a fully masked row: 0, as torch's CPU kernels
+            extra["attn_mask"] = keep.to(device)
+        elif mask == "float":
+            extra["attn_mask"] = randn((*shape[:-3], 1, L, _S) if len(shape) > 2 else (L, _S), dtype, device)
+        return Inputs((q, k, v), extra)
+
+    return make
+
+
+def _given_mask(shape, dtype, device):
+    q = randn(shape, dtype, device)
+    k, v = _kv(shape, dtype, device)
+    keep = torch.rand((*shape[:-1], _S), dtype=torch.float64) >= _P
+    return Inputs((q, k, v, keep.to(device)))
+
+
+def _attention_with_mask(q, k, v, keep):
+    """handgrad's attention Function on a given keep mask (what the functional calls after drawing it)."""
+    return AttentionFn.call(q, k, v, None, keep, _P, False, 1 / math.sqrt(q.shape[-1]), 1)[0]
+
+
+def _torch_attention_with_mask(q, k, v, keep):
+    """torch's math kernel on that mask (it warns that a given mask is for testing: it is)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, None, _P, False, dropout_mask=keep)[0]
+
+
+def _bad(what, q, k, v, names, **kw):
+    return BadInput(what, lambda: Inputs((torch.randn(q), torch.randn(k), torch.randn(v)), kw), names)
+
+
+_BAD = (
+    _bad("key of another feature size", (2, 5, 4), (2, 3, 5), (2, 3, 4), ("key", "[2, 5, 4]", "[2, 3, 5]")),
+    _bad("value of another length", (2, 5, 4), (2, 3, 4), (2, 2, 4), ("value", "[2, 3, 4]", "[2, 2, 4]")),
+    _bad("gqa heads not dividing", (1, 4, 5, 4), (1, 3, 3, 4), (1, 3, 3, 4), ("heads", "[1, 4, 5, 4]", "[1, 3, 3, 4]"),
+         enable_gqa=True),
+    BadInput("attn_mask with is_causal",
+             lambda: Inputs((torch.randn(5, 4), torch.randn(3, 4), torch.randn(3, 4)),
+                            {"attn_mask": torch.ones(5, 3, dtype=torch.bool), "is_causal": True}),
+             ("attn_mask", "is_causal", "[5, 3]")),
+    BadInput("integer attn_mask",
+             lambda: Inputs((torch.randn(5, 4), torch.randn(3, 4), torch.randn(3, 4)),
+                            {"attn_mask": torch.ones(5, 3, dtype=torch.int64)}),
+             ("attn_mask", "torch.int64")),
+    BadInput("value of another dtype",
+             lambda: Inputs((torch.randn(5, 4), torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64))),
+             ("value", "torch.float64")),
+)
+
+_SDPA = "scaled_dot_product_attention"
+CASES = [
+    OpCase(_SDPA, F.scaled_dot_product_attention, TF.scaled_dot_product_attention, _sdpa(), shapes=_SHAPES,
+           bad_inputs=_BAD),
+    OpCase(f"{_SDPA}[causal]", F.scaled_dot_product_attention, TF.scaled_dot_product_attention,
+           _sdpa(is_causal=True), shapes=_SHAPES),
+    OpCase(f"{_SDPA}[bool-mask]", F.scaled_dot_product_attention, TF.scaled_dot_product_attention, _sdpa("bool"),
+           shapes=_SHAPES),
+    OpCase(f"{_SDPA}[float-mask]", F.scaled_dot_product_attention, TF.scaled_dot_product_attention, _sdpa("float"),
+           shapes=_SHAPES[:1]),   # no empty batch: torch's gives the mask no gradient (None) under autocast
+    OpCase(f"{_SDPA}[scale]", F.scaled_dot_product_attention, TF.scaled_dot_product_attention, _sdpa(scale=0.3),
+           shapes=_SHAPES[:1]),
+    OpCase(f"{_SDPA}[gqa]", F.scaled_dot_product_attention, TF.scaled_dot_product_attention,
+           _sdpa(heads=1, enable_gqa=True), shapes=((2, 4, 5, 4), (0, 4, 5, 4))),
+    OpCase(f"{_SDPA}[unbatched]", F.scaled_dot_product_attention, TF.scaled_dot_product_attention, _sdpa(),
+           shapes=((5, 4), (1, 4))),
+    OpCase(f"{_SDPA}[unbatched,float-mask]", F.scaled_dot_product_attention, TF.scaled_dot_product_attention,
+           _sdpa("float"), shapes=((5, 4),)),
+    OpCase(f"{_SDPA}[given-dropout-mask]", _attention_with_mask, _torch_attention_with_mask, _given_mask,
+           shapes=_SHAPES),
+]
