@@ -3,8 +3,8 @@ step for step — its checks, its mask merging, its bias_k/bias_v and zero-atten
 with the projections run by handgrad's ``linear`` and the attention by handgrad's attention
 Function, so the whole layer's backward is hand-derived. No math here.
 
-torch's private mask helpers (``_mha_shape_check``, ``_canonical_mask``, ``_none_or_dtype``,
-``_check_key_padding_mask``) are reused, so the refusals and mask conversions are torch's own.
+torch's private mask helpers (``_mha_shape_check``, ``_canonical_mask``, ``_none_or_dtype``) are
+reused, so the refusals and mask conversions are torch's own.
 """
 from __future__ import annotations
 
@@ -115,7 +115,9 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check: int, num
         key_padding_mask = None if key_padding_mask is None else TF.pad(key_padding_mask, (0, 1))
     src_len = k.size(1)
     if key_padding_mask is not None:
-        TF._check_key_padding_mask(key_padding_mask, src_len, bsz)
+        if tuple(key_padding_mask.shape) != (bsz, src_len):   # torch's check, without its closures Dynamo refuses
+            raise AssertionError(f"Expected key_padded_mask of shape {(bsz, src_len)} (batch, source length), but "
+                                 f"got {tuple(key_padding_mask.shape)}")
         key_padding_mask = (key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1)
                             .reshape(bsz * num_heads, 1, src_len))
         attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
@@ -127,6 +129,8 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check: int, num
     if attn_mask is not None:
         mask4 = (attn_mask.unsqueeze(0) if attn_mask.size(0) == 1
                  else attn_mask.view(bsz, num_heads, -1, src_len))
+    if mask4 is not None and mask4.dtype != q.dtype:
+        mask4 = mask4.to(q.dtype)             # under autocast the projections ran in the lower dtype
     q4 = q.view(bsz, num_heads, tgt_len, head_dim)
     k4 = k.view(bsz, num_heads, src_len, head_dim)
     v4 = v.view(bsz, num_heads, src_len, head_dim)
@@ -135,12 +139,13 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check: int, num
     out, _lse = AttentionFn.call(q4, k4, v4, mask4, keep, float(dropout_p), bool(is_causal and mask4 is None),
                                  scale, 1)                                    # (N, H, L, E/H)
     out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
-    out = linear(out, out_proj_weight, out_proj_bias).view(tgt_len, bsz, -1)
+    out = linear(out, out_proj_weight, out_proj_bias)
+    out = out.view(tgt_len, bsz, out.size(-1))
     weights = None
     if need_weights:
         if is_causal and attn_mask is None:
             raise AssertionError("FIXME: is_causal not implemented for need_weights")
-        S = (q * scale) @ k.mT if attn_mask is None else torch.baddbmm(attn_mask, q * scale, k.mT)
+        S = (q * scale) @ k.mT if attn_mask is None else torch.baddbmm(attn_mask.to(q.dtype), q * scale, k.mT)
         S = S.view(bsz, num_heads, tgt_len, src_len)                            # scale·Q Kᵀ + M
         weights = softmax(S, dim=-1)                                            # P   (N, H, L, S)
         if keep is not None:

@@ -54,7 +54,7 @@ def scores(q, k, mask, causal: bool, scale: float) -> torch.Tensor:
     if causal:
         S = S.masked_fill(~causal_keep(S.shape[-2], S.shape[-1], S.device), -math.inf)
     if mask is not None:
-        S = S.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else S + opmath(mask)
+        S = S.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else S + mask.to(S.dtype)
     return S
 
 

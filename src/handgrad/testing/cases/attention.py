@@ -92,6 +92,54 @@ _BAD = (
              ("value", "torch.float64")),
 )
 
+_H = 2  # heads of the multi-head cases; a case's shape is the query's (L, N, E), E even
+
+
+def _mha(need_weights: bool, mask: bool = False):
+    """query (L, N, E); key and value (S, N, E); packed in-projection, biases, out-projection.
+    The case's function returns the output (need_weights=False: the attention Function's path)
+    or the head-averaged weights (need_weights=True: P through handgrad's softmax)."""
+
+    def make(shape, dtype, device):
+        L, Nb, E = shape
+        q = randn(shape, dtype, device)
+        k, v = randn((_S, Nb, E), dtype, device), randn((_S, Nb, E), dtype, device)
+        w_in, b_in = randn((3 * E, E), dtype, device, scale=0.5), randn((3 * E,), dtype, device)
+        w_out, b_out = randn((E, E), dtype, device, scale=0.5), randn((E,), dtype, device)
+        kw = {"need_weights": need_weights}
+        if mask:
+            kpm = torch.zeros(Nb, _S, dtype=torch.bool)
+            kpm[:, -1] = True                     # True = ignore (nn.MultiheadAttention's convention)
+            kw["key_padding_mask"] = kpm.to(device)
+        return Inputs((q, k, v, w_in, b_in, w_out, b_out), kw)
+
+    return make
+
+
+def _mha_fn(mha):
+    def run(q, k, v, w_in, b_in, w_out, b_out, **kw):
+        out, weights = mha(q, k, v, q.shape[-1], _H, w_in, b_in, None, None, False, 0.0, w_out, b_out, **kw)
+        return out if weights is None else weights
+
+    return run
+
+
+def _mha_bad(what, names, E=6, heads=_H, **kw):
+    def make():
+        x = torch.randn(5, 2, E)
+        return Inputs((x, x, x, E, heads, torch.randn(3 * E, E), None, None, None, False, 0.0, torch.randn(E, E),
+                       None), kw)
+
+    return BadInput(what, make, names)
+
+
+_MHA_BAD = (
+    _mha_bad("embed_dim not divisible by num_heads", ("embed_dim 6", "num_heads 4"), heads=4),
+    _mha_bad("2-d attn_mask of the wrong shape", ("attn_mask", "torch.Size([2, 2])", "(5, 5)"),
+             attn_mask=torch.zeros(2, 2)),
+)
+
+_MHA = "multi_head_attention_forward"
 _SDPA = "scaled_dot_product_attention"
 CASES = [
     OpCase(_SDPA, F.scaled_dot_product_attention, TF.scaled_dot_product_attention, _sdpa(), shapes=_SHAPES,
@@ -112,4 +160,8 @@ CASES = [
            _sdpa("float"), shapes=((5, 4),)),
     OpCase(f"{_SDPA}[given-dropout-mask]", _attention_with_mask, _torch_attention_with_mask, _given_mask,
            shapes=_SHAPES),
+    OpCase(_MHA, _mha_fn(F.multi_head_attention_forward), _mha_fn(TF.multi_head_attention_forward),
+           _mha(False), shapes=((5, 2, 4), (5, 0, 4))),
+    OpCase(f"{_MHA}[weights,key_padding_mask]", _mha_fn(F.multi_head_attention_forward),
+           _mha_fn(TF.multi_head_attention_forward), _mha(True, mask=True), shapes=((5, 2, 4),)),
 ]
