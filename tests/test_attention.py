@@ -234,3 +234,21 @@ def test_convert_swaps_multihead_attention_and_back():
     assert type(model[0]) is hnn.MultiheadAttention
     handgrad.revert(model)
     assert type(model[0]) is nn.MultiheadAttention
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["output", "output+weights"])
+def test_multihead_attention_graph_is_handgrads(need_weights):
+    """Every math node of the layer's backward (and double backward: no softmax or attention
+    kernel) is a handgrad Function; what remains native is reshaping (views, cat, repeat) and
+    the head average of the weights (MeanBackward)."""
+    _, ours = _pair(add_bias_kv=True)
+    q, k, v = _inputs(False)
+    out, w = ours(q, k, v, key_padding_mask=_bool_kpm(), need_weights=need_weights)
+    loss = out.square().sum() + (0 if w is None else w.square().sum())
+    math_nodes = ("Softmax", "Attention", "Bmm", "Mm", "Addmm", "Mul", "Exp", "Div", "Add", "Sub")
+    names = _node_names([out.grad_fn] + ([] if w is None else [w.grad_fn]))
+    assert "ViewBackward0" in names  # the walk sees native nodes
+    assert not any(s in n for n in names for s in math_nodes), names
+    grads = torch.autograd.grad(loss, [q, *ours.parameters()], create_graph=True)
+    names = _node_names([g.grad_fn for g in grads if g.grad_fn is not None])
+    assert not any(s in n for n in names for s in ("Softmax", "Attention")), names

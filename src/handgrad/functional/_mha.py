@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as TF
 
 from ..ops.attention import AttentionFn
-from ..ops.dropout import DropoutFn, keep_mask
+from ..ops.dropout import keep_mask
 from ._linear import linear
-from ._softmax import softmax
 
 __all__ = ["multi_head_attention_forward"]
 
@@ -37,9 +36,9 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check: int, num
                                  q_proj_weight=None, k_proj_weight=None, v_proj_weight=None, static_k=None,
                                  static_v=None, average_attn_weights: bool = True, is_causal: bool = False):
     """``torch.nn.functional.multi_head_attention_forward``: (attn_output, attn_weights or None).
-    ``need_weights`` computes the weights P explicitly (handgrad's softmax on the scaled scores)
-    and returns them (head-averaged with ``average_attn_weights``); the output always comes from
-    handgrad's attention Function, which never keeps P. A fully masked row gives 0 (torch's
+    ``need_weights`` also returns the weights P ⊙ N (head-averaged with ``average_attn_weights``),
+    from the attention Function with V = I; the output comes from the Function with V, which
+    never keeps P. A fully masked row gives 0 (torch's
     sdpa path; torch's need_weights path gives NaN there)."""
     is_batched = TF._mha_shape_check(query, key, value, key_padding_mask, attn_mask, num_heads)
     if not is_batched:
@@ -145,13 +144,12 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check: int, num
     if need_weights:
         if is_causal and attn_mask is None:
             raise AssertionError("FIXME: is_causal not implemented for need_weights")
-        S = (q * scale) @ k.mT if attn_mask is None else torch.baddbmm(attn_mask.to(q.dtype), q * scale, k.mT)
-        S = S.view(bsz, num_heads, tgt_len, src_len)                            # scale·Q Kᵀ + M
-        weights = softmax(S, dim=-1)                                            # P   (N, H, L, S)
-        if keep is not None:
-            weights = DropoutFn.call(weights, keep, float(dropout_p), False)     # P ⊙ D/(1 − p)
+        # P̃ = (P ⊙ N) I: the same Function with V = I (S × S) returns the weights themselves, so
+        # their backward is hand-derived too (P ⊙ N exactly: each entry is p·1 plus zeros)
+        eye = torch.eye(src_len, dtype=q4.dtype, device=q4.device).expand(bsz, num_heads, src_len, src_len)
+        weights, _lse = AttentionFn.call(q4, k4, eye, mask4, keep, float(dropout_p), False, scale, 1)
         if average_attn_weights:
-            weights = weights.mean(dim=1)
+            weights = weights.mean(dim=1)                                       # (N, L, S)
     if not is_batched:
         out = out.squeeze(1)
         weights = None if weights is None else weights.squeeze(0)

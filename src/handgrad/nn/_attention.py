@@ -3,6 +3,7 @@ state_dict; ``forward`` runs handgrad's ``multi_head_attention_forward`` (its li
 attention Function). No math here."""
 from __future__ import annotations
 
+import torch.nn.functional as TF
 from torch import nn
 
 from .. import functional as F
@@ -19,6 +20,12 @@ class MultiheadAttention(nn.MultiheadAttention):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         is_batched = query.dim() == 3
+        # torch's forward canonicalises both masks first (bool → additive float, its warnings)
+        key_padding_mask = TF._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                              other_type=TF._none_or_dtype(attn_mask), other_name="attn_mask",
+                                              target_type=query.dtype)
+        attn_mask = TF._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                       target_type=query.dtype, check_other=False)
         if self.batch_first and is_batched:     # torch's transposes (to sequence-first)
             if key is value:
                 if query is key:
