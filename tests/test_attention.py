@@ -252,3 +252,23 @@ def test_multihead_attention_graph_is_handgrads(need_weights):
     grads = torch.autograd.grad(loss, [q, *ours.parameters()], create_graph=True)
     names = _node_names([g.grad_fn for g in grads if g.grad_fn is not None])
     assert not any(s in n for n in names for s in ("Softmax", "Attention")), names
+
+
+def test_multi_head_attention_forward_static_kv_equals_torch():
+    ref, _ = _pair()
+    q, k, v = _inputs(False)
+    static_k, static_v = (torch.randn(N * H, S + 1, E // H, dtype=D, requires_grad=True) for _ in range(2))
+    leaves = [q, static_k, static_v, ref.in_proj_weight, ref.out_proj.weight]
+    results = []
+    for fn in (TF.multi_head_attention_forward, F.multi_head_attention_forward):
+        out, w = fn(q, k, v, E, H, ref.in_proj_weight, ref.in_proj_bias, None, None, False, 0.0, ref.out_proj.weight,
+                    ref.out_proj.bias, static_k=static_k, static_v=static_v)
+        results.append((out, w, torch.autograd.grad(out.square().sum() + w.square().sum(), leaves,
+                                                    allow_unused=True)))
+    (o1, w1, g1), (o2, w2, g2) = results
+    torch.testing.assert_close(o2, o1, **TOL)
+    torch.testing.assert_close(w2, w1, **TOL)
+    for a, b in zip(g2, g1):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, **TOL)
