@@ -32,6 +32,12 @@ def opmath(t):
     return _opmath(t)
 
 
+def _own_dtype(t: torch.Tensor):
+    """Every product runs in the compute dtype chosen here: autocast's cast is made once, by the
+    functional (recorded outside the Function), never again inside forward, backward or jvp."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def causal_keep(L: int, S: int, device) -> torch.Tensor:
     """The top-left aligned causal mask (L, S), True = attend: ``torch.ones(L, S).tril(0)``."""
     return torch.ones(L, S, dtype=torch.bool, device=device).tril()
@@ -98,6 +104,11 @@ class AttentionFn(HandFunction):
 
     @staticmethod
     def forward(q, k, v, mask, drop, p, causal, scale, groups):
+        with _own_dtype(q):
+            return AttentionFn._forward(q, k, v, mask, drop, p, causal, scale, groups)
+
+    @staticmethod
+    def _forward(q, k, v, mask, drop, p, causal, scale, groups):
         dtype = q.dtype
         q, k, v = opmath(q), repeat_heads(opmath(k), groups), repeat_heads(opmath(v), groups)
         S = scores(q, k, mask, causal, scale)                    # (*, L, S)
@@ -117,6 +128,11 @@ class AttentionFn(HandFunction):
 
     @staticmethod
     def backward(ctx, grad_o, grad_lse):
+        with _own_dtype(grad_o):
+            return AttentionFn._backward(ctx, grad_o, grad_lse)
+
+    @staticmethod
+    def _backward(ctx, grad_o, grad_lse):
         q, k, v, mask, drop, lse = ctx.saved_tensors
         g = ctx.groups
         Q, K, V = opmath(q), repeat_heads(opmath(k), g), repeat_heads(opmath(v), g)
@@ -146,6 +162,11 @@ class AttentionFn(HandFunction):
 
     @staticmethod
     def jvp(ctx, dq, dk, dv, dmask, _ddrop, _p, _causal, _scale, _groups):
+        with _own_dtype(ctx.saved_tensors[0]):
+            return AttentionFn._jvp(ctx, dq, dk, dv, dmask)
+
+    @staticmethod
+    def _jvp(ctx, dq, dk, dv, dmask):
         q, k, v, mask, drop, lse = ctx.saved_tensors
         g = ctx.groups
         Q, K, V = opmath(q), repeat_heads(opmath(k), g), repeat_heads(opmath(v), g)
