@@ -154,6 +154,14 @@ def test_sdpa_dropout_equals_torch_on_its_seed():
         torch.testing.assert_close(a, b, **TOL)
 
 
+def test_sdpa_dropout_p_1_gives_zeros_as_torch():
+    q, k, v = (torch.randn(2, 3, 4, dtype=D, requires_grad=True) for _ in range(3))
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=1.0)
+    torch.testing.assert_close(o, TF.scaled_dot_product_attention(q, k, v, dropout_p=1.0), **TOL)
+    assert o.eq(0).all()
+    assert all(g.eq(0).all() for g in torch.autograd.grad(o.sum(), (q, k, v)))
+
+
 def test_sdpa_fully_masked_rows_give_zero_as_torch():
     q, k, v = (torch.randn(1, 1, 3, 2, dtype=D, requires_grad=True) for _ in range(3))
     keep = torch.tensor([[True, False, True], [False, False, False], [True, True, True]])

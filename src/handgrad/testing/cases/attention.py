@@ -51,6 +51,13 @@ def _sdpa(mask=None, heads=None, **kw):
     return make
 
 
+def _broadcast_keys(shape, dtype, device):
+    """(N, L, E) queries against one (1, S, E) set of keys and values, broadcast over the batch."""
+    q = randn(shape, dtype, device)
+    k, v = _kv((1, *shape[1:]), dtype, device)
+    return Inputs((q, k, v))
+
+
 def _given_mask(shape, dtype, device):
     q = randn(shape, dtype, device)
     k, v = _kv(shape, dtype, device)
@@ -158,6 +165,8 @@ CASES = [
            shapes=((5, 4), (1, 4))),
     OpCase(f"{_SDPA}[unbatched,float-mask]", F.scaled_dot_product_attention, TF.scaled_dot_product_attention,
            _sdpa("float"), shapes=((5, 4),)),
+    OpCase(f"{_SDPA}[3d,broadcast-keys]", F.scaled_dot_product_attention, TF.scaled_dot_product_attention,
+           _broadcast_keys, shapes=((2, 5, 4), (0, 5, 4))),
     OpCase(f"{_SDPA}[given-dropout-mask]", _attention_with_mask, _torch_attention_with_mask, _given_mask,
            shapes=_SHAPES),
     OpCase(_MHA, _mha_fn(F.multi_head_attention_forward), _mha_fn(TF.multi_head_attention_forward),
