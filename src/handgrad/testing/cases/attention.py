@@ -3,19 +3,19 @@
 A case's shape is the query's, (N, H, L, E) or unbatched (L, E); keys and values have S = 3
 positions and values Ev = E + 1 features (so a transposed product cannot pass by accident).
 dropout's random draw cannot run inside ``vmap``: the dropout case passes a drawn keep mask to
-the Function and compares with torch's math kernel given the same mask (``dropout_mask``), as
-``layers.py`` does for dropout. ``tests/test_attention.py`` checks the random path against
+the Function and compares with torch's reference formula on the same mask, as ``layers.py`` does
+for dropout. ``tests/test_attention.py`` checks the random path against
 torch on the same seed, and ``nn.MultiheadAttention`` option by option.
 """
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as TF
 
 from ... import functional as F
+from ...functional._common import autocast
 from ...ops.attention import AttentionFn
 from ..types import BadInput, Inputs, OpCase, randn
 
@@ -66,15 +66,19 @@ def _given_mask(shape, dtype, device):
 
 
 def _attention_with_mask(q, k, v, keep):
-    """handgrad's attention Function on a given keep mask (what the functional calls after drawing it)."""
+    """handgrad's attention Function on a given keep mask (what the functional calls after its
+    autocast cast and drawing the mask)."""
+    q, k, v = autocast("scaled_dot_product_attention", q, k, v)
     return AttentionFn.call(q, k, v, None, keep, _P, False, 1 / math.sqrt(q.shape[-1]), 1)[0]
 
 
 def _torch_attention_with_mask(q, k, v, keep):
-    """torch's math kernel on that mask (it warns that a given mask is for testing: it is)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, None, _P, False, dropout_mask=keep)[0]
+    """torch's documented reference implementation of scaled_dot_product_attention on that mask
+    (softmax(Q Kᵀ · scale) · keep / (1 − p), then V): what its CPU math kernel computes given a
+    ``dropout_mask`` (that kernel prints a C++ warning no filter silences, so it is not called here;
+    tests/test_attention.py compares with torch's own random path on a seed)."""
+    P = torch.softmax(q @ k.mT * (1 / math.sqrt(q.shape[-1])), dim=-1)
+    return (P * keep.to(P.dtype) / (1 - _P)) @ v
 
 
 def _bad(what, q, k, v, names, **kw):
