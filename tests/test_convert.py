@@ -123,7 +123,7 @@ def test_transformer_encoder_eval_fast_path(monkeypatch):
         assert len(fused) == 2 and not calls
         out = converted(x)      # handgrad modules, one by one
     assert len(fused) == 2      # the converted model did not take it
-    assert len(calls) == 4  # linear1 and linear2 of both layers (MHA computes out_proj itself, natively)
+    assert len(calls) == 4  # linear1 and linear2 of both layers (handgrad's MHA imports its linear directly)
     torch.testing.assert_close(out, ref, **TOL)
     revert(converted)
     assert converted.layers[0].activation_relu_or_gelu == 1 and converted.use_nested_tensor
@@ -138,7 +138,7 @@ def test_transformer_full():
                            dropout=0.0, batch_first=True, dtype=torch.float64)
     converted = convert(model)
     kinds = {s.before for s in converted.handgrad_report.swapped}
-    assert kinds == {"torch.nn.Linear", "torch.nn.LayerNorm", "torch.nn.Dropout",
+    assert kinds == {"torch.nn.Linear", "torch.nn.LayerNorm", "torch.nn.Dropout", "torch.nn.MultiheadAttention",
                      "torch.nn.modules.linear.NonDynamicallyQuantizableLinear"}
     src, tgt = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 4, 8, dtype=torch.float64)
     tgt_mask = nn.Transformer.generate_square_subsequent_mask(4, dtype=torch.float64)
@@ -150,8 +150,9 @@ def test_multihead_attention_out_proj():
     converted = convert(mha)
     x = torch.randn(2, 3, 8, dtype=torch.float64)
     torch.testing.assert_close(converted(x, x, x)[0], mha(x, x, x)[0], **TOL)
-    assert converted.handgrad_report.swapped[0].name == "out_proj"
-    assert "reads its weight directly" in converted.handgrad_report.swapped[0].note
+    assert type(converted) is hnn.MultiheadAttention  # its attention is handgrad's
+    assert [s.name for s in converted.handgrad_report.swapped] == ["", "out_proj"]
+    assert "reads its weight directly" in converted.handgrad_report.swapped[1].note
     # the converted out_proj still works on its own, through handgrad
     y = converted.out_proj(x)
     assert "LinearFn" in handgrad_nodes(y)

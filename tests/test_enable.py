@@ -36,6 +36,8 @@ IMG, W3, B3 = _x(2, 3, 6, 6), _x(3), _x(3)
 RM, RV = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
 SEQ, K1, K2 = _x(2, 3, 7), _x(4, 3, 2), _x(4, 3, 3, 3)
 IDX, EMB = torch.tensor([[0, 3], [2, 3]]), _x(4, 5)
+Q, KV = _x(2, 2, 5, 4), _x(2, 2, 3, 4)                            # (N, H, L, E), (N, H, S, E)
+SRC, IPW, IPB, OPW, OPB = _x(3, 2, 6), _x(18, 6), _x(18), _x(6, 6), _x(6)   # MHA: (L, N, E), 2 heads
 
 # every name enable() intercepts → one call of it (a new catalogue op needs one line here)
 CALLS = {
@@ -86,6 +88,9 @@ CALLS = {
     "torch.nn.functional.max_pool2d_with_indices": lambda: F.max_pool2d_with_indices(IMG, 2, ceil_mode=True),
     "torch.nn.functional.avg_pool2d": lambda: F.avg_pool2d(IMG, 2, count_include_pad=False, padding=1),
     "torch.nn.functional.adaptive_avg_pool2d": lambda: F.adaptive_avg_pool2d(IMG, (2, 3)),
+    "torch.nn.functional.scaled_dot_product_attention": lambda: F.scaled_dot_product_attention(Q, KV, KV, scale=0.7),
+    "torch.nn.functional.multi_head_attention_forward": lambda: F.multi_head_attention_forward(
+        SRC, SRC, SRC, 6, 2, IPW, IPB, None, None, False, 0.0, OPW, OPB, training=False, need_weights=False)[0],
 }
 RANDOM = {"torch.nn.functional.dropout", "torch.dropout"}
 
@@ -94,8 +99,15 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _producer(node):
+    """The node that computed a tensor, past the views on top of it (MHA's output is reshaped)."""
+    while node is not None and type(node).__name__.startswith(("ViewBackward", "TransposeBackward")):
+        node = node.next_functions[0][0]
+    return node
+
+
 def _grads(out):
-    leaves = [t for t in (X, W, B, W35, W5, B5, IMG, W3, B3, SEQ, K1, K2, EMB)]
+    leaves = [t for t in (X, W, B, W35, W5, B5, IMG, W3, B3, SEQ, K1, K2, EMB, Q, KV, SRC, IPW, IPB, OPW, OPB)]
     g = torch.ones_like(out) + torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape) / out.numel()
     grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
     return [x for x in grads if x is not None]
@@ -112,12 +124,12 @@ def test_each_spelling_runs_handgrad(name):
     with handgrad.enable():
         out = call()
     hand = _first(out)
-    assert is_handgrad_node(hand.grad_fn), f"{name}: {type(hand.grad_fn).__name__}"
+    assert is_handgrad_node(_producer(hand.grad_fn)), f"{name}: {type(hand.grad_fn).__name__}"
     if name in RANDOM:  # a fresh mask: each element is dropped or scaled by 1/(1-p)
         assert torch.all((hand == 0) | torch.isclose(hand, 2 * X))
         return
     ref = _first(call())
-    assert not is_handgrad_node(ref.grad_fn)
+    assert not is_handgrad_node(_producer(ref.grad_fn))
     torch.testing.assert_close(hand, ref, **TOL)
     if isinstance(out, tuple):
         torch.testing.assert_close(out[1], call()[1], rtol=0, atol=0)  # max_pool2d's indices

@@ -84,6 +84,11 @@ VARIANTS: dict[str, list[tuple[str, dict, Callable[[], tuple], dict]]] = {
                       ("options", dict(ignore_index=2, label_smoothing=0.1, reduction="sum"), _logits_target(),
                        dict(weight=W4))],
     "nll_loss": [("", dict(ignore_index=1), _logprobs_target(), dict(weight=W4))],
+    "multi_head_attention_forward": [("", dict(embed_dim=4, num_heads=2), lambda: _x(3, 2, 4)() * 3, {}),
+                                     ("batch-first-kdim", dict(embed_dim=4, num_heads=2, kdim=3, vdim=5,
+                                                               batch_first=True),
+                                      lambda: tuple(torch.randn(2, n, d, dtype=torch.float64)
+                                                    for n, d in ((3, 4), (5, 3), (5, 5))), {})],
     "binary_cross_entropy_with_logits": [
         ("", {}, _bce(), {}),
         ("weights", dict(reduction="none"), _bce(), dict(weight=torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64),
@@ -195,6 +200,7 @@ def test_forward_backward_match_torch(case, monkeypatch):
     args = case.make()
     x = args[0].clone()
     y = ours(x.requires_grad_() if x.is_floating_point() else x, *args[1:])
+    y = y[0] if isinstance(y, tuple) else y  # MultiheadAttention: (output, weights)
     assert calls == [1] and handgrad_nodes(y), "the module did not run a handgrad op"
     monkeypatch.undo()
     report = check_module(ours, *args, reference=theirs, checks=("reference", "needs_grad"), name=case.id)

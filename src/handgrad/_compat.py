@@ -165,6 +165,47 @@ _REDUCTION_FALLBACK = SimpleNamespace(legacy_get_string=_legacy_get_string, get_
 nn_reduction = _private(lambda: importlib.import_module("torch.nn._reduction")) or _REDUCTION_FALLBACK
 
 
+# ---- torch.nn.functional's private MultiheadAttention helpers ----------------------------------
+# handgrad's multi_head_attention_forward validates and merges masks exactly as torch's does, with
+# torch's own helpers where they exist; the fallbacks are their rules as of torch 2.4 … 2.13.
+
+def _none_or_dtype_fallback(input):
+    if input is None:
+        return None
+    if isinstance(input, torch.Tensor):
+        return input.dtype
+    raise RuntimeError("input to _none_or_dtype() must be None or torch.Tensor")
+
+
+def _canonical_mask_fallback(mask, mask_name, other_type, other_name, target_type, check_other=True):
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=target_type).masked_fill_(mask, float("-inf"))
+    if not torch.is_floating_point(mask):
+        raise AssertionError(f"only bool and floating types of {mask_name} are supported")
+    return mask
+
+
+def _mha_shape_check_fallback(query, key, value, key_padding_mask, attn_mask, num_heads):
+    # True for batched (3-D) query, False for unbatched (2-D); torch also checks the other shapes
+    if query.dim() == 3:
+        return True
+    if query.dim() == 2:
+        return False
+    raise AssertionError(f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query tensor")
+
+
+def _nn_private(name: str, fallback):
+    fn = getattr(torch.nn.functional, name, None)
+    return fn if callable(fn) else fallback
+
+
+none_or_dtype = _nn_private("_none_or_dtype", _none_or_dtype_fallback)
+canonical_mask = _nn_private("_canonical_mask", _canonical_mask_fallback)
+mha_shape_check = _nn_private("_mha_shape_check", _mha_shape_check_fallback)
+
+
 # ---- torch.nn.TransformerEncoderLayer's native fast path --------------------------------------
 
 # The attribute its forward reads to decide whether the fused kernel may run; a falsy value

@@ -371,7 +371,7 @@ def convert(model: nn.Module, mapping: Mapping[type, Callable] | None = None, *,
             m.__class__ = new
             note = ""
             if name.rsplit(".", 1)[-1] == "out_proj" and isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
-                note = "MultiheadAttention reads its weight directly; its own math stays native"
+                note = "MultiheadAttention reads its weight directly (handgrad's passes it to handgrad's linear)"
             report.swapped.append(Swap(name, _qual(cls), f"handgrad.nn.{twin.__name__}" if cls is base else f"handgrad.nn.{twin.__name__} + {cls.__name__}", note))
             converted.add(id(m))
         # torch functions held as plain attributes (TransformerEncoderLayer.activation = F.relu)
