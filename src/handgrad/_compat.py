@@ -58,6 +58,14 @@ def _linear_full_bias(input, weight, bias=None):
     return bias is not None and bias.dim() > 1 and input.dim() > 2
 
 
+def _gqa_or_bool_mask(query, key, value, attn_mask=None, *args, **kwargs):
+    return bool(kwargs.get("enable_gqa")) or (isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool)
+
+
+def _unbatched_wrong_target(input, target, *args, **kwargs):
+    return isinstance(input, torch.Tensor) and input.dim() == 1 and target.numel() != 1
+
+
 def _bfloat16(input, *args, **kwargs):
     return input.dtype == torch.bfloat16
 
@@ -71,14 +79,29 @@ _REFERENCE_NEEDS = {
     # differs from handgrad's by rounding luck (over 300 seeded draws the ratio of the worst errors
     # has median 1.00, but 2% exceed the low-precision rule's 2×); from 2.7 on both round alike
     "softmax": ((2, 7), "a CPU bfloat16 softmax backward that rounds as handgrad's does", _bfloat16),
+    # the bounds below are the two ends measured (2.4.1 lacks it, 2.13.0 has it), not bisected
+    "linear_cross_entropy": ((2, 13), "torch.nn.functional.linear_cross_entropy", None),
+    "scaled_dot_product_attention": ((2, 13), "enable_gqa, and 0 (not nan) for a fully masked row of a bool "
+                                              "attn_mask, in scaled_dot_product_attention", _gqa_or_bool_mask),
+    "cross_entropy": ((2, 13), "cross_entropy's ValueError for an unbatched input with a target of size ≠ 1",
+                      _unbatched_wrong_target),
 }
+
+# Dynamo of torch before 2.13 (measured: 2.4.1) cannot trace these in one graph: an
+# autograd.Function called from another's backward ("too many positional arguments"; conv, the
+# pools, linear_cross_entropy), ``hasattr`` on a tensor (the MHA mask helpers), a bool from a
+# torch helper (``_mha_shape_check``). handgrad's compile check reports them as what that torch
+# lacks; on 2.13 they compile in one graph (tested).
+OLD_DYNAMO_LIMITS = (
+    (2, 13), ("too many positional arguments", "hasattr TensorVariable", "returned non-Tensor bool"),
+)
 
 
 def torch_reference(name: str, fn=None):
     """``fn`` (default ``torch.nn.functional.<name>``) as a test reference: the function itself,
     or on a torch in the range that lacks a feature handgrad's twin has, a stand-in raising
     ``TorchLacks`` for the calls that need it."""
-    fn = getattr(torch.nn.functional, name) if fn is None else fn
+    fn = getattr(torch.nn.functional, name, None) if fn is None else fn
     if name not in _REFERENCE_NEEDS:
         return fn
     version, feature, when = _REFERENCE_NEEDS[name]

@@ -166,8 +166,8 @@ def _names(f) -> list[str]:
 #: ``torch.softmax``, ``torch.Tensor.softmax``)
 INTERCEPTED: tuple[str, ...] = tuple(sorted({n for f in _ROUTES for n in _names(f)}))
 
-# types a call may carry and still be routed: Parameter and Buffer dispatch as plain tensors
-_PLAIN = (Tensor, nn.Parameter, nn.Buffer)
+# types a call may carry and still be routed: Parameter and Buffer (torch ≥ 2.5) dispatch as plain tensors
+_PLAIN = tuple(t for t in (Tensor, nn.Parameter, getattr(nn, "Buffer", None)) if t is not None)
 
 
 def _handgrad_can_take(args, kwargs) -> bool:

@@ -17,6 +17,7 @@ import torch.nn.functional as TF
 from ... import functional as F
 from ...functional._common import autocast
 from ...ops.attention import AttentionFn
+from ..references import torch_reference
 from ..types import BadInput, Inputs, OpCase, randn
 
 _S = 3                                            # key/value positions
@@ -160,23 +161,23 @@ _MHA_BAD = (
 _MHA = "multi_head_attention_forward"
 _SDPA = "scaled_dot_product_attention"
 CASES = [
-    OpCase(_SDPA, F.scaled_dot_product_attention, TF.scaled_dot_product_attention, _sdpa(), shapes=_SHAPES,
+    OpCase(_SDPA, F.scaled_dot_product_attention, torch_reference("scaled_dot_product_attention"), _sdpa(), shapes=_SHAPES,
            bad_inputs=_BAD),
-    OpCase(f"{_SDPA}[causal]", F.scaled_dot_product_attention, TF.scaled_dot_product_attention,
+    OpCase(f"{_SDPA}[causal]", F.scaled_dot_product_attention, torch_reference("scaled_dot_product_attention"),
            _sdpa(is_causal=True), shapes=_SHAPES),
-    OpCase(f"{_SDPA}[bool-mask]", F.scaled_dot_product_attention, TF.scaled_dot_product_attention, _sdpa("bool"),
+    OpCase(f"{_SDPA}[bool-mask]", F.scaled_dot_product_attention, torch_reference("scaled_dot_product_attention"), _sdpa("bool"),
            shapes=_SHAPES),
-    OpCase(f"{_SDPA}[float-mask]", F.scaled_dot_product_attention, TF.scaled_dot_product_attention, _sdpa("float"),
+    OpCase(f"{_SDPA}[float-mask]", F.scaled_dot_product_attention, torch_reference("scaled_dot_product_attention"), _sdpa("float"),
            shapes=_SHAPES[:1]),   # no empty batch: torch's gives the mask no gradient (None) under autocast
-    OpCase(f"{_SDPA}[scale]", F.scaled_dot_product_attention, TF.scaled_dot_product_attention, _sdpa(scale=0.3),
+    OpCase(f"{_SDPA}[scale]", F.scaled_dot_product_attention, torch_reference("scaled_dot_product_attention"), _sdpa(scale=0.3),
            shapes=_SHAPES[:1]),
-    OpCase(f"{_SDPA}[gqa]", F.scaled_dot_product_attention, TF.scaled_dot_product_attention,
+    OpCase(f"{_SDPA}[gqa]", F.scaled_dot_product_attention, torch_reference("scaled_dot_product_attention"),
            _sdpa(heads=1, enable_gqa=True), shapes=((2, 4, 5, 4), (0, 4, 5, 4))),
-    OpCase(f"{_SDPA}[unbatched]", F.scaled_dot_product_attention, TF.scaled_dot_product_attention, _sdpa(),
+    OpCase(f"{_SDPA}[unbatched]", F.scaled_dot_product_attention, torch_reference("scaled_dot_product_attention"), _sdpa(),
            shapes=((5, 4), (1, 4))),
-    OpCase(f"{_SDPA}[unbatched,float-mask]", F.scaled_dot_product_attention, TF.scaled_dot_product_attention,
+    OpCase(f"{_SDPA}[unbatched,float-mask]", F.scaled_dot_product_attention, torch_reference("scaled_dot_product_attention"),
            _sdpa("float"), shapes=((5, 4),)),
-    OpCase(f"{_SDPA}[3d,broadcast-keys]", F.scaled_dot_product_attention, TF.scaled_dot_product_attention,
+    OpCase(f"{_SDPA}[3d,broadcast-keys]", F.scaled_dot_product_attention, torch_reference("scaled_dot_product_attention"),
            _broadcast_keys, shapes=((2, 5, 4), (0, 5, 4))),
     OpCase(f"{_SDPA}[given-dropout-mask]", _attention_with_mask, _torch_attention_with_mask, _given_mask,
            shapes=_SHAPES),
