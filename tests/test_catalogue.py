@@ -3,6 +3,7 @@ nn twin where torch has a module, a convert mapping, a derivation section and th
 claims, and the consumers (MLP, the activation spec table, the app) offer exactly its names."""
 from __future__ import annotations
 
+import ast
 import inspect
 import re
 import sys
@@ -67,6 +68,17 @@ def _anchors(path: Path) -> set[str]:
 
 
 ANCHORS = _anchors(ROOT / "docs" / "derivation.md")
+
+
+def _doc_defaults(fn) -> dict:
+    """The defaults a builtin without a signature states at its docstring's head
+    (``scaled_dot_product_attention(query, key, value, attn_mask=None, ...) -> Tensor:``)."""
+    head = " ".join((fn.__doc__ or "").split(" -> ")[0].split())
+    m = re.match(r"\w+\((.*)\)$", head)
+    if not m:
+        return {}
+    args = ast.parse(f"def f({m.group(1)}): pass").body[0].args
+    return {a.arg: ast.literal_eval(d) for a, d in zip(args.args[len(args.args) - len(args.defaults):], args.defaults)}
 
 
 def _defaults(fn) -> dict:
@@ -193,6 +205,8 @@ def test_options_are_torchs_defaults(op):
         torch_defaults = _defaults(op.torch_function)
     except ValueError:  # a builtin without a signature
         torch_defaults = {}
+    if not torch_defaults and op.torch_module is None:  # no module to read: the docstring's signature
+        torch_defaults = _doc_defaults(op.torch_function)
     if not torch_defaults and op.torch_module is not None:
         # no signature, or (*args, **kwargs) (F.max_pool2d's boolean dispatch): its module's
         # constructor has the same keywords

@@ -155,6 +155,25 @@ def test_nn_reduction_fallback_is_torchs_rule():
         fallback.get_enum("bogus")
 
 
+def test_mha_mask_helpers_and_their_fallbacks():
+    import torch.nn.functional as TF
+
+    assert _compat.canonical_mask is TF._canonical_mask and _compat.none_or_dtype is TF._none_or_dtype
+    assert _compat.mha_shape_check is TF._mha_shape_check
+    m = torch.tensor([[True, False], [False, False]])
+    for mask in (m, torch.randn(2, 2), None):
+        args = dict(mask=mask, mask_name="attn_mask", other_type=None, other_name="", target_type=torch.float32)
+        ours, theirs = _compat._canonical_mask_fallback(**args), TF._canonical_mask(**args)
+        assert (ours is None and theirs is None) or torch.equal(ours, theirs)
+    with pytest.raises(AssertionError, match="only bool and floating types of attn_mask"):
+        _compat._canonical_mask_fallback(torch.ones(2, dtype=torch.int64), "attn_mask", None, "", torch.float32)
+    for t in (None, torch.ones(2, dtype=torch.float16)):
+        assert _compat._none_or_dtype_fallback(t) == TF._none_or_dtype(t)
+    q3, q2 = torch.randn(4, 2, 6), torch.randn(4, 6)
+    assert _compat._mha_shape_check_fallback(q3, q3, q3, None, None, 2) == TF._mha_shape_check(q3, q3, q3, None, None, 2)
+    assert _compat._mha_shape_check_fallback(q2, q2, q2, None, None, 2) == TF._mha_shape_check(q2, q2, q2, None, None, 2)
+
+
 def test_dynamo_unsupported_and_its_fallback(monkeypatch):
     import torch._dynamo.exc
 

@@ -123,7 +123,7 @@ def test_transformer_encoder_eval_fast_path(monkeypatch):
         assert len(fused) == 2 and not calls
         out = converted(x)      # handgrad modules, one by one
     assert len(fused) == 2      # the converted model did not take it
-    assert len(calls) == 4  # linear1 and linear2 of both layers (MHA computes out_proj itself, natively)
+    assert len(calls) == 4  # linear1 and linear2 of both layers (handgrad's MHA imports its linear directly)
     torch.testing.assert_close(out, ref, **TOL)
     revert(converted)
     assert converted.layers[0].activation_relu_or_gelu == 1 and converted.use_nested_tensor
@@ -138,7 +138,7 @@ def test_transformer_full():
                            dropout=0.0, batch_first=True, dtype=torch.float64)
     converted = convert(model)
     kinds = {s.before for s in converted.handgrad_report.swapped}
-    assert kinds == {"torch.nn.Linear", "torch.nn.LayerNorm", "torch.nn.Dropout",
+    assert kinds == {"torch.nn.Linear", "torch.nn.LayerNorm", "torch.nn.Dropout", "torch.nn.MultiheadAttention",
                      "torch.nn.modules.linear.NonDynamicallyQuantizableLinear"}
     src, tgt = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 4, 8, dtype=torch.float64)
     tgt_mask = nn.Transformer.generate_square_subsequent_mask(4, dtype=torch.float64)
@@ -150,8 +150,9 @@ def test_multihead_attention_out_proj():
     converted = convert(mha)
     x = torch.randn(2, 3, 8, dtype=torch.float64)
     torch.testing.assert_close(converted(x, x, x)[0], mha(x, x, x)[0], **TOL)
-    assert converted.handgrad_report.swapped[0].name == "out_proj"
-    assert "reads its weight directly" in converted.handgrad_report.swapped[0].note
+    assert type(converted) is hnn.MultiheadAttention  # its attention is handgrad's
+    assert [s.name for s in converted.handgrad_report.swapped] == ["", "out_proj"]
+    assert "reads its weight directly" in converted.handgrad_report.swapped[1].note
     # the converted out_proj still works on its own, through handgrad
     y = converted.out_proj(x)
     assert "LinearFn" in handgrad_nodes(y)
@@ -293,3 +294,159 @@ def test_report_prints_and_logs(caplog):
     text = str(report)
     assert "2  torch.nn.Linear -> handgrad.nn.Linear" in text
     json.dumps(report.as_dict())  # plain data
+
+
+# ---------------------------------------------------------------------------------------------
+# mapping: third-party classes handgrad does not know, replaced by a factory's module
+
+
+class TransposedLinear(nn.Module):
+    """A model library's linear that stores its weight as (in, out) (GPT-2's Conv1D)."""
+
+    def __init__(self, nx, nf):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.5)
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class LlamaRMSNorm(nn.Module):
+    """A model library's own RMSNorm (LLaMA's): weight and variance_epsilon."""
+
+    def __init__(self, hidden, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(hidden) + 0.5)
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * self.weight
+
+
+class HandgradTransposedLinear(nn.Module):
+    """The same function through handgrad's linear, holding the same Parameters."""
+
+    def __init__(self, m: TransposedLinear):
+        super().__init__()
+        self.weight, self.bias = m.weight, m.bias
+
+    def forward(self, x):
+        return HF.linear(x, self.weight.t(), self.bias)
+
+
+class HandgradRMSNorm(nn.Module):
+    def __init__(self, m: LlamaRMSNorm):
+        super().__init__()
+        self.weight, self.eps = m.weight, m.variance_epsilon
+
+    def forward(self, x):
+        return HF.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+MAPPING = {TransposedLinear: HandgradTransposedLinear, LlamaRMSNorm: HandgradRMSNorm}
+
+
+class ThirdPartyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = LlamaRMSNorm(6)
+        self.up = TransposedLinear(6, 10)
+        self.act = nn.SiLU()
+        self.down = nn.Sequential(TransposedLinear(10, 6), LlamaRMSNorm(6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(x + self.down(self.act(self.up(self.norm(x)))))
+
+
+def test_mapping_third_party_classes():
+    model = ThirdPartyBlock().double()
+    native = copy.deepcopy(model)
+    keys, params = list(model.state_dict()), list(model.parameters())
+    modules = {name: m for name, m in model.named_modules()}
+    converted = convert(model, mapping=MAPPING, inplace=True)
+    assert converted is model
+    # the state_dict keys and the Parameter objects are the original's
+    assert list(model.state_dict()) == keys
+    assert all(p is q for p, q in zip(model.parameters(), params)) and len(list(model.parameters())) == len(params)
+    assert type(model.norm) is HandgradRMSNorm and type(model.down[0]) is HandgradTransposedLinear
+    assert type(model.head) is hnn.Linear and type(model.act) is hnn.SiLU
+    report = model.handgrad_report
+    mapped = {s.name: s.after for s in report.swapped if s.note == "mapping"}
+    assert mapped == {"norm": f"{__name__}.HandgradRMSNorm", "up": f"{__name__}.HandgradTransposedLinear",
+                      "down.0": f"{__name__}.HandgradTransposedLinear", "down.1": f"{__name__}.HandgradRMSNorm"}
+    assert not report.native and "HandgradRMSNorm" not in str(dict(report.native))
+    assert "LlamaRMSNorm x2" in report.summary() and "TransposedLinear x2" in report.summary()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    out, ref = model(x), native(x)
+    torch.testing.assert_close(out, ref, **TOL)
+    assert {"LinearFn", "NormFn"} <= set(handgrad_nodes(out)), handgrad_nodes(out)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), native.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=name)
+    # revert puts the very same module objects back
+    assert revert(model) is model
+    assert {name: m for name, m in model.named_modules()} == modules
+    assert all(model.get_submodule(n) is m for n, m in modules.items())
+    assert type(model.head) is nn.Linear and not hasattr(model.norm, "_handgrad_original_module")
+    assert not handgrad_nodes(model(x))
+
+
+def test_mapping_copy_shared_and_root():
+    model = ThirdPartyBlock().double()
+    model.shared = model.up  # one module under two names: replaced once, restored once
+    converted = convert(model, mapping=MAPPING)
+    assert type(model.up) is TransposedLinear  # inplace=False: the original is untouched
+    assert converted.up is converted.shared and type(converted.up) is HandgradTransposedLinear
+    assert [s.name for s in converted.handgrad_report.swapped].count("shared") == 0
+    x = torch.randn(2, 6, dtype=torch.float64)
+    torch.testing.assert_close(converted(x), model(x), **TOL)
+    # deepcopy and pickle keep the replaced module, and revert still finds it
+    for twin in (copy.deepcopy(converted), pickle.loads(pickle.dumps(converted))):
+        torch.testing.assert_close(twin(x), model(x), **TOL)
+        up = twin.up._handgrad_original_module
+        revert(twin)
+        assert twin.up is up and twin.shared is up and type(up) is TransposedLinear
+    # a mapped model itself: convert returns the replacement, revert the original
+    norm = LlamaRMSNorm(6).double()
+    replaced = convert(norm, mapping=MAPPING, inplace=True)
+    assert type(replaced) is HandgradRMSNorm and replaced.weight is norm.weight
+    assert revert(replaced) is norm
+
+
+def test_mapping_comes_before_the_twins_and_is_checked():
+    made = []
+
+    def factory(m):
+        made.append(m)
+        return hnn.Linear(m.in_features, m.out_features, dtype=m.weight.dtype)  # new Parameters: refused
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    with pytest.raises(ValueError, match="share the original's Parameter"):
+        convert(model, mapping={nn.Linear: factory})
+    assert made and type(model[0]) is nn.Linear
+
+    class Shared(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.weight, self.bias = m.weight, m.bias
+
+        def forward(self, x):
+            return HF.linear(x, self.weight, self.bias)
+
+    converted = convert(model, mapping={nn.Linear: Shared})
+    assert type(converted[0]) is Shared and type(converted[1]) is hnn.Tanh  # the mapping won over the twin
+    with pytest.raises(ValueError, match="state_dict keys"):
+        convert(model, mapping={nn.Linear: lambda m: nn.Identity()})
+    with pytest.raises(TypeError, match="not a torch.nn.Module"):
+        convert(model, mapping={nn.Linear: lambda m: (lambda x: x)})
+    with pytest.raises(TypeError, match="mapping keys"):
+        convert(model, mapping={"Linear": Shared})
+    with pytest.raises(TypeError, match="callable"):
+        convert(model, mapping={nn.Linear: 3})
+    # include/exclude select mapped modules as they do twins
+    kept = convert(nn.Sequential(TransposedLinear(3, 3), TransposedLinear(3, 3)), mapping=MAPPING, exclude="1")
+    assert type(kept[0]) is HandgradTransposedLinear and type(kept[1]) is TransposedLinear
+    assert [s.name for s in kept.handgrad_report.skipped] == ["1"]

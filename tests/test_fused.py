@@ -3,6 +3,8 @@ torch.func, autocast, bad inputs) runs from the registry (testing/cases/fused.py
 from __future__ import annotations
 
 import pytest
+
+from handgrad import _compat
 import torch
 import torch.nn.functional as TF
 from torch import nn
@@ -278,6 +280,9 @@ def test_default_chunk_size():
 def test_compile_fullgraph_matches_eager():
     """Dynamo traces the fused ops with no graph break (fullgraph=True); AOTAutograd's traced
     backward gives eager's gradients. aot_eager: the same graphs, no code generation (fast)."""
+    if _compat.torch_version() < _compat.OLD_DYNAMO_LIMITS[0]:
+        pytest.skip("linear_cross_entropy's backward calls another Function, which this torch's Dynamo "
+                    "cannot trace (handgrad._compat.OLD_DYNAMO_LIMITS)")
     torch.manual_seed(0)
     x = torch.randn(8, 6)
     ws, bs = _params((6, 5, 3), dtype=torch.float32)

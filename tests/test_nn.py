@@ -51,6 +51,10 @@ def _logprobs_target(n=6, c=4):
     return lambda: (torch.randn(n, c, dtype=torch.float64).log_softmax(-1), torch.tensor([0, 1, 2, 3, 1, 0][:n]))
 
 
+def _x_target(n, d, c):
+    return lambda: (torch.randn(n, d, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 1, 0][:n]) % c)
+
+
 def _bce():
     return lambda: (torch.randn(5, 3, dtype=torch.float64), torch.rand(5, 3, dtype=torch.float64))
 
@@ -80,6 +84,11 @@ VARIANTS: dict[str, list[tuple[str, dict, Callable[[], tuple], dict]]] = {
                       ("options", dict(ignore_index=2, label_smoothing=0.1, reduction="sum"), _logits_target(),
                        dict(weight=W4))],
     "nll_loss": [("", dict(ignore_index=1), _logprobs_target(), dict(weight=W4))],
+    "multi_head_attention_forward": [("", dict(embed_dim=4, num_heads=2), lambda: _x(3, 2, 4)() * 3, {}),
+                                     ("batch-first-kdim", dict(embed_dim=4, num_heads=2, kdim=3, vdim=5,
+                                                               batch_first=True),
+                                      lambda: tuple(torch.randn(2, n, d, dtype=torch.float64)
+                                                    for n, d in ((3, 4), (5, 3), (5, 5))), {})],
     "binary_cross_entropy_with_logits": [
         ("", {}, _bce(), {}),
         ("weights", dict(reduction="none"), _bce(), dict(weight=torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64),
@@ -104,6 +113,9 @@ VARIANTS: dict[str, list[tuple[str, dict, Callable[[], tuple], dict]]] = {
                    ("ceil-nopad-count", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True,
                                              count_include_pad=False), _x(2, 3, 6, 5), {})],
     "adaptive_avg_pool2d": [("", dict(output_size=(2, 3)), _x(2, 3, 7, 5), {})],
+    "linear_cross_entropy": [("", dict(in_features=5, num_classes=4), _x_target(6, 5, 4), {}),
+                             ("bias-smoothing", dict(in_features=5, num_classes=4, bias=True, label_smoothing=0.1,
+                                                     reduction="sum"), _x_target(6, 5, 4), {})],
 }
 # ops whose module cannot be compared call for call: their forward draws random numbers
 RANDOM = {"dropout": "a random mask; tests/test_layers.py compares it with torch's under one seed"}
@@ -188,6 +200,7 @@ def test_forward_backward_match_torch(case, monkeypatch):
     args = case.make()
     x = args[0].clone()
     y = ours(x.requires_grad_() if x.is_floating_point() else x, *args[1:])
+    y = y[0] if isinstance(y, tuple) else y  # MultiheadAttention: (output, weights)
     assert calls == [1] and handgrad_nodes(y), "the module did not run a handgrad op"
     monkeypatch.undo()
     report = check_module(ours, *args, reference=theirs, checks=("reference", "needs_grad"), name=case.id)

@@ -1,8 +1,9 @@
 """handgrad: backpropagation derived by hand, in matrix form, as PyTorch autograd Functions."""
 from . import functional, ops
 from . import nn
+from ._enable import enable  # context manager and decorator: torch functions → handgrad's
 from .convert import convert, revert  # the functions; the module stays importable as sys.modules['handgrad.convert']
 from . import testing  # check_function, check_module, assert_gradients_match; the op registry
 
 __version__ = "0.1.0"
-__all__ = ["functional", "ops", "nn", "convert", "revert", "testing", "__version__"]
+__all__ = ["functional", "ops", "nn", "convert", "revert", "enable", "testing", "__version__"]

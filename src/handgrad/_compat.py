@@ -58,6 +58,14 @@ def _linear_full_bias(input, weight, bias=None):
     return bias is not None and bias.dim() > 1 and input.dim() > 2
 
 
+def _gqa_or_bool_mask(query, key, value, attn_mask=None, *args, **kwargs):
+    return bool(kwargs.get("enable_gqa")) or (isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool)
+
+
+def _unbatched_wrong_target(input, target, *args, **kwargs):
+    return isinstance(input, torch.Tensor) and input.dim() == 1 and target.numel() != 1
+
+
 def _bfloat16(input, *args, **kwargs):
     return input.dtype == torch.bfloat16
 
@@ -71,14 +79,29 @@ _REFERENCE_NEEDS = {
     # differs from handgrad's by rounding luck (over 300 seeded draws the ratio of the worst errors
     # has median 1.00, but 2% exceed the low-precision rule's 2×); from 2.7 on both round alike
     "softmax": ((2, 7), "a CPU bfloat16 softmax backward that rounds as handgrad's does", _bfloat16),
+    # the bounds below are the two ends measured (2.4.1 lacks it, 2.13.0 has it), not bisected
+    "linear_cross_entropy": ((2, 13), "torch.nn.functional.linear_cross_entropy", None),
+    "scaled_dot_product_attention": ((2, 13), "enable_gqa, and 0 (not nan) for a fully masked row of a bool "
+                                              "attn_mask, in scaled_dot_product_attention", _gqa_or_bool_mask),
+    "cross_entropy": ((2, 13), "cross_entropy's ValueError for an unbatched input with a target of size ≠ 1",
+                      _unbatched_wrong_target),
 }
+
+# Dynamo of torch before 2.13 (measured: 2.4.1) cannot trace these in one graph: an
+# autograd.Function called from another's backward ("too many positional arguments"; conv, the
+# pools, linear_cross_entropy), ``hasattr`` on a tensor (the MHA mask helpers), a bool from a
+# torch helper (``_mha_shape_check``). handgrad's compile check reports them as what that torch
+# lacks; on 2.13 they compile in one graph (tested).
+OLD_DYNAMO_LIMITS = (
+    (2, 13), ("too many positional arguments", "hasattr TensorVariable", "returned non-Tensor bool"),
+)
 
 
 def torch_reference(name: str, fn=None):
     """``fn`` (default ``torch.nn.functional.<name>``) as a test reference: the function itself,
     or on a torch in the range that lacks a feature handgrad's twin has, a stand-in raising
     ``TorchLacks`` for the calls that need it."""
-    fn = getattr(torch.nn.functional, name) if fn is None else fn
+    fn = getattr(torch.nn.functional, name, None) if fn is None else fn
     if name not in _REFERENCE_NEEDS:
         return fn
     version, feature, when = _REFERENCE_NEEDS[name]
@@ -163,6 +186,47 @@ def _get_enum(reduction):
 
 _REDUCTION_FALLBACK = SimpleNamespace(legacy_get_string=_legacy_get_string, get_enum=_get_enum)
 nn_reduction = _private(lambda: importlib.import_module("torch.nn._reduction")) or _REDUCTION_FALLBACK
+
+
+# ---- torch.nn.functional's private MultiheadAttention helpers ----------------------------------
+# handgrad's multi_head_attention_forward validates and merges masks exactly as torch's does, with
+# torch's own helpers where they exist; the fallbacks are their rules as of torch 2.4 … 2.13.
+
+def _none_or_dtype_fallback(input):
+    if input is None:
+        return None
+    if isinstance(input, torch.Tensor):
+        return input.dtype
+    raise RuntimeError("input to _none_or_dtype() must be None or torch.Tensor")
+
+
+def _canonical_mask_fallback(mask, mask_name, other_type, other_name, target_type, check_other=True):
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=target_type).masked_fill_(mask, float("-inf"))
+    if not torch.is_floating_point(mask):
+        raise AssertionError(f"only bool and floating types of {mask_name} are supported")
+    return mask
+
+
+def _mha_shape_check_fallback(query, key, value, key_padding_mask, attn_mask, num_heads):
+    # True for batched (3-D) query, False for unbatched (2-D); torch also checks the other shapes
+    if query.dim() == 3:
+        return True
+    if query.dim() == 2:
+        return False
+    raise AssertionError(f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query tensor")
+
+
+def _nn_private(name: str, fallback):
+    fn = getattr(torch.nn.functional, name, None)
+    return fn if callable(fn) else fallback
+
+
+none_or_dtype = _nn_private("_none_or_dtype", _none_or_dtype_fallback)
+canonical_mask = _nn_private("_canonical_mask", _canonical_mask_fallback)
+mha_shape_check = _nn_private("_mha_shape_check", _mha_shape_check_fallback)
 
 
 # ---- torch.nn.TransformerEncoderLayer's native fast path --------------------------------------

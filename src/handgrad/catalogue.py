@@ -29,7 +29,7 @@ __all__ = ["Op", "CATALOGUE", "get", "ops", "activations", "activation", "KINDS"
 
 #: what an op is; the order is the order of the table
 KINDS = ("linear", "activation", "softmax", "norm", "loss", "fused", "embedding", "dropout", "convolution",
-         "pooling")
+         "pooling", "attention")
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,7 @@ _TABLE: tuple[Op, ...] = (
     _op("linear_act", "fused", None, "linear-and-activation", bias=None, activation="relu"),
     _op("mlp", "fused", None, "the-whole-network", "MLP", activation="sigmoid", last_activation=None),
     _op("linear_cross_entropy", "fused", getattr(TF, "linear_cross_entropy", None), "linear-and-cross-entropy-chunked",
+        *(("LinearCrossEntropyLoss", nn.LinearCrossEntropyLoss) if hasattr(nn, "LinearCrossEntropyLoss") else ()),
         linear_bias=None, weight=None, reduction="mean", ignore_index=None, label_smoothing=0.0, options=None,
         chunk_size=None),
     _op("batch_norm", "norm", TF.batch_norm, _BGR, "BatchNorm2d", nn.BatchNorm2d,
@@ -140,6 +141,12 @@ _TABLE: tuple[Op, ...] = (
         stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None),
     _op("adaptive_avg_pool2d", "pooling", TF.adaptive_avg_pool2d, "average-pooling", "AdaptiveAvgPool2d",
         nn.AdaptiveAvgPool2d),
+    _op("scaled_dot_product_attention", "attention", TF.scaled_dot_product_attention, "attention",
+        attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False),
+    _op("multi_head_attention_forward", "attention", TF.multi_head_attention_forward, "attention",
+        "MultiheadAttention", nn.MultiheadAttention, training=True, key_padding_mask=None, need_weights=True,
+        attn_mask=None, use_separate_proj_weight=False, q_proj_weight=None, k_proj_weight=None, v_proj_weight=None,
+        static_k=None, static_v=None, average_attn_weights=True, is_causal=False),
 )
 
 assert len({op.name for op in _TABLE}) == len(_TABLE), "one entry per op name"

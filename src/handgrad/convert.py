@@ -22,6 +22,17 @@ path (``torch._transformer_encoder_layer_fwd``, taken in eval mode without grad,
 weights directly and never calls the submodules) turned off, so the converted model runs the
 handgrad ops in every mode; ``revert`` turns it back on.
 
+``mapping={SomeClass: factory}`` covers classes handgrad does not know (a third-party linear
+that stores its weight transposed, a model library's own RMSNorm): each module of that class
+(or of a subclass keeping its ``forward``) is replaced, in its parent, by ``factory(module)``,
+a module computing the same function with handgrad ops and holding the very same Parameters
+(and buffers) under the same names; ``convert`` checks that, so the state_dict keys and an
+optimizer built on the parameters are unchanged. Mapping entries come before the built-in twins
+(a mapping for ``torch.nn.Linear`` replaces the twin swap). The replacement keeps the module it
+replaced (``_handgrad_original_module``), and ``revert`` puts that very object back. The
+factory answers for the replaced module's subtree; the replacement's own submodules are
+converted as any others.
+
 The returned model carries ``model.handgrad_report`` (a ``ConversionReport``: print it, log it,
 or read its lists); the one-line summary is also logged to the ``handgrad.convert`` logger at
 INFO level.
@@ -33,7 +44,7 @@ import fnmatch
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Union
+from typing import Callable, Iterable, Mapping, Union
 
 import torch
 import torch.nn.functional as TF
@@ -69,6 +80,7 @@ _FUNCTIONS: dict[object, tuple[str, type[nn.Module]]] = {
 COVERED_FUNCTIONS: tuple[str, ...]  # filled in below, once _qual is defined
 
 _PATCHES = "_handgrad_patches"  # per-module {attribute: value before convert}, for revert
+_ORIGINAL = "_handgrad_original_module"  # on a mapping's replacement: the module it replaced, for revert
 
 Selector = Union[str, type, Iterable[Union[str, type]], None]
 
@@ -239,7 +251,73 @@ def _patch(module: nn.Module, attr: str, value) -> None:
     setattr(module, attr, value)
 
 
-def convert(model: nn.Module, *, include: Selector = None, exclude: Selector = None, inplace: bool = False) -> nn.Module:
+def _check_mapping(mapping) -> dict[type, Callable]:
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"convert: mapping must be a dict {{module class: factory}}, got {type(mapping).__name__}")
+    for cls, factory in mapping.items():
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise TypeError(f"convert: mapping keys must be torch.nn.Module classes, got {cls!r}")
+        if not callable(factory):
+            raise TypeError(f"convert: mapping[{cls.__qualname__}] must be a callable factory(module), got "
+                            f"{type(factory).__name__}")
+    return dict(mapping)
+
+
+def _check_replacement(name: str, old: nn.Module, new) -> None:
+    """The factory's module holds the original's Parameters and buffers, by name: the same
+    objects, so the state_dict keys and the optimizer's parameters stay."""
+    what = f"convert: mapping[{type(old).__qualname__}] for {name or '<model>'!r}"
+    if not isinstance(new, nn.Module):
+        raise TypeError(f"{what} returned {type(new).__name__}, not a torch.nn.Module")
+    before, after = old.state_dict(keep_vars=True), new.state_dict(keep_vars=True)
+    params_before, params_after = dict(old.named_parameters()), dict(new.named_parameters())
+    if list(before) != list(after) or list(params_before) != list(params_after):
+        raise ValueError(f"{what} changed the state_dict keys or parameter names: {list(before)} -> {list(after)}; "
+                         "the replacement must hold the original's Parameters and buffers under the same names")
+    moved = [k for k in before if after[k] is not before[k]] + [k for k in params_before
+                                                                 if params_after[k] is not params_before[k]]
+    if moved:
+        raise ValueError(f"{what} holds new tensors for {sorted(set(moved))}; the replacement must share the "
+                         "original's Parameter (and buffer) objects, not copies")
+
+
+def _apply_mapping(model: nn.Module, mapping: dict, include, exclude,
+                   report: ConversionReport) -> tuple[nn.Module, set[int]]:
+    """Replace, top-down, each module of a mapped class by its factory's module; returns the
+    (possibly replaced) model and the ids of the replacements."""
+    made: dict[int, nn.Module] = {}   # id(original) → replacement: a module shared by two parents is replaced once
+
+    def visit(name: str, m: nn.Module) -> nn.Module:
+        if id(m) in made:
+            return made[id(m)]
+        cls = type(m)
+        base = next((k for k in cls.__mro__ if k in mapping), None)
+        if base is not None and not _is_handgrad(cls) and _ORIGINAL not in vars(m):
+            if not _selected(include, exclude, name, base):
+                report.skipped.append(Swap(name, _qual(cls), "excluded by include/exclude"))
+            elif cls is not base and cls.forward is not base.forward:
+                report.skipped.append(Swap(name, _qual(cls), f"overrides {base.__name__}.forward; left native"))
+            else:
+                new = mapping[base](m)
+                _check_replacement(name, m, new)
+                new.__dict__[_ORIGINAL] = m   # not setattr: that would register it as a submodule
+                made[id(m)] = new
+                report.swapped.append(Swap(name, _qual(cls), _qual(type(new)), "mapping"))
+                return new
+        for key, child in list(m._modules.items()):
+            if child is not None:
+                new_child = visit(f"{name}.{key}" if name else key, child)
+                if new_child is not child:
+                    m._modules[key] = new_child
+        return m
+
+    return visit("", model), {id(m) for m in made.values()}
+
+
+def convert(model: nn.Module, mapping: Mapping[type, Callable] | None = None, *, include: Selector = None,
+            exclude: Selector = None, inplace: bool = False) -> nn.Module:
     """Swap every torch.nn module handgrad covers (``COVERED_MODULES``) for its handgrad twin.
 
     ``include`` / ``exclude``: a module type (``torch.nn.Linear``: that type and its
@@ -250,19 +328,28 @@ def convert(model: nn.Module, *, include: Selector = None, exclude: Selector = N
     their qualified name (``"layers.0.activation"``) and by the module type they stand for
     (``F.relu``: ``torch.nn.ReLU``).
 
+    ``mapping``: ``{module class: factory}``, ``factory(module)`` returning a module that
+    computes the same function with handgrad ops and holds the same Parameters (see the module
+    docstring); it comes before the built-in twins and is selected by include/exclude too.
+
     Returns the converted model (``model`` itself when ``inplace``, else a deep copy; see the
-    module docstring), with ``handgrad_report`` set to a ``ConversionReport``.
+    module docstring; the factory's module when ``model`` itself is of a mapped class), with
+    ``handgrad_report`` set to a ``ConversionReport``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     include, exclude = _entries(include), _entries(exclude)
+    mapping = _check_mapping(mapping)
     if not inplace:
         model = copy.deepcopy(model)
     report = ConversionReport()
-    converted: set[int] = set()  # ids of modules swapped or with a function attribute swapped
+    model, replaced = _apply_mapping(model, mapping, include, exclude, report)
+    converted: set[int] = set(replaced)  # ids of modules swapped, replaced or with a function attribute swapped
 
     for name, m in model.named_modules():
         cls = type(m)
+        if id(m) in replaced:
+            continue  # the factory's module: its own submodules are visited next
         if _is_handgrad(cls):
             report.already += 1
             continue
@@ -284,7 +371,7 @@ def convert(model: nn.Module, *, include: Selector = None, exclude: Selector = N
             m.__class__ = new
             note = ""
             if name.rsplit(".", 1)[-1] == "out_proj" and isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
-                note = "MultiheadAttention reads its weight directly; its own math stays native"
+                note = "MultiheadAttention reads its weight directly (handgrad's passes it to handgrad's linear)"
             report.swapped.append(Swap(name, _qual(cls), f"handgrad.nn.{twin.__name__}" if cls is base else f"handgrad.nn.{twin.__name__} + {cls.__name__}", note))
             converted.add(id(m))
         # torch functions held as plain attributes (TransformerEncoderLayer.activation = F.relu)
@@ -342,10 +429,13 @@ def revert(model: nn.Module) -> nn.Module:
 
     Works on any model holding handgrad modules, converted or built from ``handgrad.nn``:
     ``MLP`` becomes the ``torch.nn.Sequential`` it is laid out as. ``HalfSquaredErrorLoss`` has
-    no torch.nn twin and stays.
+    no torch.nn twin and stays. The modules a ``mapping`` replaced are put back (the very
+    objects); when ``model`` itself was replaced, the original model is returned.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"revert: model must be a torch.nn.Module, got {type(model).__name__}")
+    vars(model).pop("handgrad_report", None)
+    model = _restore(model)
     for m in model.modules():
         cls = type(m)
         if cls in _REVERSE:
@@ -359,3 +449,21 @@ def revert(model: nn.Module) -> nn.Module:
             setattr(m, attr, value)
     vars(model).pop("handgrad_report", None)
     return model
+
+
+def _restore(m: nn.Module, back: dict[int, nn.Module] | None = None) -> nn.Module:
+    """Put back, top-down, the modules a mapping replaced; returns ``m`` or the module it
+    replaced. ``back``: replacement id → original, for a replacement held by two parents."""
+    back = {} if back is None else back
+    if id(m) in back:
+        return back[id(m)]
+    original = vars(m).pop(_ORIGINAL, None)
+    if original is not None:
+        back[id(m)] = original
+        m = original
+    for key, child in list(m._modules.items()):
+        if child is not None:
+            restored = _restore(child, back)
+            if restored is not child:
+                m._modules[key] = restored
+    return m

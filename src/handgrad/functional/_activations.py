@@ -113,24 +113,25 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return _apply(input, "relu", inplace)  # integer tensors too, as torch (no gradient there)
 
 
-def leaky_relu(input: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False) -> torch.Tensor:
-    """``torch.nn.functional.leaky_relu``; f'(0) = negative_slope, as torch."""
-    check_tensor("input", input, fn="leaky_relu")
-    slope = scalar(negative_slope, "negative_slope", "leaky_relu")
+def _with_number(input: torch.Tensor, name: str, inplace: bool, option: str, value) -> torch.Tensor:
+    """An activation with one number option (leaky_relu's slope, elu's α), checked in torch's order:
+    the input, the option's type, in-place constraints, then the dtype."""
+    check_tensor("input", input, fn=name)
+    number = scalar(value, option, name)
     if inplace:
         _check_inplace(input)
-    _check_floating(input, "leaky_relu")
-    return _apply(input, "leaky_relu", inplace, negative_slope=slope)
+    _check_floating(input, name)
+    return _apply(input, name, inplace, **{option: number})
+
+
+def leaky_relu(input: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False) -> torch.Tensor:
+    """``torch.nn.functional.leaky_relu``; f'(0) = negative_slope, as torch."""
+    return _with_number(input, "leaky_relu", inplace, "negative_slope", negative_slope)
 
 
 def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch.Tensor:
     """``torch.nn.functional.elu``; for z ≤ 0, f' = α e^z = y + α (from the output when α ≥ 0)."""
-    check_tensor("input", input, fn="elu")
-    a = scalar(alpha, "alpha", "elu")
-    if inplace:
-        _check_inplace(input)
-    _check_floating(input, "elu")
-    return _apply(input, "elu", inplace, alpha=a)
+    return _with_number(input, "elu", inplace, "alpha", alpha)
 
 
 def gelu(input: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:

@@ -17,12 +17,12 @@ from .._compat import is_functorch_wrapped
 # autocast test checks every op's output dtype against torch's, so this table cannot drift.
 _AUTOCAST = {
     "cpu": {
-        "linear": "lower", "conv1d": "lower", "conv2d": "lower",
+        "linear": "lower", "conv1d": "lower", "conv2d": "lower", "scaled_dot_product_attention": "lower",
         "mse_loss": "fp32", "nll_loss": "fp32", "cross_entropy": "fp32",
         "binary_cross_entropy_with_logits": "fp32", "half_squared_error": "fp32",
     },
     "cuda": {
-        "linear": "lower", "conv1d": "lower", "conv2d": "lower",
+        "linear": "lower", "conv1d": "lower", "conv2d": "lower", "scaled_dot_product_attention": "lower",
         "softmax": "fp32", "log_softmax": "fp32", "layer_norm": "fp32", "softplus": "fp32",
         "mse_loss": "fp32", "nll_loss": "fp32", "cross_entropy": "fp32",
         "binary_cross_entropy_with_logits": "fp32", "half_squared_error": "fp32", "group_norm": "fp32",

@@ -142,6 +142,24 @@ class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
         )
 
 
+if hasattr(nn, "LinearCrossEntropyLoss"):  # torch ≥ 2.13
+    class LinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
+        """``torch.nn.LinearCrossEntropyLoss``: the cross entropy of ``self.linear``'s logits, chunked
+        (``handgrad.functional.linear_cross_entropy``); ``linear.weight`` is stored 2-D and viewed as
+        (num_classes, *out_features, in_features), as torch's module does."""
+
+        def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
+            linear_bias = None if self.linear.bias is None else self.linear.bias.reshape(
+                (self.num_classes, *self.out_features))
+            return F.linear_cross_entropy(
+                input, linear_weight, target, linear_bias=linear_bias, weight=self.weight, reduction=self.reduction,
+                ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, options=self.options,
+            )
+
+    __all__.append("LinearCrossEntropyLoss")
+
+
 class HalfSquaredErrorLoss(nn.modules.loss._Loss):
     r"""The seed's cost: Σ_n ½‖x_n − y_n‖² (``reduction='sum'``, the default); ``'mean'`` divides
     by N, ``'none'`` gives one value per sample. No torch.nn twin; no parameters or buffers.

@@ -142,6 +142,14 @@ def _bias_shape(b, dims):
     return b.reshape(-1, *(1,) * dims)   # (C_out, 1, …): broadcast over positions
 
 
+def _bilinear_jvp(f, a, b, da, db):
+    """ḟ = f(ȧ, b) + f(a, ḃ): the tangent of an op linear in each of its two tensors (conv, and
+    its input and weight gradients); a None tangent contributes nothing, None if both are."""
+    terms = [f(da, b) if da is not None else None, f(a, db) if db is not None else None]
+    terms = [t for t in terms if t is not None]
+    return None if not terms else terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
 class ConvFn(HandFunction):
     r"""Y = W_col X_col + b  — equals ``torch.nn.functional.conv1d`` / ``conv2d`` (batched input).
 
@@ -182,12 +190,7 @@ class ConvFn(HandFunction):
     @staticmethod
     def jvp(ctx, dx, dw, db, _):
         x, weight = ctx.saved_tensors
-        dy = None
-        if dx is not None:
-            dy = ConvFn.call(dx, weight, None, ctx.opts)                          # Conv(Ẋ, W)
-        if dw is not None:
-            t = ConvFn.call(x, dw, None, ctx.opts)                                # Conv(X, Ẇ)
-            dy = t if dy is None else dy + t
+        dy = _bilinear_jvp(lambda a, b: ConvFn.call(a, b, None, ctx.opts), x, weight, dx, dw)  # Conv(Ẋ, W) + Conv(X, Ẇ)
         if db is not None:
             t = _bias_shape(db, len(ctx.in_size.dims))                             # ḃ
             out_size = ctx.opts.out_size(ctx.in_size.dims, ctx.k_size.dims)
@@ -230,13 +233,8 @@ class ConvInputGradFn(HandFunction):
     @staticmethod
     def jvp(ctx, dg, dw, _o, _s):
         g, weight = ctx.saved_tensors
-        dz = None
-        if dg is not None:
-            dz = ConvInputGradFn.call(dg, weight, ctx.opts, ctx.in_size)          # ConvT(Ġ, W)
-        if dw is not None:
-            t = ConvInputGradFn.call(g, dw, ctx.opts, ctx.in_size)                # ConvT(G, Ẇ)
-            dz = t if dz is None else dz + t
-        return dz
+        return _bilinear_jvp(lambda a, b: ConvInputGradFn.call(a, b, ctx.opts, ctx.in_size),
+                             g, weight, dg, dw)                                   # ConvT(Ġ, W) + ConvT(G, Ẇ)
 
 
 class ConvWeightGradFn(HandFunction):
@@ -274,10 +272,5 @@ class ConvWeightGradFn(HandFunction):
     @staticmethod
     def jvp(ctx, dx, dg, _o, _k):
         x, g = ctx.saved_tensors
-        dv = None
-        if dx is not None:
-            dv = ConvWeightGradFn.call(dx, g, ctx.opts, ctx.k_size)               # ConvW(Ẋ, G)
-        if dg is not None:
-            t = ConvWeightGradFn.call(x, dg, ctx.opts, ctx.k_size)                # ConvW(X, Ġ)
-            dv = t if dv is None else dv + t
-        return dv
+        return _bilinear_jvp(lambda a, b: ConvWeightGradFn.call(a, b, ctx.opts, ctx.k_size),
+                             x, g, dx, dg)                                        # ConvW(Ẋ, G) + ConvW(X, Ġ)

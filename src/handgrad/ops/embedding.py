@@ -39,7 +39,8 @@ class EmbeddingFn(HandFunction):
 
     @staticmethod
     def forward(idx, weight, padding_idx, scale_grad_by_freq):
-        return weight.index_select(0, idx.reshape(-1)).reshape(*idx.shape, weight.shape[1])   # W[idx]  (*, D)
+        # int64 rows: torch < 2.5 batches index_select under vmap as a gather, which takes int64 only
+        return weight.index_select(0, idx.reshape(-1).long()).reshape(*idx.shape, weight.shape[1])   # W[idx]  (*, D)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -66,7 +67,7 @@ class EmbeddingFn(HandFunction):
     @staticmethod
     def jvp(ctx, _didx, dw, _padding_idx, _scale):
         (idx,) = ctx.saved_tensors
-        return dw.index_select(0, idx.reshape(-1)).reshape(*idx.shape, dw.shape[1])   # Ẇ[idx]
+        return dw.index_select(0, idx.reshape(-1).long()).reshape(*idx.shape, dw.shape[1])   # Ẇ[idx]
 
 
 def embedding_renorm_(weight: torch.Tensor, idx: torch.Tensor, max_norm: float, norm_type: float) -> None:

@@ -9,16 +9,19 @@
 - ``assert_gradients_match(fn, reference, *inputs)``: raises ``AssertionError`` with the report,
   for pytest.
 - ``check_case(case, shape)``: the same for one entry of handgrad's op registry, strictly.
+- ``coverage(loss, model)`` / ``record_coverage(model)`` → ``CoverageReport``: which parameters'
+  gradients and which layer-level backward nodes of a loss are handgrad's, by module name.
 - The op registry (``registry``: ``OpCase``, ``Inputs``, ``all_cases``) that drives handgrad's
   own tests and ``handgrad-check``; the tolerance policy (``tolerances``); reference
   implementations written in plain torch (``references``).
 """
 from .checks import (ALL, CheckOptions, GradientCheckError, assert_gradients_match, check_case, check_function,
                      check_module, representative_shape)
+from .coverage import CoverageReport, coverage, record_coverage
 from .registry import all_cases, get_case
 from .report import CheckResult, Report
 from .types import BadInput, Inputs, OpCase
 
-__all__ = ["ALL", "BadInput", "CheckOptions", "CheckResult", "GradientCheckError", "Inputs", "OpCase", "Report",
-           "all_cases", "assert_gradients_match", "check_case", "check_function", "check_module", "get_case",
-           "representative_shape"]
+__all__ = ["ALL", "BadInput", "CheckOptions", "CheckResult", "CoverageReport", "GradientCheckError", "Inputs",
+           "OpCase", "Report", "all_cases", "assert_gradients_match", "check_case", "check_function", "check_module",
+           "coverage", "get_case", "record_coverage", "representative_shape"]

@@ -21,6 +21,8 @@ def torch_reference(name: str) -> Callable:
     in the supported range that lacks a feature handgrad has, a stand-in raising ``TorchLacks``
     for the calls that need it (``_compat.torch_reference``)."""
     fn = catalogue.get(name).torch_function
+    if fn is None and name in _compat._REFERENCE_NEEDS:   # a torch function newer than this torch
+        return _compat.torch_reference(name, None)
     if fn is None:
         raise ValueError(f"the catalogue names no torch function for {name!r}: give its reference explicitly")
     return _compat.torch_reference(name, fn)

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from ..._compat import dynamo_unsupported
+from ..._compat import OLD_DYNAMO_LIMITS, TorchLacks, dynamo_unsupported, torch_version
 from ..report import CheckResult
 from .jacobians import outputs, outputs_and_grads
 from .measure import first_lines, locate, short
@@ -85,6 +85,10 @@ def compile_and_run(c: Ctx, v: list[torch.Tensor], notes: list[str]):
             compiled = torch.compile(c.f, backend=c.options.compile_backend, fullgraph=True)
             outs, grads = outputs_and_grads(compiled, c.leaves(), v)
         except dynamo_unsupported() as e:
+            version, limits = OLD_DYNAMO_LIMITS
+            if torch_version() < version and any(m in str(e) for m in limits):
+                raise TorchLacks(f"torch {torch.__version__}'s Dynamo cannot trace this in one graph "
+                                 f"(it can from torch {'.'.join(map(str, version))}): {first_lines(e, 1)}") from e
             if c.strict:
                 raise Unsupported(f"Dynamo cannot trace fn in one graph (fullgraph=True): {first_lines(e)}") from e
             notes.append(f"Dynamo cannot trace fn in one graph, compared with fullgraph=False: {first_lines(e, 1)}")

@@ -71,27 +71,28 @@ class Call:
     def precision(self) -> torch.dtype | None:
         """The least precise floating dtype the call computes in: of its floating tensors and of a
         ``dtype=`` option; None if it has none."""
-        dtypes = [s.dtype for s in _specs((self.args, self.kwargs)) if s.dtype.is_floating_point]
+        dtypes = [s.dtype for s in nested((self.args, self.kwargs), Spec) if s.dtype.is_floating_point]
         dtypes += [v for v in self.kwargs.values() if isinstance(v, torch.dtype) and v.is_floating_point]
         return max(dtypes, key=lambda d: torch.finfo(d).eps, default=None)
 
     def specs(self) -> list[Spec]:
-        return list(_specs((self.args, self.kwargs)))
+        return list(nested((self.args, self.kwargs), Spec))
 
     def first(self) -> Spec | None:
         """The first tensor argument (the ``input``), if it is one."""
         return self.args[0] if self.args and isinstance(self.args[0], Spec) else None
 
 
-def _specs(value):
-    if isinstance(value, Spec):
+def nested(value, kind: type):
+    """Every ``kind`` object inside ``value``, a nest of lists, tuples and dicts, in order."""
+    if isinstance(value, kind):
         yield value
     elif isinstance(value, (list, tuple)):
         for v in value:
-            yield from _specs(v)
+            yield from nested(v, kind)
     elif isinstance(value, dict):
         for v in value.values():
-            yield from _specs(v)
+            yield from nested(v, kind)
 
 
 def build(call: Call, dtype: torch.dtype | None = None, perturb: tuple | None = None

@@ -29,8 +29,8 @@ from typing import Any, Callable
 import torch
 
 from ... import catalogue
-from ..registry import allowed_lowp_error
-from .call import Call, build, wobble
+from ..tolerances import allowed_lowp_error
+from .call import Call, build, nested, wobble
 
 __all__ = ["Outcome", "Mismatch", "run_side", "compare", "FLOAT64_ULPS"]
 
@@ -82,7 +82,7 @@ def run_side(fn: Callable, call: Call, dtype: torch.dtype | None = None, roundin
         # float64 outputs of reductions: their intermediates (a log-sum-exp less x_y, x − μ) are as
         # large as the inputs, so a cancellation leaves a few roundings of max|input| in torch's
         # result as in handgrad's (the same argument as for G in ``compare``)
-        finite = [t[t.isfinite()] for t in _tensors((args, kwargs)) if t.is_floating_point()]
+        finite = [t[t.isfinite()] for t in (u.detach() for u in nested((args, kwargs), torch.Tensor)) if t.is_floating_point()]
         o.x_scale = max((float(t.abs().max()) for t in finite if t.numel()), default=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -118,15 +118,6 @@ def run_side(fn: Callable, call: Call, dtype: torch.dtype | None = None, roundin
 _ELEMENTWISE = frozenset(catalogue.activations())
 
 
-def _tensors(value):
-    if isinstance(value, torch.Tensor):
-        yield value.detach()
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
 
 
 def _ulps(dtype: torch.dtype, lowp_ulps: float) -> float:
