@@ -242,7 +242,36 @@ def _dropout(d) -> Call:
     return Call("dropout", (x,), kw, d.seed)
 
 
+def _attention(d) -> Call:
+    dtype = d.input_dtype(0.03)
+    N, L, S, E = d.size(), d.size(1), d.size(1), d.size(1)
+    H = d.pick((1, 2, 4))
+    Hkv = H if d.chance(0.8) else d.pick((1, 2))
+    lead = () if d.chance(0.1) else (N, H)
+    kv = () if not lead else (N, Hkv)
+    q, k = d.tensor((*lead, L, E), dtype, scale=1.0), d.tensor((*kv, S, E), dtype, scale=1.0)
+    v = d.tensor((*kv, S, E if d.chance(0.8) else d.size(1)), dtype, scale=1.0)
+    kw = d.options("scaled_dot_product_attention", {"L": L, "S": S, "dtype": dtype}, p=0.4)
+    return Call("scaled_dot_product_attention", (q, k, v), kw, d.seed)
+
+
+def _attn_mask(d, ctx):
+    L, S = ctx["L"], ctx["S"]
+    r = d.rng.random()
+    if r < 0.3:
+        return None
+    if r < 0.6:
+        return Spec(torch.rand((L, S), generator=d.gen) < 0.7, torch.bool)
+    dtype = ctx["dtype"] if ctx["dtype"].is_floating_point else torch.float32
+    return d.tensor((L, S) if r < 0.95 else (L, S + 1), dtype, scale=1.0, requires_grad=d.chance(0.3))
+
+
 OPTIONS: dict[str, dict[str, Callable]] = {
+    "scaled_dot_product_attention": {"attn_mask": _attn_mask,
+                                     "dropout_p": _from((0.0, 0.0, 0.5), (-0.1, 1.5)),
+                                     "is_causal": _from((False, True)),
+                                     "scale": _from((None, 0.5, 1.0, 2.0), (0.0, "a")),
+                                     "enable_gqa": _from((False, True))},
     "conv1d": _conv_options(1),
     "conv2d": _conv_options(2),
     "max_pool2d": {**_WINDOW, "dilation": _from((1, 1, 2, (1, 2)), (0, (0, 1))),
@@ -267,6 +296,7 @@ OPTIONS: dict[str, dict[str, Callable]] = {
 }
 
 DRAW: dict[str, Callable[[Any], Call]] = {
+    "scaled_dot_product_attention": _attention,
     "conv1d": _conv(1),
     "conv2d": _conv(2),
     "max_pool2d": _max_pool2d,
