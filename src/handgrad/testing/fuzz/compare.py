@@ -92,10 +92,11 @@ def run_side(fn: Callable, call: Call, dtype: torch.dtype | None = None, roundin
         except Exception as e:          # noqa: BLE001 — the type is what is compared
             o.error, o.message = type(e), str(e).split("\n")[0][:200]
             return o
-        if isinstance(out, tuple) and out and all(isinstance(t, torch.Tensor) for t in out):
+        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) and all(
+                isinstance(t, torch.Tensor) or t is None for t in out[1:]):
             # (output, indices…) as max_pool2d's return_indices: the first is differentiated, the
             # others compared exactly
-            o.extra = tuple(t.detach() for t in out[1:])
+            o.extra = tuple(None if t is None else t.detach() for t in out[1:])
             out = out[0]
         o.out = out
         if not isinstance(out, torch.Tensor):
@@ -207,7 +208,8 @@ def compare(theirs: Outcome, ours: Outcome, truth: Outcome | None, wobble: Outco
     out: list[Mismatch] = []
     if (theirs.extra is None) != (ours.extra is None) or theirs.extra is not None and (
             len(theirs.extra) != len(ours.extra) or not all(
-                a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) for a, b in zip(theirs.extra, ours.extra))):
+                a is b is None or a is not None and b is not None and a.dtype == b.dtype and a.shape == b.shape
+                and torch.equal(a, b) for a, b in zip(theirs.extra, ours.extra))):
         out.append(Mismatch("output", "the other outputs of a tuple result (indices) differ", "tuple outputs"))
     # the forward's truth stands where only torch's backward refuses (group_norm's bias without a weight)
     fwd = [o.out if o is not None and o.error is None else None for o in (truth, wobble, coarse)]

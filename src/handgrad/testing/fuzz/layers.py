@@ -266,7 +266,40 @@ def _attn_mask(d, ctx):
     return d.tensor((L, S) if r < 0.95 else (L, S + 1), dtype, scale=1.0, requires_grad=d.chance(0.3))
 
 
+def _mha(d) -> Call:
+    """nn.MultiheadAttention's functional form, self- or cross-attention, (L, N, E) or unbatched."""
+    dtype = d.float_dtype()
+    H = d.pick((1, 2))
+    E, L, S, N = H * d.pick((1, 2, 3)), d.size(1), d.size(1), d.size(1)
+    batch = (N,) if d.chance(0.85) else ()
+    q = d.tensor((L, *batch, E), dtype, scale=1.0)
+    k, v = d.tensor((S, *batch, E), dtype, scale=1.0), d.tensor((S, *batch, E), dtype, scale=1.0)
+    w_in, w_out = d.tensor((3 * E, E), dtype, scale=0.5), d.tensor((E, E), dtype, scale=0.5)
+    b_in = d.tensor((3 * E,), dtype, scale=0.5) if d.chance(0.7) else None
+    b_out = d.tensor((E,), dtype, scale=0.5) if d.chance(0.7) else None
+    kw = d.options("multi_head_attention_forward", {"L": L, "S": S, "N": batch, "dtype": dtype}, p=0.4)
+    kw["need_weights"] = False               # the weights (a second float output) are not compared yet
+    return Call("multi_head_attention_forward",
+                (q, k, v, E, H, w_in, b_in, None, None, False, 0.0, w_out, b_out), kw, d.seed)
+
+
+def _padding_mask(d, ctx):
+    if d.chance(0.6):
+        return None
+    return Spec(torch.rand((*ctx["N"], ctx["S"]), generator=d.gen) < 0.8, torch.bool)
+
+
+_NONE = _from((None,))     # the separate projections and static keys: not drawn (None, the default)
+
 OPTIONS: dict[str, dict[str, Callable]] = {
+    "multi_head_attention_forward": {
+        "training": _from((True, False)), "key_padding_mask": _padding_mask,
+        "need_weights": _from((False,)),       # (True returns the weights too; not compared yet)
+        "attn_mask": lambda d, ctx: None if d.chance(0.5) else Spec(
+            torch.rand((ctx["L"], ctx["S"]), generator=d.gen) < 0.8, torch.bool),
+        "use_separate_proj_weight": _from((False,)), "q_proj_weight": _NONE, "k_proj_weight": _NONE,
+        "v_proj_weight": _NONE, "static_k": _NONE, "static_v": _NONE,
+        "average_attn_weights": _from((True, False)), "is_causal": _from((False,))},
     "scaled_dot_product_attention": {"attn_mask": _attn_mask,
                                      "dropout_p": _from((0.0, 0.0, 0.5), (-0.1, 1.5)),
                                      "is_causal": _from((False, True)),
@@ -297,6 +330,7 @@ OPTIONS: dict[str, dict[str, Callable]] = {
 
 DRAW: dict[str, Callable[[Any], Call]] = {
     "scaled_dot_product_attention": _attention,
+    "multi_head_attention_forward": _mha,
     "conv1d": _conv(1),
     "conv2d": _conv(2),
     "max_pool2d": _max_pool2d,
