@@ -114,6 +114,8 @@ def _mha(need_weights: bool, mask: bool = False):
 
     def make(shape, dtype, device):
         L, Nb, E = shape
+        E = max(_H, E - E % _H)                  # the embedding splits into _H heads (a drawn E may not)
+        shape = (L, Nb, E)
         q = randn(shape, dtype, device)
         k, v = randn((_S, Nb, E), dtype, device), randn((_S, Nb, E), dtype, device)
         w_in, b_in = randn((3 * E, E), dtype, device, scale=0.5), randn((3 * E,), dtype, device)
