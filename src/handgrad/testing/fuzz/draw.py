@@ -44,6 +44,15 @@ class Draw:
     def pick(self, seq):
         return seq[self.rng.randrange(len(seq))]
 
+    def tier(self, *tiers):
+        """One draw among tiers ``(bound, make)`` with increasing bounds: ``make()`` of the first
+        tier whose bound the uniform draw falls under (the last tier's bound is ignored: the rest)."""
+        r = self.rng.random()
+        for bound, make in tiers[:-1]:
+            if r < bound:
+                return make()
+        return tiers[-1][1]()
+
     def size(self, lo: int = 0) -> int:
         return self.pick([s for s in (0, 1, 1, 2, 3, 3, 5, 7) if s >= lo])
 
@@ -165,16 +174,13 @@ def _norm_param(d: Draw, ctx):
     """layer_norm's weight or bias: None, normalized_shape in the input's dtype, in float32 (the
     mixed-dtype path), of another shape, or integer."""
     shape, dtype = ctx["row"], ctx["dtype"]
-    r = d.rng.random()
-    if r < 0.3:
-        return None
-    if r < 0.75:
-        return d.tensor(shape, dtype, scale=1.0)
-    if r < 0.88:
-        return d.tensor(shape, d.pick((torch.float32, torch.float64, torch.float16, torch.bfloat16)), scale=1.0)
-    if r < 0.95:
-        return d.tensor((*shape[:-1], shape[-1] + 1) if shape else (1,), dtype)
-    return d.tensor(shape, torch.int64, requires_grad=False)
+    return d.tier(
+        (0.3, lambda: None),
+        (0.75, lambda: d.tensor(shape, dtype, scale=1.0)),
+        (0.88, lambda: d.tensor(shape, d.pick((torch.float32, torch.float64, torch.float16, torch.bfloat16)), scale=1.0)),
+        (0.95, lambda: d.tensor((*shape[:-1], shape[-1] + 1) if shape else (1,), dtype)),
+        (1.0, lambda: d.tensor(shape, torch.int64, requires_grad=False)),
+    )
 
 
 OPTIONS: dict[str, dict[str, Callable[[Draw, dict], Any]]] = {

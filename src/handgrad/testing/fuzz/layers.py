@@ -204,14 +204,12 @@ def _rms_norm(d) -> Call:
 
 def _rms_weight(d, ctx):
     row, dtype = ctx["row"], ctx["dtype"]
-    r = d.rng.random()
-    if r < 0.3:
-        return None
-    if r < 0.85:
-        return d.tensor(row, dtype, scale=1.0)
-    if r < 0.93:
-        return d.tensor(row, d.pick((torch.float32, torch.float64)), scale=1.0)
-    return d.tensor((*row[:-1], row[-1] + 1), dtype, scale=1.0)
+    return d.tier(
+        (0.3, lambda: None),
+        (0.85, lambda: d.tensor(row, dtype, scale=1.0)),
+        (0.93, lambda: d.tensor(row, d.pick((torch.float32, torch.float64)), scale=1.0)),
+        (1.0, lambda: d.tensor((*row[:-1], row[-1] + 1), dtype, scale=1.0)),
+    )
 
 
 # --- embedding and dropout ------------------------------------------------------------------------
@@ -257,13 +255,13 @@ def _attention(d) -> Call:
 
 def _attn_mask(d, ctx):
     L, S = ctx["L"], ctx["S"]
-    r = d.rng.random()
-    if r < 0.3:
-        return None
-    if r < 0.6:
-        return Spec(torch.rand((L, S), generator=d.gen) < 0.7, torch.bool)
     dtype = ctx["dtype"] if ctx["dtype"].is_floating_point else torch.float32
-    return d.tensor((L, S) if r < 0.95 else (L, S + 1), dtype, scale=1.0, requires_grad=d.chance(0.3))
+    return d.tier(
+        (0.3, lambda: None),
+        (0.6, lambda: Spec(torch.rand((L, S), generator=d.gen) < 0.7, torch.bool)),
+        (0.95, lambda: d.tensor((L, S), dtype, scale=1.0, requires_grad=d.chance(0.3))),
+        (1.0, lambda: d.tensor((L, S + 1), dtype, scale=1.0, requires_grad=d.chance(0.3))),
+    )
 
 
 def _mha(d) -> Call:
