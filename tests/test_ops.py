@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import DEVICES
-from handgrad.testing import ALL, check_case, representative_shape
+from handgrad.testing.checks import ALL, applies, check_case, representative_shape
 from handgrad.testing.registry import all_cases
 
 COSTLY = ("gradgradcheck", "vmap", "compile")
@@ -21,14 +21,10 @@ SHAPELESS = ("bad_inputs",)
 CHEAP = tuple(c for c in ALL if c not in COSTLY + SHAPELESS)
 
 
-def _applies(case, check: str) -> bool:
-    return {"bad_inputs": bool(case.bad_inputs), "lowp": bool(case.lowp_dtypes)}.get(check, True)
-
-
 def _params():
     for case in all_cases():
         for check in ALL:
-            if _applies(case, check):
+            if applies(case, check):
                 for shape in case.shapes if check in CHEAP else (representative_shape(case),):
                     yield pytest.param(case, shape, check, id=f"{check}-{case.id(shape)}")
 

@@ -26,7 +26,7 @@ from typing import Any, NoReturn, Sequence
 
 import torch
 
-from .testing.checks import ALL, check_case, check_function, check_module, representative_shape
+from .testing.checks import ALL, applies, check_case, check_function, check_module, representative_shape
 from .testing.registry import Inputs, OpCase, all_cases, get_case
 from .testing.report import Report
 
@@ -134,16 +134,11 @@ def _select(cases: list[OpCase], only: list[str]) -> list[OpCase]:
 def _check_named(name: str, device: str, checks: Sequence[str]) -> Report:
     """One case by name (what a worker process receives: cases hold lambdas, names pickle).
 
-    A case with ``lowp_dtypes=()`` declares that ``lowp`` does not apply (softmax's
-    ``dtype=float64`` variants compute in float64 whatever the input): it is left out, not
-    counted as a skip; so is ``bad_inputs`` for a case that lists none (its variants share the
-    base case's bad inputs). The broadcast-target ``mse_loss`` case makes torch warn, as it should."""
+    Checks that do not apply to the case (``testing.checks.applies``) are left out, not counted
+    as skips. The broadcast-target ``mse_loss`` case makes torch warn, as it should."""
     torch.set_num_threads(1)  # one op per core; intra-op threads would only fight the other worker
     case = get_case(name)
-    if case.lowp_dtypes == ():
-        checks = [c for c in checks if c != "lowp"]
-    if not case.bad_inputs:
-        checks = [c for c in checks if c != "bad_inputs"]
+    checks = [c for c in checks if applies(case, c)]
     with warnings.catch_warnings():
         # the warnings two cases exist to provoke, from torch and handgrad alike: a broadcast
         # mse_loss target, and the deprecated reduction='elementwise_mean'

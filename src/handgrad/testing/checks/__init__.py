@@ -44,10 +44,10 @@ Layout: ``measure`` (error measurement), ``jacobians`` (Jacobian engines), ``lab
 labelling), ``problem`` (the shared run), the checks (``derivatives``, ``transforms``,
 ``agreement``, ``bad_inputs``), ``runner`` and ``api`` (the public functions).
 """
-from .api import (GradientCheckError, assert_gradients_match, check_case, check_function, check_module,
+from .api import (GradientCheckError, applies, assert_gradients_match, check_case, check_function, check_module,
                   representative_shape)
 from .options import CheckOptions
 from .runner import ALL
 
 __all__ = ["ALL", "CheckOptions", "check_function", "check_module", "assert_gradients_match", "GradientCheckError",
-           "check_case", "representative_shape"]
+           "check_case", "representative_shape", "applies"]

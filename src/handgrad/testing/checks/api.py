@@ -15,7 +15,7 @@ from .problem import Problem
 from .runner import ALL, run
 
 __all__ = ["check_function", "check_module", "assert_gradients_match", "GradientCheckError", "check_case",
-           "representative_shape"]
+           "representative_shape", "applies"]
 
 
 class GradientCheckError(AssertionError):
@@ -159,6 +159,14 @@ def assert_gradients_match(
     if not report.ok:
         raise GradientCheckError(report)
     return report
+
+
+def applies(case: OpCase, check: str) -> bool:
+    """Whether ``check`` applies to ``case`` at all (a check that does not is left out, not counted
+    as a skip): not ``lowp`` for a case with ``lowp_dtypes=()`` (softmax's ``dtype=float64``
+    variants compute in float64 whatever the input), not ``bad_inputs`` for a case that lists none
+    (its variants share the base case's)."""
+    return {"bad_inputs": bool(case.bad_inputs), "lowp": bool(case.lowp_dtypes)}.get(check, True)
 
 
 def representative_shape(case: OpCase) -> Shape:
