@@ -9,6 +9,7 @@ reused through ``handgrad._compat``, so the refusals and mask conversions are to
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as TF
@@ -18,7 +19,19 @@ from ..ops.attention import AttentionFn
 from ..ops.dropout import keep_mask
 from ._linear import linear
 
-__all__ = ["multi_head_attention_forward"]
+__all__ = ["multi_head_attention_forward", "PROJECTION_TAP"]
+
+#: handgrad.per_sample.capture's tap on the four projections, ``tap(role, x, y, bsz)`` with role
+#: "q", "k", "v" or "out" (rows of x and y in (T, N) order); None outside a capture
+PROJECTION_TAP: ContextVar = ContextVar("handgrad_mha_projection_tap", default=None)
+
+
+def _project(role: str, x, w, b, bsz: int):
+    y = linear(x, w, b)
+    tap = PROJECTION_TAP.get()
+    if tap is not None:
+        tap(role, x, y, bsz)
+    return y
 
 
 def _drop_mask(shape, p: float, like: torch.Tensor) -> torch.Tensor | None:
@@ -80,7 +93,8 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check: int, num
             raise AssertionError("use_separate_proj_weight is False but in_proj_weight is None")
         w_q, w_k, w_v = in_proj_weight.chunk(3)
     b_q, b_k, b_v = (None, None, None) if in_proj_bias is None else in_proj_bias.chunk(3)
-    q, k, v = linear(query, w_q, b_q), linear(key, w_k, b_k), linear(value, w_v, b_v)   # (T, N, E) each
+    q, k, v = (_project(r, x, w, b, bsz) for r, x, w, b in                                 # (T, N, E) each
+               (("q", query, w_q, b_q), ("k", key, w_k, b_k), ("v", value, w_v, b_v)))
 
     src_len = key.shape[0]
     if attn_mask is not None:
@@ -139,7 +153,7 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check: int, num
     out, _lse = AttentionFn.call(q4, k4, v4, mask4, keep, float(dropout_p), bool(is_causal and mask4 is None),
                                  scale, 1)                                    # (N, H, L, E/H)
     out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
-    out = linear(out, out_proj_weight, out_proj_bias)
+    out = _project("out", out, out_proj_weight, out_proj_bias, bsz)
     out = out.view(tgt_len, bsz, out.size(-1))
     weights = None
     if need_weights:
