@@ -14,22 +14,25 @@ r gₙ with r = 1/N ('mean', N this batch's size) or r = 1 ('sum'): gₙ = grad_
 
 Two ways to S (``mode``):
 
-* ``grads``: one backward inside ``capture(grads=True)``; S = Σₙ (cₙ / r) grad_sampleₙ.
-  One backward pass; memory N·|θ| for the per-sample gradients.
-* ``ghost``: backward is linear in ∂L/∂Y, the gradient at the network's output Y (N, …), and
-  row n of ∂L/∂Y is r ∂Cⁿ/∂Yₙ (samples do not mix). Pass 1 backpropagates ∂L/∂Y inside
-  ``capture(grads=False)``: the norms, hence cₙ. Pass 2 backpropagates diag(cₙ / r) ∂L/∂Y, whose
-  parameter gradient is S itself. Two backward passes; nothing of size N·|θ| is formed.
+* ``grads``: one forward and backward inside ``capture(grads=True)``; S = Σₙ (cₙ / r) grad_sampleₙ.
+  Memory N·|θ| for the per-sample gradients.
+* ``ghost``: pass 1, a forward and backward inside ``capture(grads=False)``, gives the norms,
+  hence cₙ, and G = ∂L/∂Y at the network's output Y (N, …), whose row n is r ∂Cⁿ/∂Yₙ (samples do
+  not mix). Backward is linear in G, so backpropagating diag(cₙ / r) G gives S itself: pass 2
+  replays the forward outside the capture (with pass 1's RNG state, so dropout draws the same
+  masks) and backpropagates it. Two forwards and two backwards; nothing of size N·|θ| is formed.
+  (A capture's hooks sit on pass 1's graph and record every backward through it, so pass 2
+  needs a graph of its own.)
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 
 from .. import per_sample
 
-__all__ = ["EPS", "reduction_scale", "clip_factors", "ghost_weights", "weight_rows", "clipped_sum_ghost", "clipped_sum_grads", "add_noise"]
+__all__ = ["EPS", "reduction_scale", "clip_factors", "weight_rows", "rng_state", "replayed_sum", "clipped_sum_ghost", "clipped_sum_grads", "add_noise"]
 
 EPS = 1e-6  # Opacus's: cₙ = C / (‖gₙ‖ + EPS), so a zero gradient gets a finite factor
 Reduction = Literal["mean", "sum"]
@@ -49,32 +52,44 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     return (max_grad_norm / (norms + EPS)).clamp(max=1.0)
 
 
-def ghost_weights(model: torch.nn.Module, params: Sequence[torch.Tensor], loss: torch.Tensor, output: torch.Tensor,
-                  max_grad_norm: float, loss_reduction: Reduction) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Ghost clipping's pass 1 from ``output`` Y (N, …): returns (∂L/∂Y, the row weights cₙ / r (N,),
-    the norms ‖gₙ‖ (N,)). ``loss`` is L(Y): it must hold no parameter. The graph is kept for pass 2."""
-    n = output.shape[0]
-    r = reduction_scale(loss_reduction, n)
-    (grad_out,) = torch.autograd.grad(loss, output, retain_graph=True)  # ∂L/∂Y (N, …), row n: r ∂Cⁿ/∂Yₙ
-    with per_sample.capture(model, grads=False):  # r ‖gₙ‖ without forming any gₙ
-        torch.autograd.grad(output, params, grad_out, retain_graph=True, allow_unused=True)
-    norms = per_sample.norms(model) / r  # ‖gₙ‖ (N,)
-    return grad_out, (clip_factors(norms, max_grad_norm) / r).to(grad_out.dtype), norms
-
-
 def weight_rows(grad: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """diag(w) G: row n of ``grad`` (N, …) times wₙ."""
-    return grad * weights.reshape(grad.shape[0], *([1] * (grad.dim() - 1)))
+    return grad * weights.to(grad.dtype).reshape(grad.shape[0], *([1] * (grad.dim() - 1)))
 
 
-def clipped_sum_ghost(model: torch.nn.Module, params: Sequence[torch.Tensor], loss: torch.Tensor,
-                      output: torch.Tensor, max_grad_norm: float, loss_reduction: Reduction
+def rng_state(device: torch.device) -> tuple:
+    """The RNG state a forward on ``device`` draws from (CPU, and CUDA's when it is a CUDA device)."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def replayed_sum(params: Sequence[torch.Tensor], forward: Callable[[], torch.Tensor], state: tuple,
+                 grad_out: torch.Tensor, weights: torch.Tensor) -> list[torch.Tensor]:
+    """Ghost clipping's pass 2: Y = ``forward()`` drawn from RNG ``state`` (pass 1's), then
+    S = Σₙ wₙ (∂Yₙ/∂θ)ᵀ Gₙ, i.e. the backward of diag(w) G; the RNG is left as it was."""
+    cpu, cuda = state
+    devices = [torch.cuda.current_device()] if cuda is not None else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+        y = forward()
+    sums = torch.autograd.grad(y, params, weight_rows(grad_out, weights), allow_unused=True)  # Σₙ wₙ Jₙᵀ Gₙ
+    return [torch.zeros_like(p) if s is None else s for p, s in zip(params, sums)]
+
+
+def clipped_sum_ghost(model: torch.nn.Module, params: Sequence[torch.Tensor],
+                      per_sample_losses: Callable[[], torch.Tensor], max_grad_norm: float
                       ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """S = Σₙ cₙ gₙ for ``params`` by two backward passes from ``output`` Y (N, …); returns
-    (S per parameter, the norms ‖gₙ‖ (N,))."""
-    grad_out, weights, norms = ghost_weights(model, params, loss, output, max_grad_norm, loss_reduction)
-    sums = torch.autograd.grad(output, params, weight_rows(grad_out, weights), allow_unused=True)  # pass 2: S
-    return [torch.zeros_like(p) if s is None else s for p, s in zip(params, sums)], norms
+    """S = Σₙ cₙ gₙ by ghost clipping, ``per_sample_losses()`` returning (C¹ … Cᴺ) (N,) (a
+    forward of ``model``; run twice). Here Y is the losses themselves: G = 1, r = 1.
+    Returns (S per parameter, the norms ‖gₙ‖ (N,))."""
+    state = rng_state(params[0].device)
+    with per_sample.capture(model, grads=False):  # pass 1: ‖gₙ‖ without forming any gₙ
+        losses = per_sample_losses()  # (N,) Cⁿ
+        torch.autograd.grad(losses.sum(), params, allow_unused=True)
+    norms = per_sample.norms(model)  # ‖gₙ‖ (N,)
+    sums = replayed_sum(params, per_sample_losses, state, torch.ones_like(losses), clip_factors(norms, max_grad_norm))
+    return sums, norms
 
 
 def clipped_sum_grads(model: torch.nn.Module, params: Sequence[torch.Tensor], max_grad_norm: float,

@@ -32,13 +32,15 @@ class DPSGDCallback(Callback):
         on_target: ``stop`` ends training before an epoch that would pass ``target_epsilon``
             (so the final ε stays ≤ it); ``warn`` warns once and trains on.
         accountant: Opacus's ``rdp`` or ``prv`` (tighter, slower) accountant.
-        mode: ``ghost`` (per-sample norms, then Lightning's backward reweighted per sample: no
-            per-sample gradient formed) or ``grads`` (per-sample gradients, clipped and summed).
+        mode: ``grads`` (per-sample gradients, clipped and summed) or ``ghost`` (per-sample
+            norms in Lightning's backward, then the forward of ``output`` replayed and its
+            backward reweighted per sample: no per-sample gradient formed).
         loss_reduction: how ``training_step``'s loss reduces over the batch: ``mean``
-            (L = (1/N) Σₙ Cⁿ) or ``sum``.
-        output: the submodule (``get_submodule`` name) whose output Y is the network's output,
-            of which the loss is a function without parameters; ``None``: the LightningModule's
-            own ``forward`` (``self(x)``). Ghost mode only.
+            (L = (1/N) Σₙ Cⁿ) or ``sum``; ``None``: the LightningModule's ``hparams.reduction``
+            if it has one, else ``mean``.
+        output: ghost mode: the submodule (``get_submodule`` name) whose output Y is the
+            network's output, of which the loss is a function without parameters, and whose
+            forward is replayed; ``None``: the LightningModule's own ``forward`` (``self(x)``).
         seed: seeds the noise generator (``None``: torch's global RNG).
 
     The sampling rate q is the loader's ``PoissonSampler``'s; for any other loader it is
@@ -49,24 +51,26 @@ class DPSGDCallback(Callback):
 
     def __init__(self, noise_multiplier: float = 1.0, max_grad_norm: float = 1.0, delta: float = 1e-5,
                  target_epsilon: Optional[float] = None, on_target: Literal["stop", "warn"] = "stop",
-                 accountant: Mechanism = "rdp", mode: Literal["ghost", "grads"] = "ghost",
-                 loss_reduction: Literal["mean", "sum"] = "mean", output: Optional[str] = None,
+                 accountant: Mechanism = "rdp", mode: Literal["grads", "ghost"] = "grads",
+                 loss_reduction: Optional[Literal["mean", "sum"]] = None, output: Optional[str] = None,
                  seed: Optional[int] = None):
         if noise_multiplier < 0 or max_grad_norm <= 0 or not 0 < delta < 1:
             raise ValueError(f"need noise_multiplier ≥ 0, max_grad_norm > 0 and 0 < delta < 1, got {noise_multiplier}, "
                              f"{max_grad_norm} and {delta}")
         if mode not in ("ghost", "grads"):
             raise ValueError(f"mode must be 'ghost' or 'grads', got {mode!r}")
-        _clip.reduction_scale(loss_reduction, 1)  # validates the name
+        if loss_reduction is not None:
+            _clip.reduction_scale(loss_reduction, 1)  # validates the name
         self.noise_multiplier, self.max_grad_norm, self.delta = noise_multiplier, max_grad_norm, delta
         self.target_epsilon, self.on_target, self.mode = target_epsilon, on_target, mode
         self.loss_reduction, self.output, self.seed = loss_reduction, output, seed
         self.accountant = make_accountant(accountant)
         self.generator: Optional[torch.Generator] = None
         self.sample_rate = self.expected_batch_size = None
-        self._y: Optional[torch.Tensor] = None  # this training batch's network output Y
+        self._call = None  # ghost: this training batch's (args, kwargs, RNG state) of the output module
+        self._grad_out: Optional[torch.Tensor] = None  # ghost: G = ∂L/∂Y of that call
         self._capture = contextlib.ExitStack()
-        self._hook = None
+        self._hooks: list = []
         self._warned = False
 
     # --- set up: one process, automatic optimization, q and B from the loader ---------------------
@@ -79,15 +83,21 @@ class DPSGDCallback(Callback):
         if not pl_module.automatic_optimization or trainer.accumulate_grad_batches != 1 or trainer.gradient_clip_val:
             raise ValueError("DPSGDCallback needs automatic optimization with accumulate_grad_batches 1 and no "
                              "gradient_clip_val (it clips per sample itself)")
+        if self.loss_reduction is None:
+            self.loss_reduction = pl_module.hparams.get("reduction", "mean")
+            _clip.reduction_scale(self.loss_reduction, 1)
         module = pl_module.get_submodule(self.output) if self.output else pl_module
-        self._hook = module.register_forward_hook(self._keep_output)
+        self._module = module
+        if self.mode == "ghost":
+            self._hooks = [module.register_forward_pre_hook(self._keep_call, with_kwargs=True),
+                           module.register_forward_hook(self._watch_output)]
         if self.seed is not None and self.generator is None:
             self.generator = torch.Generator(pl_module.device).manual_seed(self.seed)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
         self._capture.close()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -102,17 +112,18 @@ class DPSGDCallback(Callback):
                           "(handgrad.dp.PoissonSampler); ε below assumes it, with q = 1/len(loader)", stacklevel=2)
         self.expected_batch_size = self.sample_rate * n  # B = q·n
         check_covers(pl_module, trained_parameters(trainer.optimizers[0]))
+        self._check_target(trainer)
 
     # --- the target: checked before each epoch, for the epoch to come -----------------------------
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.target_epsilon is None:
+    def _check_target(self, trainer: pl.Trainer) -> None:
+        """Stop (or warn) now when one more epoch would take ε past ``target_epsilon``."""
+        if self.target_epsilon is None or trainer.should_stop:
             return
         ahead = epsilon_after(self.accountant, trainer.num_training_batches, self.noise_multiplier,
                               self.sample_rate, self.delta)
         if ahead <= self.target_epsilon:
             return
-        spent = self.epsilon()
-        msg = (f"DP-SGD: epoch {trainer.current_epoch} would bring ε from {spent:.3f} to {ahead:.3f} > target_epsilon "
+        msg = (f"DP-SGD: one more epoch would bring ε from {self.epsilon():.3f} to {ahead:.3f} > target_epsilon "
                f"{self.target_epsilon} (δ = {self.delta})")
         if self.on_target == "stop":
             rank_zero_info(f"{msg}: training stops here")
@@ -122,42 +133,48 @@ class DPSGDCallback(Callback):
             self._warned = True
 
     # --- each step: the clipped sum S into p.grad, then ĝ = (S + ξ) / B ---------------------------
-    def _keep_output(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+    def _keep_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if module.training and torch.is_grad_enabled():
-            self._y = output
+            self._call = (args, kwargs, _clip.rng_state(self._params[0].device))
+
+    def _watch_output(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if module.training and torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(self._keep_grad)
+
+    def _keep_grad(self, grad: torch.Tensor) -> None:
+        self._grad_out = grad.detach()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._y = None
-        if self.mode == "grads":
-            self._capture.enter_context(per_sample.capture(pl_module, grads=True))
-
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        if self.mode != "ghost":
-            return
-        if not isinstance(self._y, torch.Tensor):
-            where = f"submodule {self.output!r}" if self.output else "the LightningModule's forward (self(x))"
-            raise RuntimeError(f"DPSGDCallback(mode='ghost') saw no tensor output of {where} in this training step; "
-                               "name the network with output=... or use mode='grads'")
-        params = trained_parameters(trainer.optimizers[0])
-        _, weights, _ = _clip.ghost_weights(pl_module, params, loss, self._y, self.max_grad_norm, self.loss_reduction)
-        # Lightning's own backward is pass 2: ∂L/∂Y reweighted to diag(cₙ / r) ∂L/∂Y, so p.grad = S
-        self._y.register_hook(lambda g: _clip.weight_rows(g, weights))
+        self._call = self._grad_out = None
+        self._params = trained_parameters(trainer.optimizers[0])
+        self._capture.enter_context(per_sample.capture(pl_module, grads=self.mode == "grads"))
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        params = trained_parameters(trainer.optimizers[0])
+        self._capture.close()
+        params = self._params
         if self.mode == "grads":
             sums, _ = _clip.clipped_sum_grads(pl_module, params, self.max_grad_norm, self.loss_reduction)
-            self._capture.close()
             for p in params:
                 p.grad_sample = None
         else:
-            sums = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]  # S
+            sums = self._ghost_sum(pl_module, params)
         noised = _clip.add_noise(sums, self.noise_multiplier * self.max_grad_norm, self.generator)  # S + ξ
         b = self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         for p, g in zip(params, noised):
             p.grad = g / b  # ĝ = (S + ξ) / B
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        self._y = None
+        self._call = self._grad_out = None
+
+    def _ghost_sum(self, pl_module: pl.LightningModule, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """S by ghost clipping: Lightning's backward was pass 1 (norms, G); pass 2 replays the call."""
+        if self._call is None or self._grad_out is None:
+            where = f"submodule {self.output!r}" if self.output else "the LightningModule's forward (self(x))"
+            raise RuntimeError(f"DPSGDCallback(mode='ghost') saw no call of {where} whose output the loss "
+                               "depends on in this training step; name the network with output=... or use mode='grads'")
+        args, kwargs, state = self._call
+        r = _clip.reduction_scale(self.loss_reduction, self._grad_out.shape[0])
+        weights = _clip.clip_factors(per_sample.norms(pl_module) / r, self.max_grad_norm) / r  # cₙ / r
+        return _clip.replayed_sum(params, lambda: self._module(*args, **kwargs), state, self._grad_out, weights)
 
     # --- ε every epoch ------------------------------------------------------------------------
     def epsilon(self) -> float:
@@ -166,6 +183,7 @@ class DPSGDCallback(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.log("dp/epsilon", self.epsilon(), on_step=False, on_epoch=True, prog_bar=True)
+        self._check_target(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         state = {"history": list(self.accountant.history)}

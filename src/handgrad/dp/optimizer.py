@@ -37,11 +37,12 @@ class DPOptimizer(torch.optim.Optimizer):
 
     Two ways to feed it (see ``handgrad.dp._clip``):
 
-    * ``opt.backward(loss, output)``: ghost clipping. ``output`` is the model's output Y (N, …)
-      and ``loss`` = L(Y), holding no parameter; two backward passes, no per-sample gradient
-      formed. Call it instead of ``loss.backward()``.
-    * ``with handgrad.per_sample.capture(model): loss.backward()``: the per-sample gradients
-      ``p.grad_sample``, clipped and summed in ``step``.
+    * ``with handgrad.per_sample.capture(model):`` the forward and ``loss.backward()``: the
+      per-sample gradients ``p.grad_sample``, clipped and summed in ``step``.
+    * ``opt.backward(per_sample_losses)``: ghost clipping, where ``per_sample_losses()`` runs the
+      forward and returns (C¹ … Cᴺ) (N,), e.g. ``lambda: F.cross_entropy(model(x), y,
+      reduction="none")``; it is run twice (norms, then the clipped sum), no per-sample gradient
+      is formed. Call it instead of the forward and ``loss.backward()``.
 
     Several ``backward`` calls before one ``step`` accumulate (B counts each call's batch, as
     Opacus's ``accumulated_iterations``). With ``accountant`` ('rdp', 'prv', or an Opacus
@@ -95,11 +96,11 @@ class DPOptimizer(torch.optim.Optimizer):
         return trained_parameters(self.original_optimizer)
 
     # --- the clipped sum S ----------------------------------------------------------------------
-    def backward(self, loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """Ghost clipping: adds S = Σₙ cₙ gₙ of this batch; returns the unclipped norms ‖gₙ‖ (N,)."""
-        sums, norms = _clip.clipped_sum_ghost(self.model, self.params, loss, output, self.max_grad_norm,
-                                              self.loss_reduction)
-        return self._accumulate(sums, norms)
+    def backward(self, per_sample_losses: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Ghost clipping: adds S = Σₙ cₙ gₙ of this batch, ``per_sample_losses()`` giving (C¹ … Cᴺ);
+        returns the unclipped norms ‖gₙ‖ (N,)."""
+        return self._accumulate(*_clip.clipped_sum_ghost(self.model, self.params, per_sample_losses,
+                                                         self.max_grad_norm))
 
     def _accumulate(self, sums: list[torch.Tensor], norms: torch.Tensor) -> torch.Tensor:
         self._summed = sums if self._summed is None else [a + s for a, s in zip(self._summed, sums)]
