@@ -47,7 +47,8 @@ def scaled(xhat: torch.Tensor, D: torch.Tensor, dims: tuple[int, ...]) -> tuple[
     r"""An elementwise scale Y = x̂ ⊙ γ (γ broadcast along ``dims``; the norms' weight):
     ∂Cⁿ/∂γ = Σ_{dims} (Δ ⊙ x̂)ₙ. A shift (the norms' bias) is the same with x̂ = 1:
     pass ``xhat=None``. xhat, D (N, …); the result (N, *γ's shape)."""
-    g = (D if xhat is None else D * xhat).sum(dims)     # Σ_{dims} Δ ⊙ x̂
+    g = D if xhat is None else D * xhat                  # Δ ⊙ x̂
+    g = g.sum(dims) if dims else g                       # Σ_{dims}  (sum(()) would sum every dim)
     return g, _sq(g)
 
 

@@ -74,10 +74,11 @@ def _conv(m, x, G, grads):
             x = TF.pad(x, m._reversed_padding_repeated_twice,
                        mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
         pad = (0,) * d
-    one = (lambda v: (1, *v)) if d == 1 else (lambda v: tuple(v))   # conv1d as a 1 × k conv2d
-    x4 = x.unsqueeze(2) if d == 1 else x
-    cols = TF.unfold(x4, one(m.kernel_size), dilation=one(m.dilation),
-                     padding=one(pad), stride=one(m.stride))
+    if d == 1:                                            # conv1d as a 1 × k conv2d
+        cols = TF.unfold(x.unsqueeze(2), (1, *m.kernel_size), dilation=(1, *m.dilation), padding=(0, *pad),
+                         stride=(1, *m.stride))
+    else:
+        cols = TF.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)   # (N, C_in·k, L)
     g, C_out = m.groups, m.out_channels
     L = cols.shape[-1]
     X = cols.view(N, g, -1, L).mT.reshape(N * g, L, -1)                     # (N·g, L, C_in/g · k)
