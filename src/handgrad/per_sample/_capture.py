@@ -167,14 +167,13 @@ class capture:
                        lambda G: projection_parts(m, role, x, G, bsz, grads), record)
 
         def pre_hook(module, args):
-            module._handgrad_tap_token = PROJECTION_TAP.set(tap)
+            PROJECTION_TAP.append(tap)
         return pre_hook
 
     @staticmethod
     def _mha_exit(module, args, output):
-        token = module.__dict__.pop("_handgrad_tap_token", None)
-        if token is not None:
-            PROJECTION_TAP.reset(token)
+        if PROJECTION_TAP:                     # always_call: also when the forward raised
+            PROJECTION_TAP.pop()
 
 
 def _watch(y: torch.Tensor, x: torch.Tensor, where: str, parts_of, record: _Record) -> None:
