@@ -26,7 +26,7 @@ __all__ = ["Part", "RULES", "rule_for", "refusal", "projection_parts"]
 class Part:
     param: torch.nn.Parameter
     grad: torch.Tensor | None        # (N, *rows' shape) ∂Cⁿ/∂θ, or None (grads=False and not formed)
-    sq_norm: torch.Tensor            # (N,) ‖∂Cⁿ/∂θ‖²_F
+    sq_norm: torch.Tensor | None     # (N,) ‖∂Cⁿ/∂θ‖²_F (None: grads=True, not computed)
     rows: slice | None = None        # the rows of param's first dim this part covers (None: all)
 
 
@@ -87,7 +87,7 @@ def _conv(m, x, G, grads):
     if _wanted(m.weight):
         gw, sq = affine(X, D, grads)                                        # per (sample, group)
         gw = None if gw is None else gw.reshape(N, *m.weight.shape)
-        parts.append(Part(m.weight, gw, sq.view(N, g).sum(1)))
+        parts.append(Part(m.weight, gw, None if sq is None else sq.view(N, g).sum(1)))
     if _wanted(m.bias):
         gb, sq = summed(G.reshape(N, C_out, L).mT)                          # Δ (N, L, C_out)
         parts.append(Part(m.bias, gb, sq))
