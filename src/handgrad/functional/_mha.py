@@ -9,7 +9,6 @@ reused through ``handgrad._compat``, so the refusals and mask conversions are to
 from __future__ import annotations
 
 import math
-from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as TF
@@ -19,18 +18,18 @@ from ..ops.attention import AttentionFn
 from ..ops.dropout import keep_mask
 from ._linear import linear
 
-__all__ = ["multi_head_attention_forward", "PROJECTION_TAP"]
+__all__ = ["multi_head_attention_forward"]
 
-#: handgrad.per_sample.capture's tap on the four projections, ``tap(role, x, y, bsz)`` with role
-#: "q", "k", "v" or "out" (rows of x and y in (T, N) order); None outside a capture
-PROJECTION_TAP: ContextVar = ContextVar("handgrad_mha_projection_tap", default=None)
+#: handgrad.per_sample.capture's taps on the four projections, innermost last: ``tap(role, x, y,
+#: bsz)`` with role "q", "k", "v" or "out" (rows of x and y in (T, N) order); empty outside a
+#: capture. A plain list, not a ContextVar: torch.compile traces a global list (fullgraph too).
+PROJECTION_TAP: list = []
 
 
 def _project(role: str, x, w, b, bsz: int):
     y = linear(x, w, b)
-    tap = PROJECTION_TAP.get()
-    if tap is not None:
-        tap(role, x, y, bsz)
+    if PROJECTION_TAP:
+        PROJECTION_TAP[-1](role, x, y, bsz)
     return y
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import nn as hnn
 from ..functional._mha import PROJECTION_TAP
+from ._formulas import sq
 from ._rules import Part, projection_parts, refusal, rule_for
 
 __all__ = ["capture", "norms"]
@@ -39,7 +40,8 @@ class _Record:
 
     def add(self, parts: list[Part], where: str) -> None:
         for part in parts:
-            p, N = part.param, part.sq_norm.shape[0]
+            p = part.param
+            N = (part.grad if part.sq_norm is None else part.sq_norm).shape[0]
             if self.n is None:
                 self.n = N
             elif N != self.n:
@@ -48,11 +50,14 @@ class _Record:
                                    "backward in one capture must be over the same samples")
             self.params.setdefault(id(p), p)
             if self.grads:
-                g = part.grad.to(p.dtype)
-                if part.rows is not None:
-                    g = _into_rows(g, p, part.rows)
+                g = part.grad.to(p.dtype)                               # a fresh tensor (the formulas')
                 old = getattr(p, "grad_sample", None)
-                p.grad_sample = g if old is None else old + g          # accumulates as .grad does
+                if old is None and part.rows is not None:
+                    old = p.grad_sample = g.new_zeros((N, *p.shape))
+                if old is None:
+                    p.grad_sample = g
+                else:                                                   # accumulates as .grad does
+                    (old if part.rows is None else old[:, part.rows]).add_(g)
             else:
                 key = (id(p), None if part.rows is None else part.rows.start)
                 if key in self.sq:
@@ -67,18 +72,11 @@ class _Record:
             raise RuntimeError("per_sample.norms: nothing was recorded; run the forward and the backward "
                                "inside `with per_sample.capture(model):`")
         if self.grads:
-            parts = [p.grad_sample.reshape(self.n, -1).square().sum(1) for p in self.params.values()
+            parts = [sq(p.grad_sample) for p in self.params.values()
                      if getattr(p, "grad_sample", None) is not None]
         else:
             parts = list(self.sq.values())
         return torch.stack(parts).sum(0)
-
-
-def _into_rows(g: torch.Tensor, p: nn.Parameter, rows: slice) -> torch.Tensor:
-    """g (N, rows, …) placed in a zero (N, *p.shape) at those rows of p's first dim."""
-    full = g.new_zeros((g.shape[0], *p.shape))
-    full[:, rows] = g
-    return full
 
 
 class capture:
@@ -167,14 +165,13 @@ class capture:
                        lambda G: projection_parts(m, role, x, G, bsz, grads), record)
 
         def pre_hook(module, args):
-            module._handgrad_tap_token = PROJECTION_TAP.set(tap)
+            PROJECTION_TAP.append(tap)
         return pre_hook
 
     @staticmethod
     def _mha_exit(module, args, output):
-        token = module.__dict__.pop("_handgrad_tap_token", None)
-        if token is not None:
-            PROJECTION_TAP.reset(token)
+        if PROJECTION_TAP:                     # always_call: also when the forward raised
+            PROJECTION_TAP.pop()
 
 
 def _watch(y: torch.Tensor, x: torch.Tensor, where: str, parts_of, record: _Record) -> None:

@@ -26,7 +26,7 @@ __all__ = ["Part", "RULES", "rule_for", "refusal", "projection_parts"]
 class Part:
     param: torch.nn.Parameter
     grad: torch.Tensor | None        # (N, *rows' shape) ∂Cⁿ/∂θ, or None (grads=False and not formed)
-    sq_norm: torch.Tensor            # (N,) ‖∂Cⁿ/∂θ‖²_F
+    sq_norm: torch.Tensor | None     # (N,) ‖∂Cⁿ/∂θ‖²_F (None: grads=True, not computed)
     rows: slice | None = None        # the rows of param's first dim this part covers (None: all)
 
 
@@ -74,10 +74,11 @@ def _conv(m, x, G, grads):
             x = TF.pad(x, m._reversed_padding_repeated_twice,
                        mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
         pad = (0,) * d
-    one = (lambda v: (1, *v)) if d == 1 else (lambda v: tuple(v))   # conv1d as a 1 × k conv2d
-    x4 = x.unsqueeze(2) if d == 1 else x
-    cols = TF.unfold(x4, one(m.kernel_size), dilation=one(m.dilation),
-                     padding=one(pad), stride=one(m.stride))
+    if d == 1:                                            # conv1d as a 1 × k conv2d
+        cols = TF.unfold(x.unsqueeze(2), (1, *m.kernel_size), dilation=(1, *m.dilation), padding=(0, *pad),
+                         stride=(1, *m.stride))
+    else:
+        cols = TF.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)   # (N, C_in·k, L)
     g, C_out = m.groups, m.out_channels
     L = cols.shape[-1]
     X = cols.view(N, g, -1, L).mT.reshape(N * g, L, -1)                     # (N·g, L, C_in/g · k)
@@ -86,7 +87,7 @@ def _conv(m, x, G, grads):
     if _wanted(m.weight):
         gw, sq = affine(X, D, grads)                                        # per (sample, group)
         gw = None if gw is None else gw.reshape(N, *m.weight.shape)
-        parts.append(Part(m.weight, gw, sq.view(N, g).sum(1)))
+        parts.append(Part(m.weight, gw, None if sq is None else sq.view(N, g).sum(1)))
     if _wanted(m.bias):
         gb, sq = summed(G.reshape(N, C_out, L).mT)                          # Δ (N, L, C_out)
         parts.append(Part(m.bias, gb, sq))
