@@ -39,7 +39,7 @@ TARGETS = [("norms", "plain", "time", 1.15), ("grads", "torch.func", "time", 1.0
 
 
 def _mlp(quick: bool):
-    d, h, n = (32, 64, 16) if quick else (784, 512, 256)
+    d, h, n = (32, 64, 16) if quick else (784, 256, 128)
     model = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, h), nn.Tanh(), nn.Linear(h, 10))
     return f"MLP {d}-{h}-{h}-10 (tanh), cross-entropy, batch {n}", model, (torch.randn(n, d), torch.randint(0, 10, (n,)))
 

@@ -153,6 +153,8 @@ def test_step_equals_opacus_dp_optimizer(mode, reduction):
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer as OpacusDPOptimizer
 
+    if tuple(int(v) for v in opacus.__version__.split(".")[:2]) < (1, 6):
+        pytest.skip(f"opacus {opacus.__version__} draws the noise in float32 whatever the dtype (1.6 on: the parameters')")
     ref = torch_mlp(dropout=0.3)  # dropout: ghost mode's second pass must draw the same masks
     model, theirs = handgrad.convert(copy.deepcopy(ref)), GradSampleModule(copy.deepcopy(ref), loss_reduction=reduction)
     x, y = batch(10)
