@@ -359,3 +359,35 @@ def test_equals_opacus_grad_sample():
         _sum_ce(gsm(x), y).backward()
         for (k, p), (_, q) in zip(model.named_parameters(), gsm._module.named_parameters()):
             _close(p.grad_sample, q.grad_sample, f"{k} vs opacus")
+
+
+def test_refuses_a_gradient_no_rule_saw():
+    class Bypass(nn.Module):                                           # runs its Linear's weight outside the Linear
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return handgrad.functional.linear(x, self.lin.weight, self.lin.bias)
+
+    model = handgrad.convert(Bypass())
+    with pytest.raises(RuntimeError, match=r"lin\.weight, lin\.bias received a gradient"):
+        with per_sample.capture(model):
+            model(torch.randn(2, 3)).sum().backward()
+
+
+def test_captures_do_not_nest():
+    model = handgrad.convert(nn.Linear(2, 2))
+    with per_sample.capture(model), pytest.raises(RuntimeError, match="already inside a capture"):
+        with per_sample.capture(model):
+            pass
+
+
+@pytest.mark.parametrize("grads", [True, False])
+def test_empty_batch(grads):
+    model = handgrad.convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2), nn.Flatten(), nn.Linear(8, 2)))
+    with per_sample.capture(model, grads=grads):
+        model(torch.randn(0, 1, 4, 4)).sum().backward()
+    assert per_sample.norms(model).shape == (0,)
+    if grads:
+        assert model[3].weight.grad_sample.shape == (0, 2, 8)
