@@ -351,7 +351,9 @@ def test_equals_opacus_grad_sample():
     torch.manual_seed(15)
     for native, x, y in ((_CNN().to(DT), _r(4, 1, 8, 8), torch.randint(0, 3, (4,))),
                          (nn.Sequential(nn.Embedding(9, 6), nn.LayerNorm(6), nn.Linear(6, 9)).to(DT),
-                          torch.randint(0, 9, (3, 5)), torch.randint(0, 9, (3, 5)))):
+                          torch.randint(0, 9, (3, 5)), torch.randint(0, 9, (3, 5))),
+                         (nn.Sequential(nn.Conv1d(3, 4, 3, padding=1, groups=1), nn.GroupNorm(2, 4), nn.Flatten(1),
+                                        nn.Linear(4 * 6, 3)).to(DT), _r(5, 3, 6), torch.randint(0, 3, (5,)))):
         model = handgrad.convert(native)
         with per_sample.capture(model):
             _sum_ce(model(x), y).backward()

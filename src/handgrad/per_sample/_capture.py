@@ -154,7 +154,8 @@ class capture:
         record.active = False
         if exc_type is None:       # never silently skipped: a gradient that no rule saw
             missed = [name for name, p in self.model.named_parameters()
-                      if id(p) not in record.params and _grad_state(p) != self._grads_before.get(id(p))]
+                      if id(p) not in record.params and p.grad is not None
+                      and _grad_state(p) != self._grads_before.get(id(p))]
             if missed:
                 raise RuntimeError(
                     f"per_sample.capture: {', '.join(missed)} received a gradient inside the capture but no "
