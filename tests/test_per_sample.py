@@ -239,6 +239,13 @@ def test_transformer_block():
     _check(_Block(), _sum_ce, (torch.randint(0, 11, (3, 6)),), torch.randint(0, 11, (3, 6)))
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_torch_transformer_encoder_layer(norm_first):
+    torch.manual_seed(16)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True, norm_first=norm_first)
+    _check(layer, _sum_mse, (_r(3, 5, 8),), _r(3, 5, 8))
+
+
 def test_sequence_model():
     torch.manual_seed(11)
     _check(nn.Sequential(nn.Conv1d(3, 5, 3, padding=1), nn.SiLU(), nn.GroupNorm(1, 5), nn.Flatten(1),
