@@ -19,6 +19,13 @@ from torch.func import functional_call, grad, vmap
 import handgrad
 from handgrad import per_sample
 
+pytestmark = [
+    # torch.func's reference over torch's attention (its batching falls back to a loop), and Opacus's hooks
+    pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning"),
+]
+
 DT = torch.float64
 RTOL = 1e-10    # the bound (see the module docstring)
 
@@ -383,6 +390,14 @@ def test_refuses_a_gradient_no_rule_saw():
     with pytest.raises(RuntimeError, match=r"lin\.weight, lin\.bias received a gradient"):
         with per_sample.capture(model):
             model(torch.randn(2, 3)).sum().backward()
+
+
+@pytest.mark.skipif(not hasattr(nn, "LinearCrossEntropyLoss"), reason="torch < 2.13 has no LinearCrossEntropyLoss")
+def test_refuses_the_fused_linear_cross_entropy():
+    model = handgrad.convert(nn.ModuleDict({"body": nn.Linear(3, 4), "loss": nn.LinearCrossEntropyLoss(4, 5)}))
+    with pytest.raises(RuntimeError, match=r"loss \(.*LinearCrossEntropyLoss\).*inside the fused loss"):
+        with per_sample.capture(model):
+            pass
 
 
 def test_captures_do_not_nest():

@@ -172,6 +172,10 @@ def refusal(m: torch.nn.Module) -> str | None:
                 "gradient exists; use GroupNorm (or LayerNorm), or put the module in eval mode")
     if isinstance(m, hnn.Embedding) and m.scale_grad_by_freq:
         return "scale_grad_by_freq divides by counts over the whole batch, which mixes samples"
+    lce = getattr(hnn, "LinearCrossEntropyLoss", None)
+    if lce is not None and isinstance(m, lce) and any(p.requires_grad for p in m.parameters()):
+        return ("its linear layer runs inside the fused loss, where no per-sample rule sees it; compute the logits "
+                "with a Linear and use CrossEntropyLoss")
     if isinstance(m, hnn.MultiheadAttention) and m.bias_k is not None:
         return "add_bias_kv's bias_k/bias_v have no per-sample rule"
     return None
