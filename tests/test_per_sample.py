@@ -340,6 +340,10 @@ def test_refuses_batch_norm_in_training():
     with pytest.raises(RuntimeError, match=r"1 \(BatchNorm2d\).*GroupNorm"):
         with per_sample.capture(model):
             pass
+    model.eval()
+    with per_sample.capture(model), pytest.raises(RuntimeError, match=r"1 \(BatchNorm2d\).*GroupNorm"):
+        model.train()                                                  # switched inside the capture
+        model(torch.randn(2, 1, 4, 4))
 
 
 def test_refuses_a_native_parameterised_module():

@@ -168,6 +168,9 @@ class capture:
         def forward_hook(module, args, output):
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return None
+            reason = refusal(module)            # the mode may have changed since entering (model.train())
+            if reason is not None:
+                raise RuntimeError(f"per_sample.capture: cannot take {where}: {reason}")
             x = args[0]
             _watch(output, x, where, lambda G: rule(module, x, G, grads), record)
             return None

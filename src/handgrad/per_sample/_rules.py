@@ -126,18 +126,19 @@ def _batch_norm_eval(m, x, G, grads):
 
 
 def _embedding(m, x, G, grads):
+    if not _wanted(m.weight):
+        return []
     N = _sample_first("Embedding", x, 1)
     T = x.shape[1:].numel()
     index = x.reshape(N, T)                                             # (N, T)
     D = G.reshape(N, T, m.embedding_dim)                                # (N, T, E)
     if m.padding_idx is not None:                                       # torch's gradient skips that row
         D = D * (index != m.padding_idx).unsqueeze(-1)
-    if not _wanted(m.weight):
-        return []
     return [Part(m.weight, *rows(index, D, m.num_embeddings, grads))]
 
 
-#: handgrad.nn class → rule(module, input, G, grads) → [Part]
+#: handgrad.nn class → rule(module, input, G, grads) → [Part]. MultiheadAttention's rule is
+#: ``projection_parts``, run per projection from inside its forward (its G are inner tensors).
 RULES: dict[type, Callable] = {
     hnn.Linear: _linear,
     hnn.Conv1d: _conv,
