@@ -19,6 +19,13 @@ from torch.func import functional_call, grad, vmap
 import handgrad
 from handgrad import per_sample
 
+pytestmark = [
+    # torch.func's reference over torch's attention (its batching falls back to a loop), and Opacus's hooks
+    pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning"),
+]
+
 DT = torch.float64
 RTOL = 1e-10    # the bound (see the module docstring)
 
@@ -239,6 +246,13 @@ def test_transformer_block():
     _check(_Block(), _sum_ce, (torch.randint(0, 11, (3, 6)),), torch.randint(0, 11, (3, 6)))
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_torch_transformer_encoder_layer(norm_first):
+    torch.manual_seed(16)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True, norm_first=norm_first)
+    _check(layer, _sum_mse, (_r(3, 5, 8),), _r(3, 5, 8))
+
+
 def test_sequence_model():
     torch.manual_seed(11)
     _check(nn.Sequential(nn.Conv1d(3, 5, 3, padding=1), nn.SiLU(), nn.GroupNorm(1, 5), nn.Flatten(1),
@@ -326,6 +340,10 @@ def test_refuses_batch_norm_in_training():
     with pytest.raises(RuntimeError, match=r"1 \(BatchNorm2d\).*GroupNorm"):
         with per_sample.capture(model):
             pass
+    model.eval()
+    with per_sample.capture(model), pytest.raises(RuntimeError, match=r"1 \(BatchNorm2d\).*GroupNorm"):
+        model.train()                                                  # switched inside the capture
+        model(torch.randn(2, 1, 4, 4))
 
 
 def test_refuses_a_native_parameterised_module():
@@ -351,7 +369,9 @@ def test_equals_opacus_grad_sample():
     torch.manual_seed(15)
     for native, x, y in ((_CNN().to(DT), _r(4, 1, 8, 8), torch.randint(0, 3, (4,))),
                          (nn.Sequential(nn.Embedding(9, 6), nn.LayerNorm(6), nn.Linear(6, 9)).to(DT),
-                          torch.randint(0, 9, (3, 5)), torch.randint(0, 9, (3, 5)))):
+                          torch.randint(0, 9, (3, 5)), torch.randint(0, 9, (3, 5))),
+                         (nn.Sequential(nn.Conv1d(3, 4, 3, padding=1, groups=1), nn.GroupNorm(2, 4), nn.Flatten(1),
+                                        nn.Linear(4 * 6, 3)).to(DT), _r(5, 3, 6), torch.randint(0, 3, (5,)))):
         model = handgrad.convert(native)
         with per_sample.capture(model):
             _sum_ce(model(x), y).backward()
@@ -359,3 +379,43 @@ def test_equals_opacus_grad_sample():
         _sum_ce(gsm(x), y).backward()
         for (k, p), (_, q) in zip(model.named_parameters(), gsm._module.named_parameters()):
             _close(p.grad_sample, q.grad_sample, f"{k} vs opacus")
+
+
+def test_refuses_a_gradient_no_rule_saw():
+    class Bypass(nn.Module):                                           # runs its Linear's weight outside the Linear
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return handgrad.functional.linear(x, self.lin.weight, self.lin.bias)
+
+    model = handgrad.convert(Bypass())
+    with pytest.raises(RuntimeError, match=r"lin\.weight, lin\.bias received a gradient"):
+        with per_sample.capture(model):
+            model(torch.randn(2, 3)).sum().backward()
+
+
+@pytest.mark.skipif(not hasattr(nn, "LinearCrossEntropyLoss"), reason="torch < 2.13 has no LinearCrossEntropyLoss")
+def test_refuses_the_fused_linear_cross_entropy():
+    model = handgrad.convert(nn.ModuleDict({"body": nn.Linear(3, 4), "loss": nn.LinearCrossEntropyLoss(4, 5)}))
+    with pytest.raises(RuntimeError, match=r"loss \(.*LinearCrossEntropyLoss\).*inside the fused loss"):
+        with per_sample.capture(model):
+            pass
+
+
+def test_captures_do_not_nest():
+    model = handgrad.convert(nn.Linear(2, 2))
+    with per_sample.capture(model), pytest.raises(RuntimeError, match="already inside a capture"):
+        with per_sample.capture(model):
+            pass
+
+
+@pytest.mark.parametrize("grads", [True, False])
+def test_empty_batch(grads):
+    model = handgrad.convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2), nn.Flatten(), nn.Linear(8, 2)))
+    with per_sample.capture(model, grads=grads):
+        model(torch.randn(0, 1, 4, 4)).sum().backward()
+    assert per_sample.norms(model).shape == (0,)
+    if grads:
+        assert model[3].weight.grad_sample.shape == (0, 2, 8)

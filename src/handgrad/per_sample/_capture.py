@@ -34,6 +34,7 @@ class _Record:
 
     def __init__(self, grads: bool):
         self.grads = grads
+        self.active = False
         self.n: int | None = None
         self.params: dict[int, nn.Parameter] = {}
         self.sq: dict[tuple[int, int | None], torch.Tensor] = {}   # (id(param), first row) → (N,)
@@ -50,7 +51,7 @@ class _Record:
                                    "backward in one capture must be over the same samples")
             self.params.setdefault(id(p), p)
             if self.grads:
-                g = part.grad.to(p.dtype)                               # a fresh tensor (the formulas')
+                g = part.grad if part.grad.dtype == p.dtype else part.grad.to(p.dtype)   # fresh (the formulas')
                 old = getattr(p, "grad_sample", None)
                 if old is None and part.rows is not None:
                     old = p.grad_sample = g.new_zeros((N, *p.shape))
@@ -65,7 +66,8 @@ class _Record:
                         f"per_sample.capture(grads=False): {where} gave a second contribution to the same "
                         "parameter (a layer used twice, or a second backward); squared norms of the parts do "
                         "not add up to the norm of their sum, so use grads=True")
-                self.sq[key] = part.sq_norm.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
+                sq_norm = part.sq_norm
+                self.sq[key] = sq_norm if sq_norm.dtype in (torch.float32, torch.float64) else sq_norm.float()
 
     def sq_norms(self) -> torch.Tensor:
         if self.n is None:
@@ -104,6 +106,8 @@ class capture:
         self._unfused: list[hnn.MLP] = []
 
     def __enter__(self) -> "capture":
+        if getattr(getattr(self.model, _STATE, None), "active", False):
+            raise RuntimeError("per_sample.capture: this model is already inside a capture (they do not nest)")
         record = _Record(self.grads)
         plan, inner = [], set()      # inner: MultiheadAttention's out_proj, whose forward is never called
         for name, m in self.model.named_modules():
@@ -135,15 +139,28 @@ class capture:
             if isinstance(m, hnn.MLP) and m.fused:
                 m.fused = False
                 self._unfused.append(m)
+        self._grads_before = {id(p): _grad_state(p) for p in self.model.parameters()}
+        record.active = True
         setattr(self.model, _STATE, record)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for h in self._handles:
             h.remove()
         for m in self._unfused:
             m.fused = True
         self._handles, self._unfused = [], []
+        record = getattr(self.model, _STATE)
+        record.active = False
+        if exc_type is None:       # never silently skipped: a gradient that no rule saw
+            missed = [name for name, p in self.model.named_parameters()
+                      if id(p) not in record.params and p.grad is not None
+                      and _grad_state(p) != self._grads_before.get(id(p))]
+            if missed:
+                raise RuntimeError(
+                    f"per_sample.capture: {', '.join(missed)} received a gradient inside the capture but no "
+                    "per-sample rule saw it (a layer whose forward runs inside another op, or a parameter used "
+                    "outside its module); its per-sample gradient is unknown")
 
     def _tap(self, rule, where, record):
         grads = self.grads
@@ -151,6 +168,9 @@ class capture:
         def forward_hook(module, args, output):
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return None
+            reason = refusal(module)            # the mode may have changed since entering (model.train())
+            if reason is not None:
+                raise RuntimeError(f"per_sample.capture: cannot take {where}: {reason}")
             x = args[0]
             _watch(output, x, where, lambda G: rule(module, x, G, grads), record)
             return None
@@ -172,6 +192,11 @@ class capture:
     def _mha_exit(module, args, output):
         if PROJECTION_TAP:                     # always_call: also when the forward raised
             PROJECTION_TAP.pop()
+
+
+def _grad_state(p: torch.Tensor):
+    """What tells that p.grad changed: the tensor and its version (in-place accumulation)."""
+    return None if p.grad is None else (id(p.grad), p.grad._version)
 
 
 def _watch(y: torch.Tensor, x: torch.Tensor, where: str, parts_of, record: _Record) -> None:

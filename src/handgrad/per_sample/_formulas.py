@@ -18,7 +18,7 @@ __all__ = ["affine", "summed", "scaled", "rows", "sq"]
 
 def sq(g: torch.Tensor) -> torch.Tensor:
     """‖gₙ‖²_F for each n: g (N, …) → (N,) (vector_norm: no temporary of g's size)."""
-    return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).square()
+    return torch.linalg.vector_norm(g.flatten(1), dim=1).square()
 
 
 def affine(X: torch.Tensor, D: torch.Tensor, grads: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -34,14 +34,14 @@ def affine(X: torch.Tensor, D: torch.Tensor, grads: bool) -> tuple[torch.Tensor 
     if grads or T * T > D_in * D_out:
         g = D.mT * X if T == 1 else D.mT @ X             # Δₙᵀ Xₙ  (N, D_out, D_in); T = 1: δₙ xₙᵀ
         return (g, None) if grads else (None, sq(g))
-    if T == 1:
-        return None, sq(X) * sq(D)                     # ‖xₙ‖² ‖δₙ‖²
+    if T == 1:                                           # ‖xₙ‖² ‖δₙ‖²
+        return None, (torch.linalg.vector_norm(X, dim=(1, 2)) * torch.linalg.vector_norm(D, dim=(1, 2))).square()
     return None, ((X @ X.mT) * (D @ D.mT)).sum((1, 2))   # ⟨Xₙ Xₙᵀ, Δₙ Δₙᵀ⟩  from (N, T, T)
 
 
 def summed(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r"""A bias added to each of the T rows: ∂Cⁿ/∂b = 1ᵀ Δₙ (D_out,). D = Δ (N, T, D_out)."""
-    g = D.sum(1)                                         # 1ᵀ Δₙ  (N, D_out)
+    g = D[:, 0].clone() if D.shape[1] == 1 else D.sum(1)   # 1ᵀ Δₙ  (N, D_out)
     return g, sq(g)
 
 

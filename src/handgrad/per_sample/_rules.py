@@ -56,8 +56,9 @@ def _affine_parts(weight, bias, X, D, grads, rows_=None) -> list[Part]:
 
 def _linear(m, x, G, grads):
     N = _sample_first("Linear", x, 2)
-    return _affine_parts(m.weight, m.bias, x.reshape(N, -1, x.shape[-1]),          # (N, T, D_in)
-                         G.reshape(N, -1, G.shape[-1]), grads)                      # (N, T, D_out)
+    T = x.shape[1:-1].numel()                                                       # rows per sample
+    return _affine_parts(m.weight, m.bias, x.reshape(N, T, x.shape[-1]),            # (N, T, D_in)
+                         G.reshape(N, T, G.shape[-1]), grads)                       # (N, T, D_out)
 
 
 def _conv(m, x, G, grads):
@@ -80,8 +81,8 @@ def _conv(m, x, G, grads):
     else:
         cols = TF.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)   # (N, C_in·k, L)
     g, C_out = m.groups, m.out_channels
-    L = cols.shape[-1]
-    X = cols.view(N, g, -1, L).mT.reshape(N * g, L, -1)                     # (N·g, L, C_in/g · k)
+    K, L = cols.shape[1] // g, cols.shape[-1]
+    X = cols.view(N, g, K, L).mT.reshape(N * g, L, K)                       # (N·g, L, C_in/g · k)
     D = G.reshape(N, g, C_out // g, L).mT.reshape(N * g, L, C_out // g)      # (N·g, L, C_out/g)
     parts = []
     if _wanted(m.weight):
@@ -125,17 +126,19 @@ def _batch_norm_eval(m, x, G, grads):
 
 
 def _embedding(m, x, G, grads):
-    N = _sample_first("Embedding", x, 1)
-    index = x.reshape(N, -1)                                            # (N, T)
-    D = G.reshape(N, index.shape[1], -1)                                # (N, T, E)
-    if m.padding_idx is not None:                                       # torch's gradient skips that row
-        D = D * (index != m.padding_idx).unsqueeze(-1)
     if not _wanted(m.weight):
         return []
+    N = _sample_first("Embedding", x, 1)
+    T = x.shape[1:].numel()
+    index = x.reshape(N, T)                                             # (N, T)
+    D = G.reshape(N, T, m.embedding_dim)                                # (N, T, E)
+    if m.padding_idx is not None:                                       # torch's gradient skips that row
+        D = D * (index != m.padding_idx).unsqueeze(-1)
     return [Part(m.weight, *rows(index, D, m.num_embeddings, grads))]
 
 
-#: handgrad.nn class → rule(module, input, G, grads) → [Part]
+#: handgrad.nn class → rule(module, input, G, grads) → [Part]. MultiheadAttention's rule is
+#: ``projection_parts``, run per projection from inside its forward (its G are inner tensors).
 RULES: dict[type, Callable] = {
     hnn.Linear: _linear,
     hnn.Conv1d: _conv,
@@ -170,6 +173,10 @@ def refusal(m: torch.nn.Module) -> str | None:
                 "gradient exists; use GroupNorm (or LayerNorm), or put the module in eval mode")
     if isinstance(m, hnn.Embedding) and m.scale_grad_by_freq:
         return "scale_grad_by_freq divides by counts over the whole batch, which mixes samples"
+    lce = getattr(hnn, "LinearCrossEntropyLoss", None)
+    if lce is not None and isinstance(m, lce) and any(p.requires_grad for p in m.parameters()):
+        return ("its linear layer runs inside the fused loss, where no per-sample rule sees it; compute the logits "
+                "with a Linear and use CrossEntropyLoss")
     if isinstance(m, hnn.MultiheadAttention) and m.bias_k is not None:
         return "add_bias_kv's bias_k/bias_v have no per-sample rule"
     return None
@@ -180,8 +187,9 @@ def projection_parts(m: hnn.MultiheadAttention, role: str, x, y_grad, bsz: int, 
     with rows laid out (T, N, E), and ``out``, the output projection, with rows (T·N, E) in
     (t, n) order. Each is the affine rule; q, k, v use rows [0:E), [E:2E), [2E:3E) of
     ``in_proj_weight`` / ``in_proj_bias`` (or their own ``*_proj_weight``)."""
-    X = x.reshape(-1, bsz, x.shape[-1]).transpose(0, 1)                    # (N, T, D_in)
-    D = y_grad.reshape(-1, bsz, y_grad.shape[-1]).transpose(0, 1)          # (N, T, D_out)
+    T = x.shape[:-1].numel() // bsz if bsz else 0
+    X = x.reshape(T, bsz, x.shape[-1]).transpose(0, 1)                     # (N, T, D_in)
+    D = y_grad.reshape(T, bsz, y_grad.shape[-1]).transpose(0, 1)           # (N, T, D_out)
     if role == "out":
         return _affine_parts(m.out_proj.weight, m.out_proj.bias, X, D, grads)
     E = m.embed_dim
