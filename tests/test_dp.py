@@ -180,6 +180,18 @@ def test_step_equals_opacus_dp_optimizer(mode, reduction):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)  # float64, rounding only
 
 
+def test_empty_poisson_batch_steps_with_the_noise_alone():
+    model = handgrad.convert(torch_mlp())
+    before = copy.deepcopy(model)
+    x, y = batch(0)
+    opt = dp_step(model, x, y, "ghost", "mean", noise_multiplier=1.0, max_grad_norm=0.5, expected_batch_size=4.0,
+                  generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    for p, p0 in zip(model.parameters(), before.parameters()):  # ĝ = ξ / B: S = 0
+        torch.testing.assert_close(p0 - p, torch.normal(0.0, 0.5, p.shape, generator=g, dtype=p.dtype) / 4.0)
+    assert opt.last_norms.shape == (0,)
+
+
 def test_optimizer_refuses_a_parameter_it_does_not_hold():
     model = handgrad.convert(torch_mlp())
     with pytest.raises(ValueError, match="does not hold the model's trained parameter"):

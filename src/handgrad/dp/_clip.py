@@ -86,6 +86,11 @@ def clipped_sum_ghost(model: torch.nn.Module, params: Sequence[torch.Tensor],
     state = rng_state(params[0].device)
     with per_sample.capture(model, grads=False):  # pass 1: ‖gₙ‖ without forming any gₙ
         losses = per_sample_losses()  # (N,) Cⁿ
+        if losses.dim() != 1:
+            raise ValueError(f"per_sample_losses() must return the (N,) losses C¹ … Cᴺ (reduction='none'), "
+                             f"got shape {list(losses.shape)}")
+        if len(losses) == 0:  # an empty Poisson batch: S = 0 (the step still adds the noise)
+            return [torch.zeros_like(p) for p in params], losses.detach()
         torch.autograd.grad(losses.sum(), params, allow_unused=True)
     norms = per_sample.norms(model)  # ‖gₙ‖ (N,)
     sums = replayed_sum(params, per_sample_losses, state, torch.ones_like(losses), clip_factors(norms, max_grad_norm))

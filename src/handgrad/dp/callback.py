@@ -72,6 +72,7 @@ class DPSGDCallback(Callback):
         self._capture = contextlib.ExitStack()
         self._hooks: list = []
         self._warned = False
+        self._empty = False
 
     # --- set up: one process, automatic optimization, q and B from the loader ---------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -146,13 +147,16 @@ class DPSGDCallback(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._call = self._grad_out = None
+        self._empty = _rows(batch) == 0  # an empty Poisson batch: S = 0, the step still adds the noise
         self._params = trained_parameters(trainer.optimizers[0])
         self._capture.enter_context(per_sample.capture(pl_module, grads=self.mode == "grads"))
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         self._capture.close()
         params = self._params
-        if self.mode == "grads":
+        if self._empty:
+            sums = [torch.zeros_like(p) for p in params]
+        elif self.mode == "grads":
             sums, _ = _clip.clipped_sum_grads(pl_module, params, self.max_grad_norm, self.loss_reduction)
             for p in params:
                 p.grad_sample = None
@@ -164,6 +168,10 @@ class DPSGDCallback(Callback):
             p.grad = g / b  # ĝ = (S + ξ) / B
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self._call = self._grad_out = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._capture.close()  # a step that skipped the optimizer (training_step returned None) leaves none open
 
     def _ghost_sum(self, pl_module: pl.LightningModule, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """S by ghost clipping: Lightning's backward was pass 1 (norms, G); pass 2 replays the call."""
@@ -195,3 +203,15 @@ class DPSGDCallback(Callback):
         self.accountant.history = list(state_dict.get("history", []))
         if "generator" in state_dict and self.generator is not None:
             self.generator.set_state(state_dict["generator"])
+
+
+def _rows(batch: Any) -> Optional[int]:
+    """The sample count of a batch: the first dimension of its first tensor (None: no tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for item in items:
+        n = _rows(item)
+        if n is not None:
+            return n
+    return None
