@@ -309,3 +309,9 @@ def test_digits_dp_config_trains_logs_epsilon_and_stops_at_the_target(in_tmp):
     reference.history = [(1.0, 64 / 1257, steps)]
     assert eps[-1] == pytest.approx(reference.get_epsilon(1e-5), rel=1e-6) and eps[-1] <= 3.2
     assert float(c.trainer.callback_metrics["train/acc"]) > 0.5  # it learns (10 classes: chance is 0.1)
+    # resumed from last.ckpt, ε counts on from the checkpoint's steps (the accountant's history is in it)
+    last = Path(c.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    r = TrainCLI(args=["fit", "--config", str(REPO / "configs/digits_dp.yaml"), "--trainer.max_epochs", "3",
+                       "--dp.target_epsilon", "null", "--ckpt_path", str(last), "--test_after_fit", "false", *QUIET])
+    (cb,) = [cb for cb in r.trainer.callbacks if isinstance(cb, dp.DPSGDCallback)]
+    assert sum(n for _, _, n in cb.accountant.history) == r.trainer.global_step == steps + 20
