@@ -143,14 +143,19 @@ def build(name: str, quick: bool) -> Case:
              "grads": cleared(ours, captured(True)), "torch.func": lambda: per_sample_grads(params, x, y),
              "opacus": cleared(theirs, opacus_grads), "dp-grads": cleared(ours, dp_grads),
              "dp-ghost": cleared(ours, dp_ghost), "opacus-dp": cleared(theirs, opacus_dp)}
-    return Case(name, what, steps)
+    case = Case(name, what, steps)
+    case.params = [p for m in (ours, theirs, reference) for p in m.parameters()]  # what peak_here clears
+    return case
 
 
 def peak_here(name: str, row: str, quick: bool) -> int:
     """Bytes of peak resident set one step of ``row`` adds (after a warm-up step), as ``bench.run``
     measures it: VmHWM reset to VmRSS through /proc/self/clear_refs, then one step."""
-    step = build(name, quick).steps[row]
+    case = build(name, quick)
+    step = case.steps[row]
     step()
+    for p in case.params:  # the warm-up's gradients would otherwise be counted in the base, not the peak
+        p.grad = p.grad_sample = None
     gc.collect()
     base = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
