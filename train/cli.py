@@ -6,6 +6,8 @@ On top of Lightning's CLI:
   * top-level ``optimizer:`` / ``lr_scheduler:`` (``--optimizer Adam``, ``--lr_scheduler StepLR``)
     are handed to the model, which builds one parameter group per layer; the learning rate α is
     ``model.lr`` (per layer: ``model.layer_lr``); the default optimizer is plain SGD;
+  * ``dp:`` (absent unless a config has it; configs/digits_dp.yaml) adds ``handgrad.dp.DPSGDCallback``:
+    every step a DP-SGD step, ε logged per epoch, training stopped at a target ε;
   * ``checkpoint:`` configures the checkpoints (``train.callbacks.Checkpoint``: best, and last
     at the end of every epoch);
   * ``--ckpt_path last`` finds the newest ``last.ckpt`` of the run name; a checkpoint whose
