@@ -229,11 +229,10 @@ class TabularData(pl.LightningDataModule):
             batch = n if self.batch_size is None else self.batch_size
             if batch < world:
                 raise DataError(f"batch_size {batch} is the batch over all {world} processes and must be at least {world}")
-            sampler = EpochBatches(n, batch, self.seed, rank, world)
-            if self.poisson:
-                if world > 1:
-                    raise DataError("poisson: true samples the batches in one process; it does not shard over DDP")
-                sampler = PoissonSampler(n, batch / n, seed=self.seed)  # yields index lists; the dataset takes them
+            if self.poisson and world > 1:
+                raise DataError("poisson: true samples the batches in one process; it does not shard over DDP")
+            sampler = (PoissonSampler(n, batch / n, seed=self.seed) if self.poisson  # index lists; the dataset takes them
+                       else EpochBatches(n, batch, self.seed, rank, world))
         else:  # evaluation: each process its own shard, nothing padded or repeated
             sampler = EpochBatches(n, 4096, None, rank=rank, world=world)
         # batch_size=None: the sampler yields whole batches and TensorDataset indexes with them;
