@@ -315,3 +315,14 @@ def test_digits_dp_config_trains_logs_epsilon_and_stops_at_the_target(in_tmp):
                        "--dp.target_epsilon", "null", "--ckpt_path", str(last), "--test_after_fit", "false", *QUIET])
     (cb,) = [cb for cb in r.trainer.callbacks if isinstance(cb, dp.DPSGDCallback)]
     assert sum(n for _, _, n in cb.accountant.history) == r.trainer.global_step == steps + 20
+
+
+# --- the bench: python -m bench per-sample, a smoke test ----------------------------------------------
+def test_bench_per_sample_quick(tmp_path):
+    from bench.per_sample import main as bench_main
+
+    out = tmp_path / "per-sample.md"
+    assert bench_main(["mlp", "--quick", "--no-memory", "--out", str(out)]) == 0
+    text = out.read_text()
+    for row in ("| mlp | norms |", "| mlp | torch.func |", "| mlp | opacus-dp |", "norms / plain (time)"):
+        assert row in text, row
