@@ -58,8 +58,11 @@ def weight_rows(grad: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def rng_state(device: torch.device) -> tuple:
-    """The RNG state a forward on ``device`` draws from (CPU, and CUDA's when it is a CUDA device)."""
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    """The RNG state a forward on ``device`` draws from: CPU's, and the CUDA device's when it is one."""
+    if device.type != "cuda":
+        return torch.get_rng_state(), None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.get_rng_state(), (index, torch.cuda.get_rng_state(index))
 
 
 def replayed_sum(params: Sequence[torch.Tensor], forward: Callable[[], torch.Tensor], state: tuple,
@@ -67,11 +70,10 @@ def replayed_sum(params: Sequence[torch.Tensor], forward: Callable[[], torch.Ten
     """Ghost clipping's pass 2: Y = ``forward()`` drawn from RNG ``state`` (pass 1's), then
     S = Σₙ wₙ (∂Yₙ/∂θ)ᵀ Gₙ, i.e. the backward of diag(w) G; the RNG is left as it was."""
     cpu, cuda = state
-    devices = [torch.cuda.current_device()] if cuda is not None else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=[cuda[0]] if cuda is not None else []):
         torch.set_rng_state(cpu)
         if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
+            torch.cuda.set_rng_state(cuda[1], cuda[0])
         y = forward()
     sums = torch.autograd.grad(y, params, weight_rows(grad_out, weights), allow_unused=True)  # Σₙ wₙ Jₙᵀ Gₙ
     return [torch.zeros_like(p) if s is None else s for p, s in zip(params, sums)]
