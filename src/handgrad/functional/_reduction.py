@@ -5,7 +5,7 @@ import operator
 
 import torch
 
-from ..ops.reduction import MeanFn
+from ..ops.reduction import MeanFn, MeanOptions
 from ._common import check_tensor, shape_str
 
 __all__ = ["mean"]
@@ -71,4 +71,4 @@ def mean(input: torch.Tensor, dim=None, keepdim: bool = False, *, dtype: torch.d
     if not isinstance(keepdim, bool):
         raise TypeError(f"mean(): argument 'keepdim' must be bool, not {type(keepdim).__name__}")
     out_dtype = _result_dtype(input, dtype)
-    return MeanFn.call(input, _reduced_dims(dim, input), keepdim, out_dtype)
+    return MeanFn.call(input, MeanOptions(_reduced_dims(dim, input), keepdim, out_dtype))

@@ -1,28 +1,46 @@
 """The mean over some dims. Derivation: docs/derivation.md#mean.
 
-The reduced dims arrive normalised (a tuple of non-negative dims, every dim for a full mean) and
-the result dtype resolved, both by the functional (``handgrad.functional.mean``).
+The reduced dims arrive normalised (non-negative, every dim for a full mean) and the result dtype
+resolved, both by the functional (``handgrad.functional.mean``), in one frozen ``MeanOptions``
+(STYLE.md §5: options that travel together).
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 
 from ._function import HandFunction
 
-__all__ = ["MeanFn", "mean_of"]
+__all__ = ["MeanFn", "MeanOptions", "mean_of"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def mean_of(x: torch.Tensor, dims: tuple[int, ...], keepdim: bool, dtype: torch.dtype) -> torch.Tensor:
-    """(1/n) Σ_dims x in ``dtype``, evaluated as torch's CPU mean evaluates it: the sum in
-    ``dtype`` (in float32 for float16/bfloat16: x's values are summed unrounded), divided by n,
-    rounded to ``dtype`` once. ``dims = ()`` on a 0-d x is its only element."""
-    n = math.prod(x.shape[d] for d in dims)
-    acc = torch.float32 if dtype in _HALF else dtype
-    return x.sum(dims, keepdim=keepdim, dtype=acc).div_(n).to(dtype)         # (1/n) Σ_D X
+@dataclass(frozen=True)
+class MeanOptions:
+    """D the reduced dims (non-negative; ``()`` for a 0-d input), keepdim, the result dtype."""
+
+    dims: tuple[int, ...]
+    keepdim: bool
+    dtype: torch.dtype
+
+
+def _count(shape, dims) -> int:
+    """n = Π_{d∈D} S_d (a loop: Dynamo cannot trace ``math.prod`` of a generator, torch 2.13)."""
+    n = 1
+    for d in dims:
+        n *= shape[d]
+    return n
+
+
+def mean_of(x: torch.Tensor, o: MeanOptions) -> torch.Tensor:
+    """(1/n) Σ_D x in ``o.dtype``, evaluated as torch's CPU mean evaluates it: the sum in the
+    dtype (in float32 for float16/bfloat16: x's values are summed unrounded), divided by n,
+    rounded to the dtype once."""
+    n = _count(x.shape, o.dims)
+    acc = torch.float32 if o.dtype in _HALF else o.dtype
+    return x.sum(o.dims, keepdim=o.keepdim, dtype=acc).div_(n).to(o.dtype)     # (1/n) Σ_D X
 
 
 class MeanFn(HandFunction):
@@ -38,26 +56,26 @@ class MeanFn(HandFunction):
     """
 
     @staticmethod
-    def forward(x, dims, keepdim, dtype):
-        return mean_of(x, dims, keepdim, dtype)                                 # (1/n) Σ_D X
+    def forward(x, options):
+        return mean_of(x, options)                                              # (1/n) Σ_D X
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, dims, keepdim, dtype = inputs
-        ctx.shape, ctx.x_dtype, ctx.dims, ctx.keepdim, ctx.dtype = x.shape, x.dtype, dims, keepdim, dtype
+        x, ctx.o = inputs
+        ctx.shape, ctx.x_dtype = x.shape, x.dtype
 
     @staticmethod
     def backward(ctx, grad_y):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            n = math.prod(ctx.shape[d] for d in ctx.dims)
+            n = _count(ctx.shape, ctx.o.dims)
             g = (grad_y / n).to(ctx.x_dtype)                                    # G / n, rounded as torch's
-            if not ctx.keepdim:
-                for d in sorted(ctx.dims):                                      # D back as size-1 dims
+            if not ctx.o.keepdim:
+                for d in sorted(ctx.o.dims):                                    # D back as size-1 dims
                     g = g.unsqueeze(d)
             grad_x = g.expand(ctx.shape)                                        # expand_D(G / n)  (*S)
-        return grad_x, None, None, None
+        return grad_x, None
 
     @staticmethod
-    def jvp(ctx, dx, _dims, _keepdim, _dtype):
-        return mean_of(dx, ctx.dims, ctx.keepdim, ctx.dtype)                    # (1/n) Σ_D Ẋ
+    def jvp(ctx, dx, _options):
+        return mean_of(dx, ctx.o)                                               # (1/n) Σ_D Ẋ
