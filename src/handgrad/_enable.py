@@ -38,13 +38,14 @@ arguments handgrad does not take) runs torch's own.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
-from . import catalogue
+from . import _compat, catalogue
 
 __all__ = ["enable", "INTERCEPTED"]
 
@@ -134,9 +135,36 @@ def _f_embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, 
     return None if sparse else ((input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq), {})
 
 
+def _records_nothing(*args) -> bool:
+    """No autograd graph and no tangent can come out of this call: grad mode is off or no tensor
+    argument requires grad, and no forward-AD level or torch.func transform is open."""
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        return False
+    return not (_compat.forward_ad_active() or _compat.functorch_transforms_active())
+
+
+def _f_mean(input, dim=None, keepdim=False, *, dtype=None):
+    # torch.mean / Tensor.mean: named dims are torch's alone. Where nothing is differentiated
+    # (inside a handgrad Function's forward, under no_grad, on buffers) torch's own call has the
+    # same values (MeanFn's forward is torch's CPU evaluation) at a third of the cost.
+    if isinstance(dim, str) or (isinstance(dim, (list, tuple)) and any(isinstance(d, str) for d in dim)):
+        return None
+    return None if _records_nothing(input) else ((input, dim, keepdim), {"dtype": dtype})
+
+
+def _f_mul(input, other):
+    # torch.mul / Tensor.mul, which ``a * b`` and ``2 * a`` reach the mode as: MulFn's forward is
+    # torch's multiplication, so where nothing is differentiated torch's own call is the same call
+    # without the Function around it (most products handgrad's own ops compute in a converted
+    # model's forward are of this kind). A non-number ``other`` gets torch's own error.
+    if not isinstance(other, (Tensor, numbers.Number)) or _records_nothing(input, other):
+        return None
+    return (input, other), {}
+
+
 # catalogue op name → the adapter of its spellings that share the functional's signature, where
-# handgrad's functional refuses an option torch's takes
-_GUARDS: dict[str, Callable] = {"embedding": _f_embedding}
+# handgrad's functional refuses an option torch's takes, or where torch's own call is the same
+_GUARDS: dict[str, Callable] = {"embedding": _f_embedding, "mean": _f_mean, "mul": _f_mul}
 
 
 def _routes() -> dict[Callable, tuple[Callable, Callable | None]]:

@@ -40,7 +40,8 @@ def mean_of(x: torch.Tensor, o: MeanOptions) -> torch.Tensor:
     rounded to the dtype once."""
     n = _count(x.shape, o.dims)
     acc = torch.float32 if o.dtype in _HALF else o.dtype
-    return x.sum(o.dims, keepdim=o.keepdim, dtype=acc).div_(n).to(o.dtype)     # (1/n) Σ_D X
+    y = x.sum(o.dims, keepdim=o.keepdim, dtype=acc).div_(n)                    # (1/n) Σ_D X
+    return y if acc == o.dtype else y.to(o.dtype)
 
 
 class MeanFn(HandFunction):
