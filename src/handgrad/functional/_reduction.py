@@ -26,14 +26,11 @@ def _dim_list(dim, input) -> list[int]:
                         f"(input of shape {shape_str(input)})") from None
 
 
-def _reduced_dims(dim, input) -> tuple[int, ...]:
+def _reduced_dims(dims: list[int] | None, input) -> tuple[int, ...]:
     """The reduced dims, non-negative, in the order given: every dim for None or an empty list,
     none for a 0-d input (its one element is its mean); torch's IndexError for a dim out of range,
     its RuntimeError for a dim given twice."""
     nd = input.dim()
-    if dim is None:
-        return tuple(range(nd))
-    dims = _dim_list(dim, input)
     if not dims:
         return tuple(range(nd))
     wrap, seen = max(nd, 1), []
@@ -70,5 +67,6 @@ def mean(input: torch.Tensor, dim=None, keepdim: bool = False, *, dtype: torch.d
     check_tensor("input", input, fn="mean")
     if not isinstance(keepdim, bool):
         raise TypeError(f"mean(): argument 'keepdim' must be bool, not {type(keepdim).__name__}")
-    out_dtype = _result_dtype(input, dtype)
-    return MeanFn.call(input, MeanOptions(_reduced_dims(dim, input), keepdim, out_dtype))
+    dims = None if dim is None else _dim_list(dim, input)      # torch's order: the argument types first,
+    out_dtype = _result_dtype(input, dtype)                    # then the dtype, then the dims' range
+    return MeanFn.call(input, MeanOptions(_reduced_dims(dims, input), keepdim, out_dtype))
