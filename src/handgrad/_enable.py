@@ -143,10 +143,12 @@ def _f_embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, 
     return None if sparse else ((input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq), {})
 
 
-def _records_nothing(*args) -> bool:
-    """No autograd graph and no tangent can come out of this call: grad mode is off or no tensor
-    argument requires grad, and no forward-AD level or torch.func transform is open."""
-    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+def _records_nothing(a, b=None) -> bool:
+    """No autograd graph and no tangent can come out of a call on ``a`` (and ``b``): grad mode is
+    off or neither requires grad, and no forward-AD level or torch.func transform is open.
+    (Two operands spelled out: a generator over ``*args`` costs as much again as this.)"""
+    if torch.is_grad_enabled() and ((isinstance(a, Tensor) and a.requires_grad)
+                                    or (isinstance(b, Tensor) and b.requires_grad)):
         return False
     return not (_compat.forward_ad_active() or _compat.functorch_transforms_active())
 
