@@ -73,8 +73,8 @@ ANCHORS = _anchors(ROOT / "docs" / "derivation.md")
 def _doc_defaults(fn) -> dict:
     """The defaults a builtin without a signature states in its docstring: at its head
     (``scaled_dot_product_attention(query, key, value, attn_mask=None, ...) -> Tensor:``) and on
-    each overload's line (``.. function:: mean(input, dim, keepdim=False, *, dtype=None, out=None) -> Tensor``), keyword-only
-    ones included."""
+    each overload's line (``.. function:: mean(input, dim, keepdim=False, *, dtype=None, out=None)
+    -> Tensor``), keyword-only ones included."""
     doc = fn.__doc__ or ""
     out = {}
     for head in (" ".join(doc.split(" -> ")[0].split()), *re.findall(r"^(?:\.\. function:: )?(\w+\(.*\)) -> ", doc, re.M)):

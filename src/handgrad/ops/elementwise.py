@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .._compat import forward_ad_active, functorch_transforms_active
 from ._function import HandFunction
 
 __all__ = ["MulFn"]
@@ -36,7 +37,8 @@ class MulFn(HandFunction):
         ∂L/∂A = Σ_bc (G ⊙ conj B)      (*a), in A's dtype
         ∂L/∂B = Σ_bc (G ⊙ conj A)      (*b), in B's dtype
     (conj: torch's convention for complex operands; a real operand of a complex product gets the
-    real part). Saves B where A needs a gradient and A where B does, as torch's MulBackward0.
+    real part). Saves B where A needs a gradient and A where B does, as torch's MulBackward0
+    (both for forward mode, only while a jvp can be asked for).
     Forward mode: Ẏ = Ȧ ⊙ B + A ⊙ Ḃ.
     Derivation: docs/derivation.md#elementwise-product
     """
@@ -54,7 +56,10 @@ class MulFn(HandFunction):
         if ctx.b_tensor:
             ctx.b_meta = (b.shape, b.dtype, b.device)
             ctx.save_for_backward(a if need_b else None, b if need_a else None)
-            ctx.save_for_forward(a, b)
+            # forward mode reads both: saved only where a jvp can be asked for (a dual level or a
+            # torch.func transform), so that plain training holds only what the backward reads
+            if forward_ad_active() or functorch_transforms_active():
+                ctx.save_for_forward(a, b)
         else:
             ctx.b = b
             ctx.save_for_backward(None, None)

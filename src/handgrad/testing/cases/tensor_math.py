@@ -3,8 +3,8 @@ elementwise product (``F.silu(a) * b``, ``x * 0.5``).
 
 The reference is torch's own function (``torch.mean``, ``torch.mul``). Options of ``dtype`` (a
 cast before the mean) and type promotion across operands of different dtypes are not registry
-cases, since every check recasts all inputs to one dtype; ``tests/test_tensor_math.py`` checks them against
-torch by name.
+cases, since every check recasts all inputs to one dtype; ``tests/test_tensor_math.py`` checks
+them against torch by name.
 """
 from __future__ import annotations
 
