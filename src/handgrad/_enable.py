@@ -233,8 +233,8 @@ class _HandgradMode(TorchFunctionMode):
             else:
                 try:  # first: a guard that passes the call on (mean, mul) is the cheapest test
                     call = adapter(*args, **kwargs)
-                except TypeError:  # an argument handgrad's spelling does not take
-                    call = None
+                except (TypeError, AttributeError):  # an argument handgrad's spelling does not take
+                    call = None                         # (or not a tensor where one is read): torch's
             if (call is not None and (not types or all(t in _PLAIN for t in types))
                     and _handgrad_can_take(args, kwargs)):
                 return fn(*call[0], **call[1])
