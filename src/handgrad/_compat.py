@@ -162,19 +162,6 @@ def is_functorch_wrapped(t: torch.Tensor) -> bool:
 unwrap_dead_wrappers = _unwrap_dead
 
 
-# ``aten._unsafe_view``: the same tensor, sharing storage, that autograd does not record as a view.
-# Without it (gone from some torch): a copy, the same values at the cost of one pass.
-_unsafe_view = _private(lambda: torch.ops.aten._unsafe_view.default)
-
-
-def own(t: torch.Tensor) -> torch.Tensor:
-    """``t``, no longer a view in autograd's eyes (``t._base`` None), same storage and strides.
-    A custom Function's output that is a view of a buffer made inside its forward cannot be
-    modified in place ("Output 0 of … is a view and is being modified inplace"); owned, it can,
-    and autograd's version counter still guards the tensors the backward saved."""
-    return _unsafe_view(t, t.shape) if _unsafe_view is not None else t.clone()
-
-
 # ---- torch.nn._reduction (the deprecated size_average / reduce flags) -------------------------
 
 def _legacy_get_string(size_average, reduce, emit_warning=True):
