@@ -106,6 +106,21 @@ def const(value: float, like: torch.Tensor) -> torch.Tensor:
     return c
 
 
+_LOG2E = 1 / math.log(2)
+
+
+def exp_(t: torch.Tensor) -> torch.Tensor:
+    """t ← e^t as 2^{t log₂e}, in place: torch's CPU exp kernel runs ~4× slower than its exp2
+    (float32, one thread: 1.5 ms against 0.4 ms for 2²¹ elements); the scaling rounds the
+    exponent once, a relative error of |t|·eps in e^t, which is small where e^t is not."""
+    return t.mul_(_LOG2E).exp2_()
+
+
+def exp(t: torch.Tensor) -> torch.Tensor:
+    """e^t as ``exp_``, into a fresh buffer."""
+    return torch.mul(t, _LOG2E).exp2_()
+
+
 def _indicator(op, t: torch.Tensor, bound: float) -> torch.Tensor:
     """[t ≤ bound] (``torch.le``) or [t > bound] (``torch.gt``) as 0./1. in t's dtype, a fresh
     buffer: a float mask, where a bool one would make every later pass mix dtypes (slow)."""
