@@ -66,8 +66,10 @@ def log_softmax_rows(X: torch.Tensor, inplace: bool = False, accurate: bool = Tr
 
 # --- the fast path: the same formulas in fewer passes over one buffer ------------------------
 # Taken where nothing records the computation (``activations.fast``: grad mode off, no transform,
-# float32/float64). Row sums accumulate in the tensor's own dtype (torch's CPU softmax kernels
-# accumulate float32 rows in float32 too); the formulas above keep float64 sums.
+# float32/float64), along the last dim. Row sums accumulate in the tensor's own dtype, as torch's
+# CPU kernels do along the last dim; along another dim torch sums in double, and so there the
+# formulas' float64 sums run (float32 ones measured a few eps of the row scale worse than torch
+# on (64, 13) columns, tests/test_softmax_norms.py).
 
 def fast_softmax(X: torch.Tensor, dim: int) -> torch.Tensor:
     """Y = exp(X − m) / (exp(X − m))1, into one buffer."""
@@ -162,7 +164,7 @@ class SoftmaxFn(_AlongDimFn):
     def forward(x, dim):
         if x.numel() == 0:                                       # amax refuses an empty dim
             return torch.empty_like(x)
-        if fast(x):
+        if dim == x.dim() - 1 and fast(x):
             return fast_softmax(x, dim)
         return softmax_forward(opmath(x), dim).to(x.dtype)       # Y = exp(X − m) / (exp(X − m))1
 
@@ -171,7 +173,7 @@ class SoftmaxFn(_AlongDimFn):
         y, = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None
-        if grad_y.dtype == y.dtype and fast(y, grad_y):
+        if ctx.dim == y.dim() - 1 and grad_y.dtype == y.dtype and fast(y, grad_y):
             return fast_softmax_vjp(y, grad_y, ctx.dim), None
         grad_x = softmax_vjp(opmath(y), opmath(grad_y), ctx.dim)  # Y ⊙ (G − (G ⊙ Y)1)
         return grad_x.to(y.dtype), None
@@ -200,7 +202,7 @@ class LogSoftmaxFn(_AlongDimFn):
     def forward(x, dim):
         if x.numel() == 0:                                       # amax refuses an empty dim
             return torch.empty_like(x)
-        if fast(x):
+        if dim == x.dim() - 1 and fast(x):
             return fast_log_softmax(x, dim)
         return log_softmax_forward(opmath(x), dim).to(x.dtype)   # Y = (X − m) − log((exp(X − m))1)
 
@@ -209,7 +211,7 @@ class LogSoftmaxFn(_AlongDimFn):
         y, = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None
-        if grad_y.dtype == y.dtype and fast(y, grad_y):
+        if ctx.dim == y.dim() - 1 and grad_y.dtype == y.dtype and fast(y, grad_y):
             return fast_log_softmax_vjp(y, grad_y, ctx.dim), None
         grad_x = log_softmax_vjp(opmath(y), opmath(grad_y), ctx.dim)  # G − exp(Y) ⊙ (G)1
         return grad_x.to(y.dtype), None
