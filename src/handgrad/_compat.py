@@ -123,6 +123,7 @@ _is_batched = _private(lambda: torch._C._functorch.is_batchedtensor)
 _is_legacy_batched = _private(lambda: torch._C._functorch.is_legacy_batchedtensor)
 _is_wrapped = _private(lambda: torch._C._functorch.is_functorch_wrapped_tensor)
 _forward_ad = _private(lambda: importlib.import_module("torch.autograd.forward_ad"))
+_top_saved_hooks = _private(lambda: torch._C._autograd._top_saved_tensors_default_hooks)
 _unwrap_dead = _private(lambda: importlib.import_module("torch._functorch.utils").unwrap_dead_wrappers)
 
 
@@ -144,6 +145,15 @@ def forward_ad_active() -> bool:
     (save the tensors a jvp would read)."""
     level = getattr(_forward_ad, "_current_level", None)
     return True if level is None else level >= 0
+
+
+def saved_tensors_hooks_active() -> bool:
+    """Is a ``torch.autograd.graph.saved_tensors_hooks`` context open (``save_on_cpu``,
+    checkpointing, a test counting saved bytes)? Fallback, and under Dynamo: True (save through
+    ``save_for_backward``, which the hooks see)."""
+    if _top_saved_hooks is None or torch.compiler.is_compiling():
+        return True
+    return _top_saved_hooks(False) is not None
 
 
 def is_batched_tensor(t: torch.Tensor) -> bool:
