@@ -24,7 +24,7 @@ import torch
 from .._compat import forward_ad_active, functorch_transforms_active, saved_tensors_hooks_active
 from ._function import HandFunction, opmath
 from ._function import accurate_sum as _sum
-from .activations import Activation, ElementwiseFn, get_activation
+from .activations import Activation, ElementwiseFn, fast, get_activation
 from .linear import LinearFn, affine, affine_jvp, affine_vjp
 from .losses import (CrossEntropyFn, CrossEntropyOptions, ce_denominator, ce_direction, ce_losses, ce_row_scale,
                      reduce_loss)
@@ -57,6 +57,8 @@ def _act_grad(act: Activation, G: torch.Tensor, Z: torch.Tensor | None, Y: torch
     buffer this op owns and nothing records the backward, so Δ overwrites it."""
     if act is IDENTITY:
         return G                                                   # f'(Z) = 1
+    if not inplace and act.vjp is not None and fast(G, Y if Z is None else Z):
+        return act.vjp(G, Z, Y)                                    # G ⊙ f'(Z), fewer passes (not ours: fresh)
     if inplace and G.dtype not in _LOW:                            # G is its own opmath dtype
         # G ⊙ f'(Z) into G, a block of rows at a time: f'(Z)'s temporaries (y(1 − y) makes
         # two) then span one block, not the whole (N, D) (native's sigmoid_backward makes none)
