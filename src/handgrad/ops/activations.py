@@ -81,16 +81,20 @@ def scalar(value, name: str, fn: str) -> float:
 _FAST_DTYPES = (torch.float32, torch.float64)
 
 
-def fast(*tensors: torch.Tensor) -> bool:
+def fast(*tensors: torch.Tensor, grad: torch.Tensor | None = None) -> bool:
     """May the fast path run? Nothing records it (grad mode off: a backward without
-    ``create_graph``, or any forward), no torch.func transform or Dynamo sees it and no tensor is
-    vmap-batched (``is_grads_batched`` batches G without a transform on the stack: in-place
-    passes cannot take it), and every tensor is float32/float64 (half types and complex take
-    the formula, which computes in opmath). The registry compares both: ``reference`` runs the fast
-    backward, ``gradgradcheck`` and ``reference`` with ``create_graph`` the formula."""
-    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and not functorch_transforms_active()
-            and all(t.dtype in _FAST_DTYPES and not is_batched_tensor(t) for t in tensors))
+    ``create_graph``, or any forward), no torch.func transform or Dynamo sees it (they take the
+    formula), and every tensor is float32/float64 (half types and complex take the formula,
+    which computes in opmath). ``grad``: a backward's incoming gradient, which must not be
+    vmap-batched either (``is_grads_batched`` batches it without a transform on the stack, and
+    in-place passes cannot take it). The registry compares both paths: ``reference`` runs the
+    backward with and without ``create_graph``."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or functorch_transforms_active():
+        return False
+    for t in tensors:
+        if t.dtype not in _FAST_DTYPES:
+            return False
+    return grad is None or (grad.dtype in _FAST_DTYPES and not is_batched_tensor(grad))
 
 
 _CONSTS: dict[tuple, torch.Tensor] = {}
@@ -296,14 +300,14 @@ def gelu_spec(approximate: str = "none") -> Activation:
             return two_u(z).sigmoid_().mul_(z)                               # z σ(2u)
 
         def vjp(g, z, y):
-            s = two_u(z)
-            sm = torch.neg(s).sigmoid_()                                     # σ(−2u)
-            s.sigmoid_()                                                     # σ(2u)
-            zc = z.clamp(-_GELU_TANH_FLAT, _GELU_TANH_FLAT)
-            sm.mul_(zc)                                                      # z σ(−2u)
-            zc.square_().mul_(3 * _KAPPA).add_(1)                           # 1 + 3κz²
-            sm.mul_(zc).mul_(2 * _C).add_(1)                                 # 1 + 2z σ(−2u) c(1 + 3κz²)
-            return s.mul_(sm).mul_(g)
+            # f'(z) = σ + z'·σ(1 − σ) with σ = σ(2u), z' = d(2u)/dz = 2c(z + 3κz³) (the formula's
+            # 2zσ(−2u)c(1 + 3κz²)·σ, as σ(1 − σ) = σ(2u)σ(−2u)); σ(1 − σ) by lerp, as sigmoid's.
+            s = two_u(z).sigmoid_()                                          # σ(2u)
+            zc = z.clamp(-_GELU_TANH_FLAT, _GELU_TANH_FLAT)                 # = z wherever σ(1 − σ) ≠ 0
+            d = torch.mul(zc, zc)
+            torch.addcmul(zc, d, zc, value=3 * _KAPPA, out=d).mul_(2 * _C)  # z' = 2c(z + 3κz³)
+            d.mul_(s).lerp_(const(0.0, s), s)                                # z' σ(1 − σ)
+            return d.add_(s).mul_(g)                                         # (σ + z' σ(1 − σ)) ⊙ G
 
         return Activation("gelu", lambda z: z * torch.sigmoid(2 * u(z)), df, "input", fast_f=fast_f, vjp=vjp)
     # torch's own message (aten/src/ATen/native/Activation.cpp), with the value given
@@ -388,7 +392,7 @@ def get_activation(name: str, **options) -> Activation:
     factory = ACTIVATIONS.get(name)
     if factory is None:
         catalogue.activation(name)  # not an activation: raises the ValueError naming them
-    key = (name, tuple(sorted(options.items())))
+    key = (name, tuple(sorted(options.items()))) if options else name
     try:
         act = _BUILT.get(key)
     except TypeError:  # an unhashable option value: build it afresh
@@ -450,7 +454,7 @@ class ElementwiseFn(HandFunction):
         act = ctx.act
         if act.vjp is not None:
             saved, = ctx.saved_tensors
-            if grad_y.dtype == saved.dtype and fast(grad_y, saved):
+            if grad_y.dtype == saved.dtype and fast(saved, grad=grad_y):
                 z, y = (None, saved) if act.saves == "output" else (saved, None)
                 return act.vjp(grad_y, z, y), None                                  # G ⊙ f'(Z), fewer passes
         df = ElementwiseFn._df(ctx)

@@ -57,7 +57,7 @@ def _act_grad(act: Activation, G: torch.Tensor, Z: torch.Tensor | None, Y: torch
     buffer this op owns and nothing records the backward, so Δ overwrites it."""
     if act is IDENTITY:
         return G                                                   # f'(Z) = 1
-    if not inplace and act.vjp is not None and fast(G, Y if Z is None else Z):
+    if not inplace and act.vjp is not None and fast(Y if Z is None else Z, grad=G):
         return act.vjp(G, Z, Y)                                    # G ⊙ f'(Z), fewer passes (not ours: fresh)
     if inplace and G.dtype not in _LOW:                            # G is its own opmath dtype
         # G ⊙ f'(Z) into G, a block of rows at a time: f'(Z)'s temporaries (y(1 − y) makes

@@ -173,7 +173,7 @@ class SoftmaxFn(_AlongDimFn):
         y, = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None
-        if ctx.dim == y.dim() - 1 and grad_y.dtype == y.dtype and fast(y, grad_y):
+        if ctx.dim == y.dim() - 1 and grad_y.dtype == y.dtype and fast(y, grad=grad_y):
             return fast_softmax_vjp(y, grad_y, ctx.dim), None
         grad_x = softmax_vjp(opmath(y), opmath(grad_y), ctx.dim)  # Y ⊙ (G − (G ⊙ Y)1)
         return grad_x.to(y.dtype), None
@@ -211,7 +211,7 @@ class LogSoftmaxFn(_AlongDimFn):
         y, = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None
-        if ctx.dim == y.dim() - 1 and grad_y.dtype == y.dtype and fast(y, grad_y):
+        if ctx.dim == y.dim() - 1 and grad_y.dtype == y.dtype and fast(y, grad=grad_y):
             return fast_log_softmax_vjp(y, grad_y, ctx.dim), None
         grad_x = log_softmax_vjp(opmath(y), opmath(grad_y), ctx.dim)  # G − exp(Y) ⊙ (G)1
         return grad_x.to(y.dtype), None
