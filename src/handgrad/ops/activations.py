@@ -30,6 +30,11 @@ y + α cancels to 0 (z = −17, float32: 0 instead of 4.1e-8), where α e^z is e
 Only the in-place twin, whose z is overwritten, reads y + α (``df_from_output``), as torch's
 in-place ``elu_`` does (its ``is_result`` backward).
 
+Each spec may carry a fast path (``fast_f``, ``vjp``): the same f and G ⊙ f' in fewer passes over
+one buffer (in place, ``out=``, ``lerp``/``addcmul``/``maximum``, exp as exp2), taken where nothing
+records the computation (``fast``); the formulas above stay the differentiable path that double
+backward, forward AD, vmap and compile use, and the registry's reference check runs both.
+
 The numeric options are parsed as torch's bindings parse a Scalar (``scalar``): a Python number
 or a one-element tensor, else a TypeError naming the argument; the fused ops get the same check.
 """

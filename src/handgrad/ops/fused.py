@@ -132,7 +132,11 @@ class StackFn(HandFunction):
         Ż_l = Ẋ_{l−1} W_lᵀ + X_{l−1} Ẇ_lᵀ + ḃ_l,    Ẋ_l = f_l'(Z_l) ⊙ Ż_l
     Saved: X_0 … X_L, W_1 … W_L, and Z_l only where f_l' needs it (gelu, silu, …); for
     sigmoid, tanh, relu f' comes from X_l itself, which the next layer needs anyway — the same
-    tensors native autograd keeps, no more. The backward's Δ buffers are reused in place
+    tensors native autograd keeps, no more. They are kept as detached aliases that the backward
+    drops layer by layer, as native autograd frees each node's saved tensors (peak memory ≤
+    native's), except where saved-tensor hooks, forward AD or torch.func are active
+    (save_for_backward then); a backward with create_graph, or a second one after
+    retain_graph, recomputes them from X_0 and the parameters. The backward's Δ buffers are reused in place
     (module docstring). In float16/bfloat16 the GEMMs run in the input dtype and each
     activation in float32, rounded once, as torch's kernels do.
     Derivation: docs/derivation.md#fused-operations
@@ -207,6 +211,7 @@ class StackFn(HandFunction):
         """X_0 … X_L (N, D_l), W_1 … W_L, Z_1 … Z_L from the stash (X_0 and W from the saved inputs)."""
         L, N = ctx.spec.n_layers, ctx.x_shape[:-1].numel()
         x, *params = ctx.saved_tensors
+        flat = len(ctx.x_shape) == 2                               # already (N, D_l): no reshapes
         outs = []
         for item in stash:
             if item is None:
@@ -218,8 +223,8 @@ class StackFn(HandFunction):
                     "one of the variables needed for gradient computation has been modified by an inplace "
                     f"operation: an output of StackFn of shape {list(t.shape)} is at version {t._version}; "
                     f"expected version {version} instead.")
-            outs.append(t.reshape(N, t.shape[-1]))                 # (N, D_l)
-        X = [x.reshape(N, ctx.x_shape[-1]), *outs[:L]]
+            outs.append(t if flat else t.reshape(N, t.shape[-1]))  # (N, D_l)
+        X = [x if flat else x.reshape(N, ctx.x_shape[-1]), *outs[:L]]
         Z = [None if k is None else outs[k] for k in ctx.spec.z_slots]
         return X, params[0::2], Z
 
