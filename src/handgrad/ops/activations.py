@@ -235,7 +235,7 @@ def elu_spec(alpha: float = 1.0) -> Activation:
     if a == 1:
         def vjp(g, z, y):
             # α = 1: f'(z) = e^{min(z, 0)} on both branches (1 for z ≥ 0), times G
-            return exp_(z.clamp_max(0)).mul_(g)
+            return z.clamp_max(0).exp_().mul_(g)                   # torch's exp: e^z exact to an ulp far left (no exp2)
 
     return Activation("elu", f, df, "input", from_y, fast_f=fast_f, vjp=vjp)
 

@@ -178,9 +178,10 @@ class StackFn(HandFunction):
         if forward_mode:
             ctx.save_for_forward(x, *weights, *output)
         ctx.stash, ctx.stashed = None, False
-        if forward_mode or saved_tensors_hooks_active():
-            # Through save_for_backward, which the hooks (save_on_cpu, checkpointing) see; the
-            # node then holds every activation until its backward ends.
+        if forward_mode or saved_tensors_hooks_active() or torch.is_inference_mode_enabled():
+            # Through save_for_backward, which the hooks (save_on_cpu, checkpointing) see (and
+            # which takes inference tensors, whose version is not tracked); the node then holds
+            # every activation until its backward ends.
             ctx.save_for_backward(x if needs[2] else None,
                                   *[w if below[l] else None for l, w in enumerate(weights)], *kept)
             return
