@@ -20,7 +20,8 @@ SIZES = {
     "gpt": (dict(vocab=1024, context=128, d=256, heads=4, layers=4), dict(vocab=1024, context=128), 8),
     "llama": (dict(vocab=1024, d=256, heads=4, kv_heads=2, hidden=688, layers=4), dict(vocab=1024, context=128), 8),
 }
-COMPILED = "gpt"           # the model whose torch.compile'd steps are compared
+COMPILED = "gpt"           # the model whose torch.compile'd steps are compared: one block (inductor
+COMPILED_SIZES = dict(layers=1)   # takes minutes a block on this CPU; the blocks are alike)
 
 
 def _describe(name, model_sizes, data_sizes, batch):
@@ -28,9 +29,10 @@ def _describe(name, model_sizes, data_sizes, batch):
     return f"{name}: batch {batch}" + (f", {sizes}" if sizes else " (the tests' sizes)")
 
 
-def _models(name: str, device: str, quick: bool):
+def _models(name: str, device: str, quick: bool, **override):
     make, data = MODELS[name]
     model_sizes, data_sizes, batch = ({}, {}, 4) if quick else SIZES[name]
+    model_sizes = {**model_sizes, **override}
     torch.manual_seed(0)
     native = make(**model_sizes).to(device)
     converted = handgrad.convert(native)            # a deep copy: equal values, its own Parameters
@@ -64,11 +66,10 @@ def model_case(name: str, device: str, quick: bool) -> Case:
 def compiled_case(device: str, quick: bool) -> Case:
     """torch.compile of both models (the loss inside ``forward``; enable() around the call, so
     Dynamo traces handgrad's functions); --quick: aot_eager (the same graphs, no code generation)."""
-    native, converted, batch, what = _models(COMPILED, device, quick)
+    native, converted, batch, what = _models(COMPILED, device, quick, **COMPILED_SIZES)
     backend = "aot_eager" if quick else "inductor"
     cn, cc = (torch.compile(m, backend=backend) for m in (native, converted))
     steps = {"native": _step(cn, batch, False), "handgrad": _step(cc, batch, True)}
-    # the compiled modules' parameters are the originals'
     return Case(f"model-compiled:{COMPILED}", f"torch.compile(backend={backend!r}) of {what}", steps)
 
 
