@@ -65,7 +65,7 @@ def _header(run: dict, argv: str) -> list[str]:
     return [
         f"# handgrad benchmarks: {device}{' (--quick: tiny sizes, not a measurement)' if quick else ''}",
         "",
-        f"`python -m bench {argv}` · torch {torch.__version__} · Python {platform.python_version()} · "
+        f"`python -m bench{' ' + argv if argv else ''}` · torch {torch.__version__} · Python {platform.python_version()} · "
         f"{platform.machine()} · {_device_name(device)} · {run['threads']} thread(s) · "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · {run['elapsed']:.0f} s",
         "",
