@@ -56,6 +56,18 @@ def _softmax(size) -> Call:
     return Call((_randn(N, D, scale=2.0),), {"dim": -1}, what=f"x ({N}, {D}), dim=-1")
 
 
+def _mean(size) -> Call:
+    """x (N, D) averaged over its rows' features (dim=-1), as a model's mean-pool."""
+    N, D = ROWS[size]
+    return Call((_randn(N, D),), {"dim": -1}, what=f"x ({N}, {D}), dim=-1")
+
+
+def _product(size) -> Call:
+    """a ⊙ b, both (N, D) and both differentiated (LLaMA's gating)."""
+    N, D = ROWS[size]
+    return Call((_randn(N, D), _randn(N, D)), what=f"a, b ({N}, {D})")
+
+
 def _linear(size) -> Call:
     """x (N, D), W (D, D), b (D)."""
     N, D = ROWS[size]
@@ -199,6 +211,8 @@ BUILDERS: dict[str, Callable[[str, catalogue.Op], dict[str, Call]]] = {
     "dropout": _one(_rows),
     "softmax": _one(_softmax),
     "linear": _one(_linear),
+    "reduction": _one(_mean),
+    "elementwise": _one(_product),
     "layer_norm": _one(_layer_norm),
     "rms_norm": _one(_rms_norm),
     "batch_norm": _one(_batch_norm),
