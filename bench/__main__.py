@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     full = names == suites.all_names() and not args.quick
     result = run(names, args.device, args.threads, args.quick, memory=not args.no_memory)
-    text = render(result, " ".join(a for a in argv if not a.startswith("--out")) or "")
+    shown = [*args.cases, *(["--quick"] if args.quick else []), *([f"--device {args.device}"] if args.device != "cpu" else []),
+             *([f"--threads {args.threads}"] if args.threads != 1 else [])]
+    text = render(result, " ".join(shown))
     print(text)
     suffix = "-quick" if args.quick else "" if full else "-partial"
     out = args.out or Path(__file__).parent / "results" / f"{args.device}{suffix}.md"
