@@ -33,6 +33,8 @@ _AUTOCAST = {
 def autocast(op: str, *tensors):
     """Cast ``tensors`` as torch's autocast would for ``op``; the casts are recorded by autograd
     outside the handgrad Function, so its backward sees one dtype, as native autograd does."""
+    if not autocast_on():
+        return tensors                                          # the common case, without a device lookup
     # (a list, not next(…, default): the Dynamo of torch 2.4/2.5 cannot trace that)
     tensor_args = [t for t in tensors if isinstance(t, torch.Tensor)]
     if not tensor_args:
@@ -49,6 +51,11 @@ def autocast(op: str, *tensors):
         t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
         for t in tensors
     )
+
+
+def autocast_on() -> bool:
+    """Is autocast on for a device ``_AUTOCAST`` covers? (0.7 µs; ``tensor.device.type`` alone costs as much)"""
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
 
 
 def warn(message: str, stacklevel: int = 3) -> None:
@@ -242,6 +249,8 @@ def check_linear(fn: str, weight, bias, *, features: int, dtype: torch.dtype, in
         if bias.dtype != dtype:
             raise RuntimeError(f"{fn}: expected input and {b_name} to have the same dtype, but got {dtype} and {bias.dtype}")
         return bias
+    if weight.dim() == 2 and bias.dim() == 1 and bias.shape[0] == weight.shape[0] and bias.dtype == dtype:
+        return bias        # the common (D_out,) bias: broadcasts to any (*, D_out), either path (no broadcast_shapes: 11 µs)
     out_shape = torch.Size((*input.shape[:-1], *weight.shape[:-1]))
     # torch's addmm path: a 2-D input, or a contiguous one with a bias that varies along the
     # last dim only ((D_out,), (1,), (1, D_out), …: measured on torch 2.13)
