@@ -177,6 +177,32 @@ def _one_element_groups(call) -> bool:
     return x.shape[1] // G * math.prod(x.shape[2:]) == 1
 
 
+def _adaptive_size(call):
+    """adaptive_avg_pool2d's output size as torch resolves it ((H_out, W_out)), or None."""
+    x, size = _input(call), call.args[1] if len(call.args) > 1 else None
+    if _not_tensor(call) or len(x.shape) not in (3, 4):
+        return None
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size, size
+    if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(v is None or isinstance(v, int) for v in size):
+        return None
+    return tuple(x.shape[-2 + i] if v is None else v for i, v in enumerate(size))
+
+
+def _adaptive_mean_path(call) -> bool:
+    # torch's adaptive_avg_pool2d takes input.mean((-1, -2)) for an output size (1, 1)
+    return _adaptive_size(call) == (1, 1)
+
+
+def _adaptive_empty_output(call) -> bool:
+    size = _adaptive_size(call)
+    return size is not None and 0 in size
+
+
+def _int64_input(call) -> bool:
+    return not _not_tensor(call) and _input(call).dtype == torch.int64
+
+
 DIFFERENCES: tuple[Difference, ...] = (
     Difference(
         "non-tensor input: TypeError", "sigmoid", ("exception",), _not_tensor,
@@ -320,6 +346,34 @@ DIFFERENCES: tuple[Difference, ...] = (
         "x = torch.randn(7, 5, dtype=torch.double, requires_grad=True); w = torch.randn(10, dtype=torch.double)"
         "[::2]; compare torch.autograd.grad(F.batch_norm(x, None, None, w, training=True), x, G) with "
         "w.contiguous()"),
+    Difference(
+        "adaptive_avg_pool2d: output (1, 1) follows the pooling rules", "adaptive_avg_pool2d", ("exception",),
+        _adaptive_mean_path,
+        "for output_size (1, 1) it returns input.mean((-1, -2)) instead of pooling: so that size alone accepts "
+        "complex input and an empty H or W (a nan result), and refuses integer input with mean()'s RuntimeError "
+        "where every other size gives NotImplementedError",
+        "the rules of every other output size: floating input (NotImplementedError otherwise), H and W not empty "
+        "(RuntimeError)",
+        "The output size chooses the windows, not which inputs are valid; the (1, 1) exceptions are the "
+        "accident of a shortcut.",
+        "F.adaptive_avg_pool2d(torch.ones(1, 2, 3, dtype=torch.int32), 1) (RuntimeError; size 2: NotImplementedError)"),
+    Difference(
+        "adaptive_avg_pool2d: an empty output differentiates", "adaptive_avg_pool2d", ("backward",),
+        _adaptive_empty_output,
+        "an output size with a 0 computes the empty forward, then its backward raises RuntimeError: Expected "
+        "grad_output to have non-zero size",
+        "the forward, and its gradient: zeros of the input's shape (no output depends on any input)",
+        "A forward torch accepts should be differentiable, and the gradient of an empty output is exactly zero; "
+        "the refusal is a shape check of the backward kernel written for the forward's input.",
+        "F.adaptive_avg_pool2d(torch.randn(1, 2, 3, requires_grad=True), 0).sum().backward()"),
+    Difference(
+        "avg_pool2d: int64 input refused", "avg_pool2d", ("exception",), _int64_input,
+        "the CPU kernel accepts int64 (alone among the integer types: int32, uint8, bool raise "
+        "NotImplementedError) and truncates each window's average to an integer",
+        "NotImplementedError, as for every other non-floating dtype",
+        "A truncated mean is not the average the op computes, and has no gradient; torch's own "
+        "adaptive_avg_pool2d refuses int64.",
+        "F.avg_pool2d(torch.ones(1, 1, 2, 2, dtype=torch.long), 2)"),
 )
 
 
