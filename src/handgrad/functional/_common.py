@@ -263,6 +263,21 @@ def check_linear(fn: str, weight, bias, *, features: int, dtype: torch.dtype, in
     return bias.to(dtype)                                       # torch's output.add_(bias) casts
 
 
+def no_kernel(fn: str, t, *, name: str = "input", kernel: str | None = None) -> None:
+    """torch's NotImplementedError for a dtype its kernel has no instance for ("mse_cpu" not
+    implemented for 'Long'): handgrad computes in floating types only."""
+    raise NotImplementedError(f'{fn}: "{kernel or fn}" not implemented for {t.dtype} (argument \'{name}\' of shape '
+                              f"{shape_str(t)}): handgrad computes in floating types only")
+
+
+def check_no_bool_subtraction(fn: str, *tensors) -> None:
+    """torch's RuntimeError where its formula subtracts a bool tensor (x − y of a composite path)."""
+    for t in tensors:
+        if t is not None and t.dtype == torch.bool:
+            raise RuntimeError(f"{fn}: Subtraction, the `-` operator, with a bool tensor is not supported "
+                               f"(a bool argument of shape {shape_str(t)})")
+
+
 def check_tensor(name: str, t, *, fn: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{fn}(): argument '{name}' must be Tensor, not {type(t).__name__}")

@@ -113,9 +113,14 @@ class SquaredErrorFn(HandFunction):
             if ctx.needs_input_grad[1]:
                 gy = (-GD).sum_to_size(ctx.shapes[1]).to(ctx.dtypes[1])    # ∂L/∂Y = −2c ĝ W D
         if w is not None and ctx.needs_input_grad[2]:
-            GW = (c * g_hat * D * D).expand(D.shape).sum_to_size(ctx.shapes[2])  # c ĝ ⊙ D²
+            Q = D * D                                                      # D²
+            if ctx.reduction == "mean" and Q.numel():
+                # the two terms below differ by D_k² − L: shifting every D² by one of them, q,
+                # leaves that unchanged, and makes it exactly 0 where all D² are equal (one element)
+                Q = Q - Q.reshape(-1)[0]                                   # D² − q
+            GW = (c * g_hat * Q).expand(D.shape).sum_to_size(ctx.shapes[2])  # c ĝ ⊙ D²
             if ctx.reduction == "mean":
-                L = _sum(c * opmath(w) * D * D) / den                      # L = Σ W D² / ΣW
+                L = _sum(c * opmath(w) * Q) / den                          # L = Σ W D² / ΣW  (less c q)
                 GW = GW - opmath(g) * L / den                              # − g L / ΣW
             gw = GW.to(ctx.dtypes[2])
         return gx, gy, gw, None, None

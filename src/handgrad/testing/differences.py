@@ -203,6 +203,74 @@ def _int64_input(call) -> bool:
     return not _not_tensor(call) and _input(call).dtype == torch.int64
 
 
+def _specs(call, *names):
+    """The call's tensor arguments (``Spec``s): positional ones, then the named keywords."""
+    from .fuzz.call import Spec
+    out = [a for a in call.args if isinstance(a, Spec)]
+    return out + [call.kwargs[n] for n in names if isinstance(call.kwargs.get(n), Spec)]
+
+
+def _complex_argument(call) -> bool:
+    return any(s.dtype.is_complex for s in _specs(call, "weight"))
+
+
+def _weighted_nonfloat_mse(call) -> bool:
+    # the weighted path's result type is integer or complex: torch computes it elementwise
+    specs = _specs(call, "weight")
+    if call.kwargs.get("weight") is None or len(specs) < 3:
+        return False
+    dtype = specs[0].dtype
+    for s in specs[1:]:
+        dtype = torch.promote_types(dtype, s.dtype)
+    return not dtype.is_floating_point and dtype != torch.bool and torch.bool not in (specs[0].dtype, specs[1].dtype)
+
+
+def _magnitude(spec) -> float:
+    """max |v| over the argument's values as its dtype holds them (inf where one is not finite)."""
+    v = spec.base.detach().to(spec.dtype)
+    if not v.is_floating_point() or v.numel() == 0:
+        return 0.0 if v.numel() == 0 or v.is_complex() else float(v.double().abs().max())
+    v = v.double()
+    return math.inf if not bool(v.isfinite().all()) else float(v.abs().max())
+
+
+def _loss_may_overflow(call) -> bool:
+    # a non-finite argument, or a loss term (or a partial sum of them, or Σ w) past the largest
+    # value of a dtype the formula rounds to: the arguments' own and the result's
+    specs = _specs(call, "weight", "pos_weight")
+    if len(specs) < 2 or not all(s.dtype.is_floating_point for s in specs[:2]):
+        return False
+    mags = [_magnitude(s) for s in specs]
+    if any(math.isinf(m) for m in mags):
+        return True
+    n = max(max(math.prod(s.shape) for s in specs), 1)
+    x, t = mags[0], mags[1]
+    try:
+        term = (x + t) ** 2 if call.op == "mse_loss" else x + t
+    except OverflowError:
+        return True
+    for m in mags[2:]:
+        term *= max(m, 1.0)
+    smallest = min(torch.finfo(s.dtype).max for s in specs)
+    return term * n >= smallest or any(m * n >= smallest for m in mags[2:])
+
+
+def _weighted_mean_one_distance(call) -> bool:
+    # a weighted 'mean' mse_loss whose squared errors are all equal (one element, or constant)
+    from .fuzz.call import _view
+    specs = _specs(call)
+    if call.kwargs.get("weight") is None or call.kwargs.get("reduction", "mean") not in ("mean", "elementwise_mean"):
+        return False
+    if len(specs) < 2 or not all(s.dtype.is_floating_point for s in specs[:2]):
+        return False
+    x, y = (_view(s.base.to(s.dtype).double(), s.view) for s in specs[:2])
+    try:
+        d2 = (x - y) ** 2
+    except RuntimeError:
+        return False
+    return d2.numel() > 0 and bool((d2 == d2.reshape(-1)[0]).all())
+
+
 DIFFERENCES: tuple[Difference, ...] = (
     Difference(
         "non-tensor input: TypeError", "sigmoid", ("exception",), _not_tensor,
@@ -374,6 +442,45 @@ DIFFERENCES: tuple[Difference, ...] = (
         "A truncated mean is not the average the op computes, and has no gradient; torch's own "
         "adaptive_avg_pool2d refuses int64.",
         "F.avg_pool2d(torch.ones(1, 1, 2, 2, dtype=torch.long), 2)"),
+    Difference(
+        "half_squared_error: complex refused", "half_squared_error", ("exception", "dtype"), _complex_argument,
+        "its composition 0.5·((x − y)²).sum(−1) returns a complex (x − y)², not the squared distance |x − y|²",
+        "NotImplementedError: a squared error is computed in floating types only",
+        "(x − y)² of complex values is not a squared error (it is not even real); a wrong-typed result is "
+        "worse than a refusal. torch's own mse_loss refuses complex input (NotImplementedError).",
+        "F.half_squared_error(torch.ones(2, dtype=torch.complex64), torch.zeros(2, dtype=torch.complex64))"),
+    Difference(
+        "mse_loss: a weighted integer or complex loss refused", "mse_loss", ("exception", "dtype", "output", "value"),
+        _weighted_nonfloat_mse,
+        "with weight, its Python path computes (x − y)² ⊙ w elementwise: integer arguments give an integer loss "
+        "(and 'mean' a float one), complex ones a complex (x − y)²; without weight the same dtypes raise "
+        "NotImplementedError (\"mse_cpu\" not implemented)",
+        "NotImplementedError, with or without weight",
+        "Whether an integer or complex input is valid cannot depend on whether a weight is given; torch's "
+        "own kernel refuses those dtypes, and (x − y)² of complex values is not a squared error.",
+        "F.mse_loss(torch.ones(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), weight=torch.ones(2, "
+        "dtype=torch.long), reduction='sum')"),
+    *(Difference(
+        "an infinite argument or an overflowing loss", op, ("value", "grad"), _loss_may_overflow,
+        "the loss is computed in the arguments' dtypes by its direct formula: an inf argument or a term past "
+        "the dtype's largest value makes inf − inf or 0 · inf, so nan (mse_loss's float16 weighted loss sums "
+        "+inf and −inf terms; binary_cross_entropy_with_logits's (1 − t)x − log σ(x) at x = −inf)",
+        "the stable form in float32 (float64 for float64), rounded once: the loss's limit, ±inf with the "
+        "truth's sign where the value overflows the result's dtype",
+        "An overflow to ±inf of the right sign is the correctly rounded result; nan from an intermediate "
+        "that overflows where the true value (or its limit) exists is an artefact of the formula.",
+        "F.binary_cross_entropy_with_logits(torch.tensor([-math.inf]), torch.tensor([0.5]))")
+      for op in ("mse_loss", "binary_cross_entropy_with_logits")),
+    Difference(
+        "mse_loss: the weight's gradient exact where every squared error is equal", "mse_loss", ("grad",),
+        _weighted_mean_one_distance,
+        "the weighted 'mean' L = Σ w(x − y)² / Σ w has ∂L/∂w_k = ((x_k − y_k)² − L)/Σ w, 0 where every "
+        "(x − y)² is the same (one element); torch's is a rounding residue of the two terms (3e-8 for a "
+        "float64 (x − y)² of 5e7)",
+        "0 exactly: both terms are taken relative to one of the squared errors",
+        "That is the exact value; torch's is the residue of a cancellation.",
+        "torch.autograd.grad(F.mse_loss(torch.tensor(7115.4, dtype=torch.double), torch.tensor(1.09, dtype="
+        "torch.double), weight=w), w) for w = torch.tensor(0.685, dtype=torch.double, requires_grad=True)"),
 )
 
 
