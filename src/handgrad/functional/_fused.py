@@ -2,6 +2,8 @@
 The math lives in ``handgrad.ops.fused``."""
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Sequence
 
 import torch
@@ -94,10 +96,20 @@ class _Logits:
 
     def __init__(self, shape: torch.Size, dtype: torch.dtype, input, linear_weight):
         self.shape, self.dtype = shape, dtype
+        self.requires_grad = input.requires_grad or linear_weight.requires_grad
         self.describe = f"the logits of input {shape_str(input)} and linear_weight {shape_str(linear_weight)}"
 
     def dim(self) -> int:
         return len(self.shape)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def is_complex(self) -> bool:
+        return self.dtype.is_complex
 
 
 def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
@@ -157,9 +169,10 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     # the cross entropy's checks on the logits' shape and dtype (no tensor: nothing allocated)
     logits_shape = torch.Size((*input.shape[:-1], C, *out_features))
     logits = _Logits(logits_shape, out_dtype, input, linear_weight)
-    reduction = check_reduction(reduction)
     _, weight, ce = _class_options(fn, logits, target, weight, ignore_index, reduction, label_smoothing,
                                    allow_probs=True, none_is_default=True)
+    ce = dataclasses.replace(ce, reduction=check_reduction(reduction))     # torch's order: after the target's checks
+    reduction = ce.reduction
     if ce.probs or out_features:
         # torch's reference path, in handgrad's ops: linear, then cross_entropy on the logits
         logits = linear(input, W2, b2).reshape(logits_shape)

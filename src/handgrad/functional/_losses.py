@@ -10,7 +10,6 @@ from .._compat import nn_reduction as _Reduction
 
 from ..ops.losses import BCEWithLogitsFn, CrossEntropyFn, CrossEntropyOptions, NLLLossFn, SquaredErrorFn
 from ._common import (autocast, check_class_target, check_class_weight, check_ignore_index, check_label_smoothing,
-                      check_label_smoothing_type,
                       check_no_bool_subtraction, check_not_differentiable, check_reduction, check_target_range,
                       check_tensor, no_kernel, shape_str, warn)
 
@@ -143,11 +142,16 @@ def _class_options(fn, input, target, weight, ignore_index, reduction, label_smo
                    none_is_default=False):
     """Every cross-entropy option validated, in torch's order, by its one function in ``_common``:
     returns (C, weight (C,) or None, CrossEntropyOptions)."""
-    check_label_smoothing_type(fn, label_smoothing)
-    C, probs = check_class_target(fn, input, target, allow_probs=allow_probs)
+    eps = check_label_smoothing(fn, label_smoothing)          # its type, then its range: torch's first checks
+    C, probs = check_class_target(fn, input, target, allow_probs=allow_probs, weight=weight)
+    if eps and not probs and weight is not None and weight.dim() != 1 and input.dim() > 2:
+        # torch's label-smoothing path views the weight as (1, C, 1, …), which only a 1-D one fits
+        raise RuntimeError(f"{fn}: with label_smoothing, weight of shape {shape_str(weight)} must be 1-D (C,) "
+                           f"for input of shape {shape_str(input)}")
     weight = check_class_weight(fn, weight, input, C, probs=probs)
+    if not probs and not input.is_floating_point():
+        no_kernel(fn, input, kernel="nll_loss")                 # the kernel's dispatch on the input's dtype
     ignore_index = check_ignore_index(fn, ignore_index, target, probs=probs, none_is_default=none_is_default)
-    eps = check_label_smoothing(fn, label_smoothing)
     return C, weight, CrossEntropyOptions(reduction, ignore_index, eps, probs)
 
 

@@ -171,7 +171,7 @@ def ce_index_terms(y, w, ignore_index, dtype):
     y0 = y.where(keep, 0)                                                 # (M,)
     if w is None or w.numel() == 0:                                      # (no classes: every row ignored)
         return keep, y0, keep.to(dtype)
-    a = opmath(w)[y0] * keep                                              # a_i = w_{y_i} · keep_i  (M,)
+    a = opmath(w)[y0].where(keep, 0.0)                                   # a_i = w_{y_i} · keep_i  (M,), 0 exactly
     return keep, y0, a
 
 
@@ -374,7 +374,7 @@ class NLLLossFn(HandFunction):
         X = opmath(x)                                                     # (M, C)
         keep, y0, a = ce_index_terms(y, w, opts.ignore_index, X.dtype)    # (M,)
         picked = _picked(X, y0)                                           # X_{i, y_i}      (M,)
-        loss = -a * picked                                                # ℓ_i = −a_i X_{i, y_i}
+        loss = (-a * picked).where(keep, 0.0)                             # ℓ_i = −a_i X_{i, y_i}; ignored: 0 exactly
         return reduce_loss(loss, opts.reduction, _sum(a)).to(x.dtype)
 
     @staticmethod

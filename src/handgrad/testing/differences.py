@@ -271,6 +271,38 @@ def _weighted_mean_one_distance(call) -> bool:
     return d2.numel() > 0 and bool((d2 == d2.reshape(-1)[0]).all())
 
 
+def _class_call(call):
+    """(input, target, kwargs) of a cross_entropy / nll_loss / linear_cross_entropy call."""
+    if call.op == "linear_cross_entropy":
+        return call.args[0], call.args[2] if len(call.args) > 2 else None
+    return call.args[0], call.args[1] if len(call.args) > 1 else None
+
+
+def _smoothing(call) -> float:
+    eps = call.kwargs.get("label_smoothing", 0.0)
+    return float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else 0.0
+
+
+def _byte_target_smoothed_weighted(call) -> bool:
+    _, t = _class_call(call)
+    return getattr(t, "dtype", None) == torch.uint8 and _smoothing(call) > 0 and call.kwargs.get("weight") is not None
+
+
+def _byte_target_kdim_empty(call) -> bool:
+    x, t = _class_call(call)
+    dims = len(x.shape) + (len(call.args[1].shape) - 2 if call.op == "linear_cross_entropy" else 0)
+    return getattr(t, "dtype", None) == torch.uint8 and dims > 2 and math.prod(t.shape) == 0
+
+
+def _no_classes_smoothed(call) -> bool:
+    x, t = _class_call(call)
+    if call.op == "linear_cross_entropy":
+        C = call.args[1].shape[0]
+    else:
+        C = x.shape[1] if len(x.shape) > 1 else (x.shape[0] if x.shape else 1)
+    return C == 0 and _smoothing(call) > 0
+
+
 DIFFERENCES: tuple[Difference, ...] = (
     Difference(
         "non-tensor input: TypeError", "sigmoid", ("exception",), _not_tensor,
@@ -481,6 +513,32 @@ DIFFERENCES: tuple[Difference, ...] = (
         "That is the exact value; torch's is the residue of a cancellation.",
         "torch.autograd.grad(F.mse_loss(torch.tensor(7115.4, dtype=torch.double), torch.tensor(1.09, dtype="
         "torch.double), weight=w), w) for w = torch.tensor(0.685, dtype=torch.double, requires_grad=True)"),
+    *(Difference(
+        "Byte targets with label smoothing and a class weight", op, ("exception",), _byte_target_smoothed_weighted,
+        "RuntimeError: gather(): Expected dtype int32/int64 for index: its label-smoothing path gathers the class "
+        "weight with the target as an index, which must not be uint8 there (it is accepted everywhere else, "
+        "smoothed or weighted alone)",
+        "the loss, as for an int64 target of the same values",
+        "Byte targets are valid for 1-D and 2-D inputs; the refusal is an internal gather's dtype rule leaking "
+        "out of one combination of options.",
+        "F.cross_entropy(torch.randn(3, 2), torch.zeros(3, dtype=torch.uint8), weight=torch.ones(2), "
+        "label_smoothing=0.5)") for op in ("cross_entropy", "linear_cross_entropy")),
+    *(Difference(
+        "an empty Byte target with a K-dim input", op, ("exception", "backward"), _byte_target_kdim_empty,
+        "Byte targets are refused for K-dim input (RuntimeError) except when the target is empty and the "
+        "reduction 'mean' or 'sum': then the forward runs and its backward raises the same RuntimeError",
+        "an empty target is accepted, forward and backward (the loss of no element, its gradient zeros)",
+        "A forward torch accepts should be differentiable; with no element there is no index whose type matters.",
+        "F.nll_loss(torch.randn(2, 3, 0, 4, requires_grad=True), torch.zeros(2, 0, 4, dtype=torch.uint8))"
+        ".backward()") for op in ("cross_entropy", "nll_loss", "linear_cross_entropy")),
+    *(Difference(
+        "label smoothing with no classes", op, ("value",), _no_classes_smoothed,
+        "with C = 0 classes its smoothing term is −(ε/C) Σ log p = 0 · (ε/0), so a 'sum' is nan",
+        "0: with no class there is no smoothing term (a 'mean' is 0/0 = nan, as torch's)",
+        "The smoothing spreads ε over the classes; with none there is nothing to spread, and the sum of no "
+        "term is 0.",
+        "F.cross_entropy(torch.randn(0, 0), torch.zeros(0, dtype=torch.long), reduction='sum', label_smoothing=0.5)")
+      for op in ("cross_entropy", "linear_cross_entropy")),
 )
 
 
