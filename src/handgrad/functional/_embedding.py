@@ -27,7 +27,7 @@ def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None
     check_tensor("weight", weight, fn="embedding")
     if padding_idx is not None:                # torch's Python checks first, then embedding_renorm_'s, then embedding's
         V = weight.shape[0] if weight.dim() else 0
-        if not -V <= padding_idx < V:
+        if (padding_idx > 0 and padding_idx >= V) or (padding_idx < 0 and padding_idx < -V):   # torch's test
             raise AssertionError(f"Padding_idx must be within num_embeddings (embedding: padding_idx={padding_idx}, "
                                  f"weight of shape {shape_str(weight)})")
     if max_norm is not None and input.numel():
@@ -59,7 +59,7 @@ def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None
             f"{input.dtype} instead (embedding: indices of shape {shape_str(input)})"
         )
     V = weight.shape[0]
-    if padding_idx is not None:
+    if padding_idx is not None and V:
         padding_idx = padding_idx % V
     if input.numel() and V == 0:
         raise RuntimeError(f"embedding: index_select(): self indexing axis dim should be positive (weight of shape "

@@ -88,10 +88,6 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
         if weight is not None:
             out = out * weight[0]
         return out if bias is None else out + bias[0]
-    if training and (running_mean is None) != (running_var is None):
-        raise ValueError(f"batch_norm: running_mean and running_var must either both be None or neither be None "
-                         f"(running_mean {'None' if running_mean is None else shape_str(running_mean)}, running_var "
-                         f"{'None' if running_var is None else shape_str(running_var)})")
     if input.dim() < 2:
         raise RuntimeError(f"batch_norm: expected input of shape (N, C, *) with at least 2 dims, but got input of "
                            f"size {shape_str(input)}")
@@ -104,6 +100,10 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
         if t is not None and t.numel() != C:  # torch checks the count only (a (C, 1) weight passes)
             raise RuntimeError(f"batch_norm: {name} should contain {C} elements, the channels of input of size "
                                f"{shape_str(input)}, but got {name} of shape {shape_str(t)}")
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError(f"batch_norm: running_mean and running_var must either both be None or neither be None "
+                         f"(running_mean {'None' if running_mean is None else shape_str(running_mean)}, running_var "
+                         f"{'None' if running_var is None else shape_str(running_var)})")
     _check_floating("batch_norm", input)                 # the kernel's dispatch, after the shape checks
     _check_param_dtypes("batch_norm", input, weight=weight, bias=bias, running_mean=running_mean,
                         running_var=running_var)

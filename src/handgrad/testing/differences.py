@@ -539,6 +539,13 @@ DIFFERENCES: tuple[Difference, ...] = (
         "term is 0.",
         "F.cross_entropy(torch.randn(0, 0), torch.zeros(0, dtype=torch.long), reduction='sum', label_smoothing=0.5)")
       for op in ("cross_entropy", "linear_cross_entropy")),
+    Difference(
+        "rms_norm: complex input refused", "rms_norm", ("exception",), _complex_argument,
+        "its composite computes x · rsqrt(mean(x²) + eps) for complex x too: mean(x²) is not the mean square "
+        "|x|², so the result is not normalised (and depends on the phase)",
+        "NotImplementedError, as torch's own layer_norm, batch_norm and group_norm for complex input",
+        "An RMS norm of complex values needs |x|²; a wrong-valued result is worse than a refusal.",
+        "F.rms_norm(torch.tensor([[1j, 1.0]]), (2,))"),
 )
 
 
