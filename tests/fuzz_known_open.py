@@ -60,6 +60,14 @@ def _max_norm_edge(call):
         bool(w.view) and w.view[0] == "expand" or 0 in w.shape)
 
 
+def _magnitude(spec):
+    v = spec.base.to(spec.dtype)
+    if not v.is_floating_point() or not v.numel():
+        return 0.0
+    v = v.double()
+    return float("inf") if not bool(v.isfinite().all()) else float(v.abs().max())
+
+
 def _norm_overflow(call):
     return _nonfinite_or_huge(call) or any(
         float(s.base.to(s.dtype).double().abs().max()) ** 2 >= torch.finfo(s.dtype).max
@@ -99,6 +107,20 @@ KNOWN_OPEN: tuple[Difference, ...] = (
            "~eps·max|G| (5e-8 and 2e-8 against a truth of 6e-7), and the rule's 2·torch's error + "
            "ulps·eps·(|truth| + mean|truth|) fails when torch's is small by luck; as for softmax, the bound "
            "eps·max|G|·rstd is to be derived in testing/tolerances.py"),
+    *_open("linear_cross_entropy: ∂L/∂x cancels where linear_weight's rows are equal", ("linear_cross_entropy",),
+           ("grad",), lambda call: bool(call.args[1].view) and call.args[1].view[0] == "expand",
+           "python -m handgrad.testing.fuzz --call linear_cross_entropy:1030171461883",
+           "∂L/∂x = (P − Q)ᵀ W is exactly 0 for equal rows (Σ P = Σ Q = 1); the chunked float32 sum leaves "
+           "~eps·|W| where torch's is 0 by luck, over the rule's bound for a truth of 0; the same "
+           "eps·max|G|·|W| bound as for the norms is to be derived in testing/tolerances.py"),
+    *_open("an infinite or overflowing class weight", ("cross_entropy", "nll_loss", "linear_cross_entropy"),
+           ("value", "grad"), lambda call: isinstance(call.kwargs.get("weight"), Spec) and (
+               _magnitude(call.kwargs["weight"]) >= torch.finfo(call.kwargs["weight"].dtype).max),
+           "F.cross_entropy(torch.randn(5, 2), torch.rand(5, 2), weight=torch.tensor([-math.inf, 0.34]))",
+           "w_c = ±inf makes the weighted loss undefined (0·inf in the terms of other classes, and in the "
+           "smoothing term); torch's sums give nan or ±inf by the order it multiplies, handgrad's the other. "
+           "Whether to define it (nan throughout, as an undefined value) is a choice for ops/losses.py (the "
+           "losses speed branch's)"),
     *_open("rms_norm: one-element rows cancel", ("rms_norm",), ("grad",),
            lambda call: isinstance(call.args[1], (list, tuple)) and math.prod(call.args[1]) == 1,
            "python -m handgrad.testing.fuzz --call rms_norm:662020048260",

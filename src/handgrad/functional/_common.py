@@ -183,8 +183,8 @@ def check_class_target(fn: str, input, target, *, allow_probs: bool, weight=None
             raise RuntimeError(f"{fn}: Expected target size {list(expected)}, got {list(target.shape)} "
                                f"(target of shape {shape_str(target)} for input of shape {shape_str(input)}"
                                f"{'; size mismatch with 0 classes' if target.shape == expected else ''})")
-    if input.dim() > 2 and not input.is_floating_point():
-        no_kernel(fn, input, kernel="nll_loss2d")                   # K-dim: the dispatch comes first
+    if input.dim() == 4 and not input.is_floating_point():
+        no_kernel(fn, input, kernel="nll_loss2d")                   # 4-D: nll_loss2d's dispatch comes first
     if target.dtype != torch.int64 and not (target.dtype == torch.uint8 and (input.dim() <= 2 or not target.numel())):
         # torch: Byte targets only for 1-D/2-D input (its K-dim kernels take Long alone, and run for no element)
         scalar = torch.empty(0, dtype=target.dtype).type().split(".")[-1].removesuffix("Tensor")   # torch's 'Float'
