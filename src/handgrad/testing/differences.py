@@ -546,6 +546,15 @@ DIFFERENCES: tuple[Difference, ...] = (
         "NotImplementedError, as torch's own layer_norm, batch_norm and group_norm for complex input",
         "An RMS norm of complex values needs |x|²; a wrong-valued result is worse than a refusal.",
         "F.rms_norm(torch.tensor([[1j, 1.0]]), (2,))"),
+    Difference(
+        "mean: keepdim without dim", "mean", ("exception",),
+        lambda call: len(call.args) == 1 and "keepdim" in call.kwargs and "dim" not in call.kwargs,
+        "torch.mean(x, keepdim=True) raises TypeError (no overload of its binding has keepdim without dim), "
+        "though torch.mean(x, None, True) is accepted and means every dim",
+        "every dim, as torch.mean(x, None, keepdim)",
+        "One signature, mean(input, dim=None, keepdim=False, *, dtype=None): an omitted dim is dim=None, as "
+        "written out; torch's refusal is its overload resolution, not a rule about the call.",
+        "torch.mean(torch.ones(2, 3), keepdim=True)"),
 )
 
 
