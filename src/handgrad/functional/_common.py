@@ -287,12 +287,12 @@ def no_kernel(fn: str, t, *, name: str = "input", kernel: str | None = None) -> 
                               f"{shape_str(t)}): handgrad computes in floating types only")
 
 
-def check_no_bool_subtraction(fn: str, *tensors) -> None:
+def check_no_bool_subtraction(fn: str, input, target) -> None:
     """torch's RuntimeError where its formula subtracts a bool tensor (x − y of a composite path)."""
-    for t in tensors:
+    for name, t in (("input", input), ("target", target)):
         if t is not None and t.dtype == torch.bool:
             raise RuntimeError(f"{fn}: Subtraction, the `-` operator, with a bool tensor is not supported "
-                               f"(a bool argument of shape {shape_str(t)})")
+                               f"({name} of dtype torch.bool, shape {shape_str(t)})")
 
 
 def check_tensor(name: str, t, *, fn: str) -> None:

@@ -42,7 +42,7 @@ def _check_floating(fn, kernel, input, target, weight=None):
     for t in (input, target, weight):
         if t is not None and t.is_complex():
             no_kernel(fn, t, kernel=kernel)
-    if not torch.result_type(input, target).is_floating_point and (weight is None or not weight.is_floating_point()):
+    if not (input.is_floating_point() or target.is_floating_point() or (weight is not None and weight.is_floating_point())):
         no_kernel(fn, input, kernel=kernel)
 
 
