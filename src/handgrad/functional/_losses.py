@@ -144,8 +144,9 @@ def _class_options(fn, input, target, weight, ignore_index, reduction, label_smo
     returns (C, weight (C,) or None, CrossEntropyOptions)."""
     eps = check_label_smoothing(fn, label_smoothing)          # its type, then its range: torch's first checks
     C, probs = check_class_target(fn, input, target, allow_probs=allow_probs, weight=weight)
-    if eps and not probs and weight is not None and weight.dim() != 1 and input.dim() > 2 and target.numel():
-        # torch's label-smoothing path views the weight as (1, C, 1, …), which only a 1-D one fits
+    if eps and not probs and weight is not None and weight.dim() != 1 and input.dim() > 2 and (
+            weight.shape[0] != weight.numel()):
+        # torch's label-smoothing path views the weight by its first dim as (1, C, 1, …): (1, C) fails
         raise RuntimeError(f"{fn}: with label_smoothing, weight of shape {shape_str(weight)} must be 1-D (C,) "
                            f"for input of shape {shape_str(input)}")
     weight = check_class_weight(fn, weight, input, C, probs=probs)
