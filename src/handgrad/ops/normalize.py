@@ -28,22 +28,26 @@ from dataclasses import dataclass
 
 import torch
 
-from ._function import HandFunction, opmath
+from ._function import HandFunction, fast_path, opmath
 
-__all__ = ["Norm", "NormFn", "BatchNormEvalFn", "moments", "normalize", "normalize_dx", "update_running_stats"]
+__all__ = ["Norm", "NormFn", "BatchNormEvalFn", "moments", "normalize", "normalize_dx", "normalize_grads_fast",
+           "update_running_stats"]
 
 
 # --- the normalisation, written once --------------------------------------------------------------
 
 
-def moments(X: torch.Tensor, dims: tuple[int, ...], center: bool = True):
+def moments(X: torch.Tensor, dims: tuple[int, ...], center: bool = True, fast: bool = False):
     """(X − μ, μ, var) over ``dims`` (keepdim), var = mean((X − μ)²); without ``center``,
     (X, None, mean(X²)). Two passes, not mean(X²) − μ² (which cancels for data far from 0); also
     several times faster than torch.var_mean's Welford kernel on CPU (measured 5–10×, 512×1024
     float32, one thread, for layer norm's rows). The set is first shifted by its first element
     x₀: X − μ = (X − x₀) − mean(X − x₀), so a constant set gives X − μ = 0 exactly (x̂ = 0; mean(X)
     alone rounds: x̂ was −0.019 for a float32 batch of 1000.1s, torch's batch norm gives −0.0066,
-    its group norm 0), and the mean is taken of values near 0, where it rounds least."""
+    its group norm 0), and the mean is taken of values near 0, where it rounds least.
+    ``fast`` (``fast_path()``: nothing records this): X − μ is formed in the one buffer X − x₀.
+    (‖X − μ‖²/m by a norm kernel would write no square, but rounds var to ~3 ulps: batch norm's
+    float32 ∂L/∂X then missed the low-precision rule.)"""
     if not center:
         return X, None, (X * X).mean(dims, keepdim=True)                 # mean(X²)
     first = [slice(None)] * X.dim()
@@ -52,21 +56,24 @@ def moments(X: torch.Tensor, dims: tuple[int, ...], center: bool = True):
     x0 = X[tuple(first)]                                                 # x₀ (keepdim; 0 in an empty dim)
     Xs = X - x0                                                          # X − x₀
     shift = Xs.mean(dims, keepdim=True)                                  # mean(X − x₀) = μ − x₀
-    Xc = Xs - shift                                                      # X − μ
+    Xc = Xs.sub_(shift) if fast else Xs - shift                          # X − μ
     return Xc, x0 + shift, (Xc * Xc).mean(dims, keepdim=True)            # X − μ, μ, var = mean((X − μ)²)
 
 
 def normalize(X: torch.Tensor, dims: tuple[int, ...], eps: float, center: bool = True,
-              nan_on_overflow: bool = False):
+              nan_on_overflow: bool = False, fast: bool = False):
     """x̂ = (X − μ)·rstd, rstd = 1/√(var + eps) over ``dims`` (RMS: x̂ = X·rstd, rstd = 1/√(mean(X²) + eps)).
-    Returns (x̂, rstd (keepdim)); built from torch ops, so it is differentiable.
+    Returns (x̂, rstd (keepdim), μ (keepdim; None for RMS)); built from torch ops, so it is
+    differentiable (``fast``: x̂ overwrites the buffer X − μ, see ``moments``).
     ``nan_on_overflow``: a set whose squares overflow (var = inf) gives nan, as torch's layer norm
     does, instead of x̂ = 0 from rstd = 0 (torch's batch, group and RMS norms give the 0)."""
-    Xc, _, var = moments(X, dims, center)
+    Xc, mu, var = moments(X, dims, center, fast)
     rstd = torch.rsqrt(var + eps)                                    # 1/√(var + eps)
     if nan_on_overflow:
         rstd = rstd + (var - var)                                    # + 0, or nan where var = inf
-    return Xc * rstd, rstd                                           # x̂
+    if fast and center:
+        return Xc.mul_(rstd), rstd, mu                               # x̂, in X − μ's buffer
+    return Xc * rstd, rstd, mu                                       # x̂
 
 
 def normalize_dx(xhat: torch.Tensor, rstd: torch.Tensor, v: torch.Tensor, dims: tuple[int, ...],
@@ -79,21 +86,71 @@ def normalize_dx(xhat: torch.Tensor, rstd: torch.Tensor, v: torch.Tensor, dims: 
     return rstd * (v - proj)                                         # rstd·(v − x̂·mean(v ⊙ x̂))
 
 
-def update_running_stats(running_mean, running_var, x: torch.Tensor, momentum: float) -> None:
+def update_running_stats(running_mean, running_var, mu: torch.Tensor, var: torch.Tensor, n: int,
+                         momentum: float) -> None:
     """In place, not differentiated (torch's batch norm does not differentiate it either):
     r_μ ← (1 − m)·r_μ + m·μ,  r_var ← (1 − m)·r_var + m·var·n/(n − 1), the unbiased variance,
-    μ and var over every dim but 1 (n elements per channel). An empty batch leaves them (as torch)."""
-    if x.numel() == 0:
+    μ and var (1, C, 1…1) over every dim but 1 (n elements per channel): the batch statistics
+    NormFn's forward returns. An empty batch leaves them (as torch)."""
+    if n == 0:
         return
     with torch.no_grad():
-        X = opmath(x.detach())
-        dims = (0, *range(2, X.dim()))
-        _, mu, var = moments(X, dims)                                # (1, C, 1…1)
-        n = X.numel() // X.shape[1]
         if running_mean is not None:
             running_mean.copy_(momentum * mu.reshape(-1) + (1 - momentum) * running_mean)
         if running_var is not None:
             running_var.copy_(momentum * var.reshape(-1) * (n / (n - 1)) + (1 - momentum) * running_var)
+
+
+def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
+    """The backward of NormFn and LayerNormFn on the fast path (``fast_path()``): their equations
+        ∂L/∂X = rstd·(gy − mean(gy) − x̂·mean(gy ⊙ x̂)),  gy = G ⊙ w   (RMS: without mean(gy))
+        ∂L/∂w = Σ_rest G ⊙ x̂,   ∂L/∂b = Σ_rest G
+    from the forward's μ and rstd (nothing differentiates them here, so they need not be
+    recomputed from X), in two buffers: x̂, then G ⊙ x̂, whose reductions give ∂L/∂w and
+    mean(gy ⊙ x̂) before it is overwritten by ∂L/∂X. The row means of gy need no gy: w is
+    constant over a batch norm's set (mean(G ⊙ w) = w·mean(G)), and a layer or RMS norm's
+    mean(G ⊙ w) = (G w)/D is one matrix-vector product; only group norm, whose w changes within
+    a group, writes gy. ``p_shape``: the shape of w and b; ``need``: (∂L/∂X, ∂L/∂w, ∂L/∂b).
+    Returns (∂L/∂X, ∂L/∂w, ∂L/∂b), None where not needed."""
+    need_x, need_w, need_b = need
+    Xv, dims = spec.view(X)                                             # the statistics view
+    pshape = spec.param_shape(p_shape, X.dim())                         # w, b broadcast in X's shape
+    gb = G.sum_to_size(pshape).reshape(p_shape) if need_b else None     # Σ_rest G
+    if not (need_x or need_w):
+        return None, None, gb
+    xhat = torch.sub(Xv, mu).mul_(rstd) if spec.center else Xv * rstd   # x̂ = (X − μ)·rstd
+    A = spec.view(G)[0] * xhat                                          # G ⊙ x̂          (view)
+    gw = A.reshape(X.shape).sum_to_size(pshape).reshape(p_shape) if need_w else None   # Σ_rest G ⊙ x̂
+    if gw is not None and tuple(pshape) == tuple(X.shape):              # no rest to sum: gw is A, kept
+        gw = gw.clone()
+    if not need_x:
+        return None, gw, gb
+    wx = spec.param(w, X)                                               # w in X's shape
+    m = xhat.numel() // rstd.numel()                                    # elements per set
+    # n1 = −mean(gy), n2 = −mean(gy ⊙ x̂) (negated, so each is one product)
+    if w is None or spec.over == "channel":
+        Gv = spec.view(G)[0]
+        n1 = Gv.sum(dims, keepdim=True).mul_(-1 / m) if spec.center else None   # −mean(G)
+        n2 = A.sum(dims, keepdim=True).mul_(-1 / m)                     # −mean(G ⊙ x̂)
+        if w is not None:
+            n1 = None if n1 is None else n1.mul_(wx)                    # −mean(gy) = −w·mean(G)
+            n2 = n2.mul_(wx)                                            # −mean(gy ⊙ x̂) = −w·mean(G ⊙ x̂)
+        gy = torch.mul(G, wx, out=A.reshape(X.shape)) if w is not None else A.reshape(X.shape).copy_(G)
+    elif spec.over == "trailing":
+        wn = w.reshape(m) * (-1 / m)                                    # −w/D
+        n1 = (G.reshape(-1, m) @ wn).reshape(rstd.shape) if spec.center else None   # −(G w)/D
+        n2 = (A.reshape(-1, m) @ wn).reshape(rstd.shape)                # −((G ⊙ x̂) w)/D
+        gy = torch.mul(G, wx, out=A)                                    # gy = G ⊙ w, in G ⊙ x̂'s buffer
+    else:                                                               # group: w changes within a set
+        gy = G * wx                                                     # gy = G ⊙ w
+        n1 = spec.view(gy)[0].sum(dims, keepdim=True).mul_(-1 / m)      # −mean(gy)
+        n2 = A.reshape(X.shape).mul_(wx).reshape(A.shape).sum(dims, keepdim=True).mul_(-1 / m)  # −mean(gy ⊙ x̂)
+    gx = spec.view(gy)[0].addcmul_(xhat, n2)                            # gy − x̂·mean(gy ⊙ x̂)
+    if n1 is None:
+        gx.mul_(rstd)                                                   # rstd·(gy − x̂·mean(gy ⊙ x̂))
+    else:
+        torch.addcmul(n1.mul_(rstd), gx, rstd, out=gx)                  # rstd·(… − mean(gy))
+    return gx.reshape(X.shape), gw, gb
 
 
 # --- which dims, which parameter shape --------------------------------------------------------------
@@ -130,11 +187,11 @@ class Norm:
         return None if t is None else t.reshape(self.param_shape(t.shape, x.dim()))
 
 
-def _xhat(x: torch.Tensor, spec: Norm):
+def _xhat(x: torch.Tensor, spec: Norm, fast: bool = False):
     """x̂ and rstd in x's shape (rstd broadcastable), from the statistics view."""
     X = opmath(x)
     Xs, dims = spec.view(X)
-    xhat, rstd = normalize(Xs, dims, spec.eps, spec.center)
+    xhat, rstd, _ = normalize(Xs, dims, spec.eps, spec.center, fast=fast)
     return xhat.reshape(X.shape), rstd, dims
 
 
@@ -169,28 +226,52 @@ class NormFn(HandFunction):
 
     @staticmethod
     def forward(x, weight, bias, spec):
-        xhat, _, _ = _xhat(x, spec)                                          # x̂
-        y = _affine(xhat, spec.param(opmath(weight), x), spec.param(opmath(bias), x))  # x̂ ⊙ w + b
-        return y.to(x.dtype)
+        fast = fast_path()
+        Xs, dims = spec.view(opmath(x))
+        Xc, mu, var = moments(Xs, dims, spec.center, fast)                  # X − μ, μ, var over S
+        rstd = torch.rsqrt(var + spec.eps)                                   # 1/√(var + eps)
+        xhat = (Xc.mul_(rstd) if fast and spec.center else Xc * rstd).reshape(x.shape)   # x̂
+        w, b = spec.param(opmath(weight), x), spec.param(opmath(bias), x)
+        if fast:                                                             # x̂ is this op's buffer
+            y = torch.addcmul(b, xhat, w, out=xhat) if w is not None and b is not None else \
+                xhat.mul_(w) if w is not None else xhat.add_(b) if b is not None else xhat
+        else:
+            y = _affine(xhat, w, b)                                          # x̂ ⊙ w + b
+        return y.to(x.dtype), (mu if mu is not None else var.new_zeros(())), var
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, spec = inputs
+        _, mu, var = output
+        ctx.mark_non_differentiable(mu, var)
+        ctx.set_materialize_grads(False)
         ctx.spec = spec
         needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # x̂ (from X) feeds ∂L/∂X and ∂L/∂w; w feeds ∂L/∂X only; ∂L/∂b needs G alone.
-        ctx.save_for_backward(x if (needs_x or needs_w) else None, weight if needs_x else None)
+        keep = needs_x or needs_w
+        ctx.save_for_backward(x if keep else None, weight if needs_x else None, mu if keep else None,
+                              var if keep else None)
         ctx.save_for_forward(x, weight)
         ctx.x_dtype = x.dtype
         ctx.w = None if weight is None else (weight.shape, weight.dtype)
         ctx.b = None if bias is None else (bias.shape, bias.dtype)
 
     @staticmethod
-    def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
+    def backward(ctx, grad_y, _g_mu, _g_var):
+        x, weight, mu, var = ctx.saved_tensors
+        if grad_y is None:
+            return None, None, None, None
         ndim = grad_y.dim()
         spec = ctx.spec
         G = opmath(grad_y)                                                   # X's shape
+        if fast_path(grad_y) and G.numel() and x is not None:                      # the same equations, fewer passes
+            need = (ctx.needs_input_grad[0], ctx.w is not None and ctx.needs_input_grad[1],
+                    ctx.b is not None and ctx.needs_input_grad[2])
+            rstd = torch.rsqrt(var + spec.eps)                               # as the forward's
+            p_shape = x.shape[x.dim() - spec.k:] if spec.over == "trailing" else x.shape[1:2]
+            gx, gw, gb = normalize_grads_fast(G, opmath(x), mu, rstd, opmath(weight), spec, p_shape, need)
+            return (None if gx is None else gx.to(ctx.x_dtype), None if gw is None else gw.to(ctx.w[1]),
+                    None if gb is None else gb.to(ctx.b[1]), None)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             xhat, rstd, dims = _xhat(x, spec)                                # x̂, rstd
@@ -225,7 +306,7 @@ class NormFn(HandFunction):
             dy = dy + xhat * spec.param(opmath(dw), x)                       # x̂ ⊙ ẇ
         if db is not None:
             dy = dy + spec.param(opmath(db), x)                              # ḃ
-        return dy.to(x.dtype)
+        return dy.to(x.dtype), None, None
 
 
 class BatchNormEvalFn(HandFunction):
