@@ -106,51 +106,61 @@ def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
         ∂L/∂X = rstd·(gy − mean(gy) − x̂·mean(gy ⊙ x̂)),  gy = G ⊙ w   (RMS: without mean(gy))
         ∂L/∂w = Σ_rest G ⊙ x̂,   ∂L/∂b = Σ_rest G
     from the forward's μ and rstd (nothing differentiates them here, so they need not be
-    recomputed from X), in two buffers: x̂, then G ⊙ x̂, whose reductions give ∂L/∂w and
-    mean(gy ⊙ x̂) before it is overwritten by ∂L/∂X. The row means of gy need no gy: w is
-    constant over a batch norm's set (mean(G ⊙ w) = w·mean(G)), and a layer or RMS norm's
-    mean(G ⊙ w) = (G w)/D is one matrix-vector product; only group norm, whose w changes within
-    a group, writes gy. ``p_shape``: the shape of w and b; ``need``: (∂L/∂X, ∂L/∂w, ∂L/∂b).
-    Returns (∂L/∂X, ∂L/∂w, ∂L/∂b), None where not needed."""
+    recomputed from X), in one buffer, the one ∂L/∂X is returned in (on CPU a fresh buffer's
+    page faults cost more than a pass through it): it holds G ⊙ x̂ for ∂L/∂w and mean(gy ⊙ x̂),
+    then X − μ again, then ∂L/∂X = rstd·(gy + x̂·n₂) + rstd·n₁, n₁ = −mean(gy), n₂ = −mean(gy ⊙ x̂)
+    (added in this order: its float32 rounding stays within the low-precision rule's margin).
+    The means of gy need no gy: w is constant over a batch norm's set (mean(G ⊙ w) =
+    w·mean(G)), and a layer or RMS norm's row means are matrix-vector products, (G w)/D;
+    group norm, whose w changes within a group, writes gy. ``p_shape``: the shape of w and b;
+    ``need``: (∂L/∂X, ∂L/∂w, ∂L/∂b). Returns (∂L/∂X, ∂L/∂w, ∂L/∂b), None where not needed."""
     need_x, need_w, need_b = need
     Xv, dims = spec.view(X)                                             # the statistics view
+    Gv = spec.view(G)[0]
     pshape = spec.param_shape(p_shape, X.dim())                         # w, b broadcast in X's shape
     gb = G.sum_to_size(pshape).reshape(p_shape) if need_b else None     # Σ_rest G
     if not (need_x or need_w):
         return None, None, gb
-    xhat = torch.sub(Xv, mu).mul_(rstd) if spec.center else Xv * rstd   # x̂ = (X − μ)·rstd
-    A = spec.view(G)[0] * xhat                                          # G ⊙ x̂          (view)
-    gw = A.reshape(X.shape).sum_to_size(pshape).reshape(p_shape) if need_w else None   # Σ_rest G ⊙ x̂
-    if gw is not None and tuple(pshape) == tuple(X.shape):              # no rest to sum: gw is A, kept
+    B = torch.sub(Xv, mu).mul_(rstd) if spec.center else Xv * rstd      # x̂ = (X − μ)·rstd  (view)
+    B.mul_(Gv)                                                          # G ⊙ x̂
+    gw = B.reshape(X.shape).sum_to_size(pshape).reshape(p_shape) if need_w else None   # Σ_rest G ⊙ x̂
+    if gw is not None and tuple(pshape) == tuple(X.shape):              # no rest to sum: gw is B, kept
         gw = gw.clone()
     if not need_x:
         return None, gw, gb
     wx = spec.param(w, X)                                               # w in X's shape
-    m = xhat.numel() // rstd.numel()                                    # elements per set
-    # n1 = −mean(gy), n2 = −mean(gy ⊙ x̂) (negated, so each is one product)
-    if w is None or spec.over == "channel":
-        Gv = spec.view(G)[0]
-        n1 = Gv.sum(dims, keepdim=True).mul_(-1 / m) if spec.center else None   # −mean(G)
-        n2 = A.sum(dims, keepdim=True).mul_(-1 / m)                     # −mean(G ⊙ x̂)
-        if w is not None:
-            n1 = None if n1 is None else n1.mul_(wx)                    # −mean(gy) = −w·mean(G)
-            n2 = n2.mul_(wx)                                            # −mean(gy ⊙ x̂) = −w·mean(G ⊙ x̂)
-        gy = torch.mul(G, wx, out=A.reshape(X.shape)) if w is not None else A.reshape(X.shape).copy_(G)
-    elif spec.over == "trailing":
-        wn = w.reshape(m) * (-1 / m)                                    # −w/D
-        n1 = (G.reshape(-1, m) @ wn).reshape(rstd.shape) if spec.center else None   # −(G w)/D
-        n2 = (A.reshape(-1, m) @ wn).reshape(rstd.shape)                # −((G ⊙ x̂) w)/D
-        gy = torch.mul(G, wx, out=A)                                    # gy = G ⊙ w, in G ⊙ x̂'s buffer
-    else:                                                               # group: w changes within a set
-        gy = G * wx                                                     # gy = G ⊙ w
-        n1 = spec.view(gy)[0].sum(dims, keepdim=True).mul_(-1 / m)      # −mean(gy)
-        n2 = A.reshape(X.shape).mul_(wx).reshape(A.shape).sum(dims, keepdim=True).mul_(-1 / m)  # −mean(gy ⊙ x̂)
-    gx = spec.view(gy)[0].addcmul_(xhat, n2)                            # gy − x̂·mean(gy ⊙ x̂)
-    if n1 is None:
-        gx.mul_(rstd)                                                   # rstd·(gy − x̂·mean(gy ⊙ x̂))
+    m = B.numel() // rstd.numel()                                       # elements per set
+    if spec.center:
+        xhat = lambda: torch.sub(Xv, mu, out=B).mul_(rstd)              # x̂ again, in B
     else:
-        torch.addcmul(n1.mul_(rstd), gx, rstd, out=gx)                  # rstd·(… − mean(gy))
-    return gx.reshape(X.shape), gw, gb
+        xhat = lambda: torch.mul(Xv, rstd, out=B)
+    scale = rstd
+    if w is None or spec.over == "channel":
+        # w is constant over each set: ∂L/∂X = rstd·w·(G + n₁ + x̂·n₂), n₁ = −mean(G), n₂ = −mean(G ⊙ x̂)
+        n1 = Gv.sum(dims, keepdim=True).mul_(-1 / m) if spec.center else None   # −mean(G)
+        n2 = B.sum(dims, keepdim=True).mul_(-1 / m)                     # −mean(G ⊙ x̂)
+        if spec.center and w is not None:                               # G + (X − μ)·(rstd·n₂), torch's order
+            torch.addcmul(Gv, torch.sub(Xv, mu, out=B), n2.mul_(rstd), out=B)
+        else:                                                           # (either order rounds within the
+            torch.addcmul(Gv, xhat(), n2, out=B)                        # rule on its own cases only) G + x̂·n₂
+        if w is not None:
+            scale = rstd * wx                                           # rstd·w
+    else:
+        # n₁ = −mean(gy), n₂ = −mean(gy ⊙ x̂), gy = G ⊙ w
+        if spec.over == "trailing":
+            wn = w.reshape(m) * (-1 / m)                                # −w/D
+            n1 = (G.reshape(-1, m) @ wn).reshape(rstd.shape) if spec.center else None   # −(G w)/D
+            n2 = (B.reshape(-1, m) @ wn).reshape(rstd.shape)            # −((G ⊙ x̂) w)/D
+        else:                                                           # group: w changes within a set
+            n2 = B.reshape(X.shape).mul_(wx).reshape(B.shape).sum(dims, keepdim=True).mul_(-1 / m)  # −mean(gy ⊙ x̂)
+            n1 = spec.view(G * wx)[0].sum(dims, keepdim=True).mul_(-1 / m)   # −mean(gy)
+        xhat().mul_(n2).reshape(X.shape).addcmul_(G, wx)                # gy + x̂·n₂
+    if n1 is None:
+        B.mul_(scale)                                                   # rstd·(gy + x̂·n₂)
+    else:
+        torch.addcmul(n1 * scale, B, scale, out=B)                      # rstd·(gy + x̂·n₂) + rstd·n₁
+    gx = B.reshape(X.shape)
+    return gx, gw, gb
 
 
 # --- which dims, which parameter shape --------------------------------------------------------------
