@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._function import HandFunction, opmath
+import torch.nn.functional as TF
+
+from ._function import HandFunction, fast_path, opmath
 from ._function import accurate_sum as _sum
 from .softmax import log_softmax_jvp, log_softmax_rows, log_softmax_vjp
 
@@ -212,13 +214,14 @@ def ce_losses(logp, target, w, opts):
     return loss.where(keep, 0.0) if C else loss
 
 
-def ce_direction(logp, target, w, opts, inplace: bool = False):
+def ce_direction(logp, target, w, opts, inplace: bool = False, fast: bool = False):
     """R = ∂ℓ_i/∂X_i = P_i (Q_i 1) − Q_i   (M, C), P = exp(log p), and the kept rows (None for
     probabilities). For class indices, with c_i = (1−ε) a_i and s_i = (ε/C) keep_i, it is
         c_i (P_i − e_{y_i}) + s_i (P_i Σ_c w_c − w) = (c_i + s_i Σw) (P_i − e_{y_i}) + s_i (Σw e_{y_i} − w)
     with P_{i,y_i} − 1 taken as expm1(log p_{i,y_i}): no cancellation when p_{i,y_i} ≈ 1.
     ``inplace``: log p is a buffer the caller owns and nothing records this (a chunk's), so R
-    overwrites it; the same equations, one in-place op each."""
+    overwrites it; the same equations, one in-place op each. ``fast``: nothing records this, but
+    log p is kept (a saved tensor): R is a fresh P = exp(log p), then worked on in place."""
     C = logp.shape[1]
     if opts.probs:
         P = logp.exp()                                                    # P = softmax(X)    (M, C)
@@ -232,6 +235,7 @@ def ce_direction(logp, target, w, opts, inplace: bool = False):
     col = y0.unsqueeze(1)                                                 # (M, 1)
     picked = torch.expm1(logp.gather(1, col))                             # p_{i,y_i} − 1      (M, 1)
     P = logp.exp_() if inplace else logp.exp()                            # P = softmax(X)    (M, C)
+    inplace = inplace or fast                                             # P is this call's own buffer
     PmE = P.scatter_(1, col, picked) if inplace else P.scatter(1, col, picked)   # P − E_y     (M, C)
     c = ((1 - eps) * a).unsqueeze(1)                                      # c_i = (1−ε) a_i    (M, 1)
     if not eps:
@@ -286,6 +290,14 @@ class CrossEntropyFn(HandFunction):
 
     @staticmethod
     def forward(x, target, w, opts):
+        if fast_path() and not opts.probs and not opts.label_smoothing and x.numel():
+            # Nothing records this: torch's forward kernels (not backward ones) compute the same
+            # log p and −Σ a_i log p_{i,y_i} / den in two passes; the expressions below are the
+            # same forward, taken under the torch.func transforms (tests/test_fast_paths.py).
+            logp = torch.log_softmax(opmath(x), 1)                        # log p       (M, C)
+            loss = TF.nll_loss(logp, target, None if w is None else opmath(w).reshape(-1),
+                               ignore_index=opts.ignore_index, reduction=opts.reduction)
+            return loss.to(x.dtype), logp
         logp = log_softmax_rows(opmath(x))                                # log p       (M, C)
         loss = ce_losses(logp, target, w, opts)                           # ℓ           (M,)
         den = ce_denominator(target, w, opts, logp.dtype)
@@ -308,10 +320,12 @@ class CrossEntropyFn(HandFunction):
         need_x = ctx.needs_input_grad[0]
         need_t, need_w = (ctx.needs_input_grad[1] and opts.probs), (ctx.needs_input_grad[2] and opts.probs)
         gx = gt = gw = None
+        fast = g_logp is None and fast_path(g)                           # R and ∂L/∂X: one buffer
         if g is not None and need_x:
-            R, keep = ce_direction(logp, target, w, opts)                 # P (Q 1) − Q      (M, C)
+            R, keep = ce_direction(logp, target, w, opts, fast=fast)      # P (Q 1) − Q      (M, C)
             den = ce_denominator(target, w, opts, logp.dtype)
-            gx = ce_row_scale(g, opts, den, keep) * R                     # ĝ ⊙ (P (Q 1) − Q)
+            s = ce_row_scale(g, opts, den, keep)
+            gx = R.mul_(s) if fast else s * R                             # ĝ ⊙ (P (Q 1) − Q)
         if g is not None and (need_t or need_w):
             s = ce_row_scale(g, opts, logp.shape[0], None)                # ĝ
             if need_t:
@@ -366,6 +380,9 @@ class NLLLossFn(HandFunction):
 
     @staticmethod
     def forward(x, y, w, opts):
+        if fast_path() and x.numel():                                     # torch's forward kernel: the same sum
+            return TF.nll_loss(opmath(x), y, None if w is None else opmath(w).reshape(-1),
+                               ignore_index=opts.ignore_index, reduction=opts.reduction).to(x.dtype)
         X = opmath(x)                                                     # (M, C)
         keep, y0, a = ce_index_terms(y, w, opts.ignore_index, X.dtype)    # (M,)
         picked = _picked(X, y0)                                           # X_{i, y_i}      (M,)
@@ -388,7 +405,8 @@ class NLLLossFn(HandFunction):
         keep, y0, a = ce_index_terms(y, w, ctx.opts.ignore_index, opmath(g).dtype)   # (M,)
         sa = ce_row_scale(g, ctx.opts, _sum(a), keep) * a.unsqueeze(1)    # ĝ ⊙ a   (M, 1)
         zeros = sa.new_zeros(ctx.x_shape)                                 # (M, C)
-        gx = zeros.scatter(1, y0.unsqueeze(1), -sa) if ctx.x_shape[1] else zeros   # −(ĝ ⊙ a) ⊙ E_y
+        scatter = zeros.scatter_ if fast_path(g) else zeros.scatter       # in place on the fresh zeros
+        gx = scatter(1, y0.unsqueeze(1), -sa) if ctx.x_shape[1] else zeros   # −(ĝ ⊙ a) ⊙ E_y
         return gx.to(ctx.x_dtype), None, None, None
 
     @staticmethod
