@@ -86,6 +86,16 @@ class SquaredErrorFn(HandFunction):
 
     @staticmethod
     def forward(x, y, w, reduction, kind):
+        if fast_path() and w is None and x.shape == y.shape and x.numel():
+            # Nothing records this: torch's forward kernel sums (X − Y)² in one pass, as the
+            # expressions below do (tests/test_fast_paths.py compares the two).
+            X, Y = opmath(x), opmath(y)
+            if kind == "mse":
+                return TF.mse_loss(X, Y, reduction=reduction).to(x.dtype)            # Σ D² (/ |S|)
+            if reduction == "none":
+                return torch.sub(X, Y).square_().sum(-1).mul_(0.5).to(x.dtype)       # ½ Σ_d D²  per row
+            total = TF.mse_loss(X, Y, reduction="sum").mul_(0.5)                     # ½ Σ D²
+            return (total / X.shape[:-1].numel() if reduction == "mean" else total).to(x.dtype)
         D, c, den = _se_terms(x, y, w, kind)                    # D (S)
         E = c * D * D if w is None else c * opmath(w) * D * D   # E = c W ⊙ D²      (S)
         if reduction == "none":
@@ -107,6 +117,12 @@ class SquaredErrorFn(HandFunction):
         D, c, den = _se_terms(x, y, w, ctx.kind)                   # D = X − Y          (S)
         g_hat = _se_expand(_scale(opmath(g), ctx.reduction, den), ctx.kind)   # ĝ     (S or scalar)
         gx = gy = gw = None
+        if (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) and w is None and fast_path(g):
+            GD = D.mul_(2 * c * g_hat)                                     # 2c ĝ ⊙ D, in D's buffer
+            gx = GD.sum_to_size(ctx.shapes[0]).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+            if ctx.needs_input_grad[1]:                                    # −2c ĝ D (its own buffer if ∂L/∂X took GD)
+                gy = (torch.neg(GD) if gx is not None else GD.neg_()).sum_to_size(ctx.shapes[1]).to(ctx.dtypes[1])
+            return gx, gy, None, None, None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             GD = 2 * c * g_hat * D if w is None else 2 * c * g_hat * opmath(w) * D  # 2c ĝ ⊙ W ⊙ D
             GD = GD.expand(D.shape)
@@ -448,6 +464,9 @@ class BCEWithLogitsFn(HandFunction):
 
     @staticmethod
     def forward(x, t, w, p, reduction):
+        if fast_path() and x.numel():                                     # torch's forward: the same stable form
+            return TF.binary_cross_entropy_with_logits(
+                opmath(x), opmath(t), opmath(w), reduction=reduction, pos_weight=opmath(p)).to(x.dtype)
         X, T = opmath(x), opmath(t)                                       # (S)
         log1p_term = torch.log1p(torch.exp(-X.abs()))                     # log1p(e^{−|X|})
         if p is None:
@@ -492,8 +511,17 @@ class BCEWithLogitsFn(HandFunction):
         need_x, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_x or need_t):
             return None, None, None, None, None
-        dX, dT, n = BCEWithLogitsFn._partials(ctx, need_x, need_t)
         G = opmath(g)
+        x, t, w, p = ctx.saved_tensors
+        if need_x and not need_t and p is None and fast_path(g):          # σ(X) − T, ⊙ w, ⊙ ĝ: one buffer
+            dX = torch.sigmoid(opmath(x)).sub_(opmath(t))                 # σ(X) − T
+            if w is not None:
+                dX.mul_(opmath(w))                                        # ⊙ w
+            dX.mul_(G)                                                    # ĝ ⊙ ∂ℓ/∂X
+            if ctx.reduction == "mean":
+                dX.div_(x.numel())                                        # / |S| last, in torch's order
+            return dX.to(ctx.dtypes[0]), None, None, None, None
+        dX, dT, n = BCEWithLogitsFn._partials(ctx, need_x, need_t)
         # ĝ ⊙ ∂ℓ/∂X, ĝ ⊙ ∂ℓ/∂T, dividing by |S| last ('mean'), in torch's order of rounding
         gx = None if dX is None else _scale(G * dX, ctx.reduction, n).to(ctx.dtypes[0])
         gt = None if dT is None else _scale(G * dT, ctx.reduction, n).to(ctx.dtypes[1])
