@@ -107,8 +107,9 @@ def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
         ∂L/∂w = Σ_rest G ⊙ x̂,   ∂L/∂b = Σ_rest G
     from the forward's μ and rstd (nothing differentiates them here, so they need not be
     recomputed from X), in one buffer, the one ∂L/∂X is returned in (on CPU a fresh buffer's
-    page faults cost more than a pass through it): it holds G ⊙ x̂ for ∂L/∂w and mean(gy ⊙ x̂),
-    then X − μ again, then ∂L/∂X = rstd·(gy + x̂·n₂) + rstd·n₁, n₁ = −mean(gy), n₂ = −mean(gy ⊙ x̂)
+    page faults cost more than a pass through it): it holds G ⊙ (X − μ), whose sums, scaled by
+    rstd per row (a matrix-vector product) or per channel, give ∂L/∂w and mean(gy ⊙ x̂), then
+    X − μ again, then ∂L/∂X = rstd·(gy + x̂·n₂) + rstd·n₁, n₁ = −mean(gy), n₂ = −mean(gy ⊙ x̂)
     (added in this order: its float32 rounding stays within the low-precision rule's margin).
     The means of gy need no gy: w is constant over a batch norm's set (mean(G ⊙ w) =
     w·mean(G)), and a layer or RMS norm's row means are matrix-vector products, (G w)/D;
@@ -121,15 +122,23 @@ def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
     gb = G.sum_to_size(pshape).reshape(p_shape) if need_b else None     # Σ_rest G
     if not (need_x or need_w):
         return None, None, gb
-    B = torch.sub(Xv, mu).mul_(rstd) if spec.center else Xv * rstd      # x̂ = (X − μ)·rstd  (view)
-    B.mul_(Gv)                                                          # G ⊙ x̂
-    gw = B.reshape(X.shape).sum_to_size(pshape).reshape(p_shape) if need_w else None   # Σ_rest G ⊙ x̂
-    if gw is not None and tuple(pshape) == tuple(X.shape):              # no rest to sum: gw is B, kept
-        gw = gw.clone()
+    B = torch.sub(Xv, mu).mul_(Gv) if spec.center else Xv * Gv          # G ⊙ (X − μ) = G ⊙ x̂ / rstd  (view)
+    m = B.numel() // rstd.numel()                                       # elements per set
+    S = None                                                            # Σ_set G ⊙ (X − μ)
+    if spec.over == "trailing":                                         # rstd per row: into the sums over rows
+        M = rstd.numel()
+        gw = (rstd.reshape(1, M) @ B.reshape(M, m)).reshape(p_shape) if need_w else None   # Σ_rows rstd·G ⊙ (X − μ)
+    elif spec.over == "channel":                                        # rstd per channel: after the sum
+        S = B.sum(dims, keepdim=True)                                   # (1, C, 1…1)
+        gw = (S * rstd).reshape(p_shape) if need_w else None            # rstd·Σ G ⊙ (X − μ)
+    else:                                                               # group: rstd per (sample, group)
+        B.mul_(rstd)                                                    # G ⊙ x̂
+        gw = B.reshape(X.shape).sum_to_size(pshape).reshape(p_shape) if need_w else None   # Σ_rest G ⊙ x̂
+        if gw is not None and tuple(pshape) == tuple(X.shape):          # no rest to sum: gw is B, kept
+            gw = gw.clone()
     if not need_x:
         return None, gw, gb
     wx = spec.param(w, X)                                               # w in X's shape
-    m = B.numel() // rstd.numel()                                       # elements per set
     if spec.center:
         xhat = lambda: torch.sub(Xv, mu, out=B).mul_(rstd)              # x̂ again, in B
     else:
@@ -138,7 +147,8 @@ def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
     if w is None or spec.over == "channel":
         # w is constant over each set: ∂L/∂X = rstd·w·(G + n₁ + x̂·n₂), n₁ = −mean(G), n₂ = −mean(G ⊙ x̂)
         n1 = Gv.sum(dims, keepdim=True).mul_(-1 / m) if spec.center else None   # −mean(G)
-        n2 = B.sum(dims, keepdim=True).mul_(-1 / m)                     # −mean(G ⊙ x̂)
+        S = B.sum(dims, keepdim=True) if S is None else S               # Σ G ⊙ (X − μ)  (group: Σ G ⊙ x̂)
+        n2 = (S if spec.over == "group" else S.mul_(rstd)).mul_(-1 / m)   # −mean(G ⊙ x̂)
         if spec.center and w is not None:                               # G + (X − μ)·(rstd·n₂), torch's order
             torch.addcmul(Gv, torch.sub(Xv, mu, out=B), n2.mul_(rstd), out=B)
         else:                                                           # (either order rounds within the
@@ -150,7 +160,7 @@ def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
         if spec.over == "trailing":
             wn = w.reshape(m) * (-1 / m)                                # −w/D
             n1 = (G.reshape(-1, m) @ wn).reshape(rstd.shape) if spec.center else None   # −(G w)/D
-            n2 = (B.reshape(-1, m) @ wn).reshape(rstd.shape)            # −((G ⊙ x̂) w)/D
+            n2 = (B.reshape(-1, m) @ wn).reshape(rstd.shape).mul_(rstd)   # −((G ⊙ x̂) w)/D
         else:                                                           # group: w changes within a set
             n2 = B.reshape(X.shape).mul_(wx).reshape(B.shape).sum(dims, keepdim=True).mul_(-1 / m)  # −mean(gy ⊙ x̂)
             n1 = spec.view(G * wx)[0].sum(dims, keepdim=True).mul_(-1 / m)   # −mean(gy)

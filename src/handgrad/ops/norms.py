@@ -53,9 +53,10 @@ class LayerNormFn(HandFunction):
 
     @staticmethod
     def forward(x, weight, bias, K, eps):
-        if fast_path() and x.numel():
+        if fast_path() and x.numel() and opmath(x) is x:
             # Nothing records this: the forward kernel (not a backward one) gives Y and the row
-            # statistics μ, rstd of the equations above in one pass; the expression below is the
+            # statistics μ, rstd of the equations above in one pass (float16/bfloat16: its
+            # statistics have the input's dtype, so those take the path below); the expression below is the
             # same forward, taken under the torch.func transforms and compared with this one
             # (tests/test_fast_paths.py).
             return torch.native_layer_norm(x, x.shape[x.dim() - K:], weight, bias, eps)
