@@ -92,7 +92,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
                                    "cannot have requires_grad True (as torch's native_batch_norm).")
     if not training:
         return BatchNormEvalFn.call(input, running_mean, running_var, weight, bias, eps)
-    y, mu, var = NormFn.call(input, weight, bias, Norm("channel", 0, True, eps))   # and the batch statistics
+    y, mu, _, var = NormFn.call(input, weight, bias, Norm("channel", 0, True, eps))   # and the batch statistics
     C = input.shape[1]
     update_running_stats(running_mean, running_var, mu, var, input.numel() // C if C else 0, momentum)
     return y

@@ -17,9 +17,10 @@ layer_norm     the K trailing dims             yes                 trailing row
 ``mean`` below is the mean over S, broadcast back; ``m`` the number of elements in S.
 (layer_norm is the fourth row; its Function lives in ``ops/norms.py``.)
 
-As in ``ops/norms.py``, μ and rstd are recomputed in backward and jvp from the saved X rather
-than kept: ∂L/∂X depends on X through them, and a non-differentiable saved μ would cut that
-dependence out of the double-backward graph.
+As in ``ops/norms.py``, μ and rstd are recomputed in the differentiable backward and jvp from the
+saved X rather than kept: ∂L/∂X depends on X through them, and a non-differentiable saved μ would
+cut that dependence out of the double-backward graph. The fast path (grad mode off: nothing
+differentiates the backward) uses the forward's μ and rstd instead.
 """
 from __future__ import annotations
 
@@ -239,7 +240,11 @@ class NormFn(HandFunction):
         ∂L/∂b = Σ_rest G
     Forward mode, tangents Ẋ, ẇ, ḃ:
         Ẏ = rstd·(Ẋ − mean(Ẋ) − x̂·mean(Ẋ ⊙ x̂)) ⊙ w + x̂ ⊙ ẇ + ḃ
-    Saves X (and w where ∂L/∂X needs it); μ, rstd, x̂ are recomputed. float16/bfloat16 X runs in
+    Returns (Y, μ, rstd, var): the statistics (keepdim, in the statistics view; μ = 0 for RMS;
+    var a 0-d zero from group norm's forward kernel) are non-differentiable outputs, for batch
+    norm's running statistics and the fast path's backward (``normalize_grads_fast``).
+    Saves X, μ, rstd (and w where ∂L/∂X needs it); the differentiable backward recomputes μ, rstd
+    and x̂ from X (see the module docstring). float16/bfloat16 X runs in
     float32 and rounds once; each gradient has its input's dtype.
     Derivation: docs/derivation.md#batch-group-and-rms-normalisation
     """
@@ -247,6 +252,14 @@ class NormFn(HandFunction):
     @staticmethod
     def forward(x, weight, bias, spec):
         fast = fast_path()
+        if fast and spec.over == "group" and x.numel() and opmath(x) is x:
+            # Nothing records this: the forward kernel (not a backward one) gives Y and each
+            # group's μ, rstd in one pass; the expressions below are the same forward, taken under
+            # the torch.func transforms (tests/test_fast_paths.py). (It gives no var: a 0-d zero.)
+            N, C = x.shape[:2]
+            c = lambda t: None if t is None else t.contiguous()              # (the kernel's requirement)
+            y, mu, rstd = torch.native_group_norm(c(x), c(weight), c(bias), N, C, x[0, 0].numel(), spec.k, spec.eps)
+            return y, mu.reshape(N, spec.k, 1), rstd.reshape(N, spec.k, 1), rstd.new_zeros(())
         Xs, dims = spec.view(opmath(x))
         Xc, mu, var = moments(Xs, dims, spec.center, fast)                  # X − μ, μ, var over S
         rstd = torch.rsqrt(var + spec.eps)                                   # 1/√(var + eps)
@@ -257,28 +270,28 @@ class NormFn(HandFunction):
                 xhat.mul_(w) if w is not None else xhat.add_(b) if b is not None else xhat
         else:
             y = _affine(xhat, w, b)                                          # x̂ ⊙ w + b
-        return y.to(x.dtype), (mu if mu is not None else var.new_zeros(())), var
+        return y.to(x.dtype), (mu if mu is not None else var.new_zeros(())), rstd, var
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, spec = inputs
-        _, mu, var = output
-        ctx.mark_non_differentiable(mu, var)
+        _, mu, rstd, var = output
+        ctx.mark_non_differentiable(mu, rstd, var)
         ctx.set_materialize_grads(False)
         ctx.spec = spec
         needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # x̂ (from X) feeds ∂L/∂X and ∂L/∂w; w feeds ∂L/∂X only; ∂L/∂b needs G alone.
         keep = needs_x or needs_w
         ctx.save_for_backward(x if keep else None, weight if needs_x else None, mu if keep else None,
-                              var if keep else None)
+                              rstd if keep else None)
         ctx.save_for_forward(x, weight)
         ctx.x_dtype = x.dtype
         ctx.w = None if weight is None else (weight.shape, weight.dtype)
         ctx.b = None if bias is None else (bias.shape, bias.dtype)
 
     @staticmethod
-    def backward(ctx, grad_y, _g_mu, _g_var):
-        x, weight, mu, var = ctx.saved_tensors
+    def backward(ctx, grad_y, _g_mu, _g_rstd, _g_var):
+        x, weight, mu, rstd = ctx.saved_tensors
         if grad_y is None:
             return None, None, None, None
         ndim = grad_y.dim()
@@ -287,7 +300,6 @@ class NormFn(HandFunction):
         if fast_path(grad_y) and G.numel() and x is not None:                      # the same equations, fewer passes
             need = (ctx.needs_input_grad[0], ctx.w is not None and ctx.needs_input_grad[1],
                     ctx.b is not None and ctx.needs_input_grad[2])
-            rstd = torch.rsqrt(var + spec.eps)                               # as the forward's
             p_shape = x.shape[x.dim() - spec.k:] if spec.over == "trailing" else x.shape[1:2]
             gx, gw, gb = normalize_grads_fast(G, opmath(x), mu, rstd, opmath(weight), spec, p_shape, need)
             return (None if gx is None else gx.to(ctx.x_dtype), None if gw is None else gw.to(ctx.w[1]),
@@ -326,7 +338,7 @@ class NormFn(HandFunction):
             dy = dy + xhat * spec.param(opmath(dw), x)                       # x̂ ⊙ ẇ
         if db is not None:
             dy = dy + spec.param(opmath(db), x)                              # ḃ
-        return dy.to(x.dtype), None, None
+        return dy.to(x.dtype), None, None, None
 
 
 class BatchNormEvalFn(HandFunction):

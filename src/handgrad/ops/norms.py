@@ -9,7 +9,9 @@ from the forward. Why: backward must itself be differentiable (gradgradcheck), a
 depends on X through μ and rstd as well as through x̂; a μ or rstd returned as a
 non-differentiable output would cut that dependence out of the double-backward graph. The cost
 is two more row reductions over X (μ, var), next to the two the backward does anyway, and X is
-needed for x̂ regardless, so nothing extra is held in memory.
+needed for x̂ regardless, so nothing extra is held in memory. The fast path (grad mode off:
+nothing differentiates the backward) takes the forward's μ and rstd, returned as
+non-differentiable outputs, instead.
 """
 from __future__ import annotations
 
@@ -45,7 +47,9 @@ class LayerNormFn(HandFunction):
         ∂L/∂b = Σ_batch G                                  (row)
     Forward mode, tangents Ẋ, ẇ, ḃ:
         Ẏ = rstd·(Ẋ − mean(Ẋ) − x̂·mean(Ẋ ⊙ x̂)) ⊙ w + x̂ ⊙ ẇ + ḃ
-    Saves X (and w where ∂L/∂X needs it); μ, rstd, x̂ are recomputed (see the module docstring).
+    Returns (Y, μ, rstd), the row statistics (*, 1…1) non-differentiable outputs for the fast
+    path's backward (``ops.normalize.normalize_grads_fast``); saves X, μ, rstd (and w where ∂L/∂X
+    needs it); the differentiable backward recomputes μ, rstd, x̂ from X (see the module docstring).
     float16/bfloat16 X runs in float32 and rounds once; w and b may be float32 with a
     float16/bfloat16 X (torch's CPU mixed-dtype kernel); each gradient has its input's dtype.
     Derivation: docs/derivation.md#layer-normalisation
