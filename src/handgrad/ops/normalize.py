@@ -120,7 +120,11 @@ def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
     Xv, dims = spec.view(X)                                             # the statistics view
     Gv = spec.view(G)[0]
     pshape = spec.param_shape(p_shape, X.dim())                         # w, b broadcast in X's shape
-    gb = G.sum_to_size(pshape).reshape(p_shape) if need_b else None     # Σ_rest G
+    Gsum = Gv.sum(dims, keepdim=True) if spec.over == "channel" and (need_b or need_x) else None  # batch norm: Σ_set G = Σ_rest G
+    if need_b:
+        gb = (Gsum if Gsum is not None else G.sum_to_size(pshape)).reshape(p_shape)   # Σ_rest G
+    else:
+        gb = None
     if not (need_x or need_w):
         return None, None, gb
     B = torch.sub(Xv, mu).mul_(Gv) if spec.center else Xv * Gv          # G ⊙ (X − μ) = G ⊙ x̂ / rstd  (view)
@@ -132,11 +136,11 @@ def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
     elif spec.over == "channel":                                        # rstd per channel: after the sum
         S = B.sum(dims, keepdim=True)                                   # (1, C, 1…1)
         gw = (S * rstd).reshape(p_shape) if need_w else None            # rstd·Σ G ⊙ (X − μ)
-    else:                                                               # group: rstd per (sample, group)
-        B.mul_(rstd)                                                    # G ⊙ x̂
-        gw = B.reshape(X.shape).sum_to_size(pshape).reshape(p_shape) if need_w else None   # Σ_rest G ⊙ x̂
-        if gw is not None and tuple(pshape) == tuple(X.shape):          # no rest to sum: gw is B, kept
-            gw = gw.clone()
+    else:                                                               # group: sums per (sample, channel) first
+        N, C = X.shape[:2]
+        r = rstd.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C)   # rstd per (n, c)
+        S = B.reshape(N, C, -1).sum(-1).mul_(r)                         # Σ_spatial G ⊙ x̂      (N, C)
+        gw = S.sum(0).reshape(p_shape) if need_w else None              # Σ_rest G ⊙ x̂
     if not need_x:
         return None, gw, gb
     wx = spec.param(w, X)                                               # w in X's shape
@@ -147,9 +151,15 @@ def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
     scale = rstd
     if w is None or spec.over == "channel":
         # w is constant over each set: ∂L/∂X = rstd·w·(G + n₁ + x̂·n₂), n₁ = −mean(G), n₂ = −mean(G ⊙ x̂)
-        n1 = Gv.sum(dims, keepdim=True).mul_(-1 / m) if spec.center else None   # −mean(G)
-        S = B.sum(dims, keepdim=True) if S is None else S               # Σ G ⊙ (X − μ)  (group: Σ G ⊙ x̂)
-        n2 = (S if spec.over == "group" else S.mul_(rstd)).mul_(-1 / m)   # −mean(G ⊙ x̂)
+        if not spec.center:
+            n1 = None
+        else:                                                           # −mean(G)
+            n1 = Gsum * (-1 / m) if Gsum is not None else Gv.sum(dims, keepdim=True).mul_(-1 / m)
+        if spec.over == "group":                                        # Σ G ⊙ x̂ per group, from (N, C)
+            n2 = S.reshape(rstd.shape[0], spec.k, -1).sum(-1, keepdim=True).mul_(-1 / m)   # −mean(G ⊙ x̂)
+        else:
+            S = B.sum(dims, keepdim=True) if S is None else S           # Σ G ⊙ (X − μ)
+            n2 = S.mul_(rstd).mul_(-1 / m)                              # −mean(G ⊙ x̂)
         if spec.center and w is not None:                               # G + (X − μ)·(rstd·n₂), torch's order
             torch.addcmul(Gv, torch.sub(Xv, mu, out=B), n2.mul_(rstd), out=B)
         else:                                                           # (either order rounds within the
@@ -162,9 +172,11 @@ def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
             wn = w.reshape(m) * (-1 / m)                                # −w/D
             n1 = (G.reshape(-1, m) @ wn).reshape(rstd.shape) if spec.center else None   # −(G w)/D
             n2 = (B.reshape(-1, m) @ wn).reshape(rstd.shape).mul_(rstd)   # −((G ⊙ x̂) w)/D
-        else:                                                           # group: w changes within a set
-            n2 = B.reshape(X.shape).mul_(wx).reshape(B.shape).sum(dims, keepdim=True).mul_(-1 / m)  # −mean(gy ⊙ x̂)
-            n1 = spec.view(G * wx)[0].sum(dims, keepdim=True).mul_(-1 / m)   # −mean(gy)
+        else:                                                           # group: from the (N, C) sums, ⊙ w
+            N, C = X.shape[:2]
+            Gs = G.reshape(N, C, -1).sum(-1)                            # Σ_spatial G          (N, C)
+            n1 = (Gs * w).reshape(N, spec.k, -1).sum(-1, keepdim=True).mul_(-1 / m)   # −mean(gy)
+            n2 = (S * w).reshape(N, spec.k, -1).sum(-1, keepdim=True).mul_(-1 / m)    # −mean(gy ⊙ x̂)
         xhat().mul_(n2).reshape(X.shape).addcmul_(G, wx)                # gy + x̂·n₂
     if n1 is None:
         B.mul_(scale)                                                   # rstd·(gy + x̂·n₂)
