@@ -337,7 +337,17 @@ class CrossEntropyFn(HandFunction):
         need_t, need_w = (ctx.needs_input_grad[1] and opts.probs), (ctx.needs_input_grad[2] and opts.probs)
         gx = gt = gw = None
         fast = g_logp is None and fast_path(g)                           # R and ∂L/∂X: one buffer
-        if g is not None and need_x:
+        if g is not None and need_x and fast and not opts.probs and not opts.label_smoothing and logp.shape[1]:
+            # log p is torch's here (the forward's kernel), whose log p_y rounds at the scale of
+            # 1 where p_y ≈ 1, so p_y − 1 is taken as −Σ_{j≠y} p_j (the same number, Σ p = 1):
+            # a sum of small terms, no cancellation, instead of expm1(log p_y).
+            keep, y0, a = ce_index_terms(target, w, opts.ignore_index, logp.dtype)   # (M,)
+            col = y0.unsqueeze(1)                                         # (M, 1)
+            P = logp.exp().scatter_(1, col, 0.0)                          # P, 0 at y          (M, C)
+            P.scatter_(1, col, P.sum(1, keepdim=True).neg_())             # P − E_y
+            s = ce_row_scale(g, opts, _sum(a), keep)                      # ĝ                  (M, 1) or ()
+            gx = P.mul_(a.unsqueeze(1) * s)                               # ĝ a_i (P_i − e_{y_i})
+        elif g is not None and need_x:
             R, keep = ce_direction(logp, target, w, opts, fast=fast)      # P (Q 1) − Q      (M, C)
             den = ce_denominator(target, w, opts, logp.dtype)
             s = ce_row_scale(g, opts, den, keep)
