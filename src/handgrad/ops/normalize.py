@@ -370,6 +370,13 @@ class BatchNormEvalFn(HandFunction):
 
     @staticmethod
     def forward(x, running_mean, running_var, weight, bias, eps):
+        if fast_path() and opmath(x) is x:                                   # one buffer: x̂, then Y
+            rstd = _per_channel(torch.rsqrt(running_var + eps), x)           # r_rstd (C, 1…1)
+            xhat = torch.sub(x, _per_channel(running_mean, x)).mul_(rstd)    # (X − r_μ)·r_rstd
+            w, b = _per_channel(weight, x), _per_channel(bias, x)
+            if w is not None and b is not None:
+                return torch.addcmul(b, xhat, w, out=xhat)                   # x̂ ⊙ w + b
+            return xhat.mul_(w) if w is not None else xhat.add_(b) if b is not None else xhat
         xhat, _ = _eval_xhat(x, running_mean, running_var, eps)              # (X − r_μ)·r_rstd
         return _affine(xhat, _per_channel(opmath(weight), x), _per_channel(opmath(bias), x)).to(x.dtype)
 
@@ -393,7 +400,11 @@ class BatchNormEvalFn(HandFunction):
             if weight is not None:
                 scale = scale * _per_channel(opmath(weight), G)              # w·r_rstd
             grad_x = (G * scale).to(ctx.x_dtype)                             # G ⊙ w·r_rstd
-        if ctx.w is not None and ctx.needs_input_grad[3]:
+        if ctx.w is not None and ctx.needs_input_grad[3] and fast_path(grad_y):   # r_rstd after the sum: one buffer
+            rstd = torch.rsqrt(opmath(running_var) + ctx.eps)                # r_rstd (C,)
+            B = torch.sub(opmath(x), _per_channel(opmath(running_mean), x)).mul_(G)   # G ⊙ (X − r_μ)
+            grad_w = (_channel_sum(B) * rstd).reshape(ctx.w[0]).to(ctx.w[1])  # Σ_rest G ⊙ x̂
+        elif ctx.w is not None and ctx.needs_input_grad[3]:
             xhat, _ = _eval_xhat(x, running_mean, running_var, ctx.eps)
             grad_w = _channel_sum(G * xhat).reshape(ctx.w[0]).to(ctx.w[1])   # Σ_rest G ⊙ x̂
         if ctx.b is not None and ctx.needs_input_grad[4]:
