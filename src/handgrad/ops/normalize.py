@@ -110,11 +110,13 @@ def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
     recomputed from X), in one buffer, the one ∂L/∂X is returned in (on CPU a fresh buffer's
     page faults cost more than a pass through it): it holds G ⊙ (X − μ), whose sums, scaled by
     rstd per row (a matrix-vector product) or per channel, give ∂L/∂w and mean(gy ⊙ x̂), then
-    X − μ again, then ∂L/∂X = rstd·(gy + x̂·n₂) + rstd·n₁, n₁ = −mean(gy), n₂ = −mean(gy ⊙ x̂)
-    (added in this order: its float32 rounding stays within the low-precision rule's margin).
+    X − μ again, then ∂L/∂X = rstd·(gy + x̂·n₂) + rstd·n₁ (batch norm, no-affine layer norm) or
+    rstd·(gy + n₁ + x̂·n₂) (layer and RMS norm with w, group norm: a one-element group's gy and
+    n₁ cancel exactly), n₁ = −mean(gy), n₂ = −mean(gy ⊙ x̂) (each order measured within the
+    low-precision rule on the registry's cases).
     The means of gy need no gy: w is constant over a batch norm's set (mean(G ⊙ w) =
-    w·mean(G)), and a layer or RMS norm's row means are matrix-vector products, (G w)/D;
-    group norm, whose w changes within a group, writes gy. ``p_shape``: the shape of w and b;
+    w·mean(G)), a layer or RMS norm's row means are matrix-vector products, (G w)/D, and group
+    norm's come from sums per (sample, channel), ⊙ w. ``p_shape``: the shape of w and b;
     ``need``: (∂L/∂X, ∂L/∂w, ∂L/∂b). Returns (∂L/∂X, ∂L/∂w, ∂L/∂b), None where not needed."""
     need_x, need_w, need_b = need
     Xv, dims = spec.view(X)                                             # the statistics view
@@ -149,17 +151,14 @@ def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
     else:
         xhat = lambda: torch.mul(Xv, rstd, out=B)
     scale = rstd
-    if w is None or spec.over == "channel":
+    if spec.over == "channel" or (w is None and spec.over == "trailing"):
         # w is constant over each set: ∂L/∂X = rstd·w·(G + n₁ + x̂·n₂), n₁ = −mean(G), n₂ = −mean(G ⊙ x̂)
         if not spec.center:
             n1 = None
         else:                                                           # −mean(G)
             n1 = Gsum * (-1 / m) if Gsum is not None else Gv.sum(dims, keepdim=True).mul_(-1 / m)
-        if spec.over == "group":                                        # Σ G ⊙ x̂ per group, from (N, C)
-            n2 = S.reshape(rstd.shape[0], spec.k, -1).sum(-1, keepdim=True).mul_(-1 / m)   # −mean(G ⊙ x̂)
-        else:
-            S = B.sum(dims, keepdim=True) if S is None else S           # Σ G ⊙ (X − μ)
-            n2 = S.mul_(rstd).mul_(-1 / m)                              # −mean(G ⊙ x̂)
+        S = B.sum(dims, keepdim=True) if S is None else S               # Σ G ⊙ (X − μ)
+        n2 = S.mul_(rstd).mul_(-1 / m)                                  # −mean(G ⊙ x̂)
         if spec.center and w is not None:                               # G + (X − μ)·(rstd·n₂), torch's order
             torch.addcmul(Gv, torch.sub(Xv, mu, out=B), n2.mul_(rstd), out=B)
         else:                                                           # (either order rounds within the
@@ -175,9 +174,16 @@ def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
         else:                                                           # group: from the (N, C) sums, ⊙ w
             N, C = X.shape[:2]
             Gs = G.reshape(N, C, -1).sum(-1)                            # Σ_spatial G          (N, C)
-            n1 = (Gs * w).reshape(N, spec.k, -1).sum(-1, keepdim=True).mul_(-1 / m)   # −mean(gy)
-            n2 = (S * w).reshape(N, spec.k, -1).sum(-1, keepdim=True).mul_(-1 / m)    # −mean(gy ⊙ x̂)
-        xhat().mul_(n2).reshape(X.shape).addcmul_(G, wx)                # gy + x̂·n₂
+            gw_ = Gs if w is None else Gs * w
+            n1 = gw_.reshape(N, spec.k, -1).sum(-1, keepdim=True).mul_(-1 / m)   # −mean(gy)
+            n2 = (S if w is None else S * w).reshape(N, spec.k, -1).sum(-1, keepdim=True).mul_(-1 / m)   # −mean(gy ⊙ x̂)
+        if n1 is None:
+            xhat().mul_(n2)                                             # x̂·n₂
+        else:                                                           # n₁ before rstd: a one-element group's
+            torch.addcmul(n1, xhat(), n2, out=B)                        # n₁ + x̂·n₂ (x̂ = 0) and gy cancel exactly
+            n1 = None
+        gx = B.reshape(X.shape)
+        gx.add_(G) if w is None else gx.addcmul_(G, wx)                 # gy + n₁ + x̂·n₂
     if n1 is None:
         B.mul_(scale)                                                   # rstd·(gy + x̂·n₂)
     else:
@@ -252,8 +258,8 @@ class NormFn(HandFunction):
         ∂L/∂b = Σ_rest G
     Forward mode, tangents Ẋ, ẇ, ḃ:
         Ẏ = rstd·(Ẋ − mean(Ẋ) − x̂·mean(Ẋ ⊙ x̂)) ⊙ w + x̂ ⊙ ẇ + ḃ
-    Returns (Y, μ, rstd, var): the statistics (keepdim, in the statistics view; μ = 0 for RMS;
-    var a 0-d zero from group norm's forward kernel) are non-differentiable outputs, for batch
+    Returns (Y, μ, rstd, var): the statistics (keepdim, in the statistics view; μ = 0 for RMS)
+    are non-differentiable outputs, for batch
     norm's running statistics and the fast path's backward (``normalize_grads_fast``).
     Saves X, μ, rstd (and w where ∂L/∂X needs it); the differentiable backward recomputes μ, rstd
     and x̂ from X (see the module docstring). float16/bfloat16 X runs in
@@ -264,14 +270,6 @@ class NormFn(HandFunction):
     @staticmethod
     def forward(x, weight, bias, spec):
         fast = fast_path()
-        if fast and spec.over == "group" and x.numel() and opmath(x) is x:
-            # Nothing records this: the forward kernel (not a backward one) gives Y and each
-            # group's μ, rstd in one pass; the expressions below are the same forward, taken under
-            # the torch.func transforms (tests/test_fast_paths.py). (It gives no var: a 0-d zero.)
-            N, C = x.shape[:2]
-            c = lambda t: None if t is None else t.contiguous()              # (the kernel's requirement)
-            y, mu, rstd = torch.native_group_norm(c(x), c(weight), c(bias), N, C, x[0, 0].numel(), spec.k, spec.eps)
-            return y, mu.reshape(N, spec.k, 1), rstd.reshape(N, spec.k, 1), rstd.new_zeros(())
         Xs, dims = spec.view(opmath(x))
         Xc, mu, var = moments(Xs, dims, spec.center, fast)                  # X − μ, μ, var over S
         rstd = torch.rsqrt(var + spec.eps)                                   # 1/√(var + eps)

@@ -57,22 +57,19 @@ class LayerNormFn(HandFunction):
 
     @staticmethod
     def forward(x, weight, bias, K, eps):
-        if fast_path() and x.numel() and opmath(x) is x:
-            # Nothing records this: the forward kernel (not a backward one) gives Y and the row
-            # statistics μ, rstd of the equations above in one pass (float16/bfloat16: its
-            # statistics have the input's dtype, so those take the path below); the expression below is the
-            # same forward, taken under the torch.func transforms and compared with this one
-            # (tests/test_fast_paths.py).
-            return torch.native_layer_norm(x, x.shape[x.dim() - K:], weight, bias, eps)
-        xhat, rstd, mu = normalize(opmath(x), K, eps)            # x̂ = (X − μ)·rstd   (*, row)
-        # Out of place: under vmap over w or b alone, x̂ is unbatched and could not take them in place.
+        # fast (nothing records this): x̂ and then Y in the one buffer X − x₀ (ops.normalize.moments).
+        # (Not torch's forward kernel: its μ rounds for a constant row, whose x̂ must be 0 exactly.)
+        fast = fast_path()
+        xhat, rstd, mu = normalize(opmath(x), K, eps, fast)      # x̂ = (X − μ)·rstd   (*, row)
+        # Out of place unless fast: under vmap over w or b alone, x̂ is unbatched and could not
+        # take them in place.
         w, b = opmath(weight), opmath(bias)
         if w is not None and b is not None:
-            y = torch.addcmul(b, xhat, w)                        # x̂ ⊙ w + b
+            y = torch.addcmul(b, xhat, w, out=xhat if fast else None)   # x̂ ⊙ w + b
         elif w is not None:
-            y = xhat * w                                         # x̂ ⊙ w
+            y = xhat.mul_(w) if fast else xhat * w               # x̂ ⊙ w
         elif b is not None:
-            y = xhat + b                                         # x̂ + b
+            y = xhat.add_(b) if fast else xhat + b               # x̂ + b
         else:
             y = xhat                                             # x̂
         return y.to(x.dtype), mu, rstd
