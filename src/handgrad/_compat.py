@@ -122,7 +122,6 @@ _transforms_active = _private(lambda: torch._C._are_functorch_transforms_active)
 _is_batched = _private(lambda: torch._C._functorch.is_batchedtensor)
 _is_legacy_batched = _private(lambda: torch._C._functorch.is_legacy_batchedtensor)
 _is_wrapped = _private(lambda: torch._C._functorch.is_functorch_wrapped_tensor)
-_is_legacy_batched = _private(lambda: torch._C._functorch.is_legacy_batchedtensor)
 _forward_ad = _private(lambda: importlib.import_module("torch.autograd.forward_ad"))
 _top_saved_hooks = _private(lambda: torch._C._autograd._top_saved_tensors_default_hooks)
 _unwrap_dead = _private(lambda: importlib.import_module("torch._functorch.utils").unwrap_dead_wrappers)
@@ -163,12 +162,6 @@ def is_batched_tensor(t: torch.Tensor) -> bool:
     if _is_batched is None or _is_legacy_batched is None:
         return True
     return _is_batched(t) or _is_legacy_batched(t)
-
-
-def is_grads_batched(t: torch.Tensor) -> bool:
-    """Is ``t`` a batch of gradients (``autograd.grad(..., is_grads_batched=True)``: the legacy
-    vmap's batched tensor, which has no storage)? Fallback: True (the path that works there)."""
-    return True if _is_legacy_batched is None else _is_legacy_batched(t)
 
 
 def is_functorch_wrapped(t: torch.Tensor) -> bool:

@@ -155,4 +155,4 @@ def fast_path(grad: torch.Tensor | None = None) -> bool:
         return False
     if grad is None or torch.compiler.is_compiling():                 # (Dynamo cannot ask the last)
         return True
-    return not (_compat.is_grads_batched(grad) or _compat.is_batched_tensor(grad))
+    return not _compat.is_batched_tensor(grad)
