@@ -221,6 +221,9 @@ def check_target_range(fn: str, y, C: int, ignore_index: int, input) -> None:
     single value) and for empty targets."""
     if torch.compiler.is_compiling() or y.device.type != "cpu" or _is_wrapped(y) or y.numel() == 0:
         return
+    lo, hi = torch.aminmax(y)                                   # one pass; the rest only when out of [0, C)
+    if lo >= 0 and hi < C:
+        return
     y = y.long()
     bad = (y != ignore_index) & ((y < 0) | (y >= C))
     if bad.any():

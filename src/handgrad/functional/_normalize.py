@@ -114,8 +114,10 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
                                    "cannot have requires_grad True (as torch's native_batch_norm).")
     if not training:
         return BatchNormEvalFn.call(input, running_mean, running_var, weight, bias, eps)
-    update_running_stats(running_mean, running_var, input, momentum)
-    return NormFn.call(input, weight, bias, Norm("channel", 0, True, eps))
+    y, mu, _, var = NormFn.call(input, weight, bias, Norm("channel", 0, True, eps))   # and the batch statistics
+    C = input.shape[1]
+    update_running_stats(running_mean, running_var, mu, var, input.numel() // C if C else 0, momentum)
+    return y
 
 
 def group_norm(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
@@ -151,7 +153,7 @@ def group_norm(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     _check_mixed_nonfloating("group_norm", input, weight=weight, bias=bias)
     _check_floating("group_norm", input)                 # the kernel's dispatch, after the shape checks
     _check_param_dtypes("group_norm", input, weight=weight, bias=bias)
-    return NormFn.call(input, weight, bias, Norm("group", num_groups, True, eps))
+    return NormFn.call(input, weight, bias, Norm("group", num_groups, True, eps))[0]
 
 
 def _int_list(fn: str, name: str, value, pos: int) -> tuple[int, ...]:
@@ -193,4 +195,4 @@ def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None 
     _check_floating("rms_norm", input)                   # after the shapes, as torch's (complex: differences.md)
     if eps is None:
         eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
-    return NormFn.call(input, weight, None, Norm("trailing", K, False, eps))
+    return NormFn.call(input, weight, None, Norm("trailing", K, False, eps))[0]

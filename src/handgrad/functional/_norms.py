@@ -96,4 +96,4 @@ def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | Non
             f"{', '.join(map(str, shape))}], but got input of size {shape_str(input)}"
         )
     _check_dtypes(input, weight, bias)
-    return LayerNormFn.call(input, weight, bias, K, float(eps))
+    return LayerNormFn.call(input, weight, bias, K, float(eps))[0]

@@ -140,3 +140,19 @@ def accurate_sum(t: torch.Tensor, dim=None, keepdim: bool = False) -> torch.Tens
     if dim is None:
         return t.sum(dtype=acc).to(t.dtype)
     return t.sum(dim, keepdim=keepdim, dtype=acc).to(t.dtype)
+
+
+def fast_path(grad: torch.Tensor | None = None) -> bool:
+    """May an op take its fast path: in-place work on buffers it allocated itself, fewer passes,
+    the same formula? Yes when nothing records the computation (grad mode off: inside a forward,
+    or a first-order backward, not ``create_graph``) and no torch.func transform wraps it (under
+    vmap an in-place op on an unbatched buffer with a batched operand is refused), nor the
+    batched gradients of ``autograd.grad(..., is_grads_batched=True)`` (``grad``, the incoming
+    gradient of a backward: a batched tensor there). The differentiable path, built from
+    out-of-place torch ops, serves double backward, forward AD, vmap and the transforms; the
+    registry's cases compare the two (tests/test_fast_paths.py)."""
+    if torch.is_grad_enabled() or _compat.functorch_transforms_active():
+        return False
+    if grad is None or torch.compiler.is_compiling():                 # (Dynamo cannot ask the last)
+        return True
+    return not _compat.is_batched_tensor(grad)

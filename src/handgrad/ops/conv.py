@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as TF
 
-from ._function import HandFunction, opmath
+from ._function import HandFunction, fast_path, opmath
 
 
 @dataclass(frozen=True)
@@ -179,10 +179,14 @@ class ConvFn(HandFunction):
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
+        # nothing records this (fast path): the products alone, not as ops a double backward needs
+        fast = fast_path(grad_y)
         if ctx.needs_input_grad[0]:
-            grad_x = ConvInputGradFn.call(grad_y, weight, ctx.opts, ctx.in_size)   # col2im(W_colᵀ G)
+            grad_x = (_conv_input_grad(grad_y, weight, ctx.opts, ctx.in_size) if fast else
+                      ConvInputGradFn.call(grad_y, weight, ctx.opts, ctx.in_size))  # col2im(W_colᵀ G)
         if ctx.needs_input_grad[1]:
-            grad_w = ConvWeightGradFn.call(x, grad_y, ctx.opts, ctx.k_size)        # G X_colᵀ
+            grad_w = (_conv_weight_grad(x, grad_y, ctx.opts, ctx.k_size) if fast else
+                      ConvWeightGradFn.call(x, grad_y, ctx.opts, ctx.k_size))       # G X_colᵀ
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_y.sum([0, *range(2, grad_y.dim())])                      # Σ_{n,p} G
         return grad_x, grad_w, grad_b, None

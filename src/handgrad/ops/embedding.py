@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ._function import HandFunction, opmath
+from ._function import HandFunction, fast_path, opmath
 
 __all__ = ["EmbeddingFn", "embedding_renorm_"]
 
@@ -60,7 +60,9 @@ class EmbeddingFn(HandFunction):
             c = _row_scale(flat, ctx.V, ctx.padding_idx, ctx.scale_grad_by_freq, G.dtype)
             if c is not None:
                 G = G * c                                                           # c ⊙ G
-            grad_w = G.new_zeros(ctx.V, G.shape[1]).index_add(0, flat, G)          # Eᵀ (c ⊙ G)  (V, D)
+            zeros = G.new_zeros(ctx.V, G.shape[1])                                 # (V, D)
+            add = zeros.index_add_ if fast_path(grad_y) else zeros.index_add      # in place on the fresh zeros
+            grad_w = add(0, flat, G)                                                # Eᵀ (c ⊙ G)  (V, D)
             grad_w = grad_w.to(ctx.w_dtype)
         return None, grad_w, None, None
 

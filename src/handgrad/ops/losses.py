@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._function import HandFunction, opmath
+import torch.nn.functional as TF
+
+from ._function import HandFunction, fast_path, opmath
 from ._function import accurate_sum as _sum
 from .softmax import log_softmax_jvp, log_softmax_rows, log_softmax_vjp
 
@@ -84,6 +86,16 @@ class SquaredErrorFn(HandFunction):
 
     @staticmethod
     def forward(x, y, w, reduction, kind):
+        if fast_path() and w is None and x.shape == y.shape and x.numel():
+            # Nothing records this: torch's forward kernel sums (X − Y)² in one pass, as the
+            # expressions below do (tests/test_fast_paths.py compares the two).
+            X, Y = opmath(x), opmath(y)
+            if kind == "mse":
+                return TF.mse_loss(X, Y, reduction=reduction).to(x.dtype)            # Σ D² (/ |S|)
+            if reduction == "none":
+                return torch.sub(X, Y).square_().sum(-1).mul_(0.5).to(x.dtype)       # ½ Σ_d D²  per row
+            total = TF.mse_loss(X, Y, reduction="sum").mul_(0.5)                     # ½ Σ D²
+            return (total / X.shape[:-1].numel() if reduction == "mean" else total).to(x.dtype)
         D, c, den = _se_terms(x, y, w, kind)                    # D (S)
         E = c * D * D if w is None else c * opmath(w) * D * D   # E = c W ⊙ D²      (S)
         if reduction == "none":
@@ -105,6 +117,12 @@ class SquaredErrorFn(HandFunction):
         D, c, den = _se_terms(x, y, w, ctx.kind)                   # D = X − Y          (S)
         g_hat = _se_expand(_scale(opmath(g), ctx.reduction, den), ctx.kind)   # ĝ     (S or scalar)
         gx = gy = gw = None
+        if (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) and w is None and fast_path(g):
+            GD = D.mul_(2 * c * g_hat)                                     # 2c ĝ ⊙ D, in D's buffer
+            gx = GD.sum_to_size(ctx.shapes[0]).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+            if ctx.needs_input_grad[1]:                                    # −2c ĝ D (its own buffer if ∂L/∂X took GD)
+                gy = (torch.neg(GD) if gx is not None else GD.neg_()).sum_to_size(ctx.shapes[1]).to(ctx.dtypes[1])
+            return gx, gy, None, None, None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             GD = 2 * c * g_hat * D if w is None else 2 * c * g_hat * opmath(w) * D  # 2c ĝ ⊙ W ⊙ D
             GD = GD.expand(D.shape)
@@ -217,13 +235,14 @@ def ce_losses(logp, target, w, opts):
     return loss.where(keep, 0.0) if C else loss
 
 
-def ce_direction(logp, target, w, opts, inplace: bool = False):
+def ce_direction(logp, target, w, opts, inplace: bool = False, fast: bool = False):
     """R = ∂ℓ_i/∂X_i = P_i (Q_i 1) − Q_i   (M, C), P = exp(log p), and the kept rows (None for
     probabilities). For class indices, with c_i = (1−ε) a_i and s_i = (ε/C) keep_i, it is
         c_i (P_i − e_{y_i}) + s_i (P_i Σ_c w_c − w) = (c_i + s_i Σw) (P_i − e_{y_i}) + s_i (Σw e_{y_i} − w)
     with P_{i,y_i} − 1 taken as expm1(log p_{i,y_i}): no cancellation when p_{i,y_i} ≈ 1.
     ``inplace``: log p is a buffer the caller owns and nothing records this (a chunk's), so R
-    overwrites it; the same equations, one in-place op each."""
+    overwrites it; the same equations, one in-place op each. ``fast``: nothing records this, but
+    log p is kept (a saved tensor): R is a fresh P = exp(log p), then worked on in place."""
     C = logp.shape[1]
     if opts.probs:
         P = logp.exp()                                                    # P = softmax(X)    (M, C)
@@ -237,6 +256,7 @@ def ce_direction(logp, target, w, opts, inplace: bool = False):
     col = y0.unsqueeze(1)                                                 # (M, 1)
     picked = torch.expm1(logp.gather(1, col))                             # p_{i,y_i} − 1      (M, 1)
     P = logp.exp_() if inplace else logp.exp()                            # P = softmax(X)    (M, C)
+    inplace = inplace or fast                                             # P is this call's own buffer
     PmE = P.scatter_(1, col, picked) if inplace else P.scatter(1, col, picked)   # P − E_y     (M, C)
     c = ((1 - eps) * a).unsqueeze(1)                                      # c_i = (1−ε) a_i    (M, 1)
     if not eps:
@@ -291,6 +311,14 @@ class CrossEntropyFn(HandFunction):
 
     @staticmethod
     def forward(x, target, w, opts):
+        if fast_path() and not opts.probs and not opts.label_smoothing and x.numel():
+            # Nothing records this: torch's forward kernels (not backward ones) compute the same
+            # log p and −Σ a_i log p_{i,y_i} / den in two passes; the expressions below are the
+            # same forward, taken under the torch.func transforms (tests/test_fast_paths.py).
+            logp = torch.log_softmax(opmath(x), 1)                        # log p       (M, C)
+            loss = TF.nll_loss(logp, target, None if w is None else opmath(w).reshape(-1),
+                               ignore_index=opts.ignore_index, reduction=opts.reduction)
+            return loss.to(x.dtype), logp
         logp = log_softmax_rows(opmath(x))                                # log p       (M, C)
         loss = ce_losses(logp, target, w, opts)                           # ℓ           (M,)
         den = ce_denominator(target, w, opts, logp.dtype)
@@ -313,10 +341,22 @@ class CrossEntropyFn(HandFunction):
         need_x = ctx.needs_input_grad[0]
         need_t, need_w = (ctx.needs_input_grad[1] and opts.probs), (ctx.needs_input_grad[2] and opts.probs)
         gx = gt = gw = None
-        if g is not None and need_x:
-            R, keep = ce_direction(logp, target, w, opts)                 # P (Q 1) − Q      (M, C)
+        fast = g_logp is None and fast_path(g)                           # R and ∂L/∂X: one buffer
+        if g is not None and need_x and fast and not opts.probs and not opts.label_smoothing and logp.shape[1]:
+            # log p is torch's here (the forward's kernel), whose log p_y rounds at the scale of
+            # 1 where p_y ≈ 1, so p_y − 1 is taken as −Σ_{j≠y} p_j (the same number, Σ p = 1):
+            # a sum of small terms, no cancellation, instead of expm1(log p_y).
+            keep, y0, a = ce_index_terms(target, w, opts.ignore_index, logp.dtype)   # (M,)
+            col = y0.unsqueeze(1)                                         # (M, 1)
+            P = logp.exp().scatter_(1, col, 0.0)                          # P, 0 at y          (M, C)
+            P.scatter_(1, col, P.sum(1, keepdim=True).neg_())             # P − E_y
+            s = ce_row_scale(g, opts, _sum(a), keep)                      # ĝ                  (M, 1) or ()
+            gx = P.mul_(a.unsqueeze(1) * s)                               # ĝ a_i (P_i − e_{y_i})
+        elif g is not None and need_x:
+            R, keep = ce_direction(logp, target, w, opts, fast=fast)      # P (Q 1) − Q      (M, C)
             den = ce_denominator(target, w, opts, logp.dtype)
-            gx = ce_row_scale(g, opts, den, keep) * R                     # ĝ ⊙ (P (Q 1) − Q)
+            s = ce_row_scale(g, opts, den, keep)
+            gx = R.mul_(s) if fast else s * R                             # ĝ ⊙ (P (Q 1) − Q)
         if g is not None and (need_t or need_w):
             s = ce_row_scale(g, opts, logp.shape[0], None)                # ĝ
             if need_t:
@@ -371,6 +411,9 @@ class NLLLossFn(HandFunction):
 
     @staticmethod
     def forward(x, y, w, opts):
+        if fast_path() and x.numel():                                     # torch's forward kernel: the same sum
+            return TF.nll_loss(opmath(x), y, None if w is None else opmath(w).reshape(-1),
+                               ignore_index=opts.ignore_index, reduction=opts.reduction).to(x.dtype)
         X = opmath(x)                                                     # (M, C)
         keep, y0, a = ce_index_terms(y, w, opts.ignore_index, X.dtype)    # (M,)
         picked = _picked(X, y0)                                           # X_{i, y_i}      (M,)
@@ -393,7 +436,8 @@ class NLLLossFn(HandFunction):
         keep, y0, a = ce_index_terms(y, w, ctx.opts.ignore_index, opmath(g).dtype)   # (M,)
         sa = ce_row_scale(g, ctx.opts, _sum(a), keep) * a.unsqueeze(1)    # ĝ ⊙ a   (M, 1)
         zeros = sa.new_zeros(ctx.x_shape)                                 # (M, C)
-        gx = zeros.scatter(1, y0.unsqueeze(1), -sa) if ctx.x_shape[1] else zeros   # −(ĝ ⊙ a) ⊙ E_y
+        scatter = zeros.scatter_ if fast_path(g) else zeros.scatter       # in place on the fresh zeros
+        gx = scatter(1, y0.unsqueeze(1), -sa) if ctx.x_shape[1] else zeros   # −(ĝ ⊙ a) ⊙ E_y
         return gx.to(ctx.x_dtype), None, None, None
 
     @staticmethod
@@ -435,6 +479,9 @@ class BCEWithLogitsFn(HandFunction):
 
     @staticmethod
     def forward(x, t, w, p, reduction):
+        if fast_path() and x.numel():                                     # torch's forward: the same stable form
+            return TF.binary_cross_entropy_with_logits(
+                opmath(x), opmath(t), opmath(w), reduction=reduction, pos_weight=opmath(p)).to(x.dtype)
         X, T = opmath(x), opmath(t)                                       # (S)
         log1p_term = torch.log1p(torch.exp(-X.abs()))                     # log1p(e^{−|X|})
         if p is None:
@@ -479,8 +526,17 @@ class BCEWithLogitsFn(HandFunction):
         need_x, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_x or need_t):
             return None, None, None, None, None
-        dX, dT, n = BCEWithLogitsFn._partials(ctx, need_x, need_t)
         G = opmath(g)
+        x, t, w, p = ctx.saved_tensors
+        if need_x and not need_t and p is None and fast_path(g):          # σ(X) − T, ⊙ w, ⊙ ĝ: one buffer
+            dX = torch.sigmoid(opmath(x)).sub_(opmath(t))                 # σ(X) − T
+            if w is not None:
+                dX.mul_(opmath(w))                                        # ⊙ w
+            dX.mul_(G)                                                    # ĝ ⊙ ∂ℓ/∂X
+            if ctx.reduction == "mean":
+                dX.div_(x.numel())                                        # / |S| last, in torch's order
+            return dX.to(ctx.dtypes[0]), None, None, None, None
+        dX, dT, n = BCEWithLogitsFn._partials(ctx, need_x, need_t)
         # ĝ ⊙ ∂ℓ/∂X, ĝ ⊙ ∂ℓ/∂T, dividing by |S| last ('mean'), in torch's order of rounding
         gx = None if dX is None else _scale(G * dX, ctx.reduction, n).to(ctx.dtypes[0])
         gt = None if dT is None else _scale(G * dT, ctx.reduction, n).to(ctx.dtypes[1])

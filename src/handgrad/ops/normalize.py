@@ -17,9 +17,10 @@ layer_norm     the K trailing dims             yes                 trailing row
 ``mean`` below is the mean over S, broadcast back; ``m`` the number of elements in S.
 (layer_norm is the fourth row; its Function lives in ``ops/norms.py``.)
 
-As in ``ops/norms.py``, μ and rstd are recomputed in backward and jvp from the saved X rather
-than kept: ∂L/∂X depends on X through them, and a non-differentiable saved μ would cut that
-dependence out of the double-backward graph.
+As in ``ops/norms.py``, μ and rstd are recomputed in the differentiable backward and jvp from the
+saved X rather than kept: ∂L/∂X depends on X through them, and a non-differentiable saved μ would
+cut that dependence out of the double-backward graph. The fast path (grad mode off: nothing
+differentiates the backward) uses the forward's μ and rstd instead.
 """
 from __future__ import annotations
 
@@ -28,22 +29,26 @@ from dataclasses import dataclass
 
 import torch
 
-from ._function import HandFunction, opmath
+from ._function import HandFunction, fast_path, opmath
 
-__all__ = ["Norm", "NormFn", "BatchNormEvalFn", "moments", "normalize", "normalize_dx", "update_running_stats"]
+__all__ = ["Norm", "NormFn", "BatchNormEvalFn", "moments", "normalize", "normalize_dx", "normalize_grads_fast",
+           "update_running_stats"]
 
 
 # --- the normalisation, written once --------------------------------------------------------------
 
 
-def moments(X: torch.Tensor, dims: tuple[int, ...], center: bool = True):
+def moments(X: torch.Tensor, dims: tuple[int, ...], center: bool = True, fast: bool = False):
     """(X − μ, μ, var) over ``dims`` (keepdim), var = mean((X − μ)²); without ``center``,
     (X, None, mean(X²)). Two passes, not mean(X²) − μ² (which cancels for data far from 0); also
     several times faster than torch.var_mean's Welford kernel on CPU (measured 5–10×, 512×1024
     float32, one thread, for layer norm's rows). The set is first shifted by its first element
     x₀: X − μ = (X − x₀) − mean(X − x₀), so a constant set gives X − μ = 0 exactly (x̂ = 0; mean(X)
     alone rounds: x̂ was −0.019 for a float32 batch of 1000.1s, torch's batch norm gives −0.0066,
-    its group norm 0), and the mean is taken of values near 0, where it rounds least."""
+    its group norm 0), and the mean is taken of values near 0, where it rounds least.
+    ``fast`` (``fast_path()``: nothing records this): X − μ is formed in the one buffer X − x₀.
+    (‖X − μ‖²/m by a norm kernel would write no square, but rounds var to ~3 ulps: batch norm's
+    float32 ∂L/∂X then missed the low-precision rule.)"""
     if not center:
         return X, None, (X * X).mean(dims, keepdim=True)                 # mean(X²)
     first = [slice(None)] * X.dim()
@@ -52,21 +57,24 @@ def moments(X: torch.Tensor, dims: tuple[int, ...], center: bool = True):
     x0 = X[tuple(first)]                                                 # x₀ (keepdim; 0 in an empty dim)
     Xs = X - x0                                                          # X − x₀
     shift = Xs.mean(dims, keepdim=True)                                  # mean(X − x₀) = μ − x₀
-    Xc = Xs - shift                                                      # X − μ
+    Xc = Xs.sub_(shift) if fast else Xs - shift                          # X − μ
     return Xc, x0 + shift, (Xc * Xc).mean(dims, keepdim=True)            # X − μ, μ, var = mean((X − μ)²)
 
 
 def normalize(X: torch.Tensor, dims: tuple[int, ...], eps: float, center: bool = True,
-              nan_on_overflow: bool = False):
+              nan_on_overflow: bool = False, fast: bool = False):
     """x̂ = (X − μ)·rstd, rstd = 1/√(var + eps) over ``dims`` (RMS: x̂ = X·rstd, rstd = 1/√(mean(X²) + eps)).
-    Returns (x̂, rstd (keepdim)); built from torch ops, so it is differentiable.
+    Returns (x̂, rstd (keepdim), μ (keepdim; None for RMS)); built from torch ops, so it is
+    differentiable (``fast``: x̂ overwrites the buffer X − μ, see ``moments``).
     ``nan_on_overflow``: a set whose squares overflow (var = inf) gives nan, as torch's layer norm
     does, instead of x̂ = 0 from rstd = 0 (torch's batch, group and RMS norms give the 0)."""
-    Xc, _, var = moments(X, dims, center)
+    Xc, mu, var = moments(X, dims, center, fast)
     rstd = torch.rsqrt(var + eps)                                    # 1/√(var + eps)
     if nan_on_overflow:
         rstd = rstd + (var - var)                                    # + 0, or nan where var = inf
-    return Xc * rstd, rstd                                           # x̂
+    if fast and center:
+        return Xc.mul_(rstd), rstd, mu                               # x̂, in X − μ's buffer
+    return Xc * rstd, rstd, mu                                       # x̂
 
 
 def normalize_dx(xhat: torch.Tensor, rstd: torch.Tensor, v: torch.Tensor, dims: tuple[int, ...],
@@ -79,21 +87,109 @@ def normalize_dx(xhat: torch.Tensor, rstd: torch.Tensor, v: torch.Tensor, dims: 
     return rstd * (v - proj)                                         # rstd·(v − x̂·mean(v ⊙ x̂))
 
 
-def update_running_stats(running_mean, running_var, x: torch.Tensor, momentum: float) -> None:
+def update_running_stats(running_mean, running_var, mu: torch.Tensor, var: torch.Tensor, n: int,
+                         momentum: float) -> None:
     """In place, not differentiated (torch's batch norm does not differentiate it either):
     r_μ ← (1 − m)·r_μ + m·μ,  r_var ← (1 − m)·r_var + m·var·n/(n − 1), the unbiased variance,
-    μ and var over every dim but 1 (n elements per channel). An empty batch leaves them (as torch)."""
-    if x.numel() == 0:
+    μ and var (1, C, 1…1) over every dim but 1 (n elements per channel): the batch statistics
+    NormFn's forward returns. An empty batch leaves them (as torch)."""
+    if n == 0:
         return
     with torch.no_grad():
-        X = opmath(x.detach())
-        dims = (0, *range(2, X.dim()))
-        _, mu, var = moments(X, dims)                                # (1, C, 1…1)
-        n = X.numel() // X.shape[1]
         if running_mean is not None:
             running_mean.copy_(momentum * mu.reshape(-1) + (1 - momentum) * running_mean)
         if running_var is not None:
             running_var.copy_(momentum * var.reshape(-1) * (n / (n - 1)) + (1 - momentum) * running_var)
+
+
+def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
+    """The backward of NormFn and LayerNormFn on the fast path (``fast_path()``): their equations
+        ∂L/∂X = rstd·(gy − mean(gy) − x̂·mean(gy ⊙ x̂)),  gy = G ⊙ w   (RMS: without mean(gy))
+        ∂L/∂w = Σ_rest G ⊙ x̂,   ∂L/∂b = Σ_rest G
+    from the forward's μ and rstd (nothing differentiates them here, so they need not be
+    recomputed from X), in one buffer, the one ∂L/∂X is returned in (on CPU a fresh buffer's
+    page faults cost more than a pass through it): it holds G ⊙ (X − μ), whose sums, scaled by
+    rstd per row (a matrix-vector product) or per channel, give ∂L/∂w and mean(gy ⊙ x̂), then
+    X − μ again, then ∂L/∂X = rstd·(gy + x̂·n₂) + rstd·n₁ (batch norm, no-affine layer norm) or
+    rstd·(gy + n₁ + x̂·n₂) (layer and RMS norm with w, group norm: a one-element group's gy and
+    n₁ cancel exactly), n₁ = −mean(gy), n₂ = −mean(gy ⊙ x̂) (each order measured within the
+    low-precision rule on the registry's cases).
+    The means of gy need no gy: w is constant over a batch norm's set (mean(G ⊙ w) =
+    w·mean(G)), a layer or RMS norm's row means are matrix-vector products, (G w)/D, and group
+    norm's come from sums per (sample, channel), ⊙ w. ``p_shape``: the shape of w and b;
+    ``need``: (∂L/∂X, ∂L/∂w, ∂L/∂b). Returns (∂L/∂X, ∂L/∂w, ∂L/∂b), None where not needed."""
+    need_x, need_w, need_b = need
+    Xv, dims = spec.view(X)                                             # the statistics view
+    Gv = spec.view(G)[0]
+    pshape = spec.param_shape(p_shape, X.dim())                         # w, b broadcast in X's shape
+    Gsum = Gv.sum(dims, keepdim=True) if spec.over == "channel" and (need_b or need_x) else None  # batch norm: Σ_set G = Σ_rest G
+    if need_b:
+        gb = (Gsum if Gsum is not None else G.sum_to_size(pshape)).reshape(p_shape)   # Σ_rest G
+    else:
+        gb = None
+    if not (need_x or need_w):
+        return None, None, gb
+    B = torch.sub(Xv, mu).mul_(Gv) if spec.center else Xv * Gv          # G ⊙ (X − μ) = G ⊙ x̂ / rstd  (view)
+    m = B.numel() // rstd.numel()                                       # elements per set
+    S = None                                                            # Σ_set G ⊙ (X − μ)
+    if spec.over == "trailing":                                         # rstd per row: into the sums over rows
+        M = rstd.numel()
+        gw = (rstd.reshape(1, M) @ B.reshape(M, m)).reshape(p_shape) if need_w else None   # Σ_rows rstd·G ⊙ (X − μ)
+    elif spec.over == "channel":                                        # rstd per channel: after the sum
+        S = B.sum(dims, keepdim=True)                                   # (1, C, 1…1)
+        gw = (S * rstd).reshape(p_shape) if need_w else None            # rstd·Σ G ⊙ (X − μ)
+    else:                                                               # group: sums per (sample, channel) first
+        N, C = X.shape[:2]
+        r = rstd.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C)   # rstd per (n, c)
+        S = B.reshape(N, C, -1).sum(-1).mul_(r)                         # Σ_spatial G ⊙ x̂      (N, C)
+        gw = S.sum(0).reshape(p_shape) if need_w else None              # Σ_rest G ⊙ x̂
+    if not need_x:
+        return None, gw, gb
+    wx = spec.param(w, X)                                               # w in X's shape
+    if spec.center:
+        xhat = lambda: torch.sub(Xv, mu, out=B).mul_(rstd)              # x̂ again, in B
+    else:
+        xhat = lambda: torch.mul(Xv, rstd, out=B)
+    scale = rstd
+    if spec.over == "channel" or (w is None and spec.over == "trailing"):
+        # w is constant over each set: ∂L/∂X = rstd·w·(G + n₁ + x̂·n₂), n₁ = −mean(G), n₂ = −mean(G ⊙ x̂)
+        if not spec.center:
+            n1 = None
+        else:                                                           # −mean(G)
+            n1 = Gsum * (-1 / m) if Gsum is not None else Gv.sum(dims, keepdim=True).mul_(-1 / m)
+        S = B.sum(dims, keepdim=True) if S is None else S               # Σ G ⊙ (X − μ)
+        n2 = S.mul_(rstd).mul_(-1 / m)                                  # −mean(G ⊙ x̂)
+        if spec.center and w is not None:                               # G + (X − μ)·(rstd·n₂), torch's order
+            torch.addcmul(Gv, torch.sub(Xv, mu, out=B), n2.mul_(rstd), out=B)
+        else:                                                           # (either order rounds within the
+            torch.addcmul(Gv, xhat(), n2, out=B)                        # rule on its own cases only) G + x̂·n₂
+        if w is not None:
+            scale = rstd * wx                                           # rstd·w
+    else:
+        # n₁ = −mean(gy), n₂ = −mean(gy ⊙ x̂), gy = G ⊙ w
+        if spec.over == "trailing":
+            wn = w.reshape(m) * (-1 / m)                                # −w/D
+            n1 = (G.reshape(-1, m) @ wn).reshape(rstd.shape) if spec.center else None   # −(G w)/D
+            n2 = (B.reshape(-1, m) @ wn).reshape(rstd.shape).mul_(rstd)   # −((G ⊙ x̂) w)/D
+        else:                                                           # group: from the (N, C) sums, ⊙ w
+            N, C = X.shape[:2]
+            Gs = G.reshape(N, C, -1).sum(-1)                            # Σ_spatial G          (N, C)
+            gw_ = Gs if w is None else Gs * w
+            n1 = gw_.reshape(N, spec.k, -1).sum(-1, keepdim=True).mul_(-1 / m)   # −mean(gy)
+            n2 = (S if w is None else S * w).reshape(N, spec.k, -1).sum(-1, keepdim=True).mul_(-1 / m)   # −mean(gy ⊙ x̂)
+        if n1 is None:
+            xhat().mul_(n2)                                             # x̂·n₂
+        else:                                                           # n₁ before rstd: a one-element group's
+            torch.addcmul(n1, xhat(), n2, out=B)                        # n₁ + x̂·n₂ (x̂ = 0) and gy cancel exactly
+            n1 = None
+        gx = B.reshape(X.shape)
+        gx.add_(G) if w is None else gx.addcmul_(G, wx)                 # gy + n₁ + x̂·n₂
+    if n1 is None:
+        B.mul_(scale)                                                   # rstd·(gy + x̂·n₂)
+    else:
+        torch.addcmul(n1 * scale, B, scale, out=B)                      # rstd·(gy + x̂·n₂) + rstd·n₁
+    gx = B.reshape(X.shape)
+    return gx, gw, gb
 
 
 # --- which dims, which parameter shape --------------------------------------------------------------
@@ -130,11 +226,11 @@ class Norm:
         return None if t is None else t.reshape(self.param_shape(t.shape, x.dim()))
 
 
-def _xhat(x: torch.Tensor, spec: Norm):
+def _xhat(x: torch.Tensor, spec: Norm, fast: bool = False):
     """x̂ and rstd in x's shape (rstd broadcastable), from the statistics view."""
     X = opmath(x)
     Xs, dims = spec.view(X)
-    xhat, rstd = normalize(Xs, dims, spec.eps, spec.center)
+    xhat, rstd, _ = normalize(Xs, dims, spec.eps, spec.center, fast=fast)
     return xhat.reshape(X.shape), rstd, dims
 
 
@@ -162,35 +258,62 @@ class NormFn(HandFunction):
         ∂L/∂b = Σ_rest G
     Forward mode, tangents Ẋ, ẇ, ḃ:
         Ẏ = rstd·(Ẋ − mean(Ẋ) − x̂·mean(Ẋ ⊙ x̂)) ⊙ w + x̂ ⊙ ẇ + ḃ
-    Saves X (and w where ∂L/∂X needs it); μ, rstd, x̂ are recomputed. float16/bfloat16 X runs in
+    Returns (Y, μ, rstd, var): the statistics (keepdim, in the statistics view; μ = 0 for RMS)
+    are non-differentiable outputs, for batch
+    norm's running statistics and the fast path's backward (``normalize_grads_fast``).
+    Saves X, μ, rstd (and w where ∂L/∂X needs it); the differentiable backward recomputes μ, rstd
+    and x̂ from X (see the module docstring). float16/bfloat16 X runs in
     float32 and rounds once; each gradient has its input's dtype.
     Derivation: docs/derivation.md#batch-group-and-rms-normalisation
     """
 
     @staticmethod
     def forward(x, weight, bias, spec):
-        xhat, _, _ = _xhat(x, spec)                                          # x̂
-        y = _affine(xhat, spec.param(opmath(weight), x), spec.param(opmath(bias), x))  # x̂ ⊙ w + b
-        return y.to(x.dtype)
+        fast = fast_path()
+        Xs, dims = spec.view(opmath(x))
+        Xc, mu, var = moments(Xs, dims, spec.center, fast)                  # X − μ, μ, var over S
+        rstd = torch.rsqrt(var + spec.eps)                                   # 1/√(var + eps)
+        xhat = (Xc.mul_(rstd) if fast and spec.center else Xc * rstd).reshape(x.shape)   # x̂
+        w, b = spec.param(opmath(weight), x), spec.param(opmath(bias), x)
+        if fast:                                                             # x̂ is this op's buffer
+            y = torch.addcmul(b, xhat, w, out=xhat) if w is not None and b is not None else \
+                xhat.mul_(w) if w is not None else xhat.add_(b) if b is not None else xhat
+        else:
+            y = _affine(xhat, w, b)                                          # x̂ ⊙ w + b
+        return y.to(x.dtype), (mu if mu is not None else var.new_zeros(())), rstd, var
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, spec = inputs
+        _, mu, rstd, var = output
+        ctx.mark_non_differentiable(mu, rstd, var)
+        ctx.set_materialize_grads(False)
         ctx.spec = spec
         needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # x̂ (from X) feeds ∂L/∂X and ∂L/∂w; w feeds ∂L/∂X only; ∂L/∂b needs G alone.
-        ctx.save_for_backward(x if (needs_x or needs_w) else None, weight if needs_x else None)
+        keep = needs_x or needs_w
+        ctx.save_for_backward(x if keep else None, weight if needs_x else None, mu if keep else None,
+                              rstd if keep else None)
         ctx.save_for_forward(x, weight)
         ctx.x_dtype = x.dtype
         ctx.w = None if weight is None else (weight.shape, weight.dtype)
         ctx.b = None if bias is None else (bias.shape, bias.dtype)
 
     @staticmethod
-    def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
+    def backward(ctx, grad_y, _g_mu, _g_rstd, _g_var):
+        x, weight, mu, rstd = ctx.saved_tensors
+        if grad_y is None:
+            return None, None, None, None
         ndim = grad_y.dim()
         spec = ctx.spec
         G = opmath(grad_y)                                                   # X's shape
+        if fast_path(grad_y) and G.numel() and x is not None:                      # the same equations, fewer passes
+            need = (ctx.needs_input_grad[0], ctx.w is not None and ctx.needs_input_grad[1],
+                    ctx.b is not None and ctx.needs_input_grad[2])
+            p_shape = x.shape[x.dim() - spec.k:] if spec.over == "trailing" else x.shape[1:2]
+            gx, gw, gb = normalize_grads_fast(G, opmath(x), mu, rstd, opmath(weight), spec, p_shape, need)
+            return (None if gx is None else gx.to(ctx.x_dtype), None if gw is None else gw.to(ctx.w[1]),
+                    None if gb is None else gb.to(ctx.b[1]), None)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             xhat, rstd, dims = _xhat(x, spec)                                # x̂, rstd
@@ -225,7 +348,7 @@ class NormFn(HandFunction):
             dy = dy + xhat * spec.param(opmath(dw), x)                       # x̂ ⊙ ẇ
         if db is not None:
             dy = dy + spec.param(opmath(db), x)                              # ḃ
-        return dy.to(x.dtype)
+        return dy.to(x.dtype), None, None, None
 
 
 class BatchNormEvalFn(HandFunction):
@@ -245,6 +368,13 @@ class BatchNormEvalFn(HandFunction):
 
     @staticmethod
     def forward(x, running_mean, running_var, weight, bias, eps):
+        if fast_path() and opmath(x) is x:                                   # one buffer: x̂, then Y
+            rstd = _per_channel(torch.rsqrt(running_var + eps), x)           # r_rstd (C, 1…1)
+            xhat = torch.sub(x, _per_channel(running_mean, x)).mul_(rstd)    # (X − r_μ)·r_rstd
+            w, b = _per_channel(weight, x), _per_channel(bias, x)
+            if w is not None and b is not None:
+                return torch.addcmul(b, xhat, w, out=xhat)                   # x̂ ⊙ w + b
+            return xhat.mul_(w) if w is not None else xhat.add_(b) if b is not None else xhat
         xhat, _ = _eval_xhat(x, running_mean, running_var, eps)              # (X − r_μ)·r_rstd
         return _affine(xhat, _per_channel(opmath(weight), x), _per_channel(opmath(bias), x)).to(x.dtype)
 
@@ -268,7 +398,11 @@ class BatchNormEvalFn(HandFunction):
             if weight is not None:
                 scale = scale * _per_channel(opmath(weight), G)              # w·r_rstd
             grad_x = (G * scale).to(ctx.x_dtype)                             # G ⊙ w·r_rstd
-        if ctx.w is not None and ctx.needs_input_grad[3]:
+        if ctx.w is not None and ctx.needs_input_grad[3] and fast_path(grad_y):   # r_rstd after the sum: one buffer
+            rstd = torch.rsqrt(opmath(running_var) + ctx.eps)                # r_rstd (C,)
+            B = torch.sub(opmath(x), _per_channel(opmath(running_mean), x)).mul_(G)   # G ⊙ (X − r_μ)
+            grad_w = (_channel_sum(B) * rstd).reshape(ctx.w[0]).to(ctx.w[1])  # Σ_rest G ⊙ x̂
+        elif ctx.w is not None and ctx.needs_input_grad[3]:
             xhat, _ = _eval_xhat(x, running_mean, running_var, ctx.eps)
             grad_w = _channel_sum(G * xhat).reshape(ctx.w[0]).to(ctx.w[1])   # Σ_rest G ⊙ x̂
         if ctx.b is not None and ctx.needs_input_grad[4]:

@@ -9,20 +9,23 @@ from the forward. Why: backward must itself be differentiable (gradgradcheck), a
 depends on X through μ and rstd as well as through x̂; a μ or rstd returned as a
 non-differentiable output would cut that dependence out of the double-backward graph. The cost
 is two more row reductions over X (μ, var), next to the two the backward does anyway, and X is
-needed for x̂ regardless, so nothing extra is held in memory.
+needed for x̂ regardless, so nothing extra is held in memory. The fast path (grad mode off:
+nothing differentiates the backward) takes the forward's μ and rstd, returned as
+non-differentiable outputs, instead.
 """
 from __future__ import annotations
 
 import torch
 
-from ._function import HandFunction, opmath
-from .normalize import normalize as normalize_over, normalize_dx
+from ._function import HandFunction, fast_path, opmath
+from .normalize import Norm, normalize as normalize_over, normalize_dx, normalize_grads_fast
 
 
-def normalize(X: torch.Tensor, K: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def normalize(X: torch.Tensor, K: int, eps: float, fast: bool = False):
     """x̂ = (X − μ)·rstd with μ = mean(X), rstd = 1/√(var(X) + eps) over the last K dims.
-    Returns (x̂ (*, row), rstd (*, 1…1)): ops.normalize's normalisation over the trailing dims."""
-    return normalize_over(X, tuple(range(-K, 0)), eps, nan_on_overflow=True)
+    Returns (x̂ (*, row), rstd (*, 1…1), μ (*, 1…1)): ops.normalize's normalisation over the
+    trailing dims."""
+    return normalize_over(X, tuple(range(-K, 0)), eps, nan_on_overflow=True, fast=fast)
 
 
 def layer_norm_dx(xhat: torch.Tensor, rstd: torch.Tensor, gy: torch.Tensor, K: int) -> torch.Tensor:
@@ -44,7 +47,9 @@ class LayerNormFn(HandFunction):
         ∂L/∂b = Σ_batch G                                  (row)
     Forward mode, tangents Ẋ, ẇ, ḃ:
         Ẏ = rstd·(Ẋ − mean(Ẋ) − x̂·mean(Ẋ ⊙ x̂)) ⊙ w + x̂ ⊙ ẇ + ḃ
-    Saves X (and w where ∂L/∂X needs it); μ, rstd, x̂ are recomputed (see the module docstring).
+    Returns (Y, μ, rstd), the row statistics (*, 1…1) non-differentiable outputs for the fast
+    path's backward (``ops.normalize.normalize_grads_fast``); saves X, μ, rstd (and w where ∂L/∂X
+    needs it); the differentiable backward recomputes μ, rstd, x̂ from X (see the module docstring).
     float16/bfloat16 X runs in float32 and rounds once; w and b may be float32 with a
     float16/bfloat16 X (torch's CPU mixed-dtype kernel); each gradient has its input's dtype.
     Derivation: docs/derivation.md#layer-normalisation
@@ -52,41 +57,58 @@ class LayerNormFn(HandFunction):
 
     @staticmethod
     def forward(x, weight, bias, K, eps):
-        xhat, _ = normalize(opmath(x), K, eps)                   # x̂ = (X − μ)·rstd   (*, row)
-        # Out of place: under vmap over w or b alone, x̂ is unbatched and could not take them in place.
+        # fast (nothing records this): x̂ and then Y in the one buffer X − x₀ (ops.normalize.moments).
+        # (Not torch's forward kernel: its μ rounds for a constant row, whose x̂ must be 0 exactly.)
+        fast = fast_path()
+        xhat, rstd, mu = normalize(opmath(x), K, eps, fast)      # x̂ = (X − μ)·rstd   (*, row)
+        # Out of place unless fast: under vmap over w or b alone, x̂ is unbatched and could not
+        # take them in place.
         w, b = opmath(weight), opmath(bias)
         if w is not None and b is not None:
-            y = torch.addcmul(b, xhat, w)                        # x̂ ⊙ w + b
+            y = torch.addcmul(b, xhat, w, out=xhat if fast else None)   # x̂ ⊙ w + b
         elif w is not None:
-            y = xhat * w                                         # x̂ ⊙ w
+            y = xhat.mul_(w) if fast else xhat * w               # x̂ ⊙ w
         elif b is not None:
-            y = xhat + b                                         # x̂ + b
+            y = xhat.add_(b) if fast else xhat + b               # x̂ + b
         else:
             y = xhat                                             # x̂
-        return y.to(x.dtype)
+        return y.to(x.dtype), mu, rstd
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, K, eps = inputs
+        _, mu, rstd = output
+        ctx.mark_non_differentiable(mu, rstd)
+        ctx.set_materialize_grads(False)
         ctx.K, ctx.eps = K, eps
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.w_shape = None if weight is None else weight.shape
         needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # x̂ (from X) feeds ∂L/∂X and ∂L/∂w; w feeds ∂L/∂X only; ∂L/∂b needs G alone.
-        ctx.save_for_backward(x if (needs_x or needs_w) else None, weight if needs_x else None)
+        keep = needs_x or needs_w
+        ctx.save_for_backward(x if keep else None, weight if needs_x else None, mu if keep else None,
+                              rstd if keep else None)
         ctx.save_for_forward(x, weight)
         ctx.x_dtype = x.dtype
         ctx.w_dtype = None if weight is None else weight.dtype
         ctx.b_shape, ctx.b_dtype = (None, None) if bias is None else (bias.shape, bias.dtype)
 
     @staticmethod
-    def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
+    def backward(ctx, grad_y, _g_mu, _g_rstd):
+        x, weight, mu, rstd = ctx.saved_tensors
         K = ctx.K
+        if grad_y is None:
+            return None, None, None, None, None
         G = opmath(grad_y)                                                   # (*, row)
+        need = ctx.needs_input_grad[:2] + (ctx.has_bias and ctx.needs_input_grad[2],)
+        if fast_path(grad_y) and G.numel() and x is not None:                                        # the same equations, fewer passes
+            gx, gw, gb = normalize_grads_fast(G, opmath(x), mu, rstd, opmath(weight), Norm("trailing", K, True, ctx.eps),
+                                              tuple(x.shape[x.dim() - K:]), need)
+            return (None if gx is None else gx.to(ctx.x_dtype), None if gw is None else gw.to(ctx.w_dtype),
+                    None if gb is None else gb.to(ctx.b_dtype), None, None)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            xhat, rstd = normalize(opmath(x), K, ctx.eps)                    # x̂ (*, row), rstd (*, 1…1)
+            xhat, rstd, _ = normalize(opmath(x), K, ctx.eps)                 # x̂ (*, row), rstd (*, 1…1)
         if ctx.needs_input_grad[0]:
             gy = G * opmath(weight) if weight is not None else G             # gy = G ⊙ w
             grad_x = layer_norm_dx(xhat, rstd, gy, K).to(ctx.x_dtype)        # rstd·(gy − mean(gy) − x̂·mean(gy ⊙ x̂))
@@ -99,7 +121,7 @@ class LayerNormFn(HandFunction):
     @staticmethod
     def jvp(ctx, dx, dw, db, _K, _eps):
         x, weight = ctx.saved_tensors
-        xhat, rstd = normalize(opmath(x), ctx.K, ctx.eps)                    # x̂, rstd
+        xhat, rstd, _ = normalize(opmath(x), ctx.K, ctx.eps)                 # x̂, rstd
         dy = torch.zeros_like(xhat)                                          # (*, row)
         if dx is not None:
             dxhat = layer_norm_dx(xhat, rstd, opmath(dx), ctx.K)             # rstd·(Ẋ − mean(Ẋ) − x̂·mean(Ẋ ⊙ x̂))
@@ -108,4 +130,4 @@ class LayerNormFn(HandFunction):
             dy = dy + xhat * opmath(dw)                                      # x̂ ⊙ ẇ
         if db is not None:
             dy = dy + opmath(db)                                             # ḃ
-        return dy.to(x.dtype)
+        return dy.to(x.dtype), None, None

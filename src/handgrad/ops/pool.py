@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as TF
 
 from .._compat import functorch_transforms_active
-from ._function import HandFunction, opmath
+from ._function import HandFunction, fast_path, opmath
 
 
 # --- average pooling: Y = A_h X A_wᵀ ----------------------------------------------------------
@@ -26,6 +26,32 @@ def window_matrix(start: torch.Tensor, end: torch.Tensor, size: int, divisor: to
     return inside.to(opmath(like).dtype) / divisor[:, None].to(opmath(like).dtype)
 
 
+_MATRICES: dict = {}     # (kind, sizes…, dtype, device) → A: constants, never written to
+
+
+def _memo(build):
+    """``build(*ints, like)`` once per sizes, dtype and device: an averaging matrix is a constant
+    of its sizes (and a dozen small ops to build, per call, per dim). Not while compiling (Dynamo
+    traces the build), nor under inference mode (its tensors could not be saved for a backward
+    later), nor for a tensor-valued size; at most 256 kept."""
+
+    def cached(*args):
+        *sizes, like = args
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or not all(isinstance(v, (int, bool, type(None))) for v in sizes):
+            return build(*args)
+        key = (build.__name__, *sizes, opmath(like).dtype, like.device)
+        A = _MATRICES.get(key)
+        if A is None:
+            if len(_MATRICES) >= 256:
+                _MATRICES.clear()
+            A = _MATRICES[key] = build(*args)
+        return A
+
+    cached.__doc__, cached.__name__ = build.__doc__, build.__name__
+    return cached
+
+
+@_memo
 def avg_pool_matrix(size: int, out: int, k: int, s: int, p: int, count_include_pad: bool,
                     divisor: int | None, like: torch.Tensor) -> torch.Tensor:
     """Torch's windows: start = i s − p, end = min(start + k, size + p) (ceil_mode's last window is
@@ -42,6 +68,7 @@ def avg_pool_matrix(size: int, out: int, k: int, s: int, p: int, count_include_p
     return window_matrix(lo, hi, size, length, like)
 
 
+@_memo
 def adaptive_matrix(size: int, out: int, like: torch.Tensor) -> torch.Tensor:
     """Torch's adaptive windows: start = ⌊i·size/out⌋, end = ⌈(i + 1)·size/out⌉."""
     i = torch.arange(out, device=like.device)
@@ -111,7 +138,9 @@ class SeparablePoolFn(HandFunction):
     def backward(ctx, grad_y):
         a_h, a_w = ctx.saved_tensors
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and fast_path(grad_y):                 # nothing records it: the product alone
+            grad_x = SeparablePoolFn.forward(grad_y, a_h.mT, a_w.mT)      # A_hᵀ G A_w
+        elif ctx.needs_input_grad[0]:
             grad_x = SeparablePoolFn.call(grad_y, a_h.mT, a_w.mT)         # A_hᵀ G A_w
         return grad_x, None, None
 
@@ -176,7 +205,8 @@ class MaxPool2dFn(HandFunction):
         if ctx.needs_input_grad[0]:
             N, C, H, W = ctx.x_shape
             flat = grad_y.new_zeros(N, C, H * W)                                         # (N, C, H·W)
-            grad_x = flat.scatter_add(2, _planes(idx), _planes(grad_y)).reshape(ctx.x_shape)  # Sᵀ G
+            add = flat.scatter_add_ if fast_path(grad_y) else flat.scatter_add          # in place on the fresh zeros
+            grad_x = add(2, _planes(idx), _planes(grad_y)).reshape(ctx.x_shape)          # Sᵀ G
         return grad_x, None
 
     @staticmethod
