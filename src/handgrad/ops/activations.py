@@ -48,8 +48,8 @@ from typing import Callable
 import torch
 
 from .. import catalogue
-from .._compat import forward_ad_active, functorch_transforms_active, is_batched_tensor
-from ._function import HandFunction, opmath
+from .._compat import forward_ad_active, functorch_transforms_active
+from ._function import HandFunction, fast_path, opmath
 
 
 @dataclass(frozen=True)
@@ -87,19 +87,13 @@ _FAST_DTYPES = (torch.float32, torch.float64)
 
 
 def fast(*tensors: torch.Tensor, grad: torch.Tensor | None = None) -> bool:
-    """May the fast path run? Nothing records it (grad mode off: a backward without
-    ``create_graph``, or any forward), no torch.func transform or Dynamo sees it (they take the
-    formula), and every tensor is float32/float64 (half types and complex take the formula,
-    which computes in opmath). ``grad``: a backward's incoming gradient, which must not be
-    vmap-batched either (``is_grads_batched`` batches it without a transform on the stack, and
-    in-place passes cannot take it). The registry compares both paths: ``reference`` runs the
-    backward with and without ``create_graph``."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or functorch_transforms_active():
+    """May the fast path run? ``fast_path`` (nothing records it, no torch.func transform, no
+    batched incoming ``grad``), no Dynamo tracing it (it takes the formula), and every tensor
+    float32/float64 (half types and complex take the formula, which computes in opmath). The
+    registry compares both paths: ``reference`` runs the backward with and without ``create_graph``."""
+    if torch.compiler.is_compiling() or not fast_path(grad):
         return False
-    for t in tensors:
-        if t.dtype not in _FAST_DTYPES:
-            return False
-    return grad is None or (grad.dtype in _FAST_DTYPES and not is_batched_tensor(grad))
+    return all(t.dtype in _FAST_DTYPES for t in tensors) and (grad is None or grad.dtype in _FAST_DTYPES)
 
 
 _CONSTS: dict[tuple, torch.Tensor] = {}
