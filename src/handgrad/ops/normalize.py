@@ -242,6 +242,17 @@ def _affine(xhat, w, b):
     return y + b if b is not None else y
 
 
+def save_for_norm_backward(ctx, x, weight, mu, rstd) -> None:
+    """What every normalising layer's backward reads: x̂ (from X, μ, rstd) feeds ∂L/∂X and ∂L/∂w;
+    w feeds ∂L/∂X only; ∂L/∂b needs G alone. Forward mode reads X and w."""
+    needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    keep = needs_x or needs_w
+    ctx.save_for_backward(x if keep else None, weight if needs_x else None, mu if keep else None,
+                          rstd if keep else None)
+    ctx.save_for_forward(x, weight)
+    ctx.x_dtype = x.dtype
+
+
 class NormFn(HandFunction):
     r"""Y = x̂ ⊙ w + b,  x̂ = (X − μ)·rstd over the dims ``spec`` names — equals
     ``torch.nn.functional.batch_norm`` (training), ``group_norm`` and ``rms_norm`` (``center=False``,
@@ -289,13 +300,7 @@ class NormFn(HandFunction):
         ctx.mark_non_differentiable(mu, rstd, var)
         ctx.set_materialize_grads(False)
         ctx.spec = spec
-        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # x̂ (from X) feeds ∂L/∂X and ∂L/∂w; w feeds ∂L/∂X only; ∂L/∂b needs G alone.
-        keep = needs_x or needs_w
-        ctx.save_for_backward(x if keep else None, weight if needs_x else None, mu if keep else None,
-                              rstd if keep else None)
-        ctx.save_for_forward(x, weight)
-        ctx.x_dtype = x.dtype
+        save_for_norm_backward(ctx, x, weight, mu, rstd)
         ctx.w = None if weight is None else (weight.shape, weight.dtype)
         ctx.b = None if bias is None else (bias.shape, bias.dtype)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._function import HandFunction, fast_path, opmath
-from .normalize import Norm, normalize as normalize_over, normalize_dx, normalize_grads_fast
+from .normalize import Norm, normalize as normalize_over, normalize_dx, normalize_grads_fast, save_for_norm_backward
 
 
 def normalize(X: torch.Tensor, K: int, eps: float, fast: bool = False):
@@ -83,13 +83,7 @@ class LayerNormFn(HandFunction):
         ctx.K, ctx.eps = K, eps
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.w_shape = None if weight is None else weight.shape
-        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # x̂ (from X) feeds ∂L/∂X and ∂L/∂w; w feeds ∂L/∂X only; ∂L/∂b needs G alone.
-        keep = needs_x or needs_w
-        ctx.save_for_backward(x if keep else None, weight if needs_x else None, mu if keep else None,
-                              rstd if keep else None)
-        ctx.save_for_forward(x, weight)
-        ctx.x_dtype = x.dtype
+        save_for_norm_backward(ctx, x, weight, mu, rstd)
         ctx.w_dtype = None if weight is None else weight.dtype
         ctx.b_shape, ctx.b_dtype = (None, None) if bias is None else (bias.shape, bias.dtype)
 

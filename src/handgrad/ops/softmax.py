@@ -135,6 +135,25 @@ def log_softmax_jvp(Y: torch.Tensor, dX: torch.Tensor, dim: int) -> torch.Tensor
     return dX - (dX * Y.exp()).sum(dim, keepdim=True)
 
 
+def _along_dim(x, dim, exact, fast_version):
+    """Y = exact(X) along dim (in opmath, rounded once), or its fast path along the last dim."""
+    if x.numel() == 0:                                           # amax refuses an empty dim
+        return torch.empty_like(x)
+    if dim == x.dim() - 1 and fast(x):
+        return fast_version(x, dim)
+    return exact(opmath(x), dim).to(x.dtype)
+
+
+def _along_dim_vjp(ctx, grad_y, exact, fast_version):
+    """∂L/∂X = exact(Y, G) along dim (in opmath, rounded once), or its fast path along the last dim."""
+    y, = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    if ctx.dim == y.dim() - 1 and grad_y.dtype == y.dtype and fast(y, grad=grad_y):
+        return fast_version(y, grad_y, ctx.dim), None
+    return exact(opmath(y), opmath(grad_y), ctx.dim).to(y.dtype), None
+
+
 class _AlongDimFn(HandFunction):
     """What SoftmaxFn and LogSoftmaxFn share: save Y, the only tensor either Jacobian needs."""
 
@@ -163,21 +182,11 @@ class SoftmaxFn(_AlongDimFn):
 
     @staticmethod
     def forward(x, dim):
-        if x.numel() == 0:                                       # amax refuses an empty dim
-            return torch.empty_like(x)
-        if dim == x.dim() - 1 and fast(x):
-            return fast_softmax(x, dim)
-        return softmax_forward(opmath(x), dim).to(x.dtype)       # Y = exp(X − m) / (exp(X − m))1
+        return _along_dim(x, dim, softmax_forward, fast_softmax)          # Y = exp(X − m) / (exp(X − m))1
 
     @staticmethod
     def backward(ctx, grad_y):
-        y, = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        if ctx.dim == y.dim() - 1 and grad_y.dtype == y.dtype and fast(y, grad=grad_y):
-            return fast_softmax_vjp(y, grad_y, ctx.dim), None
-        grad_x = softmax_vjp(opmath(y), opmath(grad_y), ctx.dim)  # Y ⊙ (G − (G ⊙ Y)1)
-        return grad_x.to(y.dtype), None
+        return _along_dim_vjp(ctx, grad_y, softmax_vjp, fast_softmax_vjp)   # Y ⊙ (G − (G ⊙ Y)1)
 
     @staticmethod
     def jvp(ctx, dx, _):
@@ -201,21 +210,11 @@ class LogSoftmaxFn(_AlongDimFn):
 
     @staticmethod
     def forward(x, dim):
-        if x.numel() == 0:                                       # amax refuses an empty dim
-            return torch.empty_like(x)
-        if dim == x.dim() - 1 and fast(x):
-            return fast_log_softmax(x, dim)
-        return log_softmax_forward(opmath(x), dim).to(x.dtype)   # Y = (X − m) − log((exp(X − m))1)
+        return _along_dim(x, dim, log_softmax_forward, fast_log_softmax)  # Y = (X − m) − log((exp(X − m))1)
 
     @staticmethod
     def backward(ctx, grad_y):
-        y, = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        if ctx.dim == y.dim() - 1 and grad_y.dtype == y.dtype and fast(y, grad=grad_y):
-            return fast_log_softmax_vjp(y, grad_y, ctx.dim), None
-        grad_x = log_softmax_vjp(opmath(y), opmath(grad_y), ctx.dim)  # G − exp(Y) ⊙ (G)1
-        return grad_x.to(y.dtype), None
+        return _along_dim_vjp(ctx, grad_y, log_softmax_vjp, fast_log_softmax_vjp)   # G − exp(Y) ⊙ (G)1
 
     @staticmethod
     def jvp(ctx, dx, _):
