@@ -1,10 +1,18 @@
 """Scaled dot-product attention as one Function. Derivation: docs/derivation.md#attention.
 
 The scores S = scale·Q Kᵀ + M and the weights P = softmax(S) are (L × S) per head: the Function
-saves neither. It saves Q, K, V and the row log-sum-exp ℓ = log Σ_j exp(S_j) (one
-value per query row), and the backward recomputes P = exp(S − ℓ) from them, as flash attention
-does. ℓ is returned as a second output (the functional drops it) so that the backward, which
-reads it, stays differentiable: its VJP is ∂L/∂S += P ⊙ ∂L/∂ℓ (∂ℓ/∂S = P).
+saves neither. It saves Q, K, V, the output O and the row log-sum-exp ℓ = log Σ_j exp(S_j) (one
+value per query row), as torch's flash kernel does; the backward recomputes P = exp(S − ℓ) and
+takes the softmax's row term as rowsum(G ⊙ O). ℓ is returned as a second output (the functional
+drops it) so that the backward, which reads it, stays differentiable: its VJP is
+∂L/∂S += P ⊙ ∂L/∂ℓ (∂ℓ/∂S = P).
+
+float32 is computed in float32, as flash attention does: the forward normalises once at the end
+(O = (E V)/l with E = exp(S − m), m the row max), so the only roundings of P are those of one
+exp. With a causal mask the query rows are taken in blocks of ``BLOCK`` and each block meets only
+the keys it can see, so the masked upper triangle is neither multiplied nor exponentiated.
+Outside a double backward and torch.func (grad mode off) the (L × S) work runs in place on the
+buffers the Function owns; otherwise the same formulas run out of place (``_Ops``).
 
 Masks are kept as given (the user's bool or float tensor, saved by reference, as native saves
 it) and the causal mask is rebuilt where needed, so nothing (L × S) is allocated to be kept
@@ -12,24 +20,21 @@ beyond the dropout's bool keep mask, which native keeps too.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from ._function import HandFunction, accurate_sum, opmath as _opmath
+from .. import _compat
+from ._function import HandFunction, opmath
 from .dropout import keep_scale
 
-__all__ = ["AttentionFn", "causal_keep"]
+__all__ = ["AttentionFn", "BLOCK"]
 
-
-def opmath(t):
-    """The compute dtype: float32 for float16/bfloat16 (as torch's kernels), and float64 for
-    float32 on CPU: the recomputed P = exp(S − ℓ) and the products over the keys lost up to 3.6×
-    torch's float32 error (its kernel normalises once at the end); on CPU a float64 pass is cheap
-    at attention's sizes and leaves one rounding. (CUDA float32 stays float32.)"""
-    if t is not None and t.dtype == torch.float32 and t.device.type == "cpu":
-        return t.double()
-    return _opmath(t)
+#: query rows per causal block. The products and exps of a block of rows [r0, r1) run over its
+#: r1 visible keys: with T/BLOCK = n blocks that is (n + 1)/(2n) of the full (T × T) work
+#: (T = 512: 5/8), for n more Python-level calls per step (~25 µs each at BLOCK rows).
+BLOCK = 128
 
 
 def _own_dtype(t: torch.Tensor):
@@ -38,9 +43,40 @@ def _own_dtype(t: torch.Tensor):
     return torch.autocast(t.device.type, enabled=False)
 
 
-def causal_keep(L: int, S: int, device) -> torch.Tensor:
-    """The top-left aligned causal mask (L, S), True = attend: ``torch.ones(L, S).tril(0)``."""
-    return torch.ones(L, S, dtype=torch.bool, device=device).tril()
+def _in_place() -> bool:
+    """May the (L × S) steps overwrite their inputs? Only outside autograd (a double backward
+    differentiates the backward) and outside torch.func (its batched tensors)."""
+    return not torch.is_grad_enabled() and not _compat.functorch_transforms_active()
+
+
+# the elementwise steps, in place on a buffer the Function owns (ip) or out of place
+def _sub(a, b, ip):
+    return a.sub_(b) if ip else a - b
+
+
+def _mul(a, b, ip):
+    return a.mul_(b) if ip else a * b
+
+
+def _exp(a, ip):
+    return a.exp_() if ip else a.exp()
+
+
+def _hide(a, hidden, ip):
+    return a.masked_fill_(hidden, -math.inf) if ip else a.masked_fill(hidden, -math.inf)
+
+
+def _causal_hidden(L: int, S: int, row0: int, device) -> torch.Tensor:
+    """The keys rows row0 … row0 + L − 1 may not see under the top-left aligned causal mask:
+    True where j > i, i.e. ``torch.ones(L, S).triu(row0 + 1)`` (L, S)."""
+    if torch.compiler.is_compiling():
+        return torch.ones(L, S, dtype=torch.bool, device=device).triu(row0 + 1)
+    return _cached_hidden(L, S, row0, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_hidden(L, S, row0, device):
+    return torch.ones(L, S, dtype=torch.bool, device=device).triu(row0 + 1)
 
 
 def repeat_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -53,32 +89,106 @@ def sum_heads(g: torch.Tensor, groups: int) -> torch.Tensor:
     return g if groups == 1 else g.reshape(*g.shape[:-3], g.shape[-3] // groups, groups, *g.shape[-2:]).sum(-3)
 
 
-def scores(q, k, mask, causal: bool, scale: float) -> torch.Tensor:
-    """S = scale·Q Kᵀ + M   (*, L, S); M is −∞ where a bool mask (or the causal one) is False,
-    the float mask added otherwise."""
-    S = (q @ k.mT) * scale                                       # scale·Q Kᵀ       (*, L, S)
+def scores(qs, k, mask, causal: bool, row0: int = 0, ip: bool = False) -> torch.Tensor:
+    """S = (scale·Q) Kᵀ + M   (*, l, s), ``qs`` = scale·Q; M is −∞ where a bool mask (or the
+    causal one, for query rows row0 …) is False, the float mask added otherwise."""
+    S = qs @ k.mT                                                # scale·Q Kᵀ       (*, l, s)
     if causal:
-        S = S.masked_fill(~causal_keep(S.shape[-2], S.shape[-1], S.device), -math.inf)
+        S = _hide(S, _causal_hidden(S.shape[-2], S.shape[-1], row0, S.device), ip)
     if mask is not None:
-        S = S.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else S + mask.to(S.dtype)
+        if mask.dtype == torch.bool:
+            S = _hide(S, ~mask, ip)
+        else:
+            S = S.add_(mask.to(S.dtype)) if ip else S + mask.to(S.dtype)
     return S
 
 
-def row_logsumexp(S: torch.Tensor) -> torch.Tensor:
-    """ℓ = m + log Σ_j exp(S_j − m), m the row max (0 where the row is all −∞)  (*, L).
-    A fully masked row gets ℓ = +∞, so P = exp(S − ℓ) = 0 there: its output and gradients are
-    0, as torch's CPU attention gives (a "safe" softmax), not NaN."""
-    if S.shape[-1] == 0:                                         # no keys: every row fully masked
-        return S.new_full(S.shape[:-1], math.inf)
-    m = S.amax(-1, keepdim=True)                                 # (*, L, 1)
-    m = m.masked_fill(m == -math.inf, 0)
-    lse = (m + accurate_sum((S - m).exp(), -1, keepdim=True).log()).squeeze(-1)   # (*, L)
-    return lse.masked_fill(lse == -math.inf, math.inf)
+def weights(S: torch.Tensor, lse: torch.Tensor, ip: bool = False) -> torch.Tensor:
+    """P = exp(S − ℓ) = softmax(S) along the keys   (*, l, s); ℓ = +∞ on a fully masked row (P = 0)."""
+    return _exp(_sub(S, lse.unsqueeze(-1), ip), ip)
 
 
-def weights(S: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """P = exp(S − ℓ) = softmax(S) along the keys   (*, L, S)."""
-    return (S - lse.unsqueeze(-1)).exp()
+def _blocks(L: int, S: int, causal: bool, blocked: bool):
+    """(r0, r1, s): query rows [r0, r1) and the s keys they meet; one block unless causal."""
+    if not (causal and blocked) or L <= BLOCK:
+        return ((0, L, S),)
+    return tuple((r0, min(r0 + BLOCK, L), min(S, r0 + BLOCK)) for r0 in range(0, L, BLOCK))
+
+
+def _part(t, r0, r1, s):
+    """A mask's (or keep mask's) entries for query rows [r0, r1) and keys [0, s), where it has those dims."""
+    if t is None:
+        return None
+    if t.dim() >= 1 and t.shape[-1] != 1:
+        t = t[..., :s]
+    if t.dim() >= 2 and t.shape[-2] != 1:
+        t = t[..., r0:r1, :]
+    return t
+
+
+#: the (L × S) elements of one tile of the fast path (1 MiB of float32, a core's L2 cache): the
+#: (batch · head) dim is taken that many rows at a time, so a tile's scores stay in cache from the
+#: product that writes them to the one that reads them (at B·H = 64, T = 512 the whole-batch
+#: products spent half their time waiting on memory).
+TILE = 1 << 18
+
+
+def _flat(q, k, v, mask, drop):
+    """(n, ·, ·) views of Q, K, V, the mask and the keep mask when their batch dims agree (the
+    mask's may be absent or all 1), else None: the fast path's layout."""
+    batch = q.shape[:-2]
+    if k.shape[:-2] != batch or v.shape[:-2] != batch or (drop is not None and drop.shape[:-2] != batch):
+        return None
+    if mask is not None and mask.dim() > 2 and mask.shape[:-2] != batch:
+        if any(d != 1 for d in mask.shape[:-2]):
+            return None
+        mask = mask.reshape(mask.shape[-2:])
+    n = math.prod(batch)
+    flat = [t.reshape(n, *t.shape[-2:]) for t in (q, k, v)]
+    if mask is not None and mask.dim() > 2:
+        mask = mask.reshape(n, *mask.shape[-2:])
+    return (*flat, mask, None if drop is None else drop.reshape(n, *drop.shape[-2:]))
+
+
+def _tiles(n: int, L: int, S: int, causal: bool):
+    """(b0, b1, r0, r1, s): batch rows [b0, b1), query rows [r0, r1) and the s keys they meet."""
+    for r0, r1, s in _blocks(L, S, causal, True):
+        c = max(1, TILE // max(1, (r1 - r0) * s))
+        for b0 in range(0, n, c):
+            yield b0, min(n, b0 + c), r0, r1, s
+
+
+def _batch(t, b0, b1):
+    return t if t is None or t.dim() <= 2 else t[b0:b1]
+
+
+def _forward_rows(qs, k, v, mask, drop, p, causal, row0, ip):
+    """One block of query rows: O = (E ⊙ N) V / l and ℓ = m + log l, with m the row max (0 on a
+    fully masked row), E = exp(S − m), l = rowsum E: the weights normalised once, at the end."""
+    S = scores(qs, k, mask, causal, row0, ip)                    # (*, l, s)
+    m = S.amax(-1, keepdim=True)                                 # row max    (*, l, 1)
+    m = m.masked_fill(m == -math.inf, 0)                         # fully masked: E = exp(−∞) = 0
+    E = _exp(_sub(S, m, ip), ip)                                 # exp(S − m)
+    l = E.sum(-1, keepdim=True)                                  # (*, l, 1)
+    if drop is not None:
+        E = _mul(E, keep_scale(drop, p, E.dtype), ip)            # E ⊙ N
+    empty = l == 0                                               # fully masked rows: O = 0, ℓ = +∞
+    O = (E @ v) / l.masked_fill(empty, 1)                        # (*, l, Ev)
+    lse = (m + l.log()).masked_fill(empty, math.inf)
+    return O, lse.squeeze(-1)
+
+
+def _backward_rows(qs, k, v, G, row, mask, drop, p, causal, lse, row0, ip, need_v, need_qkm):
+    """One block of query rows: its ∂L/∂V, dS (for ∂L/∂Q, ∂L/∂K, ∂L/∂M) from the recomputed P."""
+    P = weights(scores(qs, k, mask, causal, row0, ip), lse, ip)  # recomputed   (*, l, s)
+    N = None if drop is None else keep_scale(drop, p, P.dtype)
+    dv = ((P if N is None else P * N).mT @ G) if need_v else None   # (P ⊙ N)ᵀ G
+    if not need_qkm:
+        return dv, None
+    dP = G @ v.mT                                                # G Vᵀ   (*, l, s)
+    if N is not None:
+        dP = _mul(dP, N, ip)                                     # ⊙ N
+    return dv, _mul(_sub(dP, row, ip), P, ip)                    # dS = P ⊙ (dP − row)
 
 
 class AttentionFn(HandFunction):
@@ -92,13 +202,14 @@ class AttentionFn(HandFunction):
         S = scale·Q Kᵀ + M,   P = softmax(S) = exp(S − ℓ),   O = (P ⊙ N) V
     Backward, G = ∂L/∂O, Γ = ∂L/∂ℓ (zero unless a double backward reads ℓ):
         ∂L/∂V = (P ⊙ N)ᵀ G            dP = (G Vᵀ) ⊙ N
-        dS = P ⊙ (dP − rowsum(G ⊙ O)) + P ⊙ Γ,   rowsum(G ⊙ O) = rowsum(P ⊙ dP)
+        dS = P ⊙ (dP − rowsum(G ⊙ O) + Γ),   rowsum(G ⊙ O) = rowsum(P ⊙ dP)
         ∂L/∂Q = scale·dS K            ∂L/∂K = scale·dSᵀ Q            ∂L/∂M = dS (summed to M)
     Forward mode:
         Ṡ = scale(Q̇ Kᵀ + Q K̇ᵀ) + Ṁ,   ℓ̇ = rowsum(P ⊙ Ṡ),   Ṗ = P ⊙ (Ṡ − ℓ̇)
         Ȯ = (Ṗ ⊙ N) V + (P ⊙ N) V̇
-    Saves Q, K, V, M, D and ℓ; P is recomputed, and the row term is taken as rowsum(P ⊙ dP), so
-    O is not kept either. float16/bfloat16 run in float32, float32 on CPU in float64 (``opmath``).
+    Saves Q, K, V, M, D, O and ℓ; P is recomputed. float16/bfloat16 run in float32 (``opmath``).
+    With grad mode off (outside a double backward and torch.func) the same rows run tile by tile
+    (``_tiles``: cache-sized, and causal blocks over only the keys they see), in place.
     Derivation: docs/derivation.md#attention
     """
 
@@ -111,19 +222,32 @@ class AttentionFn(HandFunction):
     def _forward(q, k, v, mask, drop, p, causal, scale, groups):
         dtype = q.dtype
         q, k, v = opmath(q), repeat_heads(opmath(k), groups), repeat_heads(opmath(v), groups)
-        S = scores(q, k, mask, causal, scale)                    # (*, L, S)
-        lse = row_logsumexp(S)                                   # ℓ        (*, L)
-        P = weights(S, lse)                                      # softmax(S)
-        if drop is not None:
-            P = P * keep_scale(drop, p, P.dtype)                 # P ⊙ N
-        return (P @ v).to(dtype), lse                            # O = (P ⊙ N) V
+        L, S = q.shape[-2], k.shape[-2]
+        if S == 0:                                               # no keys: every row fully masked
+            shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+            out = q.new_zeros((*shape, L, v.shape[-1]))
+            return out.to(dtype), q.new_full((*shape, L), math.inf)
+        qs = q * scale                                           # scale·Q     (*, L, E)
+        flat = _flat(qs, k, v, mask, drop) if _in_place() else None
+        if flat is None:
+            O, lse = _forward_rows(qs, k, v, mask, drop, p, causal, 0, _in_place())
+            return O.to(dtype), lse
+        qs, k, v, mask, drop = flat                              # (n, ·, ·)
+        n = qs.shape[0]
+        O, lse = qs.new_empty((n, L, v.shape[-1])), qs.new_empty((n, L))
+        for b0, b1, r0, r1, s in _tiles(n, L, S, causal):
+            O[b0:b1, r0:r1], lse[b0:b1, r0:r1] = _forward_rows(
+                qs[b0:b1, r0:r1], k[b0:b1, :s], v[b0:b1, :s], _part(_batch(mask, b0, b1), r0, r1, s),
+                _part(_batch(drop, b0, b1), r0, r1, s), p, causal, r0, True)
+        batch = q.shape[:-2]
+        return O.view(*batch, L, -1).to(dtype), lse.view(*batch, L)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, mask, drop, p, causal, scale, groups = inputs
         ctx.p, ctx.causal, ctx.scale, ctx.groups = p, causal, scale, groups
-        _O, lse = output
-        ctx.save_for_backward(q, k, v, mask, drop, lse)
+        O, lse = output
+        ctx.save_for_backward(q, k, v, mask, drop, O, lse)
         ctx.save_for_forward(q, k, v, mask, drop, lse)
 
     @staticmethod
@@ -133,33 +257,56 @@ class AttentionFn(HandFunction):
 
     @staticmethod
     def _backward(ctx, grad_o, grad_lse):
-        q, k, v, mask, drop, lse = ctx.saved_tensors
-        g = ctx.groups
+        q, k, v, mask, drop, O, lse = ctx.saved_tensors
+        g, scale, p, causal = ctx.groups, ctx.scale, ctx.p, ctx.causal
+        need_q, need_k, need_v, need_m = ctx.needs_input_grad[:4]
         Q, K, V = opmath(q), repeat_heads(opmath(k), g), repeat_heads(opmath(v), g)
         G = opmath(grad_o)                                                   # (*, L, Ev)
-        P = weights(scores(Q, K, mask, ctx.causal, ctx.scale), lse)          # recomputed (*, L, S)
-        N = None if drop is None else keep_scale(drop, ctx.p, P.dtype)
-        PN = P if N is None else P * N                                       # P ⊙ N
-        need_q, need_k, need_v, need_m = ctx.needs_input_grad[:4]
-        grad_q = grad_k = grad_v = grad_m = None
-        if need_v:
-            grad_v = sum_heads(PN.mT @ G, g).sum_to_size(v.shape).to(v.dtype)    # (P ⊙ N)ᵀ G
-        if need_q or need_k or need_m:
-            dP = G @ V.mT                                                    # G Vᵀ   (*, L, S)
-            if N is not None:
-                dP = dP * N                                                  # ⊙ N
-            # rowsum(G ⊙ O) = rowsum(P ⊙ dP), the softmax's row term, taken in the second form:
-            # from P and dP in the compute dtype rather than the rounded output O; minus Γ
-            row = (P * dP).sum(-1, keepdim=True) - grad_lse.to(P.dtype).unsqueeze(-1)
-            dS = P * (dP - row)                                              # (*, L, S)
-            if need_q:
-                grad_q = (ctx.scale * (dS @ K)).sum_to_size(q.shape).to(q.dtype)         # scale·dS K
-            if need_k:
-                grad_k = sum_heads(ctx.scale * (dS.mT @ Q), g).sum_to_size(k.shape).to(k.dtype)  # scale·dSᵀ Q
-            if need_m:
-                grad_m = dS.sum_to_size(mask.shape).to(mask.dtype)                       # dS
+        # the softmax's row term rowsum(G ⊙ O) − Γ, once for all rows   (*, L, 1)
+        row = (G * opmath(O)).sum(-1, keepdim=True)
+        if grad_lse is not None:
+            row = row - grad_lse.to(row.dtype).unsqueeze(-1)
+        need_qkm = need_q or need_k or need_m
+        qs, ks = Q * scale, K * scale                                        # scale·Q, scale·K
+        flat = None if need_m or not _in_place() else _flat(qs, K, V, mask, drop)
+        if flat is None:
+            dV, dS = _backward_rows(qs, K, V, G, row, mask, drop, p, causal, lse, 0, _in_place(), need_v,
+                                    need_qkm)
+            dQ = dS @ ks if need_q else None                                 # scale·dS K
+            dK = dS.mT @ qs if need_k else None                              # scale·dSᵀ Q
+        else:
+            dQ, dK, dV = AttentionFn._backward_tiles(flat, scale, G, row, lse, p, causal, need_q, need_k, need_v)
+        grad_q = None if dQ is None else dQ.sum_to_size(q.shape).to(q.dtype)
+        grad_k = None if dK is None else sum_heads(dK, g).sum_to_size(k.shape).to(k.dtype)
+        grad_v = None if dV is None else sum_heads(dV, g).sum_to_size(v.shape).to(v.dtype)
+        grad_m = dS.sum_to_size(mask.shape).to(mask.dtype) if need_m else None   # dS
         return grad_q, grad_k, grad_v, grad_m, None, None, None, None, None
 
+    @staticmethod
+    def _backward_tiles(flat, scale, G, row, lse, p, causal, need_q, need_k, need_v):
+        """The backward's fast path, tile by tile on (n, ·, ·) views (no mask gradient): ∂L/∂Q
+        rows are written by their tile, ∂L/∂K and ∂L/∂V summed over the tiles that meet a key."""
+        qs, K, V, mask, drop = flat
+        n, L, S = qs.shape[0], qs.shape[-2], K.shape[-2]
+        batch = G.shape[:-2]
+        G, row, lse = G.reshape(n, L, -1), row.reshape(n, L, 1), lse.reshape(n, L)
+        ks = K * scale                                                       # scale·K   (n, S, E)
+        dQ = qs.new_empty(qs.shape) if need_q else None
+        dK = qs.new_zeros(ks.shape) if need_k else None
+        dV = qs.new_zeros(V.shape) if need_v else None
+        for b0, b1, r0, r1, s in _tiles(n, L, S, causal):
+            dv, dS = _backward_rows(qs[b0:b1, r0:r1], K[b0:b1, :s], V[b0:b1, :s], G[b0:b1, r0:r1],
+                                    row[b0:b1, r0:r1], _part(_batch(mask, b0, b1), r0, r1, s),
+                                    _part(_batch(drop, b0, b1), r0, r1, s), p, causal, lse[b0:b1, r0:r1], r0,
+                                    True, need_v, need_q or need_k)
+            if need_v:
+                dV[b0:b1, :s] += dv                                          # += (P ⊙ N)ᵀ G
+            if need_q:
+                dQ[b0:b1, r0:r1] = dS @ ks[b0:b1, :s]                        # scale·dS K
+            if need_k:
+                dK[b0:b1, :s].baddbmm_(dS.mT, qs[b0:b1, r0:r1])             # += scale·dSᵀ Q
+        view = lambda t: None if t is None else t.view(*batch, *t.shape[-2:])
+        return view(dQ), view(dK), view(dV)
     @staticmethod
     def jvp(ctx, dq, dk, dv, dmask, _ddrop, _p, _causal, _scale, _groups):
         with _own_dtype(ctx.saved_tensors[0]):
@@ -170,7 +317,7 @@ class AttentionFn(HandFunction):
         q, k, v, mask, drop, lse = ctx.saved_tensors
         g = ctx.groups
         Q, K, V = opmath(q), repeat_heads(opmath(k), g), repeat_heads(opmath(v), g)
-        P = weights(scores(Q, K, mask, ctx.causal, ctx.scale), lse)          # (*, L, S)
+        P = weights(scores(Q * ctx.scale, K, mask, ctx.causal), lse)        # (*, L, S)
         dS = torch.zeros((), dtype=P.dtype, device=P.device)
         if dq is not None:
             dS = dS + ctx.scale * (opmath(dq) @ K.mT)                       # scale·Q̇ Kᵀ
