@@ -103,9 +103,16 @@ def scores(qs, k, mask, causal: bool, row0: int = 0, ip: bool = False) -> torch.
     return S
 
 
-def weights(S: torch.Tensor, lse: torch.Tensor, ip: bool = False) -> torch.Tensor:
-    """P = exp(S − ℓ) = softmax(S) along the keys   (*, l, s); ℓ = +∞ on a fully masked row (P = 0)."""
-    return _exp(_sub(S, lse.unsqueeze(-1), ip), ip)
+def weights(S: torch.Tensor, lse: torch.Tensor, ip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P̂, r) with P = softmax(S) = P̂·r along the keys: P̂ = exp(S − m) (*, l, s), m the row max
+    (0 on a fully masked row), and r = exp(m − ℓ) = 1/rowsum P̂ (*, l, 1), from ℓ in float64.
+    exp(S − ℓ) with ℓ rounded would scale a whole row by one error (Σ P ≠ 1 by eps·|ℓ|: up to 8×
+    torch's float32 error in the gradients, measured); this is flash attention's exp(S − m)/l,
+    exact to a rounding per weight. m is a constant shift (P does not depend on it): detached."""
+    m = S.detach().amax(-1, keepdim=True)                        # (*, l, 1)
+    m = m.masked_fill(m == -math.inf, 0)
+    r = (m.to(lse.dtype) - lse.unsqueeze(-1)).exp().to(S.dtype)  # exp(m − ℓ); 0 where ℓ = +∞
+    return _exp(_sub(S, m, ip), ip), r
 
 
 def _blocks(L: int, S: int, causal: bool, blocked: bool):
@@ -174,26 +181,28 @@ def _forward_rows(qs, k, v, mask, drop, p, causal, row0, ip):
         E = _mul(E, keep_scale(drop, p, E.dtype), ip)            # E ⊙ N
     empty = l == 0                                               # fully masked rows: O = 0, ℓ = +∞
     O = (E @ v) / l.masked_fill(empty, 1)                        # (*, l, Ev)
-    lse = (m + l.log()).masked_fill(empty, math.inf)
+    lse = (m.double() + l.double().log()).masked_fill(empty, math.inf)   # ℓ in float64 (see weights)
     return O, lse.squeeze(-1)
 
 
 def _backward_rows(qs, k, v, G, glse, mask, drop, p, causal, lse, row0, ip, need_v, need_qkm):
-    """One block of query rows: its ∂L/∂V and dS = P ⊙ dP − P ⊙ (rowsum(P ⊙ dP) − Γ) (for ∂L/∂Q,
-    ∂L/∂K, ∂L/∂M) from the recomputed P."""
-    P = weights(scores(qs, k, mask, causal, row0, ip), lse, ip)  # recomputed   (*, l, s)
+    """One block of query rows, from the recomputed P = P̂·r (``weights``): ∂L/∂V = (P ⊙ N)ᵀ G =
+    (P̂ ⊙ N)ᵀ (r G), and dŜ = P̂ ⊙ (dP − row) with row = rowsum(P ⊙ dP) − Γ, so that dS = r dŜ
+    (for ∂L/∂Q, ∂L/∂K, ∂L/∂M). Returns (∂L/∂V, dŜ, r)."""
+    P, r = weights(scores(qs, k, mask, causal, row0, ip), lse, ip)   # recomputed P̂, r
     N = None if drop is None else keep_scale(drop, p, P.dtype)
-    dv = ((P if N is None else P * N).mT @ G) if need_v else None   # (P ⊙ N)ᵀ G
+    dv = ((P if N is None else P * N).mT @ (G * r)) if need_v else None   # (P ⊙ N)ᵀ G
     if not need_qkm:
-        return dv, None
+        return dv, None, r
     dP = G @ v.mT                                                # G Vᵀ   (*, l, s)
     if N is not None:
         dP = _mul(dP, N, ip)                                     # ⊙ N
-    dS = _mul(dP, P, ip)                                         # P ⊙ dP
-    row = dS.sum(-1, keepdim=True)                               # rowsum(P ⊙ dP) = rowsum(G ⊙ O)
+    row = r * torch.linalg.vecdot(P, dP).unsqueeze(-1)           # rowsum(P ⊙ dP) = rowsum(G ⊙ O)
     if glse is not None:
         row = row - glse.unsqueeze(-1)                           # − Γ
-    return dv, (dS.addcmul_(P, row, value=-1) if ip else dS - P * row)
+    # P̂ ⊙ (dP − row): the difference first, exact where dP ≈ row (P ⊙ dP − P ⊙ row would cancel
+    # two rounded products: 5× torch's float32 error, measured)
+    return dv, _mul(_sub(dP, row, ip), P, ip), r
 
 
 class AttentionFn(HandFunction):
@@ -231,7 +240,7 @@ class AttentionFn(HandFunction):
         if S == 0:                                               # no keys: every row fully masked
             shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
             out = q.new_zeros((*shape, L, v.shape[-1]))
-            return out.to(dtype), q.new_full((*shape, L), math.inf)
+            return out.to(dtype), q.new_full((*shape, L), math.inf, dtype=torch.float64)
         qs = q * scale                                           # scale·Q     (*, L, E)
         flat = _flat(qs, k, v, mask, drop) if _in_place() else None
         if flat is None:
@@ -239,7 +248,7 @@ class AttentionFn(HandFunction):
             return O.to(dtype), lse
         qs, k, v, mask, drop = flat                              # (n, ·, ·)
         n = qs.shape[0]
-        O, lse = qs.new_empty((n, L, v.shape[-1])), qs.new_empty((n, L))
+        O, lse = qs.new_empty((n, L, v.shape[-1])), qs.new_empty((n, L), dtype=torch.float64)
         for b0, b1, r0, r1, s in _tiles(n, L, S, causal):
             O[b0:b1, r0:r1], lse[b0:b1, r0:r1] = _forward_rows(
                 qs[b0:b1, r0:r1], k[b0:b1, :s], v[b0:b1, :s], _part(_batch(mask, b0, b1), r0, r1, s),
@@ -272,16 +281,16 @@ class AttentionFn(HandFunction):
         qs, ks = Q * scale, K * scale                                        # scale·Q, scale·K
         flat = None if need_m or not _in_place() else _flat(qs, K, V, mask, drop)
         if flat is None:
-            dV, dS = _backward_rows(qs, K, V, G, glse, mask, drop, p, causal, lse, 0, _in_place(), need_v,
-                                    need_qkm)
-            dQ = dS @ ks if need_q else None                                 # scale·dS K
-            dK = dS.mT @ qs if need_k else None                              # scale·dSᵀ Q
+            dV, dS, r = _backward_rows(qs, K, V, G, glse, mask, drop, p, causal, lse, 0, _in_place(), need_v,
+                                       need_qkm)                             # dS = r dŜ
+            dQ = r * (dS @ ks) if need_q else None                           # scale·dS K
+            dK = dS.mT @ (r * qs) if need_k else None                        # scale·dSᵀ Q
         else:
             dQ, dK, dV = AttentionFn._backward_tiles(flat, scale, G, glse, lse, p, causal, need_q, need_k, need_v)
         grad_q = None if dQ is None else dQ.sum_to_size(q.shape).to(q.dtype)
         grad_k = None if dK is None else sum_heads(dK, g).sum_to_size(k.shape).to(k.dtype)
         grad_v = None if dV is None else sum_heads(dV, g).sum_to_size(v.shape).to(v.dtype)
-        grad_m = dS.sum_to_size(mask.shape).to(mask.dtype) if need_m else None   # dS
+        grad_m = (r * dS).sum_to_size(mask.shape).to(mask.dtype) if need_m else None   # dS
         return grad_q, grad_k, grad_v, grad_m, None, None, None, None, None
 
     @staticmethod
@@ -298,16 +307,16 @@ class AttentionFn(HandFunction):
         dK = qs.new_zeros(ks.shape) if need_k else None
         dV = qs.new_zeros(V.shape) if need_v else None
         for b0, b1, r0, r1, s in _tiles(n, L, S, causal):
-            dv, dS = _backward_rows(qs[b0:b1, r0:r1], K[b0:b1, :s], V[b0:b1, :s], G[b0:b1, r0:r1],
-                                    None if glse is None else glse[b0:b1, r0:r1], _part(_batch(mask, b0, b1), r0, r1, s),
-                                    _part(_batch(drop, b0, b1), r0, r1, s), p, causal, lse[b0:b1, r0:r1], r0,
-                                    True, need_v, need_q or need_k)
+            dv, dS, r = _backward_rows(qs[b0:b1, r0:r1], K[b0:b1, :s], V[b0:b1, :s], G[b0:b1, r0:r1],
+                                       None if glse is None else glse[b0:b1, r0:r1],
+                                       _part(_batch(mask, b0, b1), r0, r1, s), _part(_batch(drop, b0, b1), r0, r1, s),
+                                       p, causal, lse[b0:b1, r0:r1], r0, True, need_v, need_q or need_k)
             if need_v:
                 dV[b0:b1, :s] += dv                                          # += (P ⊙ N)ᵀ G
             if need_q:
-                dQ[b0:b1, r0:r1] = dS @ ks[b0:b1, :s]                        # scale·dS K
+                dQ[b0:b1, r0:r1] = (dS @ ks[b0:b1, :s]).mul_(r)              # scale·dS K
             if need_k:
-                dK[b0:b1, :s].baddbmm_(dS.mT, qs[b0:b1, r0:r1])             # += scale·dSᵀ Q
+                dK[b0:b1, :s].baddbmm_(dS.mT, qs[b0:b1, r0:r1] * r)         # += scale·dSᵀ Q
         view = lambda t: None if t is None else t.view(*batch, *t.shape[-2:])
         return view(dQ), view(dK), view(dV)
     @staticmethod
@@ -320,7 +329,8 @@ class AttentionFn(HandFunction):
         q, k, v, mask, drop, lse = ctx.saved_tensors
         g = ctx.groups
         Q, K, V = opmath(q), repeat_heads(opmath(k), g), repeat_heads(opmath(v), g)
-        P = weights(scores(Q * ctx.scale, K, mask, ctx.causal), lse)        # (*, L, S)
+        P, r = weights(scores(Q * ctx.scale, K, mask, ctx.causal), lse)
+        P = P * r                                                            # softmax(S)   (*, L, S)
         dS = torch.zeros((), dtype=P.dtype, device=P.device)
         if dq is not None:
             dS = dS + ctx.scale * (opmath(dq) @ K.mT)                       # scale·Q̇ Kᵀ
