@@ -103,16 +103,16 @@ def scores(qs, k, mask, causal: bool, row0: int = 0, ip: bool = False) -> torch.
     return S
 
 
-def weights(S: torch.Tensor, lse: torch.Tensor, ip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P̂, r) with P = softmax(S) = P̂·r along the keys: P̂ = exp(S − m) (*, l, s), m the row max
-    (0 on a fully masked row), and r = exp(m − ℓ) = 1/rowsum P̂ (*, l, 1), from ℓ in float64.
-    exp(S − ℓ) with ℓ rounded would scale a whole row by one error (Σ P ≠ 1 by eps·|ℓ|: up to 8×
-    torch's float32 error in the gradients, measured); this is flash attention's exp(S − m)/l,
-    exact to a rounding per weight. m is a constant shift (P does not depend on it): detached."""
+def weights(S: torch.Tensor, lse: torch.Tensor, ip: bool = False) -> torch.Tensor:
+    """P = softmax(S) = exp(S − m)·exp(m − ℓ) along the keys (*, l, s), m the row max (0 on a
+    fully masked row, where ℓ = +∞ makes P = 0) and exp(m − ℓ) = 1/rowsum exp(S − m) from ℓ in
+    float64: each weight rounded once, as torch's softmax rounds it. exp(S − ℓ) with ℓ rounded
+    would scale a whole row by one error (Σ P ≠ 1 by eps·|ℓ|: up to 8× torch's float32 error in
+    the gradients, measured). m is a constant shift (P does not depend on it): detached."""
     m = S.detach().amax(-1, keepdim=True)                        # (*, l, 1)
     m = m.masked_fill(m == -math.inf, 0)
     r = (m.to(lse.dtype) - lse.unsqueeze(-1)).exp().to(S.dtype)  # exp(m − ℓ); 0 where ℓ = +∞
-    return _exp(_sub(S, m, ip), ip), r
+    return _mul(_exp(_sub(S, m, ip), ip), r, ip)
 
 
 def _blocks(L: int, S: int, causal: bool, blocked: bool):
@@ -176,33 +176,33 @@ def _forward_rows(qs, k, v, mask, drop, p, causal, row0, ip):
     m = S.amax(-1, keepdim=True)                                 # row max    (*, l, 1)
     m = m.masked_fill(m == -math.inf, 0)                         # fully masked: E = exp(−∞) = 0
     E = _exp(_sub(S, m, ip), ip)                                 # exp(S − m)
-    l = E.sum(-1, keepdim=True)                                  # (*, l, 1)
+    l = E.sum(-1, keepdim=True).double()                         # (*, l, 1)
     if drop is not None:
         E = _mul(E, keep_scale(drop, p, E.dtype), ip)            # E ⊙ N
     empty = l == 0                                               # fully masked rows: O = 0, ℓ = +∞
-    O = (E @ v) / l.masked_fill(empty, 1)                        # (*, l, Ev)
-    lse = (m.double() + l.double().log()).masked_fill(empty, math.inf)   # ℓ in float64 (see weights)
+    O = (E @ v) / l.masked_fill(empty, 1).to(E.dtype)            # (*, l, Ev)
+    lse = (m.double() + l.log()).masked_fill(empty, math.inf)    # ℓ in float64 (see weights)
     return O, lse.squeeze(-1)
 
 
-def _backward_rows(qs, k, v, G, glse, mask, drop, p, causal, lse, row0, ip, need_v, need_qkm):
-    """One block of query rows, from the recomputed P = P̂·r (``weights``): ∂L/∂V = (P ⊙ N)ᵀ G =
-    (P̂ ⊙ N)ᵀ (r G), and dŜ = P̂ ⊙ (dP − row) with row = rowsum(P ⊙ dP) − Γ, so that dS = r dŜ
-    (for ∂L/∂Q, ∂L/∂K, ∂L/∂M). Returns (∂L/∂V, dŜ, r)."""
-    P, r = weights(scores(qs, k, mask, causal, row0, ip), lse, ip)   # recomputed P̂, r
+def _backward_rows(qs, k, v, G, go, glse, mask, drop, p, causal, lse, row0, ip, need_v, need_qkm):
+    """One block of query rows, from the recomputed P: ∂L/∂V = (P ⊙ N)ᵀ G and
+    dS = P ⊙ (dP − rowsum(P ⊙ dP) + Γ) (for ∂L/∂Q, ∂L/∂K, ∂L/∂M); ``go``: the row sum taken
+    as rowsum(G ⊙ O) instead (given), or None."""
+    P = weights(scores(qs, k, mask, causal, row0, ip), lse, ip)  # recomputed   (*, l, s)
     N = None if drop is None else keep_scale(drop, p, P.dtype)
-    dv = ((P if N is None else P * N).mT @ (G * r)) if need_v else None   # (P ⊙ N)ᵀ G
+    dv = ((P if N is None else P * N).mT @ G) if need_v else None   # (P ⊙ N)ᵀ G
     if not need_qkm:
-        return dv, None, r
+        return dv, None
     dP = G @ v.mT                                                # G Vᵀ   (*, l, s)
     if N is not None:
         dP = _mul(dP, N, ip)                                     # ⊙ N
-    row = r * torch.linalg.vecdot(P, dP).unsqueeze(-1)           # rowsum(P ⊙ dP) = rowsum(G ⊙ O)
+    row = torch.linalg.vecdot(P, dP).unsqueeze(-1) if go is None else go   # rowsum(P ⊙ dP) = rowsum(G ⊙ O)
     if glse is not None:
         row = row - glse.unsqueeze(-1)                           # − Γ
-    # P̂ ⊙ (dP − row): the difference first, exact where dP ≈ row (P ⊙ dP − P ⊙ row would cancel
+    # P ⊙ (dP − row): the difference first, exact where dP ≈ row (P ⊙ dP − P ⊙ row would cancel
     # two rounded products: 5× torch's float32 error, measured)
-    return dv, _mul(_sub(dP, row, ip), P, ip), r
+    return dv, _mul(_sub(dP, row, ip), P, ip)
 
 
 class AttentionFn(HandFunction):
@@ -221,14 +221,17 @@ class AttentionFn(HandFunction):
     Forward mode:
         Ṡ = scale(Q̇ Kᵀ + Q K̇ᵀ) + Ṁ,   ℓ̇ = rowsum(P ⊙ Ṡ),   Ṗ = P ⊙ (Ṡ − ℓ̇)
         Ȯ = (Ṗ ⊙ N) V + (P ⊙ N) V̇
-    Saves Q, K, V, M, D and ℓ; P is recomputed. float16/bfloat16 run in float32 (``opmath``).
+    ``row_from_out``: the row term taken as rowsum(G ⊙ O) from the saved output O, as torch's flash
+    kernel takes it, not as rowsum(P ⊙ dP), as its math kernel does (equal but for rounding: where
+    V's rows are alike either one cancels exactly and the other to a rounding; the functional
+    picks torch's kernel's). Saves Q, K, V, M, D, ℓ (and O); P is recomputed. float16/bfloat16 run in float32 (``opmath``).
     With grad mode off (outside a double backward and torch.func) the same rows run tile by tile
     (``_tiles``: cache-sized, and causal blocks over only the keys they see), in place.
     Derivation: docs/derivation.md#attention
     """
 
     @staticmethod
-    def forward(q, k, v, mask, drop, p, causal, scale, groups):
+    def forward(q, k, v, mask, drop, p, causal, scale, groups, row_from_out=False):
         with _own_dtype(q):
             return AttentionFn._forward(q, k, v, mask, drop, p, causal, scale, groups)
 
@@ -258,10 +261,10 @@ class AttentionFn(HandFunction):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, mask, drop, p, causal, scale, groups = inputs
+        q, k, v, mask, drop, p, causal, scale, groups, row_from_out = inputs
         ctx.p, ctx.causal, ctx.scale, ctx.groups = p, causal, scale, groups
-        _O, lse = output
-        ctx.save_for_backward(q, k, v, mask, drop, lse)
+        O, lse = output
+        ctx.save_for_backward(q, k, v, mask, drop, lse, O if row_from_out else None)
         ctx.save_for_forward(q, k, v, mask, drop, lse)
 
     @staticmethod
@@ -271,56 +274,59 @@ class AttentionFn(HandFunction):
 
     @staticmethod
     def _backward(ctx, grad_o, grad_lse):
-        q, k, v, mask, drop, lse = ctx.saved_tensors
+        q, k, v, mask, drop, lse, O = ctx.saved_tensors
         g, scale, p, causal = ctx.groups, ctx.scale, ctx.p, ctx.causal
         need_q, need_k, need_v, need_m = ctx.needs_input_grad[:4]
         Q, K, V = opmath(q), repeat_heads(opmath(k), g), repeat_heads(opmath(v), g)
         G = opmath(grad_o)                                                   # (*, L, Ev)
         glse = None if grad_lse is None else grad_lse.to(G.dtype)                # Γ   (*, L)
+        go = None if O is None else (G.unsqueeze(-2) @ opmath(O).unsqueeze(-1)).squeeze(-1)   # rowsum(G ⊙ O)  (*, L, 1)
         need_qkm = need_q or need_k or need_m
         qs, ks = Q * scale, K * scale                                        # scale·Q, scale·K
         flat = None if need_m or not _in_place() else _flat(qs, K, V, mask, drop)
         if flat is None:
-            dV, dS, r = _backward_rows(qs, K, V, G, glse, mask, drop, p, causal, lse, 0, _in_place(), need_v,
-                                       need_qkm)                             # dS = r dŜ
-            dQ = r * (dS @ ks) if need_q else None                           # scale·dS K
-            dK = dS.mT @ (r * qs) if need_k else None                        # scale·dSᵀ Q
+            dV, dS = _backward_rows(qs, K, V, G, go, glse, mask, drop, p, causal, lse, 0, _in_place(), need_v,
+                                    need_qkm)
+            dQ = dS @ ks if need_q else None                                 # scale·dS K
+            dK = dS.mT @ qs if need_k else None                              # scale·dSᵀ Q
         else:
-            dQ, dK, dV = AttentionFn._backward_tiles(flat, scale, G, glse, lse, p, causal, need_q, need_k, need_v)
+            dQ, dK, dV = AttentionFn._backward_tiles(flat, scale, G, go, glse, lse, p, causal, need_q, need_k,
+                                                     need_v)
         grad_q = None if dQ is None else dQ.sum_to_size(q.shape).to(q.dtype)
         grad_k = None if dK is None else sum_heads(dK, g).sum_to_size(k.shape).to(k.dtype)
         grad_v = None if dV is None else sum_heads(dV, g).sum_to_size(v.shape).to(v.dtype)
-        grad_m = (r * dS).sum_to_size(mask.shape).to(mask.dtype) if need_m else None   # dS
-        return grad_q, grad_k, grad_v, grad_m, None, None, None, None, None
+        grad_m = dS.sum_to_size(mask.shape).to(mask.dtype) if need_m else None   # dS
+        return grad_q, grad_k, grad_v, grad_m, None, None, None, None, None, None
 
     @staticmethod
-    def _backward_tiles(flat, scale, G, glse, lse, p, causal, need_q, need_k, need_v):
+    def _backward_tiles(flat, scale, G, go, glse, lse, p, causal, need_q, need_k, need_v):
         """The backward's fast path, tile by tile on (n, ·, ·) views (no mask gradient): ∂L/∂Q
         rows are written by their tile, ∂L/∂K and ∂L/∂V summed over the tiles that meet a key."""
         qs, K, V, mask, drop = flat
         n, L, S = qs.shape[0], qs.shape[-2], K.shape[-2]
         batch = G.shape[:-2]
         G, lse = G.reshape(n, L, G.shape[-1]), lse.reshape(n, L)
+        go = None if go is None else go.reshape(n, L, 1)
         glse = None if glse is None else glse.expand(*batch, L).reshape(n, L)
         ks = K * scale                                                       # scale·K   (n, S, E)
         dQ = qs.new_empty(qs.shape) if need_q else None
         dK = qs.new_zeros(ks.shape) if need_k else None
         dV = qs.new_zeros(V.shape) if need_v else None
         for b0, b1, r0, r1, s in _tiles(n, L, S, causal):
-            dv, dS, r = _backward_rows(qs[b0:b1, r0:r1], K[b0:b1, :s], V[b0:b1, :s], G[b0:b1, r0:r1],
-                                       None if glse is None else glse[b0:b1, r0:r1],
-                                       _part(_batch(mask, b0, b1), r0, r1, s), _part(_batch(drop, b0, b1), r0, r1, s),
-                                       p, causal, lse[b0:b1, r0:r1], r0, True, need_v, need_q or need_k)
+            dv, dS = _backward_rows(qs[b0:b1, r0:r1], K[b0:b1, :s], V[b0:b1, :s], G[b0:b1, r0:r1],
+                                    None if go is None else go[b0:b1, r0:r1], None if glse is None else glse[b0:b1, r0:r1],
+                                    _part(_batch(mask, b0, b1), r0, r1, s), _part(_batch(drop, b0, b1), r0, r1, s),
+                                    p, causal, lse[b0:b1, r0:r1], r0, True, need_v, need_q or need_k)
             if need_v:
                 dV[b0:b1, :s] += dv                                          # += (P ⊙ N)ᵀ G
             if need_q:
-                dQ[b0:b1, r0:r1] = (dS @ ks[b0:b1, :s]).mul_(r)              # scale·dS K
+                dQ[b0:b1, r0:r1] = dS @ ks[b0:b1, :s]                        # scale·dS K
             if need_k:
-                dK[b0:b1, :s].baddbmm_(dS.mT, qs[b0:b1, r0:r1] * r)         # += scale·dSᵀ Q
+                dK[b0:b1, :s].baddbmm_(dS.mT, qs[b0:b1, r0:r1])             # += scale·dSᵀ Q
         view = lambda t: None if t is None else t.view(*batch, *t.shape[-2:])
         return view(dQ), view(dK), view(dV)
     @staticmethod
-    def jvp(ctx, dq, dk, dv, dmask, _ddrop, _p, _causal, _scale, _groups):
+    def jvp(ctx, dq, dk, dv, dmask, _ddrop, _p, _causal, _scale, _groups, _row_from_out):
         with _own_dtype(ctx.saved_tensors[0]):
             return AttentionFn._jvp(ctx, dq, dk, dv, dmask)
 
@@ -329,8 +335,7 @@ class AttentionFn(HandFunction):
         q, k, v, mask, drop, lse = ctx.saved_tensors
         g = ctx.groups
         Q, K, V = opmath(q), repeat_heads(opmath(k), g), repeat_heads(opmath(v), g)
-        P, r = weights(scores(Q * ctx.scale, K, mask, ctx.causal), lse)
-        P = P * r                                                            # softmax(S)   (*, L, S)
+        P = weights(scores(Q * ctx.scale, K, mask, ctx.causal), lse)        # softmax(S)   (*, L, S)
         dS = torch.zeros((), dtype=P.dtype, device=P.device)
         if dq is not None:
             dS = dS + ctx.scale * (opmath(dq) @ K.mT)                       # scale·Q̇ Kᵀ
