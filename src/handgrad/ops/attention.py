@@ -6,9 +6,9 @@ query row), and the backward recomputes P = exp(S − ℓ) from them, as flash a
 drops it) so that the backward, which reads it, stays differentiable: its VJP is
 ∂L/∂S += P ⊙ ∂L/∂ℓ (∂ℓ/∂S = P).
 
-float32 is computed in float32, as flash attention does: the forward normalises once at the end
-(O = (E V)/l with E = exp(S − m), m the row max), so the only roundings of P are those of one
-exp. With a causal mask the query rows are taken in blocks of ``BLOCK`` and each block meets only
+float32 is computed in float32, as torch's kernels do: P = exp(S − m)·(1/l) with m the row max
+and 1/l = exp(m − ℓ) from ℓ kept in float64, so each weight is rounded once (``weights``), the
+same in the forward and in the backward's recomputation. With a causal mask the query rows are taken in blocks of ``BLOCK`` and each block meets only
 the keys it can see, so the masked upper triangle is neither multiplied nor exponentiated.
 Outside a double backward and torch.func (grad mode off) the (L × S) work runs in place on the
 buffers the Function owns; otherwise the same formulas run out of place (the ``ip`` flag).
@@ -103,16 +103,28 @@ def scores(qs, k, mask, causal: bool, row0: int = 0, ip: bool = False) -> torch.
     return S
 
 
-def weights(S: torch.Tensor, lse: torch.Tensor, ip: bool = False) -> torch.Tensor:
-    """P = softmax(S) = exp(S − m)·exp(m − ℓ) along the keys (*, l, s), m the row max (0 on a
-    fully masked row, where ℓ = +∞ makes P = 0) and exp(m − ℓ) = 1/rowsum exp(S − m) from ℓ in
-    float64: each weight rounded once, as torch's softmax rounds it. exp(S − ℓ) with ℓ rounded
-    would scale a whole row by one error (Σ P ≠ 1 by eps·|ℓ|: up to 8× torch's float32 error in
-    the gradients, measured). m is a constant shift (P does not depend on it): detached."""
-    m = S.detach().amax(-1, keepdim=True)                        # (*, l, 1)
-    m = m.masked_fill(m == -math.inf, 0)
-    r = (m.to(lse.dtype) - lse.unsqueeze(-1)).exp().to(S.dtype)  # exp(m − ℓ); 0 where ℓ = +∞
-    return _mul(_exp(_sub(S, m, ip), ip), r, ip)
+def _max_shift(S: torch.Tensor) -> torch.Tensor:
+    """m, the row max of S (*, l, 1), 0 on a fully masked row; a constant shift (detached)."""
+    m = S.detach().amax(-1, keepdim=True)
+    return m.masked_fill(m == -math.inf, 0)
+
+
+def _normalise(E: torch.Tensor, m: torch.Tensor, lse: torch.Tensor, ip: bool) -> torch.Tensor:
+    """P = E·exp(m − ℓ) for E = exp(S − m) (*, l, s): exp(m − ℓ) = 1/rowsum E, from ℓ in float64,
+    0 where ℓ = +∞ (a fully masked row)."""
+    return _mul(E, (m.to(lse.dtype) - lse.unsqueeze(-1)).exp().to(E.dtype), ip)
+
+
+def weights(S: torch.Tensor, lse: torch.Tensor, flash: bool, ip: bool = False) -> torch.Tensor:
+    """P = softmax(S) along the keys (*, l, s), in the order of torch's kernel for the call:
+    math: exp(S − m)·exp(m − ℓ), each weight rounded once, as torch's softmax rounds it (and
+    bitwise the forward's); flash: exp(S − ℓ) with ℓ rounded to the compute dtype, as its flash
+    kernel recomputes it (a rounded ℓ scales a whole row by one error, which that kernel's row
+    term rowsum(G ⊙ O) shares). m is a constant shift (P does not depend on it)."""
+    if flash:
+        return _exp(_sub(S, lse.to(S.dtype).unsqueeze(-1), ip), ip)
+    m = _max_shift(S)
+    return _normalise(_exp(_sub(S, m, ip), ip), m, lse, ip)
 
 
 def _blocks(L: int, S: int, causal: bool, blocked: bool):
@@ -169,27 +181,29 @@ def _batch(t, b0, b1):
     return t if t is None or t.dim() <= 2 else t[b0:b1]
 
 
-def _forward_rows(qs, k, v, mask, drop, p, causal, row0, ip):
-    """One block of query rows: O = (E ⊙ N) V / l and ℓ = m + log l, with m the row max (0 on a
-    fully masked row), E = exp(S − m), l = rowsum E: the weights normalised once, at the end."""
+def _forward_rows(qs, k, v, mask, drop, p, causal, row0, flash, ip):
+    """One block of query rows: ℓ = m + log l (float64), with m the row max (0 on a fully masked
+    row), E = exp(S − m), l = rowsum E; then O = (P ⊙ N) V with P = E/l (``weights``, torch's
+    math kernel), or O = ((E ⊙ N) V)·(1/l) (``flash``: normalised at the end, as its flash kernel)."""
     S = scores(qs, k, mask, causal, row0, ip)                    # (*, l, s)
-    m = S.amax(-1, keepdim=True)                                 # row max    (*, l, 1)
-    m = m.masked_fill(m == -math.inf, 0)                         # fully masked: E = exp(−∞) = 0
-    E = _exp(_sub(S, m, ip), ip)                                 # exp(S − m)
-    l = E.sum(-1, keepdim=True).double()                         # (*, l, 1)
-    if drop is not None:
-        E = _mul(E, keep_scale(drop, p, E.dtype), ip)            # E ⊙ N
-    empty = l == 0                                               # fully masked rows: O = 0, ℓ = +∞
-    O = (E @ v) / l.masked_fill(empty, 1).to(E.dtype)            # (*, l, Ev)
-    lse = (m.double() + l.log()).masked_fill(empty, math.inf)    # ℓ in float64 (see weights)
-    return O, lse.squeeze(-1)
+    m = _max_shift(S)                                            # row max    (*, l, 1)
+    E = _exp(_sub(S, m, ip), ip)                                 # exp(S − m); 0 on a fully masked row
+    l = E.sum(-1, keepdim=True)                                  # (*, l, 1)
+    lse = (m.double() + l.double().log()).masked_fill(l == 0, math.inf)   # ℓ (see weights); +∞: fully masked
+    N = None if drop is None else keep_scale(drop, p, E.dtype)
+    if flash:
+        E = E if N is None else _mul(E, N, ip)                   # E ⊙ N
+        return (E @ v) * l.reciprocal().masked_fill(l == 0, 0), lse.squeeze(-1)   # ((E ⊙ N) V)·(1/l)
+    P = _normalise(E, m, lse.squeeze(-1), ip)                    # softmax(S)
+    P = P if N is None else _mul(P, N, ip)                       # P ⊙ N
+    return P @ v, lse.squeeze(-1)                                # O = (P ⊙ N) V   (*, l, Ev)
 
 
 def _backward_rows(qs, k, v, G, go, glse, mask, drop, p, causal, lse, row0, ip, need_v, need_qkm):
     """One block of query rows, from the recomputed P: ∂L/∂V = (P ⊙ N)ᵀ G and
     dS = P ⊙ (dP − rowsum(P ⊙ dP) + Γ) (for ∂L/∂Q, ∂L/∂K, ∂L/∂M); ``go``: the row sum taken
     as rowsum(G ⊙ O) instead (given), or None."""
-    P = weights(scores(qs, k, mask, causal, row0, ip), lse, ip)  # recomputed   (*, l, s)
+    P = weights(scores(qs, k, mask, causal, row0, ip), lse, go is not None, ip)   # recomputed   (*, l, s)
     N = None if drop is None else keep_scale(drop, p, P.dtype)
     dv = ((P if N is None else P * N).mT @ G) if need_v else None   # (P ⊙ N)ᵀ G
     if not need_qkm:
@@ -221,22 +235,24 @@ class AttentionFn(HandFunction):
     Forward mode:
         Ṡ = scale(Q̇ Kᵀ + Q K̇ᵀ) + Ṁ,   ℓ̇ = rowsum(P ⊙ Ṡ),   Ṗ = P ⊙ (Ṡ − ℓ̇)
         Ȯ = (Ṗ ⊙ N) V + (P ⊙ N) V̇
-    ``row_from_out``: the row term taken as rowsum(G ⊙ O) from the saved output O, as torch's flash
-    kernel takes it, not as rowsum(P ⊙ dP), as its math kernel does (equal but for rounding: where
-    V's rows are alike either one cancels exactly and the other to a rounding; the functional
-    picks torch's kernel's). Saves Q, K, V, M, D, ℓ (and O); P is recomputed. float16/bfloat16 run in float32 (``opmath``).
+    ``flash``: evaluate in the order of torch's flash kernel (O = ((E ⊙ N) V)·(1/l), P recomputed as
+    exp(S − ℓ), the row term rowsum(G ⊙ O) from the saved output), else of its math kernel
+    (P = E/l, O = (P ⊙ N) V, the row term rowsum(P ⊙ dP)). The same values but for rounding, and
+    where the exact result cancels (keys or values with equal rows) one order gives 0 and the
+    other a rounding: the functional picks the order torch's dispatch picks for the call.
+    Saves Q, K, V, M, D, ℓ (and O for ``flash``); P is recomputed. float16/bfloat16 run in float32 (``opmath``).
     With grad mode off (outside a double backward and torch.func) the same rows run tile by tile
     (``_tiles``: cache-sized, and causal blocks over only the keys they see), in place.
     Derivation: docs/derivation.md#attention
     """
 
     @staticmethod
-    def forward(q, k, v, mask, drop, p, causal, scale, groups, row_from_out=False):
+    def forward(q, k, v, mask, drop, p, causal, scale, groups, flash=False):
         with _own_dtype(q):
-            return AttentionFn._forward(q, k, v, mask, drop, p, causal, scale, groups)
+            return AttentionFn._forward(q, k, v, mask, drop, p, causal, scale, groups, flash)
 
     @staticmethod
-    def _forward(q, k, v, mask, drop, p, causal, scale, groups):
+    def _forward(q, k, v, mask, drop, p, causal, scale, groups, flash):
         dtype = q.dtype
         q, k, v = opmath(q), repeat_heads(opmath(k), groups), repeat_heads(opmath(v), groups)
         L, S = q.shape[-2], k.shape[-2]
@@ -247,7 +263,7 @@ class AttentionFn(HandFunction):
         qs = q * scale                                           # scale·Q     (*, L, E)
         flat = _flat(qs, k, v, mask, drop) if _in_place() else None
         if flat is None:
-            O, lse = _forward_rows(qs, k, v, mask, drop, p, causal, 0, _in_place())
+            O, lse = _forward_rows(qs, k, v, mask, drop, p, causal, 0, flash, _in_place())
             return O.to(dtype), lse
         qs, k, v, mask, drop = flat                              # (n, ·, ·)
         n = qs.shape[0]
@@ -255,16 +271,16 @@ class AttentionFn(HandFunction):
         for b0, b1, r0, r1, s in _tiles(n, L, S, causal):
             O[b0:b1, r0:r1], lse[b0:b1, r0:r1] = _forward_rows(
                 qs[b0:b1, r0:r1], k[b0:b1, :s], v[b0:b1, :s], _part(_batch(mask, b0, b1), r0, r1, s),
-                _part(_batch(drop, b0, b1), r0, r1, s), p, causal, r0, True)
+                _part(_batch(drop, b0, b1), r0, r1, s), p, causal, r0, flash, True)
         batch = q.shape[:-2]
         return O.view(*batch, L, O.shape[-1]).to(dtype), lse.view(*batch, L)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, mask, drop, p, causal, scale, groups, row_from_out = inputs
+        q, k, v, mask, drop, p, causal, scale, groups, flash = inputs
         ctx.p, ctx.causal, ctx.scale, ctx.groups = p, causal, scale, groups
         O, lse = output
-        ctx.save_for_backward(q, k, v, mask, drop, lse, O if row_from_out else None)
+        ctx.save_for_backward(q, k, v, mask, drop, lse, O if flash else None)
         ctx.save_for_forward(q, k, v, mask, drop, lse)
 
     @staticmethod
@@ -326,7 +342,7 @@ class AttentionFn(HandFunction):
         view = lambda t: None if t is None else t.view(*batch, *t.shape[-2:])
         return view(dQ), view(dK), view(dV)
     @staticmethod
-    def jvp(ctx, dq, dk, dv, dmask, _ddrop, _p, _causal, _scale, _groups, _row_from_out):
+    def jvp(ctx, dq, dk, dv, dmask, _ddrop, _p, _causal, _scale, _groups, _flash):
         with _own_dtype(ctx.saved_tensors[0]):
             return AttentionFn._jvp(ctx, dq, dk, dv, dmask)
 
@@ -335,7 +351,7 @@ class AttentionFn(HandFunction):
         q, k, v, mask, drop, lse = ctx.saved_tensors
         g = ctx.groups
         Q, K, V = opmath(q), repeat_heads(opmath(k), g), repeat_heads(opmath(v), g)
-        P = weights(scores(Q * ctx.scale, K, mask, ctx.causal), lse)        # softmax(S)   (*, L, S)
+        P = weights(scores(Q * ctx.scale, K, mask, ctx.causal), lse, False)  # softmax(S)   (*, L, S)
         dS = torch.zeros((), dtype=P.dtype, device=P.device)
         if dq is not None:
             dS = dS + ctx.scale * (opmath(dq) @ K.mT)                       # scale·Q̇ Kᵀ
