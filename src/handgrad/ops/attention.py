@@ -127,6 +127,20 @@ def weights(S: torch.Tensor, lse: torch.Tensor, flash: bool, ip: bool = False) -
     return _normalise(_exp(_sub(S, m, ip), ip), m, lse, ip)
 
 
+def split_scale(scale: float, flash: bool) -> tuple[float, float]:
+    """(a, b), a·b = scale: the scores are (a·Q)(b·K)ᵀ, as torch's kernel for the call forms them
+    (flash: a = scale, b = 1; math: a = ±√|scale|, b = √|scale|, both factors scaled), so ∂L/∂Q =
+    a·dS (b K) and ∂L/∂K = b·dSᵀ (a Q)."""
+    if flash:
+        return scale, 1.0
+    root = math.sqrt(abs(scale))
+    return math.copysign(root, scale), root
+
+
+def _times(t, c):
+    return t if c == 1.0 else t * c
+
+
 def _blocks(L: int, S: int, causal: bool, blocked: bool):
     """(r0, r1, s): query rows [r0, r1) and the s keys they meet; one block unless causal."""
     if not (causal and blocked) or L <= BLOCK:
@@ -260,7 +274,8 @@ class AttentionFn(HandFunction):
             shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
             out = q.new_zeros((*shape, L, v.shape[-1]))
             return out.to(dtype), q.new_full((*shape, L), math.inf, dtype=torch.float64)
-        qs = q * scale                                           # scale·Q     (*, L, E)
+        a, b = split_scale(scale, flash)
+        qs, k = _times(q, a), _times(k, b)                       # a·Q, b·K     (*, L|S, E)
         flat = _flat(qs, k, v, mask, drop) if _in_place() else None
         if flat is None:
             O, lse = _forward_rows(qs, k, v, mask, drop, p, causal, 0, flash, _in_place())
@@ -298,15 +313,16 @@ class AttentionFn(HandFunction):
         glse = None if grad_lse is None else grad_lse.to(G.dtype)                # Γ   (*, L)
         go = None if O is None else (G.unsqueeze(-2) @ opmath(O).unsqueeze(-1)).squeeze(-1)   # rowsum(G ⊙ O)  (*, L, 1)
         need_qkm = need_q or need_k or need_m
-        qs, ks = Q * scale, K * scale                                        # scale·Q, scale·K
-        flat = None if need_m or not _in_place() else _flat(qs, K, V, mask, drop)
+        a, b = split_scale(scale, O is not None)
+        qs, ks = _times(Q, a), _times(K, b)                                  # a·Q, b·K
+        flat = None if need_m or not _in_place() else _flat(qs, ks, V, mask, drop)
         if flat is None:
-            dV, dS = _backward_rows(qs, K, V, G, go, glse, mask, drop, p, causal, lse, 0, _in_place(), need_v,
+            dV, dS = _backward_rows(qs, ks, V, G, go, glse, mask, drop, p, causal, lse, 0, _in_place(), need_v,
                                     need_qkm)
-            dQ = dS @ ks if need_q else None                                 # scale·dS K
-            dK = dS.mT @ qs if need_k else None                              # scale·dSᵀ Q
+            dQ = _times(dS @ ks, a) if need_q else None                      # scale·dS K
+            dK = _times(dS.mT @ qs, b) if need_k else None                   # scale·dSᵀ Q
         else:
-            dQ, dK, dV = AttentionFn._backward_tiles(flat, scale, G, go, glse, lse, p, causal, need_q, need_k,
+            dQ, dK, dV = AttentionFn._backward_tiles(flat, a, b, G, go, glse, lse, p, causal, need_q, need_k,
                                                      need_v)
         grad_q = None if dQ is None else dQ.sum_to_size(q.shape).to(q.dtype)
         grad_k = None if dK is None else sum_heads(dK, g).sum_to_size(k.shape).to(k.dtype)
@@ -315,30 +331,33 @@ class AttentionFn(HandFunction):
         return grad_q, grad_k, grad_v, grad_m, None, None, None, None, None, None
 
     @staticmethod
-    def _backward_tiles(flat, scale, G, go, glse, lse, p, causal, need_q, need_k, need_v):
+    def _backward_tiles(flat, a, b, G, go, glse, lse, p, causal, need_q, need_k, need_v):
         """The backward's fast path, tile by tile on (n, ·, ·) views (no mask gradient): ∂L/∂Q
         rows are written by their tile, ∂L/∂K and ∂L/∂V summed over the tiles that meet a key."""
-        qs, K, V, mask, drop = flat
-        n, L, S = qs.shape[0], qs.shape[-2], K.shape[-2]
+        qs, ks, V, mask, drop = flat                                         # a·Q, b·K, V
+        n, L, S = qs.shape[0], qs.shape[-2], ks.shape[-2]
         batch = G.shape[:-2]
         G, lse = G.reshape(n, L, G.shape[-1]), lse.reshape(n, L)
         go = None if go is None else go.reshape(n, L, 1)
         glse = None if glse is None else glse.expand(*batch, L).reshape(n, L)
-        ks = K * scale                                                       # scale·K   (n, S, E)
         dQ = qs.new_empty(qs.shape) if need_q else None
         dK = qs.new_zeros(ks.shape) if need_k else None
         dV = qs.new_zeros(V.shape) if need_v else None
         for b0, b1, r0, r1, s in _tiles(n, L, S, causal):
-            dv, dS = _backward_rows(qs[b0:b1, r0:r1], K[b0:b1, :s], V[b0:b1, :s], G[b0:b1, r0:r1],
+            dv, dS = _backward_rows(qs[b0:b1, r0:r1], ks[b0:b1, :s], V[b0:b1, :s], G[b0:b1, r0:r1],
                                     None if go is None else go[b0:b1, r0:r1], None if glse is None else glse[b0:b1, r0:r1],
                                     _part(_batch(mask, b0, b1), r0, r1, s), _part(_batch(drop, b0, b1), r0, r1, s),
                                     p, causal, lse[b0:b1, r0:r1], r0, True, need_v, need_q or need_k)
             if need_v:
                 dV[b0:b1, :s] += dv                                          # += (P ⊙ N)ᵀ G
             if need_q:
-                dQ[b0:b1, r0:r1] = dS @ ks[b0:b1, :s]                        # scale·dS K
+                torch.matmul(dS, ks[b0:b1, :s], out=dQ[b0:b1, r0:r1])         # dS (b K)
             if need_k:
-                dK[b0:b1, :s].baddbmm_(dS.mT, qs[b0:b1, r0:r1])             # += scale·dSᵀ Q
+                dK[b0:b1, :s].baddbmm_(dS.mT, qs[b0:b1, r0:r1])             # += dSᵀ (a Q)
+        if need_q and a != 1.0:
+            dQ.mul_(a)                                                       # scale·dS K
+        if need_k and b != 1.0:
+            dK.mul_(b)                                                       # scale·dSᵀ Q
         view = lambda t: None if t is None else t.view(*batch, *t.shape[-2:])
         return view(dQ), view(dK), view(dV)
     @staticmethod
