@@ -98,6 +98,14 @@ def _math_checks(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa,
     return groups
 
 
+def _empty(query, key, value) -> torch.Tensor:
+    """torch's answer for an empty query, before any other check: an empty (*query[:-1], Ev)
+    result, differentiable in query, key and value (their gradients 0), not in the mask."""
+    out = query.new_zeros((*query.shape[:-1], value.shape[-1]))
+    grads = [t for t in (query, key, value) if t.requires_grad]
+    return out + sum(t.sum() for t in grads) * 0 if grads else out
+
+
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: float | None = None,
@@ -107,10 +115,12 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     (and may require grad); ``is_causal`` masks the top-left aligned upper triangle; fully masked
     rows give 0 (as torch's CPU kernels do). ``dropout_p`` drops attention weights with a bool
     mask drawn here as torch's CPU math path draws it (``bernoulli_(1 − p)`` on a (*, L, S) tensor)."""
-    _check(query, key, value, attn_mask)
-    for name, x in (("dropout_p", dropout_p), ("scale", scale)):
+    for name, x in (("dropout_p", dropout_p), ("scale", scale)):      # torch's argument parser
         if not isinstance(x, (int, float)) and not (x is None and name == "scale"):
             raise TypeError(f"{_FN}(): argument '{name}' must be float, not {type(x).__name__}")
+    _check(query, key, value, attn_mask)
+    if query.numel() == 0:
+        return _empty(query, key, value)
     fused = _fused_kernel(query, key, value, attn_mask, dropout_p, enable_gqa)
     groups = _math_checks(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, fused)
     query, key, value, attn_mask = autocast(_FN, query, key, value, attn_mask)
