@@ -133,6 +133,5 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         weights_shape = (*batch, query.shape[-2], key.shape[-2])
         drop = (torch.zeros(weights_shape, dtype=torch.bool, device=query.device) if dropout_p >= 1.0
                 else keep_mask(query.new_empty(weights_shape), dropout_p))
-    out, _lse = AttentionFn.call(query, key, value, attn_mask, drop, float(dropout_p), bool(is_causal), scale, groups,
-                                 fused)
+    out, _lse = AttentionFn.call(query, key, value, attn_mask, drop, float(dropout_p), bool(is_causal), scale, groups)
     return out

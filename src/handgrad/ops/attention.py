@@ -115,24 +115,29 @@ def _normalise(E: torch.Tensor, m: torch.Tensor, lse: torch.Tensor, ip: bool) ->
     return _mul(E, (m.to(lse.dtype) - lse.unsqueeze(-1)).exp().to(E.dtype), ip)
 
 
-def weights(S: torch.Tensor, lse: torch.Tensor, flash: bool, ip: bool = False) -> torch.Tensor:
-    """P = softmax(S) along the keys (*, l, s), in the order of torch's kernel for the call:
-    math: exp(S − m)·exp(m − ℓ), each weight rounded once, as torch's softmax rounds it (and
-    bitwise the forward's); flash: exp(S − ℓ) with ℓ rounded to the compute dtype, as its flash
-    kernel recomputes it (a rounded ℓ scales a whole row by one error, which that kernel's row
-    term rowsum(G ⊙ O) shares). m is a constant shift (P does not depend on it)."""
-    if flash:
-        return _exp(_sub(S, lse.to(S.dtype).unsqueeze(-1), ip), ip)
+def weights(S: torch.Tensor, lse: torch.Tensor, ip: bool = False) -> torch.Tensor:
+    """P = softmax(S) along the keys (*, l, s) = exp(S − m)·exp(m − ℓ), m the row max, ℓ in
+    float64: each weight rounded once, as torch's softmax rounds it. exp(S − ℓ) with ℓ rounded
+    would scale a whole row by one error (Σ P ≠ 1 by eps·|ℓ|: up to 8× torch's float32 error in
+    the gradients, measured). m is a constant shift (P does not depend on it). In place (grad
+    mode off) it is torch's softmax kernel itself (a forward kernel), whose exp rounds as the one
+    torch's attention uses."""
+    if ip:
+        return _softmax(S, lse.isinf().unsqueeze(-1))
     m = _max_shift(S)
     return _normalise(_exp(_sub(S, m, ip), ip), m, lse, ip)
 
 
-def split_scale(scale: float, flash: bool) -> tuple[float, float]:
-    """(a, b), a·b = scale: the scores are (a·Q)(b·K)ᵀ, as torch's kernel for the call forms them
-    (flash: a = scale, b = 1; math: a = ±√|scale|, b = √|scale|, both factors scaled), so ∂L/∂Q =
-    a·dS (b K) and ∂L/∂K = b·dSᵀ (a Q)."""
-    if flash:
-        return scale, 1.0
+def _softmax(S: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """torch.softmax(S) (a forward kernel) with the ``empty`` rows (fully masked) 0, as torch's
+    ``_safe_softmax``."""
+    P = torch.softmax(S, -1)
+    return P.masked_fill_(empty, 0) if bool(empty.any()) else P
+
+
+def split_scale(scale: float) -> tuple[float, float]:
+    """(a, b), a·b = scale: the scores are (a·Q)(b·K)ᵀ with a = ±√|scale|, b = √|scale|, as
+    torch's math kernel forms them, so ∂L/∂Q = a·dS (b K) and ∂L/∂K = b·dSᵀ (a Q)."""
     root = math.sqrt(abs(scale))
     return math.copysign(root, scale), root
 
@@ -195,29 +200,30 @@ def _batch(t, b0, b1):
     return t if t is None or t.dim() <= 2 else t[b0:b1]
 
 
-def _forward_rows(qs, k, v, mask, drop, p, causal, row0, flash, ip):
-    """One block of query rows: ℓ = m + log l (float64), with m the row max (0 on a fully masked
-    row), E = exp(S − m), l = rowsum E; then O = (P ⊙ N) V with P = E/l (``weights``, torch's
-    math kernel), or O = ((E ⊙ N) V)·(1/l) (``flash``: normalised at the end, as its flash kernel)."""
+def _forward_rows(qs, k, v, mask, drop, p, causal, row0, ip):
+    """One block of query rows: P = softmax(S) and ℓ = m + log l (float64), with m the row max
+    (0 on a fully masked row, where ℓ = +∞), l = rowsum exp(S − m); O = (P ⊙ N) V. In place
+    (``weights``): P by torch's softmax and ℓ = m − log max_j P_j."""
     S = scores(qs, k, mask, causal, row0, ip)                    # (*, l, s)
-    m = _max_shift(S)                                            # row max    (*, l, 1)
-    E = _exp(_sub(S, m, ip), ip)                                 # exp(S − m); 0 on a fully masked row
-    l = E.sum(-1, keepdim=True)                                  # (*, l, 1)
-    lse = (m.double() + l.double().log()).masked_fill(l == 0, math.inf)   # ℓ (see weights); +∞: fully masked
-    N = None if drop is None else keep_scale(drop, p, E.dtype)
-    if flash:
-        E = E if N is None else _mul(E, N, ip)                   # E ⊙ N
-        return (E @ v) * l.reciprocal().masked_fill(l == 0, 0), lse.squeeze(-1)   # ((E ⊙ N) V)·(1/l)
-    P = _normalise(E, m, lse.squeeze(-1), ip)                    # softmax(S)
-    P = P if N is None else _mul(P, N, ip)                       # P ⊙ N
+    if ip:
+        m = S.amax(-1, keepdim=True)                             # (*, l, 1)
+        P = _softmax(S, m == -math.inf)
+        lse = (m.double() - P.amax(-1, keepdim=True).double().log()).masked_fill(m == -math.inf, math.inf)
+    else:
+        m = _max_shift(S)                                        # row max    (*, l, 1)
+        E = _exp(_sub(S, m, ip), ip)                             # exp(S − m); 0 on a fully masked row
+        l = E.sum(-1, keepdim=True).double()                     # (*, l, 1)
+        lse = (m.double() + l.log()).masked_fill(l == 0, math.inf)
+        P = _normalise(E, m, lse.squeeze(-1), ip)                # softmax(S)
+    if drop is not None:
+        P = _mul(P, keep_scale(drop, p, P.dtype), ip)            # P ⊙ N
     return P @ v, lse.squeeze(-1)                                # O = (P ⊙ N) V   (*, l, Ev)
 
 
-def _backward_rows(qs, k, v, G, go, glse, mask, drop, p, causal, lse, row0, ip, need_v, need_qkm):
+def _backward_rows(qs, k, v, G, glse, mask, drop, p, causal, lse, row0, ip, need_v, need_qkm):
     """One block of query rows, from the recomputed P: ∂L/∂V = (P ⊙ N)ᵀ G and
-    dS = P ⊙ (dP − rowsum(P ⊙ dP) + Γ) (for ∂L/∂Q, ∂L/∂K, ∂L/∂M); ``go``: the row sum taken
-    as rowsum(G ⊙ O) instead (given), or None."""
-    P = weights(scores(qs, k, mask, causal, row0, ip), lse, go is not None, ip)   # recomputed   (*, l, s)
+    dS = P ⊙ (dP − rowsum(P ⊙ dP) + Γ) (for ∂L/∂Q, ∂L/∂K, ∂L/∂M)."""
+    P = weights(scores(qs, k, mask, causal, row0, ip), lse, ip)  # recomputed   (*, l, s)
     N = None if drop is None else keep_scale(drop, p, P.dtype)
     dv = ((P if N is None else P * N).mT @ G) if need_v else None   # (P ⊙ N)ᵀ G
     if not need_qkm:
@@ -225,12 +231,17 @@ def _backward_rows(qs, k, v, G, go, glse, mask, drop, p, causal, lse, row0, ip, 
     dP = G @ v.mT                                                # G Vᵀ   (*, l, s)
     if N is not None:
         dP = _mul(dP, N, ip)                                     # ⊙ N
-    row = torch.linalg.vecdot(P, dP).unsqueeze(-1) if go is None else go   # rowsum(P ⊙ dP) = rowsum(G ⊙ O)
+    # rowsum(P ⊙ dP) = rowsum(G ⊙ O), taken in the first form (from P, as torch's math kernel):
+    # where V's rows are equal it cancels with dP exactly, and it needs no saved O
+    row = torch.linalg.vecdot(P, dP).unsqueeze(-1)
     if glse is not None:
         row = row - glse.unsqueeze(-1)                           # − Γ
-    # P ⊙ (dP − row): the difference first, exact where dP ≈ row (P ⊙ dP − P ⊙ row would cancel
-    # two rounded products: 5× torch's float32 error, measured)
-    return dv, _mul(_sub(dP, row, ip), P, ip)
+    # D = dP − row, the difference first (exact where dP ≈ row), then once refined: the row's own
+    # rounding (eps·|dP|, all of dS where one weight dominates) is rowsum(P ⊙ D) (0 in exact
+    # arithmetic), taken from the small D accurately. Without it 3× torch's float32 error there.
+    D = _sub(dP, row, ip)
+    D = _sub(D, torch.linalg.vecdot(P, D).unsqueeze(-1), ip)
+    return dv, _mul(D, P, ip)                                    # dS = P ⊙ D
 
 
 class AttentionFn(HandFunction):
@@ -249,24 +260,20 @@ class AttentionFn(HandFunction):
     Forward mode:
         Ṡ = scale(Q̇ Kᵀ + Q K̇ᵀ) + Ṁ,   ℓ̇ = rowsum(P ⊙ Ṡ),   Ṗ = P ⊙ (Ṡ − ℓ̇)
         Ȯ = (Ṗ ⊙ N) V + (P ⊙ N) V̇
-    ``flash``: evaluate in the order of torch's flash kernel (O = ((E ⊙ N) V)·(1/l), P recomputed as
-    exp(S − ℓ), the row term rowsum(G ⊙ O) from the saved output), else of its math kernel
-    (P = E/l, O = (P ⊙ N) V, the row term rowsum(P ⊙ dP)). The same values but for rounding, and
-    where the exact result cancels (keys or values with equal rows) one order gives 0 and the
-    other a rounding: the functional picks the order torch's dispatch picks for the call.
-    Saves Q, K, V, M, D, ℓ (and O for ``flash``); P is recomputed. float16/bfloat16 run in float32 (``opmath``).
+    Saves Q, K, V, M, D and ℓ; P is recomputed. float16/bfloat16 run in float32 (``opmath``), and
+    the scores are formed as torch's math kernel forms them (``split_scale``).
     With grad mode off (outside a double backward and torch.func) the same rows run tile by tile
     (``_tiles``: cache-sized, and causal blocks over only the keys they see), in place.
     Derivation: docs/derivation.md#attention
     """
 
     @staticmethod
-    def forward(q, k, v, mask, drop, p, causal, scale, groups, flash=False):
+    def forward(q, k, v, mask, drop, p, causal, scale, groups):
         with _own_dtype(q):
-            return AttentionFn._forward(q, k, v, mask, drop, p, causal, scale, groups, flash)
+            return AttentionFn._forward(q, k, v, mask, drop, p, causal, scale, groups)
 
     @staticmethod
-    def _forward(q, k, v, mask, drop, p, causal, scale, groups, flash):
+    def _forward(q, k, v, mask, drop, p, causal, scale, groups):
         dtype = q.dtype
         q, k, v = opmath(q), repeat_heads(opmath(k), groups), repeat_heads(opmath(v), groups)
         L, S = q.shape[-2], k.shape[-2]
@@ -274,11 +281,11 @@ class AttentionFn(HandFunction):
             shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
             out = q.new_zeros((*shape, L, v.shape[-1]))
             return out.to(dtype), q.new_full((*shape, L), math.inf, dtype=torch.float64)
-        a, b = split_scale(scale, flash)
+        a, b = split_scale(scale)
         qs, k = _times(q, a), _times(k, b)                       # a·Q, b·K     (*, L|S, E)
         flat = _flat(qs, k, v, mask, drop) if _in_place() else None
         if flat is None:
-            O, lse = _forward_rows(qs, k, v, mask, drop, p, causal, 0, flash, _in_place())
+            O, lse = _forward_rows(qs, k, v, mask, drop, p, causal, 0, _in_place())
             return O.to(dtype), lse
         qs, k, v, mask, drop = flat                              # (n, ·, ·)
         n = qs.shape[0]
@@ -286,16 +293,16 @@ class AttentionFn(HandFunction):
         for b0, b1, r0, r1, s in _tiles(n, L, S, causal):
             O[b0:b1, r0:r1], lse[b0:b1, r0:r1] = _forward_rows(
                 qs[b0:b1, r0:r1], k[b0:b1, :s], v[b0:b1, :s], _part(_batch(mask, b0, b1), r0, r1, s),
-                _part(_batch(drop, b0, b1), r0, r1, s), p, causal, r0, flash, True)
+                _part(_batch(drop, b0, b1), r0, r1, s), p, causal, r0, True)
         batch = q.shape[:-2]
         return O.view(*batch, L, O.shape[-1]).to(dtype), lse.view(*batch, L)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, mask, drop, p, causal, scale, groups, flash = inputs
+        q, k, v, mask, drop, p, causal, scale, groups = inputs
         ctx.p, ctx.causal, ctx.scale, ctx.groups = p, causal, scale, groups
-        O, lse = output
-        ctx.save_for_backward(q, k, v, mask, drop, lse, O if flash else None)
+        _O, lse = output
+        ctx.save_for_backward(q, k, v, mask, drop, lse)
         ctx.save_for_forward(q, k, v, mask, drop, lse)
 
     @staticmethod
@@ -305,47 +312,45 @@ class AttentionFn(HandFunction):
 
     @staticmethod
     def _backward(ctx, grad_o, grad_lse):
-        q, k, v, mask, drop, lse, O = ctx.saved_tensors
+        q, k, v, mask, drop, lse = ctx.saved_tensors
         g, scale, p, causal = ctx.groups, ctx.scale, ctx.p, ctx.causal
         need_q, need_k, need_v, need_m = ctx.needs_input_grad[:4]
         Q, K, V = opmath(q), repeat_heads(opmath(k), g), repeat_heads(opmath(v), g)
         G = opmath(grad_o)                                                   # (*, L, Ev)
         glse = None if grad_lse is None else grad_lse.to(G.dtype)                # Γ   (*, L)
-        go = None if O is None else (G.unsqueeze(-2) @ opmath(O).unsqueeze(-1)).squeeze(-1)   # rowsum(G ⊙ O)  (*, L, 1)
         need_qkm = need_q or need_k or need_m
-        a, b = split_scale(scale, O is not None)
+        a, b = split_scale(scale)
         qs, ks = _times(Q, a), _times(K, b)                                  # a·Q, b·K
         flat = None if need_m or not _in_place() else _flat(qs, ks, V, mask, drop)
         if flat is None:
-            dV, dS = _backward_rows(qs, ks, V, G, go, glse, mask, drop, p, causal, lse, 0, _in_place(), need_v,
+            dV, dS = _backward_rows(qs, ks, V, G, glse, mask, drop, p, causal, lse, 0, _in_place(), need_v,
                                     need_qkm)
             dQ = _times(dS @ ks, a) if need_q else None                      # scale·dS K
             dK = _times(dS.mT @ qs, b) if need_k else None                   # scale·dSᵀ Q
         else:
-            dQ, dK, dV = AttentionFn._backward_tiles(flat, a, b, G, go, glse, lse, p, causal, need_q, need_k,
+            dQ, dK, dV = AttentionFn._backward_tiles(flat, a, b, G, glse, lse, p, causal, need_q, need_k,
                                                      need_v)
         grad_q = None if dQ is None else dQ.sum_to_size(q.shape).to(q.dtype)
         grad_k = None if dK is None else sum_heads(dK, g).sum_to_size(k.shape).to(k.dtype)
         grad_v = None if dV is None else sum_heads(dV, g).sum_to_size(v.shape).to(v.dtype)
         grad_m = dS.sum_to_size(mask.shape).to(mask.dtype) if need_m else None   # dS
-        return grad_q, grad_k, grad_v, grad_m, None, None, None, None, None, None
+        return grad_q, grad_k, grad_v, grad_m, None, None, None, None, None
 
     @staticmethod
-    def _backward_tiles(flat, a, b, G, go, glse, lse, p, causal, need_q, need_k, need_v):
+    def _backward_tiles(flat, a, b, G, glse, lse, p, causal, need_q, need_k, need_v):
         """The backward's fast path, tile by tile on (n, ·, ·) views (no mask gradient): ∂L/∂Q
         rows are written by their tile, ∂L/∂K and ∂L/∂V summed over the tiles that meet a key."""
         qs, ks, V, mask, drop = flat                                         # a·Q, b·K, V
         n, L, S = qs.shape[0], qs.shape[-2], ks.shape[-2]
         batch = G.shape[:-2]
         G, lse = G.reshape(n, L, G.shape[-1]), lse.reshape(n, L)
-        go = None if go is None else go.reshape(n, L, 1)
         glse = None if glse is None else glse.expand(*batch, L).reshape(n, L)
         dQ = qs.new_empty(qs.shape) if need_q else None
         dK = qs.new_zeros(ks.shape) if need_k else None
         dV = qs.new_zeros(V.shape) if need_v else None
         for b0, b1, r0, r1, s in _tiles(n, L, S, causal):
             dv, dS = _backward_rows(qs[b0:b1, r0:r1], ks[b0:b1, :s], V[b0:b1, :s], G[b0:b1, r0:r1],
-                                    None if go is None else go[b0:b1, r0:r1], None if glse is None else glse[b0:b1, r0:r1],
+                                    None if glse is None else glse[b0:b1, r0:r1],
                                     _part(_batch(mask, b0, b1), r0, r1, s), _part(_batch(drop, b0, b1), r0, r1, s),
                                     p, causal, lse[b0:b1, r0:r1], r0, True, need_v, need_q or need_k)
             if need_v:
@@ -361,7 +366,7 @@ class AttentionFn(HandFunction):
         view = lambda t: None if t is None else t.view(*batch, *t.shape[-2:])
         return view(dQ), view(dK), view(dV)
     @staticmethod
-    def jvp(ctx, dq, dk, dv, dmask, _ddrop, _p, _causal, _scale, _groups, _flash):
+    def jvp(ctx, dq, dk, dv, dmask, _ddrop, _p, _causal, _scale, _groups):
         with _own_dtype(ctx.saved_tensors[0]):
             return AttentionFn._jvp(ctx, dq, dk, dv, dmask)
 
@@ -370,7 +375,7 @@ class AttentionFn(HandFunction):
         q, k, v, mask, drop, lse = ctx.saved_tensors
         g = ctx.groups
         Q, K, V = opmath(q), repeat_heads(opmath(k), g), repeat_heads(opmath(v), g)
-        P = weights(scores(Q * ctx.scale, K, mask, ctx.causal), lse, False)  # softmax(S)   (*, L, S)
+        P = weights(scores(Q * ctx.scale, K, mask, ctx.causal), lse)        # softmax(S)   (*, L, S)
         dS = torch.zeros((), dtype=P.dtype, device=P.device)
         if dq is not None:
             dS = dS + ctx.scale * (opmath(dq) @ K.mT)                       # scale·Q̇ Kᵀ
