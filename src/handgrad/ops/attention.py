@@ -6,9 +6,8 @@ query row), and the backward recomputes P = exp(S − ℓ) from them, as flash a
 drops it) so that the backward, which reads it, stays differentiable: its VJP is
 ∂L/∂S += P ⊙ ∂L/∂ℓ (∂ℓ/∂S = P).
 
-float32 is computed in float32, as torch's kernels do: P = exp(S − m)·(1/l) with m the row max
-and 1/l = exp(m − ℓ) from ℓ kept in float64, so each weight is rounded once (``weights``), the
-same in the forward and in the backward's recomputation. With a causal mask the query rows are taken in blocks of ``BLOCK`` and each block meets only
+float32 is computed in float32, as torch's kernels do, each weight P rounded once (``weights``),
+the same in the forward and in the backward's recomputation, the backward's row term refined once. With a causal mask the query rows are taken in blocks of ``BLOCK`` and each block meets only
 the keys it can see, so the masked upper triangle is neither multiplied nor exponentiated.
 Outside a double backward and torch.func (grad mode off) the (L × S) work runs in place on the
 buffers the Function owns; otherwise the same formulas run out of place (the ``ip`` flag).
@@ -110,29 +109,29 @@ def _max_shift(S: torch.Tensor) -> torch.Tensor:
 
 
 def _normalise(E: torch.Tensor, m: torch.Tensor, lse: torch.Tensor, ip: bool) -> torch.Tensor:
-    """P = E·exp(m − ℓ) for E = exp(S − m) (*, l, s): exp(m − ℓ) = 1/rowsum E, from ℓ in float64,
-    0 where ℓ = +∞ (a fully masked row)."""
-    return _mul(E, (m.to(lse.dtype) - lse.unsqueeze(-1)).exp().to(E.dtype), ip)
+    """P = E·exp(m − ℓ) for E = exp(S − m) (*, l, s): exp(m − ℓ) = 1/rowsum E, 0 where ℓ = +∞
+    (a fully masked row)."""
+    return _mul(E, (m - lse.unsqueeze(-1)).exp(), ip)
 
 
 def weights(S: torch.Tensor, lse: torch.Tensor, ip: bool = False) -> torch.Tensor:
-    """P = softmax(S) along the keys (*, l, s) = exp(S − m)·exp(m − ℓ), m the row max, ℓ in
-    float64: each weight rounded once, as torch's softmax rounds it. exp(S − ℓ) with ℓ rounded
-    would scale a whole row by one error (Σ P ≠ 1 by eps·|ℓ|: up to 8× torch's float32 error in
-    the gradients, measured). m is a constant shift (P does not depend on it). In place (grad
-    mode off) it is torch's softmax kernel itself (a forward kernel), whose exp rounds as the one
-    torch's attention uses."""
+    """P = softmax(S) along the keys (*, l, s). In place (grad mode off, every ordinary backward)
+    torch's softmax kernel itself (a forward kernel): each weight rounded once as torch's math
+    kernel rounds it; exp(S − ℓ) from the rounded ℓ would scale a whole row by one error (Σ P ≠ 1
+    by eps·|ℓ|: up to 8× torch's float32 error in the gradients, measured). Differentiably (a
+    double backward, torch.func) exp(S − m)·exp(m − ℓ), m the row max, a constant shift (P does
+    not depend on it)."""
     if ip:
         return _softmax(S, lse.isinf().unsqueeze(-1))
     m = _max_shift(S)
     return _normalise(_exp(_sub(S, m, ip), ip), m, lse, ip)
 
 
-def _softmax(S: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+def _softmax(S: torch.Tensor, empty: torch.Tensor | None) -> torch.Tensor:
     """torch.softmax(S) (a forward kernel) with the ``empty`` rows (fully masked) 0, as torch's
     ``_safe_softmax``."""
     P = torch.softmax(S, -1)
-    return P.masked_fill_(empty, 0) if bool(empty.any()) else P
+    return P.masked_fill_(empty, 0) if empty is not None and bool(empty.any()) else P
 
 
 def split_scale(scale: float) -> tuple[float, float]:
@@ -196,24 +195,33 @@ def _tiles(n: int, L: int, S: int, causal: bool):
             yield b0, min(n, b0 + c), r0, r1, s
 
 
+def _one_tile(q, L: int, S: int, causal: bool) -> bool:
+    """Does the whole call fit one tile (no causal blocks)? Then it runs without the tiles'
+    reshapes and copies (the per-call overhead of a small attention)."""
+    return (not causal or L <= BLOCK) and math.prod(q.shape[:-2]) * L * S <= TILE
+
+
 def _batch(t, b0, b1):
     return t if t is None or t.dim() <= 2 else t[b0:b1]
 
 
 def _forward_rows(qs, k, v, mask, drop, p, causal, row0, ip):
-    """One block of query rows: P = softmax(S) and ℓ = m + log l (float64), with m the row max
-    (0 on a fully masked row, where ℓ = +∞), l = rowsum exp(S − m); O = (P ⊙ N) V. In place
-    (``weights``): P by torch's softmax and ℓ = m − log max_j P_j."""
+    """One block of query rows: P = softmax(S) and ℓ = m + log l, with m the row max (0 on a
+    fully masked row, where ℓ = +∞), l = rowsum exp(S − m); O = (P ⊙ N) V. In place: P by
+    torch's softmax (a forward kernel) and ℓ = m − log max_j P_j (max_j P_j = 1/l)."""
     S = scores(qs, k, mask, causal, row0, ip)                    # (*, l, s)
     if ip:
         m = S.amax(-1, keepdim=True)                             # (*, l, 1)
-        P = _softmax(S, m == -math.inf)
-        lse = (m.double() - P.amax(-1, keepdim=True).double().log()).masked_fill(m == -math.inf, math.inf)
+        empty = m == -math.inf                                   # fully masked rows: P = 0, ℓ = +∞
+        P = _softmax(S, empty)
+        lse = m - P.amax(-1, keepdim=True).log()                 # m + log l
+        if bool(empty.any()):
+            lse = lse.masked_fill(empty, math.inf)
     else:
         m = _max_shift(S)                                        # row max    (*, l, 1)
         E = _exp(_sub(S, m, ip), ip)                             # exp(S − m); 0 on a fully masked row
-        l = E.sum(-1, keepdim=True).double()                     # (*, l, 1)
-        lse = (m.double() + l.log()).masked_fill(l == 0, math.inf)
+        l = E.sum(-1, keepdim=True)                              # (*, l, 1)
+        lse = (m + l.log()).masked_fill(l == 0, math.inf)
         P = _normalise(E, m, lse.squeeze(-1), ip)                # softmax(S)
     if drop is not None:
         P = _mul(P, keep_scale(drop, p, P.dtype), ip)            # P ⊙ N
@@ -280,16 +288,17 @@ class AttentionFn(HandFunction):
         if S == 0:                                               # no keys: every row fully masked
             shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
             out = q.new_zeros((*shape, L, v.shape[-1]))
-            return out.to(dtype), q.new_full((*shape, L), math.inf, dtype=torch.float64)
+            return out.to(dtype), q.new_full((*shape, L), math.inf)
         a, b = split_scale(scale)
         qs, k = _times(q, a), _times(k, b)                       # a·Q, b·K     (*, L|S, E)
-        flat = _flat(qs, k, v, mask, drop) if _in_place() else None
+        ip = _in_place()
+        flat = _flat(qs, k, v, mask, drop) if ip and not _one_tile(qs, L, S, causal) else None
         if flat is None:
-            O, lse = _forward_rows(qs, k, v, mask, drop, p, causal, 0, _in_place())
+            O, lse = _forward_rows(qs, k, v, mask, drop, p, causal, 0, ip)
             return O.to(dtype), lse
         qs, k, v, mask, drop = flat                              # (n, ·, ·)
         n = qs.shape[0]
-        O, lse = qs.new_empty((n, L, v.shape[-1])), qs.new_empty((n, L), dtype=torch.float64)
+        O, lse = qs.new_empty((n, L, v.shape[-1])), qs.new_empty((n, L))
         for b0, b1, r0, r1, s in _tiles(n, L, S, causal):
             O[b0:b1, r0:r1], lse[b0:b1, r0:r1] = _forward_rows(
                 qs[b0:b1, r0:r1], k[b0:b1, :s], v[b0:b1, :s], _part(_batch(mask, b0, b1), r0, r1, s),
@@ -302,11 +311,15 @@ class AttentionFn(HandFunction):
         q, k, v, mask, drop, p, causal, scale, groups = inputs
         ctx.p, ctx.causal, ctx.scale, ctx.groups = p, causal, scale, groups
         _O, lse = output
+        ctx.set_materialize_grads(False)             # Γ = None unless a double backward reads ℓ
         ctx.save_for_backward(q, k, v, mask, drop, lse)
         ctx.save_for_forward(q, k, v, mask, drop, lse)
 
     @staticmethod
     def backward(ctx, grad_o, grad_lse):
+        if grad_o is None:                          # only ℓ was differentiated (unmaterialised grads)
+            _q, _k, v, _m, _d, lse = ctx.saved_tensors
+            grad_o = lse.new_zeros((*lse.shape, v.shape[-1]))
         with _own_dtype(grad_o):
             return AttentionFn._backward(ctx, grad_o, grad_lse)
 
@@ -321,9 +334,11 @@ class AttentionFn(HandFunction):
         need_qkm = need_q or need_k or need_m
         a, b = split_scale(scale)
         qs, ks = _times(Q, a), _times(K, b)                                  # a·Q, b·K
-        flat = None if need_m or not _in_place() else _flat(qs, ks, V, mask, drop)
+        ip = _in_place()
+        tiled = ip and not need_m and not _one_tile(qs, qs.shape[-2], ks.shape[-2], causal)
+        flat = _flat(qs, ks, V, mask, drop) if tiled else None
         if flat is None:
-            dV, dS = _backward_rows(qs, ks, V, G, glse, mask, drop, p, causal, lse, 0, _in_place(), need_v,
+            dV, dS = _backward_rows(qs, ks, V, G, glse, mask, drop, p, causal, lse, 0, ip, need_v,
                                     need_qkm)
             dQ = _times(dS @ ks, a) if need_q else None                      # scale·dS K
             dK = _times(dS.mT @ qs, b) if need_k else None                   # scale·dSᵀ Q
