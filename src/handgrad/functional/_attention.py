@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .. import _compat
 from ..ops.attention import AttentionFn
 from ..ops.dropout import keep_mask
 from ._common import autocast, check_tensor, shape_str
@@ -101,8 +102,8 @@ def _math_checks(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa,
 def _empty(query, key, value) -> torch.Tensor:
     """torch's answer for an empty query, before any other check: an empty (*query[:-1], Ev)
     result, differentiable in query, key and value (their gradients 0), not in the mask."""
-    out = query.new_zeros((*query.shape[:-1], value.shape[-1]))
-    return out + (query.sum() + key.sum() + value.sum()) * 0      # (bool inputs: int64, as torch's)
+    zero = (query.sum(-1, keepdim=True) + key.sum() + value.sum()) * 0     # (bool inputs: int64, as torch's)
+    return zero.expand(*query.shape[:-1], value.shape[-1])
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -118,9 +119,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         if not isinstance(x, (int, float)) and not (x is None and name == "scale"):
             raise TypeError(f"{_FN}(): argument '{name}' must be float, not {type(x).__name__}")
     _check(query, key, value, attn_mask)
-    if query.numel() == 0:
-        return _empty(query, key, value)
-    fused = _fused_kernel(query, key, value, attn_mask, dropout_p, enable_gqa)
+    if query.numel() == 0 and not _compat.functorch_transforms_active():   # (torch.func: the Function's path)
+        return _empty(*autocast(_FN, query, key, value))
+    # the kernel choice decides only a mask's and a negative dropout_p's fate
+    fused = (attn_mask is not None or dropout_p < 0) and _fused_kernel(query, key, value, attn_mask, dropout_p,
+                                                                        enable_gqa)
     groups = _math_checks(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, fused)
     query, key, value, attn_mask = autocast(_FN, query, key, value, attn_mask)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)

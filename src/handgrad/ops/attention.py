@@ -114,15 +114,16 @@ def _normalise(E: torch.Tensor, m: torch.Tensor, lse: torch.Tensor, ip: bool) ->
     return _mul(E, (m - lse.unsqueeze(-1)).exp(), ip)
 
 
-def weights(S: torch.Tensor, lse: torch.Tensor, ip: bool = False) -> torch.Tensor:
+def weights(S: torch.Tensor, lse: torch.Tensor, ip: bool = False, masked: bool = True) -> torch.Tensor:
     """P = softmax(S) along the keys (*, l, s). In place (grad mode off, every ordinary backward)
     torch's softmax kernel itself (a forward kernel): each weight rounded once as torch's math
     kernel rounds it; exp(S − ℓ) from the rounded ℓ would scale a whole row by one error (Σ P ≠ 1
     by eps·|ℓ|: up to 8× torch's float32 error in the gradients, measured). Differentiably (a
     double backward, torch.func) exp(S − m)·exp(m − ℓ), m the row max, a constant shift (P does
-    not depend on it)."""
+    not depend on it). ``masked``: a row may be fully masked (an attn_mask; the causal mask never
+    hides key 0), so P = 0 is set there."""
     if ip:
-        return _softmax(S, lse.isinf().unsqueeze(-1))
+        return _softmax(S, lse.isinf().unsqueeze(-1) if masked else None)
     m = _max_shift(S)
     return _normalise(_exp(_sub(S, m, ip), ip), m, lse, ip)
 
@@ -131,18 +132,13 @@ def _softmax(S: torch.Tensor, empty: torch.Tensor | None) -> torch.Tensor:
     """torch.softmax(S) (a forward kernel) with the ``empty`` rows (fully masked) 0, as torch's
     ``_safe_softmax``."""
     P = torch.softmax(S, -1)
-    return P.masked_fill_(empty, 0) if empty is not None and bool(empty.any()) else P
+    return P.masked_fill_(empty, 0) if _any(empty) else P
 
 
-def split_scale(scale: float) -> tuple[float, float]:
-    """(a, b), a·b = scale: the scores are (a·Q)(b·K)ᵀ with a = ±√|scale|, b = √|scale|, as
-    torch's math kernel forms them, so ∂L/∂Q = a·dS (b K) and ∂L/∂K = b·dSᵀ (a Q)."""
-    root = math.sqrt(abs(scale))
-    return math.copysign(root, scale), root
-
-
-def _times(t, c):
-    return t if c == 1.0 else t * c
+def _any(t: torch.Tensor | None) -> bool:
+    """Is any element of the bool ``t`` set (None: no)? Under torch.compile assumed so: a
+    data-dependent branch would not trace, and the fill it guards is then always made."""
+    return t is not None and (torch.compiler.is_compiling() or bool(t.any()))
 
 
 def _blocks(L: int, S: int, causal: bool, blocked: bool):
@@ -195,6 +191,13 @@ def _tiles(n: int, L: int, S: int, causal: bool):
             yield b0, min(n, b0 + c), r0, r1, s
 
 
+def _like(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """g summed to t's shape (over broadcast dims), in t's dtype."""
+    if g.shape != t.shape:
+        g = g.sum_to_size(t.shape)
+    return g if g.dtype == t.dtype else g.to(t.dtype)
+
+
 def _one_tile(q, L: int, S: int, causal: bool) -> bool:
     """Does the whole call fit one tile (no causal blocks)? Then it runs without the tiles'
     reshapes and copies (the per-call overhead of a small attention)."""
@@ -212,10 +215,10 @@ def _forward_rows(qs, k, v, mask, drop, p, causal, row0, ip):
     S = scores(qs, k, mask, causal, row0, ip)                    # (*, l, s)
     if ip:
         m = S.amax(-1, keepdim=True)                             # (*, l, 1)
-        empty = m == -math.inf                                   # fully masked rows: P = 0, ℓ = +∞
+        empty = (m == -math.inf) if mask is not None else None   # fully masked rows: P = 0, ℓ = +∞
         P = _softmax(S, empty)
         lse = m - P.amax(-1, keepdim=True).log()                 # m + log l
-        if bool(empty.any()):
+        if _any(empty):
             lse = lse.masked_fill(empty, math.inf)
     else:
         m = _max_shift(S)                                        # row max    (*, l, 1)
@@ -231,7 +234,7 @@ def _forward_rows(qs, k, v, mask, drop, p, causal, row0, ip):
 def _backward_rows(qs, k, v, G, glse, mask, drop, p, causal, lse, row0, ip, need_v, need_qkm):
     """One block of query rows, from the recomputed P: ∂L/∂V = (P ⊙ N)ᵀ G and
     dS = P ⊙ (dP − rowsum(P ⊙ dP) + Γ) (for ∂L/∂Q, ∂L/∂K, ∂L/∂M)."""
-    P = weights(scores(qs, k, mask, causal, row0, ip), lse, ip)  # recomputed   (*, l, s)
+    P = weights(scores(qs, k, mask, causal, row0, ip), lse, ip, mask is not None)   # recomputed (*, l, s)
     N = None if drop is None else keep_scale(drop, p, P.dtype)
     dv = ((P if N is None else P * N).mT @ G) if need_v else None   # (P ⊙ N)ᵀ G
     if not need_qkm:
@@ -242,13 +245,13 @@ def _backward_rows(qs, k, v, G, glse, mask, drop, p, causal, lse, row0, ip, need
     # rowsum(P ⊙ dP) = rowsum(G ⊙ O), taken in the first form (from P, as torch's math kernel):
     # where V's rows are equal it cancels with dP exactly, and it needs no saved O
     row = torch.linalg.vecdot(P, dP).unsqueeze(-1)
-    if glse is not None:
-        row = row - glse.unsqueeze(-1)                           # − Γ
     # D = dP − row, the difference first (exact where dP ≈ row), then once refined: the row's own
     # rounding (eps·|dP|, all of dS where one weight dominates) is rowsum(P ⊙ D) (0 in exact
     # arithmetic), taken from the small D accurately. Without it 3× torch's float32 error there.
     D = _sub(dP, row, ip)
     D = _sub(D, torch.linalg.vecdot(P, D).unsqueeze(-1), ip)
+    if glse is not None:
+        D = D + glse.unsqueeze(-1)                               # + Γ
     return dv, _mul(D, P, ip)                                    # dS = P ⊙ D
 
 
@@ -268,8 +271,7 @@ class AttentionFn(HandFunction):
     Forward mode:
         Ṡ = scale(Q̇ Kᵀ + Q K̇ᵀ) + Ṁ,   ℓ̇ = rowsum(P ⊙ Ṡ),   Ṗ = P ⊙ (Ṡ − ℓ̇)
         Ȯ = (Ṗ ⊙ N) V + (P ⊙ N) V̇
-    Saves Q, K, V, M, D and ℓ; P is recomputed. float16/bfloat16 run in float32 (``opmath``), and
-    the scores are formed as torch's math kernel forms them (``split_scale``).
+    Saves Q, K, V, M, D and ℓ; P is recomputed. float16/bfloat16 run in float32 (``opmath``).
     With grad mode off (outside a double backward and torch.func) the same rows run tile by tile
     (``_tiles``: cache-sized, and causal blocks over only the keys they see), in place.
     Derivation: docs/derivation.md#attention
@@ -289,8 +291,7 @@ class AttentionFn(HandFunction):
             shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
             out = q.new_zeros((*shape, L, v.shape[-1]))
             return out.to(dtype), q.new_full((*shape, L), math.inf)
-        a, b = split_scale(scale)
-        qs, k = _times(q, a), _times(k, b)                       # a·Q, b·K     (*, L|S, E)
+        qs = q * scale                                           # scale·Q     (*, L, E)
         ip = _in_place()
         flat = _flat(qs, k, v, mask, drop) if ip and not _one_tile(qs, L, S, causal) else None
         if flat is None:
@@ -332,31 +333,31 @@ class AttentionFn(HandFunction):
         G = opmath(grad_o)                                                   # (*, L, Ev)
         glse = None if grad_lse is None else grad_lse.to(G.dtype)                # Γ   (*, L)
         need_qkm = need_q or need_k or need_m
-        a, b = split_scale(scale)
-        qs, ks = _times(Q, a), _times(K, b)                                  # a·Q, b·K
+        qs, ks = Q * scale, K * scale                                        # scale·Q, scale·K
         ip = _in_place()
         tiled = ip and not need_m and not _one_tile(qs, qs.shape[-2], ks.shape[-2], causal)
-        flat = _flat(qs, ks, V, mask, drop) if tiled else None
+        flat = _flat(qs, K, V, mask, drop) if tiled else None
         if flat is None:
-            dV, dS = _backward_rows(qs, ks, V, G, glse, mask, drop, p, causal, lse, 0, ip, need_v,
+            dV, dS = _backward_rows(qs, K, V, G, glse, mask, drop, p, causal, lse, 0, ip, need_v,
                                     need_qkm)
-            dQ = _times(dS @ ks, a) if need_q else None                      # scale·dS K
-            dK = _times(dS.mT @ qs, b) if need_k else None                   # scale·dSᵀ Q
+            dQ = dS @ ks if need_q else None                                 # scale·dS K
+            dK = dS.mT @ qs if need_k else None                              # scale·dSᵀ Q
         else:
-            dQ, dK, dV = AttentionFn._backward_tiles(flat, a, b, G, glse, lse, p, causal, need_q, need_k,
+            dQ, dK, dV = AttentionFn._backward_tiles(flat, scale, G, glse, lse, p, causal, need_q, need_k,
                                                      need_v)
-        grad_q = None if dQ is None else dQ.sum_to_size(q.shape).to(q.dtype)
-        grad_k = None if dK is None else sum_heads(dK, g).sum_to_size(k.shape).to(k.dtype)
-        grad_v = None if dV is None else sum_heads(dV, g).sum_to_size(v.shape).to(v.dtype)
-        grad_m = dS.sum_to_size(mask.shape).to(mask.dtype) if need_m else None   # dS
+        grad_q = None if dQ is None else _like(dQ, q)
+        grad_k = None if dK is None else _like(sum_heads(dK, g), k)
+        grad_v = None if dV is None else _like(sum_heads(dV, g), v)
+        grad_m = _like(dS, mask) if need_m else None                         # dS
         return grad_q, grad_k, grad_v, grad_m, None, None, None, None, None
 
     @staticmethod
-    def _backward_tiles(flat, a, b, G, glse, lse, p, causal, need_q, need_k, need_v):
+    def _backward_tiles(flat, scale, G, glse, lse, p, causal, need_q, need_k, need_v):
         """The backward's fast path, tile by tile on (n, ·, ·) views (no mask gradient): ∂L/∂Q
         rows are written by their tile, ∂L/∂K and ∂L/∂V summed over the tiles that meet a key."""
-        qs, ks, V, mask, drop = flat                                         # a·Q, b·K, V
-        n, L, S = qs.shape[0], qs.shape[-2], ks.shape[-2]
+        qs, K, V, mask, drop = flat                                          # scale·Q, K, V
+        n, L, S = qs.shape[0], qs.shape[-2], K.shape[-2]
+        ks = K * scale                                                       # scale·K
         batch = G.shape[:-2]
         G, lse = G.reshape(n, L, G.shape[-1]), lse.reshape(n, L)
         glse = None if glse is None else glse.expand(*batch, L).reshape(n, L)
@@ -364,20 +365,16 @@ class AttentionFn(HandFunction):
         dK = qs.new_zeros(ks.shape) if need_k else None
         dV = qs.new_zeros(V.shape) if need_v else None
         for b0, b1, r0, r1, s in _tiles(n, L, S, causal):
-            dv, dS = _backward_rows(qs[b0:b1, r0:r1], ks[b0:b1, :s], V[b0:b1, :s], G[b0:b1, r0:r1],
+            dv, dS = _backward_rows(qs[b0:b1, r0:r1], K[b0:b1, :s], V[b0:b1, :s], G[b0:b1, r0:r1],
                                     None if glse is None else glse[b0:b1, r0:r1],
                                     _part(_batch(mask, b0, b1), r0, r1, s), _part(_batch(drop, b0, b1), r0, r1, s),
                                     p, causal, lse[b0:b1, r0:r1], r0, True, need_v, need_q or need_k)
             if need_v:
                 dV[b0:b1, :s] += dv                                          # += (P ⊙ N)ᵀ G
             if need_q:
-                torch.matmul(dS, ks[b0:b1, :s], out=dQ[b0:b1, r0:r1])         # dS (b K)
+                torch.matmul(dS, ks[b0:b1, :s], out=dQ[b0:b1, r0:r1])         # scale·dS K
             if need_k:
-                dK[b0:b1, :s].baddbmm_(dS.mT, qs[b0:b1, r0:r1])             # += dSᵀ (a Q)
-        if need_q and a != 1.0:
-            dQ.mul_(a)                                                       # scale·dS K
-        if need_k and b != 1.0:
-            dK.mul_(b)                                                       # scale·dSᵀ Q
+                dK[b0:b1, :s].baddbmm_(dS.mT, qs[b0:b1, r0:r1])             # += scale·dSᵀ Q
         view = lambda t: None if t is None else t.view(*batch, *t.shape[-2:])
         return view(dQ), view(dK), view(dV)
     @staticmethod
