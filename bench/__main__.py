@@ -15,6 +15,11 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["per-sample"]:  # per-sample gradients and DP-SGD: bench/per_sample.py, its own rows
+        from .per_sample import main as per_sample_main
+
+        return per_sample_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
     parser.add_argument("cases", nargs="*", help="cases to run (default: all): seed-sgd mlp-64 mlp-256 mlp-big lce compiled")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

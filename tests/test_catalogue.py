@@ -71,14 +71,20 @@ ANCHORS = _anchors(ROOT / "docs" / "derivation.md")
 
 
 def _doc_defaults(fn) -> dict:
-    """The defaults a builtin without a signature states at its docstring's head
-    (``scaled_dot_product_attention(query, key, value, attn_mask=None, ...) -> Tensor:``)."""
-    head = " ".join((fn.__doc__ or "").split(" -> ")[0].split())
-    m = re.match(r"\w+\((.*)\)$", head)
-    if not m:
-        return {}
-    args = ast.parse(f"def f({m.group(1)}): pass").body[0].args
-    return {a.arg: ast.literal_eval(d) for a, d in zip(args.args[len(args.args) - len(args.defaults):], args.defaults)}
+    """The defaults a builtin without a signature states in its docstring: at its head
+    (``scaled_dot_product_attention(query, key, value, attn_mask=None, ...) -> Tensor:``) and on
+    each overload's line (``.. function:: mean(input, dim, keepdim=False, *, dtype=None, out=None)
+    -> Tensor``), keyword-only ones included."""
+    doc = fn.__doc__ or ""
+    out = {}
+    for head in (" ".join(doc.split(" -> ")[0].split()), *re.findall(r"^(?:\.\. function:: )?(\w+\(.*\)) -> ", doc, re.M)):
+        m = re.match(r"\w+\((.*)\)$", head)
+        if not m:
+            continue
+        args = ast.parse(f"def f({m.group(1)}): pass").body[0].args
+        out.update({a.arg: ast.literal_eval(d) for a, d in zip(args.args[len(args.args) - len(args.defaults):], args.defaults)})
+        out.update({a.arg: ast.literal_eval(d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None})
+    return out
 
 
 def _defaults(fn) -> dict:

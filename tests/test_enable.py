@@ -91,6 +91,10 @@ CALLS = {
     "torch.nn.functional.scaled_dot_product_attention": lambda: F.scaled_dot_product_attention(Q, KV, KV, scale=0.7),
     "torch.nn.functional.multi_head_attention_forward": lambda: F.multi_head_attention_forward(
         SRC, SRC, SRC, 6, 2, IPW, IPB, None, None, False, 0.0, OPW, OPB, training=False, need_weights=False)[0],
+    "torch.mean": lambda: torch.mean(X, 1, True),
+    "torch.Tensor.mean": lambda: X.mean(dim=(0, -1)),
+    "torch.mul": lambda: torch.mul(X, W5),
+    "torch.Tensor.mul": lambda: 0.5 * (X * B5),                   # the operators reach the mode as Tensor.mul
 }
 RANDOM = {"torch.nn.functional.dropout", "torch.dropout"}
 
@@ -244,6 +248,29 @@ def test_what_handgrad_does_not_take_falls_through():
     assert type(marked).__name__ == "Marked"  # torch wraps the result in an alias of the subclass
     assert type(marked.grad_fn.next_functions[0][0]).__name__ == "SigmoidBackward0"
     assert is_handgrad_node(keyword.grad_fn)
+
+
+def test_products_and_means_that_record_nothing_are_torchs():
+    """Where no graph can come out of a call (no_grad, no input requiring grad: the products inside
+    handgrad's own forward passes), mean and mul run torch's call, whose values MulFn/MeanFn's
+    forward reproduces; integer operands are torch's throughout."""
+    x = X.detach()
+    with handgrad.enable():
+        with torch.no_grad():
+            a, m = X * W5, X.mean(1)
+        b, n = x * 0.5, torch.mean(x, 0)
+        ints, int_mean = torch.arange(3) * 2, torch.arange(4).mean(dtype=torch.float32)
+        scaled, averaged = X * 0.5, X.mean()                          # these do record: handgrad's
+    assert a.grad_fn is None and m.grad_fn is None and b.grad_fn is None and n.grad_fn is None
+    torch.testing.assert_close(b, x * 0.5, rtol=0, atol=0)
+    torch.testing.assert_close(n, x.mean(0), rtol=0, atol=0)
+    assert ints.dtype == torch.int64 and torch.equal(ints, torch.tensor([0, 2, 4])) and int_mean.item() == 1.5
+    assert is_handgrad_node(scaled.grad_fn) and is_handgrad_node(averaged.grad_fn)
+    torch.testing.assert_close(scaled, X * 0.5, rtol=0, atol=0)
+    with handgrad.enable(), torch.autograd.forward_ad.dual_level():   # a tangent: handgrad's jvp
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        tangent = torch.autograd.forward_ad.unpack_dual(dual * 3.0).tangent
+    torch.testing.assert_close(tangent, torch.full_like(x, 3.0), rtol=0, atol=0)
 
 
 def _active():

@@ -318,3 +318,15 @@ def test_mlp_equals_sequential_module():
     params = [p for m in lin for p in (m.weight, m.bias)]
     for a, b in zip(torch.autograd.grad(ours.sum(), params), torch.autograd.grad(theirs.sum(), params)):
         torch.testing.assert_close(a, b)
+
+
+def test_output_changed_in_place_before_backward_is_refused():
+    """The activations the fast backward reads are detached aliases of the outputs (dropped layer
+    by layer); their shared version counter still refuses an output changed in place, as a
+    saved tensor would be."""
+    x = torch.randn(4, 3, requires_grad=True)
+    ws, bs = _params((3, 5, 2), dtype=torch.float32)
+    out = F.mlp(x, ws, bs, activation="tanh", last_activation="sigmoid")   # f_L' reads X_L
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

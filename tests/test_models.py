@@ -236,26 +236,6 @@ def _loss(model, batch):
 # ---------------------------------------------------------------------------------------------
 # (a) coverage
 
-# Layer-level nodes known to stay native, per model: ops torch.nn models use that handgrad has no
-# Function for and enable() does not intercept (handgrad._enable.INTERCEPTED has neither
-# Tensor.mean nor the elementwise product). Each is listed so that any other native node fails.
-KNOWN_NATIVE = {
-    "resnet": set(),
-    "vit": {("", "MeanBackward1")},                                       # tokens.mean(dim=1)
-    "gpt": set(),
-    "llama": {("layer.feed_forward", "MulBackward0")},                    # F.silu(w1(x)) * w3(x)
-}
-
-GAPS = {
-    "vit": "mean-pool over tokens: `x = torch.randn(2, 4, 16, dtype=torch.float64, requires_grad=True); "
-           "with handgrad.enable(): y = x.mean(dim=1)` gives y.grad_fn MeanBackward1 (native): Tensor.mean / "
-           "torch.mean is neither a handgrad op nor intercepted, nor structural in coverage.STRUCTURAL",
-    "llama": "SiLU gating: `a, b = (torch.randn(2, 8, 24, dtype=torch.float64, requires_grad=True) for _ in "
-             "range(2)); with handgrad.enable(): y = F.silu(a) * b` gives y.grad_fn MulBackward0 (native): the "
-             "elementwise product is neither a handgrad op nor intercepted, nor structural in coverage.STRUCTURAL",
-}
-
-
 def _report(model, batch):
     with record_coverage(model) as cov, handgrad.enable():
         loss = model(*batch)
@@ -268,15 +248,13 @@ def test_every_parameter_gradient_is_handgrad(name):
     report = _report(converted, batch)
     assert report.percent == 100.0 and not report.unused, str(report)
     assert set(report.parameters) == {n for n, _ in converted.named_parameters()}, str(report)
-    # native nodes beyond the known gaps (below) fail here, whatever the xfail there says
-    native = {(n.module, n.node) for n in report.native_nodes}
-    assert native <= KNOWN_NATIVE[name], str(report)
     assert sum(n.handgrad for n in report.nodes) >= 5, str(report)  # the layers were really seen
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=GAPS[n]))
-                                  if n in GAPS else n for n in MODELS])
+@pytest.mark.parametrize("name", MODELS)
 def test_fully_handgrad(name):
+    """Every layer-level node is handgrad's: ViT's mean-pool ``.mean(dim=1)`` and LLaMA's gating
+    ``F.silu(a) * b`` too (enable() routes Tensor.mean and the product)."""
     _, converted, batch = _pair(name)
     report = _report(converted, batch)
     assert report.fully_handgrad, str(report)

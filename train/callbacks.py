@@ -76,7 +76,7 @@ class Progress(Callback):
         if not self.lines:
             return
         m = trainer.callback_metrics
-        values = "  ".join(f"{k} {float(m[k]):.4f}" for k in CURVE_KEYS if k in m)
+        values = "  ".join(f"{k} {float(m[k]):.4f}" for k in CURVE_KEYS + ["dp/epsilon"] if k in m)  # ε: DP-SGD runs
         span = f" (0..{trainer.max_epochs - 1})" if trainer.max_epochs is not None and trainer.max_epochs > 0 else ""
         print(f"epoch {trainer.current_epoch}{span}  {values}  ({time.perf_counter() - self._t:.1f} s)", flush=True)
 

@@ -6,6 +6,8 @@ On top of Lightning's CLI:
   * top-level ``optimizer:`` / ``lr_scheduler:`` (``--optimizer Adam``, ``--lr_scheduler StepLR``)
     are handed to the model, which builds one parameter group per layer; the learning rate α is
     ``model.lr`` (per layer: ``model.layer_lr``); the default optimizer is plain SGD;
+  * ``dp:`` (absent unless a config has it; configs/digits_dp.yaml) adds ``handgrad.dp.DPSGDCallback``:
+    every step a DP-SGD step, ε logged per epoch, training stopped at a target ε;
   * ``checkpoint:`` configures the checkpoints (``train.callbacks.Checkpoint``: best, and last
     at the end of every epoch);
   * ``--ckpt_path last`` finds the newest ``last.ckpt`` of the run name; a checkpoint whose
@@ -28,6 +30,8 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
+
+from handgrad.dp import DPSGDCallback
 
 from .callbacks import Checkpoint, Curves, PredictionWriter, Progress
 from .data import TabularData
@@ -146,11 +150,17 @@ class TrainCLI(LightningCLI):
             "checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.filename": "best",
             "checkpoint.save_last": True, "checkpoint.save_top_k": 1, "checkpoint.save_on_train_epoch_end": True,
         })
+        # DP-SGD (configs/digits_dp.yaml): absent unless the config has a dp: section
+        parser.add_lightning_class_args(DPSGDCallback, "dp", subclass_mode=True, required=False)
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="fit: test the best checkpoint on the test split when training ends")
         parser.add_argument("--num_threads", type=Optional[int], default=1,
                             help="torch CPU threads per process (null: torch's default, one per core). 1 is "
                                  "fastest for small networks: digits.yaml took 4× the CPU time with 2")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        # a config without a dp: section leaves that callback None: there is none to add
+        return super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
 
     # --- before anything is built: threads, CUDA, the console, `--ckpt_path last` -----------------
     def before_instantiate_classes(self) -> None:

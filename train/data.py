@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from handgrad.dp import PoissonSampler
+
 from .errors import DataError
 
 __all__ = ["DataError", "TabularData", "Digits", "Moons", "SeedRegression", "FileData"]
@@ -93,6 +95,9 @@ class TabularData(pl.LightningDataModule):
             pixels, what image data wants); ``none``: leave the features as they are.
         seed: seeds the split and the per-epoch shuffling.
         num_workers: DataLoader worker processes (0 = load in the training process).
+        poisson: training batches by Poisson sampling (``handgrad.dp.PoissonSampler``): each
+            takes every training sample with probability q = batch_size / n, so its size varies
+            around batch_size; what DP-SGD's privacy accounting assumes (configs/digits_dp.yaml).
     """
 
     task: Task = "classification"
@@ -105,6 +110,7 @@ class TabularData(pl.LightningDataModule):
         standardize: Literal["feature", "global", "none"] = "feature",
         seed: int = 0,
         num_workers: int = 0,
+        poisson: bool = False,
     ):
         super().__init__()
         # every __init__ argument (of the subclass too) goes into the checkpoint, so resuming can
@@ -122,6 +128,7 @@ class TabularData(pl.LightningDataModule):
         self.batch_size = batch_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.standardize, self.seed, self.num_workers = standardize, seed, num_workers
+        self.poisson = poisson
         self._splits: dict[str, TensorDataset] | None = None
         self.class_names: list[str] | None = None
 
@@ -222,7 +229,10 @@ class TabularData(pl.LightningDataModule):
             batch = n if self.batch_size is None else self.batch_size
             if batch < world:
                 raise DataError(f"batch_size {batch} is the batch over all {world} processes and must be at least {world}")
-            sampler = EpochBatches(n, batch, self.seed, rank, world)
+            if self.poisson and world > 1:
+                raise DataError("poisson: true samples the batches in one process; it does not shard over DDP")
+            sampler = (PoissonSampler(n, batch / n, seed=self.seed) if self.poisson  # index lists; the dataset takes them
+                       else EpochBatches(n, batch, self.seed, rank, world))
         else:  # evaluation: each process its own shard, nothing padded or repeated
             sampler = EpochBatches(n, 4096, None, rank=rank, world=world)
         # batch_size=None: the sampler yields whole batches and TensorDataset indexes with them;

@@ -120,8 +120,10 @@ def _private(getter):
 
 _transforms_active = _private(lambda: torch._C._are_functorch_transforms_active)
 _is_batched = _private(lambda: torch._C._functorch.is_batchedtensor)
+_is_legacy_batched = _private(lambda: torch._C._functorch.is_legacy_batchedtensor)
 _is_wrapped = _private(lambda: torch._C._functorch.is_functorch_wrapped_tensor)
 _forward_ad = _private(lambda: importlib.import_module("torch.autograd.forward_ad"))
+_top_saved_hooks = _private(lambda: torch._C._autograd._top_saved_tensors_default_hooks)
 _unwrap_dead = _private(lambda: importlib.import_module("torch._functorch.utils").unwrap_dead_wrappers)
 
 
@@ -145,9 +147,21 @@ def forward_ad_active() -> bool:
     return True if level is None else level >= 0
 
 
+def saved_tensors_hooks_active() -> bool:
+    """Is a ``torch.autograd.graph.saved_tensors_hooks`` context open (``save_on_cpu``,
+    checkpointing, a test counting saved bytes)? Fallback, and under Dynamo: True (save through
+    ``save_for_backward``, which the hooks see)."""
+    if _top_saved_hooks is None or torch.compiler.is_compiling():
+        return True
+    return _top_saved_hooks(False) is not None
+
+
 def is_batched_tensor(t: torch.Tensor) -> bool:
-    """Is ``t`` a vmap-batched tensor? Fallback: True (the path that works under vmap)."""
-    return True if _is_batched is None else _is_batched(t)
+    """Is ``t`` a vmap-batched tensor (torch.func's, or the legacy vmap that batches the output
+    gradients of ``is_grads_batched``)? Fallback: True (the path that works under vmap)."""
+    if _is_batched is None or _is_legacy_batched is None:
+        return True
+    return _is_batched(t) or _is_legacy_batched(t)
 
 
 def is_functorch_wrapped(t: torch.Tensor) -> bool:

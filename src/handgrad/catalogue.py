@@ -29,7 +29,7 @@ __all__ = ["Op", "CATALOGUE", "get", "ops", "activations", "activation", "KINDS"
 
 #: what an op is; the order is the order of the table
 KINDS = ("linear", "activation", "softmax", "norm", "loss", "fused", "embedding", "dropout", "convolution",
-         "pooling", "attention")
+         "pooling", "attention", "reduction", "elementwise")
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,10 @@ _TABLE: tuple[Op, ...] = (
         "MultiheadAttention", nn.MultiheadAttention, training=True, key_padding_mask=None, need_weights=True,
         attn_mask=None, use_separate_proj_weight=False, q_proj_weight=None, k_proj_weight=None, v_proj_weight=None,
         static_k=None, static_v=None, average_attn_weights=True, is_causal=False),
+    # tensor math models write inline (``x.mean(dim=1)``, ``F.silu(a) * b``): no torch.nn class,
+    # so no module twin; enable() routes them (the Tensor method spellings have torch's signature)
+    _op("mean", "reduction", torch.mean, "mean", aliases=(torch.Tensor.mean,), dim=None, keepdim=False, dtype=None),
+    _op("mul", "elementwise", torch.mul, "elementwise-product", aliases=(torch.Tensor.mul,)),
 )
 
 assert len({op.name for op in _TABLE}) == len(_TABLE), "one entry per op name"

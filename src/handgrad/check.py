@@ -101,7 +101,7 @@ def check_factory(spec: str, device: str | None = None, checks: Sequence[str] = 
 
 _SHORT = {"gradcheck": "grad", "gradgradcheck": "gradgrad", "forward_ad": "fwd_ad", "vmap": "vmap",
           "compile": "compile", "reference": "ref64", "lowp": "lowp", "needs_grad": "needs", "noncontiguous": "strided",
-          "torch_func": "jac", "autocast": "amp", "bad_inputs": "bad"}
+          "torch_func": "jac", "autocast": "amp", "bad_inputs": "bad", "inplace": "inplace"}
 _MARK = {"pass": "ok", "fail": "FAIL", "skip": "skip"}
 
 

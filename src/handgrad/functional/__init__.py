@@ -8,6 +8,7 @@ from ._activations import *  # noqa: F401,F403
 from ._attention import *  # noqa: F401,F403
 from ._conv import *  # noqa: F401,F403
 from ._dropout import *  # noqa: F401,F403
+from ._elementwise import *  # noqa: F401,F403
 from ._embedding import *  # noqa: F401,F403
 from ._fused import *  # noqa: F401,F403
 from ._linear import *  # noqa: F401,F403
@@ -16,9 +17,11 @@ from ._mha import *  # noqa: F401,F403
 from ._normalize import *  # noqa: F401,F403
 from ._norms import *  # noqa: F401,F403
 from ._pool import *  # noqa: F401,F403
+from ._reduction import *  # noqa: F401,F403
 from ._softmax import *  # noqa: F401,F403
-from . import (_activations, _attention, _conv, _dropout, _embedding, _fused, _linear, _losses, _mha, _normalize, _norms, _pool,
-               _softmax)
+from . import (_activations, _attention, _conv, _dropout, _elementwise, _embedding, _fused, _linear, _losses, _mha, _normalize,
+               _norms, _pool, _reduction, _softmax)
 
-_AREAS = (_linear, _activations, _softmax, _norms, _normalize, _conv, _pool, _embedding, _dropout, _attention, _mha, _losses, _fused)
+_AREAS = (_linear, _activations, _softmax, _norms, _normalize, _conv, _pool, _embedding, _dropout, _attention, _mha, _losses, _fused,
+          _reduction, _elementwise)
 __all__ = [name for m in _AREAS for name in m.__all__]

@@ -22,6 +22,7 @@ def _check_input(fn: str, input) -> None:
 
 
 _SPECS: dict[tuple, StackSpec] = {}
+_ONE_LAYER: dict = {}
 
 
 def _stack_spec(activation, last_activation, L: int) -> StackSpec:
@@ -53,7 +54,10 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         weight = weight.unsqueeze(0)                # (1, D_in)
     bias = check_linear("linear_act", weight, bias, features=input.shape[-1], dtype=input.dtype)
     act = activation_spec(activation, **activation_kwargs)
-    y = StackFn.call(input, StackSpec((act,)), weight, bias)[0]
+    spec = _ONE_LAYER.get(act)
+    if spec is None:
+        spec = _ONE_LAYER[act] = StackSpec((act,))  # one per activation (a spec per call costs µs)
+    y = StackFn.call(input, spec, weight, bias)[0]
     return y.squeeze(-1) if vector else y
 
 

@@ -20,6 +20,18 @@ from ._linear import linear
 
 __all__ = ["multi_head_attention_forward"]
 
+#: handgrad.per_sample.capture's taps on the four projections, innermost last: ``tap(role, x, y,
+#: bsz)`` with role "q", "k", "v" or "out" (rows of x and y in (T, N) order); empty outside a
+#: capture. A plain list, not a ContextVar: torch.compile traces a global list (fullgraph too).
+PROJECTION_TAP: list = []
+
+
+def _project(role: str, x, w, b, bsz: int):
+    y = linear(x, w, b)
+    if PROJECTION_TAP:
+        PROJECTION_TAP[-1](role, x, y, bsz)
+    return y
+
 
 def _drop_mask(shape, p: float, like: torch.Tensor) -> torch.Tensor | None:
     """The attention weights' bool keep mask, drawn as torch's dropout draws it (None: no dropout)."""
@@ -80,7 +92,8 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check: int, num
             raise AssertionError("use_separate_proj_weight is False but in_proj_weight is None")
         w_q, w_k, w_v = in_proj_weight.chunk(3)
     b_q, b_k, b_v = (None, None, None) if in_proj_bias is None else in_proj_bias.chunk(3)
-    q, k, v = linear(query, w_q, b_q), linear(key, w_k, b_k), linear(value, w_v, b_v)   # (T, N, E) each
+    q, k, v = (_project(r, x, w, b, bsz) for r, x, w, b in                                 # (T, N, E) each
+               (("q", query, w_q, b_q), ("k", key, w_k, b_k), ("v", value, w_v, b_v)))
 
     src_len = key.shape[0]
     if attn_mask is not None:
@@ -139,7 +152,7 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check: int, num
     out, _lse = AttentionFn.call(q4, k4, v4, mask4, keep, float(dropout_p), bool(is_causal and mask4 is None),
                                  scale, 1)                                    # (N, H, L, E/H)
     out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
-    out = linear(out, out_proj_weight, out_proj_bias)
+    out = _project("out", out, out_proj_weight, out_proj_bias, bsz)
     out = out.view(tgt_len, bsz, out.size(-1))
     weights = None
     if need_weights:

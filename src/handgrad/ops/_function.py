@@ -15,6 +15,7 @@ complete (see ``call``); it accepts every argument form ``apply`` does.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -32,6 +33,8 @@ class HandFunction(torch.autograd.Function):
             attrs.update({k: v for k, v in vars(klass).items() if not k.startswith("__") or k == "__doc__"})
         for name in ("jvp", "call"):
             attrs.pop(name, None)
+        if "forward" in vars(cls):
+            cls.forward = attrs["forward"] = staticmethod(_owning(vars(cls)["forward"].__func__))
         twin = type(cls.__name__ + "NoJvp", (torch.autograd.Function,), attrs)
         raw_apply = super(torch.autograd.Function, cls).apply   # the C++ apply under Function.apply
         unwrap = _compat.unwrap_dead_wrappers
@@ -50,6 +53,33 @@ class HandFunction(torch.autograd.Function):
             return raw_apply(*unwrap(args))
 
         cls.call = staticmethod(call)
+
+
+def _owning(forward):
+    """``forward`` whose outputs are never views of its own buffers: a reshape at the end of a
+    forward would otherwise make autograd refuse every in-place op on the output ("Output 0 of
+    … is a view and is being modified inplace": ``nn.ReLU(inplace=True)`` after the layer).
+    ``detach()`` gives the same storage, strides and version counter (so autograd still catches
+    an in-place change of a tensor the backward saved) without the view record, for 0.3 µs. A
+    view of an input stays one (autograd then knows the output aliases it). Eager only: under a
+    torch.func transform or Dynamo the outputs are wrapped or traced, and ``_base`` means nothing."""
+    def owned(out, inputs):
+        base = out._base
+        if base is None or any(a is base or getattr(a, "_base", None) is base for a in inputs):
+            return out
+        return out.detach()
+
+    @functools.wraps(forward)
+    def forward_owning(*args):
+        out = forward(*args)
+        if torch.compiler.is_compiling() or _compat.functorch_transforms_active():
+            return out
+        if isinstance(out, torch.Tensor):
+            return owned(out, args)
+        if isinstance(out, tuple):
+            return tuple(owned(o, args) if isinstance(o, torch.Tensor) else o for o in out)
+        return out
+    return forward_owning
 
 
 def _binder(cls):

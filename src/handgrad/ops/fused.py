@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._compat import forward_ad_active, functorch_transforms_active
+from .._compat import forward_ad_active, functorch_transforms_active, saved_tensors_hooks_active
 from ._function import HandFunction, opmath
 from ._function import accurate_sum as _sum
-from .activations import Activation, get_activation
+from .activations import Activation, ElementwiseFn, fast, get_activation
 from .linear import LinearFn, affine, affine_jvp, affine_vjp
 from .losses import (CrossEntropyFn, CrossEntropyOptions, ce_denominator, ce_direction, ce_losses, ce_row_scale,
                      reduce_loss)
@@ -57,6 +57,8 @@ def _act_grad(act: Activation, G: torch.Tensor, Z: torch.Tensor | None, Y: torch
     buffer this op owns and nothing records the backward, so Δ overwrites it."""
     if act is IDENTITY:
         return G                                                   # f'(Z) = 1
+    if not inplace and act.vjp is not None and fast(Y if Z is None else Z, grad=G):
+        return act.vjp(G, Z, Y)                                    # G ⊙ f'(Z), fewer passes (not ours: fresh)
     if inplace and G.dtype not in _LOW:                            # G is its own opmath dtype
         # G ⊙ f'(Z) into G, a block of rows at a time: f'(Z)'s temporaries (y(1 − y) makes
         # two) then span one block, not the whole (N, D) (native's sigmoid_backward makes none)
@@ -130,7 +132,11 @@ class StackFn(HandFunction):
         Ż_l = Ẋ_{l−1} W_lᵀ + X_{l−1} Ẇ_lᵀ + ḃ_l,    Ẋ_l = f_l'(Z_l) ⊙ Ż_l
     Saved: X_0 … X_L, W_1 … W_L, and Z_l only where f_l' needs it (gelu, silu, …); for
     sigmoid, tanh, relu f' comes from X_l itself, which the next layer needs anyway — the same
-    tensors native autograd keeps, no more. The backward's Δ buffers are reused in place
+    tensors native autograd keeps, no more. They are kept as detached aliases that the backward
+    drops layer by layer, as native autograd frees each node's saved tensors (peak memory ≤
+    native's), except where saved-tensor hooks, forward AD or torch.func are active
+    (save_for_backward then); a backward with create_graph, or a second one after
+    retain_graph, recomputes them from X_0 and the parameters. The backward's Δ buffers are reused in place
     (module docstring). In float16/bfloat16 the GEMMs run in the input dtype and each
     activation in float32, rounded once, as torch's kernels do.
     Derivation: docs/derivation.md#fused-operations
@@ -165,19 +171,33 @@ class StackFn(HandFunction):
         ctx.below = below = [needs[0] or any(needs[2 : 2 + 2 * l]) for l in range(L)]
         last = spec.acts[-1]
         keep_top = last is not IDENTITY and last.saves == "output"
-        ctx.save_for_backward(
-            x if needs[2] else None,
-            *[w if below[l] else None for l, w in enumerate(weights)],
-            *output[: L - 1], output[L - 1] if keep_top else None, *output[L:],
-        )
+        kept = [*output[: L - 1], output[L - 1] if keep_top else None, *output[L:]]
         # Forward mode reads all of them; saved only when a jvp can be asked for (a dual level
         # or a torch.func transform is active), so that plain training does not hold them.
-        if forward_ad_active() or functorch_transforms_active():
+        forward_mode = forward_ad_active() or functorch_transforms_active()
+        if forward_mode:
             ctx.save_for_forward(x, *weights, *output)
+        ctx.stash, ctx.stashed = None, False
+        if forward_mode or saved_tensors_hooks_active() or torch.is_inference_mode_enabled():
+            # Through save_for_backward, which the hooks (save_on_cpu, checkpointing) see (and
+            # which takes inference tensors, whose version is not tracked); the node then holds
+            # every activation until its backward ends.
+            ctx.save_for_backward(x if needs[2] else None,
+                                  *[w if below[l] else None for l, w in enumerate(weights)], *kept)
+            return
+        # Otherwise the activations are kept as detached aliases the fast backward drops layer by
+        # layer (as native autograd frees each node's saved tensors), so the backward's peak holds
+        # no activation above the layer it is at; the version counters they share with the outputs
+        # still catch an in-place change. Saved properly: the inputs, from which a backward with
+        # create_graph (or a second one, retain_graph) recomputes the activations.
+        ctx.save_for_backward(x, *params)
+        ctx.stashed = True
+        ctx.stash = [None if t is None else (t.detach(), t._version) for t in kept]
 
     @staticmethod
     def _unpack(ctx):
-        """X_0 … X_L (N, D_l), W_1 … W_L, Z_1 … Z_L (None where not saved)."""
+        """X_0 … X_L (N, D_l), W_1 … W_L, Z_1 … Z_L (None where not saved), as saved by
+        save_for_backward (or save_for_forward, in jvp)."""
         L, saved = ctx.spec.n_layers, ctx.saved_tensors
         x, weights, outs = saved[0], saved[1 : L + 1], saved[L + 1 :]
         N = ctx.x_shape[:-1].numel()
@@ -188,13 +208,59 @@ class StackFn(HandFunction):
         return X, weights, Z
 
     @staticmethod
+    def _unpack_stash(ctx, stash):
+        """X_0 … X_L (N, D_l), W_1 … W_L, Z_1 … Z_L from the stash (X_0 and W from the saved inputs)."""
+        L, N = ctx.spec.n_layers, ctx.x_shape[:-1].numel()
+        x, *params = ctx.saved_tensors
+        flat = len(ctx.x_shape) == 2                               # already (N, D_l): no reshapes
+        outs = []
+        for item in stash:
+            if item is None:
+                outs.append(None)
+                continue
+            t, version = item
+            if t._version != version:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: an output of StackFn of shape {list(t.shape)} is at version {t._version}; "
+                    f"expected version {version} instead.")
+            outs.append(t if flat else t.reshape(N, t.shape[-1]))  # (N, D_l)
+        X = [x if flat else x.reshape(N, ctx.x_shape[-1]), *outs[:L]]
+        Z = [None if k is None else outs[k] for k in ctx.spec.z_slots]
+        return X, params[0::2], Z
+
+    @staticmethod
+    def _recompute(ctx):
+        """X_0 … X_L, W, Z from the saved inputs, the forward run again: through LinearFn and
+        ElementwiseFn where grad mode is on (create_graph), so the double backward differentiates
+        the activations too; as plain values otherwise (a second backward after retain_graph)."""
+        spec, N = ctx.spec, ctx.x_shape[:-1].numel()
+        x, *params = ctx.saved_tensors
+        X = [x.reshape(N, ctx.x_shape[-1])]
+        Z = []
+        recorded = torch.is_grad_enabled()
+        for l, act in enumerate(spec.acts):
+            W, b = params[2 * l], params[2 * l + 1]
+            z = LinearFn.call(X[-1], W, b) if recorded else affine(X[-1], W, b)   # Z_l
+            Z.append(z if spec.z_slots[l] is not None else None)
+            X.append(z if act is IDENTITY else ElementwiseFn.call(z, act) if recorded else _act_forward(act, z))
+        return X, params[0::2], Z
+
+    @staticmethod
     def backward(ctx, *grads):
         spec, L = ctx.spec, ctx.spec.n_layers
-        X, weights, Z = StackFn._unpack(ctx)
+        inplace = not torch.is_grad_enabled()   # fast path: nothing records this backward
+        stash, ctx.stash = ctx.stash, None if inplace else ctx.stash   # the fast path consumes it
+        if stash is not None and inplace:
+            X, weights, Z = StackFn._unpack_stash(ctx, stash)
+        elif ctx.stashed:                                          # the inputs only: recompute
+            X, weights, Z = StackFn._recompute(ctx)
+        else:
+            X, weights, Z = StackFn._unpack(ctx)
+        stash = None                                               # X, Z hold the only references now
         N = ctx.x_shape[:-1].numel()
         needs = ctx.needs_input_grad                               # (x, spec, W_1, b_1, …)
         upstream = ctx.below   # [l]: does X_0 or a parameter of a layer below l need a gradient?
-        inplace = not torch.is_grad_enabled()   # fast path: nothing records this backward
         result: list[torch.Tensor | None] = [None] * (2 + 2 * L)
         G, owned = None, False                                     # Δ_{l+1} W_{l+1}, ours to overwrite?
         for l in reversed(range(L)):
@@ -203,8 +269,9 @@ class StackFn(HandFunction):
                 g_out = g_out.reshape(N, g_out.shape[-1])                       # (N, D_l)
             if g_out is not None:
                 G, owned = (g_out, False) if G is None else (G + g_out, True)
-            Y = X[l + 1]
-            D = None if G is None else _act_grad(spec.acts[l], G, Z[l], Y, inplace and owned)   # Δ_l = f'(Z_l) ⊙ G_l
+            Y, z_l, X[l + 1], Z[l] = X[l + 1], Z[l], None, None   # the last use of X_l, Z_l: drop them after
+            D = None if G is None else _act_grad(spec.acts[l], G, z_l, Y, inplace and owned)   # Δ_l = f'(Z_l) ⊙ G_l
+            G = Y = z_l = None
             k = spec.z_slots[l]
             if k is not None and grads[k] is not None:
                 g_z = grads[k].reshape(N, grads[k].shape[-1])                      # ∂L/∂Z_l from outside

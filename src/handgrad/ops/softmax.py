@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from .._compat import forward_ad_active, functorch_transforms_active
 from ._function import HandFunction, accurate_sum, opmath
+from .activations import exp, exp_, fast
 
 
 # --- forward, in the stable forms -----------------------------------------------------------
@@ -62,6 +64,39 @@ def log_softmax_rows(X: torch.Tensor, inplace: bool = False, accurate: bool = Tr
     return Z.sub_(torch.log1p(r)) if inplace else Z - torch.log1p(r)   # log p = Z − log(1 + r)
 
 
+# --- the fast path: the same formulas in fewer passes over one buffer ------------------------
+# Taken where nothing records the computation (``activations.fast``: grad mode off, no transform,
+# float32/float64), along the last dim. Row sums accumulate in the tensor's own dtype, as torch's
+# CPU kernels do along the last dim; along another dim torch sums in double, and so there the
+# formulas' float64 sums run (float32 ones measured a few eps of the row scale worse than torch
+# on (64, 13) columns, tests/test_softmax_norms.py).
+
+def fast_softmax(X: torch.Tensor, dim: int) -> torch.Tensor:
+    """Y = exp(X − m) / (exp(X − m))1, into one buffer."""
+    E = exp_(torch.sub(X, X.amax(dim, keepdim=True)))              # exp(X − m)
+    return E.div_(E.sum(dim, keepdim=True))                        # E / (E)1
+
+
+def fast_log_softmax(X: torch.Tensor, dim: int) -> torch.Tensor:
+    """Y = (X − m) − log((exp(X − m))1): exp(X − m) is summed, then X − m overwrites it."""
+    m = X.amax(dim, keepdim=True)
+    E = exp_(torch.sub(X, m))                                      # exp(X − m)
+    lse = E.sum(dim, keepdim=True).log_()                          # log(exp(X − m))1  (*, 1, *)
+    return torch.sub(X, m, out=E).sub_(lse)                        # (X − m) − lse
+
+
+def fast_softmax_vjp(Y: torch.Tensor, G: torch.Tensor, dim: int) -> torch.Tensor:
+    """∂L/∂X = Y ⊙ (G − (G ⊙ Y)1), the products' buffer reused for the result."""
+    P = torch.mul(G, Y)                                            # G ⊙ Y
+    return torch.sub(G, P.sum(dim, keepdim=True), out=P).mul_(Y)   # Y ⊙ (G − (G ⊙ Y)1)
+
+
+def fast_log_softmax_vjp(Y: torch.Tensor, G: torch.Tensor, dim: int) -> torch.Tensor:
+    """∂L/∂X = G − exp(Y) ⊙ (G)1, in exp(Y)'s buffer."""
+    P = exp(Y)                                                     # exp(Y)
+    return torch.addcmul(G, P, G.sum(dim, keepdim=True), value=-1, out=P)   # G − exp(Y) ⊙ (G)1
+
+
 # --- the hand-derived products, from the output Y -------------------------------------------
 
 def _minus_row_dot(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dim: int) -> torch.Tensor:
@@ -107,7 +142,8 @@ class _AlongDimFn(HandFunction):
         _, dim = inputs
         ctx.dim = dim
         ctx.save_for_backward(output)                            # Y: both Jacobians need only Y
-        ctx.save_for_forward(output)
+        if forward_ad_active() or functorch_transforms_active():  # only where a jvp can be asked for
+            ctx.save_for_forward(output)
 
 
 class SoftmaxFn(_AlongDimFn):
@@ -128,6 +164,8 @@ class SoftmaxFn(_AlongDimFn):
     def forward(x, dim):
         if x.numel() == 0:                                       # amax refuses an empty dim
             return torch.empty_like(x)
+        if dim == x.dim() - 1 and fast(x):
+            return fast_softmax(x, dim)
         return softmax_forward(opmath(x), dim).to(x.dtype)       # Y = exp(X − m) / (exp(X − m))1
 
     @staticmethod
@@ -135,6 +173,8 @@ class SoftmaxFn(_AlongDimFn):
         y, = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None
+        if ctx.dim == y.dim() - 1 and grad_y.dtype == y.dtype and fast(y, grad=grad_y):
+            return fast_softmax_vjp(y, grad_y, ctx.dim), None
         grad_x = softmax_vjp(opmath(y), opmath(grad_y), ctx.dim)  # Y ⊙ (G − (G ⊙ Y)1)
         return grad_x.to(y.dtype), None
 
@@ -162,6 +202,8 @@ class LogSoftmaxFn(_AlongDimFn):
     def forward(x, dim):
         if x.numel() == 0:                                       # amax refuses an empty dim
             return torch.empty_like(x)
+        if dim == x.dim() - 1 and fast(x):
+            return fast_log_softmax(x, dim)
         return log_softmax_forward(opmath(x), dim).to(x.dtype)   # Y = (X − m) − log((exp(X − m))1)
 
     @staticmethod
@@ -169,6 +211,8 @@ class LogSoftmaxFn(_AlongDimFn):
         y, = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None
+        if ctx.dim == y.dim() - 1 and grad_y.dtype == y.dtype and fast(y, grad=grad_y):
+            return fast_log_softmax_vjp(y, grad_y, ctx.dim), None
         grad_x = log_softmax_vjp(opmath(y), opmath(grad_y), ctx.dim)  # G − exp(Y) ⊙ (G)1
         return grad_x.to(y.dtype), None
 

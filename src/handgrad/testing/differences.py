@@ -345,6 +345,15 @@ DIFFERENCES: tuple[Difference, ...] = (
         "x = torch.randn(7, 5, dtype=torch.double, requires_grad=True); w = torch.randn(10, dtype=torch.double)"
         "[::2]; compare torch.autograd.grad(F.batch_norm(x, None, None, w, training=True), x, G) with "
         "w.contiguous()"),
+    Difference(
+        "mean: keepdim without dim", "mean", ("exception",),
+        lambda call: len(call.args) == 1 and "keepdim" in call.kwargs and "dim" not in call.kwargs,
+        "torch.mean(x, keepdim=True) raises TypeError (no overload of its binding has keepdim without dim), "
+        "though torch.mean(x, None, True) is accepted and means every dim",
+        "every dim, as torch.mean(x, None, keepdim)",
+        "One signature, mean(input, dim=None, keepdim=False, *, dtype=None): an omitted dim is dim=None, as "
+        "written out; torch's refusal is its overload resolution, not a rule about the call.",
+        "torch.mean(torch.ones(2, 3), keepdim=True)"),
     *(Difference(
         "attention: non-finite inputs give one answer, not the kernel's", op, ("value", "grad"),
         _attention_nonfinite,

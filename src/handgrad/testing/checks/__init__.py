@@ -31,6 +31,9 @@ autocast        under ``torch.autocast`` (bfloat16 on CPU, float16 on CUDA) on f
                 outputs have the reference's dtypes and the gradients their inputs' dtypes
 bad_inputs      each of ``bad_inputs`` (calls torch refuses) raises the reference's exception
                 type, with a message naming the argument and the shapes
+inplace         ``out.mul_(2)`` on each output before the backward works wherever it works on the
+                reference's output, with the same gradients (an output that is a view made
+                inside a custom Function breaks every in-place layer after it)
 ==============  ==========================================================================
 
 The tolerances and their reasons are ``handgrad.testing.tolerances``; the options
@@ -42,7 +45,7 @@ or one Dynamo cannot trace in one graph) is reported as a ``skip`` naming what i
 
 Layout: ``measure`` (error measurement), ``jacobians`` (Jacobian engines), ``labels`` (input
 labelling), ``problem`` (the shared run), the checks (``derivatives``, ``transforms``,
-``agreement``, ``bad_inputs``), ``runner`` and ``api`` (the public functions).
+``agreement``, ``bad_inputs``, ``inplace``), ``runner`` and ``api`` (the public functions).
 """
 from .api import (GradientCheckError, applies, assert_gradients_match, check_case, check_function, check_module,
                   representative_shape)

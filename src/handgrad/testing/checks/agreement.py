@@ -24,6 +24,10 @@ def check_reference(c: Ctx) -> CheckResult:
     ref_outs, ref_grads = outputs_and_grads(c.ref, c.leaves(), v)
     w = c.worst("exact")
     c.compare(w, outs, grads, ref_outs, ref_grads)
+    # Again with create_graph=True: the plain backward may take a fast path (fewer passes, in
+    # place, grad mode off), this one the differentiable formula; both must equal the reference.
+    _, graph_grads = outputs_and_grads(c.f, c.leaves(), v, create_graph=True)
+    c.compare(w, outs, [None if g is None else g.detach() for g in graph_grads], ref_outs, ref_grads)
     return w.result("reference", "against the reference in float64")
 
 

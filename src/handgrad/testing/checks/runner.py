@@ -10,6 +10,7 @@ from ..._compat import TorchLacks
 from ..report import CheckResult, Report
 from .agreement import check_autocast, check_lowp, check_needs_grad, check_noncontiguous, check_reference
 from .bad_inputs import check_bad_inputs
+from .inplace import check_inplace
 from .derivatives import check_forward_ad, check_gradcheck, check_gradgradcheck, check_torch_func
 from .measure import first_lines, name_indices
 from .options import CheckOptions
@@ -23,7 +24,7 @@ CHECKS: dict[str, Callable[[Ctx], CheckResult]] = {
     "gradcheck": check_gradcheck, "gradgradcheck": check_gradgradcheck, "forward_ad": check_forward_ad,
     "vmap": check_vmap, "compile": check_compile, "reference": check_reference, "lowp": check_lowp,
     "needs_grad": check_needs_grad, "noncontiguous": check_noncontiguous, "torch_func": check_torch_func,
-    "autocast": check_autocast, "bad_inputs": check_bad_inputs,
+    "autocast": check_autocast, "bad_inputs": check_bad_inputs, "inplace": check_inplace,
 }
 
 #: every check, in the order they run

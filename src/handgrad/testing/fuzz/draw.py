@@ -20,6 +20,7 @@ from ... import catalogue
 from .call import Call, Spec
 from .domain import one_of as _from
 from .layers import DRAW as LAYER_DRAW, OPTIONS as LAYER_OPTIONS
+from .tensor_math import DRAW as TENSOR_MATH_DRAW, OPTIONS as TENSOR_MATH_OPTIONS
 
 __all__ = ["Draw", "DRAW", "OPTIONS", "draw_call"]
 
@@ -435,6 +436,8 @@ DRAW: dict[str, Callable[[Draw], Call]] = {
 
 OPTIONS.update(LAYER_OPTIONS)
 DRAW.update(LAYER_DRAW)
+OPTIONS.update(TENSOR_MATH_OPTIONS)
+DRAW.update(TENSOR_MATH_DRAW)
 
 
 def draw_call(op: str, seed: int) -> Call:

@@ -1,0 +1,220 @@
+r"""``capture(model, grads=True)`` and ``norms(model)``: the bookkeeping around the rules.
+
+How a per-sample quantity is recorded: on entering, each covered module gets a forward hook;
+in a forward inside the capture, the hook keeps the module's input x and registers a hook on
+the output Y. That tensor hook is the identity tap: in backward it receives G = ∂L/∂Y, hands
+it on unchanged, and runs the module's rule (``_rules``) on (x, G). A tensor hook rather than
+an identity Function, so that an in-place op after the layer (``ReLU(inplace=True)``) still
+works: the hook receives the gradient of Y as the layer produced it. MultiheadAttention's
+projections are tapped inside ``functional/_mha.py`` (``PROJECTION_TAP``), and an ``MLP`` runs
+its layers one by one (``fused=False``, the same values and gradients) so each Linear is tapped.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import nn as hnn
+from ..functional._mha import PROJECTION_TAP
+from ._formulas import sq
+from ._rules import Part, projection_parts, refusal, rule_for
+
+__all__ = ["capture", "norms"]
+
+_STATE = "_handgrad_per_sample"   # on the model: the last capture's record, read by norms()
+
+
+def _owned(m: nn.Module):
+    return [p for p in m.parameters(recurse=False) if p.requires_grad]
+
+
+class _Record:
+    """What one capture has recorded: the sample count, the parameters seen, and (grads=False)
+    each parameter's per-sample squared norm by the rows it covers."""
+
+    def __init__(self, grads: bool):
+        self.grads = grads
+        self.active = False
+        self.n: int | None = None
+        self.params: dict[int, nn.Parameter] = {}
+        self.sq: dict[tuple[int, int | None], torch.Tensor] = {}   # (id(param), first row) → (N,)
+
+    def add(self, parts: list[Part], where: str) -> None:
+        for part in parts:
+            p = part.param
+            N = (part.grad if part.sq_norm is None else part.sq_norm).shape[0]
+            if self.n is None:
+                self.n = N
+            elif N != self.n:
+                raise RuntimeError(f"per_sample.capture: {where} saw {N} samples, earlier layers {self.n}; "
+                                   "the sample dimension must be the first of every layer's input, and every "
+                                   "backward in one capture must be over the same samples")
+            self.params.setdefault(id(p), p)
+            if self.grads:
+                g = part.grad if part.grad.dtype == p.dtype else part.grad.to(p.dtype)   # fresh (the formulas')
+                old = getattr(p, "grad_sample", None)
+                if old is None and part.rows is not None:
+                    old = p.grad_sample = g.new_zeros((N, *p.shape))
+                if old is None:
+                    p.grad_sample = g
+                else:                                                   # accumulates as .grad does
+                    (old if part.rows is None else old[:, part.rows]).add_(g)
+            else:
+                key = (id(p), None if part.rows is None else part.rows.start)
+                if key in self.sq:
+                    raise RuntimeError(
+                        f"per_sample.capture(grads=False): {where} gave a second contribution to the same "
+                        "parameter (a layer used twice, or a second backward); squared norms of the parts do "
+                        "not add up to the norm of their sum, so use grads=True")
+                sq_norm = part.sq_norm
+                self.sq[key] = sq_norm if sq_norm.dtype in (torch.float32, torch.float64) else sq_norm.float()
+
+    def sq_norms(self) -> torch.Tensor:
+        if self.n is None:
+            raise RuntimeError("per_sample.norms: nothing was recorded; run the forward and the backward "
+                               "inside `with per_sample.capture(model):`")
+        if self.grads:
+            parts = [sq(p.grad_sample) for p in self.params.values()
+                     if getattr(p, "grad_sample", None) is not None]
+        else:
+            parts = list(self.sq.values())
+        return torch.stack(parts).sum(0)
+
+
+class capture:
+    r"""Record per-sample gradients of ``model``'s parameters in the forward and backward passes
+    run inside the ``with`` block.
+
+    ``grads=True``: each parameter ``p`` of a covered layer gets ``p.grad_sample`` (N, *p.shape),
+    ∂Cⁿ/∂p scaled as the loss's reduction scales it, so ``p.grad_sample.sum(0)`` equals the
+    ``p.grad`` of the same backward; several backward calls add up, as ``.grad`` does.
+    ``grads=False``: only the per-sample squared norms are kept (nothing of shape
+    (N, *p.shape) for the weights whose Gram form is cheaper), read with ``norms(model)``.
+
+    N is the first dimension of each layer's input (MultiheadAttention: its batch dimension);
+    sequence layers (N, T, D) sum over T within a sample. Covered: handgrad's Linear, Conv1d,
+    Conv2d, LayerNorm, GroupNorm, RMSNorm, Embedding, BatchNorm in eval mode, MLP (run
+    unfused), MultiheadAttention's projections. Refused with an error naming the module:
+    batch norm with batch statistics (training mode), and any module with trainable parameters
+    of its own that is not one of these (convert it with ``handgrad.convert`` first).
+    Entering clears the ``grad_sample`` of the model's parameters.
+    """
+
+    def __init__(self, model: nn.Module, grads: bool = True):
+        self.model, self.grads = model, bool(grads)
+        self._handles: list = []
+        self._unfused: list[hnn.MLP] = []
+
+    def __enter__(self) -> "capture":
+        if getattr(getattr(self.model, _STATE, None), "active", False):
+            raise RuntimeError("per_sample.capture: this model is already inside a capture (they do not nest)")
+        record = _Record(self.grads)
+        plan, inner = [], set()      # inner: MultiheadAttention's out_proj, whose forward is never called
+        for name, m in self.model.named_modules():
+            if id(m) in inner:
+                continue
+            where = f"{name or '<model>'} ({type(m).__name__})"
+            reason = refusal(m)
+            if reason is not None:
+                raise RuntimeError(f"per_sample.capture: cannot take {where}: {reason}")
+            if isinstance(m, hnn.MultiheadAttention) and type(m).forward is hnn.MultiheadAttention.forward:
+                plan.append((m, where, None))
+                inner.add(id(m.out_proj))
+            elif (rule := rule_for(m)) is not None:
+                plan.append((m, where, rule))
+            elif _owned(m):
+                raise TypeError(
+                    f"per_sample.capture: {where} has trainable parameters but is not a handgrad layer with a "
+                    "per-sample rule; convert the model with handgrad.convert, or freeze it (requires_grad=False)")
+        for p in self.model.parameters():
+            if hasattr(p, "grad_sample"):
+                del p.grad_sample
+        for m, where, rule in plan:
+            if rule is None:
+                self._handles += [m.register_forward_pre_hook(self._mha_enter(m, where, record)),
+                                  m.register_forward_hook(self._mha_exit, always_call=True)]
+            else:
+                self._handles.append(m.register_forward_hook(self._tap(rule, where, record)))
+        for m in self.model.modules():
+            if isinstance(m, hnn.MLP) and m.fused:
+                m.fused = False
+                self._unfused.append(m)
+        self._grads_before = {id(p): _grad_state(p) for p in self.model.parameters()}
+        record.active = True
+        setattr(self.model, _STATE, record)
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        for m in self._unfused:
+            m.fused = True
+        self._handles, self._unfused = [], []
+        record = getattr(self.model, _STATE)
+        record.active = False
+        if exc_type is None:       # never silently skipped: a gradient that no rule saw
+            missed = [name for name, p in self.model.named_parameters()
+                      if id(p) not in record.params and p.grad is not None
+                      and _grad_state(p) != self._grads_before.get(id(p))]
+            if missed:
+                raise RuntimeError(
+                    f"per_sample.capture: {', '.join(missed)} received a gradient inside the capture but no "
+                    "per-sample rule saw it (a layer whose forward runs inside another op, or a parameter used "
+                    "outside its module); its per-sample gradient is unknown")
+
+    def _tap(self, rule, where, record):
+        grads = self.grads
+
+        def forward_hook(module, args, output):
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+                return None
+            reason = refusal(module)            # the mode may have changed since entering (model.train())
+            if reason is not None:
+                raise RuntimeError(f"per_sample.capture: cannot take {where}: {reason}")
+            x = args[0]
+            _watch(output, x, where, lambda G: rule(module, x, G, grads), record)
+            return None
+        return forward_hook
+
+    def _mha_enter(self, m, where, record):
+        grads = self.grads
+
+        def tap(role, x, y, bsz):
+            if torch.is_grad_enabled() and y.requires_grad:
+                _watch(y, x, f"{where} {role} projection",
+                       lambda G: projection_parts(m, role, x, G, bsz, grads), record)
+
+        def pre_hook(module, args):
+            PROJECTION_TAP.append(tap)
+        return pre_hook
+
+    @staticmethod
+    def _mha_exit(module, args, output):
+        if PROJECTION_TAP:                     # always_call: also when the forward raised
+            PROJECTION_TAP.pop()
+
+
+def _grad_state(p: torch.Tensor):
+    """What tells that p.grad changed: the tensor and its version (in-place accumulation)."""
+    return None if p.grad is None else (id(p.grad), p.grad._version)
+
+
+def _watch(y: torch.Tensor, x: torch.Tensor, where: str, parts_of, record: _Record) -> None:
+    """In backward, G = ∂L/∂y passes unchanged, and ``parts_of(G)`` is recorded."""
+    version = x._version
+
+    def hook(G):
+        if x._version != version:
+            raise RuntimeError(f"per_sample.capture: the input of {where} was modified in place after the "
+                               "layer ran; its per-sample gradients would use the changed values")
+        with torch.no_grad():
+            record.add(parts_of(G.detach()), where)
+    y.register_hook(hook)
+
+
+def norms(model: nn.Module) -> torch.Tensor:
+    r"""‖∂Cⁿ/∂θ‖₂ over every parameter the last ``capture(model)`` recorded: (N,)."""
+    record = getattr(model, _STATE, None)
+    if record is None:
+        raise RuntimeError("per_sample.norms: this model was never captured; use `with per_sample.capture(model):`")
+    return record.sq_norms().sqrt()

@@ -1,0 +1,202 @@
+r"""One rule per layer kind: which per-sample formula (``_formulas``) each parameter of a
+handgrad module takes, given the module's saved input ``x`` and ``G = ∂L/∂Y`` at its output.
+
+A rule lays ``x`` and ``G`` out with the sample first, (N, T, ·) where a layer maps T rows of a
+sample alike (sequence positions, conv patches), and returns one ``Part`` per parameter. The
+normalised x̂ of the norm layers is recomputed with handgrad's own functional (the op with no
+weight or bias), so the normalisation is not written again here. ``RULES`` is the table;
+``refusal`` names the modules capture cannot take, and why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as TF
+
+from .. import functional as F
+from .. import nn as hnn
+from ._formulas import affine, rows, scaled, summed
+
+__all__ = ["Part", "RULES", "rule_for", "refusal", "projection_parts"]
+
+
+@dataclass(frozen=True)
+class Part:
+    param: torch.nn.Parameter
+    grad: torch.Tensor | None        # (N, *rows' shape) ∂Cⁿ/∂θ, or None (grads=False and not formed)
+    sq_norm: torch.Tensor | None     # (N,) ‖∂Cⁿ/∂θ‖²_F (None: grads=True, not computed)
+    rows: slice | None = None        # the rows of param's first dim this part covers (None: all)
+
+
+def _wanted(p) -> bool:
+    return p is not None and p.requires_grad
+
+
+def _sample_first(fn: str, x: torch.Tensor, ndim: int) -> int:
+    """N, refusing inputs with no sample dimension (unbatched, or too few dims)."""
+    if x.dim() < ndim:
+        raise RuntimeError(f"per_sample.capture: {fn} got an input of shape {list(x.shape)}; per-sample "
+                           f"gradients need the sample dimension first (at least {ndim}-D)")
+    return x.shape[0]
+
+
+def _affine_parts(weight, bias, X, D, grads, rows_=None) -> list[Part]:
+    """Y = X Wᵀ + b over (N, T, ·) rows: W by ``affine``, b by ``summed``."""
+    parts = []
+    if _wanted(weight):
+        g, sq = affine(X, D, grads)
+        parts.append(Part(weight, g, sq, rows_))
+    if _wanted(bias):
+        g, sq = summed(D)
+        parts.append(Part(bias, g, sq, rows_))
+    return parts
+
+
+def _linear(m, x, G, grads):
+    N = _sample_first("Linear", x, 2)
+    T = x.shape[1:-1].numel()                                                       # rows per sample
+    return _affine_parts(m.weight, m.bias, x.reshape(N, T, x.shape[-1]),            # (N, T, D_in)
+                         G.reshape(N, T, G.shape[-1]), grads)                       # (N, T, D_out)
+
+
+def _conv(m, x, G, grads):
+    r"""Yₙ = W_col Xₙ,col + b: the affine rule over the L output positions, with Xₙ,col the
+    unfolded patches (im2col; ``torch.nn.functional.unfold``), one affine map per group."""
+    d = len(m.kernel_size)
+    N = _sample_first(type(m).__name__, x, d + 2)
+    if x.dim() != d + 2:
+        raise RuntimeError(f"per_sample.capture: {type(m).__name__} got an input of shape {list(x.shape)}; "
+                           f"expected (N, C, *{d} spatial dims)")
+    pad = m.padding
+    if isinstance(m.padding, str) or m.padding_mode != "zeros":   # 'same'/'valid' or a padding mode: pad first
+        if any(m._reversed_padding_repeated_twice):
+            x = TF.pad(x, m._reversed_padding_repeated_twice,
+                       mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+        pad = (0,) * d
+    if d == 1:                                            # conv1d as a 1 × k conv2d
+        cols = TF.unfold(x.unsqueeze(2), (1, *m.kernel_size), dilation=(1, *m.dilation), padding=(0, *pad),
+                         stride=(1, *m.stride))
+    else:
+        cols = TF.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)   # (N, C_in·k, L)
+    g, C_out = m.groups, m.out_channels
+    K, L = cols.shape[1] // g, cols.shape[-1]
+    X = cols.view(N, g, K, L).mT.reshape(N * g, L, K)                       # (N·g, L, C_in/g · k)
+    D = G.reshape(N, g, C_out // g, L).mT.reshape(N * g, L, C_out // g)      # (N·g, L, C_out/g)
+    parts = []
+    if _wanted(m.weight):
+        gw, sq = affine(X, D, grads)                                        # per (sample, group)
+        gw = None if gw is None else gw.reshape(N, *m.weight.shape)
+        parts.append(Part(m.weight, gw, None if sq is None else sq.view(N, g).sum(1)))
+    if _wanted(m.bias):
+        gb, sq = summed(G.reshape(N, C_out, L).mT)                          # Δ (N, L, C_out)
+        parts.append(Part(m.bias, gb, sq))
+    return parts
+
+
+def _norm_parts(m, weight, bias, xhat, G, dims):
+    return [Part(p, *scaled(xh, G, dims)) for p, xh in ((weight, xhat), (bias, None)) if _wanted(p)]
+
+
+def _layer_norm(m, x, G, grads):
+    K = len(m.normalized_shape)
+    _sample_first("LayerNorm", x, K + 1)
+    xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)       # x̂ over the last K dims
+    return _norm_parts(m, m.weight, m.bias, xhat, G, tuple(range(1, x.dim() - K)))
+
+
+def _rms_norm(m, x, G, grads):
+    K = len(m.normalized_shape)
+    _sample_first("RMSNorm", x, K + 1)
+    xhat = F.rms_norm(x, m.normalized_shape, None, m.eps)
+    return _norm_parts(m, m.weight, None, xhat, G, tuple(range(1, x.dim() - K)))
+
+
+def _group_norm(m, x, G, grads):
+    _sample_first("GroupNorm", x, 2)
+    xhat = F.group_norm(x, m.num_groups, None, None, m.eps)             # x (N, C, *): weight per channel
+    return _norm_parts(m, m.weight, m.bias, xhat, G, tuple(range(2, x.dim())))
+
+
+def _batch_norm_eval(m, x, G, grads):
+    _sample_first(type(m).__name__, x, 2)
+    xhat = F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)   # running statistics
+    return _norm_parts(m, m.weight, m.bias, xhat, G, tuple(range(2, x.dim())))
+
+
+def _embedding(m, x, G, grads):
+    if not _wanted(m.weight):
+        return []
+    N = _sample_first("Embedding", x, 1)
+    T = x.shape[1:].numel()
+    index = x.reshape(N, T)                                             # (N, T)
+    D = G.reshape(N, T, m.embedding_dim)                                # (N, T, E)
+    if m.padding_idx is not None:                                       # torch's gradient skips that row
+        D = D * (index != m.padding_idx).unsqueeze(-1)
+    return [Part(m.weight, *rows(index, D, m.num_embeddings, grads))]
+
+
+#: handgrad.nn class → rule(module, input, G, grads) → [Part]. MultiheadAttention's rule is
+#: ``projection_parts``, run per projection from inside its forward (its G are inner tensors).
+RULES: dict[type, Callable] = {
+    hnn.Linear: _linear,
+    hnn.Conv1d: _conv,
+    hnn.Conv2d: _conv,
+    hnn.LayerNorm: _layer_norm,
+    hnn.RMSNorm: _rms_norm,
+    hnn.GroupNorm: _group_norm,
+    hnn.BatchNorm1d: _batch_norm_eval,
+    hnn.BatchNorm2d: _batch_norm_eval,
+    hnn.Embedding: _embedding,
+}
+
+
+def rule_for(m: torch.nn.Module) -> Callable | None:
+    """The rule of ``m``'s handgrad class, or None. A subclass that brings its own math (its own
+    ``forward``, or a conv's ``_conv_forward``) has none."""
+    for cls in type(m).__mro__:
+        if cls in RULES:
+            if type(m).forward is not cls.forward or (
+                    hasattr(cls, "_conv_forward") and type(m)._conv_forward is not cls._conv_forward):
+                return None
+            return RULES[cls]
+    return None
+
+
+def refusal(m: torch.nn.Module) -> str | None:
+    """Why capture cannot take ``m`` (a handgrad module whose gradient mixes samples, or a part
+    no rule covers), or None."""
+    if isinstance(m, (hnn.BatchNorm1d, hnn.BatchNorm2d)) and (
+            m.training or m.running_mean is None or m.running_var is None):
+        return ("batch normalisation with batch statistics mixes the samples of a batch, so no per-sample "
+                "gradient exists; use GroupNorm (or LayerNorm), or put the module in eval mode")
+    if isinstance(m, hnn.Embedding) and m.scale_grad_by_freq:
+        return "scale_grad_by_freq divides by counts over the whole batch, which mixes samples"
+    lce = getattr(hnn, "LinearCrossEntropyLoss", None)
+    if lce is not None and isinstance(m, lce) and any(p.requires_grad for p in m.parameters()):
+        return ("its linear layer runs inside the fused loss, where no per-sample rule sees it; compute the logits "
+                "with a Linear and use CrossEntropyLoss")
+    if isinstance(m, hnn.MultiheadAttention) and m.bias_k is not None:
+        return "add_bias_kv's bias_k/bias_v have no per-sample rule"
+    return None
+
+
+def projection_parts(m: hnn.MultiheadAttention, role: str, x, y_grad, bsz: int, grads: bool) -> list[Part]:
+    r"""MultiheadAttention's projections (functional/_mha.py taps them): q, k, v = x W_{q,k,v}ᵀ + b
+    with rows laid out (T, N, E), and ``out``, the output projection, with rows (T·N, E) in
+    (t, n) order. Each is the affine rule; q, k, v use rows [0:E), [E:2E), [2E:3E) of
+    ``in_proj_weight`` / ``in_proj_bias`` (or their own ``*_proj_weight``)."""
+    T = x.shape[:-1].numel() // bsz if bsz else 0
+    X = x.reshape(T, bsz, x.shape[-1]).transpose(0, 1)                     # (N, T, D_in)
+    D = y_grad.reshape(T, bsz, y_grad.shape[-1]).transpose(0, 1)           # (N, T, D_out)
+    if role == "out":
+        return _affine_parts(m.out_proj.weight, m.out_proj.bias, X, D, grads)
+    E = m.embed_dim
+    i = "qkv".index(role)
+    block = slice(i * E, (i + 1) * E)
+    if m._qkv_same_embed_dim:
+        parts = _affine_parts(m.in_proj_weight, None, X, D, grads, block)
+    else:
+        parts = _affine_parts(getattr(m, f"{role}_proj_weight"), None, X, D, grads)
+    return parts + _affine_parts(None, m.in_proj_bias, X, D, grads, block)
