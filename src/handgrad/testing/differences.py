@@ -178,8 +178,8 @@ def _one_element_groups(call) -> bool:
 
 
 def _attention_nonfinite(call) -> bool:
-    # a nan, an inf or a value whose products overflow (|x| ≥ 1e15), after the call's rounding
-    return any(not (v := s.base.to(s.dtype).double()).isfinite().all() or bool((v.abs() >= 1e15).any())
+    # a nan, an inf or a huge value (|x| ≥ 1e4: scores of two such reach 1e8), after the call's rounding
+    return any(not (v := s.base.to(s.dtype).double()).isfinite().all() or bool((v.abs() >= 1e4).any())
                for s in call.specs() if s.dtype.is_floating_point)
 
 
@@ -355,14 +355,18 @@ DIFFERENCES: tuple[Difference, ...] = (
         "written out; torch's refusal is its overload resolution, not a rule about the call.",
         "torch.mean(torch.ones(2, 3), keepdim=True)"),
     *(Difference(
-        "attention: non-finite inputs give one answer, not the kernel's", op, ("value", "grad"),
+        "attention: non-finite or huge inputs give one answer, not the kernel's", op, ("value", "grad"),
         _attention_nonfinite,
         "its two CPU kernels disagree on the same inputs: the flash kernel's row max skips nan scores in "
         "its scalar tail, so a row of nan scores gives 0, and it masks before adding, so an inf score at "
         "a masked key is ignored; the math kernel (3-D inputs, dropout, a mask requiring grad) gives nan for "
-        "both (it adds −∞ masks: +∞ + (−∞) = nan); P V then multiplies 0-weights by inf values (nan)",
+        "both (it adds −∞ masks: +∞ + (−∞) = nan); P V then multiplies 0-weights by inf values (nan). "
+        "Inputs of |x| ≥ 1e4 give scores of 1e8 and more, whose own rounding (|S|·eps) moves the weights "
+        "by more than the rule allows, differently as each kernel forms scale·Q Kᵀ ((Q Kᵀ)·scale, or "
+        "(√scale·Q)(√scale·K)ᵀ)",
         "one formula for every layout: a masked score is ignored whatever its value, nan and inf "
-        "propagate as IEEE arithmetic has them, a row whose every score is −∞ gives 0",
+        "propagate as IEEE arithmetic has them, a row whose every score is −∞ gives 0; scores are "
+        "(scale·Q) Kᵀ",
         "Which answer torch gives depends on the inputs' strides and dims (its kernel choice), not on the "
         "values: F.scaled_dot_product_attention(q, k, v) with a nan in every key is 0 for a 4-D q and "
         "nan for the same q as 3-D.",
