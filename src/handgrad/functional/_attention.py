@@ -63,6 +63,10 @@ def _fused_kernel(q, k, v, mask, p: float, enable_gqa: bool) -> bool:
 def _math_checks(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, fused: bool) -> int:
     """The checks of torch's kernels in the order they run (RuntimeError, IndexError for GQA's
     head dim of a 2-D input, NotImplementedError for complex); returns the GQA groups."""
+    if attn_mask is not None and attn_mask.dtype == torch.bool and not (query.is_floating_point() or query.is_complex()):
+        # torch turns a bool mask into −∞/0 in the query's dtype first
+        raise RuntimeError(f"{_FN}: value cannot be converted to type {query.dtype} without overflow (a bool "
+                           f"attn_mask becomes −inf in the query's dtype)")
     if fused:
         if dropout_p != 0.0:
             raise RuntimeError(f"{_FN}_flash_attention: Currently do not support dropout > 0")
