@@ -33,7 +33,7 @@ class Case:
     note: str = ""
 
 
-def _zero(params):
+def zero_grads(params):
     for p in params:
         p.grad = None
 
@@ -77,7 +77,7 @@ def _mlp_pair(sizes, batch, device, *, last: str | None, sgd: bool, seed=0):
         opt = torch.optim.SGD(params, lr=0.01) if sgd else None
 
         def step():
-            _zero(params)
+            zero_grads(params)
             loss_fn(model(x), y).backward()
             if opt is not None:
                 opt.step()
@@ -142,7 +142,7 @@ def lce(device, quick):
 
     def make(loss_fn):
         def step():
-            _zero((x, W))
+            zero_grads((x, W))
             loss_fn().backward()
 
         return step
@@ -180,7 +180,7 @@ def compiled(device, quick):
 
     def make(model, params, loss_fn):
         def step():
-            _zero(params)
+            zero_grads(params)
             loss_fn(model(x), y).backward()
 
         return step
@@ -191,6 +191,7 @@ def compiled(device, quick):
                  "handgrad": make(co, list(ours_model.parameters()), _half_sse_native)})
 
 
+# ``python -m bench seed``: the seed's network and the first fused ops
 CASES: dict[str, Callable[[str, bool], Case]] = {
     "seed-sgd": seed_sgd,
     "mlp-64": mlp_64,

@@ -284,7 +284,7 @@ def test_inplace_half(name, kw, dtype):
 
 @pytest.mark.parametrize("name,kw,saves", [
     ("sigmoid", {}, "output"), ("tanh", {}, "output"), ("relu", {}, "output"),
-    ("leaky_relu", {}, "output"), ("leaky_relu", {"negative_slope": -0.1}, "input"),
+    ("leaky_relu", {}, "input"), ("leaky_relu", {"negative_slope": -0.1}, "input"),
     ("elu", {}, "input"), ("elu", {"alpha": 0.0}, "input"), ("elu", {"alpha": -1.0}, "input"),
     ("gelu", {}, "input"), ("gelu", {"approximate": "tanh"}, "input"),
     ("silu", {}, "input"), ("softplus", {}, "input"),

@@ -461,3 +461,72 @@ def test_group_norm_one_element_groups_are_exact():
     assert torch.equal(y.detach(), b.expand(2, 3))
     (g,) = torch.autograd.grad(y, x, torch.randn(2, 3, dtype=torch.double))
     assert (g == 0).all()
+
+
+# --- regression tests for the parity classes closed on the fuzzpar branch ---------------------------
+
+@pytest.mark.parametrize("pool", [lambda f, x: f.avg_pool2d(x, (1, 2)), lambda f, x: f.adaptive_avg_pool2d(x, (2, 2))])
+def test_pooling_keeps_a_nonfinite_value_in_its_window(pool):
+    """Pools as matrix products: 0 · inf was nan in every window of the row; now only the windows
+    that hold the inf (or nan) see it, as torch's."""
+    x = torch.tensor([[[[1.0, math.inf, 2.0, 3.0], [math.nan, 1.0, -math.inf, 4.0]]]], requires_grad=True)
+    y, ty = pool(F, x), pool(TF, x.detach())
+    torch.testing.assert_close(y, ty, equal_nan=True)
+    assert y[0, 0, 0, 1] == 2.5
+    (g,) = torch.autograd.grad(y.nansum(), x)
+    assert g.isfinite().all()
+
+
+def test_nll_loss_ignored_rows_are_zero_with_infinite_input_or_weight():
+    x = torch.tensor([[math.inf], [-1.0]], requires_grad=True)
+    t = torch.tensor([0, 0])
+    for kw in ({"ignore_index": 0, "reduction": "none"}, {"ignore_index": 0, "weight": torch.tensor([-math.inf])}):
+        y, ty = F.nll_loss(x, t, **kw), TF.nll_loss(x.detach(), t, **kw)
+        torch.testing.assert_close(y, ty, equal_nan=True)
+    (g,) = torch.autograd.grad(F.nll_loss(x, t, ignore_index=0, weight=torch.tensor([-math.inf]), reduction="sum"), x)
+    assert (g == 0).all()
+
+
+def test_cross_entropy_row_holding_inf_is_nan_as_torch():
+    """torch's log-softmax of a row whose max is +inf (or nan) is nan throughout; so is handgrad's."""
+    x = torch.tensor([[math.inf, 1.0], [0.5, -0.5]], requires_grad=True)
+    t = torch.tensor([1, 0])
+    y = F.cross_entropy(x, t, reduction="none")
+    torch.testing.assert_close(y, TF.cross_entropy(x.detach(), t, reduction="none"), equal_nan=True)
+    (g,) = torch.autograd.grad(y[1], x)
+    assert g[1].isfinite().all()
+
+
+def test_weighted_mean_mse_weight_gradient_is_exact_for_one_element():
+    w = torch.tensor(0.685, dtype=torch.double, requires_grad=True)
+    x, y = torch.tensor(7115.4, dtype=torch.double), torch.tensor(1.09, dtype=torch.double)
+    (g,) = torch.autograd.grad(F.mse_loss(x, y, weight=w), w)
+    assert g.item() == 0.0
+
+
+@pytest.mark.parametrize("call", [
+    lambda f: f.mse_loss(torch.ones(3, dtype=torch.long), torch.ones(3, dtype=torch.long)),
+    lambda f: f.binary_cross_entropy_with_logits(torch.ones(3, dtype=torch.long), torch.rand(3)),
+    lambda f: f.cross_entropy(torch.ones(3, 2, dtype=torch.long), torch.zeros(3, dtype=torch.long)),
+    lambda f: f.nll_loss(torch.ones(3, 2, dtype=torch.long), torch.zeros(3, dtype=torch.long), weight=torch.ones(2)),
+    lambda f: f.nll_loss(torch.ones(3, 2, dtype=torch.long), torch.zeros(3)),
+    lambda f: f.avg_pool2d(torch.ones(1, 2, 2, dtype=torch.int32), 1),
+    lambda f: f.adaptive_avg_pool2d(torch.ones(1, 2, 2), (1, 2, 3)),
+    lambda f: f.adaptive_avg_pool2d(torch.ones(1, 2, 2), (1, "a")),
+    lambda f: f.group_norm(torch.ones(2, 4, dtype=torch.bool), 2, bias=torch.ones(4)),
+    lambda f: f.batch_norm(torch.randn(3, 2, 5), torch.zeros(2), None, training=True),
+    lambda f: f.embedding(torch.tensor([0]), torch.randn(0, 3)),
+])
+def test_invalid_calls_raise_torchs_exception_type(call):
+    """Classes the fuzzer found: torch's exception type, in torch's order of checks."""
+    with pytest.raises(Exception) as theirs:
+        call(TF)
+    with pytest.raises(theirs.type):
+        call(F)
+
+
+def test_empty_batch_norm_input_is_returned_before_any_check():
+    x = torch.randn(0, 3, requires_grad=True)
+    y = F.batch_norm(x, torch.zeros(4), torch.ones(3), weight=torch.ones(5), training=True)
+    ty = TF.batch_norm(x, torch.zeros(4), torch.ones(3), weight=torch.ones(5), training=True)
+    assert y.shape == ty.shape and y.dtype == ty.dtype

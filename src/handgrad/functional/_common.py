@@ -33,6 +33,8 @@ _AUTOCAST = {
 def autocast(op: str, *tensors):
     """Cast ``tensors`` as torch's autocast would for ``op``; the casts are recorded by autograd
     outside the handgrad Function, so its backward sees one dtype, as native autograd does."""
+    if not autocast_on():
+        return tensors                                          # the common case, without a device lookup
     # (a list, not next(…, default): the Dynamo of torch 2.4/2.5 cannot trace that)
     tensor_args = [t for t in tensors if isinstance(t, torch.Tensor)]
     if not tensor_args:
@@ -49,6 +51,11 @@ def autocast(op: str, *tensors):
         t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
         for t in tensors
     )
+
+
+def autocast_on() -> bool:
+    """Is autocast on for a device ``_AUTOCAST`` covers? (0.7 µs; ``tensor.device.type`` alone costs as much)"""
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
 
 
 def warn(message: str, stacklevel: int = 3) -> None:
@@ -132,20 +139,32 @@ def check_class_weight(fn: str, weight, input, C: int, *, probs: bool):
         raise RuntimeError(f"{fn}: weight tensor should be defined either for all {C} classes or no classes, "
                            f"but got weight of shape {shape_str(weight)} (input of shape {shape_str(input)})")
     if not probs:
+        if not input.is_floating_point():
+            no_kernel(fn, input, kernel="nll_loss")                 # the kernel's dispatch, before its dtype check
         if weight.dtype != input.dtype:
             raise RuntimeError(f"{fn}: expected weight of scalar type {input.dtype} (the input's) but found {weight.dtype}")
         check_not_differentiable(fn, "weight", weight)
     return weight.reshape(C)
 
 
-def check_class_target(fn: str, input, target, *, allow_probs: bool) -> tuple[int, bool]:
+def check_class_target(fn: str, input, target, *, allow_probs: bool, weight=None) -> tuple[int, bool]:
     """Validate (input, target) as torch's cross_entropy / nll_loss do, in torch's order; returns C
     and whether ``target`` holds class probabilities (torch takes that path exactly when the
-    shapes are equal). ``input`` may be a meta tensor (linear_cross_entropy's logits' shape)."""
+    shapes are equal). ``input`` may be a meta tensor (linear_cross_entropy's logits' shape).
+    torch's order: the probability target's dtype; cross_entropy's log-softmax (NotImplementedError
+    for a non-floating input with elements); nll_loss_nd's dims and batch size (ValueError); the
+    autograd check of a class ``weight`` requiring grad; nll_loss's shape checks; the target's
+    dtype; then the kernel's dispatch on the input's dtype (NotImplementedError)."""
     probs = allow_probs and target.shape == input.shape
     if probs and not target.is_floating_point():
         raise RuntimeError(f"{fn}: Expected floating point type for target with class probabilities "
                            f"(target of shape {shape_str(target)}), got {target.dtype}")
+    if allow_probs and not input.is_floating_point():
+        if input.numel():
+            no_kernel(fn, input, kernel="log_softmax")
+        if input.is_complex() and input.requires_grad:       # log_softmax of no element, then autograd's check
+            raise RuntimeError(f"{fn}: _log_softmax does not support automatic differentiation for outputs with "
+                               f"complex dtype (input of shape {shape_str(input)})")
     if input.dim() == 0:
         if probs:  # torch's probability path asks for the class dim 1 first
             raise IndexError(f"{fn}: Dimension specified as 1 but input of shape {shape_str(input)} has no dimensions")
@@ -153,6 +172,11 @@ def check_class_target(fn: str, input, target, *, allow_probs: bool) -> tuple[in
     C = input.shape[1] if input.dim() >= 2 else input.shape[0]
     if probs:
         return C, True
+    if input.dim() >= 2 and (target.dim() == 0 or target.shape[0] != input.shape[0]):
+        n_t = target.shape[0] if target.dim() else 0
+        raise ValueError(f"{fn}: Expected input batch_size ({input.shape[0]}) to match target batch_size ({n_t}): "
+                         f"input of shape {shape_str(input)}, target of shape {shape_str(target)}")
+    check_not_differentiable(fn, "weight", weight)
     if input.dim() <= 2 and target.dim() > 1:
         raise RuntimeError(f"{fn}: 0D or 1D target tensor expected, multi-target not supported: "
                            f"target of shape {shape_str(target)} for input of shape {shape_str(input)}")
@@ -160,16 +184,20 @@ def check_class_target(fn: str, input, target, *, allow_probs: bool) -> tuple[in
         raise ValueError(f"{fn}: For 1D input, 1D target must have size 1, but got target size: {target.numel()} "
                          f"(target of shape {shape_str(target)} for unbatched input of shape {shape_str(input)})")
     if input.dim() >= 2:
-        if target.dim() == 0 or target.shape[0] != input.shape[0]:
-            n_t = target.shape[0] if target.dim() else 0
-            raise ValueError(f"{fn}: Expected input batch_size ({input.shape[0]}) to match target batch_size ({n_t}): "
-                             f"input of shape {shape_str(input)}, target of shape {shape_str(target)}")
         expected = input.shape[:1] + input.shape[2:]
-        if target.shape != expected:
+        if target.shape != expected or (input.dim() not in (2, 4) and C == 0 and target.numel()):
+            # (torch views a K-dim input but 4-D as (N, C, 1, −1): with C = 0 no size fits the target)
             raise RuntimeError(f"{fn}: Expected target size {list(expected)}, got {list(target.shape)} "
-                               f"(target of shape {shape_str(target)} for input of shape {shape_str(input)})")
-    if target.dtype != torch.int64 and not (target.dtype == torch.uint8 and input.dim() <= 2):
-        # torch: Byte targets only for 1-D/2-D input (its K-dim kernels take Long alone)
+                               f"(target of shape {shape_str(target)} for input of shape {shape_str(input)}"
+                               f"{'; size mismatch with 0 classes' if target.shape == expected else ''})")
+    if input.dim() == 4 and not input.is_floating_point():
+        # 4-D: nll_loss2d checks the weight's size, then dispatches on the input's dtype, then the target's
+        if weight is not None and weight.numel() != C:
+            raise RuntimeError(f"{fn}: weight tensor should be defined either for all {C} classes or no classes, "
+                               f"but got weight of shape {shape_str(weight)} (input of shape {shape_str(input)})")
+        no_kernel(fn, input, kernel="nll_loss2d")
+    if target.dtype != torch.int64 and not (target.dtype == torch.uint8 and (input.dim() <= 2 or not target.numel())):
+        # torch: Byte targets only for 1-D/2-D input (its K-dim kernels take Long alone, and run for no element)
         scalar = torch.empty(0, dtype=target.dtype).type().split(".")[-1].removesuffix("Tensor")   # torch's 'Float'
         raise RuntimeError(f"{fn}: expected target dtype to be Long or Byte, but got {scalar} ({target.dtype}) "
                            f"(target of shape {shape_str(target)} for input of shape {shape_str(input)}"
@@ -242,6 +270,8 @@ def check_linear(fn: str, weight, bias, *, features: int, dtype: torch.dtype, in
         if bias.dtype != dtype:
             raise RuntimeError(f"{fn}: expected input and {b_name} to have the same dtype, but got {dtype} and {bias.dtype}")
         return bias
+    if weight.dim() == 2 and bias.dim() == 1 and bias.shape[0] == weight.shape[0] and bias.dtype == dtype:
+        return bias        # the common (D_out,) bias: broadcasts to any (*, D_out), either path (no broadcast_shapes: 11 µs)
     out_shape = torch.Size((*input.shape[:-1], *weight.shape[:-1]))
     # torch's addmm path: a 2-D input, or a contiguous one with a bias that varies along the
     # last dim only ((D_out,), (1,), (1, D_out), …: measured on torch 2.13)
@@ -261,6 +291,21 @@ def check_linear(fn: str, weight, bias, *, features: int, dtype: torch.dtype, in
         raise RuntimeError(f"{fn}: expected input and bias to have the same dtype, but got {dtype} and {bias.dtype} "
                            f"(bias of shape {shape_str(bias)}, input of shape {shape_str(input)})")
     return bias.to(dtype)                                       # torch's output.add_(bias) casts
+
+
+def no_kernel(fn: str, t, *, name: str = "input", kernel: str | None = None) -> None:
+    """torch's NotImplementedError for a dtype its kernel has no instance for ("mse_cpu" not
+    implemented for 'Long'): handgrad computes in floating types only."""
+    raise NotImplementedError(f'{fn}: "{kernel or fn}" not implemented for {t.dtype} (argument \'{name}\' of shape '
+                              f"{shape_str(t)}): handgrad computes in floating types only")
+
+
+def check_no_bool_subtraction(fn: str, input, target) -> None:
+    """torch's RuntimeError where its formula subtracts a bool tensor (x − y of a composite path)."""
+    for name, t in (("input", input), ("target", target)):
+        if t is not None and t.dtype == torch.bool:
+            raise RuntimeError(f"{fn}: Subtraction, the `-` operator, with a bool tensor is not supported "
+                               f"({name} of dtype torch.bool, shape {shape_str(t)})")
 
 
 def check_tensor(name: str, t, *, fn: str) -> None:

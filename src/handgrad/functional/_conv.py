@@ -81,6 +81,10 @@ def _convnd(fn: str, dims: int, input, weight, bias, stride, padding, dilation, 
         raise RuntimeError(f"{fn}: Calculated padded input size per channel: ({' x '.join(map(str, padded))}). "
                            f"Kernel size: ({' x '.join(map(str, effective))}) (dilated) of weight {shape_str(weight)}. "
                            f"Kernel size can't be greater than actual input size {shape_str(input)}")
+    if x.dtype == torch.bool:
+        # torch's CPU kernels (which take the integer types) dispatch on the input's dtype first
+        raise NotImplementedError(f"{fn}: not implemented for input of dtype {x.dtype} (shape {shape_str(input)}): "
+                                  "no convolution kernel takes bool")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
             raise RuntimeError(f"{fn}: Input type ({x.dtype}) and {name} type ({t.dtype}) should be the same")

@@ -2,6 +2,8 @@
 The math lives in ``handgrad.ops.fused``."""
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Sequence
 
 import torch
@@ -9,10 +11,24 @@ import torch
 from .._compat import functorch_transforms_active
 from ..ops.fused import LCEOptions, LinearCrossEntropyFn, StackFn, StackSpec, activation_spec, default_chunk_size
 from ._common import autocast, check_linear, check_reduction, check_target_range, check_tensor, shape_str
+from . import _activations
 from ._linear import linear
 from ._losses import _class_options, class_loss
 
 __all__ = ["linear_act", "mlp", "linear_cross_entropy"]
+
+
+def _fusable(input, weight, bias) -> bool:
+    """The calls one fused layer computes: a floating input, W (D_out, D_in) or (D_in,) and b
+    None, (D_out,), () or (1,), all of the input's dtype."""
+    return (isinstance(weight, torch.Tensor) and input.is_floating_point() and weight.dtype == input.dtype
+            and weight.dim() in (1, 2) and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype == input.dtype
+                                                         and bias.dim() <= 1 and bias.numel() in (1, weight.shape[0]))))
+
+
+def _activation(name):
+    """handgrad's activation function of that name (None: the identity)."""
+    return (lambda y: y) if name is None else getattr(_activations, name)
 
 
 def _check_input(fn: str, input) -> None:
@@ -46,6 +62,10 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     _check_input("linear_act", input)
     activation_spec(activation)                     # torch's order: the name, the linear, then f's options
     input, weight, bias = autocast("linear", input, weight, bias)
+    if not _fusable(input, weight, bias):
+        # a bias linear broadcasts in other shapes or casts, a non-floating input: the composition
+        # itself, of handgrad's linear and activation, has torch's rules for those
+        return _activation(activation)(linear(input, weight, bias), **activation_kwargs)
     vector = isinstance(weight, torch.Tensor) and weight.dim() == 1 and (bias is None or bias.numel() == 1)
     if vector:                                      # linear's 1-D W (D_in,): one output per row, the dim dropped
         if bias is not None and input.dim() == 2:   # torch's addmm path takes W as a matrix
@@ -76,6 +96,12 @@ def mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[t
         raise ValueError(f"mlp: got {len(weights)} weights but {len(biases)} biases; give one bias (or None) per layer")
     L = len(weights)
     spec = _stack_spec(activation, last_activation, L)
+    if not all(_fusable(input, w, b) and (w.dim() == 2) for w, b in zip(weights, biases)):
+        # as linear_act's: the composition, layer by layer, for what one fused stack does not take
+        h = input
+        for l, (w, b) in enumerate(zip(weights, biases)):
+            h = _activation(activation if l < L - 1 else last_activation)(linear(h, w, b))
+        return h
     params = [t for pair in zip(weights, biases) for t in pair]   # W_1, b_1, W_2, b_2, …
     if torch.is_autocast_enabled(input.device.type):
         cast = iter(autocast("linear", input, *[p for p in params if p is not None]))
@@ -98,10 +124,20 @@ class _Logits:
 
     def __init__(self, shape: torch.Size, dtype: torch.dtype, input, linear_weight):
         self.shape, self.dtype = shape, dtype
+        self.requires_grad = input.requires_grad or linear_weight.requires_grad
         self.describe = f"the logits of input {shape_str(input)} and linear_weight {shape_str(linear_weight)}"
 
     def dim(self) -> int:
         return len(self.shape)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def is_complex(self) -> bool:
+        return self.dtype.is_complex
 
 
 def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
@@ -161,9 +197,10 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     # the cross entropy's checks on the logits' shape and dtype (no tensor: nothing allocated)
     logits_shape = torch.Size((*input.shape[:-1], C, *out_features))
     logits = _Logits(logits_shape, out_dtype, input, linear_weight)
-    reduction = check_reduction(reduction)
     _, weight, ce = _class_options(fn, logits, target, weight, ignore_index, reduction, label_smoothing,
                                    allow_probs=True, none_is_default=True)
+    ce = dataclasses.replace(ce, reduction=check_reduction(reduction))     # torch's order: after the target's checks
+    reduction = ce.reduction
     if ce.probs or out_features:
         # torch's reference path, in handgrad's ops: linear, then cross_entropy on the logits
         logits = linear(input, W2, b2).reshape(logits_shape)

@@ -10,8 +10,8 @@ from .._compat import nn_reduction as _Reduction
 
 from ..ops.losses import BCEWithLogitsFn, CrossEntropyFn, CrossEntropyOptions, NLLLossFn, SquaredErrorFn
 from ._common import (autocast, check_class_target, check_class_weight, check_ignore_index, check_label_smoothing,
-                      check_label_smoothing_type,
-                      check_not_differentiable, check_reduction, check_target_range, check_tensor, shape_str, warn)
+                      check_no_bool_subtraction, check_not_differentiable, check_reduction, check_target_range,
+                      check_tensor, no_kernel, shape_str, warn)
 
 __all__ = ["mse_loss", "half_squared_error", "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits"]
 
@@ -33,6 +33,17 @@ def _promote(*tensors):
     if not dtype.is_floating_point:
         dtype = torch.get_default_dtype()
     return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def _check_floating(fn, kernel, input, target, weight=None):
+    """torch's elementwise loss kernels compute in the floating result type of (input, target):
+    NotImplementedError for an integer, bool or complex one (the weighted mse_loss too, where
+    torch's composite path computes integers: docs/differences.md)."""
+    for t in (input, target, weight):
+        if t is not None and t.is_complex():
+            no_kernel(fn, t, kernel=kernel)
+    if not (input.is_floating_point() or target.is_floating_point() or (weight is not None and weight.is_floating_point())):
+        no_kernel(fn, input, kernel=kernel)
 
 
 def _broadcast_shape(fn, a_name, a, b_name, b):
@@ -70,15 +81,14 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average: bool | Non
     if weight is not None and weight.shape != input.shape:
         raise ValueError(f"mse_loss: weight of shape {shape_str(weight)} must have the input's shape {shape_str(input)} "
                          "(Weights and input must have the same size.)")
+    if weight is not None:
+        check_no_bool_subtraction("mse_loss", input, target)    # torch's weighted path computes input − target
     if weight is not None and reduction == "elementwise_mean":
         # torch's weighted path has no legacy alias
         raise ValueError("mse_loss: Invalid reduction mode: elementwise_mean. Expected one of 'none', 'mean', 'sum'. "
                          f"(with weight of shape {shape_str(weight)})")
     reduction = check_reduction(reduction)
-    if weight is not None and torch.bool in (input.dtype, target.dtype):
-        # torch's weighted path computes input − target, which refuses bool tensors
-        raise RuntimeError(f"mse_loss: Subtraction, the `-` operator, with a bool tensor is not supported "
-                           f"(input {input.dtype}, target {target.dtype} of shape {shape_str(target)}, with weight)")
+    _check_floating("mse_loss", "mse_cpu", input, target, weight)
     input, target, weight = _promote(input, target, weight)
     return SquaredErrorFn.call(input, target, weight, reduction, "mse")
 
@@ -94,6 +104,9 @@ def half_squared_error(input: torch.Tensor, target: torch.Tensor, reduction: str
     if input.dim() == 0:
         raise ValueError("half_squared_error: input must have at least 1 dimension (the features), got shape []")
     _broadcast_shape("half_squared_error", "input", input, "target", target)
+    check_no_bool_subtraction("half_squared_error", input, target)   # its composition's x − y
+    if input.is_complex() or target.is_complex():
+        no_kernel("half_squared_error", input if input.is_complex() else target)   # a squared error is real
     input, target = _promote(input, target)
     return SquaredErrorFn.call(input, target, None, reduction, "half")
 
@@ -129,11 +142,17 @@ def _class_options(fn, input, target, weight, ignore_index, reduction, label_smo
                    none_is_default=False):
     """Every cross-entropy option validated, in torch's order, by its one function in ``_common``:
     returns (C, weight (C,) or None, CrossEntropyOptions)."""
-    check_label_smoothing_type(fn, label_smoothing)
-    C, probs = check_class_target(fn, input, target, allow_probs=allow_probs)
+    eps = check_label_smoothing(fn, label_smoothing)          # its type, then its range: torch's first checks
+    C, probs = check_class_target(fn, input, target, allow_probs=allow_probs, weight=weight)
+    if eps and not probs and weight is not None and weight.dim() != 1 and input.dim() > 2 and (
+            weight.shape[0] != weight.numel()):
+        # torch's label-smoothing path views the weight by its first dim as (1, C, 1, …): (1, C) fails
+        raise RuntimeError(f"{fn}: with label_smoothing, weight of shape {shape_str(weight)} must be 1-D (C,) "
+                           f"for input of shape {shape_str(input)}")
     weight = check_class_weight(fn, weight, input, C, probs=probs)
+    if not probs and not input.is_floating_point():
+        no_kernel(fn, input, kernel="nll_loss")                 # the kernel's dispatch on the input's dtype
     ignore_index = check_ignore_index(fn, ignore_index, target, probs=probs, none_is_default=none_is_default)
-    eps = check_label_smoothing(fn, label_smoothing)
     return C, weight, CrossEntropyOptions(reduction, ignore_index, eps, probs)
 
 
@@ -207,6 +226,10 @@ def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor, 
     if target.shape != input.shape:
         raise ValueError(f"{fn}: Target size ({target.size()}) must be the same as input size ({input.size()}): "
                          f"target of shape {shape_str(target)}, input of shape {shape_str(input)}")
+    for name, t in (("weight", weight), ("pos_weight", pos_weight)):
+        check_not_differentiable(fn, name, t)                    # torch's autograd, before any kernel
+    if not input.is_floating_point():
+        no_kernel(fn, input, kernel="log_sigmoid_cpu")         # torch's first kernel: log σ(x)
     if not target.is_floating_point():
         raise RuntimeError(f"{fn}: target must be floating point (result type {input.dtype} can't be cast to the "
                            f"target's {target.dtype}), target of shape {shape_str(target)}")
@@ -215,7 +238,10 @@ def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor, 
             if _broadcast_shape(fn, "input", input, name, t) != input.shape:
                 raise RuntimeError(f"{fn}: {name} of shape {shape_str(t)} broadcasts beyond the input's shape "
                                    f"{shape_str(input)}")
-            check_not_differentiable(fn, name, t)
+            if t.is_complex() or (name == "pos_weight" and t.dtype == torch.bool):
+                # torch: a complex result cannot be cast back; its (pos_weight − 1) refuses bool
+                raise RuntimeError(f"{fn}: {name} of dtype {t.dtype} is not supported (shape {shape_str(t)}): "
+                                   f"{'result type Complex' if t.is_complex() else 'Subtraction with a bool tensor'}")
     out_dtype = target.dtype     # torch's loss is (1 − T) ⊙ X − …, written into T's dtype
     input, target, weight, pos_weight = _promote(input, target, weight, pos_weight)
     loss = BCEWithLogitsFn.call(input, target, weight, pos_weight, reduction)

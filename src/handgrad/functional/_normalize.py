@@ -33,6 +33,17 @@ def _check_floating(fn: str, input: torch.Tensor) -> None:
         )
 
 
+def _check_mixed_nonfloating(fn: str, input: torch.Tensor, **params) -> None:
+    """A non-floating input with a parameter of another dtype: torch's mixed-dtype RuntimeError
+    comes before its kernel's NotImplementedError."""
+    if input.is_floating_point():
+        return
+    for name, t in params.items():
+        if t is not None and t.dtype != input.dtype:
+            raise RuntimeError(f"{fn}: mixed dtype (CPU): all inputs must share same datatype ({name} of dtype "
+                               f"{t.dtype} with input of dtype {input.dtype})")
+
+
 def _check_param_dtypes(fn: str, input: torch.Tensor, **params) -> None:
     """torch's CPU rule for batch and group norm: every parameter has the input's dtype, or all
     are float32 with a float16/bfloat16 input (its mixed-dtype kernel)."""
@@ -70,7 +81,13 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     momentum = _check_float("batch_norm", "momentum", momentum, 7)
     eps = _check_float("batch_norm", "eps", eps, 8)
     input, weight, bias = autocast("batch_norm", input, weight, bias)
-    _check_floating("batch_norm", input)
+    if input.numel() == 0:
+        # torch's _batch_norm_impl_index returns before any other check: x, times w[0], plus b[0]
+        # (an IndexError for an empty w or b); nothing to normalise, the running stats untouched
+        out = input.clone()
+        if weight is not None:
+            out = out * weight[0]
+        return out if bias is None else out + bias[0]
     if input.dim() < 2:
         raise RuntimeError(f"batch_norm: expected input of shape (N, C, *) with at least 2 dims, but got input of "
                            f"size {shape_str(input)}")
@@ -83,6 +100,11 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
         if t is not None and t.numel() != C:  # torch checks the count only (a (C, 1) weight passes)
             raise RuntimeError(f"batch_norm: {name} should contain {C} elements, the channels of input of size "
                                f"{shape_str(input)}, but got {name} of shape {shape_str(t)}")
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError(f"batch_norm: running_mean and running_var must either both be None or neither be None "
+                         f"(running_mean {'None' if running_mean is None else shape_str(running_mean)}, running_var "
+                         f"{'None' if running_var is None else shape_str(running_var)})")
+    _check_floating("batch_norm", input)                 # the kernel's dispatch, after the shape checks
     _check_param_dtypes("batch_norm", input, weight=weight, bias=bias, running_mean=running_mean,
                         running_var=running_var)
     if torch.is_grad_enabled():
@@ -104,20 +126,21 @@ def group_norm(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             check_tensor(name, t, fn="group_norm")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
-        raise TypeError(f"group_norm(): argument 'num_groups' (position 2) must be int, not {type(num_groups).__name__}")
-    num_groups = operator.index(num_groups)
-    eps = _check_float("group_norm", "eps", eps, 5)
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()} "
                            f"(group_norm: input of size {shape_str(input)})")
     N, C = input.shape[:2]
-    if num_groups == 0:
-        raise ZeroDivisionError(f"group_norm: num_groups=0 groups of input of size {shape_str(input)} "
-                                "(integer division or modulo by zero)")
-    _verify_batch_size([N * C // num_groups, num_groups, *input.shape[2:]], input)
+    # torch's Python checks (N·C // num_groups, for any number), then its binding's types
+    if isinstance(num_groups, numbers.Real) and not isinstance(num_groups, bool):
+        if num_groups == 0:
+            raise ZeroDivisionError(f"group_norm: num_groups=0 groups of input of size {shape_str(input)} "
+                                    "(integer division or modulo by zero)")
+        _verify_batch_size([N * C // num_groups, num_groups, *input.shape[2:]], input)
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+        raise TypeError(f"group_norm(): argument 'num_groups' (position 2) must be int, not {type(num_groups).__name__}")
+    num_groups = operator.index(num_groups)
+    eps = _check_float("group_norm", "eps", eps, 5)
     input, weight, bias = autocast("group_norm", input, weight, bias)
-    _check_floating("group_norm", input)
     if num_groups < 0 or C % num_groups != 0:
         raise RuntimeError(f"Expected number of channels in input to be divisible by num_groups, but got input of "
                            f"shape {shape_str(input)} and num_groups={num_groups}")
@@ -125,6 +148,8 @@ def group_norm(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None
         if t is not None and (t.dim() != 1 or t.numel() != C):
             raise RuntimeError(f"Expected {name} to be a vector of size equal to the number of channels in input, "
                                f"but got {name} of shape {shape_str(t)} and input of shape {shape_str(input)}")
+    _check_mixed_nonfloating("group_norm", input, weight=weight, bias=bias)
+    _check_floating("group_norm", input)                 # the kernel's dispatch, after the shape checks
     _check_param_dtypes("group_norm", input, weight=weight, bias=bias)
     return NormFn.call(input, weight, bias, Norm("group", num_groups, True, eps))
 
@@ -155,7 +180,6 @@ def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None 
     if eps is not None:
         eps = _check_float("rms_norm", "eps", eps, 4)
     input, weight = autocast("rms_norm", input, weight)
-    _check_floating("rms_norm", input)
     K = len(shape)
     if K == 0:
         raise RuntimeError("Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one "
@@ -166,6 +190,7 @@ def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None 
     if K > input.dim() or tuple(input.shape[input.dim() - K:]) != shape:
         raise RuntimeError(f"Given normalized_shape={list(shape)}, expected input with shape "
                            f"[*, {', '.join(map(str, shape))}], but got input of size {shape_str(input)}")
+    _check_floating("rms_norm", input)                   # after the shapes, as torch's (complex: differences.md)
     if eps is None:
         eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
     return NormFn.call(input, weight, None, Norm("trailing", K, False, eps))

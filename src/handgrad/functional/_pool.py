@@ -103,6 +103,8 @@ def avg_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, ceil_mo
     if divisor_override is not None and divisor_override == 0:
         raise RuntimeError(f"avg_pool2d: divisor must be not zero (divisor_override={divisor_override})")
     H_out, W_out = _out_shape("avg_pool2d", x, k, s, p, d, ceil_mode, k)
+    if not input.is_floating_point():
+        _no_kernel("avg_pool2d", input)          # (torch's CPU kernel also truncates int64 averages: differences.md)
     H, W = x.shape[2:]
     a_h = avg_pool_matrix(H, H_out, k[0], s[0], p[0], count_include_pad, divisor_override, x)   # (H_out, H)
     a_w = avg_pool_matrix(W, W_out, k[1], s[1], p[1], count_include_pad, divisor_override, x)   # (W_out, W)
@@ -117,12 +119,10 @@ def adaptive_avg_pool2d(input: torch.Tensor, output_size) -> torch.Tensor:
     [⌊i·H/H_out⌋, ⌈(i + 1)·H/H_out⌉) (ops.pool.SeparablePoolFn). A None size keeps the input's."""
     fn = "adaptive_avg_pool2d"
     check_tensor("input", input, fn=fn)
+    size = _output_size(fn, output_size, input)
     if input.dim() not in (3, 4):
         raise RuntimeError(f"{fn}(): Expected 3D or 4D tensor, but got input of size {shape_str(input)}")
-    size = (output_size, output_size) if isinstance(output_size, int) or output_size is None else tuple(output_size)
-    if len(size) != 2:
-        raise RuntimeError(f"{fn}: output_size must be 2, but got output_size={list(size)}")
-    if any(d == 0 for d in input.shape[1:]):  # torch's rule: dim 0 may be empty, whether 3-D or 4-D
+    if any(d == 0 for d in input.shape[-2:]):  # torch's rule: H and W (N and C may be empty)
         raise RuntimeError(f"{fn}(): Expected input to have non-zero size for non-batch dimensions, but input has "
                            f"sizes {shape_str(input)}")
     x = input.unsqueeze(0) if input.dim() == 3 else input             # (N, C, H, W)
@@ -130,5 +130,45 @@ def adaptive_avg_pool2d(input: torch.Tensor, output_size) -> torch.Tensor:
     H_out, W_out = (H if size[0] is None else size[0]), (W if size[1] is None else size[1])
     if H_out < 0 or W_out < 0:
         raise RuntimeError(f"{fn}: elements of output_size must be greater than or equal to 0 but got {list(size)}")
+    out_shape = (*input.shape[:-2], H_out, W_out)
+    if not input.is_floating_point():
+        if input.numel() and H_out * W_out:
+            _no_kernel(fn, input)
+        if input.is_complex() and input.requires_grad:
+            raise RuntimeError(f"{fn}: does not support automatic differentiation for outputs with complex dtype "
+                               f"(input of size {shape_str(input)})")
+        return input.new_empty(out_shape)                               # no element to compute: torch's too
     y = SeparablePoolFn.call(x, adaptive_matrix(H, H_out, x), adaptive_matrix(W, W_out, x))   # (N, C, H_out, W_out)
     return y.squeeze(0) if input.dim() == 3 else y
+
+
+def _output_size(fn: str, output_size, input) -> tuple:
+    """torch's parsing, in its order: an int is (n, n); a sequence is filled from the input's last
+    dims where None (ValueError if it is longer than the input has dims, TypeError for what has no
+    length), its elements ints (TypeError), two of them (RuntimeError)."""
+    if isinstance(output_size, int) and not isinstance(output_size, bool):
+        return output_size, output_size
+    try:
+        n = len(output_size)
+    except TypeError:
+        raise TypeError(f"{fn}: object of type '{type(output_size).__name__}' has no len() "
+                        f"(output_size={output_size!r})") from None
+    if input.dim() <= n:
+        raise ValueError(f"{fn}: Input dimension should be at least {n + 1} (output_size={output_size!r}, "
+                         f"input of size {shape_str(input)})")
+    size = tuple(output_size)
+    for v in size:
+        integral = isinstance(v, int) or (isinstance(v, torch.Tensor) and v.dim() == 0
+                                          and not v.is_floating_point() and not v.is_complex())
+        if v is not None and not integral:
+            raise TypeError(f"{fn}(): argument 'output_size' must be tuple of ints, but found element of type "
+                            f"{type(v).__name__} (output_size={output_size!r})")
+    if len(size) != 2:
+        raise RuntimeError(f"{fn}: output_size must be 2, but got output_size={list(size)}")
+    return tuple(None if v is None else int(v) for v in size)
+
+
+def _no_kernel(fn: str, input) -> None:
+    """torch's NotImplementedError: pooling computes in floating types only."""
+    raise NotImplementedError(f'{fn}: "{fn}" not implemented for {input.dtype} (input of size {shape_str(input)}): '
+                              "it computes in floating types only")

@@ -12,7 +12,7 @@ The spec table (f, f', what is saved):
     sigmoid      σ(z)                                 y(1 − y)                          y
     tanh         tanh(z)                              1 − y² = (1 − y)(1 + y)           y
     relu         max(z, 0)                            [y > 0]                           y
-    leaky_relu   z if z > 0 else s·z                  1 if z > 0 else s                 y if s ≥ 0, else z
+    leaky_relu   z if z > 0 else s·z                  1 if z > 0 else s                 z  (in place: from y, s > 0)
     elu          z if z > 0 else α(e^z − 1)           1 if z > 0 else α e^z             z  (in place: y + α, from y)
     gelu         z Φ(z)                               Φ(z) + z φ(z)                     z
     gelu[tanh]   ½ z (1 + tanh u) = z σ(2u)           σ(2u)(1 + 2z σ(−2u) c(1 + 3κz²))   z
@@ -188,16 +188,16 @@ def leaky_relu_spec(negative_slope: float = 0.01) -> Activation:
 
     if 0 <= s <= 1:
         def vjp(g, z, y):
-            # G ⊙ max([y > 0], s): 1 or s exactly (a nan y gives s, as y > 0 is false)
-            return _indicator(torch.gt, y, 0).clamp_(min=s).mul_(g)
+            # G ⊙ max([z > 0], s): 1 or s exactly (a nan z gives s, as z > 0 is false)
+            return _indicator(torch.gt, z, 0).clamp_(min=s).mul_(g)
 
-    if s >= 0:
-        # s ≥ 0: z > 0 ⇔ y > 0 (z ≤ 0 gives y = s·z ≤ 0), so f' = 1 if y > 0 else s; f'(0) = s.
-        return Activation("leaky_relu", f, lambda z, y: torch.where(y > 0, 1.0, torch.full_like(y, s)), "output",
-                          fast_f=fast_f, vjp=vjp)
-    # s < 0: z < 0 gives y > 0, so the sign of y no longer tells the branch; read it from z.
+    # f' = 1 if z > 0 else s (f'(0) = s), read from the input as torch does: it saves z, not y,
+    # so an in-place op on the output (nn.ReLU(inplace=True) style) before backward works.
+    # In place z is gone: for s ≥ 0, z > 0 ⇔ y > 0 (z ≤ 0 gives y = s·z ≤ 0), so y tells the branch;
+    # for s < 0 it does not (z < 0 gives y > 0), and the in-place backward is refused, as torch's.
+    from_y = (lambda z, y: torch.where(y > 0, 1.0, torch.full_like(y, s))) if s >= 0 else None
     return Activation("leaky_relu", f, lambda z, y: torch.where(z > 0, 1.0, torch.full_like(z, s)), "input",
-                      fast_f=fast_f)
+                      df_from_output=from_y, fast_f=fast_f, vjp=vjp)
 
 
 def elu_spec(alpha: float = 1.0) -> Activation:

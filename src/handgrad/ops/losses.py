@@ -113,9 +113,14 @@ class SquaredErrorFn(HandFunction):
             if ctx.needs_input_grad[1]:
                 gy = (-GD).sum_to_size(ctx.shapes[1]).to(ctx.dtypes[1])    # ∂L/∂Y = −2c ĝ W D
         if w is not None and ctx.needs_input_grad[2]:
-            GW = (c * g_hat * D * D).expand(D.shape).sum_to_size(ctx.shapes[2])  # c ĝ ⊙ D²
+            Q = D * D                                                      # D²
+            if ctx.reduction == "mean" and Q.numel():
+                # the two terms below differ by D_k² − L: shifting every D² by one of them, q,
+                # leaves that unchanged, and makes it exactly 0 where all D² are equal (one element)
+                Q = Q - Q.reshape(-1)[0]                                   # D² − q
+            GW = (c * g_hat * Q).expand(D.shape).sum_to_size(ctx.shapes[2])  # c ĝ ⊙ D²
             if ctx.reduction == "mean":
-                L = _sum(c * opmath(w) * D * D) / den                      # L = Σ W D² / ΣW
+                L = _sum(c * opmath(w) * Q) / den                          # L = Σ W D² / ΣW  (less c q)
                 GW = GW - opmath(g) * L / den                              # − g L / ΣW
             gw = GW.to(ctx.dtypes[2])
         return gx, gy, gw, None, None
@@ -166,7 +171,7 @@ def ce_index_terms(y, w, ignore_index, dtype):
     y0 = y.where(keep, 0)                                                 # (M,)
     if w is None or w.numel() == 0:                                      # (no classes: every row ignored)
         return keep, y0, keep.to(dtype)
-    a = opmath(w)[y0] * keep                                              # a_i = w_{y_i} · keep_i  (M,)
+    a = opmath(w)[y0].where(keep, 0.0)                                   # a_i = w_{y_i} · keep_i  (M,), 0 exactly
     return keep, y0, a
 
 
@@ -369,7 +374,7 @@ class NLLLossFn(HandFunction):
         X = opmath(x)                                                     # (M, C)
         keep, y0, a = ce_index_terms(y, w, opts.ignore_index, X.dtype)    # (M,)
         picked = _picked(X, y0)                                           # X_{i, y_i}      (M,)
-        loss = -a * picked                                                # ℓ_i = −a_i X_{i, y_i}
+        loss = (-a * picked).where(keep, 0.0)                             # ℓ_i = −a_i X_{i, y_i}; ignored: 0 exactly
         return reduce_loss(loss, opts.reduction, _sum(a)).to(x.dtype)
 
     @staticmethod

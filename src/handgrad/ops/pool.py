@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as TF
 
+from .._compat import functorch_transforms_active
 from ._function import HandFunction, opmath
 
 
@@ -49,6 +50,34 @@ def adaptive_matrix(size: int, out: int, like: torch.Tensor) -> torch.Tensor:
     return window_matrix(start, end, size, end - start, like)
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """False also where the values cannot be branched on (compiling, a torch.func transform, the
+    legacy vmap of batched gradients): there the exact path is always taken."""
+    if torch.compiler.is_compiling() or functorch_transforms_active():
+        return False
+    try:
+        return bool(t.isfinite().all())
+    except RuntimeError:   # legacy vmap (is_grads_batched, gradcheck's batched check)
+        return False
+
+
+def _window_product(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """A Z with IEEE's window semantics: a row of A sees only the entries it weights (A ≠ 0), so
+    an inf or nan elsewhere in Z's column leaves it alone (0 · inf would be nan). The finite part
+    is A Z̃ (Z̃: Z with its non-finite entries 0); a window holding a nan, or +inf and −inf
+    contributions (inf times a negative weight is −inf), is nan, one holding only +inf is +inf."""
+    ok = z.isfinite()
+    y = a @ z.where(ok, 0.0)                                              # A Z̃
+    pos, neg = (a > 0).to(z.dtype), (a < 0).to(z.dtype)
+    up, down = (z == torch.inf).to(z.dtype), (z == -torch.inf).to(z.dtype)
+    n_up = pos @ up + neg @ down                                          # +inf contributions per window
+    n_down = pos @ down + neg @ up
+    n_nan = (a != 0).to(z.dtype) @ z.isnan().to(z.dtype)
+    y = torch.where(n_up > 0, torch.inf, y)
+    y = torch.where(n_down > 0, -torch.inf, y)
+    return torch.where((n_nan > 0) | ((n_up > 0) & (n_down > 0)), torch.nan, y)
+
+
 class SeparablePoolFn(HandFunction):
     r"""Y = A_h X A_wᵀ  — equals ``torch.nn.functional.avg_pool2d`` and ``adaptive_avg_pool2d``
     with A_h, A_w from ``avg_pool_matrix`` / ``adaptive_matrix`` (constants, no gradient).
@@ -64,7 +93,13 @@ class SeparablePoolFn(HandFunction):
     @staticmethod
     def forward(x, a_h, a_w):
         with torch.autocast(x.device.type, enabled=False):                # in float32, as torch's pools under autocast
-            return (a_h @ opmath(x) @ a_w.mT).to(x.dtype)                 # A_h X A_wᵀ
+            z = opmath(x)
+            y = a_h @ z @ a_w.mT                                          # A_h X A_wᵀ
+            if not _all_finite(y):
+                # an inf or nan times A's zeros is nan, spread to every window of its rows and
+                # columns: each product again, its non-finite entries counted per window
+                y = _window_product(a_w, _window_product(a_h, z).mT).mT
+            return y.to(x.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

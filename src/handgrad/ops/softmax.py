@@ -61,6 +61,7 @@ def log_softmax_rows(X: torch.Tensor, inplace: bool = False, accurate: bool = Tr
     else:                                                        # exp keeps a strided X's layout
         E = E.scatter(1, top, 0.0)
     r = accurate_sum(E, 1, keepdim=True) if accurate else E.sum(1, keepdim=True)   # r        (M, 1)
+    r = r + (m - m)          # a row max of ±inf or nan: e^{Z_top} = e^{nan}, so the row is nan (as torch's)
     return Z.sub_(torch.log1p(r)) if inplace else Z - torch.log1p(r)   # log p = Z − log(1 + r)
 
 

@@ -202,6 +202,132 @@ def _causal_nonpositive_scale(call) -> bool:
 
 _ATTENTION = ("scaled_dot_product_attention", "multi_head_attention_forward")
 
+def _adaptive_size(call):
+    """adaptive_avg_pool2d's output size as torch resolves it ((H_out, W_out)), or None."""
+    x, size = _input(call), call.args[1] if len(call.args) > 1 else None
+    if _not_tensor(call) or len(x.shape) not in (3, 4):
+        return None
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size, size
+    if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(v is None or isinstance(v, int) for v in size):
+        return None
+    return tuple(x.shape[-2 + i] if v is None else v for i, v in enumerate(size))
+
+
+def _adaptive_mean_path(call) -> bool:
+    # torch's adaptive_avg_pool2d takes input.mean((-1, -2)) for an output size (1, 1)
+    return _adaptive_size(call) == (1, 1)
+
+
+def _adaptive_empty_output(call) -> bool:
+    size = _adaptive_size(call)
+    return size is not None and 0 in size
+
+
+def _int64_input(call) -> bool:
+    return not _not_tensor(call) and _input(call).dtype == torch.int64
+
+
+def _specs(call, *names):
+    """The call's tensor arguments (``Spec``s): positional ones, then the named keywords."""
+    from .fuzz.call import Spec
+    out = [a for a in call.args if isinstance(a, Spec)]
+    return out + [call.kwargs[n] for n in names if isinstance(call.kwargs.get(n), Spec)]
+
+
+def _complex_argument(call) -> bool:
+    return any(s.dtype.is_complex for s in _specs(call, "weight"))
+
+
+def _weighted_nonfloat_mse(call) -> bool:
+    # the weighted path's result type is integer or complex: torch computes it elementwise
+    specs = _specs(call, "weight")
+    if call.kwargs.get("weight") is None or len(specs) < 3:
+        return False
+    dtype = specs[0].dtype
+    for s in specs[1:]:
+        dtype = torch.promote_types(dtype, s.dtype)
+    return not dtype.is_floating_point and dtype != torch.bool and torch.bool not in (specs[0].dtype, specs[1].dtype)
+
+
+def _magnitude(spec) -> float:
+    """max |v| over the argument's values as its dtype holds them (inf where one is not finite)."""
+    v = spec.base.detach().to(spec.dtype)
+    if not v.is_floating_point() or v.numel() == 0:
+        return 0.0 if v.numel() == 0 or v.is_complex() else float(v.double().abs().max())
+    v = v.double()
+    return math.inf if not bool(v.isfinite().all()) else float(v.abs().max())
+
+
+def _loss_may_overflow(call) -> bool:
+    # a non-finite argument, or a loss term (or a partial sum of them, or Σ w) past the largest
+    # value of a dtype the formula rounds to: the arguments' own and the result's
+    specs = _specs(call, "weight", "pos_weight")
+    if len(specs) < 2 or not all(s.dtype.is_floating_point for s in specs[:2]):
+        return False
+    mags = [_magnitude(s) for s in specs]
+    if any(math.isinf(m) for m in mags):
+        return True
+    n = max(max(math.prod(s.shape) for s in specs), 1)
+    x, t = mags[0], mags[1]
+    try:
+        term = (x + t) ** 2 if call.op == "mse_loss" else x + t
+    except OverflowError:
+        return True
+    for m in mags[2:]:
+        term *= max(m, 1.0)
+    smallest = min(torch.finfo(s.dtype).max for s in specs)
+    return term * n >= smallest or any(m * n >= smallest for m in mags[2:])
+
+
+def _weighted_mean_one_distance(call) -> bool:
+    # a weighted 'mean' mse_loss whose squared errors are all equal (one element, or constant)
+    from .fuzz.call import _view
+    specs = _specs(call)
+    if call.kwargs.get("weight") is None or call.kwargs.get("reduction", "mean") not in ("mean", "elementwise_mean"):
+        return False
+    if len(specs) < 2 or not all(s.dtype.is_floating_point for s in specs[:2]):
+        return False
+    x, y = (_view(s.base.to(s.dtype).double(), s.view) for s in specs[:2])
+    try:
+        d2 = (x - y) ** 2
+    except RuntimeError:
+        return False
+    return d2.numel() > 0 and bool((d2 == d2.reshape(-1)[0]).all())
+
+
+def _class_call(call):
+    """(input, target, kwargs) of a cross_entropy / nll_loss / linear_cross_entropy call."""
+    if call.op == "linear_cross_entropy":
+        return call.args[0], call.args[2] if len(call.args) > 2 else None
+    return call.args[0], call.args[1] if len(call.args) > 1 else None
+
+
+def _smoothing(call) -> float:
+    eps = call.kwargs.get("label_smoothing", 0.0)
+    return float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else 0.0
+
+
+def _byte_target_smoothed_weighted(call) -> bool:
+    _, t = _class_call(call)
+    return getattr(t, "dtype", None) == torch.uint8 and _smoothing(call) > 0 and call.kwargs.get("weight") is not None
+
+
+def _byte_target_kdim_empty(call) -> bool:
+    x, t = _class_call(call)
+    dims = len(x.shape) + (len(call.args[1].shape) - 2 if call.op == "linear_cross_entropy" else 0)
+    return getattr(t, "dtype", None) == torch.uint8 and dims > 2 and math.prod(t.shape) == 0
+
+
+def _no_classes_smoothed(call) -> bool:
+    x, t = _class_call(call)
+    if call.op == "linear_cross_entropy":
+        C = call.args[1].shape[0]
+    else:
+        C = x.shape[1] if len(x.shape) > 1 else (x.shape[0] if x.shape else 1)
+    return C == 0 and _smoothing(call) > 0
+
+
 DIFFERENCES: tuple[Difference, ...] = (
     Difference(
         "non-tensor input: TypeError", "sigmoid", ("exception",), _not_tensor,
@@ -345,6 +471,106 @@ DIFFERENCES: tuple[Difference, ...] = (
         "x = torch.randn(7, 5, dtype=torch.double, requires_grad=True); w = torch.randn(10, dtype=torch.double)"
         "[::2]; compare torch.autograd.grad(F.batch_norm(x, None, None, w, training=True), x, G) with "
         "w.contiguous()"),
+    Difference(
+        "adaptive_avg_pool2d: output (1, 1) follows the pooling rules", "adaptive_avg_pool2d", ("exception",),
+        _adaptive_mean_path,
+        "for output_size (1, 1) it returns input.mean((-1, -2)) instead of pooling: so that size alone accepts "
+        "complex input and an empty H or W (a nan result), and refuses integer input with mean()'s RuntimeError "
+        "where every other size gives NotImplementedError",
+        "the rules of every other output size: floating input (NotImplementedError otherwise), H and W not empty "
+        "(RuntimeError)",
+        "The output size chooses the windows, not which inputs are valid; the (1, 1) exceptions are the "
+        "accident of a shortcut.",
+        "F.adaptive_avg_pool2d(torch.ones(1, 2, 3, dtype=torch.int32), 1) (RuntimeError; size 2: NotImplementedError)"),
+    Difference(
+        "adaptive_avg_pool2d: an empty output differentiates", "adaptive_avg_pool2d", ("backward",),
+        _adaptive_empty_output,
+        "an output size with a 0 computes the empty forward, then its backward raises RuntimeError: Expected "
+        "grad_output to have non-zero size",
+        "the forward, and its gradient: zeros of the input's shape (no output depends on any input)",
+        "A forward torch accepts should be differentiable, and the gradient of an empty output is exactly zero; "
+        "the refusal is a shape check of the backward kernel written for the forward's input.",
+        "F.adaptive_avg_pool2d(torch.randn(1, 2, 3, requires_grad=True), 0).sum().backward()"),
+    Difference(
+        "avg_pool2d: int64 input refused", "avg_pool2d", ("exception",), _int64_input,
+        "the CPU kernel accepts int64 (alone among the integer types: int32, uint8, bool raise "
+        "NotImplementedError) and truncates each window's average to an integer",
+        "NotImplementedError, as for every other non-floating dtype",
+        "A truncated mean is not the average the op computes, and has no gradient; torch's own "
+        "adaptive_avg_pool2d refuses int64.",
+        "F.avg_pool2d(torch.ones(1, 1, 2, 2, dtype=torch.long), 2)"),
+    Difference(
+        "half_squared_error: complex refused", "half_squared_error", ("exception", "dtype"), _complex_argument,
+        "its composition 0.5·((x − y)²).sum(−1) returns a complex (x − y)², not the squared distance |x − y|²",
+        "NotImplementedError: a squared error is computed in floating types only",
+        "(x − y)² of complex values is not a squared error (it is not even real); a wrong-typed result is "
+        "worse than a refusal. torch's own mse_loss refuses complex input (NotImplementedError).",
+        "F.half_squared_error(torch.ones(2, dtype=torch.complex64), torch.zeros(2, dtype=torch.complex64))"),
+    Difference(
+        "mse_loss: a weighted integer or complex loss refused", "mse_loss", ("exception", "dtype", "output", "value"),
+        _weighted_nonfloat_mse,
+        "with weight, its Python path computes (x − y)² ⊙ w elementwise: integer arguments give an integer loss "
+        "(and 'mean' a float one), complex ones a complex (x − y)²; without weight the same dtypes raise "
+        "NotImplementedError (\"mse_cpu\" not implemented)",
+        "NotImplementedError, with or without weight",
+        "Whether an integer or complex input is valid cannot depend on whether a weight is given; torch's "
+        "own kernel refuses those dtypes, and (x − y)² of complex values is not a squared error.",
+        "F.mse_loss(torch.ones(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), weight=torch.ones(2, "
+        "dtype=torch.long), reduction='sum')"),
+    *(Difference(
+        "an infinite argument or an overflowing loss", op, ("value", "grad"), _loss_may_overflow,
+        "the loss is computed in the arguments' dtypes by its direct formula: an inf argument or a term past "
+        "the dtype's largest value makes inf − inf or 0 · inf, so nan (mse_loss's float16 weighted loss sums "
+        "+inf and −inf terms; binary_cross_entropy_with_logits's (1 − t)x − log σ(x) at x = −inf)",
+        "the stable form in float32 (float64 for float64), rounded once: the loss's limit, ±inf with the "
+        "truth's sign where the value overflows the result's dtype",
+        "An overflow to ±inf of the right sign is the correctly rounded result; nan from an intermediate "
+        "that overflows where the true value (or its limit) exists is an artefact of the formula.",
+        "F.binary_cross_entropy_with_logits(torch.tensor([-math.inf]), torch.tensor([0.5]))")
+      for op in ("mse_loss", "binary_cross_entropy_with_logits")),
+    Difference(
+        "mse_loss: the weight's gradient exact where every squared error is equal", "mse_loss", ("grad",),
+        _weighted_mean_one_distance,
+        "the weighted 'mean' L = Σ w(x − y)² / Σ w has ∂L/∂w_k = ((x_k − y_k)² − L)/Σ w, 0 where every "
+        "(x − y)² is the same (one element); torch's is a rounding residue of the two terms (3e-8 for a "
+        "float64 (x − y)² of 5e7)",
+        "0 exactly: both terms are taken relative to one of the squared errors",
+        "That is the exact value; torch's is the residue of a cancellation.",
+        "torch.autograd.grad(F.mse_loss(torch.tensor(7115.4, dtype=torch.double), torch.tensor(1.09, dtype="
+        "torch.double), weight=w), w) for w = torch.tensor(0.685, dtype=torch.double, requires_grad=True)"),
+    *(Difference(
+        "Byte targets with label smoothing and a class weight", op, ("exception",), _byte_target_smoothed_weighted,
+        "RuntimeError: gather(): Expected dtype int32/int64 for index: its label-smoothing path gathers the class "
+        "weight with the target as an index, which must not be uint8 there (it is accepted everywhere else, "
+        "smoothed or weighted alone)",
+        "the loss, as for an int64 target of the same values",
+        "Byte targets are valid for 1-D and 2-D inputs; the refusal is an internal gather's dtype rule leaking "
+        "out of one combination of options.",
+        "F.cross_entropy(torch.randn(3, 2), torch.zeros(3, dtype=torch.uint8), weight=torch.ones(2), "
+        "label_smoothing=0.5)") for op in ("cross_entropy", "linear_cross_entropy")),
+    *(Difference(
+        "an empty Byte target with a K-dim input", op, ("exception", "backward"), _byte_target_kdim_empty,
+        "Byte targets are refused for K-dim input (RuntimeError) except when the target is empty and the "
+        "reduction 'mean' or 'sum': then the forward runs and its backward raises the same RuntimeError",
+        "an empty target is accepted, forward and backward (the loss of no element, its gradient zeros)",
+        "A forward torch accepts should be differentiable; with no element there is no index whose type matters.",
+        "F.nll_loss(torch.randn(2, 3, 0, 4, requires_grad=True), torch.zeros(2, 0, 4, dtype=torch.uint8))"
+        ".backward()") for op in ("cross_entropy", "nll_loss", "linear_cross_entropy")),
+    *(Difference(
+        "label smoothing with no classes", op, ("value",), _no_classes_smoothed,
+        "with C = 0 classes its smoothing term is −(ε/C) Σ log p = 0 · (ε/0), so a 'sum' is nan",
+        "0: with no class there is no smoothing term (a 'mean' is 0/0 = nan, as torch's)",
+        "The smoothing spreads ε over the classes; with none there is nothing to spread, and the sum of no "
+        "term is 0.",
+        "F.cross_entropy(torch.randn(0, 0), torch.zeros(0, dtype=torch.long), reduction='sum', label_smoothing=0.5)")
+      for op in ("cross_entropy", "linear_cross_entropy")),
+    Difference(
+        "rms_norm: complex input refused", "rms_norm", ("exception",), _complex_argument,
+        "its composite computes x · rsqrt(mean(x²) + eps) for complex x too: mean(x²) is not the mean square "
+        "|x|², so the result is not normalised (and depends on the phase)",
+        "NotImplementedError, as torch's own layer_norm, batch_norm and group_norm for complex input",
+        "An RMS norm of complex values needs |x|²; a wrong-valued result is worse than a refusal.",
+        "F.rms_norm(torch.tensor([[1j, 1.0]]), (2,))"),
     Difference(
         "mean: keepdim without dim", "mean", ("exception",),
         lambda call: len(call.args) == 1 and "keepdim" in call.kwargs and "dim" not in call.kwargs,
