@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from .differences_attention import ATTENTION
+
 __all__ = ["Difference", "DIFFERENCES", "covering", "render"]
 
 
@@ -304,8 +306,6 @@ def _no_classes_smoothed(call) -> bool:
     return C == 0 and _smoothing(call) > 0
 
 
-from .differences_attention import ATTENTION  # noqa: E402 (it reads Difference, defined above)
-
 DIFFERENCES: tuple[Difference, ...] = (
     Difference(
         "non-tensor input: TypeError", "sigmoid", ("exception",), _not_tensor,
@@ -558,7 +558,7 @@ DIFFERENCES: tuple[Difference, ...] = (
         "One signature, mean(input, dim=None, keepdim=False, *, dtype=None): an omitted dim is dim=None, as "
         "written out; torch's refusal is its overload resolution, not a rule about the call.",
         "torch.mean(torch.ones(2, 3), keepdim=True)"),
-    *ATTENTION,
+    *(Difference(*fields) for fields in ATTENTION),
 )
 
 

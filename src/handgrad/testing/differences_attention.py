@@ -1,8 +1,7 @@
 """The deliberate differences of the attention ops (scaled_dot_product_attention,
-multi_head_attention_forward) from torch: data, spliced into ``differences.DIFFERENCES``."""
+multi_head_attention_forward) from torch: the fields of ``differences.Difference`` (name, op,
+kinds, when, torch, handgrad, why, reproducer), made entries of ``differences.DIFFERENCES``."""
 from __future__ import annotations
-
-from .differences import Difference
 
 __all__ = ["ATTENTION"]
 
@@ -33,8 +32,8 @@ def _causal_nonpositive_scale(call) -> bool:
 _OPS = ("scaled_dot_product_attention", "multi_head_attention_forward")
 
 
-ATTENTION: tuple[Difference, ...] = (
-    *(Difference(
+ATTENTION: tuple[tuple, ...] = (
+    *((
         "attention: non-finite or huge inputs give one answer, not the kernel's", op, ("value", "grad"),
         _attention_nonfinite,
         "its two CPU kernels disagree on the same inputs: the flash kernel's row max skips nan scores in "
@@ -52,7 +51,7 @@ ATTENTION: tuple[Difference, ...] = (
         "nan for the same q as 3-D.",
         "q = torch.randn(1, 1, 2, 1); k = torch.full((1, 1, 3, 1), float('nan')); v = torch.randn(1, 1, 3, 1); "
         "compare F.scaled_dot_product_attention(q, k, v) with (q[0], k[0], v[0])") for op in _OPS),
-    *(Difference(
+    *((
         "attention: equal key or value rows cancel to a rounding", op, ("value", "grad"), _equal_key_rows,
         "with every key (or value) row the same, exact arithmetic makes dP − rowsum(P ⊙ dP) or "
         "Σ_j dS_j vanish; torch's kernels return 0 or a residue of a few roundings of |P ⊙ dP| "
@@ -63,7 +62,7 @@ ATTENTION: tuple[Difference, ...] = (
         "at all, and which of two correct orders of summation cancels exactly is chance. The expanded "
         "rows are the only way the fuzzer draws exactly equal rows (a one-rounding wobble keeps them equal).",
         "python -m handgrad.testing.fuzz --call scaled_dot_product_attention:725395871990") for op in _OPS),
-    Difference(
+    (
         "attention: is_causal with scale ≤ 0 stays causal", "scaled_dot_product_attention", ("value", "grad"),
         _causal_nonpositive_scale,
         "its flash kernel (4-D inputs) fills the masked scores with −∞ and then multiplies by the scale: "
