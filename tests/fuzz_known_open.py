@@ -179,13 +179,4 @@ KNOWN_OPEN: tuple[Difference, ...] = (
            "Y ⊙ (G − (G ⊙ Y)1) cancels where y ≈ 1: handgrad's error (4e-9) is within 1.3× torch's (3e-9) but "
            "over the rule's 2·torch's error + ulps·eps·(|truth| + mean|truth|) when torch's is small by "
            "luck; the right bound is eps·|G|·y on that element, to be derived in testing/tolerances.py"),
-    *_open("scaled_dot_product_attention: domain added at merge time, its classes not yet fixed (dropout_p "
-           "range and masks of fully masked rows, is_causal with attn_mask, scale's type, 0-size batches, GQA "
-           "head counts, 2-D inputs)", ("scaled_dot_product_attention",), _ALL_KINDS, lambda call: True,
-           "python -m handgrad.testing.fuzz --call scaled_dot_product_attention:970295151402 (fully masked rows: "
-           "torch nan, handgrad 0); --call scaled_dot_product_attention:223763610095 (is_causal with a mask: "
-           "torch ok); --call scaled_dot_product_attention:469607839980 (dropout_p=1.5: torch RuntimeError)"),
-    *_open("multi_head_attention_forward: domain added at merge time, not yet triaged (values and gradients "
-           "differ in float32 with key_padding_mask / attn_mask)", ("multi_head_attention_forward",), _ALL_KINDS,
-           lambda call: True, "python -m handgrad.testing.fuzz --call multi_head_attention_forward:129944532028"),
 )

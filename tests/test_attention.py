@@ -280,3 +280,63 @@ def test_multi_head_attention_forward_static_kv_equals_torch():
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, **TOL)
+
+
+# --- parity with torch's dispatch (issue 13 §1): each failed before its fix --------------------------
+
+def _both(fn):
+    """(torch's outcome, handgrad's): the result or the exception type."""
+    out = []
+    for f in (TF.scaled_dot_product_attention, F.scaled_dot_product_attention):
+        try:
+            out.append(fn(f))
+        except Exception as e:  # noqa: BLE001 — the type is what is compared
+            out.append(type(e))
+    return out
+
+
+def test_sdpa_causal_with_a_mask_follows_torchs_kernel():
+    """4-D contiguous inputs without dropout (torch's flash kernel): mask and causal mask both
+    apply; 3-D inputs (its math kernel): RuntimeError."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    m = torch.rand(3, 5) > 0.3
+    ours, theirs = (F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True),
+                    TF.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True))
+    torch.testing.assert_close(ours, theirs)
+    assert _both(lambda f: f(q[0], k[0], v[0], attn_mask=m, is_causal=True)) == [RuntimeError] * 2
+
+
+@pytest.mark.parametrize("p, dims, expect", [(1.5, 4, RuntimeError), (-0.1, 4, RuntimeError), (-0.1, 3, None)])
+def test_sdpa_dropout_p_range(p, dims, expect):
+    q = torch.randn(1, 1, 2, 3)[(0,) * (4 - dims)]
+    got = _both(lambda f: f(q, q, q, dropout_p=p))
+    if expect is None:
+        torch.testing.assert_close(got[1], got[0])
+    else:
+        assert got == [expect] * 2
+
+
+def test_sdpa_argument_checks_in_torchs_order():
+    q = torch.randn(2, 3)
+    assert _both(lambda f: f(q, q, q, scale="a")) == [TypeError] * 2
+    assert _both(lambda f: f(q, q, q, enable_gqa=True)) == [IndexError] * 2          # 2-D: no head dim
+    c = torch.ones(1, 1, 2, 2, dtype=torch.complex64)
+    assert _both(lambda f: f(c, c, c)) == [NotImplementedError] * 2
+    x = torch.randn(1, 1, 2, 2)
+    assert _both(lambda f: f(x, x, x, attn_mask=torch.ones(2, dtype=torch.bool))) == [IndexError] * 2
+
+
+def test_sdpa_empty_query_returns_torchs_shape():
+    q, k = torch.randn(0, 1, 7, 2), torch.randn(0, 2, 3, 2)
+    ours, theirs = _both(lambda f: f(q, k, torch.randn(0, 2, 3, 5)))
+    assert ours.shape == theirs.shape == (0, 1, 7, 5)
+
+
+@pytest.mark.parametrize("seed", [807706331785, 766381185555, 712205330425, 314049800487, 543675925868])
+def test_sdpa_float32_gradients_within_the_low_precision_rule(seed):
+    """Calls the fuzzer found where handgrad's float32 gradients erred by 2–8× torch's (a rounded
+    ℓ scaling whole rows; the row term's own rounding where one weight dominates)."""
+    from handgrad.testing.fuzz import check_call
+    from handgrad.testing.fuzz.draw import draw_call
+    assert check_call(draw_call("scaled_dot_product_attention", seed)) == []

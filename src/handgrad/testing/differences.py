@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from .differences_attention import ATTENTION
+
 __all__ = ["Difference", "DIFFERENCES", "covering", "render"]
 
 
@@ -175,6 +177,7 @@ def _one_element_groups(call) -> bool:
     if not isinstance(x, Spec) or len(x.shape) < 2 or not isinstance(G, int) or G <= 0 or x.shape[1] % G:
         return False
     return x.shape[1] // G * math.prod(x.shape[2:]) == 1
+
 
 
 def _adaptive_size(call):
@@ -555,6 +558,7 @@ DIFFERENCES: tuple[Difference, ...] = (
         "One signature, mean(input, dim=None, keepdim=False, *, dtype=None): an omitted dim is dim=None, as "
         "written out; torch's refusal is its overload resolution, not a rule about the call.",
         "torch.mean(torch.ones(2, 3), keepdim=True)"),
+    *(Difference(*fields) for fields in ATTENTION),
 )
 
 
