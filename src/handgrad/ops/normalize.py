@@ -102,6 +102,14 @@ def update_running_stats(running_mean, running_var, mu: torch.Tensor, var: torch
             running_var.copy_(momentum * var.reshape(-1) * (n / (n - 1)) + (1 - momentum) * running_var)
 
 
+def one_dtype(G, x, w, mu) -> bool:
+    """Do G, X (in opmath), w and the statistics share one dtype? The fast path's in-place and
+    matrix-vector steps need it; mixed dtypes (a float64 w with a bfloat16 X) take the formula,
+    which promotes as torch does."""
+    dtype = G.dtype
+    return opmath(x).dtype == dtype and mu.dtype == dtype and (w is None or opmath(w).dtype == dtype)
+
+
 def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
     """The backward of NormFn and LayerNormFn on the fast path (``fast_path()``): their equations
         ∂L/∂X = rstd·(gy − mean(gy) − x̂·mean(gy ⊙ x̂)),  gy = G ⊙ w   (RMS: without mean(gy))
@@ -312,7 +320,7 @@ class NormFn(HandFunction):
         ndim = grad_y.dim()
         spec = ctx.spec
         G = opmath(grad_y)                                                   # X's shape
-        if fast_path(grad_y) and G.numel() and x is not None:                      # the same equations, fewer passes
+        if fast_path(grad_y) and G.numel() and x is not None and one_dtype(G, x, weight, mu):   # the same equations, fewer passes
             need = (ctx.needs_input_grad[0], ctx.w is not None and ctx.needs_input_grad[1],
                     ctx.b is not None and ctx.needs_input_grad[2])
             p_shape = x.shape[x.dim() - spec.k:] if spec.over == "trailing" else x.shape[1:2]

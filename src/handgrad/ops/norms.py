@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from ._function import HandFunction, fast_path, opmath
-from .normalize import Norm, normalize as normalize_over, normalize_dx, normalize_grads_fast, save_for_norm_backward
+from .normalize import (Norm, normalize as normalize_over, normalize_dx, normalize_grads_fast, one_dtype,
+                        save_for_norm_backward)
 
 
 def normalize(X: torch.Tensor, K: int, eps: float, fast: bool = False):
@@ -95,7 +96,7 @@ class LayerNormFn(HandFunction):
             return None, None, None, None, None
         G = opmath(grad_y)                                                   # (*, row)
         need = ctx.needs_input_grad[:2] + (ctx.has_bias and ctx.needs_input_grad[2],)
-        if fast_path(grad_y) and G.numel() and x is not None:                                        # the same equations, fewer passes
+        if fast_path(grad_y) and G.numel() and x is not None and one_dtype(G, x, weight, mu):        # the same equations, fewer passes
             gx, gw, gb = normalize_grads_fast(G, opmath(x), mu, rstd, opmath(weight), Norm("trailing", K, True, ctx.eps),
                                               tuple(x.shape[x.dim() - K:]), need)
             return (None if gx is None else gx.to(ctx.x_dtype), None if gw is None else gw.to(ctx.w_dtype),
