@@ -74,9 +74,12 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         weight = weight.unsqueeze(0)                # (1, D_in)
     bias = check_linear("linear_act", weight, bias, features=input.shape[-1], dtype=input.dtype)
     act = activation_spec(activation, **activation_kwargs)
-    spec = _ONE_LAYER.get(act)
-    if spec is None:
-        spec = _ONE_LAYER[act] = StackSpec((act,))  # one per activation (a spec per call costs µs)
+    if torch.compiler.is_compiling():               # (Dynamo of torch 2.4 takes no object as a dict key)
+        spec = StackSpec((act,))
+    else:
+        spec = _ONE_LAYER.get(act)
+        if spec is None:
+            spec = _ONE_LAYER[act] = StackSpec((act,))  # one per activation (a spec per call costs µs)
     y = StackFn.call(input, spec, weight, bias)[0]
     return y.squeeze(-1) if vector else y
 

@@ -457,7 +457,7 @@ class ElementwiseFn(HandFunction):
                 z, y = (None, saved) if act.saves == "output" else (saved, None)
                 return act.vjp(grad_y, z, y), None                                  # G ⊙ f'(Z), fewer passes
         df = ElementwiseFn._df(ctx)
-        return (opmath(grad_y) * (df.conj() if df.is_complex() else df)).to(grad_y.dtype), None   # G ⊙ f'(Z)
+        return (opmath(grad_y) * (df.conj() if df.dtype.is_complex else df)).to(grad_y.dtype), None   # G ⊙ f'(Z)
 
     @staticmethod
     def jvp(ctx, dz, _):

@@ -16,7 +16,7 @@ __all__ = ["MulFn"]
 def _conj(t):
     """conj B: a complex tensor's or number's conjugate; a real one itself."""
     if isinstance(t, torch.Tensor):
-        return t.conj() if t.is_complex() else t
+        return t.conj() if t.dtype.is_complex else t
     return t.conjugate() if isinstance(t, complex) else t
 
 
@@ -24,7 +24,7 @@ def _to_input(g: torch.Tensor, shape, dtype: torch.dtype, device) -> torch.Tenso
     """g summed over the dims broadcasting added or stretched (to ``shape``), in the input's
     dtype and device; the real part for a real input (torch's handle_r_to_c)."""
     g = g.sum_to_size(shape) if g.shape != shape else g                         # Σ over the broadcast dims
-    if g.is_complex() and not dtype.is_complex:
+    if g.dtype.is_complex and not dtype.is_complex:
         g = g.real
     return g.to(dtype=dtype, device=device)
 
