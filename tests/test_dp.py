@@ -38,13 +38,18 @@ def batch(n: int = 10, seed: int = 1):
 def dp_step(model, x, y, mode: str, reduction: str, **kw) -> dp.DPOptimizer:
     """One DPOptimizer step (SGD, lr 1) of ``model`` on (x, y), fed by ``mode``."""
     opt = dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model, loss_reduction=reduction, **kw)
+    dp_backward(opt, model, x, y, mode, reduction)
+    opt.step()
+    return opt
+
+
+def dp_backward(opt, model, x, y, mode: str, reduction: str) -> None:
+    """The cross-entropy backward ``opt`` clips: ghost (per-sample losses) or inside a capture."""
     if mode == "ghost":
         opt.backward(lambda: F.cross_entropy(model(x), y, reduction="none"))
     else:
         with per_sample.capture(model):
             F.cross_entropy(model(x), y, reduction=reduction).backward()
-    opt.step()
-    return opt
 
 
 def reference_gradient(model, x, y, C, sigma, B, generator):
@@ -170,11 +175,7 @@ def test_step_equals_opacus_dp_optimizer(mode, reduction):
         their_opt.step()
         torch.manual_seed(step)
         ours.zero_grad()
-        if mode == "ghost":
-            ours.backward(lambda: F.cross_entropy(model(x), y, reduction="none"))
-        else:
-            with per_sample.capture(model):
-                F.cross_entropy(model(x), y, reduction=reduction).backward()
+        dp_backward(ours, model, x, y, mode, reduction)
         ours.step()
     for a, b in zip(model.parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)  # float64, rounding only
