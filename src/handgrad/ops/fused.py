@@ -24,7 +24,7 @@ import torch
 from .._compat import forward_ad_active, functorch_transforms_active, saved_tensors_hooks_active
 from ._function import HandFunction, opmath
 from ._function import accurate_sum as _sum
-from .activations import Activation, ElementwiseFn, fast, get_activation
+from .activations import Activation, ElementwiseFn, fast, fast_vjp, get_activation
 from .linear import LinearFn, affine, affine_jvp, affine_vjp
 from .losses import (CrossEntropyFn, CrossEntropyOptions, ce_denominator, ce_direction, ce_losses, ce_row_scale,
                      reduce_loss)
@@ -48,6 +48,8 @@ def _act_forward(act: Activation, Z: torch.Tensor) -> torch.Tensor:
     """Y = f(Z), the math in float32 for float16/bfloat16 and rounded once (as torch's kernels)."""
     if act is IDENTITY:
         return Z
+    if act.fast_f is not None and fast(Z):
+        return act.fast_f(Z)                                       # torch's forward kernel, as the composition's
     return act.f(opmath(Z)).to(Z.dtype)
 
 
@@ -57,8 +59,11 @@ def _act_grad(act: Activation, G: torch.Tensor, Z: torch.Tensor | None, Y: torch
     buffer this op owns and nothing records the backward, so Δ overwrites it."""
     if act is IDENTITY:
         return G                                                   # f'(Z) = 1
-    if not inplace and act.vjp is not None and fast(Y if Z is None else Z, grad=G):
-        return act.vjp(G, Z, Y)                                    # G ⊙ f'(Z), fewer passes (not ours: fresh)
+    saved = Y if Z is None else Z
+    if act.fast_df is not None and G.dtype == saved.dtype and fast(saved, grad=G):
+        return fast_vjp(act, G, Z, Y, out=G if inplace else None)  # G ⊙ f'(Z), fewer passes (into G if ours)
+    if act.select is not None:
+        return act.select(G, Z, Y)                                 # torch selects G (relu): inf/nan G kept
     if inplace and G.dtype not in _LOW:                            # G is its own opmath dtype
         # G ⊙ f'(Z) into G, a block of rows at a time: f'(Z)'s temporaries (y(1 − y) makes
         # two) then span one block, not the whole (N, D) (native's sigmoid_backward makes none)
