@@ -219,9 +219,10 @@ def relu_spec() -> Activation:
     # f(z) = max(z, 0);  f'(z) = [z > 0] = [y > 0]; written as "not y ≤ 0", torch's
     # threshold_backward test, so f'(0) = 0 and a nan passes the gradient through as torch's does.
     def fast_df(z, y, out):
-        # y = relu(z) ≥ 0, so sign(y) = [y > 0] (0 at y = 0), one pass; nan at a nan y, where
-        # torch passes G: ``select`` takes that, and an infinite or nan G, as torch does
-        torch.sign(y, out=out)
+        # y = relu(z) is ≥ 0 or nan, so [y ≠ 0] = [not y ≤ 0] (0 at y = 0, 1 at a nan y, as
+        # torch's test), one pass; an infinite or nan G makes G · 0 nan where torch's
+        # threshold_backward selects 0: ``select`` takes that case
+        torch.ne(y, 0, out=out)
 
     def select(g, z, y):
         return g.masked_fill(y <= 0, 0)                              # torch's threshold_backward: 0 for y ≤ 0, else G
