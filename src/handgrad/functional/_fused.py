@@ -94,13 +94,8 @@ def mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[t
         raise ValueError(f"mlp: got {len(weights)} weights but {len(biases)} biases; give one bias (or None) per layer")
     L = len(weights)
     spec = _stack_spec(activation, last_activation, L)
-    if not all(_fusable(input, w, b) for w, b in zip(weights, biases)):
-        # as linear_act's: the composition, layer by layer, for what one fused stack does not take
-        h = input
-        for l, (w, b) in enumerate(zip(weights, biases)):
-            h = _activation(activation if l < L - 1 else last_activation)(linear(h, w, b))
-        return h
     params = [t for pair in zip(weights, biases) for t in pair]   # W_1, b_1, W_2, b_2, …
+    raw = input
     if torch.is_autocast_enabled(input.device.type):
         cast = iter(autocast("linear", input, *[p for p in params if p is not None]))
         input, params = next(cast), [None if p is None else next(cast) for p in params]
@@ -110,7 +105,13 @@ def mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[t
         # one cheap test per layer (this runs every step); the detailed checks only on failure
         if not (isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == features and w.dtype == dtype
                 and (b is None or (isinstance(b, torch.Tensor) and b.dim() == 1 and b.shape[0] == w.shape[0]
-                                   and b.dtype == dtype))):
+                                   and b.dtype == dtype)) and dtype.is_floating_point):
+            if not all(_fusable(raw, w, b) for w, b in zip(weights, biases)):
+                # as linear_act's: the composition, layer by layer, for what one fused stack does not take
+                h = raw
+                for k, (w, b) in enumerate(zip(weights, biases)):
+                    h = _activation(activation if k < L - 1 else last_activation)(linear(h, w, b))
+                return h
             params[2 * l + 1] = check_linear("mlp", w, b, features=features, dtype=dtype, layer=l)
         features = w.shape[0]
     return StackFn.call(input, spec, *params)[L - 1]

@@ -185,6 +185,10 @@ def fast_vjp(act: Activation, g: torch.Tensor, z: torch.Tensor | None, y: torch.
     if fresh and act.one_pass:
         act.fast_df(z, y, out)                                   # f'(Z)
         out.mul_(g)                                              # G ⊙ f'(Z)
+    elif saved.numel() <= _BLOCK:                                # one block: no slicing
+        d = torch.empty_like(saved)
+        act.fast_df(z, y, d)                                     # f'(Z)
+        torch.mul(g, d, out=out)                                 # G ⊙ f'(Z)
     else:
         for ob, gb, sb, d in _blocks(out, g, saved, scratch=1):
             act.fast_df(None if z is None else sb, None if y is None else sb, d)   # f'(Z)

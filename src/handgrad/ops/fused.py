@@ -44,23 +44,24 @@ def activation_spec(activation: str | Activation | None, **options) -> Activatio
     return get_activation(activation, **options)
 
 
-def _act_forward(act: Activation, Z: torch.Tensor) -> torch.Tensor:
+def _act_forward(act: Activation, Z: torch.Tensor, quick: bool = False) -> torch.Tensor:
     """Y = f(Z), the math in float32 for float16/bfloat16 and rounded once (as torch's kernels)."""
     if act is IDENTITY:
         return Z
-    if act.fast_f is not None and fast(Z):
+    if act.fast_f is not None and quick:
         return act.fast_f(Z)                                       # torch's forward kernel, as the composition's
     return act.f(opmath(Z)).to(Z.dtype)
 
 
 def _act_grad(act: Activation, G: torch.Tensor, Z: torch.Tensor | None, Y: torch.Tensor | None,
-              inplace: bool) -> torch.Tensor:
+              inplace: bool, quick: bool = False) -> torch.Tensor:
     """Δ = G ⊙ f'(Z), with f'(Z) from the saved Z or Y (``act.saves``). ``inplace``: G is a
-    buffer this op owns and nothing records the backward, so Δ overwrites it."""
+    buffer this op owns and nothing records the backward, so Δ overwrites it. ``quick``: the
+    fast path may run (``activations.fast`` of the stack's tensors, asked once per pass)."""
     if act is IDENTITY:
         return G                                                   # f'(Z) = 1
     saved = Y if Z is None else Z
-    if act.fast_df is not None and G.dtype == saved.dtype and fast(saved, grad=G):
+    if act.fast_df is not None and quick and G.dtype == saved.dtype:
         return fast_vjp(act, G, Z, Y, out=G if inplace else None)  # G ⊙ f'(Z), fewer passes (into G if ours)
     if act.select is not None:
         return act.select(G, Z, Y)                                 # torch selects G (relu): inf/nan G kept
@@ -153,10 +154,11 @@ class StackFn(HandFunction):
         lead = x.shape[:-1]
         X = x if flat else x.reshape(lead.numel(), x.shape[-1])    # X_0 (N, D_0) (D_0 may be 0)
         xs, zs = [], []
+        quick = fast(X)                                            # one dtype throughout: asked once
         for l, act in enumerate(spec.acts):
             W, b = params[2 * l], params[2 * l + 1]
             Z = affine(X, W, b)                                    # Z_l = X_{l−1} W_lᵀ + b_l  (N, D_l)
-            X = _act_forward(act, Z)                               # X_l = f_l(Z_l)            (N, D_l)
+            X = _act_forward(act, Z, quick)                        # X_l = f_l(Z_l)            (N, D_l)
             xs.append(X if flat else X.reshape(*lead, W.shape[0]))   # (*, D_l)
             if spec.z_slots[l] is not None:
                 zs.append(Z if flat else Z.reshape(*lead, W.shape[0]))   # (*, D_l)
@@ -248,7 +250,7 @@ class StackFn(HandFunction):
             W, b = params[2 * l], params[2 * l + 1]
             z = LinearFn.call(X[-1], W, b) if recorded else affine(X[-1], W, b)   # Z_l
             Z.append(z if spec.z_slots[l] is not None else None)
-            X.append(z if act is IDENTITY else ElementwiseFn.call(z, act) if recorded else _act_forward(act, z))
+            X.append(z if act is IDENTITY else ElementwiseFn.call(z, act) if recorded else _act_forward(act, z, fast(z)))
         return X, params[0::2], Z
 
     @staticmethod
@@ -267,6 +269,8 @@ class StackFn(HandFunction):
         needs = ctx.needs_input_grad                               # (x, spec, W_1, b_1, …)
         upstream = ctx.below   # [l]: does X_0 or a parameter of a layer below l need a gradient?
         result: list[torch.Tensor | None] = [None] * (2 + 2 * L)
+        g0 = next((g for g in grads if g is not None), None)
+        quick = g0 is not None and fast(g0, grad=g0)               # the fast path, asked once (one dtype)
         G, owned = None, False                                     # Δ_{l+1} W_{l+1}, ours to overwrite?
         for l in reversed(range(L)):
             g_out = grads[l]                                       # ∂L/∂X_l from outside
@@ -275,7 +279,7 @@ class StackFn(HandFunction):
             if g_out is not None:
                 G, owned = (g_out, False) if G is None else (G + g_out, True)
             Y, z_l, X[l + 1], Z[l] = X[l + 1], Z[l], None, None   # the last use of X_l, Z_l: drop them after
-            D = None if G is None else _act_grad(spec.acts[l], G, z_l, Y, inplace and owned)   # Δ_l = f'(Z_l) ⊙ G_l
+            D = None if G is None else _act_grad(spec.acts[l], G, z_l, Y, inplace and owned, quick)   # Δ_l = f'(Z_l) ⊙ G_l
             G = Y = z_l = None
             k = spec.z_slots[l]
             if k is not None and grads[k] is not None:
