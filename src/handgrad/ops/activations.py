@@ -76,6 +76,9 @@ class Activation:
     # an infinite or nan G (or saved value) needs the selection itself: ``select(g, z, y)``,
     # taken when the fast product's operands are not all finite.
     select: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor] | None = None
+    # Y = f(Z) written into Z (torch's in-place kernel), for a caller that owns Z and, f' being
+    # read from y, no longer needs it (a fused stack's Z_l): one buffer fewer. None: ``fast_f``.
+    fast_f_: Callable[[torch.Tensor], torch.Tensor] | None = None
     # ``fast_df`` needs no temporaries (one pass into ``out``): into a fresh result it then runs
     # on the whole tensor, unblocked, and G multiplies in place (two passes, one buffer).
     one_pass: bool = False
@@ -206,7 +209,8 @@ def sigmoid_spec() -> Activation:
         # start + w(end − start) = y − y·y below, where y² ≤ y/2 cannot cancel
         torch.lerp(y, const(0.0, y), y, out=out)
 
-    return Activation("sigmoid", torch.sigmoid, lambda z, y: y * (1 - y), "output", fast_df=fast_df, one_pass=True)
+    return Activation("sigmoid", torch.sigmoid, lambda z, y: y * (1 - y), "output", fast_df=fast_df, one_pass=True,
+                      fast_f_=torch.sigmoid_)
 
 
 def tanh_spec() -> Activation:
@@ -216,7 +220,8 @@ def tanh_spec() -> Activation:
         # (1 + y)(1 − y): 1 + y, then lerp(a, 0, y) = a(1 − y) (as sigmoid's)
         torch.add(y, 1, out=out).lerp_(const(0.0, y), y)
 
-    return Activation("tanh", torch.tanh, lambda z, y: (1 - y) * (1 + y), "output", fast_df=fast_df, one_pass=True)
+    return Activation("tanh", torch.tanh, lambda z, y: (1 - y) * (1 + y), "output", fast_df=fast_df, one_pass=True,
+                      fast_f_=torch.tanh_)
 
 
 def relu_spec() -> Activation:
@@ -232,7 +237,7 @@ def relu_spec() -> Activation:
         return g.masked_fill(y <= 0, 0)                              # torch's threshold_backward: 0 for y ≤ 0, else G
 
     return Activation("relu", lambda z: z.clamp_min(0), lambda z, y: (y <= 0).logical_not().to(y.dtype), "output",
-                      fast_df=fast_df, select=select, one_pass=True)
+                      fast_df=fast_df, select=select, one_pass=True, fast_f_=torch.relu_)
 
 
 def leaky_relu_spec(negative_slope: float = 0.01) -> Activation:

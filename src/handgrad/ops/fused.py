@@ -44,10 +44,14 @@ def activation_spec(activation: str | Activation | None, **options) -> Activatio
     return get_activation(activation, **options)
 
 
-def _act_forward(act: Activation, Z: torch.Tensor, quick: bool = False) -> torch.Tensor:
-    """Y = f(Z), the math in float32 for float16/bfloat16 and rounded once (as torch's kernels)."""
+def _act_forward(act: Activation, Z: torch.Tensor, quick: bool = False, owned: bool = False) -> torch.Tensor:
+    """Y = f(Z), the math in float32 for float16/bfloat16 and rounded once (as torch's kernels).
+    ``quick``: the fast path (torch's forward kernel); ``owned`` too: Z is this op's own buffer
+    and nothing reads it after, so Y overwrites it where f has an in-place kernel."""
     if act is IDENTITY:
         return Z
+    if quick and owned and act.fast_f_ is not None:
+        return act.fast_f_(Z)                                      # Z ← f(Z), no second buffer
     if act.fast_f is not None and quick:
         return act.fast_f(Z)                                       # torch's forward kernel, as the composition's
     return act.f(opmath(Z)).to(Z.dtype)
@@ -158,7 +162,7 @@ class StackFn(HandFunction):
         for l, act in enumerate(spec.acts):
             W, b = params[2 * l], params[2 * l + 1]
             Z = affine(X, W, b)                                    # Z_l = X_{l−1} W_lᵀ + b_l  (N, D_l)
-            X = _act_forward(act, Z, quick)                        # X_l = f_l(Z_l)            (N, D_l)
+            X = _act_forward(act, Z, quick, spec.z_slots[l] is None)   # X_l = f_l(Z_l)        (N, D_l)
             xs.append(X if flat else X.reshape(*lead, W.shape[0]))   # (*, D_l)
             if spec.z_slots[l] is not None:
                 zs.append(Z if flat else Z.reshape(*lead, W.shape[0]))   # (*, D_l)
