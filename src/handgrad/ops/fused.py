@@ -86,6 +86,24 @@ def _act_grad(act: Activation, G: torch.Tensor, Z: torch.Tensor | None, Y: torch
 
 
 _DF_BLOCK = 1 << 16   # elements per block of the in-place Δ (256 KiB in float32)
+_GX_BLOCK = 1 << 18   # elements per row block of ∂L/∂X written over Δ (1 MiB in float32)
+
+
+def _affine_vjp_over(D: torch.Tensor, X: torch.Tensor, W: torch.Tensor, needs):
+    """``affine_vjp`` with ∂L/∂X = Δ W (N, D_in) written over Δ's own buffer (N, D_out), D_in ≤ D_out,
+    a block of rows at a time: ∂L/∂W = Δᵀ X and ∂L/∂b first (they read all of Δ), then each row
+    block r of Δ W goes to elements [r₀ D_in, r₁ D_in) of the buffer, which hold only rows of Δ
+    before r₁ (r₁ D_in ≤ r₁ D_out), already read. Δ is a buffer this op owns and nothing records
+    the backward; the layer's backward then allocates no (N, D_in) buffer (native's does)."""
+    _, gW, gb = affine_vjp(D, X, W, (False, needs[1], needs[2]))   # Δᵀ X, 1ᵀ Δ
+    N, D_out = D.shape
+    D_in = W.shape[1]
+    gX = D.view(-1)[: N * D_in].view(N, D_in)                         # (N, D_in) over Δ's first N·D_in elements
+    rows = max(1, _GX_BLOCK // max(D_out, 1))
+    for s in range(0, N, rows):
+        e = min(s + rows, N)
+        gX[s:e].copy_(D[s:e] @ W)                                     # Δ W, rows s…e
+    return gX, gW, gb
 _LOW = (torch.float16, torch.bfloat16)
 
 
@@ -275,6 +293,7 @@ class StackFn(HandFunction):
         result: list[torch.Tensor | None] = [None] * (2 + 2 * L)
         g0 = next((g for g in grads if g is not None), None)
         quick = g0 is not None and fast(g0, grad=g0)               # the fast path, asked once (one dtype)
+        g0 = None
         G, owned = None, False                                     # Δ_{l+1} W_{l+1}, ours to overwrite?
         for l in reversed(range(L)):
             g_out = grads[l]                                       # ∂L/∂X_l from outside
@@ -284,18 +303,23 @@ class StackFn(HandFunction):
                 G, owned = (g_out, False) if G is None else (G + g_out, True)
             Y, z_l, X[l + 1], Z[l] = X[l + 1], Z[l], None, None   # the last use of X_l, Z_l: drop them after
             D = None if G is None else _act_grad(spec.acts[l], G, z_l, Y, inplace and owned, quick)   # Δ_l = f'(Z_l) ⊙ G_l
+            d_owned = D is not None and (owned or D is not G)      # Δ_l in a buffer of ours?
             G = Y = z_l = None
             k = spec.z_slots[l]
             if k is not None and grads[k] is not None:
                 g_z = grads[k].reshape(N, grads[k].shape[-1])                      # ∂L/∂Z_l from outside
-                D = g_z if D is None else D + g_z                  # Δ_l += ∂L/∂Z_l
+                D, d_owned = (g_z, False) if D is None else (D + g_z, True)        # Δ_l += ∂L/∂Z_l
             if D is None:                                          # nothing flows into this layer
                 G, owned = None, False
                 continue
             # the affine rule: Δ_l W_l (N, D_{l−1}), ∂L/∂W_l = Δ_lᵀ X_{l−1}, ∂L/∂b_l = 1ᵀ Δ_l
-            G, result[2 + 2 * l], result[3 + 2 * l] = affine_vjp(
-                D, X[l], weights[l], (upstream[l], needs[2 + 2 * l], needs[3 + 2 * l]))
-            owned = G is not None                                  # Δ_l W_l is a fresh buffer
+            W, wants = weights[l], (upstream[l], needs[2 + 2 * l], needs[3 + 2 * l])
+            if inplace and quick and d_owned and l > 0 and upstream[l] and W.shape[1] <= W.shape[0] \
+                    and D.is_contiguous() and D.dtype == W.dtype:
+                G, result[2 + 2 * l], result[3 + 2 * l] = _affine_vjp_over(D, X[l], W, wants)
+            else:
+                G, result[2 + 2 * l], result[3 + 2 * l] = affine_vjp(D, X[l], W, wants)
+            owned = G is not None                                  # Δ_l W_l is a buffer of ours
             D = None                                               # Δ_l is done with: free it now
         if needs[0] and G is not None:
             result[0] = G.reshape(ctx.x_shape)                     # ∂L/∂X_0 = Δ_1 W_1
