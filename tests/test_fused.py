@@ -122,7 +122,7 @@ def test_gradient_over_delta_in_row_blocks(name, dtype, monkeypatch):
     (ops.fused._affine_vjp_over), a block of rows at a time: with blocks of 3 rows here (and a
     short last one), the gradients equal the torch composition's."""
     import handgrad.ops.fused as fused
-    monkeypatch.setattr(fused, "_GX_BLOCK", 27)             # 27 // 9 = 3 rows per block
+    monkeypatch.setattr(fused, "_GX_BLOCK", 27)             # 27 // 9 = 3 rows per block (Δ: 99 elements > 27)
     torch.manual_seed(0)
     x = torch.randn(11, 5, dtype=dtype, requires_grad=True)
     ws, bs = _params((5, 6, 9, 9, 3))                       # layers 2, 3: D_in 6, 9 ≤ D_out 9

@@ -315,7 +315,7 @@ class StackFn(HandFunction):
             # the affine rule: Δ_l W_l (N, D_{l−1}), ∂L/∂W_l = Δ_lᵀ X_{l−1}, ∂L/∂b_l = 1ᵀ Δ_l
             W, wants = weights[l], (upstream[l], needs[2 + 2 * l], needs[3 + 2 * l])
             if inplace and quick and d_owned and l > 0 and upstream[l] and W.shape[1] <= W.shape[0] \
-                    and D.is_contiguous() and D.dtype == W.dtype:
+                    and D.numel() > _GX_BLOCK and D.is_contiguous() and D.dtype == W.dtype:   # (small: no memory to save)
                 G, result[2 + 2 * l], result[3 + 2 * l] = _affine_vjp_over(D, X[l], W, wants)
             else:
                 G, result[2 + 2 * l], result[3 + 2 * l] = affine_vjp(D, X[l], W, wants)
