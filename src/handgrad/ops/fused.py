@@ -8,7 +8,8 @@ work in place on buffers it owns.
 In place versus double backward. ``backward`` runs with grad mode off unless the caller asked
 for ``create_graph=True``. With grad mode off nothing records the backward, so it may overwrite
 buffers it allocated itself (the fast path: ``Δ_l`` is written into the ``Δ_{l+1} W_{l+1}``
-buffer, the softmax into the logits buffer). With grad mode on (double backward,
+buffer, ``Δ_l W_l`` over ``Δ_l`` in row blocks where it fits, the softmax into the logits
+buffer; in the forward, sigmoid/tanh/relu overwrite the layer's own ``Z_l``). With grad mode on (double backward,
 ``gradgradcheck``, ``torch.func.grad``), the same equations run out of place, so autograd can
 differentiate them. Both paths share every line of math; only ``inplace`` differs.
 
