@@ -83,7 +83,7 @@ def fast_softmax_vjp(Y: torch.Tensor, G: torch.Tensor, dim: int) -> torch.Tensor
     return torch.addcmul(P, Y, P.sum(dim, keepdim=True), value=-1, out=P)      # G ⊙ Y − Y ⊙ (G ⊙ Y)1
 
 
-_EXP2_FROM = 1 << 14     # elements: below, one exp call costs less than exp2's two (a call's ~1.5 µs)
+_EXP2_FROM = 1 << 12     # elements: below, one exp call costs less than exp2's two (measured: even at 4096)
 
 
 def fast_log_softmax_vjp(Y: torch.Tensor, G: torch.Tensor, dim: int) -> torch.Tensor:
