@@ -5,6 +5,8 @@ terms at one element (where it cancels most), or with one element's sign flipped
 ``lowp`` check and the fuzzer, for every op that declares terms."""
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -12,6 +14,9 @@ import torch.nn.functional as TF
 import handgrad.functional as F
 from handgrad.testing import check_function, fuzz
 from handgrad.testing.checks.problem import G_STREAM
+from handgrad.testing.fuzz.call import build, describe
+from handgrad.testing.fuzz.compare import run_side
+from handgrad.testing.fuzz.draw import draw_call
 from handgrad.testing.registry import all_cases
 from handgrad.testing.tolerances import TERM_SCALES, allowed_lowp_error, term_scales
 
@@ -119,6 +124,27 @@ def test_a_call_the_terms_do_not_fit_gets_the_stricter_rule():
     G = torch.randn(3, 5, dtype=torch.float64)
     assert term_scales(TERM_SCALES["layer_norm"], G, (x, (7,)), {}, (x,)) == [None]     # torch refuses it
     assert term_scales(None, G, (x,), {}, (x,)) == [None]
+
+
+@pytest.mark.parametrize("op", sorted(TERM_SCALES))
+def test_every_accepted_fuzz_call_has_terms(op):
+    """The absolute computation covers every call torch differentiates: a refusal of it falls
+    back to the stricter rule silently, so it must not happen where torch accepts the call
+    (eval batch norm's ∂L/∂x has no terms by design: nothing cancels)."""
+    ops = fuzz.fuzzed_ops()[0]
+    rng, n = random.Random(3), 0
+    for _ in range(80):
+        call = draw_call(op, rng.getrandbits(40))
+        o = run_side(ops[op][1], call, torch.float64, terms=TERM_SCALES[op])
+        if o.error or o.backward_error or not o.grads or 0 in call.first().shape:
+            continue                  # (an empty input: no element to bound)
+        leaves = build(call, torch.float64)[2]
+        for i, g in enumerate(o.grads):
+            if g is None or op == "batch_norm" and not call.kwargs.get("training") and leaves[i].dim() > 1:
+                continue
+            n += 1
+            assert o.terms[i] is not None, f"no terms for gradient {i} of {describe(call)}"
+    assert n >= 15                  # gradients checked: torch differentiates ~40% of the draws
 
 
 @pytest.mark.parametrize("op", ["softmax", "layer_norm"])

@@ -21,6 +21,7 @@ they derive from where the error lives, ``SCALED_LOWP_RULE`` (``scaled_lowp_exce
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Callable
 
 import torch
@@ -130,10 +131,14 @@ def _affine_terms(g, xa, weight, bias, rest):
     # ∂L/∂w = Σ G ⊙ x̂ and ∂L/∂b = Σ G over the dims ``rest``: Σ|G ⊙ x̂| and Σ|G|
     out = {}
     if weight is not None:
-        out["weight"] = (g.abs() * xa).sum(rest).reshape(weight.shape)
+        out["weight"] = _sum(g.abs() * xa, rest).reshape(weight.shape)
     if bias is not None:
-        out["bias"] = g.abs().sum(rest).reshape(bias.shape)
+        out["bias"] = _sum(g.abs(), rest).reshape(bias.shape)
     return out
+
+
+def _sum(t, dims):
+    return t.sum(tuple(dims)) if len(dims) else t          # t.sum(()) would sum every dim
 
 
 def _trailing_norm_terms(G, x, K, weight, bias, centred, eps):
@@ -186,7 +191,7 @@ def _batch_norm_terms(G, input, running_mean, running_var, weight=None, bias=Non
 def _group_norm_terms(G, input, num_groups, weight=None, bias=None, eps=1e-5):
     # the statistics over each group: x viewed as (N, groups, C/groups · spatial)
     x, g = input.double(), G.double()
-    grouped = (x.shape[0], num_groups, -1)
+    grouped = (x.shape[0], num_groups, x.shape[1] // num_groups * math.prod(x.shape[2:]))
     xa, rstd = _normalised(x.reshape(grouped), (2,), True, eps)
     v = (g if weight is None else g * _per_channel(weight, x)).abs().reshape(grouped)
     dx = _dx_terms(v, xa, rstd, (2,), True).reshape(x.shape)
@@ -212,7 +217,7 @@ def _linear_cross_entropy_terms(G, input, linear_weight, target, *, linear_bias=
     out = {"input": torch.tensordot(d, w.abs(), dims=([lead + i for i in inner], inner)),
            "linear_weight": torch.tensordot(d, x.abs(), dims=(rows, rows))}
     if linear_bias is not None:
-        out["linear_bias"] = d.sum(rows) if rows else d
+        out["linear_bias"] = _sum(d, rows)
     return out
 
 
