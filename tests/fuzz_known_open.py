@@ -88,6 +88,10 @@ def _linear_other_paths(call):
     return _odd_linear_shapes(call) or len({s.dtype for s in specs}) > 1 or any(0 in s.shape for s in specs)
 
 
+def _zero_eps(call):
+    return call.kwargs.get("eps") == 0
+
+
 _NORMS = ("group_norm", "batch_norm", "rms_norm", "layer_norm")
 _ALL_KINDS = ("exception", "output", "dtype", "shape", "value", "requires_grad", "backward", "grad")
 _LINEAR = ("linear", "linear_act", "mlp")
@@ -159,4 +163,18 @@ KNOWN_OPEN: tuple[Difference, ...] = (
            "(torch: RuntimeError)",
            "torch's probability path checks ignore_index before its log-softmax refuses the dtype; "
            "check_class_target dispatches on the dtype before check_ignore_index runs"),
+    *_open("group and batch norm with eps=0: a constant set's ∂L/∂w is 0·inf", ("group_norm", "batch_norm"),
+           ("value", "grad"), _zero_eps, "python -m handgrad.testing.fuzz --call group_norm:672170645526",
+           "found by the seeds 1-10 sweep (issue 13): with eps=0 a constant group (here an expanded input) has var = 0, "
+           "rstd = inf and x̂ = 0·inf; torch's ∂L/∂w = Σ G ⊙ x̂ is ±inf from its rounding residue of x − μ (the float64 "
+           "truth too), handgrad's nan. Which one an undefined 0/0 gives is ops/normalize.py's choice (the norms "
+           "branch's): nan throughout, or torch's residue, or a deliberate difference"),
+    *_open("multi_head_attention_forward: float64 gradients ~1e-13 relative from torch", ("multi_head_attention_forward",),
+           ("grad",), lambda call: call.precision() == torch.float64,
+           "python -m handgrad.testing.fuzz --call multi_head_attention_forward:240676520539",
+           "found by the seeds 1-10 sweep (1 call in 30000): ∂L/∂key differs from torch's by 1.43e-13 on 1.47, over the "
+           "float64 rule's 1.42e-13 (64 roundings of max|G| = 2.4 and torch's float32 error scaled by 2⁻²⁹); the "
+           "projections (|W| up to 3) make the backward's intermediates ~10× max|G|, so either side's summation order "
+           "may be the less accurate; owned by the attention branch (ops/attention.py, functional/_mha.py), which "
+           "can tell by summing in another order or by an op-declared term scale (tolerances.TERM_SCALES)"),
 )
