@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from .entry import Difference, _input, _max_abs, _not_tensor, _opmath_max
 
 __all__ = ["ACTIVATIONS"]
@@ -39,7 +37,6 @@ def _has_nan(call) -> bool:
 
 def _elu_layer_nonfinite(call) -> bool:
     # an elu layer whose pre-activation may be nan: a nan or inf anywhere in the call
-    from ..fuzz.call import Spec
     if "elu" not in (call.kwargs.get("activation", "relu" if call.op == "linear_act" else "sigmoid"),
                      call.kwargs.get("last_activation")):
         return False
