@@ -96,12 +96,13 @@ def _math_checks(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa,
                 raise RuntimeError(f"{_FN}: attn_mask {shape_str(attn_mask)} does not broadcast to the attention "
                                    f"weights' shape {list(weights)} (the size of tensor a ({a}) must match the "
                                    f"size of tensor b ({b}) at dimension {-i})")
-    try:                                      # the math kernel's products broadcast the batch dims
-        torch.broadcast_shapes(query.shape[:-2], key.shape[:-2] if groups == 1 else query.shape[:-2], value.shape[:-2]
-                               if groups == 1 else query.shape[:-2])
-    except RuntimeError as e:
-        raise RuntimeError(f"{_FN}: the batch dims of query {shape_str(query)}, key {shape_str(key)} and value "
-                           f"{shape_str(value)} do not broadcast ({e})") from None
+    batch = query.shape[:-2]
+    if groups == 1 and not key.shape[:-2] == value.shape[:-2] == batch:
+        try:                                  # the math kernel's products broadcast the batch dims
+            torch.broadcast_shapes(batch, key.shape[:-2], value.shape[:-2])
+        except RuntimeError as e:
+            raise RuntimeError(f"{_FN}: the batch dims of query {shape_str(query)}, key {shape_str(key)} and value "
+                               f"{shape_str(value)} do not broadcast ({e})") from None
     if query.is_complex():
         raise NotImplementedError(f'{_FN}: "softmax_lastdim_kernel_impl" not implemented for {query.dtype}')
     if not query.is_floating_point():

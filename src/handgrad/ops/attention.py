@@ -49,11 +49,6 @@ BLOCK = 64
 #: products spent half their time waiting on memory).
 TILE = 1 << 18
 
-#: up to this many (L × S) elements in one tile, ℓ is one ``logsumexp`` call (one more pass
-#: over S, and fewer Python-level calls than max S − log max P: 3 at a small size, ~9 µs)
-SMALL = 1 << 14
-
-
 def _own_dtype(t: torch.Tensor):
     """Every product runs in the compute dtype chosen here: autocast's cast is made once, by the
     functional (recorded outside the Function), never again inside forward, backward or jvp."""
@@ -228,9 +223,29 @@ def _workspace(like: torch.Tensor, tiles, count: int) -> list[torch.Tensor]:
     return [like.new_empty(size) for _ in range(count)]
 
 
+def _rows_workspace(like: torch.Tensor, tiles, e: int) -> torch.Tensor:
+    """A buffer for the largest (b, l or s, e) product of a tile (``_gemm``'s ``tmp``)."""
+    return like.new_empty(max([0] + [(b1 - b0) * max(r1 - r0, s) * e for b0, b1, r0, r1, s in tiles]))
+
+
 def _view(buf: torch.Tensor, shape) -> torch.Tensor:
     size = math.prod(shape)
     return (buf if buf.numel() == size else buf[:size]).view(shape)
+
+
+def _gemm(out, a, b, alpha: float, add: bool, tmp) -> None:
+    """out = alpha·(a b), or out += alpha·(a b) with ``add`` (b, ·, ·): into ``out`` where it is
+    contiguous; through the workspace ``tmp`` where it is a causal block's rows or keys (into a
+    strided ``out`` torch's batched GEMM runs one GEMM per batch row: 3× slower, measured)."""
+    if out.is_contiguous():
+        if add:
+            out.baddbmm_(a, b, alpha=alpha)
+        else:
+            torch.baddbmm(out, a, b, beta=0, alpha=alpha, out=out)
+        return
+    t = _view(tmp, out.shape)
+    torch.baddbmm(t, a, b, beta=0, alpha=alpha, out=t)
+    out.add_(t) if add else out.copy_(t)
 
 
 def _masks(mask, dtype):
@@ -244,8 +259,8 @@ def _tile_weights(buf, q, k, add, hide, causal: bool, r0: int, scale: float, lse
     """One tile: S = scale·(Q Kᵀ) + M into ``buf`` (the float mask as the GEMM's beta input,
     hidden keys −∞), then P = softmax(S) in place (torch's kernel, a forward kernel). ``lse``:
     the backward's ℓ (b, l), which marks the fully masked rows (+∞); None in the forward, which
-    returns ℓ (b, l, 1) too: m − log max_j P_j (= m + log Σ exp(S − m)), or one logsumexp call
-    where the tile is small. A fully masked row gets P = 0 and ℓ = +∞."""
+    returns ℓ (b, l, 1) too: m − log max_j P_j (= m + log Σ exp(S − m), m the row max; torch's
+    ``logsumexp`` costs 50 µs a call at a small size). A fully masked row gets P = 0, ℓ = +∞."""
     S = _view(buf, (q.shape[0], q.shape[1], k.shape[1]))
     if add is not None:
         S = torch.baddbmm(add, q, k.mT, alpha=scale, out=S)
@@ -263,10 +278,9 @@ def _tile_weights(buf, q, k, add, hide, causal: bool, r0: int, scale: float, lse
             if _any(empty):
                 P.masked_fill_(empty, 0)
         return P, None
-    small = S.numel() <= SMALL
-    m = torch.logsumexp(S, -1, keepdim=True) if small else S.amax(-1, keepdim=True)   # (b, l, 1)
+    m = S.amax(-1, keepdim=True)                                 # (b, l, 1)
     P = torch.softmax(S, -1, out=S)
-    ell = m if small else m - P.amax(-1, keepdim=True).log()     # m + log l
+    ell = m - P.amax(-1, keepdim=True).log()                     # m + log l (max_j P_j = 1/l)
     if masked:
         empty = m == -math.inf                                   # fully masked rows
         if _any(empty):
@@ -287,12 +301,13 @@ def _fast_forward(q, k, v, mask, drop, p, causal, scale):
             P.mul_(keep_scale(drop, p, P.dtype))                 # P ⊙ N
         return torch.bmm(P, v), ell.squeeze(-1)                  # O = (P ⊙ N) V
     O, lse = q.new_empty((n, L, v.shape[-1])), q.new_empty((n, L, 1))
+    tmp = _rows_workspace(q, tiles, v.shape[-1]) if causal else None
     for b0, b1, r0, r1, s in tiles:
         P, ell = _tile_weights(buf, _cut(q, b0, b1, r0, r1), _cut(k, b0, b1, 0, s), _part(add, b0, b1, r0, r1, s),
                                _part(hide, b0, b1, r0, r1, s), causal, r0, scale)
         if drop is not None:
             P.mul_(keep_scale(_part(drop, b0, b1, r0, r1, s), p, P.dtype))
-        torch.bmm(P, _cut(v, b0, b1, 0, s), out=_cut(O, b0, b1, r0, r1))
+        _gemm(_cut(O, b0, b1, r0, r1), P, _cut(v, b0, b1, 0, s), 1.0, False, tmp)   # O = (P ⊙ N) V
         _cut(lse, b0, b1, r0, r1).copy_(ell)
     return O, lse.squeeze(-1)
 
@@ -304,6 +319,7 @@ def _fast_backward(q, k, v, G, glse, mask, drop, p, causal, lse, scale, need_q, 
     tiles = _tiles(n, L, S, causal)
     add, hide = _masks(mask, q.dtype)
     buf, buf2 = _workspace(q, tiles, 2)
+    tmp = _rows_workspace(q, tiles, max(q.shape[-1], v.shape[-1])) if causal else None
     new = q.new_zeros if causal else q.new_empty                 # causal: summed over the row blocks
     dQ = q.new_empty(q.shape) if need_q else None
     dK = new(k.shape) if need_k else None
@@ -315,25 +331,16 @@ def _fast_backward(q, k, v, G, glse, mask, drop, p, causal, lse, scale, need_q, 
         N = None if drop is None else keep_scale(_part(drop, b0, b1, r0, r1, s), p, P.dtype)
         if need_v:
             PN = P if N is None else torch.mul(P, N, out=_view(buf2, P.shape))
-            dv = _cut(dV, b0, b1, 0, s)
-            if causal:
-                dv.baddbmm_(PN.mT, Gt)                           # += (P ⊙ N)ᵀ G
-            else:
-                torch.bmm(PN.mT, Gt, out=dv)
+            _gemm(_cut(dV, b0, b1, 0, s), PN.mT, Gt, 1.0, causal, tmp)          # (+)= (P ⊙ N)ᵀ G
         if need_q or need_k:
             dP = torch.bmm(Gt, vt.mT, out=_view(buf2, P.shape))  # G Vᵀ
             if N is not None:
                 dP.mul_(N)                                       # ⊙ N
             dS = grad_scores(P, dP, None if glse is None else _cut(glse, b0, b1, r0, r1), True)
             if need_q:
-                dq = _cut(dQ, b0, b1, r0, r1)
-                torch.baddbmm(dq, dS, kt, beta=0, alpha=scale, out=dq)          # scale·(dS K)
+                _gemm(_cut(dQ, b0, b1, r0, r1), dS, kt, scale, False, tmp)     # scale·(dS K)
             if need_k:
-                dk = _cut(dK, b0, b1, 0, s)
-                if causal:
-                    dk.baddbmm_(dS.mT, qt, alpha=scale)                         # += scale·(dSᵀ Q)
-                else:
-                    torch.baddbmm(dk, dS.mT, qt, beta=0, alpha=scale, out=dk)
+                _gemm(_cut(dK, b0, b1, 0, s), dS.mT, qt, scale, causal, tmp)   # (+)= scale·(dSᵀ Q)
     return dQ, dK, dV
 
 
