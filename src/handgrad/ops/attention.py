@@ -266,8 +266,8 @@ def _tile_weights(buf, q, k, add, hide, causal: bool, r0: int, scale: float, lse
         S = torch.baddbmm(add, q, k.mT, alpha=scale, out=S)
     else:
         S = torch.baddbmm(S, q, k.mT, beta=0, alpha=scale, out=S)
-    if causal:
-        S.masked_fill_(_causal_hidden(S.shape[1], S.shape[2], r0, S.device), -math.inf)
+    if causal and S.shape[2] > r0:           # keys [0, r0) are seen by every row of the block
+        S[..., r0:].masked_fill_(_causal_hidden(S.shape[1], S.shape[2] - r0, 0, S.device), -math.inf)
     if hide is not None:
         S.masked_fill_(hide, -math.inf)
     masked = add is not None or hide is not None                 # (the causal mask never hides key 0)
@@ -316,22 +316,26 @@ def _fast_backward(q, k, v, G, glse, mask, drop, p, causal, lse, scale, need_q, 
     """∂L/∂Q, ∂L/∂K, ∂L/∂V of (n, ·, ·) inputs, tile by tile: ∂L/∂Q rows written by their tile,
     ∂L/∂K and ∂L/∂V summed over the tiles that meet a key (several only with a causal mask)."""
     n, L, S = q.shape[0], q.shape[1], k.shape[1]
-    tiles = _tiles(n, L, S, causal)
+    tiles = _tiles(n, L, S, causal)[::-1]   # the last rows first: they meet every key they write
     add, hide = _masks(mask, q.dtype)
     buf, buf2 = _workspace(q, tiles, 2)
     tmp = _rows_workspace(q, tiles, max(q.shape[-1], v.shape[-1])) if causal else None
-    new = q.new_zeros if causal else q.new_empty                 # causal: summed over the row blocks
     dQ = q.new_empty(q.shape) if need_q else None
-    dK = new(k.shape) if need_k else None
-    dV = new(v.shape) if need_v else None
+    dK = q.new_empty(k.shape) if need_k else None
+    dV = q.new_empty(v.shape) if need_v else None
+    seen = tiles[0][4] if tiles else S                           # keys past every query row: 0
+    for d in (dK, dV):
+        if d is not None and seen < S:
+            d[:, seen:].zero_()
     for b0, b1, r0, r1, s in tiles:
+        more = r1 != L                                           # a block of rows after the last: +=
         qt, kt, vt, Gt = _cut(q, b0, b1, r0, r1), _cut(k, b0, b1, 0, s), _cut(v, b0, b1, 0, s), _cut(G, b0, b1, r0, r1)
         P, _ = _tile_weights(buf, qt, kt, _part(add, b0, b1, r0, r1, s), _part(hide, b0, b1, r0, r1, s), causal,
                              r0, scale, _cut(lse, b0, b1, r0, r1))
         N = None if drop is None else keep_scale(_part(drop, b0, b1, r0, r1, s), p, P.dtype)
         if need_v:
             PN = P if N is None else torch.mul(P, N, out=_view(buf2, P.shape))
-            _gemm(_cut(dV, b0, b1, 0, s), PN.mT, Gt, 1.0, causal, tmp)          # (+)= (P ⊙ N)ᵀ G
+            _gemm(_cut(dV, b0, b1, 0, s), PN.mT, Gt, 1.0, more, tmp)            # (+)= (P ⊙ N)ᵀ G
         if need_q or need_k:
             dP = torch.bmm(Gt, vt.mT, out=_view(buf2, P.shape))  # G Vᵀ
             if N is not None:
@@ -340,7 +344,7 @@ def _fast_backward(q, k, v, G, glse, mask, drop, p, causal, lse, scale, need_q, 
             if need_q:
                 _gemm(_cut(dQ, b0, b1, r0, r1), dS, kt, scale, False, tmp)     # scale·(dS K)
             if need_k:
-                _gemm(_cut(dK, b0, b1, 0, s), dS.mT, qt, scale, causal, tmp)   # (+)= scale·(dSᵀ Q)
+                _gemm(_cut(dK, b0, b1, 0, s), dS.mT, qt, scale, more, tmp)     # (+)= scale·(dSᵀ Q)
     return dQ, dK, dV
 
 
