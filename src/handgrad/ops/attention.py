@@ -16,7 +16,7 @@ Two paths compute the same formulas:
 - the fast path (``fast_path``: grad mode off, outside torch.func, so every forward and every
   first-order backward), on (n, ·, ·) views of inputs whose batch dims agree, tile by tile
   (``_tiles``: cache-sized; with a causal mask, blocks of ``BLOCK`` query rows over only the keys
-  they see), in place in two (L × S) workspaces the call owns, the products written into the
+  they see), in place in (L × S) workspaces the call owns, the products written into the
   outputs (``out=``);
 - the differentiable path, the same formulas out of place (double backward, torch.func, batch dims
   that broadcast, a mask that requires grad).
@@ -95,20 +95,24 @@ def _like(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return g if g.dtype == t.dtype else g.to(t.dtype)
 
 
-def grad_scores(P: torch.Tensor, dP: torch.Tensor, glse: torch.Tensor | None, ip: bool) -> torch.Tensor:
-    """dS = P ⊙ (dP − c + Γ), c = rowsum(P ⊙ dP)   (*, l, s), in place in dP where ``ip``.
-    Taken as W = P ⊙ dP − P c (c from P, as torch's math kernel: where V's rows are equal it
-    cancels with dP exactly, and it needs no saved O), then refined once: c's own rounding
-    (eps·|dP|, all of dS where one weight dominates) is r = rowsum(W) (0 in exact arithmetic),
-    and dS = W − P r. Without the refinement 3× torch's float32 error there."""
-    W = dP.mul_(P) if ip else P * dP                             # P ⊙ dP
-    for _ in range(2):                                           # − P c, then − P r
-        c = W.sum(-1, keepdim=True)                              # (*, l, 1)
-        W = W.addcmul_(P, c, value=-1) if ip else torch.addcmul(W, P, c, value=-1)
+def grad_scores(P: torch.Tensor, dP: torch.Tensor, glse: torch.Tensor | None, W: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """dS = P ⊙ (dP − c + Γ), c = rowsum(P ⊙ dP)   (*, l, s); in place in dP, with the products
+    in the workspace W, where W is given (the fast path). c is taken in the first form (from P, as
+    torch's math kernel: where V's rows are equal it cancels with dP exactly, and it needs no saved
+    O), D = dP − c first (exact where dP ≈ c: a product P ⊙ dP − P c would keep eps·|dP| there,
+    4× torch's error on a fuzzer call), then refined once: c's own rounding (eps·|dP|, all of dS where
+    one weight dominates) is r = rowsum(P ⊙ D) (0 in exact arithmetic), taken from the small D
+    accurately. Without the refinement 3× torch's float32 error there."""
+    ip = W is not None
+    prod = (lambda a, b: torch.mul(a, b, out=W)) if ip else torch.mul
+    c = prod(P, dP).sum(-1, keepdim=True)                        # (*, l, 1)
+    D = dP.sub_(c) if ip else dP - c
+    r = prod(P, D).sum(-1, keepdim=True)
+    D = D.sub_(r) if ip else D - r
     if glse is not None:
-        g = glse.unsqueeze(-1)                                   # + P Γ
-        W = W.addcmul_(P, g) if ip else torch.addcmul(W, P, g)
-    return W
+        D = D.add_(glse.unsqueeze(-1)) if ip else D + glse.unsqueeze(-1)   # + Γ
+    return D.mul_(P) if ip else D * P
 
 
 # --- the differentiable path: the formulas out of place, on any broadcastable batch dims ------
@@ -161,7 +165,7 @@ def _backward_math(q, k, v, G, glse, mask, drop, p, causal, lse, scale, need_v, 
     dP = G @ v.mT                                                # G Vᵀ   (*, L, S)
     if N is not None:
         dP = dP * N                                              # ⊙ N
-    return dv, grad_scores(P, dP, glse, False)
+    return dv, grad_scores(P, dP, glse)
 
 
 # --- the fast path: (n, ·, ·) views, tile by tile, in place in workspaces the call owns --------
@@ -218,7 +222,8 @@ def _part(t, b0: int, b1: int, r0: int, r1: int, s: int):
 
 
 def _workspace(like: torch.Tensor, tiles, count: int) -> list[torch.Tensor]:
-    """``count`` buffers of the largest tile's (b, l, s) elements (scores and weights; dP and dS)."""
+    """``count`` buffers of the largest tile's (b, l, s) elements (scores and weights; dP and dS;
+    the products of ``grad_scores``)."""
     size = max([0] + [(b1 - b0) * (r1 - r0) * s for b0, b1, r0, r1, s in tiles])   # (Dynamo: no max(default=))
     return [like.new_empty(size) for _ in range(count)]
 
@@ -318,7 +323,7 @@ def _fast_backward(q, k, v, G, glse, mask, drop, p, causal, lse, scale, need_q, 
     n, L, S = q.shape[0], q.shape[1], k.shape[1]
     tiles = _tiles(n, L, S, causal)[::-1]   # the last rows first: they meet every key they write
     add, hide = _masks(mask, q.dtype)
-    buf, buf2 = _workspace(q, tiles, 2)
+    buf, buf2, buf3 = _workspace(q, tiles, 3)
     tmp = _rows_workspace(q, tiles, max(q.shape[-1], v.shape[-1])) if causal else None
     dQ = q.new_empty(q.shape) if need_q else None
     dK = q.new_empty(k.shape) if need_k else None
@@ -340,7 +345,7 @@ def _fast_backward(q, k, v, G, glse, mask, drop, p, causal, lse, scale, need_q, 
             dP = torch.bmm(Gt, vt.mT, out=_view(buf2, P.shape))  # G Vᵀ
             if N is not None:
                 dP.mul_(N)                                       # ⊙ N
-            dS = grad_scores(P, dP, None if glse is None else _cut(glse, b0, b1, r0, r1), True)
+            dS = grad_scores(P, dP, None if glse is None else _cut(glse, b0, b1, r0, r1), _view(buf3, P.shape))
             if need_q:
                 _gemm(_cut(dQ, b0, b1, r0, r1), dS, kt, scale, False, tmp)     # scale·(dS K)
             if need_k:
