@@ -95,17 +95,16 @@ def _like(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return g if g.dtype == t.dtype else g.to(t.dtype)
 
 
-def grad_scores(P: torch.Tensor, dP: torch.Tensor, glse: torch.Tensor | None, W: torch.Tensor | None = None
-                ) -> torch.Tensor:
-    """dS = P ⊙ (dP − c + Γ), c = rowsum(P ⊙ dP)   (*, l, s); in place in dP, with the products
-    in the workspace W, where W is given (the fast path). c is taken in the first form (from P, as
+def grad_scores(P: torch.Tensor, dP: torch.Tensor, glse: torch.Tensor | None, ip: bool,
+                W: torch.Tensor | None = None) -> torch.Tensor:
+    """dS = P ⊙ (dP − c + Γ), c = rowsum(P ⊙ dP)   (*, l, s); in place in dP where ``ip`` (the
+    fast path), the products in the workspace W where given. c is taken in the first form (from P, as
     torch's math kernel: where V's rows are equal it cancels with dP exactly, and it needs no saved
     O), D = dP − c first (exact where dP ≈ c: a product P ⊙ dP − P c would keep eps·|dP| there,
     4× torch's error on a fuzzer call), then refined once: c's own rounding (eps·|dP|, all of dS where
     one weight dominates) is r = rowsum(P ⊙ D) (0 in exact arithmetic), taken from the small D
     accurately. Without the refinement 3× torch's float32 error there."""
-    ip = W is not None
-    prod = (lambda a, b: torch.mul(a, b, out=W)) if ip else torch.mul
+    prod = torch.mul if W is None else (lambda a, b: torch.mul(a, b, out=W))
     c = prod(P, dP).sum(-1, keepdim=True)                        # (*, l, 1)
     D = dP.sub_(c) if ip else dP - c
     r = prod(P, D).sum(-1, keepdim=True)
@@ -165,7 +164,7 @@ def _backward_math(q, k, v, G, glse, mask, drop, p, causal, lse, scale, need_v, 
     dP = G @ v.mT                                                # G Vᵀ   (*, L, S)
     if N is not None:
         dP = dP * N                                              # ⊙ N
-    return dv, grad_scores(P, dP, glse)
+    return dv, grad_scores(P, dP, glse, False)
 
 
 # --- the fast path: (n, ·, ·) views, tile by tile, in place in workspaces the call owns --------
@@ -221,9 +220,12 @@ def _part(t, b0: int, b1: int, r0: int, r1: int, s: int):
     return t if t.shape[-1] == 1 or s == t.shape[-1] else t[..., :s]
 
 
-def _workspace(like: torch.Tensor, tiles, count: int) -> list[torch.Tensor]:
+def _workspace(like: torch.Tensor, tiles, count: int) -> list[torch.Tensor | None]:
     """``count`` buffers of the largest tile's (b, l, s) elements (scores and weights; dP and dS;
-    the products of ``grad_scores``)."""
+    the products of ``grad_scores``); None for one tile, whose steps allocate their results (a
+    buffer is one more call: each call costs ~2 µs at a small size)."""
+    if len(tiles) == 1:
+        return [None] * count
     size = max([0] + [(b1 - b0) * (r1 - r0) * s for b0, b1, r0, r1, s in tiles])   # (Dynamo: no max(default=))
     return [like.new_empty(size) for _ in range(count)]
 
@@ -266,7 +268,8 @@ def _tile_weights(buf, q, k, add, hide, causal: bool, r0: int, scale: float, lse
     the backward's ℓ (b, l), which marks the fully masked rows (+∞); None in the forward, which
     returns ℓ (b, l, 1) too: m − log max_j P_j (= m + log Σ exp(S − m), m the row max; torch's
     ``logsumexp`` costs 50 µs a call at a small size). A fully masked row gets P = 0, ℓ = +∞."""
-    S = _view(buf, (q.shape[0], q.shape[1], k.shape[1]))
+    shape = (q.shape[0], q.shape[1], k.shape[1])
+    S = q.new_empty(shape) if buf is None else _view(buf, shape)
     if add is not None:
         S = torch.baddbmm(add, q, k.mT, alpha=scale, out=S)
     else:
@@ -327,7 +330,8 @@ def _fast_backward(q, k, v, G, glse, mask, drop, p, causal, lse, scale, need_q, 
     tmp = _rows_workspace(q, tiles, max(q.shape[-1], v.shape[-1])) if causal else None
     dQ = q.new_empty(q.shape) if need_q else None
     dK = q.new_empty(k.shape) if need_k else None
-    dV = q.new_empty(v.shape) if need_v else None
+    one = len(tiles) == 1
+    dV = q.new_empty(v.shape) if need_v and not one else None
     seen = tiles[0][4] if tiles else S                           # keys past every query row: 0
     for d in (dK, dV):
         if d is not None and seen < S:
@@ -339,13 +343,17 @@ def _fast_backward(q, k, v, G, glse, mask, drop, p, causal, lse, scale, need_q, 
                              r0, scale, _cut(lse, b0, b1, r0, r1))
         N = None if drop is None else keep_scale(_part(drop, b0, b1, r0, r1, s), p, P.dtype)
         if need_v:
-            PN = P if N is None else torch.mul(P, N, out=_view(buf2, P.shape))
-            _gemm(_cut(dV, b0, b1, 0, s), PN.mT, Gt, 1.0, more, tmp)            # (+)= (P ⊙ N)ᵀ G
+            PN = P if N is None else P * N if one else torch.mul(P, N, out=_view(buf2, P.shape))
+            if one:
+                dV = torch.bmm(PN.mT, Gt)                                       # (P ⊙ N)ᵀ G
+            else:
+                _gemm(_cut(dV, b0, b1, 0, s), PN.mT, Gt, 1.0, more, tmp)        # (+)= (P ⊙ N)ᵀ G
         if need_q or need_k:
-            dP = torch.bmm(Gt, vt.mT, out=_view(buf2, P.shape))  # G Vᵀ
+            dP = torch.bmm(Gt, vt.mT) if one else torch.bmm(Gt, vt.mT, out=_view(buf2, P.shape))   # G Vᵀ
             if N is not None:
                 dP.mul_(N)                                       # ⊙ N
-            dS = grad_scores(P, dP, None if glse is None else _cut(glse, b0, b1, r0, r1), _view(buf3, P.shape))
+            dS = grad_scores(P, dP, None if glse is None else _cut(glse, b0, b1, r0, r1), True,
+                             None if one else _view(buf3, P.shape))
             if need_q:
                 _gemm(_cut(dQ, b0, b1, r0, r1), dS, kt, scale, False, tmp)     # scale·(dS K)
             if need_k:
@@ -397,7 +405,7 @@ class AttentionFn(HandFunction):
         batch = q.shape[:-2]
         if len(batch) != 1:
             O, lse = O.view(*batch, L, O.shape[-1]), lse.view(*batch, L)
-        return O.to(dtype), lse
+        return (O if O.dtype == dtype else O.to(dtype)), lse
 
     @staticmethod
     def setup_context(ctx, inputs, output):
