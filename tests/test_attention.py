@@ -358,7 +358,7 @@ def test_sdpa_fast_tiles_equal_the_differentiable_path(kw, tile, monkeypatch):
     """The fast path's tiles (several batch tiles with a small TILE; causal blocks of BLOCK rows,
     L > BLOCK, also with more keys than queries) against the differentiable path, float64."""
     from handgrad.ops import attention
-    from handgrad.ops.attention import AttentionFn
+    from handgrad.ops.attention import AttentionFn, scale_forms
     if tile is not None:
         monkeypatch.setattr(attention, "TILE", tile)
     torch.manual_seed(0)
@@ -379,7 +379,7 @@ def test_sdpa_fast_tiles_equal_the_differentiable_path(kw, tile, monkeypatch):
         extra["enable_gqa"] = True
     if kw == "dropout-mask":
         keep = torch.rand(2, 3, Lq, Sk) > 0.3
-        fn = lambda q, k, v: AttentionFn.call(q, k, v, None, keep, 0.3, False, 0.5, 1)[0]
+        fn = lambda q, k, v: AttentionFn.call(q, k, v, None, keep, 0.3, False, scale_forms(0.5, "split"), 1)[0]
     else:
         fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **extra)
     fast, ref = _fast_and_differentiable(fn, (q, k, v))

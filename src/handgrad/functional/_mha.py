@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as TF
 
 from .. import _compat
-from ..ops.attention import AttentionFn
+from ..ops.attention import AttentionFn, scale_forms
 from ..ops.dropout import keep_mask
+from ._attention import _fused_kernel
 from ._linear import linear
 
 __all__ = ["multi_head_attention_forward"]
@@ -167,7 +168,11 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check: int, num
     k4 = k.view(bsz, num_heads, src_len, head_dim)
     v4 = v.view(bsz, num_heads, src_len, head_dim)
     keep = _drop_mask((bsz, num_heads, tgt_len, src_len), dropout_p, q4)
-    scale = 1.0 / math.sqrt(head_dim)
+    # rounded as torch's path rounds: the explicit weights (scale·Q) with need_weights, else its sdpa's kernel
+    form = ("query" if need_weights else "gemm" if q4.device.type == "cpu" and _fused_kernel(q4, k4, v4, mask4,
+                                                                                             dropout_p, False)
+            else "split")
+    scale = scale_forms(1.0 / math.sqrt(head_dim), form)
     out, _lse = AttentionFn.call(q4, k4, v4, mask4, keep, float(dropout_p), bool(is_causal and mask4 is None),
                                  scale, 1)                                    # (N, H, L, E/H)
     out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)

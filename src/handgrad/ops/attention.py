@@ -6,11 +6,14 @@ query row), and the backward recomputes P from them, as flash attention does. �
 second output (the functional drops it) so that the backward, which reads it, stays
 differentiable: its VJP is ∂L/∂S += P ⊙ ∂L/∂ℓ (∂ℓ/∂S = P).
 
-Rounding as torch's CPU flash kernel rounds: the scale multiplies each product once it is summed
-(scale·(Q Kᵀ), scale·(dS K), scale·(dSᵀ Q): a GEMM's alpha), so Q and K enter every product
-unrounded (scaling them first rounds each term: 4× torch's error in a gradient that the input
-projection then cancels, found by the fuzzer). float32 is computed in float32, as torch's kernels
-do; each weight P is rounded once (torch's softmax kernel on the fast path).
+Rounding as torch's kernel for the same call rounds (``scale_forms``): its CPU flash kernel
+multiplies each product by the scale once it is summed (scale·(Q Kᵀ), scale·(dS K), scale·(dSᵀ Q): a
+GEMM's alpha), so Q and K enter every product unrounded; its math kernel scales Q and K by √scale
+each first; multi_head_attention_forward's explicit weights scale Q. Another order than torch's
+errs by other roundings, which a gradient that cancels afterwards shows (4× torch's error where
+the input projection cancels; 3× on an unbatched call, both found by the fuzzer). float32 is
+computed in float32, as torch's kernels do; each weight P is rounded once (torch's softmax kernel
+on the fast path).
 
 Two paths compute the same formulas:
 - the fast path (``fast_path``: grad mode off, outside torch.func, so every forward and every
@@ -35,7 +38,7 @@ import torch
 from ._function import HandFunction, fast_path, opmath
 from .dropout import keep_scale
 
-__all__ = ["AttentionFn", "BLOCK", "TILE"]
+__all__ = ["AttentionFn", "BLOCK", "TILE", "scale_forms"]
 
 #: query rows per causal block. The products and exps of a block of rows [r0, r1) run over its
 #: r1 visible keys: with T/BLOCK = n blocks that is (n + 1)/(2n) of the full (T × T) work
@@ -48,6 +51,24 @@ BLOCK = 64
 #: product that writes them to the one that reads them (at B·H = 64, T = 512 the whole-batch
 #: products spent half their time waiting on memory).
 TILE = 1 << 18
+
+def scale_forms(scale: float, form: str) -> tuple[float, float, float]:
+    """(s_q, s_k, α): the Function's ``scale`` argument, S = α·((s_q Q)(s_k K)ᵀ) = scale·Q Kᵀ,
+    rounded as one of torch's kernels: "gemm" (its CPU flash kernel, the GEMM's alpha:
+    (1, 1, scale)), "split" (its math kernel: ±√|scale| on Q, √|scale| on K, (the sign on Q)),
+    "query" (multi_head_attention_forward's explicit weights, scale·Q: (scale, 1, 1))."""
+    if form == "gemm":
+        return 1.0, 1.0, scale
+    if form == "query":
+        return scale, 1.0, 1.0
+    root = math.sqrt(abs(scale))
+    return (-root if scale < 0 else root), root, 1.0
+
+
+def _pre(t: torch.Tensor, s: float) -> torch.Tensor:
+    """s·t, t itself for s = 1 (the products' own scale, ``scale_forms``)."""
+    return t if s == 1.0 else t * s
+
 
 def _own_dtype(t: torch.Tensor):
     """Every product runs in the compute dtype chosen here: autocast's cast is made once, by the
@@ -320,8 +341,8 @@ def _fast_forward(q, k, v, mask, drop, p, causal, scale):
     return O, lse.squeeze(-1)
 
 
-def _fast_backward(q, k, v, G, glse, mask, drop, p, causal, lse, scale, need_q, need_k, need_v):
-    """∂L/∂Q, ∂L/∂K, ∂L/∂V of (n, ·, ·) inputs, tile by tile: ∂L/∂Q rows written by their tile,
+def _fast_backward(q, k, v, G, glse, mask, drop, p, causal, lse, scale, aq, ak, need_q, need_k, need_v):
+    """∂L/∂Q' = aq·(dS K), ∂L/∂K' = ak·(dSᵀ Q), ∂L/∂V of (n, ·, ·) inputs, tile by tile: ∂L/∂Q rows written by their tile,
     ∂L/∂K and ∂L/∂V summed over the tiles that meet a key (several only with a causal mask)."""
     n, L, S = q.shape[0], q.shape[1], k.shape[1]
     tiles = _tiles(n, L, S, causal)[::-1]   # the last rows first: they meet every key they write
@@ -355,9 +376,9 @@ def _fast_backward(q, k, v, G, glse, mask, drop, p, causal, lse, scale, need_q, 
             dS = grad_scores(P, dP, None if glse is None else _cut(glse, b0, b1, r0, r1), True,
                              None if one else _view(buf3, P.shape))
             if need_q:
-                _gemm(_cut(dQ, b0, b1, r0, r1), dS, kt, scale, False, tmp)     # scale·(dS K)
+                _gemm(_cut(dQ, b0, b1, r0, r1), dS, kt, aq, False, tmp)        # aq·(dS K)
             if need_k:
-                _gemm(_cut(dK, b0, b1, 0, s), dS.mT, qt, scale, more, tmp)     # (+)= scale·(dSᵀ Q)
+                _gemm(_cut(dK, b0, b1, 0, s), dS.mT, qt, ak, more, tmp)        # (+)= ak·(dSᵀ Q)
     return dQ, dK, dV
 
 
@@ -367,7 +388,8 @@ class AttentionFn(HandFunction):
 
     Shapes: Q (*, L, E), K (*, Hkv, S, E), V (*, Hkv, S, Ev) (batch dims broadcast; Hkv = H/groups
     with GQA), M broadcastable to (*, L, S) (bool: True = attend, or float: added), D (*, L, S)
-    bool or None → O (*, L, Ev), ℓ (*, L).
+    bool or None → O (*, L, Ev), ℓ (*, L). ``scale`` is (s_q, s_k, α) of ``scale_forms``: below,
+    Q and K stand for s_q Q and s_k K, scale for α, and ∂L/∂Q, ∂L/∂K carry one more s_q, s_k.
     Forward (N = D/(1 − p), the dropout's scaled keep mask, 1 without dropout):
         S = scale·(Q Kᵀ) + M,   P = softmax(S) = exp(S − ℓ),   O = (P ⊙ N) V
     Backward, G = ∂L/∂O, Γ = ∂L/∂ℓ (zero unless a double backward reads ℓ):
@@ -392,6 +414,8 @@ class AttentionFn(HandFunction):
     def _forward(q, k, v, mask, drop, p, causal, scale, groups):
         dtype = q.dtype
         q, k, v = opmath(q), repeat_heads(opmath(k), groups), repeat_heads(opmath(v), groups)
+        sq, sk, scale = scale
+        q, k = _pre(q, sq), _pre(k, sk)                          # s_q Q, s_k K
         L, S = q.shape[-2], k.shape[-2]
         if S == 0:                                               # no keys: every row fully masked
             shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
@@ -429,9 +453,10 @@ class AttentionFn(HandFunction):
     @staticmethod
     def _backward(ctx, grad_o, grad_lse):
         q, k, v, mask, drop, lse = ctx.saved_tensors
-        g, scale, p, causal = ctx.groups, ctx.scale, ctx.p, ctx.causal
+        g, (sq, sk, scale), p, causal = ctx.groups, ctx.scale, ctx.p, ctx.causal
         need_q, need_k, need_v, need_m = ctx.needs_input_grad[:4]
-        Q, K, V = opmath(q), repeat_heads(opmath(k), g), repeat_heads(opmath(v), g)
+        Q, K, V = _pre(opmath(q), sq), _pre(repeat_heads(opmath(k), g), sk), repeat_heads(opmath(v), g)
+        aq, ak = scale * sq, scale * sk                                      # ∂S/∂Q = α s_q K, ∂S/∂K = α s_k Q
         G = opmath(grad_o)                                                   # (*, L, Ev)
         glse = None if grad_lse is None else grad_lse.to(G.dtype)            # Γ   (*, L)
         fast = fast_path(grad_o) and not need_m and (glse is None or glse.shape == lse.shape)
@@ -439,14 +464,14 @@ class AttentionFn(HandFunction):
         if flat is None:
             dV, dS = _backward_math(Q, K, V, G, glse, mask, drop, p, causal, lse, scale, need_v,
                                     need_q or need_k or need_m)
-            dQ = (dS @ K) * scale if need_q else None                       # scale·(dS K)
-            dK = (dS.mT @ Q) * scale if need_k else None                    # scale·(dSᵀ Q)
+            dQ = (dS @ K) * aq if need_q else None                          # α s_q·(dS K)
+            dK = (dS.mT @ Q) * ak if need_k else None                       # α s_k·(dSᵀ Q)
         else:
             q3, k3, v3, mask3, drop3 = flat
             batch, L = Q.shape[:-2], Q.shape[-2]
             flat_rows = (lambda t: t) if len(batch) == 1 else (lambda t: t.reshape(q3.shape[0], *t.shape[len(batch):]))
             dQ, dK, dV = _fast_backward(q3, k3, v3, flat_rows(G), None if glse is None else flat_rows(glse), mask3,
-                                        drop3, p, causal, flat_rows(lse), scale, need_q, need_k, need_v)
+                                        drop3, p, causal, flat_rows(lse), scale, aq, ak, need_q, need_k, need_v)
             if len(batch) != 1:
                 unflat = lambda t: None if t is None else t.view(*batch, *t.shape[1:])
                 dQ, dK, dV = unflat(dQ), unflat(dK), unflat(dV)
@@ -464,14 +489,14 @@ class AttentionFn(HandFunction):
     @staticmethod
     def _jvp(ctx, dq, dk, dv, dmask):
         q, k, v, mask, drop, lse = ctx.saved_tensors
-        g = ctx.groups
-        Q, K, V = opmath(q), repeat_heads(opmath(k), g), repeat_heads(opmath(v), g)
-        P = weights(scores(Q, K, mask, ctx.causal, ctx.scale), lse)          # softmax(S)   (*, L, S)
+        g, (sq, sk, scale) = ctx.groups, ctx.scale
+        Q, K, V = _pre(opmath(q), sq), _pre(repeat_heads(opmath(k), g), sk), repeat_heads(opmath(v), g)
+        P = weights(scores(Q, K, mask, ctx.causal, scale), lse)              # softmax(S)   (*, L, S)
         dS = torch.zeros((), dtype=P.dtype, device=P.device)
         if dq is not None:
-            dS = dS + (opmath(dq) @ K.mT) * ctx.scale                       # scale·Q̇ Kᵀ
+            dS = dS + (opmath(dq) @ K.mT) * (scale * sq)                    # scale·Q̇ Kᵀ
         if dk is not None:
-            dS = dS + (Q @ repeat_heads(opmath(dk), g).mT) * ctx.scale      # scale·Q K̇ᵀ
+            dS = dS + (Q @ repeat_heads(opmath(dk), g).mT) * (scale * sk)   # scale·Q K̇ᵀ
         if dmask is not None and mask is not None and mask.is_floating_point():
             dS = dS + opmath(dmask)                                          # Ṁ
         dlse = (P * dS).sum(-1)                                              # ℓ̇ = rowsum(P ⊙ Ṡ)
