@@ -47,7 +47,7 @@ def _project_packed(x, w, b, bsz: int):
 
 def _heads(t, bsz: int, num_heads: int):
     """(T, N, E) → (N·H, T, E/H): torch's per-head layout (a view where the strides allow)."""
-    return t.reshape(t.shape[0], bsz * num_heads, -1).transpose(0, 1)
+    return t.reshape(t.shape[0], bsz * num_heads, t.shape[-1] // num_heads).transpose(0, 1)
 
 
 def _drop_mask(shape, p: float, like: torch.Tensor) -> torch.Tensor | None:
