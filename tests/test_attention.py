@@ -388,3 +388,15 @@ def test_sdpa_fast_tiles_equal_the_differentiable_path(kw, tile, monkeypatch):
     theirs = (TF.scaled_dot_product_attention(q, k, v, **extra) if kw != "dropout-mask" else None)
     if theirs is not None:
         torch.testing.assert_close(fast[0], theirs.detach(), **TOL)
+
+
+@pytest.mark.parametrize("call", ["multi_head_attention_forward:312154373794", "scaled_dot_product_attention:815879711071",
+                                  "multi_head_attention_forward:627394441488"])
+def test_attention_rounds_the_scale_as_torchs_kernel(call):
+    """Calls the fuzzer found where handgrad's float32 gradients erred by 3–4× torch's: the scale
+    applied to Q or K before the products (torch's flash kernel scales the summed product, its math
+    kernel √scale on each), and dS as P ⊙ dP − P c (torch's D = dP − c is exact where dP ≈ c)."""
+    from handgrad.testing.fuzz import check_call
+    from handgrad.testing.fuzz.draw import draw_call
+    op, seed = call.rsplit(":", 1)
+    assert check_call(draw_call(op, int(seed))) == []
