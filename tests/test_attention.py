@@ -340,3 +340,63 @@ def test_sdpa_float32_gradients_within_the_low_precision_rule(seed):
     from handgrad.testing.fuzz import check_call
     from handgrad.testing.fuzz.draw import draw_call
     assert check_call(draw_call("scaled_dot_product_attention", seed)) == []
+
+
+def _fast_and_differentiable(fn, xs):
+    """(output and gradients from the fast path: eager, grad mode off inside the Function; the same
+    from the differentiable path: torch.func.vjp) of ``fn`` at ``xs`` (float64)."""
+    out = fn(*xs)
+    G = torch.randn_like(out)
+    fast = (out.detach(), *torch.autograd.grad(out, xs, G))
+    ref_out, vjp = torch.func.vjp(fn, *xs)
+    return fast, (ref_out, *vjp(G))
+
+
+@pytest.mark.parametrize("tile", [None, 300], ids=["tile-default", "tile-one-head"])
+@pytest.mark.parametrize("kw", ["causal", "causal-more-keys", "bool-mask", "float-mask", "gqa", "dropout-mask"])
+def test_sdpa_fast_tiles_equal_the_differentiable_path(kw, tile, monkeypatch):
+    """The fast path's tiles (several batch tiles with a small TILE; causal blocks of BLOCK rows,
+    L > BLOCK, also with more keys than queries) against the differentiable path, float64."""
+    from handgrad.ops import attention
+    from handgrad.ops.attention import AttentionFn, scale_forms
+    if tile is not None:
+        monkeypatch.setattr(attention, "TILE", tile)
+    torch.manual_seed(0)
+    Lq, Sk = 2 * attention.BLOCK + 7, 2 * attention.BLOCK + 7 + (9 if kw == "causal-more-keys" else 0)
+    q = torch.randn(2, 3, Lq, 4, dtype=D, requires_grad=True)
+    heads = 1 if kw == "gqa" else 3
+    k, v = (torch.randn(2, heads, Sk, e, dtype=D, requires_grad=True) for e in (4, 5))
+    extra = {}
+    if kw.startswith("causal"):
+        extra["is_causal"] = True
+    elif kw == "bool-mask":
+        m = torch.rand(2, 1, Lq, Sk) > 0.3
+        m[0, 0, 3] = False                                  # a fully masked row
+        extra["attn_mask"] = m
+    elif kw == "float-mask":
+        extra["attn_mask"] = torch.randn(Lq, Sk, dtype=D)
+    elif kw == "gqa":
+        extra["enable_gqa"] = True
+    if kw == "dropout-mask":
+        keep = torch.rand(2, 3, Lq, Sk) > 0.3
+        fn = lambda q, k, v: AttentionFn.call(q, k, v, None, keep, 0.3, False, scale_forms(0.5, "split"), 1)[0]
+    else:
+        fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **extra)
+    fast, ref = _fast_and_differentiable(fn, (q, k, v))
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, **TOL)
+    theirs = (TF.scaled_dot_product_attention(q, k, v, **extra) if kw != "dropout-mask" else None)
+    if theirs is not None:
+        torch.testing.assert_close(fast[0], theirs.detach(), **TOL)
+
+
+@pytest.mark.parametrize("call", ["multi_head_attention_forward:312154373794", "scaled_dot_product_attention:815879711071",
+                                  "multi_head_attention_forward:627394441488"])
+def test_attention_rounds_the_scale_as_torchs_kernel(call):
+    """Calls the fuzzer found where handgrad's float32 gradients erred by 3–4× torch's: the scale
+    applied to Q or K before the products (torch's flash kernel scales the summed product, its math
+    kernel √scale on each), and dS as P ⊙ dP − P c (torch's D = dP − c is exact where dP ≈ c)."""
+    from handgrad.testing.fuzz import check_call
+    from handgrad.testing.fuzz.draw import draw_call
+    op, seed = call.rsplit(":", 1)
+    assert check_call(draw_call(op, int(seed))) == []

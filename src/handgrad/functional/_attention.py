@@ -7,7 +7,7 @@ import math
 import torch
 
 from .. import _compat
-from ..ops.attention import AttentionFn
+from ..ops.attention import AttentionFn, scale_forms
 from ..ops.dropout import keep_mask
 from ._common import autocast, check_tensor, shape_str
 
@@ -96,12 +96,13 @@ def _math_checks(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa,
                 raise RuntimeError(f"{_FN}: attn_mask {shape_str(attn_mask)} does not broadcast to the attention "
                                    f"weights' shape {list(weights)} (the size of tensor a ({a}) must match the "
                                    f"size of tensor b ({b}) at dimension {-i})")
-    try:                                      # the math kernel's products broadcast the batch dims
-        torch.broadcast_shapes(query.shape[:-2], key.shape[:-2] if groups == 1 else query.shape[:-2], value.shape[:-2]
-                               if groups == 1 else query.shape[:-2])
-    except RuntimeError as e:
-        raise RuntimeError(f"{_FN}: the batch dims of query {shape_str(query)}, key {shape_str(key)} and value "
-                           f"{shape_str(value)} do not broadcast ({e})") from None
+    batch = query.shape[:-2]
+    if groups == 1 and not key.shape[:-2] == value.shape[:-2] == batch:
+        try:                                  # the math kernel's products broadcast the batch dims
+            torch.broadcast_shapes(batch, key.shape[:-2], value.shape[:-2])
+        except RuntimeError as e:
+            raise RuntimeError(f"{_FN}: the batch dims of query {shape_str(query)}, key {shape_str(key)} and value "
+                               f"{shape_str(value)} do not broadcast ({e})") from None
     if query.is_complex():
         raise NotImplementedError(f'{_FN}: "softmax_lastdim_kernel_impl" not implemented for {query.dtype}')
     if not query.is_floating_point():
@@ -132,9 +133,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     _check(query, key, value, attn_mask)
     if query.numel() == 0 and not _compat.functorch_transforms_active():   # (torch.func: the Function's path)
         return _empty(*autocast(_FN, query, key, value))
-    # the kernel choice decides only a mask's and a negative dropout_p's fate
-    fused = (attn_mask is not None or dropout_p < 0) and _fused_kernel(query, key, value, attn_mask, dropout_p,
-                                                                        enable_gqa)
+    # the kernel choice decides a mask's and a negative dropout_p's fate, and where the scale rounds
+    flash = _fused_kernel(query, key, value, attn_mask, dropout_p, enable_gqa)
+    fused = (attn_mask is not None or dropout_p < 0) and flash
     groups = _math_checks(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, fused)
     query, key, value, attn_mask = autocast(_FN, query, key, value, attn_mask)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
@@ -147,5 +148,6 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         weights_shape = (*batch, query.shape[-2], key.shape[-2])
         drop = (torch.zeros(weights_shape, dtype=torch.bool, device=query.device) if dropout_p >= 1.0
                 else keep_mask(query.new_empty(weights_shape), dropout_p))
-    out, _lse = AttentionFn.call(query, key, value, attn_mask, drop, float(dropout_p), bool(is_causal), scale, groups)
+    scales = scale_forms(scale, "gemm" if flash and query.device.type == "cpu" else "split")
+    out, _lse = AttentionFn.call(query, key, value, attn_mask, drop, float(dropout_p), bool(is_causal), scales, groups)
     return out

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as TF
 
 from .. import _compat
-from ..ops.attention import AttentionFn
+from ..ops.attention import AttentionFn, scale_forms
 from ..ops.dropout import keep_mask
+from ._attention import _fused_kernel
 from ._linear import linear
 
 __all__ = ["multi_head_attention_forward"]
@@ -31,6 +32,22 @@ def _project(role: str, x, w, b, bsz: int):
     if PROJECTION_TAP:
         PROJECTION_TAP[-1](role, x, y, bsz)
     return y
+
+
+def _project_packed(x, w, b, bsz: int):
+    """Self-attention's q, k, v = x W_{q,k,v}ᵀ + b_{q,k,v} as one GEMM, x Wᵀ + b (T, N, 3E), and
+    its three column blocks (views), each tapped as its own projection (torch's
+    ``_in_projection_packed``)."""
+    qkv = linear(x, w, b).chunk(3, dim=-1)
+    if PROJECTION_TAP:
+        for role, y in zip("qkv", qkv):
+            PROJECTION_TAP[-1](role, x, y, bsz)
+    return qkv
+
+
+def _heads(t, bsz: int, num_heads: int):
+    """(T, N, E) → (N·H, T, E/H): torch's per-head layout (a view where the strides allow)."""
+    return t.reshape(t.shape[0], bsz * num_heads, t.shape[-1] // num_heads).transpose(0, 1)
 
 
 def _drop_mask(shape, p: float, like: torch.Tensor) -> torch.Tensor | None:
@@ -91,9 +108,12 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check: int, num
         if in_proj_weight is None:
             raise AssertionError("use_separate_proj_weight is False but in_proj_weight is None")
         w_q, w_k, w_v = in_proj_weight.chunk(3)
-    b_q, b_k, b_v = (None, None, None) if in_proj_bias is None else in_proj_bias.chunk(3)
-    q, k, v = (_project(r, x, w, b, bsz) for r, x, w, b in                                 # (T, N, E) each
-               (("q", query, w_q, b_q), ("k", key, w_k, b_k), ("v", value, w_v, b_v)))
+    if not use_separate_proj_weight and query is key and key is value:
+        q, k, v = _project_packed(query, in_proj_weight, in_proj_bias, bsz)                 # (T, N, E) each
+    else:
+        b_q, b_k, b_v = (None, None, None) if in_proj_bias is None else in_proj_bias.chunk(3)
+        q, k, v = (_project(r, x, w, b, bsz) for r, x, w, b in                             # (T, N, E) each
+                   (("q", query, w_q, b_q), ("k", key, w_k, b_k), ("v", value, w_v, b_v)))
 
     src_len = key.shape[0]
     if attn_mask is not None:
@@ -118,9 +138,9 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check: int, num
     elif bias_k is not None or bias_v is not None:
         raise AssertionError("bias_k and bias_v must be set together")
 
-    q = q.view(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)             # (N·H, L, E/H)
-    k = k.view(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1) if static_k is None else static_k
-    v = v.view(v.shape[0], bsz * num_heads, head_dim).transpose(0, 1) if static_v is None else static_v
+    q = _heads(q, bsz, num_heads)                                               # (N·H, L, E/H)
+    k = _heads(k, bsz, num_heads) if static_k is None else static_k
+    v = _heads(v, bsz, num_heads) if static_v is None else static_v
     if add_zero_attn:
         zeros = torch.zeros((bsz * num_heads, 1, head_dim), dtype=k.dtype, device=k.device)
         k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
@@ -148,7 +168,11 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check: int, num
     k4 = k.view(bsz, num_heads, src_len, head_dim)
     v4 = v.view(bsz, num_heads, src_len, head_dim)
     keep = _drop_mask((bsz, num_heads, tgt_len, src_len), dropout_p, q4)
-    scale = 1.0 / math.sqrt(head_dim)
+    # rounded as torch's path rounds: the explicit weights (scale·Q) with need_weights, else its sdpa's kernel
+    form = ("query" if need_weights else "gemm" if q4.device.type == "cpu" and _fused_kernel(q4, k4, v4, mask4,
+                                                                                             dropout_p, False)
+            else "split")
+    scale = scale_forms(1.0 / math.sqrt(head_dim), form)
     out, _lse = AttentionFn.call(q4, k4, v4, mask4, keep, float(dropout_p), bool(is_causal and mask4 is None),
                                  scale, 1)                                    # (N, H, L, E/H)
     out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)

@@ -16,7 +16,7 @@ import torch.nn.functional as TF
 
 from ... import functional as F
 from ...functional._common import autocast
-from ...ops.attention import AttentionFn
+from ...ops.attention import AttentionFn, scale_forms
 from ..references import torch_reference
 from ..types import BadInput, Inputs, OpCase, randn
 
@@ -70,7 +70,7 @@ def _attention_with_mask(q, k, v, keep):
     """handgrad's attention Function on a given keep mask (what the functional calls after its
     autocast cast and drawing the mask)."""
     q, k, v = autocast("scaled_dot_product_attention", q, k, v)
-    return AttentionFn.call(q, k, v, None, keep, _P, False, 1 / math.sqrt(q.shape[-1]), 1)[0]
+    return AttentionFn.call(q, k, v, None, keep, _P, False, scale_forms(1 / math.sqrt(q.shape[-1]), "gemm"), 1)[0]
 
 
 def _torch_attention_with_mask(q, k, v, keep):
