@@ -165,14 +165,6 @@ KNOWN_OPEN: tuple[Difference, ...] = (
            "rstd = inf and x̂ = 0·inf; torch's ∂L/∂w = Σ G ⊙ x̂ is ±inf from its rounding residue of x − μ (the float64 "
            "truth too), handgrad's nan. Which one an undefined 0/0 gives is ops/normalize.py's choice (the norms "
            "branch's): nan throughout, or torch's residue, or a deliberate difference"),
-    *_open("multi_head_attention_forward: float64 gradients ~1e-13 relative from torch", ("multi_head_attention_forward",),
-           ("grad",), lambda call: call.precision() == torch.float64,
-           "python -m handgrad.testing.fuzz --call multi_head_attention_forward:240676520539",
-           "found by the seeds 1-10 sweep (1 call in 30000): ∂L/∂key differs from torch's by 1.43e-13 on 1.47, over the "
-           "float64 rule's 1.42e-13 (64 roundings of max|G| = 2.4 and torch's float32 error scaled by 2⁻²⁹); the "
-           "projections (|W| up to 3) make the backward's intermediates ~10× max|G|, so either side's summation order "
-           "may be the less accurate; owned by the attention branch (ops/attention.py, functional/_mha.py), which "
-           "can tell by summing in another order or by an op-declared term scale (tolerances.TERM_SCALES)"),
     *_open("cross_entropy: one class, a nan input: ∂L/∂x is 0", ("cross_entropy",), ("grad",), _one_class_nan,
            "torch.autograd.grad(F.cross_entropy(x, torch.zeros(5, dtype=torch.long), reduction='sum'), x) for "
            "x = torch.full((5, 1), math.nan, requires_grad=True) (torch: nan, handgrad: -0)",
