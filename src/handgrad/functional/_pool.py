@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.pool import MaxPool2dFn, MaxPoolOptions, SeparablePoolFn, adaptive_matrix, avg_pool_matrix
+from ..ops.pool import GlobalAvgPoolFn, MaxPool2dFn, MaxPoolOptions, SeparablePoolFn, adaptive_matrix, avg_pool_matrix
 from ._common import check_tensor, shape_str
 
 __all__ = ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d"]
@@ -138,7 +138,10 @@ def adaptive_avg_pool2d(input: torch.Tensor, output_size) -> torch.Tensor:
             raise RuntimeError(f"{fn}: does not support automatic differentiation for outputs with complex dtype "
                                f"(input of size {shape_str(input)})")
         return input.new_empty(out_shape)                               # no element to compute: torch's too
-    y = SeparablePoolFn.call(x, adaptive_matrix(H, H_out, x), adaptive_matrix(W, W_out, x))   # (N, C, H_out, W_out)
+    if H_out == W_out == 1:
+        y = GlobalAvgPoolFn.call(x)                                     # (N, C, 1, 1): the mean, as torch's
+    else:
+        y = SeparablePoolFn.call(x, adaptive_matrix(H, H_out, x), adaptive_matrix(W, W_out, x))   # (N, C, H_out, W_out)
     return y.squeeze(0) if input.dim() == 3 else y
 
 

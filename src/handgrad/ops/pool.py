@@ -150,6 +150,38 @@ class SeparablePoolFn(HandFunction):
         return SeparablePoolFn.call(dx, a_h, a_w)                         # A_h Ẋ A_wᵀ
 
 
+class GlobalAvgPoolFn(HandFunction):
+    r"""Y[n, c] = (1 / HW) Σ_{h, w} X[n, c, h, w]  — equals ``torch.nn.functional.adaptive_avg_pool2d``
+    with output_size 1 (torch itself takes ``mean`` over the two dims there).
+
+    The separable map with A_h = 1ᵀ/H (1, H) and A_w = 1ᵀ/W (1, W): Y = A_h X A_wᵀ is the mean, so
+    the two products collapse to one reduction, and the transposes to a broadcast.
+    Shapes: X (N, C, H, W) → Y (N, C, 1, 1). Backward, G = ∂L/∂Y (N, C, 1, 1):
+        ∂L/∂X = A_hᵀ G A_w = G / (HW), broadcast over (H, W)      (N, C, H, W), an expanded view
+    Forward mode: Ẏ = mean_{h, w} Ẋ.
+    An inf or nan reaches exactly the one window it is in (all of H × W): no 0 · inf to avoid.
+    Derivation: docs/derivation.md#pooling
+    """
+
+    @staticmethod
+    def forward(x):
+        return x.mean((2, 3), keepdim=True)                               # (1/HW) Σ_{h,w} X
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, = inputs
+        ctx.x_shape = x.shape
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        N, C, H, W = ctx.x_shape
+        return (grad_y / (H * W)).expand(N, C, H, W)                      # G / (HW), broadcast
+
+    @staticmethod
+    def jvp(ctx, dx):
+        return GlobalAvgPoolFn.call(dx)                                   # mean_{h,w} Ẋ
+
+
 # --- max pooling ------------------------------------------------------------------------------
 
 
