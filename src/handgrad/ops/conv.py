@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as TF
 
+from .._compat import functorch_transforms_active, is_batched_tensor, is_functorch_wrapped
 from ._function import HandFunction, fast_path, opmath
 
 
@@ -50,6 +51,10 @@ class ConvOptions:
             return x, self.pad_lo
         pairs = [p for lo, hi in zip(reversed(self.pad_lo), reversed(self.pad_hi)) for p in (lo, hi)]
         return TF.pad(x, pairs), (0,) * len(self.pad_lo)
+
+    def lifted(self) -> ConvOptions:
+        """A 1-D convolution's options as 2-D over (1, S): a leading dim of stride 1, no padding."""
+        return ConvOptions((1, *self.stride), (0, *self.pad_lo), (0, *self.pad_hi), (1, *self.dilation), self.groups)
 
     def out_size(self, in_size, k_size) -> tuple[int, ...]:
         """S_out = ⌊(S + lo + hi − d(K − 1) − 1) / s⌋ + 1."""
@@ -113,11 +118,24 @@ def _conv_weight_grad(x, g, o: ConvOptions, k_size):
     C_g = C_in // groups
     xt = x.reshape(N, groups, C_g, *S).transpose(0, 2).reshape(C_g, groups * N, *S)   # (C_g, g·N, *S)
     gt = g.transpose(0, 1)                                                             # (C_out, N, *S_out)
+    eager = not (torch.compiler.is_compiling() or functorch_transforms_active()
+                 or is_functorch_wrapped(g) or is_batched_tensor(g))
+    if eager and len(S) == 1:
+        # 1-D as 2-D over (1, S): what torch's kernel does anyway, here so that G can be channels-last
+        xt, gt, o, k_size = xt.unsqueeze(2), gt.unsqueeze(2), o.lifted(), (1, *k_size)
+    if eager:
+        # G as the weight stored channels-last (N innermost): the layout oneDNN's forward kernel
+        # reads without a reorder of its own (the weight gradient of a 3×3, 64 → 64 conv on
+        # (8, 64, 32, 32): 6.2 ms instead of 9.0; kernel 3 on (16, 64, 512): 4.6 instead of 6.9).
+        # Eager only: a batched or traced tensor's layout is not ours to set.
+        gt = gt.contiguous(memory_format=torch.channels_last)
     xp, pad = o.padded(xt)
-    zeros = (0,) * len(S)
+    zeros = (0,) * len(pad)
     with _own_dtype(x):
         v = torch.convolution(xp, gt, None, o.dilation, pad, o.stride, False, zeros, groups)  # (C_g, C_out, *K')
     v = _crop(v, (0,) * len(k_size), k_size)                                           # (C_g, C_out, *K)
+    if v.dim() != x.dim():
+        v = v.squeeze(2)                                                               # the lifted dim of a 1-D conv
     return _fresh(v.transpose(0, 1).to(dt))                                            # (C_out, C_g, *K)
 
 
