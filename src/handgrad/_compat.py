@@ -126,6 +126,11 @@ _forward_ad = _private(lambda: importlib.import_module("torch.autograd.forward_a
 _top_saved_hooks = _private(lambda: torch._C._autograd._top_saved_tensors_default_hooks)
 _unwrap_dead = _private(lambda: importlib.import_module("torch._functorch.utils").unwrap_dead_wrappers)
 
+# aten's im2col + GEMM convolution kernels (forward ops; torch's own choice for tiny convs), where a
+# oneDNN primitive's fixed cost (~35 µs a call) dwarfs the arithmetic. Fallback: torch.convolution.
+thnn_conv2d = _private(lambda: torch._C._nn.thnn_conv2d)
+slow_conv_transpose2d = _private(lambda: torch._C._nn.slow_conv_transpose2d)
+
 
 # Dynamo of torch 2.4 cannot trace the query ("torch.* op returned non-Tensor bool"); there,
 # while compiling, the answer is the conservative True.

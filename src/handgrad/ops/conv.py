@@ -20,11 +20,14 @@ X (N, C_in, *S), W (C_out, C_g, *K), b (C_out,), G and Y (N, C_out, *S_out).
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as TF
 
+from .. import _compat
 from .._compat import functorch_transforms_active, is_batched_tensor, is_functorch_wrapped
 from ._function import HandFunction, fast_path, opmath
 
@@ -73,13 +76,49 @@ class Spatial:
 
 def _own_dtype(t: torch.Tensor):
     """Each product runs in the dtype it is given: autocast's cast is made once, by the functional
-    (recorded outside the Function), never again inside a forward or a backward run in its region."""
+    (recorded outside the Function), never again inside a forward or a backward run in its region.
+    Outside autocast, nothing to switch off (a context entered per product costs ~5 µs)."""
+    if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+        return contextlib.nullcontext()
     return torch.autocast(t.device.type, enabled=False)
+
+
+# A product whose im2col matrix has at most this many elements is "tiny": a oneDNN primitive's fixed
+# cost (~35 µs a call on the CPU of the bench) is then most of its time, and aten's im2col + GEMM
+# kernels (what torch itself picks for the smallest convs) take 3-10 µs; measured on (2, 4, 8, 8) 3×3.
+_TINY = 1 << 15
+
+
+def _eager(*ts) -> bool:
+    """Plain eager tensors: neither traced nor batched nor wrapped by torch.func (a layout, or a
+    kernel without a batching rule, is then not ours to choose)."""
+    return not (torch.compiler.is_compiling() or functorch_transforms_active()
+                or any(is_functorch_wrapped(t) or is_batched_tensor(t) for t in ts))
+
+
+def _im2col_kernel(x, w, o: ConvOptions, kernel, n_cols: int):
+    """aten's im2col + GEMM ``kernel`` (a _compat name, None where this torch lacks it) for a tiny
+    2-D CPU product without groups or (for the forward) dilation; else None: torch.convolution."""
+    if (kernel is None or not 0 < n_cols <= _TINY or o.groups != 1 or x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.float64) or not _eager(x, w)):
+        return None
+    if x.dim() == 4:
+        return kernel
+
+    def lifted(x, w, K, b, stride, pad, *rest):                                   # 1-D as 2-D over (1, S)
+        rest = tuple((p, *v) for p, v in zip((0, 1), rest))                       # output_padding, dilation
+        return kernel(x.unsqueeze(2), w.unsqueeze(2), (1, *K), b, (1, *stride), (0, *pad), *rest).squeeze(2)
+    return lifted
 
 
 def _conv(x, w, b, o: ConvOptions):
     """Y[n, o, p] = b[o] + Σ_{c, k} W[o, c, k] X_pad[n, g(o) C_g + c, s p + d k]  — W_col X_col + b."""
     xp, pad = o.padded(x)
+    K = w.shape[2:]
+    n_cols = x.shape[0] * w.shape[1] * math.prod(K) * math.prod(o.out_size(x.shape[2:], K))
+    thnn = _im2col_kernel(x, w, o, _compat.thnn_conv2d, n_cols) if all(d == 1 for d in o.dilation) else None
+    if thnn is not None:
+        return thnn(xp, w, K, b, o.stride, pad)                                   # the same sum, im2col + GEMM
     zeros = (0,) * len(pad)
     with _own_dtype(x):
         return torch.convolution(xp, w, b, o.stride, pad, o.dilation, False, zeros, o.groups)
@@ -96,19 +135,29 @@ def _conv_input_grad(g, w, o: ConvOptions, in_size):
     k_size = w.shape[2:]
     r = tuple((S + lo + hi - d * (K - 1) - 1) % s for S, K, s, lo, hi, d in
               zip(in_size, k_size, o.stride, o.pad_lo, o.pad_hi, o.dilation))
-    with _own_dtype(g):
-        if o.symmetric:
-            return torch.convolution(g, w, None, o.stride, o.pad_lo, o.dilation, True, r, o.groups).to(dt)
-        full = torch.convolution(g, w, None, o.stride, (0,) * len(r), o.dilation, True, r, o.groups)  # (N, C_in, *S_pad)
-    return _fresh(_crop(full, o.pad_lo, in_size).to(dt))                                           # (N, C_in, *S)
+    pad = o.pad_lo if o.symmetric else (0,) * len(r)
+    n_cols = g.shape[0] * w.shape[1] * math.prod(k_size) * math.prod(g.shape[2:])
+    slow = _im2col_kernel(g, w, o, _compat.slow_conv_transpose2d, n_cols)
+    if slow is not None:
+        full = slow(g, w, k_size, None, o.stride, pad, r, o.dilation)             # the same sum, GEMM + col2im
+    else:
+        with _own_dtype(g):
+            full = torch.convolution(g, w, None, o.stride, pad, o.dilation, True, r, o.groups)
+    if o.symmetric:
+        return full.to(dt)                                                        # (N, C_in, *S)
+    return _fresh(_crop(full, o.pad_lo, in_size).to(dt))                          # (N, C_in, *S)
 
 
 def _conv_weight_grad(x, g, o: ConvOptions, k_size):
-    """G X_colᵀ: ∂L/∂W[o, c, k] = Σ_{n, p} G[n, o, p] X_pad[n, g(o) C_g + c, s p + d k], a
-    convolution over the batch: X's batch and channel dims swap (input (C_g, g·N, *S): batch c,
-    channel (group, n)), G is the weight (C_out, N, *S_out), stride and dilation swap roles
-    (tap k at position d k + s p), groups stay. Its spatial output is at least K (trailing
-    positions no window reaches give more): the first K are kept."""
+    """G X_colᵀ: ∂L/∂W[o, c, k] = Σ_{n, p} G[n, o, p] X_pad[n, g(o) C_g + c, s p + d k].
+
+    Two evaluations of the same sum, by the sizes: where X_col (N, C_in·|K|, P) is no larger than G
+    (C_in·|K| ≤ C_out: a stem on RGB, every 1×1 conv into as many channels or more) or is tiny, X_col
+    itself (unfold) and one batched GEMM per group; else a convolution over the batch (a forward
+    primitive, which never builds X_col): X's batch and channel dims swap (input (C_g, g·N, *S):
+    batch c, channel (group, n)), G is the weight (C_out, N, *S_out), stride and dilation swap roles
+    (tap k at position d k + s p), groups stay; its spatial output is at least K (trailing positions
+    no window reaches give more): the first K are kept."""
     dt, k_size = x.dtype, k_size.dims
     x, g = opmath(x), opmath(g)
     N, C_in, *S = x.shape
@@ -116,10 +165,12 @@ def _conv_weight_grad(x, g, o: ConvOptions, k_size):
     if N == 0:
         return x.new_zeros((C_out, C_in // groups, *k_size)).to(dt)
     C_g = C_in // groups
+    n_cols = N * C_in * math.prod(k_size) * math.prod(g.shape[2:])
+    if C_in * math.prod(k_size) <= C_out or n_cols <= _TINY:
+        return _weight_grad_unfolded(x, g, o, k_size).to(dt)
     xt = x.reshape(N, groups, C_g, *S).transpose(0, 2).reshape(C_g, groups * N, *S)   # (C_g, g·N, *S)
     gt = g.transpose(0, 1)                                                             # (C_out, N, *S_out)
-    eager = not (torch.compiler.is_compiling() or functorch_transforms_active()
-                 or is_functorch_wrapped(g) or is_batched_tensor(g))
+    eager = _eager(x, g)
     if eager and len(S) == 1:
         # 1-D as 2-D over (1, S): what torch's kernel does anyway, here so that G can be channels-last
         xt, gt, o, k_size = xt.unsqueeze(2), gt.unsqueeze(2), o.lifted(), (1, *k_size)
@@ -127,7 +178,6 @@ def _conv_weight_grad(x, g, o: ConvOptions, k_size):
         # G as the weight stored channels-last (N innermost): the layout oneDNN's forward kernel
         # reads without a reorder of its own (the weight gradient of a 3×3, 64 → 64 conv on
         # (8, 64, 32, 32): 6.2 ms instead of 9.0; kernel 3 on (16, 64, 512): 4.6 instead of 6.9).
-        # Eager only: a batched or traced tensor's layout is not ours to set.
         gt = gt.contiguous(memory_format=torch.channels_last)
     xp, pad = o.padded(xt)
     zeros = (0,) * len(pad)
@@ -137,6 +187,22 @@ def _conv_weight_grad(x, g, o: ConvOptions, k_size):
     if v.dim() != x.dim():
         v = v.squeeze(2)                                                               # the lifted dim of a 1-D conv
     return _fresh(v.transpose(0, 1).to(dt))                                            # (C_out, C_g, *K)
+
+
+def _weight_grad_unfolded(x, g, o: ConvOptions, k_size):
+    """∂L/∂W = Σ_n G_n X_col,nᵀ per group, X_col = unfold(X_pad) (im2col; 1-D as 2-D over (1, S))."""
+    N, C_in = x.shape[:2]
+    C_out, groups = g.shape[1], o.groups
+    K = k_size
+    if x.dim() == 3:
+        x, g, o, K = x.unsqueeze(2), g.unsqueeze(2), o.lifted(), (1, *k_size)
+    xp, pad = o.padded(x)
+    cols = TF.unfold(xp, K, dilation=o.dilation, padding=pad, stride=o.stride)         # (N, C_in·|K|, P)
+    P = cols.shape[-1]
+    cols = cols.reshape(N, groups, C_in // groups * math.prod(K), P)                   # (N, g, C_g·|K|, P)
+    gm = g.reshape(N, groups, C_out // groups, P)                                      # (N, g, C_out/g, P)
+    v = (gm @ cols.transpose(-1, -2)).sum(0)                                           # Σ_n G_n X_col,nᵀ (g, C_out/g, C_g·|K|)
+    return v.reshape(C_out, C_in // groups, *k_size)                                   # (C_out, C_g, *K)
 
 
 def _crop(t, starts, sizes):
