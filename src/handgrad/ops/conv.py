@@ -111,8 +111,43 @@ def _im2col_kernel(x, w, o: ConvOptions, kernel, n_cols: int):
     return lifted
 
 
+def _complex(product, a, b, bias=None):
+    """A product bilinear in its two tensors (plus a bias), for complex ones from real products, as
+    torch's own complex convolution takes them (Gauss's three: its rounding, not a fourth product's):
+    (a_r + i a_i) ⋆ (b_r + i b_i) = a_r ⋆ b_r − a_i ⋆ b_i + i ((a_r + a_i) ⋆ (b_r + b_i) − a_r ⋆ b_r − a_i ⋆ b_i).
+    ``product(u, v, c)``: the real product plus bias c (None: none)."""
+    a, b = a.resolve_conj(), b.resolve_conj()
+    ar, ai, br, bi = a.real, a.imag, b.real, b.imag
+    p = product(ar, br, None if bias is None else bias.real)                  # a_r ⋆ b_r + b_r'
+    q = product(ai, bi, None)                                                 # a_i ⋆ b_i
+    r = product(ar + ai, br + bi, None if bias is None else bias.real + bias.imag)
+    return torch.complex(p - q, r - p - q)
+
+
+def _conj(t):
+    """conj(t) for a complex t, t itself for a real one: torch's gradient of a product with a
+    complex coefficient is the adjoint, the conjugated coefficient's (conjugate Wirtinger)."""
+    return t.conj() if t is not None and t.dtype.is_complex else t
+
+
+def _no_overflow(product, dt, *ts):
+    """product(*ts) computed in float32 for a float16/bfloat16 result: where it overflows (a sum
+    of terms near bfloat16's max, 3.4e38, is past float32's), the same sum again in float64, rounded
+    once, as torch's lowp kernels get it (CPU only: the finiteness test is a device sync on CUDA)."""
+    out = product(*ts)
+    if (dt in (torch.float16, torch.bfloat16) and out.device.type == "cpu" and _eager(out)
+            and not bool(out.isfinite().all()) and all(bool(t.isfinite().all()) for t in ts if t is not None)):
+        out = product(*(None if t is None else t.double() for t in ts))
+    return out
+
+
 def _conv(x, w, b, o: ConvOptions):
     """Y[n, o, p] = b[o] + Σ_{c, k} W[o, c, k] X_pad[n, g(o) C_g + c, s p + d k]  — W_col X_col + b."""
+    if x.dtype.is_complex:
+        return _complex(lambda u, v, c: _conv(u, v, c, o), x, w, b)
+    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
+        dt = x.dtype
+        return _no_overflow(lambda u, v, c: _conv(u, v, c, o), dt, opmath(x), opmath(w), opmath(b)).to(dt)
     xp, pad = o.padded(x)
     K = w.shape[2:]
     n_cols = x.shape[0] * w.shape[1] * math.prod(K) * math.prod(o.out_size(x.shape[2:], K))
@@ -130,8 +165,12 @@ def _conv_input_grad(g, w, o: ConvOptions, in_size):
     (S_out − 1)s + d(K − 1) + 1 falls short of the padded length by r = (S + lo + hi − d(K − 1) − 1)
     mod s (< s) rows no window reaches: output_padding r restores them (as zeros); then the
     padding is cropped (by the primitive when lo = hi)."""
+    if g.dtype.is_complex:
+        return _complex(lambda u, v, _: _conv_input_grad(u, v, o, in_size), g, w)
     dt, in_size = g.dtype, in_size.dims
     g, w = opmath(g), opmath(w)
+    if dt != g.dtype and g.device.type == "cpu":
+        return _no_overflow(lambda u, v: _conv_input_grad(u, v, o, Spatial(in_size)), dt, g, w).to(dt)
     k_size = w.shape[2:]
     r = tuple((S + lo + hi - d * (K - 1) - 1) % s for S, K, s, lo, hi, d in
               zip(in_size, k_size, o.stride, o.pad_lo, o.pad_hi, o.dilation))
@@ -158,14 +197,22 @@ def _conv_weight_grad(x, g, o: ConvOptions, k_size):
     batch c, channel (group, n)), G is the weight (C_out, N, *S_out), stride and dilation swap roles
     (tap k at position d k + s p), groups stay; its spatial output is at least K (trailing positions
     no window reaches give more): the first K are kept."""
+    if x.dtype.is_complex:
+        return _complex(lambda u, v, _: _conv_weight_grad(u, v, o, k_size), x, g)
     dt, k_size = x.dtype, k_size.dims
     x, g = opmath(x), opmath(g)
+    if dt != x.dtype and x.device.type == "cpu":
+        return _no_overflow(lambda u, v: _conv_weight_grad(u, v, o, Spatial(k_size)), dt, x, g).to(dt)
     N, C_in, *S = x.shape
     C_out, groups = g.shape[1], o.groups
     if N == 0:
         return x.new_zeros((C_out, C_in // groups, *k_size)).to(dt)
     C_g = C_in // groups
     n_cols = N * C_in * math.prod(k_size) * math.prod(g.shape[2:])
+    if n_cols <= _TINY and x.dtype == torch.float32 and x.device.type == "cpu":
+        # a tiny sum in float64 (free at this size): the batched GEMM's float32 order errs up to 2.4×
+        # oneDNN's on (3, 3, 9, 9) with 5×5 kernels, groups 3 (the fuzzer's find)
+        return _weight_grad_unfolded(x.double(), g.double(), o, k_size).to(dt)
     if C_in * math.prod(k_size) <= C_out or n_cols <= _TINY:
         return _weight_grad_unfolded(x, g, o, k_size).to(dt)
     xt = x.reshape(N, groups, C_g, *S).transpose(0, 2).reshape(C_g, groups * N, *S)   # (C_g, g·N, *S)
@@ -268,11 +315,11 @@ class ConvFn(HandFunction):
         # nothing records this (fast path): the products alone, not as ops a double backward needs
         fast = fast_path(grad_y)
         if ctx.needs_input_grad[0]:
-            grad_x = (_conv_input_grad(grad_y, weight, ctx.opts, ctx.in_size) if fast else
-                      ConvInputGradFn.call(grad_y, weight, ctx.opts, ctx.in_size))  # col2im(W_colᵀ G)
+            grad_x = (_conv_input_grad(grad_y, _conj(weight), ctx.opts, ctx.in_size) if fast else
+                      ConvInputGradFn.call(grad_y, _conj(weight), ctx.opts, ctx.in_size))  # col2im(W_colᴴ G)
         if ctx.needs_input_grad[1]:
-            grad_w = (_conv_weight_grad(x, grad_y, ctx.opts, ctx.k_size) if fast else
-                      ConvWeightGradFn.call(x, grad_y, ctx.opts, ctx.k_size))       # G X_colᵀ
+            grad_w = (_conv_weight_grad(_conj(x), grad_y, ctx.opts, ctx.k_size) if fast else
+                      ConvWeightGradFn.call(_conj(x), grad_y, ctx.opts, ctx.k_size))  # G X_colᴴ
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_y.sum([0, *range(2, grad_y.dim())])                      # Σ_{n,p} G
         return grad_x, grad_w, grad_b, None
@@ -315,9 +362,9 @@ class ConvInputGradFn(HandFunction):
         g, weight = ctx.saved_tensors
         grad_g = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_g = ConvFn.call(grad_z, weight, None, ctx.opts)                  # Conv(H, W)
+            grad_g = ConvFn.call(grad_z, _conj(weight), None, ctx.opts)           # Conv(H, W̄)
         if ctx.needs_input_grad[1]:
-            grad_w = ConvWeightGradFn.call(grad_z, g, ctx.opts, ctx.k_size)       # ConvW(H, G)
+            grad_w = ConvWeightGradFn.call(grad_z, _conj(g), ctx.opts, ctx.k_size)  # ConvW(H, Ḡ)
         return grad_g, grad_w, None, None
 
     @staticmethod
@@ -354,9 +401,9 @@ class ConvWeightGradFn(HandFunction):
         x, g = ctx.saved_tensors
         grad_x = grad_g = None
         if ctx.needs_input_grad[0]:
-            grad_x = ConvInputGradFn.call(g, grad_v, ctx.opts, ctx.in_size)       # ConvT(G, H)
+            grad_x = ConvInputGradFn.call(_conj(g), grad_v, ctx.opts, ctx.in_size)  # ConvT(Ḡ, H)
         if ctx.needs_input_grad[1]:
-            grad_g = ConvFn.call(x, grad_v, None, ctx.opts)                       # Conv(X, H)
+            grad_g = ConvFn.call(_conj(x), grad_v, None, ctx.opts)                # Conv(X̄, H)
         return grad_x, grad_g, None, None
 
     @staticmethod
