@@ -52,7 +52,13 @@ def _out_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int
 
 
 def empty_window(size: int, out: int, k: int, s: int, p: int, d: int) -> bool:
-    """Does some window's every tap, o·s − p + j·d (j < k), fall outside [0, size)?"""
+    """Does some window's every tap, o·s − p + j·d (j < k), fall outside [0, size)? Never without
+    padding (tap 0 of window o is o·s < size); with d = 1 the taps are one run, so the first and the
+    last window decide; else each window is asked (Python, per call: only where it must be)."""
+    if p == 0:
+        return False
+    if d == 1:
+        return not (k - 1 - p >= 0 and (out - 1) * s - p < size)
     return any(not any(0 <= o * s - p + j * d < size for j in range(k)) for o in range(out))
 
 

@@ -74,7 +74,7 @@ class Spatial:
     dims: tuple[int, ...]
 
 
-def _own_dtype(t: torch.Tensor):
+def own_dtype(t: torch.Tensor):
     """Each product runs in the dtype it is given: autocast's cast is made once, by the functional
     (recorded outside the Function), never again inside a forward or a backward run in its region.
     Outside autocast, nothing to switch off (a context entered per product costs ~5 µs)."""
@@ -155,7 +155,7 @@ def _conv(x, w, b, o: ConvOptions):
     if thnn is not None:
         return thnn(xp, w, K, b, o.stride, pad)                                   # the same sum, im2col + GEMM
     zeros = (0,) * len(pad)
-    with _own_dtype(x):
+    with own_dtype(x):
         return torch.convolution(xp, w, b, o.stride, pad, o.dilation, False, zeros, o.groups)
 
 
@@ -180,7 +180,7 @@ def _conv_input_grad(g, w, o: ConvOptions, in_size):
     if slow is not None:
         full = slow(g, w, k_size, None, o.stride, pad, r, o.dilation)             # the same sum, GEMM + col2im
     else:
-        with _own_dtype(g):
+        with own_dtype(g):
             full = torch.convolution(g, w, None, o.stride, pad, o.dilation, True, r, o.groups)
     if o.symmetric:
         return full.to(dt)                                                        # (N, C_in, *S)
@@ -228,7 +228,7 @@ def _conv_weight_grad(x, g, o: ConvOptions, k_size):
         gt = gt.contiguous(memory_format=torch.channels_last)
     xp, pad = o.padded(xt)
     zeros = (0,) * len(pad)
-    with _own_dtype(x):
+    with own_dtype(x):
         v = torch.convolution(xp, gt, None, o.dilation, pad, o.stride, False, zeros, groups)  # (C_g, C_out, *K')
     v = _crop(v, (0,) * len(k_size), k_size)                                           # (C_g, C_out, *K)
     if v.dim() != x.dim():

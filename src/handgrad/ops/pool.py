@@ -13,6 +13,7 @@ import torch.nn.functional as TF
 
 from .._compat import functorch_transforms_active
 from ._function import HandFunction, fast_path, opmath
+from .conv import own_dtype
 
 
 # --- average pooling: Y = A_h X A_wᵀ ----------------------------------------------------------
@@ -119,7 +120,7 @@ class SeparablePoolFn(HandFunction):
 
     @staticmethod
     def forward(x, a_h, a_w):
-        with torch.autocast(x.device.type, enabled=False):                # in float32, as torch's pools under autocast
+        with own_dtype(x):                                                # in float32, as torch's pools under autocast
             z = opmath(x)
             y = a_h @ z @ a_w.mT                                          # A_h X A_wᵀ
             if not _all_finite(y):
@@ -178,7 +179,7 @@ class AvgPool2dFn(HandFunction):
     @staticmethod
     def forward(x, opts, a_h, a_w):
         o = opts
-        with torch.autocast(x.device.type, enabled=False):                # in its own dtype, as torch's pools under autocast
+        with own_dtype(x):                                                # in its own dtype, as torch's pools under autocast
             return TF.avg_pool2d(x, o.kernel_size, o.stride, o.padding, o.ceil_mode, o.count_include_pad,
                                  o.divisor_override)                       # A_h X A_wᵀ
 
