@@ -292,6 +292,9 @@ class ConvFn(HandFunction):
         ∂L/∂W = G X_colᵀ        = ConvW(X, G)      (C_out, C_g, *K)
         ∂L/∂b = Σ_{n, p} G                          (C_out,)
     Forward mode: Ẏ = Conv(Ẋ, W) + Conv(X, Ẇ) + ḃ.
+    Complex X, W: the same sums (three real products each, as torch's); each backward product takes
+    the conjugate of its saved operand, ConvT(G, W̄) and ConvW(X̄, G): torch's conjugate-Wirtinger
+    gradient (the adjoint), and likewise in the two gradient Functions below.
     Saves X only if W needs a gradient, W only if X does.
     Derivation: docs/derivation.md#convolution
     """
