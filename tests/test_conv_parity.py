@@ -137,3 +137,15 @@ def test_size_dependent_evaluations_agree(shape, kernel):
     w = torch.randn(5, shape[1], kernel, kernel, **f64(), requires_grad=True)
     assert_matches_torch(lambda x, w: F.conv2d(x, w, padding=kernel // 2), lambda x, w: TF.conv2d(x, w, padding=kernel // 2),
                          x, w)
+
+
+def test_string_padding_takes_a_bias_of_another_dtype():
+    """torch's padding='same' / 'valid' path adds the bias to the output in place: any float bias
+    is accepted and cast to the input's dtype (a numeric padding refuses it)."""
+    x, w = torch.randn(1, 2, 5), torch.randn(2, 2, 3)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    for padding in ("same", "valid"):
+        out, ref = F.conv1d(x, w, b, padding=padding), TF.conv1d(x, w, b, padding=padding)
+        assert out.dtype == ref.dtype == torch.float32
+        torch.testing.assert_close(out, ref)
+        assert torch.autograd.grad(out.sum(), b)[0].dtype == torch.float64

@@ -85,7 +85,10 @@ def _convnd(fn: str, dims: int, input, weight, bias, stride, padding, dilation, 
                            f"Kernel size: ({' x '.join(map(str, effective))}) (dilated) of weight {shape_str(weight)}. "
                            f"Kernel size can't be greater than actual input size {shape_str(input)}")
     if bias is not None and bias.dtype != x.dtype:
-        raise RuntimeError(f"{fn}: Input type ({x.dtype}) and bias type ({bias.dtype}) should be the same")
+        if not isinstance(padding, str) or x.dtype.is_complex or bias.dtype.is_complex:
+            raise RuntimeError(f"{fn}: Input type ({x.dtype}) and bias type ({bias.dtype}) should be the same")
+        # torch's padding='same' / 'valid' path adds the bias in place to the output, in its dtype
+        bias = bias.to(x.dtype)
     if x.dtype == torch.bool and not empty:
         # torch's CPU kernels (which take the integer types) dispatch on the input's dtype first
         raise NotImplementedError(f"{fn}: not implemented for input of dtype {x.dtype} (shape {shape_str(input)}): "

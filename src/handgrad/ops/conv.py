@@ -144,7 +144,8 @@ def _no_overflow(product, dt, *ts):
 def _conv(x, w, b, o: ConvOptions):
     """Y[n, o, p] = b[o] + Σ_{c, k} W[o, c, k] X_pad[n, g(o) C_g + c, s p + d k]  — W_col X_col + b."""
     if x.dtype.is_complex:
-        return _complex(lambda u, v, c: _conv(u, v, c, o), x, w, b)
+        # each real product through torch.convolution, the primitive torch's complex convolution calls
+        return _complex(lambda u, v, c: _conv_primitive(*o.padded(u), v, c, o), x, w, b)
     if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
         dt = x.dtype
         return _no_overflow(lambda u, v, c: _conv(u, v, c, o), dt, opmath(x), opmath(w), opmath(b)).to(dt)
@@ -154,9 +155,12 @@ def _conv(x, w, b, o: ConvOptions):
     thnn = _im2col_kernel(x, w, o, _compat.thnn_conv2d, n_cols) if all(d == 1 for d in o.dilation) else None
     if thnn is not None:
         return thnn(xp, w, K, b, o.stride, pad)                                   # the same sum, im2col + GEMM
-    zeros = (0,) * len(pad)
-    with own_dtype(x):
-        return torch.convolution(xp, w, b, o.stride, pad, o.dilation, False, zeros, o.groups)
+    return _conv_primitive(xp, pad, w, b, o)
+
+
+def _conv_primitive(xp, pad, w, b, o: ConvOptions):
+    with own_dtype(xp):
+        return torch.convolution(xp, w, b, o.stride, pad, o.dilation, False, (0,) * len(pad), o.groups)
 
 
 def _conv_input_grad(g, w, o: ConvOptions, in_size):
