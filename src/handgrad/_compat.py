@@ -133,6 +133,11 @@ def any_autocast_enabled() -> bool:
     Fallback: True (then the caller asks each device)."""
     return True if _any_autocast is None else _any_autocast()
 
+# aten's im2col + GEMM convolution kernels (forward ops; torch's own choice for tiny convs), where a
+# oneDNN primitive's fixed cost (~35 µs a call) dwarfs the arithmetic. Fallback: torch.convolution.
+thnn_conv2d = _private(lambda: torch._C._nn.thnn_conv2d)
+slow_conv_transpose2d = _private(lambda: torch._C._nn.slow_conv_transpose2d)
+
 
 # Dynamo of torch 2.4 cannot trace the query ("torch.* op returned non-Tensor bool"); there,
 # while compiling, the answer is the conservative True.

@@ -55,12 +55,15 @@ def _convnd(fn: str, dims: int, input, weight, bias, stride, padding, dilation, 
                            f"but got weight of size {shape_str(weight)}")
     unbatched = input.dim() == dims + 1
     x = input.unsqueeze(0) if unbatched else input                      # (N, C_in, *S)
+    # torch sends an input with no batch or no channels to its "Empty" backend before the
+    # kernels' own checks: dilation 0 and an input/weight dtype mismatch pass there
+    empty = x.shape[0] == 0 or x.shape[1] == 0
     k_size = tuple(weight.shape[2:])
     stride = _tuple(fn, "stride", stride, dims)
     dilation = _tuple(fn, "dilation", dilation, dims)
     if any(s <= 0 for s in stride):
         raise RuntimeError(f"{fn}: non-positive stride is not supported (stride={list(stride)})")
-    if any(d <= 0 for d in dilation):
+    if any(d < 0 or (d == 0 and not empty) for d in dilation):
         raise RuntimeError(f"{fn}: non-positive dilation is not supported (dilation={list(dilation)})")
     lo, hi = _padding(fn, padding, stride, dilation, k_size)
     if not isinstance(groups, int) or groups <= 0:
@@ -81,15 +84,35 @@ def _convnd(fn: str, dims: int, input, weight, bias, stride, padding, dilation, 
         raise RuntimeError(f"{fn}: Calculated padded input size per channel: ({' x '.join(map(str, padded))}). "
                            f"Kernel size: ({' x '.join(map(str, effective))}) (dilated) of weight {shape_str(weight)}. "
                            f"Kernel size can't be greater than actual input size {shape_str(input)}")
-    if x.dtype == torch.bool:
+    if bias is not None and bias.dtype != x.dtype:
+        if not isinstance(padding, str) or x.dtype.is_complex or bias.dtype.is_complex:
+            raise RuntimeError(f"{fn}: Input type ({x.dtype}) and bias type ({bias.dtype}) should be the same")
+        # torch's padding='same' / 'valid' path adds the bias in place to the output, in its dtype
+        bias = bias.to(x.dtype)
+    if x.dtype == torch.bool and not empty:
         # torch's CPU kernels (which take the integer types) dispatch on the input's dtype first
         raise NotImplementedError(f"{fn}: not implemented for input of dtype {x.dtype} (shape {shape_str(input)}): "
                                   "no convolution kernel takes bool")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != x.dtype:
-            raise RuntimeError(f"{fn}: Input type ({x.dtype}) and {name} type ({t.dtype}) should be the same")
-    y = ConvFn.call(x, weight, bias, ConvOptions(stride, lo, hi, dilation, groups))   # (N, C_out, *S_out)
+    if weight.dtype != x.dtype and (not empty or x.dtype.is_complex):
+        raise RuntimeError(f"{fn}: Input type ({x.dtype}) and weight type ({weight.dtype}) should be the same")
+    opts = ConvOptions(stride, lo, hi, dilation, groups)
+    if empty and (weight.dtype != x.dtype or not (x.is_floating_point() or x.dtype.is_complex) or 0 in dilation):
+        y = _no_elements(x, weight, bias, opts)                          # (N, C_out, *S_out), nothing to compute
+    else:
+        y = ConvFn.call(x, weight, bias, opts)                           # (N, C_out, *S_out)
     return y.squeeze(0) if unbatched else y
+
+
+def _no_elements(x, weight, bias, opts: ConvOptions) -> torch.Tensor:
+    """The output of a convolution with no batch or no channels where ConvFn cannot take it (dilation
+    0, an input/weight dtype mismatch, bool or integer dtypes), as torch's Empty backend makes it:
+    its dtype that of X · W[0] (a 0-dim W[0] promotes only across kinds), plus b[0]; no element."""
+    C_in = x.shape[1]
+    y = x * weight.reshape(-1)[0] if C_in else x.reshape(-1) * weight.reshape(-1)   # C_in = 0: W is empty too
+    if bias is not None:
+        y = y + bias.reshape(-1)[0]
+    # (torch's shape: C_out channels, none when C_in = 0)
+    return y.reshape(x.shape[0], weight.shape[0] if C_in else 0, *opts.out_size(x.shape[2:], weight.shape[2:]))
 
 
 def conv1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.pool import MaxPool2dFn, MaxPoolOptions, SeparablePoolFn, adaptive_matrix, avg_pool_matrix
+from ..ops.pool import AvgPool2dFn, AvgPoolOptions, GlobalAvgPoolFn, MaxPool2dFn, MaxPoolOptions, SeparablePoolFn, adaptive_matrix, avg_pool_matrix
 from ._common import check_tensor, shape_str
 
 __all__ = ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d"]
@@ -52,7 +52,13 @@ def _out_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int
 
 
 def empty_window(size: int, out: int, k: int, s: int, p: int, d: int) -> bool:
-    """Does some window's every tap, o·s − p + j·d (j < k), fall outside [0, size)?"""
+    """Does some window's every tap, o·s − p + j·d (j < k), fall outside [0, size)? Never without
+    padding (tap 0 of window o is o·s < size); with d = 1 the taps are one run, so the first and the
+    last window decide; else each window is asked (Python, per call: only where it must be)."""
+    if p == 0:
+        return False
+    if d == 1:
+        return not (k - 1 - p >= 0 and (out - 1) * s - p < size)
     return any(not any(0 <= o * s - p + j * d < size for j in range(k)) for o in range(out))
 
 
@@ -93,7 +99,7 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
 def avg_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                count_include_pad: bool = True, divisor_override: int | None = None) -> torch.Tensor:
     """``torch.nn.functional.avg_pool2d``: Y = A_h X A_wᵀ with torch's windows and divisors
-    (ops.pool.SeparablePoolFn)."""
+    (ops.pool.AvgPool2dFn)."""
     if divisor_override is not None and (isinstance(divisor_override, bool)
                                          or not isinstance(divisor_override, (int, torch.Tensor))):
         # torch's binding: before any check of the tensors or the window
@@ -110,7 +116,9 @@ def avg_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, ceil_mo
     a_w = avg_pool_matrix(W, W_out, k[1], s[1], p[1], count_include_pad, divisor_override, x)   # (W_out, W)
     if divisor_override is not None:
         a_h = a_h / divisor_override                                                           # once, on A_h
-    y = SeparablePoolFn.call(x, a_h, a_w)                              # (N, C, H_out, W_out)
+    opts = AvgPoolOptions(k, s, p, bool(ceil_mode), bool(count_include_pad),
+                          None if divisor_override is None else int(divisor_override))
+    y = AvgPool2dFn.call(x, opts, a_h, a_w)                            # (N, C, H_out, W_out)
     return y.squeeze(0) if input.dim() == 3 else y
 
 
@@ -138,7 +146,10 @@ def adaptive_avg_pool2d(input: torch.Tensor, output_size) -> torch.Tensor:
             raise RuntimeError(f"{fn}: does not support automatic differentiation for outputs with complex dtype "
                                f"(input of size {shape_str(input)})")
         return input.new_empty(out_shape)                               # no element to compute: torch's too
-    y = SeparablePoolFn.call(x, adaptive_matrix(H, H_out, x), adaptive_matrix(W, W_out, x))   # (N, C, H_out, W_out)
+    if H_out == W_out == 1:
+        y = GlobalAvgPoolFn.call(x)                                     # (N, C, 1, 1): the mean, as torch's
+    else:
+        y = SeparablePoolFn.call(x, adaptive_matrix(H, H_out, x), adaptive_matrix(W, W_out, x))   # (N, C, H_out, W_out)
     return y.squeeze(0) if input.dim() == 3 else y
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as TF
 
 from .._compat import functorch_transforms_active
 from ._function import HandFunction, fast_path, opmath
+from .conv import own_dtype
 
 
 # --- average pooling: Y = A_h X A_wᵀ ----------------------------------------------------------
@@ -119,7 +120,7 @@ class SeparablePoolFn(HandFunction):
 
     @staticmethod
     def forward(x, a_h, a_w):
-        with torch.autocast(x.device.type, enabled=False):                # in float32, as torch's pools under autocast
+        with own_dtype(x):                                                # in float32, as torch's pools under autocast
             z = opmath(x)
             y = a_h @ z @ a_w.mT                                          # A_h X A_wᵀ
             if not _all_finite(y):
@@ -148,6 +149,100 @@ class SeparablePoolFn(HandFunction):
     def jvp(ctx, dx, _h, _w):
         a_h, a_w = ctx.saved_tensors
         return SeparablePoolFn.call(dx, a_h, a_w)                         # A_h Ẋ A_wᵀ
+
+
+@dataclass(frozen=True)
+class AvgPoolOptions:
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    ceil_mode: bool
+    count_include_pad: bool
+    divisor_override: int | None
+
+
+class AvgPool2dFn(HandFunction):
+    r"""Y = A_h X A_wᵀ  — equals ``torch.nn.functional.avg_pool2d``, A_h and A_w from ``avg_pool_matrix``
+    (constants, no gradient; ``divisor_override`` folded into A_h).
+
+    Shapes: X (N, C, H, W), A_h (H_out, H), A_w (W_out, W) → Y (N, C, H_out, W_out).
+    The forward is torch's average pooling kernel (the same sum: each window's mean, with IEEE's
+    semantics for what lies outside the window); the backward never calls its backward. G = ∂L/∂Y:
+        ∂L/∂X = A_hᵀ G A_w        (N, C, H, W)   (SeparablePoolFn on the transposes)
+    where the windows tile X (stride = kernel, no padding, k | H and k | W) every entry of A is the
+    same a, and A_hᵀ G A_w is G[⌊h/k_h⌋, ⌊w/k_w⌋] · a_h a_w: G scaled once, each entry repeated
+    k_h × k_w times (the fast path: one pass instead of two products).
+    Forward mode: Ẏ = A_h Ẋ A_wᵀ.
+    Derivation: docs/derivation.md#pooling
+    """
+
+    @staticmethod
+    def forward(x, opts, a_h, a_w):
+        o = opts
+        with own_dtype(x):                                                # in its own dtype, as torch's pools under autocast
+            return TF.avg_pool2d(x, o.kernel_size, o.stride, o.padding, o.ceil_mode, o.count_include_pad,
+                                 o.divisor_override)                       # A_h X A_wᵀ
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, opts, a_h, a_w = inputs
+        ctx.save_for_backward(a_h, a_w)
+        ctx.save_for_forward(a_h, a_w)
+        (H, W), (H_out, W_out) = x.shape[2:], output.shape[2:]
+        ctx.opts, ctx.tiles = opts, (opts.stride == opts.kernel_size and opts.padding == (0, 0)
+                                     and (H, W) == (H_out * opts.kernel_size[0], W_out * opts.kernel_size[1]))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        a_h, a_w = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        if ctx.tiles and fast_path(grad_y):                                # nothing records it: one pass
+            N, C, H_out, W_out = grad_y.shape
+            k_h, k_w = ctx.opts.kernel_size
+            g = (opmath(grad_y) * (a_h[0, 0] * a_w[0, 0])).to(grad_y.dtype)  # G a_h a_w
+            grad_x = g[:, :, :, None, :, None].expand(N, C, H_out, k_h, W_out, k_w).reshape(
+                N, C, H_out * k_h, W_out * k_w)                                # G[⌊h/k_h⌋, ⌊w/k_w⌋] a_h a_w
+        else:
+            grad_x = SeparablePoolFn.call(grad_y, a_h.mT, a_w.mT)         # A_hᵀ G A_w
+        return grad_x, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, _o, _h, _w):
+        a_h, a_w = ctx.saved_tensors
+        return AvgPool2dFn.call(dx, ctx.opts, a_h, a_w)                   # A_h Ẋ A_wᵀ
+
+
+class GlobalAvgPoolFn(HandFunction):
+    r"""Y[n, c] = (1 / HW) Σ_{h, w} X[n, c, h, w]  — equals ``torch.nn.functional.adaptive_avg_pool2d``
+    with output_size 1 (torch itself takes ``mean`` over the two dims there).
+
+    The separable map with A_h = 1ᵀ/H (1, H) and A_w = 1ᵀ/W (1, W): Y = A_h X A_wᵀ is the mean, so
+    the two products collapse to one reduction, and the transposes to a broadcast.
+    Shapes: X (N, C, H, W) → Y (N, C, 1, 1). Backward, G = ∂L/∂Y (N, C, 1, 1):
+        ∂L/∂X = A_hᵀ G A_w = G / (HW), broadcast over (H, W)      (N, C, H, W), an expanded view
+    Forward mode: Ẏ = mean_{h, w} Ẋ.
+    An inf or nan reaches exactly the one window it is in (all of H × W): no 0 · inf to avoid.
+    Derivation: docs/derivation.md#pooling
+    """
+
+    @staticmethod
+    def forward(x):
+        return x.mean((2, 3), keepdim=True)                               # (1/HW) Σ_{h,w} X
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, = inputs
+        ctx.x_shape = x.shape
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        N, C, H, W = ctx.x_shape
+        return (grad_y / (H * W)).expand(N, C, H, W)                      # G / (HW), broadcast
+
+    @staticmethod
+    def jvp(ctx, dx):
+        return GlobalAvgPoolFn.call(dx)                                   # mean_{h,w} Ẋ
 
 
 # --- max pooling ------------------------------------------------------------------------------
