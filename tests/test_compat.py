@@ -65,8 +65,8 @@ def test_transforms_active_fallback_keeps_the_ops_right(monkeypatch):
         # the transform path is the differentiable formula, the default path the fast one: the same
         # math in another order (the fused stack's f'·G in blocks), so float64 agreement as in
         # tests/test_fast_paths.py, not bitwise
-        for s, t in zip(_out_and_grads(op, x, w1, b1, w2), ref):
-            torch.testing.assert_close(s, t, rtol=EXACT_RTOL, atol=EXACT_ATOL)
+        for got, want in zip(_out_and_grads(op, x, w1, b1, w2), ref):
+            torch.testing.assert_close(got, want, rtol=EXACT_RTOL, atol=EXACT_ATOL)
 
 
 def test_forward_ad_level_and_its_fallback(monkeypatch):
