@@ -61,26 +61,34 @@ def moments(X: torch.Tensor, dims: tuple[int, ...], center: bool = True, fast: b
     return Xc, x0 + shift, (Xc * Xc).mean(dims, keepdim=True)            # X − μ, μ, var = mean((X − μ)²)
 
 
+def rstd_of(var: torch.Tensor, eps: float, nan_on_overflow: bool = False) -> torch.Tensor:
+    """rstd = 1/√(var + eps); with ``nan_on_overflow``, nan where var = inf (see ``normalize``)."""
+    rstd = torch.rsqrt(var + eps)                                    # 1/√(var + eps)
+    return rstd + (var - var) if nan_on_overflow else rstd           # + 0, or nan where var = inf
+
+
 def normalize(X: torch.Tensor, dims: tuple[int, ...], eps: float, center: bool = True,
               nan_on_overflow: bool = False, fast: bool = False):
     """x̂ = (X − μ)·rstd, rstd = 1/√(var + eps) over ``dims`` (RMS: x̂ = X·rstd, rstd = 1/√(mean(X²) + eps)).
     Returns (x̂, rstd (keepdim), μ (keepdim; None for RMS)); built from torch ops, so it is
     differentiable (``fast``: x̂ overwrites the buffer X − μ, see ``moments``).
     ``nan_on_overflow``: a set whose squares overflow (var = inf) gives nan, as torch's layer norm
-    does, instead of x̂ = 0 from rstd = 0 (torch's batch, group and RMS norms give the 0)."""
+    and group norms do, instead of x̂ = 0 from rstd = 0 (torch's batch and RMS norms give the 0)."""
     Xc, mu, var = moments(X, dims, center, fast)
-    rstd = torch.rsqrt(var + eps)                                    # 1/√(var + eps)
-    if nan_on_overflow:
-        rstd = rstd + (var - var)                                    # + 0, or nan where var = inf
+    rstd = rstd_of(var, eps, nan_on_overflow)                        # 1/√(var + eps)
     if fast and center:
         return Xc.mul_(rstd), rstd, mu                               # x̂, in X − μ's buffer
     return Xc * rstd, rstd, mu                                       # x̂
 
 
 def normalize_dx(xhat: torch.Tensor, rstd: torch.Tensor, v: torch.Tensor, dims: tuple[int, ...],
-                 center: bool = True) -> torch.Tensor:
+                 center: bool = True, eps: float | None = None) -> torch.Tensor:
     """The Jacobian of X ↦ x̂ applied to v: rstd·(v − mean(v) − x̂·mean(v ⊙ x̂)) (RMS: no mean(v)).
-    It is symmetric, so this one helper is the vjp (v = G ⊙ w) and the jvp (v = Ẋ)."""
+    It is symmetric, so this one helper is the vjp (v = G ⊙ w) and the jvp (v = Ẋ).
+    An RMS set of one element (``eps`` given): rstd·v·(1 − x̂²) = v·eps·rstd³ exactly (1 − x̂² would
+    cancel: x̂² = x²/(x² + eps) ≈ 1)."""
+    if not center and eps is not None and xhat.numel() == rstd.numel():
+        return v * (eps * rstd ** 3)                                 # v·eps/(x² + eps)^{3/2}
     proj = xhat * (v * xhat).mean(dims, keepdim=True)                # x̂·mean(v ⊙ x̂)
     if center:
         return rstd * (v - v.mean(dims, keepdim=True) - proj)        # rstd·(v − mean(v) − x̂·mean(v ⊙ x̂))
@@ -112,92 +120,92 @@ def one_dtype(G, x, w, mu) -> bool:
 
 def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
     """The backward of NormFn and LayerNormFn on the fast path (``fast_path()``): their equations
-        ∂L/∂X = rstd·(gy − mean(gy) − x̂·mean(gy ⊙ x̂)),  gy = G ⊙ w   (RMS: without mean(gy))
-        ∂L/∂w = Σ_rest G ⊙ x̂,   ∂L/∂b = Σ_rest G
+        ∂L/∂X = rstd·(gy + n₁ + x̂·n₂),  n₁ = −mean(gy), n₂ = −mean(gy ⊙ x̂),  gy = G ⊙ w
+        (RMS: without n₁),   ∂L/∂w = Σ_rest G ⊙ x̂,   ∂L/∂b = Σ_rest G
     from the forward's μ and rstd (nothing differentiates them here, so they need not be
-    recomputed from X), in one buffer, the one ∂L/∂X is returned in (on CPU a fresh buffer's
-    page faults cost more than a pass through it): it holds G ⊙ (X − μ), whose sums, scaled by
-    rstd per row (a matrix-vector product) or per channel, give ∂L/∂w and mean(gy ⊙ x̂), then
-    X − μ again, then ∂L/∂X = rstd·(gy + x̂·n₂) + rstd·n₁ (batch norm, no-affine layer norm) or
-    rstd·(gy + n₁ + x̂·n₂) (layer and RMS norm with w, group norm: a one-element group's gy and
-    n₁ cancel exactly), n₁ = −mean(gy), n₂ = −mean(gy ⊙ x̂) (each order measured within the
-    low-precision rule on the registry's cases).
-    The means of gy need no gy: w is constant over a batch norm's set (mean(G ⊙ w) =
-    w·mean(G)), a layer or RMS norm's row means are matrix-vector products, (G w)/D, and group
-    norm's come from sums per (sample, channel), ⊙ w. ``p_shape``: the shape of w and b;
-    ``need``: (∂L/∂X, ∂L/∂w, ∂L/∂b). Returns (∂L/∂X, ∂L/∂w, ∂L/∂b), None where not needed."""
+    recomputed from X), in one buffer B, the one ∂L/∂X is returned in (on CPU a fresh buffer's
+    page faults cost more than a pass through it). B holds G ⊙ (X − μ), whose sums scaled by
+    rstd give ∂L/∂w and n₂ (the means of gy need no gy: G's sums ⊙ w, or a matrix-vector product
+    with w), then X − μ again, and x̂·n₂ = (X − μ)·(rstd·n₂) is folded into the one pass that adds
+    n₁: 3 passes of X's size for ∂L/∂X after the sums (see each ``_*_dx``).
+    ``p_shape``: the shape of w and b; ``need``: (∂L/∂X, ∂L/∂w, ∂L/∂b). Returns (∂L/∂X, ∂L/∂w,
+    ∂L/∂b), None where not needed."""
     need_x, need_w, need_b = need
-    Xv, dims = spec.view(X)                                             # the statistics view
-    Gv = spec.view(G)[0]
-    pshape = spec.param_shape(p_shape, X.dim())                         # w, b broadcast in X's shape
-    Gsum = Gv.sum(dims, keepdim=True) if spec.over == "channel" and (need_b or need_x) else None  # batch norm: Σ_set G = Σ_rest G
-    if need_b:
-        gb = (Gsum if Gsum is not None else G.sum_to_size(pshape)).reshape(p_shape)   # Σ_rest G
+    if spec.over == "group":                                            # (N, C, spatial): per (n, c) sums first
+        N, C = X.shape[:2]
+        Xv, Gv = X.reshape(N, C, -1), G.reshape(N, C, -1)
+        per_c = lambda t: t.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C, 1)   # (N, G, 1) → (N, C, 1)
+        mu, rstd_c, dims = per_c(mu), per_c(rstd), (-1,)
     else:
-        gb = None
+        Xv, Gv, dims = X, G, spec.view(X)[1]
+        rstd_c = rstd
+    m = X.numel() // rstd.numel()                                       # elements per set
+    Gsum = Gv.sum(dims, keepdim=True) if spec.over != "trailing" and (need_b or need_x) else None   # Σ G per (n, c) or c
+    gb = None
+    if need_b:                                                          # Σ_rest G
+        gb = (Gsum.sum(0) if spec.over == "group" else Gsum if Gsum is not None else G.reshape(-1, m).sum(0))
+        gb = gb.reshape(p_shape)
     if not (need_x or need_w):
         return None, None, gb
-    B = torch.sub(Xv, mu).mul_(Gv) if spec.center else Xv * Gv          # G ⊙ (X − μ) = G ⊙ x̂ / rstd  (view)
-    m = B.numel() // rstd.numel()                                       # elements per set
-    S = None                                                            # Σ_set G ⊙ (X − μ)
+    B = torch.sub(Xv, mu).mul_(Gv) if spec.center else Xv * Gv          # G ⊙ (X − μ) = G ⊙ x̂ / rstd
     if spec.over == "trailing":                                         # rstd per row: into the sums over rows
         M = rstd.numel()
+        S = None
         gw = (rstd.reshape(1, M) @ B.reshape(M, m)).reshape(p_shape) if need_w else None   # Σ_rows rstd·G ⊙ (X − μ)
-    elif spec.over == "channel":                                        # rstd per channel: after the sum
-        S = B.sum(dims, keepdim=True)                                   # (1, C, 1…1)
-        gw = (S * rstd).reshape(p_shape) if need_w else None            # rstd·Σ G ⊙ (X − μ)
-    else:                                                               # group: sums per (sample, channel) first
-        N, C = X.shape[:2]
-        r = rstd.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C)   # rstd per (n, c)
-        S = B.reshape(N, C, -1).sum(-1).mul_(r)                         # Σ_spatial G ⊙ x̂      (N, C)
-        gw = S.sum(0).reshape(p_shape) if need_w else None              # Σ_rest G ⊙ x̂
+    else:                                                               # rstd per (n, c) or c: after the sum
+        S = B.sum(dims, keepdim=True).mul_(rstd_c)                      # Σ G ⊙ x̂ per (n, c) or c
+        gw = (S.sum(0) if spec.over == "group" else S).reshape(p_shape) if need_w else None
     if not need_x:
         return None, gw, gb
-    wx = spec.param(w, X)                                               # w in X's shape
+    if m == 1 and spec.center:                                          # a one-element set: x̂ = 0, ∂L/∂X = 0
+        return torch.sub(Xv, mu, out=B).mul_(0).reshape(X.shape), gw, gb
+    dx = {"channel": _channel_dx, "group": _group_dx, "trailing": _trailing_dx}[spec.over]
+    return dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec).reshape(X.shape), gw, gb
+
+
+def _channel_dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec):
+    """batch norm: w is constant over each set, so ∂L/∂X = rstd·w·(G + n₁ + x̂·n₂) with
+    n₁ = −mean(G), n₂ = −mean(G ⊙ x̂): G + (X − μ)·(rstd·n₂) (torch's order), then ·rstd·w and
+    + rstd·w·n₁ in one pass."""
+    n1, n2 = Gsum * (-1 / m), S * (-1 / m)                              # −mean(G), −mean(G ⊙ x̂)
+    torch.addcmul(Gv, torch.sub(Xv, mu, out=B), n2.mul_(rstd), out=B)   # G + x̂·n₂
+    scale = rstd if w is None else rstd * spec.param(w, Xv)             # rstd·w
+    return torch.addcmul(n1.mul_(scale), B, scale, out=B)               # rstd·w·(G + x̂·n₂) + rstd·w·n₁
+
+
+def _group_dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec):
+    """group norm, in the (N, C, spatial) view: n₁ = −mean(G ⊙ w), n₂ = −mean(G ⊙ x̂ ⊙ w) over
+    each group from the per-(n, c) sums, and ∂L/∂X = (X − μ)·(rstd·n₂)·rstd + rstd·n₁ in one pass,
+    + G ⊙ (rstd·w) in another."""
+    N, C = Xv.shape[:2]
+    wc = None if w is None else w.reshape(1, C)
+    group_mean = lambda t: (t if wc is None else t.reshape(N, C) * wc).reshape(N, spec.k, -1).sum(-1, keepdim=True).mul_(-1 / m)
+    per_c = lambda t: t.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C, 1)
+    n1, n2 = group_mean(Gsum), group_mean(S)                            # (N, G, 1)
+    r = rstd.reshape(N, spec.k, 1)
+    torch.addcmul(per_c(n1 * r), torch.sub(Xv, mu, out=B), per_c(n2 * r * r), out=B)   # rstd·(n₁ + x̂·n₂)
+    return B.addcmul_(Gv, rstd_c if wc is None else rstd_c * wc.reshape(1, C, 1))      # + rstd·G ⊙ w
+
+
+def _trailing_dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec):
+    """layer and RMS norm, rows of D = m: n₁ = −(G w)/D, n₂ = −((G ⊙ x̂) w)/D (matrix-vector
+    products; row sums without w), then ∂L/∂X = rstd·(gy + n₁ + x̂·n₂): n₁ + (X − μ)·(rstd·n₂)
+    in one pass, + gy in another (n₁ and gy added before the scaling, as the formula's order),
+    ·rstd in a third. An RMS row of one element: ∂L/∂X = gy·eps·rstd³ (``normalize_dx``)."""
+    M = rstd.numel()
+    G2, B2, r = G.reshape(M, m), B.reshape(M, m), rstd.reshape(M, 1)
+    if not spec.center and m == 1:
+        gx = torch.mul(G2, r.pow(3).mul_(spec.eps))                     # gy·eps·rstd³
+        return gx if w is None else gx.mul_(w.reshape(1, 1))
+    wn = None if w is None else w.reshape(m) * (-1 / m)                  # −w/D
+    row = lambda t: (t @ wn).reshape(M, 1) if wn is not None else t.sum(-1, keepdim=True).mul_(-1 / m)
+    c = row(B2).mul_(r).mul_(r)                                         # rstd·n₂ = −rstd²·((G ⊙ (X − μ)) w)/D
     if spec.center:
-        xhat = lambda: torch.sub(Xv, mu, out=B).mul_(rstd)              # x̂ again, in B
+        torch.addcmul(row(G2), torch.sub(Xv, mu, out=B).reshape(M, m), c, out=B2)   # n₁ + x̂·n₂
     else:
-        xhat = lambda: torch.mul(Xv, rstd, out=B)
-    scale = rstd
-    if spec.over == "channel" or (w is None and spec.over == "trailing"):
-        # w is constant over each set: ∂L/∂X = rstd·w·(G + n₁ + x̂·n₂), n₁ = −mean(G), n₂ = −mean(G ⊙ x̂)
-        if not spec.center:
-            n1 = None
-        else:                                                           # −mean(G)
-            n1 = Gsum * (-1 / m) if Gsum is not None else Gv.sum(dims, keepdim=True).mul_(-1 / m)
-        S = B.sum(dims, keepdim=True) if S is None else S               # Σ G ⊙ (X − μ)
-        n2 = S.mul_(rstd).mul_(-1 / m)                                  # −mean(G ⊙ x̂)
-        if spec.center and w is not None:                               # G + (X − μ)·(rstd·n₂), torch's order
-            torch.addcmul(Gv, torch.sub(Xv, mu, out=B), n2.mul_(rstd), out=B)
-        else:                                                           # (either order rounds within the
-            torch.addcmul(Gv, xhat(), n2, out=B)                        # rule on its own cases only) G + x̂·n₂
-        if w is not None:
-            scale = rstd * wx                                           # rstd·w
-    else:
-        # n₁ = −mean(gy), n₂ = −mean(gy ⊙ x̂), gy = G ⊙ w
-        if spec.over == "trailing":
-            wn = w.reshape(m) * (-1 / m)                                # −w/D
-            n1 = (G.reshape(-1, m) @ wn).reshape(rstd.shape) if spec.center else None   # −(G w)/D
-            n2 = (B.reshape(-1, m) @ wn).reshape(rstd.shape).mul_(rstd)   # −((G ⊙ x̂) w)/D
-        else:                                                           # group: from the (N, C) sums, ⊙ w
-            N, C = X.shape[:2]
-            Gs = G.reshape(N, C, -1).sum(-1)                            # Σ_spatial G          (N, C)
-            gw_ = Gs if w is None else Gs * w
-            n1 = gw_.reshape(N, spec.k, -1).sum(-1, keepdim=True).mul_(-1 / m)   # −mean(gy)
-            n2 = (S if w is None else S * w).reshape(N, spec.k, -1).sum(-1, keepdim=True).mul_(-1 / m)   # −mean(gy ⊙ x̂)
-        if n1 is None:
-            xhat().mul_(n2)                                             # x̂·n₂
-        else:                                                           # n₁ before rstd: a one-element group's
-            torch.addcmul(n1, xhat(), n2, out=B)                        # n₁ + x̂·n₂ (x̂ = 0) and gy cancel exactly
-            n1 = None
-        gx = B.reshape(X.shape)
-        gx.add_(G) if w is None else gx.addcmul_(G, wx)                 # gy + n₁ + x̂·n₂
-    if n1 is None:
-        B.mul_(scale)                                                   # rstd·(gy + x̂·n₂)
-    else:
-        torch.addcmul(n1 * scale, B, scale, out=B)                      # rstd·(gy + x̂·n₂) + rstd·n₁
-    gx = B.reshape(X.shape)
-    return gx, gw, gb
+        torch.mul(Xv.reshape(M, m), c, out=B2)                          # x̂·n₂
+    B2.add_(G2) if w is None else B2.addcmul_(G2, w.reshape(1, m))     # gy + n₁ + x̂·n₂
+    return B2.mul_(r)                                                   # ·rstd
 
 
 # --- which dims, which parameter shape --------------------------------------------------------------
@@ -213,6 +221,11 @@ class Norm:
     k: int
     center: bool
     eps: float
+
+    @property
+    def nan_on_overflow(self) -> bool:
+        """A set whose squares overflow gives nan (torch's group norm), not x̂ = 0 (its batch and RMS norms)."""
+        return self.over == "group"
 
     def view(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """x as its statistics view and the dims to reduce there."""
@@ -238,7 +251,7 @@ def _xhat(x: torch.Tensor, spec: Norm, fast: bool = False):
     """x̂ and rstd in x's shape (rstd broadcastable), from the statistics view."""
     X = opmath(x)
     Xs, dims = spec.view(X)
-    xhat, rstd, _ = normalize(Xs, dims, spec.eps, spec.center, fast=fast)
+    xhat, rstd, _ = normalize(Xs, dims, spec.eps, spec.center, spec.nan_on_overflow, fast)
     return xhat.reshape(X.shape), rstd, dims
 
 
@@ -248,6 +261,29 @@ def _affine(xhat, w, b):
         return torch.addcmul(b, xhat, w)
     y = xhat * w if w is not None else xhat
     return y + b if b is not None else y
+
+
+def _affine_fast(Xc, rstd, w, b, spec: "Norm", shape):
+    """x̂ ⊙ w + b on the fast path, in the buffer X − μ (RMS: a fresh one; X is the caller's):
+    per channel (batch norm) or per (sample, channel) (group norm) rstd·w is one factor, so
+    Y = (X − μ)·(rstd·w) + b is one pass; per row (layer and RMS norm) rstd and w are two.
+    ``shape``: X's; w, b as ``Norm.param`` gives them."""
+    if spec.over == "trailing":
+        xhat = Xc.mul_(rstd) if spec.center else torch.mul(Xc, rstd)   # x̂ = (X − μ)·rstd
+        scale = w
+    elif spec.over == "channel":
+        xhat, scale = Xc, rstd if w is None else rstd * w               # rstd·w  (1, C, 1…1)
+    else:                                                               # (N, G, m) → (N, C, spatial)
+        N, C = shape[:2]
+        xhat = Xc.reshape(N, C, math.prod(shape[2:]))
+        r = rstd.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C, 1)   # rstd per (n, c)
+        scale = r if w is None else r * w.reshape(1, C, 1)              # rstd·w per (n, c)
+        b = None if b is None else b.reshape(1, C, 1)
+    if scale is not None and b is not None:
+        y = torch.addcmul(b, xhat, scale, out=xhat)                     # (X − μ)·rstd·w + b
+    else:
+        y = xhat.mul_(scale) if scale is not None else xhat.add_(b) if b is not None else xhat
+    return y.reshape(shape)
 
 
 def save_for_norm_backward(ctx, x, weight, mu, rstd) -> None:
@@ -291,14 +327,12 @@ class NormFn(HandFunction):
         fast = fast_path()
         Xs, dims = spec.view(opmath(x))
         Xc, mu, var = moments(Xs, dims, spec.center, fast)                  # X − μ, μ, var over S
-        rstd = torch.rsqrt(var + spec.eps)                                   # 1/√(var + eps)
-        xhat = (Xc.mul_(rstd) if fast and spec.center else Xc * rstd).reshape(x.shape)   # x̂
+        rstd = rstd_of(var, spec.eps, spec.nan_on_overflow)                  # 1/√(var + eps)
         w, b = spec.param(opmath(weight), x), spec.param(opmath(bias), x)
-        if fast:                                                             # x̂ is this op's buffer
-            y = torch.addcmul(b, xhat, w, out=xhat) if w is not None and b is not None else \
-                xhat.mul_(w) if w is not None else xhat.add_(b) if b is not None else xhat
+        if fast:                                                             # X − μ is this op's buffer
+            y = _affine_fast(Xc, rstd, w, b, spec, x.shape)
         else:
-            y = _affine(xhat, w, b)                                          # x̂ ⊙ w + b
+            y = _affine((Xc * rstd).reshape(x.shape), w, b)                  # x̂ ⊙ w + b
         return y.to(x.dtype), (mu if mu is not None else var.new_zeros(())), rstd, var
 
     @staticmethod
@@ -335,7 +369,7 @@ class NormFn(HandFunction):
             gy = G * w if w is not None else G                               # gy = G ⊙ w
             gys, _ = spec.view(gy)
             xhs, _ = spec.view(xhat)
-            grad_x = normalize_dx(xhs, rstd, gys, dims, spec.center)         # rstd·(gy − mean(gy) − x̂·mean(gy ⊙ x̂))
+            grad_x = normalize_dx(xhs, rstd, gys, dims, spec.center, spec.eps)   # rstd·(gy − mean(gy) − x̂·mean(gy ⊙ x̂))
             grad_x = grad_x.reshape(x.shape).to(ctx.x_dtype)
         if ctx.w is not None and ctx.needs_input_grad[1]:
             shape = spec.param_shape(ctx.w[0], ndim)
@@ -354,7 +388,7 @@ class NormFn(HandFunction):
         if dx is not None:
             dxs, _ = spec.view(opmath(dx))
             xhs, _ = spec.view(xhat)
-            dxhat = normalize_dx(xhs, rstd, dxs, dims, spec.center).reshape(xhat.shape)  # rstd·(Ẋ − mean(Ẋ) − x̂·mean(Ẋ ⊙ x̂))
+            dxhat = normalize_dx(xhs, rstd, dxs, dims, spec.center, spec.eps).reshape(xhat.shape)  # rstd·(Ẋ − mean(Ẋ) − x̂·mean(Ẋ ⊙ x̂))
             w = spec.param(opmath(weight), x)
             dy = dy + (dxhat * w if w is not None else dxhat)                # ⊙ w
         if dw is not None:
@@ -365,11 +399,14 @@ class NormFn(HandFunction):
 
 
 class BatchNormEvalFn(HandFunction):
-    r"""Y = x̂ ⊙ w + b,  x̂ = (X − r_μ)·r_rstd, r_rstd = 1/√(r_var + eps) with the running
-    statistics fixed — equals ``torch.nn.functional.batch_norm(..., training=False)``.
+    r"""Y = X ⊙ α + β,  α = w·r_rstd,  β = b − r_μ·α  (r_rstd = 1/√(r_var + eps)): x̂ ⊙ w + b with
+    x̂ = (X − r_μ)·r_rstd, the running statistics fixed — equals
+    ``torch.nn.functional.batch_norm(..., training=False)``.
 
     An affine map per channel: the statistics are constants (torch refuses a running mean or
-    variance that requires grad), so the Jacobian in X is diagonal.
+    variance that requires grad), so the Jacobian in X is diagonal. Written as torch's kernel
+    writes it (one pass over X; an infinite w gives torch's inf − inf = nan where X and r_μ
+    share a sign).
     Shapes: X (N, C, *), r_μ, r_var, w, b (C,) → Y (N, C, *).
     Backward, G = ∂L/∂Y, Σ_rest = Σ over every dim but 1:
         ∂L/∂X = G ⊙ w·r_rstd
@@ -381,15 +418,14 @@ class BatchNormEvalFn(HandFunction):
 
     @staticmethod
     def forward(x, running_mean, running_var, weight, bias, eps):
-        if fast_path() and opmath(x) is x:                                   # one buffer: x̂, then Y
-            rstd = _per_channel(torch.rsqrt(running_var + eps), x)           # r_rstd (C, 1…1)
-            xhat = torch.sub(x, _per_channel(running_mean, x)).mul_(rstd)    # (X − r_μ)·r_rstd
-            w, b = _per_channel(weight, x), _per_channel(bias, x)
-            if w is not None and b is not None:
-                return torch.addcmul(b, xhat, w, out=xhat)                   # x̂ ⊙ w + b
-            return xhat.mul_(w) if w is not None else xhat.add_(b) if b is not None else xhat
-        xhat, _ = _eval_xhat(x, running_mean, running_var, eps)              # (X − r_μ)·r_rstd
-        return _affine(xhat, _per_channel(opmath(weight), x), _per_channel(opmath(bias), x)).to(x.dtype)
+        X = opmath(x)
+        alpha = torch.rsqrt(opmath(running_var) + eps)                       # r_rstd (C,)
+        if weight is not None:
+            alpha = alpha * opmath(weight)                                   # α = w·r_rstd
+        beta = -opmath(running_mean) * alpha                                 # β = b − r_μ·α
+        if bias is not None:
+            beta = beta + opmath(bias)
+        return torch.addcmul(_per_channel(beta, x), X, _per_channel(alpha, x)).to(x.dtype)   # X ⊙ α + β
 
     @staticmethod
     def setup_context(ctx, inputs, output):
