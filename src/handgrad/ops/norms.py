@@ -65,8 +65,8 @@ class LayerNormFn(HandFunction):
         # Out of place unless fast: under vmap over w or b alone, x̂ is unbatched and could not
         # take them in place.
         w, b = opmath(weight), opmath(bias)
-        if w is not None and b is not None:
-            y = torch.addcmul(b, xhat, w, out=xhat if fast else None)   # x̂ ⊙ w + b
+        if w is not None and b is not None:                      # x̂ ⊙ w + b (fast: not addcmul, whose
+            y = xhat.mul_(w).add_(b) if fast else torch.addcmul(b, xhat, w)   # broadcast b is a slow path)
         elif w is not None:
             y = xhat.mul_(w) if fast else xhat * w               # x̂ ⊙ w
         elif b is not None:
