@@ -208,14 +208,14 @@ def _trailing_dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec):
         gx = torch.mul(G2, r.pow(3).mul_(spec.eps))                     # gy·eps·rstd³
         return gx if w is None else gx.mul_(w.reshape(1, 1))
     wn = None if w is None else w.reshape(m) * (-1 / m)                  # −w/D
-    row = lambda t: (t @ wn).reshape(M, 1) if wn is not None else t.sum(-1, keepdim=True).mul_(-1 / m)
-    c = row(B2).mul_(r).mul_(r)                                         # rstd·n₂ = −rstd²·((G ⊙ (X − μ)) w)/D
-    if spec.center:
-        torch.sub(Xv, mu, out=B).reshape(M, m).mul_(c).add_(row(G2))    # n₁ + x̂·n₂
+    row = lambda t: (t @ wn if wn is not None else t.sum(-1).mul_(-1 / m)).reshape(rstd.shape)
+    c = row(B2).mul_(rstd).mul_(rstd)                                   # rstd·n₂ = −rstd²·((G ⊙ (X − μ)) w)/D
+    if spec.center:                                                     # (in X's shape: B may share X's strides)
+        torch.sub(Xv, mu, out=B).mul_(c).add_(row(G2))                  # n₁ + x̂·n₂
     else:
-        torch.mul(Xv.reshape(M, m), c, out=B2)                          # x̂·n₂
-    B2.add_(G2) if w is None else B2.addcmul_(G2, w.reshape(1, m))     # gy + n₁ + x̂·n₂
-    return B2.mul_(r)                                                   # ·rstd
+        torch.mul(Xv, c, out=B)                                         # x̂·n₂
+    B.add_(G) if w is None else B.addcmul_(G, w)                        # gy + n₁ + x̂·n₂
+    return B.mul_(rstd)                                                 # ·rstd
 
 
 # --- which dims, which parameter shape --------------------------------------------------------------
