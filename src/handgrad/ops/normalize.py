@@ -324,6 +324,7 @@ def _group_forward_fast(x, weight, bias, spec: "Norm"):
     (handgrad.testing.differences: "group_norm: one-element groups are exact"). Two passes over
     the buffer after the kernel's, against the formula's seven (``moments``)."""
     N, C = x.shape[:2]
+    x = x if x.is_contiguous() else x.contiguous()                       # (the kernel's requirement)
     y, mu, rstd = torch.native_group_norm(x, None, None, N, C, math.prod(x.shape[2:]), spec.k, spec.eps)
     ones = [1] * (x.dim() - 2)
     per_c = lambda t: t.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C, *ones)   # (N, G) → (N, C, 1…1)
