@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..report import CheckResult
-from ..tolerances import LOWP_RULE, allowed_lowp_error
+from ..tolerances import LOWP_RULE, allowed_lowp_error, term_scales
 from .jacobians import outputs, outputs_and_grads
 from .measure import first_lines, grad_label, locate, short, unravel
 from .problem import Ctx, Unsupported
@@ -56,9 +56,12 @@ def check_lowp(c: Ctx) -> CheckResult:
             continue
         our_out, our_grads = outputs_and_grads(low.bind(p.fn_at(dtype)), low.diff, v64)
         compared.append(name)
-        items = [(f"the {c.out_label(o)}", a, b, t) for o, (a, b, t) in enumerate(zip(our_out, their_out, truth_out))]
-        items += [(grad_label(c.labels[i]), a, b, t) for i, (a, b, t) in enumerate(zip(our_grads, their_grads, truth_grads))]
-        for subject, ours, theirs, truth in items:
+        terms = term_scales(c.options.lowp_terms, v64[0] if len(v64) == 1 else None, truth_in.args, truth_in.kwargs,
+                            truth_in.diff)   # where a gradient's terms cancel (tolerances.TERM_SCALES)
+        items = [(f"the {c.out_label(o)}", a, b, t, None) for o, (a, b, t) in enumerate(zip(our_out, their_out, truth_out))]
+        items += [(grad_label(c.labels[i]), a, b, t, s)
+                  for i, (a, b, t, s) in enumerate(zip(our_grads, their_grads, truth_grads, terms))]
+        for subject, ours, theirs, truth, scale in items:
             if truth is None:
                 continue
             if ours is None or theirs is None:  # a missing gradient is a zero one, in the dtype of the other
@@ -74,7 +77,7 @@ def check_lowp(c: Ctx) -> CheckResult:
             ref_err = (theirs.detach().double() - t).abs()
             if not torch.equal(ours.detach().double().isfinite(), finite):
                 raise AssertionError(f"{name}: {subject} is non-finite where the float64 truth is finite (or the reverse)")
-            allowed = allowed_lowp_error(ref_err, t, eps, c.options.lowp_ulps)       # STYLE.md §7
+            allowed = allowed_lowp_error(ref_err, t, eps, c.options.lowp_ulps, scale)       # STYLE.md §7
             excess = torch.where(finite, err - allowed, -math.inf).reshape(-1)
             if excess.numel() == 0:
                 continue

@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from ..report import Report
+from ..tolerances import TERM_SCALES
 from ..types import BadInput, Inputs, OpCase, Shape
 from .labels import as_callable, describe, label_inputs, normalise, param_names, qualname
 from .options import CheckOptions, resolve_options
@@ -55,7 +56,7 @@ def check_function(
         bad_inputs: ``BadInput``\ s, calls the reference refuses; ``fn`` must raise the same type.
         name: the report's title (default: fn's qualified name).
         options: a ``CheckOptions``; the keyword arguments ``atol``, ``rtol``, ``strict``,
-            ``compile_backend``, ``lowp_dtypes``, ``lowp_ulps``, ``seed`` replace its fields.
+            ``compile_backend``, ``lowp_dtypes``, ``lowp_ulps``, ``lowp_terms``, ``seed`` replace its fields.
 
     Returns:
         a ``Report``: ``report.ok``, ``str(report)``, ``report.to_dict()``, ``report["gradcheck"]``.
@@ -186,7 +187,7 @@ def check_case(case: OpCase, shape: Shape | None = None, device: str | torch.dev
     the first of the case's low-precision dtypes, so the ``lowp`` check runs in each of
     ``case.lowp_dtypes`` with the case's margin; every other check runs on float64 copies, except
     ``autocast``. ``options`` (default: ``CheckOptions()``) gives the rest; the case's ``lowp_dtypes``
-    and ``lowp_ulps`` and ``strict`` replace its fields."""
+    and ``lowp_ulps``, its op's ``tolerances.TERM_SCALES`` entry and ``strict`` replace its fields."""
     shape = representative_shape(case) if shape is None else tuple(shape)
     dtype = case.lowp_dtypes[0] if case.lowp_dtypes else torch.float64
     with torch.random.fork_rng(devices=[]):  # the same inputs every run; the caller's RNG untouched
@@ -194,4 +195,4 @@ def check_case(case: OpCase, shape: Shape | None = None, device: str | torch.dev
         inputs = case.inputs(shape, dtype, device)
     return check_function(case.fn, inputs, reference=case.reference, checks=checks, bad_inputs=case.bad_inputs,
                           name=case.id(shape), options=options, strict=strict, lowp_dtypes=case.lowp_dtypes,
-                          lowp_ulps=case.lowp_ulps)
+                          lowp_ulps=case.lowp_ulps, lowp_terms=TERM_SCALES.get(case.name.split("[")[0]))

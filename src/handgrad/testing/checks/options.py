@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -31,6 +31,9 @@ class CheckOptions:
         lowp_dtypes: dtypes of the ``lowp`` check; by default the inputs' own dtype (skipped if
             that is float64).
         lowp_ulps: the ``lowp`` margin in units of the dtype's eps (``tolerances.LOWP_RULE``).
+        lowp_terms: the op's absolute computation, (G, *args, **kwargs) → {parameter: the size of
+            the terms each gradient element sums} (``tolerances.TERM_SCALES``): the ``lowp`` margin
+            adds ``lowp_ulps`` roundings at that size, for gradients whose terms cancel.
         seed: seeds the random output gradients, so reports are reproducible.
     """
 
@@ -40,6 +43,7 @@ class CheckOptions:
     compile_backend: str = "aot_eager"
     lowp_dtypes: tuple[torch.dtype, ...] | None = None
     lowp_ulps: float = DEFAULT_LOWP_ULPS
+    lowp_terms: Callable | None = None
     seed: int = 0
 
     def __post_init__(self):

@@ -24,6 +24,7 @@ import torch
 from ... import catalogue
 from ..differences import DIFFERENCES, Difference, covering
 from ..registry import all_cases
+from ..tolerances import TERM_SCALES
 from .call import Call, describe
 from .compare import Mismatch, Outcome, compare, run_side
 from .draw import DRAW, draw_call
@@ -98,13 +99,14 @@ def fuzzed_ops() -> tuple[dict[str, tuple], dict[str, str]]:
 def _outcomes(call: Call, fn, ref) -> tuple[Outcome, ...]:
     """(torch, handgrad, the float64 truth, the truth on inputs moved by a rounding, and for
     float64 calls torch in float32: see ``compare.value_mismatch``)."""
-    theirs = run_side(ref, call)
+    f64 = call.precision() in (None, torch.float64)
+    terms = TERM_SCALES.get(call.op)       # the terms its gradients sum, on the truth's side
+    theirs = run_side(ref, call, terms=terms if f64 else None)
     g = {"g": theirs.out.dtype} if isinstance(theirs.out, torch.Tensor) else None
     ours = run_side(fn, call, rounding=g)
     truth = wobble = coarse = None
     if theirs.error is None and ours.error is None:
-        f64 = call.precision() in (None, torch.float64)
-        truth = theirs if f64 else run_side(ref, call, torch.float64, g)
+        truth = theirs if f64 else run_side(ref, call, torch.float64, g, terms=terms)
         wobble = run_side(ref, call, torch.float64, g, perturb=call.seed + 2)
         coarse = run_side(ref, call, torch.float32, g) if f64 else None
     return theirs, ours, truth, wobble, coarse

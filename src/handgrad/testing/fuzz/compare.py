@@ -6,7 +6,8 @@ both sides) raising and its type; and each input gradient's presence, dtype, sha
 
 Values. An element of handgrad's result agrees if it equals torch's (the same nan, the same inf)
 or if its error against the truth is within the registry's rule (``registry.LOWP_RULE``:
-``|ours − truth| ≤ 2·max|torch − truth| + ulps·eps·(|truth| + mean|truth|)``), where torch's
+``|ours − truth| ≤ 2·max|torch − truth| + ulps·eps·(|truth| + mean|truth| + terms)``, ``terms``
+the size of the terms a gradient element sums, ``tolerances.TERM_SCALES``), where torch's
 error ``|torch − truth|`` is taken as the largest of:
 - torch's error against the float64 truth: torch's op in float64 on the very values the call saw
   (rounded to its dtype first); for a float64 call torch's result is the truth;
@@ -29,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from ... import catalogue
-from ..tolerances import allowed_lowp_error
+from ..tolerances import allowed_lowp_error, term_scales
 from .call import Call, build, nested, wobble
 
 __all__ = ["Outcome", "Mismatch", "run_side", "compare", "FLOAT64_ULPS"]
@@ -54,6 +55,7 @@ class Outcome:
     g_scale: float = 0.0                # max |G| over its finite elements
     x_scale: float = 0.0                # max |input| over the finite elements (reductions only)
     extra: tuple | None = None          # a tuple result's other tensors (max_pool2d's indices)
+    terms: tuple | None = None          # per gradient, the size of the terms it sums (or None)
 
 
 @dataclass(frozen=True)
@@ -69,10 +71,12 @@ def _grad_output(out: torch.Tensor, seed: int, rounding: torch.dtype) -> torch.T
 
 
 def run_side(fn: Callable, call: Call, dtype: torch.dtype | None = None, rounding: dict | None = None,
-             perturb: int | None = None) -> Outcome:
+             perturb: int | None = None, terms: Callable | None = None) -> Outcome:
     """Call ``fn`` on the call's arguments (in ``dtype`` for the truth), then backward with a
     seeded G rounded to ``rounding['g']`` (torch's output dtype). ``perturb``: a seed; every
-    input and G are then moved by one rounding of the call's precision (see ``compare``)."""
+    input and G are then moved by one rounding of the call's precision (see ``compare``).
+    ``terms``: the op's absolute computation (``tolerances.TERM_SCALES``), evaluated on the same
+    arguments and G into ``Outcome.terms``."""
     wob = None
     if perturb is not None:
         wob = (torch.Generator().manual_seed(perturb), torch.finfo(call.precision() or torch.float64).eps)
@@ -112,6 +116,8 @@ def run_side(fn: Callable, call: Call, dtype: torch.dtype | None = None, roundin
                 o.grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
             except Exception as e:      # noqa: BLE001
                 o.backward_error, o.backward_message = type(e), str(e).split("\n")[0][:200]
+            else:
+                o.terms = tuple(term_scales(terms, g, args, kwargs, leaves)) if terms is not None else None
         o.out = out.detach()
     return o
 
@@ -134,12 +140,13 @@ _F32_TO_F64 = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps   
 
 def value_mismatch(ours: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor | None, wobble: torch.Tensor | None,
                    coarse: torch.Tensor | None, lowp_ulps: float, floor: float = 0.0,
-                   precision: torch.dtype | None = None) -> str | None:
+                   precision: torch.dtype | None = None, terms: torch.Tensor | None = None) -> str | None:
     """None if ``ours`` agrees with ``ref`` under the rule above, else a line saying where not.
     ``truth``: torch in float64; ``wobble``: the same, its inputs moved by a float64 rounding;
     ``coarse`` (float64 calls): torch in float32 on the same values; ``floor``: an error always
     allowed (float64 gradients: ``FLOAT64_ULPS`` roundings of max|G|, see ``compare``);
-    ``precision``: the call's (a float64 result computed through float32 is held to float32)."""
+    ``precision``: the call's (a float64 result computed through float32 is held to float32);
+    ``terms``: the size of the terms each element sums (``tolerances.term_scales``)."""
     if ours.numel() == 0:
         return None
     if not (ref.is_floating_point() or ref.is_complex()):
@@ -167,7 +174,8 @@ def value_mismatch(ours: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor | 
         c = coarse.double()
         ref_err = torch.maximum(ref_err, ((c - t).abs() * _F32_TO_F64).where(c.isfinite() & tf, 0.0))
     dtype = max((ref.dtype, precision or ref.dtype), key=lambda d: torch.finfo(d).eps)
-    allowed = allowed_lowp_error(ref_err, t, torch.finfo(dtype).eps, _ulps(dtype, lowp_ulps)) + floor
+    terms = _same_shape(terms, ref)
+    allowed = allowed_lowp_error(ref_err, t, torch.finfo(dtype).eps, _ulps(dtype, lowp_ulps), terms) + floor
     # where the float64 truth itself is nan (a below-float64 call), nan is the right answer too
     # and so is the truth's own inf
     ok = same | (tf & o.isfinite() & ((o - t).abs() <= allowed)) | (t.isnan() & o.isnan()) | (o == t)
@@ -235,7 +243,9 @@ def compare(theirs: Outcome, ours: Outcome, truth: Outcome | None, wobble: Outco
     truth_grads = truth.grads if truth is not None and truth.grads is not None else none
     wobble_grads = wobble.grads if wobble is not None and wobble.grads is not None else none
     coarse_grads = coarse.grads if coarse is not None and coarse.grads is not None else none
-    for i, (tg, hg, xg, wg, cg) in enumerate(zip(theirs.grads, ours.grads, truth_grads, wobble_grads, coarse_grads)):
+    terms = truth.terms if truth is not None and truth.terms is not None else none
+    for i, (tg, hg, xg, wg, cg, sg) in enumerate(zip(theirs.grads, ours.grads, truth_grads, wobble_grads, coarse_grads,
+                                                      terms)):
         if (tg is None) != (hg is None):
             out.append(Mismatch("grad", f"input {i}: torch {'no ' if tg is None else ''}gradient | handgrad "
                                         f"{'no ' if hg is None else ''}gradient", "grad presence"))
@@ -251,7 +261,7 @@ def compare(theirs: Outcome, ours: Outcome, truth: Outcome | None, wobble: Outco
             # the half types, against a float64 truth).
             f64 = tg.dtype == torch.float64 and precision in (None, torch.float64)
             floor = FLOAT64_ULPS * torch.finfo(torch.float64).eps * theirs.g_scale if f64 else 0.0
-            bad = value_mismatch(hg, tg, xg, wg, cg, lowp_ulps, floor, precision)
+            bad = value_mismatch(hg, tg, xg, wg, cg, lowp_ulps, floor, precision, sg)
             if bad:
                 out.append(Mismatch("grad", f"input {i}: {bad}", "grad value"))
     return out

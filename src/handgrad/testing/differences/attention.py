@@ -15,7 +15,7 @@ def _attention_nonfinite(call) -> bool:
 def _equal_key_rows(call) -> bool:
     # the keys or the values (sdpa: args 1, 2, (…, S, E); multi-head: (S, N, E)) are one row
     # expanded along the key axis: every row the same
-    from .fuzz.call import Spec
+    from ..fuzz.call import Spec
     axis = 0 if call.op == "multi_head_attention_forward" else -2
     for s in call.args[1:3]:
         if isinstance(s, Spec) and s.view and s.view[0] == "expand" and len(s.base.shape) >= 2:

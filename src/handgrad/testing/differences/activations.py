@@ -1,0 +1,122 @@
+"""The deliberate differences of the activations (sigmoid, tanh, gelu, elu, silu, softplus) and of
+the fused layers where they come from an activation's rule.
+Entries of ``differences.DIFFERENCES`` (see its docstring for the fields)."""
+from __future__ import annotations
+
+import math
+
+from .entry import Difference, _input, _max_abs, _not_tensor, _opmath_max
+
+__all__ = ["ACTIVATIONS"]
+
+
+def _gelu_tanh_flat(call) -> bool:
+    # torch's kernel squares z: z² overflows for |z| ≥ √max (float32 1.8e19, float64 1.3e154), and
+    # at ±inf its 0·∞ is nan too
+    x = _input(call)
+    if _not_tensor(call) or call.kwargs.get("approximate") != "tanh":
+        return False
+    v = x.base.to(x.dtype).double()
+    return bool(v.isinf().any()) or _max_abs(x) >= math.sqrt(_opmath_max(x.dtype)) / 4
+
+
+def _gelu_left_tail(call) -> bool:
+    # torch's Φ(z) = ½(1 + erf(z/√2)) (and the tanh form's ½(1 + tanh u)) has lost more than 6
+    # bits to cancellation below z = −2.4
+    x = _input(call)
+    if _not_tensor(call) or call.kwargs.get("approximate", "none") not in ("none", "tanh"):
+        return False
+    v = x.base.to(x.dtype).double()
+    return bool((v < -2.4).any())
+
+
+def _has_nan(call) -> bool:
+    x = _input(call)
+    return not _not_tensor(call) and bool(x.base.to(x.dtype).isnan().any())
+
+
+def _elu_layer_nonfinite(call) -> bool:
+    # an elu layer whose pre-activation may be nan: a nan or inf anywhere in the call
+    if "elu" not in (call.kwargs.get("activation", "relu" if call.op == "linear_act" else "sigmoid"),
+                     call.kwargs.get("last_activation")):
+        return False
+    return any(not s.base.to(s.dtype).isfinite().all() for s in call.specs() if s.dtype.is_floating_point)
+
+
+def _softplus_overflow(call) -> bool:
+    # torch computes log1p(exp(βz)) below the threshold: exp overflows for βz > log(max)
+    x = _input(call)
+    if _not_tensor(call):
+        return False
+    beta, threshold = call.kwargs.get("beta", 1.0), call.kwargs.get("threshold", 20.0)
+    if not isinstance(beta, (int, float)) or not isinstance(threshold, (int, float)):
+        return False
+    v = x.base.to(x.dtype).double() * beta
+    v = v[v.isfinite()]
+    return bool(((v > math.log(_opmath_max(x.dtype)) - 1) & (v <= threshold)).any())
+
+
+ACTIVATIONS: tuple[Difference, ...] = (
+    Difference(
+        "non-tensor input: TypeError", "sigmoid", ("exception",), _not_tensor,
+        "F.sigmoid(1.5) raises AttributeError ('float' object has no attribute 'sigmoid'): it calls "
+        "input.sigmoid() without a check",
+        "TypeError: sigmoid(): argument 'input' must be Tensor, not float",
+        "A wrong argument type is a TypeError everywhere else in torch.nn.functional; the AttributeError "
+        "is an accident of the method call and names no argument.",
+        "F.sigmoid(1.5)"),
+    Difference(
+        "non-tensor input: TypeError", "tanh", ("exception",), _not_tensor,
+        "F.tanh(1.5) raises AttributeError ('float' object has no attribute 'tanh')",
+        "TypeError: tanh(): argument 'input' must be Tensor, not float",
+        "As for sigmoid: the AttributeError is an accident of calling input.tanh().",
+        "F.tanh(1.5)"),
+    Difference(
+        "gelu tanh: finite gradient at huge |z|", "gelu", ("grad",), _gelu_tanh_flat,
+        "gelu(z, approximate='tanh') has gradient nan for |z| ≥ 1.8e19 in float32 (z² overflows, 0·∞), "
+        "1.3e154 in float64, and at z = ±inf",
+        "the limit: 0 for z → −∞, 1 for z → +∞",
+        "The function is flat there and its derivative's limit is finite; nan would poison a whole "
+        "backward pass for one large activation.",
+        "F.gelu(torch.tensor([1e20], requires_grad=True), approximate='tanh').backward()"),
+    Difference(
+        "gelu: the left tail exact", "gelu", ("value", "grad"), _gelu_left_tail,
+        "gelu(z) = z·½(1 + erf(z/√2)) (approximate='tanh': ½z(1 + tanh u)): the sum cancels for z < 0, "
+        "leaving few correct digits below z ≈ −2.4 in float64 and 0 below z ≈ −8.3 (gelu(−12.3) = −0, "
+        "its gradient 1% off)",
+        "z·½ erfc(−z/√2) (tanh: z·σ(2u)), exact to a rounding: gelu(−12.3) = −5.68e-34",
+        "erfc and σ have no cancellation in the left tail; the value and gradient are correct to the "
+        "last digit where torch's have few or none.",
+        "F.gelu(torch.tensor([-12.3], dtype=torch.float64))"),
+    Difference(
+        "elu: gradient nan at a nan input", "elu", ("grad",), _has_nan,
+        "elu's gradient at z = nan is nan in its vectorised loop but G·1 in its scalar tail: which "
+        "one an element gets depends on the tensor's length and the element's position",
+        "nan, for every element (f' is tested as z > 0)",
+        "The derivative at nan is undefined; one consistent answer is better than one that depends "
+        "on where the element falls in a SIMD loop.",
+        "F.elu(torch.full((40,), float('nan'), requires_grad=True)) then .sum().backward(): "
+        "torch's grad[0] is nan, grad[-1] is 1"),
+    *(Difference(
+        "elu layer: gradient nan at a nan pre-activation", op, ("grad",), _elu_layer_nonfinite,
+        "as for elu: the composition's elu gradient at a nan z is nan or G·1 by the element's position",
+        "nan, for every element (the fused op uses elu's spec)",
+        "As for elu.",
+        "F.linear_act(x, w_with_a_nan, activation='elu')") for op in ("linear_act", "mlp")),
+    Difference(
+        "silu in place on complex: the conjugate", "silu", ("grad",),
+        lambda call: not _not_tensor(call) and _input(call).dtype.is_complex and bool(call.kwargs.get("inplace")),
+        "silu_(z) on a complex non-leaf differentiates as G ⊙ f'(z) (out of place torch refuses complex "
+        "autograd for silu altogether)",
+        "G ⊙ conj f'(z), torch's convention for every holomorphic op (exp, tanh, sigmoid)",
+        "torch's own convention for complex gradients is the conjugate (its docs' 'Autograd for Complex "
+        "Numbers'); the in-place kernel's missing conj is inconsistent with it.",
+        "torch.autograd.grad(F.silu(z * 1, inplace=True), z, G) for a complex z"),
+    Difference(
+        "softplus: no overflow below a large threshold", "softplus", ("value", "grad"), _softplus_overflow,
+        "softplus(z, threshold=t) computes log1p(exp(βz))/β for βz ≤ t: inf (and gradient nan) once "
+        "βz > 88 in float32 (709 in float64)",
+        "max(βz, 0) + log1p(e^{−|βz|}), over β: the exact value (≈ z) and gradient σ(βz) ≈ 1",
+        "The function is finite and ≈ z there; the overflow is an artefact of the unstable form.",
+        "F.softplus(torch.tensor([100.0]), threshold=1e4)"),
+)
