@@ -32,7 +32,7 @@ import torch
 from ._function import HandFunction, fast_path, opmath
 
 __all__ = ["Norm", "NormFn", "BatchNormEvalFn", "moments", "native_forward_ok", "nan_where_overflow", "normalize",
-           "normalize_dx", "normalize_grads_fast", "update_running_stats"]
+           "normalize_dx", "normalize_grads_fast", "rescue_overflow", "update_running_stats"]
 
 
 # --- the normalisation, written once --------------------------------------------------------------
@@ -89,6 +89,30 @@ def nan_where_overflow(y: torch.Tensor, rstd: torch.Tensor):
         return y, rstd
     bad = rstd == 0
     return y.masked_fill_(bad, math.nan), rstd.masked_fill(bad, math.nan)
+
+
+def rescue_overflow(X: torch.Tensor, dims: tuple[int, ...], mu, rstd: torch.Tensor, eps: float, center: bool = True):
+    """The sets whose squares overflow (var = inf, so rstd = 0 and x̂ = 0; rstd = 0 nowhere else)
+    normalised again, scaled by s = max|X − x₀| (x₀ their first element; RMS: x₀ = 0): with
+    Z = (X − x₀)/s, μ = x₀ + s·mean(Z), rstd = 1/(s·√(mean((Z − mean Z)²) + eps/s²)) — the same
+    x̂, no square past 1. Where the sets are finite; an infinite X keeps rstd = 0. Returns (μ, rstd)
+    (μ None for RMS). The fast path's (a data-dependent branch, one reduction over the statistics
+    when nothing overflows; not compiled, not under a transform: the differentiable path keeps
+    x̂ = 0 there)."""
+    if torch.compiler.is_compiling() or bool(rstd.all()):
+        return mu, rstd
+    first = [slice(None)] * X.dim()
+    for d in dims:
+        first[d] = slice(0, 1)
+    x0 = X[tuple(first)] if center else X.new_zeros(())                  # x₀
+    D = X - x0                                                          # X − x₀
+    scale = D.abs().amax(dims, keepdim=True)                            # s
+    scale = scale.masked_fill(scale == 0, 1.0)
+    Z = D / scale                                                       # |Z| ≤ 1
+    zbar = Z.mean(dims, keepdim=True) if center else 0.0                # mean(Z)
+    r = torch.rsqrt(((Z - zbar) ** 2).mean(dims, keepdim=True) + eps / scale / scale) / scale
+    bad = (rstd == 0) & r.isfinite() & (r > 0)                          # the overflowed finite sets
+    return (None if mu is None else torch.where(bad, x0 + scale * zbar, mu)), torch.where(bad, r, rstd)
 
 
 def rstd_of(var: torch.Tensor, eps: float, nan_on_overflow: bool = False) -> torch.Tensor:
@@ -214,6 +238,10 @@ def _group_dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec):
     per_c = lambda t: t.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C, 1)
     n1, n2 = group_mean(Gsum), group_mean(S)                            # (N, G, 1)
     r = rstd.reshape(N, spec.k, 1)
+    if not torch.compiler.is_compiling() and bool((r < 2.0 ** -60).any()):   # rstd² underflows (a rescued set,
+        torch.sub(Xv, mu, out=B).mul_(per_c(n2 * r)).add_(per_c(n1))     # rescue_overflow): n₁ + x̂·n₂ first,
+        B.add_(Gv) if wc is None else B.addcmul_(Gv, wc.reshape(1, C, 1))   # + gy,
+        return B.mul_(rstd_c)                                            # ·rstd, as _trailing_dx
     torch.sub(Xv, mu, out=B).mul_(per_c(n2 * r * r)).add_(per_c(n1 * r))   # rstd·(n₁ + x̂·n₂)
     return B.addcmul_(Gv, rstd_c if wc is None else rstd_c * wc.reshape(1, C, 1))      # + rstd·G ⊙ w
 
@@ -326,13 +354,15 @@ def _group_forward_fast(x, weight, bias, spec: "Norm"):
     N, C = x.shape[:2]
     x = x if x.is_contiguous() else x.contiguous()                       # (the kernel's requirement)
     y, mu, rstd = torch.native_group_norm(x, None, None, N, C, math.prod(x.shape[2:]), spec.k, spec.eps)
+    mu, rstd = mu.reshape(N, spec.k, 1), rstd.reshape(N, spec.k, 1)                       # the statistics view
+    mu, rstd = rescue_overflow(x.reshape(N, spec.k, -1), (-1,), mu, rstd, spec.eps)       # squares that overflow
     ones = [1] * (x.dim() - 2)
     per_c = lambda t: t.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C, *ones)   # (N, G) → (N, C, 1…1)
     scale = per_c(rstd) if weight is None else per_c(rstd) * weight.reshape(1, C, *ones)     # rstd·w per (n, c)
     torch.sub(x, per_c(mu), out=y).mul_(scale)                                               # (X − μ)·rstd·w
     if bias is not None:
         y.add_(bias.reshape(1, C, *ones))                                                    # + b
-    return y, mu.reshape(N, spec.k, 1), rstd.reshape(N, spec.k, 1), rstd.new_empty(0)       # (var: batch norm's alone)
+    return y, mu, rstd, rstd.new_empty(0)                                                   # (var: batch norm's alone)
 
 
 def save_for_norm_backward(ctx, x, weight, mu, rstd) -> None:
@@ -379,6 +409,11 @@ class NormFn(HandFunction):
         Xs, dims = spec.view(opmath(x))
         Xc, mu, var = moments(Xs, dims, spec.center, fast)                  # X − μ, μ, var over S
         rstd = rstd_of(var, spec.eps, spec.nan_on_overflow)                  # 1/√(var + eps)
+        if fast:                                                             # squares that overflow
+            mu2, rstd = rescue_overflow(Xs, dims, mu, rstd, spec.eps, spec.center)
+            if mu2 is not mu:
+                mu = mu2
+                torch.sub(Xs, mu, out=Xc)                                    # X − μ again
         w, b = spec.param(opmath(weight), x), spec.param(opmath(bias), x)
         if fast:                                                             # X − μ is this op's buffer
             y = _affine_fast(Xs, Xc, rstd, w, b, spec, x.shape)

@@ -77,6 +77,29 @@ def _constant_groups(call) -> bool:
     return bool(((sets == sets[:, :1]).all(1) & sets[:, 0].isfinite()).any())
 
 
+def _squares_overflow(call) -> bool:
+    # |x| ≥ √(max/n)/2 somewhere (n: x's elements), so a set's squares may overflow the opmath dtype
+    x = _input(call)
+    if _not_tensor(call) or not x.dtype.is_floating_point or x.base.numel() == 0:
+        return False
+    v = x.base.detach().to(x.dtype).double()
+    v = v.where(v.isfinite(), 0.0)
+    return bool((v.abs() >= math.sqrt(_opmath_max(x.dtype) / max(math.prod(x.shape), 1)) / 2).any())
+
+
+def _infinite_input(call) -> bool:
+    # ±inf in x, with rows of one element (normalized_shape's product 1)
+    x, ns = _input(call), call.args[1] if len(call.args) > 1 else None
+    if _not_tensor(call) or not isinstance(ns, (list, tuple)) or math.prod(ns) != 1 or not x.dtype.is_floating_point:
+        return False
+    return x.base.numel() > 0 and bool(x.base.detach().to(x.dtype).isinf().any())
+
+
+def _zero_eps_constant_group(call) -> bool:
+    # eps = 0 (batch norm refuses it in training) and a group constant after rounding
+    return call.kwargs.get("eps") == 0 and _constant_groups(call)
+
+
 def _infinite_weight(call) -> bool:
     # a weight with ±inf after rounding to its dtype (1e300 in bfloat16 is inf)
     from ..fuzz.call import Spec
@@ -128,7 +151,8 @@ NORMS: tuple[Difference, ...] = (
         "the refusal is an accident of its backward's undefined-weight path.",
         "F.group_norm(torch.randn(2, 4, 3, requires_grad=True), 2, bias=torch.zeros(4)).sum().backward()"),
     Difference(
-        "group_norm: constant groups are exact", "group_norm", ("value", "grad"), _constant_groups,
+        "group_norm: constant groups are exact", "group_norm", ("value", "grad"),
+        lambda call: call.kwargs.get("eps") != 0 and _constant_groups(call),
         "a constant group (one element: always) normalises to a rounding residue of x·rstd: its "
         "Y = X·(rstd·w) + (b − μ·rstd·w) rounds the two products apart (∂L/∂x of a one-element group is "
         "1e-13, not 0, in float64; its float32 output is off by 5e-3 for |x| ~ 1e3; ∂L/∂w of float64 "
@@ -145,6 +169,42 @@ NORMS: tuple[Difference, ...] = (
         "per-channel products, not from the math (its own float64 gives it too).",
         "F.group_norm(torch.tensor([[[1.0, 2.0, 4.0]]]), 1, weight=torch.tensor([math.inf]))")
       for op in ("batch_norm", "group_norm")),
+    *(Difference(
+        f"{op}: an infinite weight's ∂L/∂x", op, ("grad",), _infinite_weight,
+        "gy = G ⊙ w is infinite, and its ∂L/∂x = rstd·(gy − mean(gy) − x̂·mean(gy ⊙ x̂)) subtracts "
+        "infinities: nan (for a one-element RMS row too, where the derivative is w·eps·rstd³)",
+        "the same formula in its own order (±inf or nan by element); a one-element RMS row's exact "
+        "gy·eps·rstd³ = ±inf",
+        "Where the row has more than one element the value is ∞ − ∞, undefined either way; where it has "
+        "one, ±inf is the limit and torch's nan the cancellation form's artefact.",
+        "torch.autograd.grad(F.rms_norm(torch.tensor([-2.0], requires_grad=True), (1,), "
+        "weight=torch.tensor([math.inf])), ...)")
+      for op in ("layer_norm", "rms_norm")),
+    *(Difference(
+        f"{op}: sets whose squares overflow are normalised", op, ("value", "grad"), _squares_overflow,
+        "a set with |x − μ| past √max (float32 ~1e19, float64 ~1e154) has var = inf: rstd = 0, so x̂ = 0 "
+        "(Y = b, no share in ∂L/∂w), or nan by its kernel's order",
+        "the normalised set: its statistics again with X scaled by max|X − x₀| (ops/normalize.py, "
+        "rescue_overflow), on the fast path (eager forward, first-order backward)",
+        "x̂ is scale-invariant and finite; the overflow is an artefact of squaring unscaled values. "
+        "(layer_norm gives nan there instead: its own entry.)",
+        repro)
+      for op, repro in (("batch_norm", "F.batch_norm(torch.tensor([[1e24], [-1e24], [3.0]]), None, None, training=True)"),
+                        ("group_norm", "F.group_norm(torch.tensor([[[1e24, -1e24, 3.0]]]), 1)"),
+                        ("rms_norm", "F.rms_norm(torch.tensor([[1e24, -1e24, 3.0]]), (3,))"))),
+    Difference(
+        "group_norm: eps = 0 and a constant group", "group_norm", ("value", "grad"), _zero_eps_constant_group,
+        "var = 0, rstd = inf: x̂ = (x − μ)·rstd is a rounding residue of x − μ times inf (±inf, or nan), "
+        "and ∂L/∂w = Σ G ⊙ x̂ with it",
+        "x − μ = 0 exactly, so x̂ = 0·inf = nan, and ∂L/∂w nan",
+        "x̂ is 0/0 there, undefined: nan says so, where torch's ±inf depends on how its mean rounds.",
+        "F.group_norm(torch.full((2, 3, 4), 0.1), 3, eps=0.0)"),
+    Difference(
+        "rms_norm: an infinite x in a one-element row", "rms_norm", ("grad",), _infinite_input,
+        "x = ±inf: rstd = 0, and rstd·(v − x̂·mean(v ⊙ x̂)) is 0·(inf − inf) = nan",
+        "∂L/∂x = v·eps·rstd³ = 0 (ops/normalize.py's one-element form)",
+        "0 is the limit of eps/(x² + eps)^{3/2} as |x| grows; torch's nan is its cancellation form's.",
+        "torch.autograd.grad(F.rms_norm(torch.tensor([-math.inf], requires_grad=True), (1,)), ...)"),
     Difference(
         "batch_norm: a non-contiguous weight", "batch_norm", ("value", "grad"), _strided_weight,
         "batch_norm's CPU backward with a strided weight view (w[::2]) gives a wrong ∂L/∂x (3.18 where the "
