@@ -372,3 +372,80 @@ def test_inplace_under_torch_func(name, kw):
     torch.testing.assert_close(torch.func.vmap(f_ours)(x), torch.func.vmap(f_ref)(x))
     torch.testing.assert_close(torch.func.grad(lambda t: f_ours(t).sum())(x), torch.func.grad(lambda t: f_ref(t).sum())(x))
     torch.testing.assert_close(torch.func.jacfwd(f_ours)(x[0]), torch.func.jacfwd(f_ref)(x[0]))
+
+
+# --- the fast path on tensors of several blocks (ops.activations.fast_vjp) ----------------------
+
+_FAST_VARIANTS = {**{n: (n, {}) for n in catalogue.activations()}, **_VARIANTS,
+                  "leaky_relu[0.2]": ("leaky_relu", {"negative_slope": 0.2}),
+                  "softplus[beta=2,threshold=5]": ("softplus", {"beta": 2.0, "threshold": 5.0})}
+# the kinks and edges, placed in the second block: 0, ±tiny, the softplus thresholds, exp's range
+_EDGES = (0.0, -0.0, 1e-30, -1e-30, -17.0, 2.5, 5.0, 16.9, 17.5, 20.0, 20.5, -87.5, -100.0, 30.0, 1e4, -1e4)
+
+
+def _blocked_input(dtype, scale=4.0):
+    from handgrad.ops.activations import _BLOCK
+    torch.manual_seed(0)
+    z = torch.randn(2 * _BLOCK + 123, dtype=torch.float64) * scale       # three blocks, the last short
+    z[_BLOCK + 5 : _BLOCK + 5 + len(_EDGES)] = torch.tensor(_EDGES, dtype=torch.float64)
+    return z.to(dtype).reshape(-1, 1)[: 2 * _BLOCK + 123].reshape(2 * _BLOCK + 123)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", list(_FAST_VARIANTS))
+def test_fast_path_over_blocks_equals_formula(name, dtype):
+    """The fast backward (f' block by block into a scratch, torch's forward kernels) against the
+    differentiable formula (create_graph=True takes it), on a tensor of three blocks with the
+    kinks and edges in it: the same values to a few roundings."""
+    op, kw = _FAST_VARIANTS[name]
+    fn = catalogue.get(op).functional
+    z = _blocked_input(dtype).requires_grad_()
+    G = torch.randn(z.shape, dtype=dtype)
+    y = fn(z, **kw)
+    fast, = torch.autograd.grad(y, z, G, retain_graph=True)
+    formula, = torch.autograd.grad(y, z, G, create_graph=True)
+    with torch.no_grad():
+        ref = fn(z.double(), **kw)
+    # a few roundings; float32 gelu: Φ(z) = gelu(z)/z carries the absolute error of torch's
+    # vectorised erf (~1e-7, times |G| ≤ 5), where the formula's erfc is relative
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=3e-6 if op == "gelu" else 1e-6)
+    torch.testing.assert_close(y.detach(), ref.to(dtype), **tol)
+    torch.testing.assert_close(fast, formula.detach(), **tol)
+
+
+@pytest.mark.parametrize("name", list(_FAST_VARIANTS))
+def test_fast_path_non_finite_as_torch(name):
+    """±inf and nan in Z and in G, over several blocks: the fast backward gives torch's values,
+    nan where torch's is nan and the same selections (relu: 0 for y ≤ 0 even where G is inf or
+    nan; softplus: G itself above the threshold). Skipped where handgrad differs deliberately
+    (handgrad.testing.differences: gelu tanh's limit at ±inf, gelu's exact left tail, elu's nan at a
+    nan z)."""
+    from handgrad.ops.activations import _BLOCK
+    op, kw = _FAST_VARIANTS[name]
+    z = _blocked_input(torch.float32)
+    specials = [math.inf, -math.inf, math.nan, 0.0, -3.0, 3.0]
+    if kw.get("approximate") == "tanh":
+        specials = [math.nan, 0.0, -3.0, 3.0]
+    if op == "elu":
+        specials = [math.inf, -math.inf, 0.0, -3.0, 3.0]
+    z[_BLOCK - 3 : _BLOCK + 3] = torch.tensor(specials * 2)[:6]          # across a block boundary
+    G = torch.randn(z.shape)
+    G[_BLOCK - 10 : _BLOCK + 10] = torch.tensor([math.inf, -math.inf, math.nan, 1.0] * 5)
+    ours, ref = catalogue.get(op).functional, catalogue.get(op).torch_function
+    z.requires_grad_()
+    g, = torch.autograd.grad(ours(z, **kw), z, G)
+    tg, = torch.autograd.grad(ref(z, **kw), z, G)
+    window = slice(_BLOCK - 12, _BLOCK + 12)
+    keep = ~(z[window] < -2.4) if op == "gelu" else torch.ones(24, dtype=torch.bool)   # (the left tail)
+    torch.testing.assert_close(g[window][keep], tg[window][keep], rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_relu_selects_as_torch():
+    """relu's backward at inf/nan G: 0 where y ≤ 0, G where y > 0 or y is nan (threshold_backward),
+    on the fast path (float32, one block) and the formula (bfloat16)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        z = torch.tensor([-1.0, 0.0, 2.0, math.nan, -1.0, 3.0], dtype=dtype, requires_grad=True)
+        G = torch.tensor([math.inf, math.nan, math.inf, 5.0, 1.0, math.nan], dtype=dtype)
+        g, = torch.autograd.grad(F.relu(z), z, G)
+        tg, = torch.autograd.grad(TF.relu(z), z, G)
+        torch.testing.assert_close(g, tg, rtol=0, atol=0, equal_nan=True)

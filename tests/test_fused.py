@@ -115,6 +115,33 @@ def test_in_place_and_differentiable_backward_agree(name):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-14)  # float64: only rounding order may differ
 
 
+@pytest.mark.parametrize("name", ["relu", "silu", "softplus"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_gradient_over_delta_in_row_blocks(name, dtype, monkeypatch):
+    """The fast backward writes ∂L/∂X_{l−1} = Δ_l W_l over Δ_l's own buffer where D_{l−1} ≤ D_l
+    (ops.fused._affine_vjp_over), a block of rows at a time: with blocks of 3 rows here (and a
+    short last one), the gradients equal the torch composition's."""
+    import handgrad.ops.fused as fused
+    monkeypatch.setattr(fused, "_GX_BLOCK", 27)             # 27 // 9 = 3 rows per block (Δ: 99 elements > 27)
+    torch.manual_seed(0)
+    x = torch.randn(11, 5, dtype=dtype, requires_grad=True)
+    ws, bs = _params((5, 6, 9, 9, 3))                       # layers 2, 3: D_in 6, 9 ≤ D_out 9
+    ws, bs = [w.detach().to(dtype).requires_grad_() for w in ws], [b.detach().to(dtype).requires_grad_() for b in bs]
+    g = torch.randn(11, 3, dtype=dtype)
+    act = getattr(TF, name)
+
+    def native(x):
+        for l, (w, b) in enumerate(zip(ws, bs)):
+            x = TF.linear(x, w, b)
+            x = act(x) if l < len(ws) - 1 else x
+        return x
+
+    ours = torch.autograd.grad(F.mlp(x, ws, bs, activation=name), (x, *ws, *bs), g)
+    ref = torch.autograd.grad(native(x), (x, *ws, *bs), g)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)                    # (torch's default tolerance for the dtype: rounding order)
+
+
 def test_retain_graph_backward_twice_gives_the_same_gradients():
     """The in-place fast path writes only buffers it allocated, never saved tensors."""
     x = torch.randn(6, 3, dtype=D64, requires_grad=True)

@@ -19,11 +19,13 @@ __all__ = ["linear_act", "mlp", "linear_cross_entropy"]
 
 
 def _fusable(input, weight, bias) -> bool:
-    """The calls one fused layer computes: a floating input, W (D_out, D_in) or (D_in,) and b
-    None, (D_out,), () or (1,), all of the input's dtype."""
+    """The calls one fused layer computes: a floating input, W (D_out, D_in) and b None, (D_out,),
+    () or (1,), all of the input's dtype. Anything else (a 1-D W, a bias that broadcasts in other
+    shapes or casts) is ``linear``'s business: the composition takes it, so its checks
+    (``check_linear``) and results are linear's own."""
     return (isinstance(weight, torch.Tensor) and input.is_floating_point() and weight.dtype == input.dtype
-            and weight.dim() in (1, 2) and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype == input.dtype
-                                                         and bias.dim() <= 1 and bias.numel() in (1, weight.shape[0]))))
+            and weight.dim() == 2 and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype == input.dtype
+                                                       and bias.dim() <= 1 and bias.numel() in (1, weight.shape[0]))))
 
 
 def _activation(name):
@@ -63,15 +65,9 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     activation_spec(activation)                     # torch's order: the name, the linear, then f's options
     input, weight, bias = autocast("linear", input, weight, bias)
     if not _fusable(input, weight, bias):
-        # a bias linear broadcasts in other shapes or casts, a non-floating input: the composition
-        # itself, of handgrad's linear and activation, has torch's rules for those
+        # a 1-D weight, a bias linear broadcasts in other shapes or casts, a non-floating input:
+        # the composition itself, of handgrad's linear and activation, has torch's rules for those
         return _activation(activation)(linear(input, weight, bias), **activation_kwargs)
-    vector = isinstance(weight, torch.Tensor) and weight.dim() == 1 and (bias is None or bias.numel() == 1)
-    if vector:                                      # linear's 1-D W (D_in,): one output per row, the dim dropped
-        if bias is not None and input.dim() == 2:   # torch's addmm path takes W as a matrix
-            raise RuntimeError(f"linear_act: mat2 must be a matrix, got 1-D tensor (weight of shape "
-                               f"{list(weight.shape)} with a bias, input of shape {list(input.shape)})")
-        weight = weight.unsqueeze(0)                # (1, D_in)
     bias = check_linear("linear_act", weight, bias, features=input.shape[-1], dtype=input.dtype)
     act = activation_spec(activation, **activation_kwargs)
     if torch.compiler.is_compiling():               # (Dynamo of torch 2.4 takes no object as a dict key)
@@ -80,8 +76,7 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         spec = _ONE_LAYER.get(act)
         if spec is None:
             spec = _ONE_LAYER[act] = StackSpec((act,))  # one per activation (a spec per call costs µs)
-    y = StackFn.call(input, spec, weight, bias)[0]
-    return y.squeeze(-1) if vector else y
+    return StackFn.call(input, spec, weight, bias)[0]
 
 
 def mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None] | None,
@@ -99,13 +94,8 @@ def mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[t
         raise ValueError(f"mlp: got {len(weights)} weights but {len(biases)} biases; give one bias (or None) per layer")
     L = len(weights)
     spec = _stack_spec(activation, last_activation, L)
-    if not all(_fusable(input, w, b) and (w.dim() == 2) for w, b in zip(weights, biases)):
-        # as linear_act's: the composition, layer by layer, for what one fused stack does not take
-        h = input
-        for l, (w, b) in enumerate(zip(weights, biases)):
-            h = _activation(activation if l < L - 1 else last_activation)(linear(h, w, b))
-        return h
     params = [t for pair in zip(weights, biases) for t in pair]   # W_1, b_1, W_2, b_2, …
+    raw = input
     if torch.is_autocast_enabled(input.device.type):
         cast = iter(autocast("linear", input, *[p for p in params if p is not None]))
         input, params = next(cast), [None if p is None else next(cast) for p in params]
@@ -115,7 +105,13 @@ def mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[t
         # one cheap test per layer (this runs every step); the detailed checks only on failure
         if not (isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == features and w.dtype == dtype
                 and (b is None or (isinstance(b, torch.Tensor) and b.dim() == 1 and b.shape[0] == w.shape[0]
-                                   and b.dtype == dtype))):
+                                   and b.dtype == dtype)) and dtype.is_floating_point):
+            if not all(_fusable(raw, w, b) for w, b in zip(weights, biases)):
+                # as linear_act's: the composition, layer by layer, for what one fused stack does not take
+                h = raw
+                for k, (w, b) in enumerate(zip(weights, biases)):
+                    h = _activation(activation if k < L - 1 else last_activation)(linear(h, w, b))
+                return h
             params[2 * l + 1] = check_linear("mlp", w, b, features=features, dtype=dtype, layer=l)
         features = w.shape[0]
     return StackFn.call(input, spec, *params)[L - 1]

@@ -30,10 +30,13 @@ y + α cancels to 0 (z = −17, float32: 0 instead of 4.1e-8), where α e^z is e
 Only the in-place twin, whose z is overwritten, reads y + α (``df_from_output``), as torch's
 in-place ``elu_`` does (its ``is_result`` backward).
 
-Each spec may carry a fast path (``fast_f``, ``vjp``): the same f and G ⊙ f' in fewer passes over
-one buffer (in place, ``out=``, ``lerp``/``addcmul``/``maximum``, exp as exp2), taken where nothing
-records the computation (``fast``); the formulas above stay the differentiable path that double
-backward, forward AD, vmap and compile use, and the registry's reference check runs both.
+Each spec may carry a fast path (``fast_f``, ``fast_df``): the same f and G ⊙ f' in fewer passes,
+taken where nothing records the computation (``fast``): the forward is torch's own forward kernel
+where it has one (one pass, as native); the backward (``fast_vjp``) writes f' block by block into
+a cache-sized scratch (``out=``, ``lerp``/``addcmul``/``maximum``, exp as exp2 or through the
+vectorised sigmoid/gelu kernels) and multiplies by G into one buffer, so it allocates what
+torch's one-pass backward kernel does. The formulas above stay the differentiable path that
+double backward, forward AD, vmap and compile use, and the registry's reference check runs both.
 
 The numeric options are parsed as torch's bindings parse a Scalar (``scalar``): a Python number
 or a one-element tensor, else a TypeError naming the argument; the fused ops get the same check.
@@ -46,6 +49,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as TF
 
 from .. import catalogue
 from .._compat import forward_ad_active, functorch_transforms_active
@@ -62,11 +66,22 @@ class Activation:
     # in-place twin uses once z is overwritten. None: only ``df`` (from y if saves == "output").
     df_from_output: Callable[[None, torch.Tensor], torch.Tensor] | None = None
     # The fast path (``fast``): the same math with fewer passes, for float32/float64 where
-    # nothing records the computation. ``fast_f(z)``: Y = f(Z) in a buffer it allocates;
-    # ``vjp(g, z, y)``: G ⊙ f'(Z) in a fresh buffer (never written into g, z or y). None: the
-    # formula above is already one pass, or the option has no faster exact form.
+    # nothing records the computation. ``fast_f(z)``: Y = f(Z) in a buffer it allocates (torch's
+    # own forward kernel where it has one). ``fast_df(z, y, out)``: f'(Z) written into ``out``, a
+    # block of at most ``_BLOCK`` elements (z or y the matching block of the saved tensor, the
+    # other None); ``fast_vjp`` runs it block by block and multiplies by G. None: the formula.
     fast_f: Callable[[torch.Tensor], torch.Tensor] | None = None
-    vjp: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor] | None = None
+    fast_df: Callable[[torch.Tensor | None, torch.Tensor | None, torch.Tensor], None] | None = None
+    # Where torch's backward selects G rather than multiplying it (relu: 0 for y ≤ 0, G else),
+    # an infinite or nan G (or saved value) needs the selection itself: ``select(g, z, y)``,
+    # taken when the fast product's operands are not all finite.
+    select: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor] | None = None
+    # Y = f(Z) written into Z (torch's in-place kernel), for a caller that owns Z and, f' being
+    # read from y, no longer needs it (a fused stack's Z_l): one buffer fewer. None: ``fast_f``.
+    fast_f_: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # ``fast_df`` needs no temporaries (one pass into ``out``): into a fresh result it then runs
+    # on the whole tensor, unblocked, and G multiplies in place (two passes, one buffer).
+    one_pass: bool = False
 
     def output_df(self) -> Callable[[None, torch.Tensor], torch.Tensor] | None:
         """f' as a function (None, y) → f'(z), or None where y does not determine it."""
@@ -130,37 +145,99 @@ def _indicator(op, t: torch.Tensor, bound: float) -> torch.Tensor:
     return op(t, bound, out=torch.empty_like(t))
 
 
+_BLOCK = 1 << 17   # elements per block of a multi-pass vjp (512 KiB in float32: its temporaries stay in L2)
+
+
+def _blocks(out: torch.Tensor, *ts: torch.Tensor, scratch: int = 0):
+    """``(out_b, *ts_b, *scratch_b)`` for each block of ``_BLOCK`` elements of the flattened
+    tensors (one shape, all contiguous), each scratch a block-sized buffer reused for every block.
+    A formula of several passes then allocates one full-size buffer (``out``, the result, as
+    torch's one-pass kernel does) and its temporaries stay in cache: the peak is native's, and
+    no pass pays for faulting in a fresh buffer. Anything non-contiguous: one block, the whole
+    tensors, full-size scratch."""
+    n = out.numel()
+    if n <= _BLOCK or not all(t.is_contiguous() for t in (out, *ts)):
+        yield (out, *ts, *(torch.empty_like(out) for _ in range(scratch)))
+        return
+    flat = [t.view(-1) for t in (out, *ts)]
+    bufs = [out.new_empty(_BLOCK) for _ in range(scratch)]
+    for s in range(0, n, _BLOCK):
+        e = min(s + _BLOCK, n)
+        yield (*(f[s:e] for f in flat), *(b[: e - s] for b in bufs))
+
+
+def _all_finite(*ts: torch.Tensor) -> bool:
+    """No element of ``ts`` is inf or nan (their sums are finite; an overflowing sum says no)."""
+    return all(bool(torch.isfinite(t.sum())) for t in ts)
+
+
+def fast_vjp(act: Activation, g: torch.Tensor, z: torch.Tensor | None, y: torch.Tensor | None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """G ⊙ f'(Z) on the fast path: f'(Z) block by block into a block-sized scratch
+    (``act.fast_df``), times G into ``out``: a fresh buffer, or G itself where the caller owns it
+    (a fused stack's Δ). One full-size buffer at most, as torch's one-pass kernel allocates; f''s
+    temporaries span one block and stay in cache. ``act.select`` (relu) runs instead where G or the
+    saved tensor holds an inf or nan (always off CPU, where checking would sync)."""
+    saved = y if z is None else z
+    fresh = out is None
+    if fresh:
+        out = torch.empty_like(saved)
+    cpu = saved.device.type == "cpu"
+    if act.select is not None and not (cpu and (fresh or _all_finite(g, saved))):
+        return out.copy_(act.select(g, z, y))                    # torch's selection, inf/nan kept
+    if fresh and act.one_pass:
+        act.fast_df(z, y, out)                                   # f'(Z)
+        out.mul_(g)                                              # G ⊙ f'(Z)
+    elif saved.numel() <= _BLOCK:                                # one block: no slicing
+        d = torch.empty_like(saved)
+        act.fast_df(z, y, d)                                     # f'(Z)
+        torch.mul(g, d, out=out)                                 # G ⊙ f'(Z)
+    else:
+        for ob, gb, sb, d in _blocks(out, g, saved, scratch=1):
+            act.fast_df(None if z is None else sb, None if y is None else sb, d)   # f'(Z)
+            torch.mul(gb, d, out=ob)                              # G ⊙ f'(Z)
+    if act.select is not None and fresh and not _all_finite(out):
+        return act.select(g, z, y)                                # (an inf or nan G or saved value)
+    return out
+
+
 def sigmoid_spec() -> Activation:
     # f(z) = σ(z) = 1 / (1 + e^{−z});  f'(z) = σ(z)(1 − σ(z)) = y(1 − y)
-    def vjp(g, z, y):
-        # G ⊙ y(1 − y) in two passes: (G ⊙ y), then lerp(a, 0, y) = a(1 − y); torch's lerp takes
-        # the form end − (end − a)(1 − w) for w ≥ ½, so 1 − y is exact where it is small.
-        return torch.mul(g, y).lerp_(const(0.0, y), y)
+    def fast_df(z, y, out):
+        # y(1 − y) = lerp(y, 0, y) in one pass over y: torch's lerp takes the form
+        # end − (end − start)(1 − w) for w ≥ ½, so 1 − y is exact where it is small, and
+        # start + w(end − start) = y − y·y below, where y² ≤ y/2 cannot cancel
+        torch.lerp(y, const(0.0, y), y, out=out)
 
-    return Activation("sigmoid", torch.sigmoid, lambda z, y: y * (1 - y), "output", vjp=vjp)
+    return Activation("sigmoid", torch.sigmoid, lambda z, y: y * (1 - y), "output", fast_df=fast_df, one_pass=True,
+                      fast_f_=torch.sigmoid_)
 
 
 def tanh_spec() -> Activation:
     # f(z) = tanh(z);  f'(z) = 1 − tanh²(z) = 1 − y² = (1 − y)(1 + y): near |y| = 1, 1 − y is exact
     # and 1 + y one rounding, where 1 − y·y would round y² first and cancel (torch's kernel is as exact).
-    def vjp(g, z, y):
-        # G ⊙ (1 + y) ⊙ (1 − y): 1 + y, times G, then lerp(a, 0, y) = a(1 − y) (as sigmoid's)
-        return torch.add(y, 1).mul_(g).lerp_(const(0.0, y), y)
+    def fast_df(z, y, out):
+        # (1 + y)(1 − y): 1 + y, then lerp(a, 0, y) = a(1 − y) (as sigmoid's)
+        torch.add(y, 1, out=out).lerp_(const(0.0, y), y)
 
-    return Activation("tanh", torch.tanh, lambda z, y: (1 - y) * (1 + y), "output", vjp=vjp)
+    return Activation("tanh", torch.tanh, lambda z, y: (1 - y) * (1 + y), "output", fast_df=fast_df, one_pass=True,
+                      fast_f_=torch.tanh_)
 
 
 def relu_spec() -> Activation:
     # f(z) = max(z, 0);  f'(z) = [z > 0] = [y > 0]; written as "not y ≤ 0", torch's
     # threshold_backward test, so f'(0) = 0 and a nan passes the gradient through as torch's does.
-    def vjp(g, z, y):
-        # G − G ⊙ [y ≤ 0]: G where not y ≤ 0 (a nan too), exactly 0 elsewhere (nan for an
-        # infinite or nan G, as G · 0 in the formula)
-        m = _indicator(torch.le, y, 0)                                # [y ≤ 0]
-        return torch.addcmul(g, g, m, value=-1, out=m)
+    def fast_df(z, y, out):
+        # y = relu(z) is ≥ 0 or nan, so [y ≠ 0] = [not y ≤ 0] (0 at y = 0, 1 at a nan y, as
+        # torch's test), one pass; an infinite or nan G makes G · 0 nan where torch's
+        # threshold_backward selects 0: ``select`` takes that case
+        torch.ne(y, 0, out=out)
+
+    def select(g, z, y):
+        return g.masked_fill(y <= 0, 0)                              # torch's threshold_backward: 0 for y ≤ 0, else G
 
     return Activation("relu", lambda z: z.clamp_min(0), lambda z, y: (y <= 0).logical_not().to(y.dtype), "output",
-                      vjp=vjp)
+                      fast_df=fast_df, select=select, one_pass=True, fast_f_=torch.relu_)
 
 
 def leaky_relu_spec(negative_slope: float = 0.01) -> Activation:
@@ -169,21 +246,14 @@ def leaky_relu_spec(negative_slope: float = 0.01) -> Activation:
     def f(z):
         return torch.where(z > 0, z, z * s)                          # z if z > 0 else s·z
 
-    fast_f = vjp = None
-    if s > 0:
-        # max(z, s·z) for 0 < s ≤ 1, min(z, s·z) for s > 1: the same selection as the where
-        # (s·z is on the right side of z exactly when z ≤ 0), ±inf and nan included; s = 0 keeps
-        # the where (max(+inf, 0·inf) would be nan).
-        pick = torch.maximum if s <= 1 else torch.minimum
+    def fast_f(z):
+        return TF.leaky_relu(z, s)                                   # torch's own forward kernel: one pass
 
-        def fast_f(z):
-            t = torch.mul(z, s)                                      # s·z
-            return pick(z, t, out=t)
-
+    fast_df = None
     if 0 <= s <= 1:
-        def vjp(g, z, y):
-            # G ⊙ max([z > 0], s): 1 or s exactly (a nan z gives s, as z > 0 is false)
-            return _indicator(torch.gt, z, 0).clamp_(min=s).mul_(g)
+        def fast_df(z, y, out):
+            # max([z > 0], s): 1 or s exactly (a nan z gives s, as z > 0 is false)
+            torch.gt(z, 0, out=out).clamp_(min=s)
 
     # f' = 1 if z > 0 else s (f'(0) = s), read from the input as torch does: it saves z, not y,
     # so an in-place op on the output (nn.ReLU(inplace=True) style) before backward works.
@@ -191,7 +261,8 @@ def leaky_relu_spec(negative_slope: float = 0.01) -> Activation:
     # for s < 0 it does not (z < 0 gives y > 0), and the in-place backward is refused, as torch's.
     from_y = (lambda z, y: torch.where(y > 0, 1.0, torch.full_like(y, s))) if s >= 0 else None
     return Activation("leaky_relu", f, lambda z, y: torch.where(z > 0, 1.0, torch.full_like(z, s)), "input",
-                      df_from_output=from_y, fast_f=fast_f, vjp=vjp)
+                      df_from_output=from_y, fast_f=fast_f, fast_df=fast_df,
+                      one_pass=True)
 
 
 def elu_spec(alpha: float = 1.0) -> Activation:
@@ -216,22 +287,20 @@ def elu_spec(alpha: float = 1.0) -> Activation:
         def from_y(z, y):
             return torch.where(y <= 0, y + a, 1.0)
 
-    fast_f = vjp = None
-    if 0 < a <= 1:
-        def fast_f(z):
-            # max(z, α expm1(min(z, 0))): 0 ≤ α ≤ 1 makes α(e^z − 1) ≥ z for z ≤ 0, and it is 0
-            # for z > 0, so the max selects as the where does (nan stays nan)
-            t = z.clamp_max(0).expm1_()
-            if a != 1:
-                t.mul_(a)
-            return torch.maximum(z, t, out=t)
+    def fast_f(z):
+        return TF.elu(z, a)                                          # torch's own forward kernel: one pass
 
+    fast_df = None
     if a == 1:
-        def vjp(g, z, y):
-            # α = 1: f'(z) = e^{min(z, 0)} on both branches (1 for z ≥ 0), times G
-            return z.clamp_max(0).exp_().mul_(g)                   # torch's exp: e^z exact to an ulp far left (no exp2)
+        def fast_df(z, y, out):
+            # α = 1: f'(z) = e^{min(z, 0)} on both branches (1 for z ≥ 0). e^t for t ≤ 0 as
+            # σ(t)/(1 − σ(t)): torch's sigmoid kernel is vectorised where its exp is not (CPU,
+            # AVX-512: 0.5 against 2.1 ms for 2²¹ float32), and neither σ(t) nor 1 − σ(t) ≥ ½
+            # cancels, so e^t is exact to a few roundings (e^{−17} = 4.1e-8, not the y + α of 0)
+            torch.clamp_max(z, 0, out=out).sigmoid_()                # σ = σ(min(z, 0))
+            out.div_(torch.sub(const(1.0, z), out))                  # σ/(1 − σ) = e^{min(z, 0)}
 
-    return Activation("elu", f, df, "input", from_y, fast_f=fast_f, vjp=vjp)
+    return Activation("elu", f, df, "input", from_y, fast_f=fast_f, fast_df=fast_df)
 
 
 _SQRT1_2 = math.sqrt(0.5)               # 1/√2
@@ -255,26 +324,33 @@ def gelu_spec(approximate: str = "none") -> Activation:
         raise TypeError(f"gelu(): argument 'approximate' must be str, not {type(approximate).__name__}")
     if approximate == "none":
         # f(z) = z Φ(z);  f'(z) = Φ(z) + z φ(z),  φ(z) = e^{−z²/2}/√(2π)
-        # The fast path takes Φ(z) = ½(1 + erf(z/√2)), torch's own form: torch's erf kernel runs
-        # ~1.4× faster than its erfc (2.5 against 3.4 ms for 2²¹ float32); in the left tail Φ then
-        # has torch's absolute error (eps), where the formula's erfc keeps it relative.
+        # The fast path's forward is torch's own gelu kernel (Φ(z) = ½(1 + erf(z/√2)), its form);
+        # its backward reads Φ(z) = gelu(z)/z off that kernel too: on CPU it evaluates erf with
+        # a vectorised polynomial, where torch.erf is not vectorised on AVX-512 (0.7 against
+        # 2.5 ms for 2²¹ float32). In the left tail Φ then has torch's absolute error (eps),
+        # where the formula's erfc keeps it relative. A block with z = 0 (0/0), ±inf or nan takes
+        # Φ's erf form instead, whose edge values are the formula's.
         def phi_cdf(z):
             return torch.mul(z, _SQRT1_2).erf_().add_(1).mul_(0.5)          # Φ(z)
 
         def fast_f(z):
-            return phi_cdf(z).mul_(z)                                        # z Φ(z)
+            return TF.gelu(z)                                                # z Φ(z), one pass
 
-        def vjp(g, z, y):
-            phi = torch.mul(z, z).mul_(-0.5 * _LOG2E).exp2_().mul_(z)        # z e^{−z²/2} (exp2: see exp_)
-            d = phi_cdf(z)                                                   # Φ(z)
-            return d.add_(phi, alpha=_INV_SQRT_2PI).mul_(g)                  # (Φ(z) + z φ(z)) ⊙ G
+        def fast_df(z, y, out):
+            e = torch.addcmul(const(0.0, z), z, z, value=-0.5 * _LOG2E).exp2_()   # e^{−z²/2} (exp2: see exp_)
+            if z.device.type == "cpu":                                       # (elsewhere erf is fast, and a check syncs)
+                torch.ops.aten.gelu.out(z, out=out).div_(z)                  # Φ(z) = gelu(z)/z (0/0 at z = 0)
+                torch.addcmul(out, e, z, value=_INV_SQRT_2PI, out=out)       # Φ(z) + z φ(z)
+                if _all_finite(out):
+                    return
+            torch.addcmul(phi_cdf(z), e, z, value=_INV_SQRT_2PI, out=out)    # the erf form: z = 0, ±inf, nan
 
         return Activation(
             "gelu",
             lambda z: z * _phi_cdf(z),
             lambda z, y: _phi_cdf(z) + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI,
             "input",
-            fast_f=fast_f, vjp=vjp,
+            fast_f=fast_f, fast_df=fast_df,
         )
     if approximate == "tanh":
         # f(z) = ½ z (1 + tanh u), u = c(z + κz³). With 1 + tanh u = 2σ(2u) and 1 − tanh u = 2σ(−2u):
@@ -290,25 +366,21 @@ def gelu_spec(approximate: str = "none") -> Activation:
             zc = z.clamp(-_GELU_TANH_FLAT, _GELU_TANH_FLAT)         # = z wherever σ(−2u)σ(2u) ≠ 0
             return torch.sigmoid(two_u) * (1 + 2 * zc * torch.sigmoid(-two_u) * _C * (1 + 3 * _KAPPA * zc * zc))
 
-        def two_u(z):
-            # 2u = 2c(z + κ z·z·z), into one fresh buffer
-            t = torch.mul(z, z)
-            return torch.addcmul(z, t, z, value=_KAPPA, out=t).mul_(2 * _C)
-
         def fast_f(z):
-            return two_u(z).sigmoid_().mul_(z)                               # z σ(2u)
+            return TF.gelu(z, approximate="tanh")                            # z σ(2u): torch's kernel, one pass
 
-        def vjp(g, z, y):
+        def fast_df(z, y, out):
             # f'(z) = σ + z'·σ(1 − σ) with σ = σ(2u), z' = d(2u)/dz = 2c(z + 3κz³) (the formula's
             # 2zσ(−2u)c(1 + 3κz²)·σ, as σ(1 − σ) = σ(2u)σ(−2u)); σ(1 − σ) by lerp, as sigmoid's.
-            s = two_u(z).sigmoid_()                                          # σ(2u)
-            zc = z.clamp(-_GELU_TANH_FLAT, _GELU_TANH_FLAT)                 # = z wherever σ(1 − σ) ≠ 0
-            d = torch.mul(zc, zc)
-            torch.addcmul(zc, d, zc, value=3 * _KAPPA, out=d).mul_(2 * _C)  # z' = 2c(z + 3κz³)
-            d.mul_(s).lerp_(const(0.0, s), s)                                # z' σ(1 − σ)
-            return d.add_(s).mul_(g)                                         # (σ + z' σ(1 − σ)) ⊙ G
+            # Both from the clamped z, which changes neither where |z| > 1e4 (σ is 0 or 1 there).
+            zc = torch.clamp(z, -_GELU_TANH_FLAT, _GELU_TANH_FLAT)           # = z wherever σ(1 − σ) ≠ 0
+            d = torch.mul(zc, zc)                                            # z²
+            torch.addcmul(zc, d, zc, value=_KAPPA, out=out).mul_(2 * _C).sigmoid_()   # σ(2u) = σ(2c(z + κz³))
+            torch.addcmul(zc, d, zc, value=3 * _KAPPA, out=d).mul_(2 * _C)          # z' = 2c(z + 3κz³)
+            d.mul_(out).lerp_(const(0.0, z), out)                            # z' σ(1 − σ)
+            out.add_(d)                                                      # σ + z' σ(1 − σ)
 
-        return Activation("gelu", lambda z: z * torch.sigmoid(2 * u(z)), df, "input", fast_f=fast_f, vjp=vjp)
+        return Activation("gelu", lambda z: z * torch.sigmoid(2 * u(z)), df, "input", fast_f=fast_f, fast_df=fast_df)
     # torch's own message (aten/src/ATen/native/Activation.cpp), with the value given
     raise RuntimeError(f"approximate argument must be either none or tanh. (got approximate={approximate!r})")
 
@@ -319,15 +391,22 @@ def silu_spec() -> Activation:
         return s * (1 + z * (1 - s))                                 # σ(z)(1 + z(1 − σ(z)))
 
     def fast_f(z):
-        return torch.sigmoid(z).mul_(z)                                  # z σ(z)
+        return TF.silu(z)                                                # z σ(z): torch's kernel, one pass
 
-    def vjp(g, z, y):
-        s = torch.sigmoid(z)
-        d = torch.mul(z, s).lerp_(const(0.0, s), s)                      # z σ(1 − σ) (lerp: as sigmoid's)
-        return d.add_(s).mul_(g)                                         # (σ + z σ(1 − σ)) ⊙ G
+    def fast_df(z, y, out):
+        # f'(z) = σ + zσ(1 − σ) = y + σ(1 − y) = lerp(y, 1, σ), y = zσ: torch's lerp takes
+        # 1 − (1 − y)(1 − σ) for σ ≥ ½, where 1 − σ is exact, so nothing cancels
+        torch.sigmoid(z, out=out)                                        # σ
+        torch.lerp(torch.mul(z, out), const(1.0, z), out, out=out)       # y + σ(1 − y)
 
     # f(z) = z σ(z)
-    return Activation("silu", lambda z: z * torch.sigmoid(z), df, "input", fast_f=fast_f, vjp=vjp)
+    return Activation("silu", lambda z: z * torch.sigmoid(z), df, "input", fast_f=fast_f, fast_df=fast_df)
+
+
+# x above which σ(x) = 1/(1 + e^{−x}) rounds to exactly 1 (e^{−x} below half an ulp of 1)
+_SIGMOID_ONE = {torch.float32: 17.0, torch.float64: 37.0}
+# x below which e^x is finite
+_EXP_MAX = {torch.float32: 88.0, torch.float64: 709.0}
 
 
 def softplus_spec(beta: float = 1.0, threshold: float = 20.0) -> Activation:
@@ -348,25 +427,22 @@ def softplus_spec(beta: float = 1.0, threshold: float = 20.0) -> Activation:
         sig = torch.where(bz < 0, e, 1.0) / (1 + e)                  # σ(βz)
         return torch.where(bz > t, 1.0, sig)
 
-    fast_f = vjp = None
-    if b == 1 and t >= 0:
-        # β = 1, t ≥ 0: above the threshold z > t ≥ 0, so max(z, 0) = z, and the where becomes
-        # max(z, 0) + [z ≤ t] log(1 + e^{−|z|}), exactly z there.
-        def fast_f(z):
-            soft = z.abs().mul_(-_LOG2E).exp2_().log1p_()                # log(1 + e^{−|z|}) (exp2: see exp_)
-            soft.mul_(_indicator(torch.le, z, t))                        # … where z ≤ t, else 0
-            return soft.add_(z.clamp_min(0))
+    def fast_f(z):
+        # torch's own forward kernel, one pass, where its log1p(e^{βz}) below the threshold
+        # cannot overflow (t under log max); above that, the formula's stable form
+        return TF.softplus(z, b, t) if t < _EXP_MAX[z.dtype] else f(z)
 
-        def vjp(g, z, y):
-            # σ(z) = e^{min(z, 0)} / (1 + e^{−|z|}), then max(σ, [z > t]): 1 above the threshold
-            e = z.abs().mul_(-_LOG2E).exp2_()                            # e^{−|z|}
-            num = _indicator(torch.ge, z, 0)
-            torch.maximum(num, e, out=num)                               # e^{min(z, 0)}: 1 for z ≥ 0, e for z < 0
-            num.div_(e.add_(1))                                          # σ(z)
-            torch.maximum(num, _indicator(torch.gt, z, t), out=num)
-            return num.mul_(g)
+    def fast_df(z, y, out):
+        # σ(βz), then max(σ, [βz > t]): 1 strictly above the threshold (σ is exactly 1 there
+        # already for β = 1 and t above ``_SIGMOID_ONE``). torch.sigmoid flushes to 0 where e^{βz}
+        # is subnormal (float32 βz < −87; the formula keeps it): an absolute error below 1.2e-38.
+        if b == 1 and t >= _SIGMOID_ONE[z.dtype]:
+            torch.sigmoid(z, out=out)                                    # σ(z)
+            return
+        bz = torch.mul(z, b)                                             # βz
+        torch.maximum(torch.sigmoid(bz, out=out), torch.gt(bz, t, out=bz), out=out)   # max(σ(βz), [βz > t])
 
-    return Activation("softplus", f, df, "input", fast_f=fast_f, vjp=vjp)
+    return Activation("softplus", f, df, "input", fast_f=fast_f, fast_df=fast_df)
 
 
 # name → factory(**options) → Activation: the math of each of the catalogue's activations
@@ -421,7 +497,7 @@ class ElementwiseFn(HandFunction):
         Ẏ = f'(Z) ⊙ Ż
     f'(Z) is computed from the saved Y or Z (``act.saves``), never both. In float16/bfloat16
     the math runs in float32 and rounds once, as torch's kernels do. Where nothing records it
-    (``fast``), the forward and backward run the spec's ``fast_f``/``vjp``: the same formula in
+    (``fast``), the forward and backward run the spec's ``fast_f``/``fast_df``: the same formula in
     fewer passes over one buffer.
     Derivation: docs/derivation.md#activations
     """
@@ -451,11 +527,15 @@ class ElementwiseFn(HandFunction):
         if not ctx.needs_input_grad[0]:
             return None, None
         act = ctx.act
-        if act.vjp is not None:
+        if act.fast_df is not None:
             saved, = ctx.saved_tensors
             if grad_y.dtype == saved.dtype and fast(saved, grad=grad_y):
                 z, y = (None, saved) if act.saves == "output" else (saved, None)
-                return act.vjp(grad_y, z, y), None                                  # G ⊙ f'(Z), fewer passes
+                return fast_vjp(act, grad_y, z, y), None                            # G ⊙ f'(Z), fewer passes
+        if act.select is not None:
+            saved, = ctx.saved_tensors
+            z, y = (None, saved) if act.saves == "output" else (saved, None)
+            return act.select(grad_y, z, y), None                                   # G ⊙ f'(Z) as torch's selection
         df = ElementwiseFn._df(ctx)
         return (opmath(grad_y) * (df.conj() if df.dtype.is_complex else df)).to(grad_y.dtype), None   # G ⊙ f'(Z)
 

@@ -8,7 +8,8 @@ work in place on buffers it owns.
 In place versus double backward. ``backward`` runs with grad mode off unless the caller asked
 for ``create_graph=True``. With grad mode off nothing records the backward, so it may overwrite
 buffers it allocated itself (the fast path: ``Δ_l`` is written into the ``Δ_{l+1} W_{l+1}``
-buffer, the softmax into the logits buffer). With grad mode on (double backward,
+buffer, ``Δ_l W_l`` over ``Δ_l`` in row blocks where it fits, the softmax into the logits
+buffer; in the forward, sigmoid/tanh/relu overwrite the layer's own ``Z_l``). With grad mode on (double backward,
 ``gradgradcheck``, ``torch.func.grad``), the same equations run out of place, so autograd can
 differentiate them. Both paths share every line of math; only ``inplace`` differs.
 
@@ -24,7 +25,7 @@ import torch
 from .._compat import forward_ad_active, functorch_transforms_active, saved_tensors_hooks_active
 from ._function import HandFunction, opmath
 from ._function import accurate_sum as _sum
-from .activations import Activation, ElementwiseFn, fast, get_activation
+from .activations import Activation, ElementwiseFn, fast, fast_vjp, get_activation
 from .linear import LinearFn, affine, affine_jvp, affine_vjp
 from .losses import (CrossEntropyFn, CrossEntropyOptions, ce_denominator, ce_direction, ce_losses, ce_row_scale,
                      reduce_loss)
@@ -44,21 +45,31 @@ def activation_spec(activation: str | Activation | None, **options) -> Activatio
     return get_activation(activation, **options)
 
 
-def _act_forward(act: Activation, Z: torch.Tensor) -> torch.Tensor:
-    """Y = f(Z), the math in float32 for float16/bfloat16 and rounded once (as torch's kernels)."""
+def _act_forward(act: Activation, Z: torch.Tensor, quick: bool = False, owned: bool = False) -> torch.Tensor:
+    """Y = f(Z), the math in float32 for float16/bfloat16 and rounded once (as torch's kernels).
+    ``quick``: the fast path (torch's forward kernel); ``owned`` too: Z is this op's own buffer
+    and nothing reads it after, so Y overwrites it where f has an in-place kernel."""
     if act is IDENTITY:
         return Z
+    if quick and owned and act.fast_f_ is not None:
+        return act.fast_f_(Z)                                      # Z ← f(Z), no second buffer
+    if act.fast_f is not None and quick:
+        return act.fast_f(Z)                                       # torch's forward kernel, as the composition's
     return act.f(opmath(Z)).to(Z.dtype)
 
 
 def _act_grad(act: Activation, G: torch.Tensor, Z: torch.Tensor | None, Y: torch.Tensor | None,
-              inplace: bool) -> torch.Tensor:
+              inplace: bool, quick: bool = False) -> torch.Tensor:
     """Δ = G ⊙ f'(Z), with f'(Z) from the saved Z or Y (``act.saves``). ``inplace``: G is a
-    buffer this op owns and nothing records the backward, so Δ overwrites it."""
+    buffer this op owns and nothing records the backward, so Δ overwrites it. ``quick``: the
+    fast path may run (``activations.fast`` of the stack's tensors, asked once per pass)."""
     if act is IDENTITY:
         return G                                                   # f'(Z) = 1
-    if not inplace and act.vjp is not None and fast(Y if Z is None else Z, grad=G):
-        return act.vjp(G, Z, Y)                                    # G ⊙ f'(Z), fewer passes (not ours: fresh)
+    saved = Y if Z is None else Z
+    if act.fast_df is not None and quick and G.dtype == saved.dtype:
+        return fast_vjp(act, G, Z, Y, out=G if inplace else None)  # G ⊙ f'(Z), fewer passes (into G if ours)
+    if act.select is not None:
+        return act.select(G, Z, Y)                                 # torch selects G (relu): inf/nan G kept
     if inplace and G.dtype not in _LOW:                            # G is its own opmath dtype
         # G ⊙ f'(Z) into G, a block of rows at a time: f'(Z)'s temporaries (y(1 − y) makes
         # two) then span one block, not the whole (N, D) (native's sigmoid_backward makes none)
@@ -76,6 +87,24 @@ def _act_grad(act: Activation, G: torch.Tensor, Z: torch.Tensor | None, Y: torch
 
 
 _DF_BLOCK = 1 << 16   # elements per block of the in-place Δ (256 KiB in float32)
+_GX_BLOCK = 1 << 18   # elements per row block of ∂L/∂X written over Δ (1 MiB in float32)
+
+
+def _affine_vjp_over(D: torch.Tensor, X: torch.Tensor, W: torch.Tensor, needs):
+    """``affine_vjp`` with ∂L/∂X = Δ W (N, D_in) written over Δ's own buffer (N, D_out), D_in ≤ D_out,
+    a block of rows at a time: ∂L/∂W = Δᵀ X and ∂L/∂b first (they read all of Δ), then each row
+    block r of Δ W goes to elements [r₀ D_in, r₁ D_in) of the buffer, which hold only rows of Δ
+    before r₁ (r₁ D_in ≤ r₁ D_out), already read. Δ is a buffer this op owns and nothing records
+    the backward; the layer's backward then allocates no (N, D_in) buffer (native's does)."""
+    _, gW, gb = affine_vjp(D, X, W, (False, needs[1], needs[2]))   # Δᵀ X, 1ᵀ Δ
+    N, D_out = D.shape
+    D_in = W.shape[1]
+    gX = D.view(-1)[: N * D_in].view(N, D_in)                         # (N, D_in) over Δ's first N·D_in elements
+    rows = max(1, _GX_BLOCK // max(D_out, 1))
+    for s in range(0, N, rows):
+        e = min(s + rows, N)
+        gX[s:e].copy_(D[s:e] @ W)                                     # Δ W, rows s…e
+    return gX, gW, gb
 _LOW = (torch.float16, torch.bfloat16)
 
 
@@ -148,10 +177,11 @@ class StackFn(HandFunction):
         lead = x.shape[:-1]
         X = x if flat else x.reshape(lead.numel(), x.shape[-1])    # X_0 (N, D_0) (D_0 may be 0)
         xs, zs = [], []
+        quick = fast(X)                                            # one dtype throughout: asked once
         for l, act in enumerate(spec.acts):
             W, b = params[2 * l], params[2 * l + 1]
             Z = affine(X, W, b)                                    # Z_l = X_{l−1} W_lᵀ + b_l  (N, D_l)
-            X = _act_forward(act, Z)                               # X_l = f_l(Z_l)            (N, D_l)
+            X = _act_forward(act, Z, quick, spec.z_slots[l] is None)   # X_l = f_l(Z_l)        (N, D_l)
             xs.append(X if flat else X.reshape(*lead, W.shape[0]))   # (*, D_l)
             if spec.z_slots[l] is not None:
                 zs.append(Z if flat else Z.reshape(*lead, W.shape[0]))   # (*, D_l)
@@ -243,7 +273,7 @@ class StackFn(HandFunction):
             W, b = params[2 * l], params[2 * l + 1]
             z = LinearFn.call(X[-1], W, b) if recorded else affine(X[-1], W, b)   # Z_l
             Z.append(z if spec.z_slots[l] is not None else None)
-            X.append(z if act is IDENTITY else ElementwiseFn.call(z, act) if recorded else _act_forward(act, z))
+            X.append(z if act is IDENTITY else ElementwiseFn.call(z, act) if recorded else _act_forward(act, z, fast(z)))
         return X, params[0::2], Z
 
     @staticmethod
@@ -262,6 +292,9 @@ class StackFn(HandFunction):
         needs = ctx.needs_input_grad                               # (x, spec, W_1, b_1, …)
         upstream = ctx.below   # [l]: does X_0 or a parameter of a layer below l need a gradient?
         result: list[torch.Tensor | None] = [None] * (2 + 2 * L)
+        g0 = next((g for g in grads if g is not None), None)
+        quick = g0 is not None and fast(g0, grad=g0)               # the fast path, asked once (one dtype)
+        g0 = None
         G, owned = None, False                                     # Δ_{l+1} W_{l+1}, ours to overwrite?
         for l in reversed(range(L)):
             g_out = grads[l]                                       # ∂L/∂X_l from outside
@@ -270,19 +303,24 @@ class StackFn(HandFunction):
             if g_out is not None:
                 G, owned = (g_out, False) if G is None else (G + g_out, True)
             Y, z_l, X[l + 1], Z[l] = X[l + 1], Z[l], None, None   # the last use of X_l, Z_l: drop them after
-            D = None if G is None else _act_grad(spec.acts[l], G, z_l, Y, inplace and owned)   # Δ_l = f'(Z_l) ⊙ G_l
+            D = None if G is None else _act_grad(spec.acts[l], G, z_l, Y, inplace and owned, quick)   # Δ_l = f'(Z_l) ⊙ G_l
+            d_owned = D is not None and (owned or D is not G)      # Δ_l in a buffer of ours?
             G = Y = z_l = None
             k = spec.z_slots[l]
             if k is not None and grads[k] is not None:
                 g_z = grads[k].reshape(N, grads[k].shape[-1])                      # ∂L/∂Z_l from outside
-                D = g_z if D is None else D + g_z                  # Δ_l += ∂L/∂Z_l
+                D, d_owned = (g_z, False) if D is None else (D + g_z, True)        # Δ_l += ∂L/∂Z_l
             if D is None:                                          # nothing flows into this layer
                 G, owned = None, False
                 continue
             # the affine rule: Δ_l W_l (N, D_{l−1}), ∂L/∂W_l = Δ_lᵀ X_{l−1}, ∂L/∂b_l = 1ᵀ Δ_l
-            G, result[2 + 2 * l], result[3 + 2 * l] = affine_vjp(
-                D, X[l], weights[l], (upstream[l], needs[2 + 2 * l], needs[3 + 2 * l]))
-            owned = G is not None                                  # Δ_l W_l is a fresh buffer
+            W, wants = weights[l], (upstream[l], needs[2 + 2 * l], needs[3 + 2 * l])
+            if inplace and quick and d_owned and l > 0 and upstream[l] and W.shape[1] <= W.shape[0] \
+                    and D.numel() > _GX_BLOCK and D.is_contiguous() and D.dtype == W.dtype:   # (small: no memory to save)
+                G, result[2 + 2 * l], result[3 + 2 * l] = _affine_vjp_over(D, X[l], W, wants)
+            else:
+                G, result[2 + 2 * l], result[3 + 2 * l] = affine_vjp(D, X[l], W, wants)
+            owned = G is not None                                  # Δ_l W_l is a buffer of ours
             D = None                                               # Δ_l is done with: free it now
         if needs[0] and G is not None:
             result[0] = G.reshape(ctx.x_shape)                     # ∂L/∂X_0 = Δ_1 W_1

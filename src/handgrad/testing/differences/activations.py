@@ -16,6 +16,11 @@ def _gelu_tanh_flat(call) -> bool:
     x = _input(call)
     if _not_tensor(call) or call.kwargs.get("approximate") != "tanh":
         return False
+    if call.op == "linear_act":   # its gelu layer: a bound on |x Wᵀ + b|
+        mags = [_max_abs(s) if s.base.to(s.dtype).isfinite().all() else math.inf for s in call.specs()
+                if s.dtype.is_floating_point]
+        bound = (x.shape[-1] if x.shape else 1) * math.prod(mags[:2]) + sum(mags[2:])
+        return call.kwargs.get("activation") == "gelu" and bound >= math.sqrt(_opmath_max(x.dtype)) / 4
     v = x.base.to(x.dtype).double()
     return bool(v.isinf().any()) or _max_abs(x) >= math.sqrt(_opmath_max(x.dtype)) / 4
 
@@ -71,14 +76,14 @@ ACTIVATIONS: tuple[Difference, ...] = (
         "TypeError: tanh(): argument 'input' must be Tensor, not float",
         "As for sigmoid: the AttributeError is an accident of calling input.tanh().",
         "F.tanh(1.5)"),
-    Difference(
-        "gelu tanh: finite gradient at huge |z|", "gelu", ("grad",), _gelu_tanh_flat,
+    *(Difference(
+        "gelu tanh: finite gradient at huge |z|", op, ("grad",), _gelu_tanh_flat,
         "gelu(z, approximate='tanh') has gradient nan for |z| ≥ 1.8e19 in float32 (z² overflows, 0·∞), "
         "1.3e154 in float64, and at z = ±inf",
         "the limit: 0 for z → −∞, 1 for z → +∞",
         "The function is flat there and its derivative's limit is finite; nan would poison a whole "
         "backward pass for one large activation.",
-        "F.gelu(torch.tensor([1e20], requires_grad=True), approximate='tanh').backward()"),
+        "F.gelu(torch.tensor([1e20], requires_grad=True), approximate='tanh').backward()") for op in ("gelu", "linear_act")),
     Difference(
         "gelu: the left tail exact", "gelu", ("value", "grad"), _gelu_left_tail,
         "gelu(z) = z·½(1 + erf(z/√2)) (approximate='tanh': ½z(1 + tanh u)): the sum cancels for z < 0, "
