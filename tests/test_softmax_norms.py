@@ -291,3 +291,26 @@ def test_compile_fullgraph():
         y = fn(*args)
         outs.append((y, torch.autograd.grad(y.sum(), args)))
     torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_sets_whose_squares_overflow_are_normalised():
+    """float32 deviations of 1e24: the squares overflow, and torch's batch, group and RMS norms give
+    x̂ = 0 (rstd = 0); handgrad's fast path normalises such a set again, scaled
+    (ops.normalize.rescue_overflow): the float64 values, and gradients close to float64's."""
+    row = torch.tensor([1e24, -1e24, 3.0])
+    calls = {"batch_norm": (lambda f, x: f.batch_norm(x, None, None, training=True), row.reshape(3, 1)),
+             "group_norm": (lambda f, x: f.group_norm(x, 1), row.reshape(1, 1, 3)),
+             "rms_norm": (lambda f, x: f.rms_norm(x, (3,)), row.reshape(1, 3))}
+    g = torch.tensor([0.5, -1.0, 2.0])
+    for name, (fn, x) in calls.items():
+        x = x.clone().requires_grad_()
+        y = fn(F, x)
+        (gx,) = torch.autograd.grad(y, x, g.reshape(y.shape))
+        xd = x.detach().double().requires_grad_()
+        ty = fn(TF, xd)
+        (tgx,) = torch.autograd.grad(ty, xd, g.double().reshape(ty.shape))
+        # float32 rounding of the scaled statistics: a few ulps of |x̂| ≤ 1.3 and of |∂L/∂x| ~ 1e-24
+        torch.testing.assert_close(y.double(), ty.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(gx.double(), tgx, rtol=1e-4, atol=1e-30, msg=name)
+        t32 = fn(TF, x.detach())                                     # torch's float32: x̂ = 0 or nan
+        assert ((t32 == 0) | t32.isnan()).all(), name

@@ -31,8 +31,8 @@ import torch
 
 from ._function import HandFunction, fast_path, opmath
 
-__all__ = ["Norm", "NormFn", "BatchNormEvalFn", "moments", "normalize", "normalize_dx", "normalize_grads_fast",
-           "update_running_stats"]
+__all__ = ["Norm", "NormFn", "BatchNormEvalFn", "moments", "native_forward_ok", "nan_where_overflow", "normalize",
+           "normalize_dx", "normalize_grads_fast", "rescue_overflow", "update_running_stats"]
 
 
 # --- the normalisation, written once --------------------------------------------------------------
@@ -46,10 +46,16 @@ def moments(X: torch.Tensor, dims: tuple[int, ...], center: bool = True, fast: b
     x₀: X − μ = (X − x₀) − mean(X − x₀), so a constant set gives X − μ = 0 exactly (x̂ = 0; mean(X)
     alone rounds: x̂ was −0.019 for a float32 batch of 1000.1s, torch's batch norm gives −0.0066,
     its group norm 0), and the mean is taken of values near 0, where it rounds least.
-    ``fast`` (``fast_path()``: nothing records this): X − μ is formed in the one buffer X − x₀.
-    (‖X − μ‖²/m by a norm kernel would write no square, but rounds var to ~3 ulps: batch norm's
-    float32 ∂L/∂X then missed the low-precision rule.)"""
+    ``fast`` (``fast_path()``: nothing records this): one buffer of X's size, the squares formed
+    in it and then X − μ formed again there (RMS: X·X, for the caller's x̂): two more passes, where
+    a second buffer's page faults cost more (measured: 5 ms for 8 MB, against 0.3 ms a pass, on a
+    loaded VM). (‖X − μ‖²/m by a norm kernel would write no square, but rounds var to 5–10 ulps
+    (130 over batch norm's strided dims): batch norm's float32 ∂L/∂X then missed the
+    low-precision rule.)"""
     if not center:
+        if fast:
+            sq = X * X
+            return sq, None, sq.mean(dims, keepdim=True)                 # a buffer, mean(X²)
         return X, None, (X * X).mean(dims, keepdim=True)                 # mean(X²)
     first = [slice(None)] * X.dim()
     for d in dims:
@@ -57,8 +63,62 @@ def moments(X: torch.Tensor, dims: tuple[int, ...], center: bool = True, fast: b
     x0 = X[tuple(first)]                                                 # x₀ (keepdim; 0 in an empty dim)
     Xs = X - x0                                                          # X − x₀
     shift = Xs.mean(dims, keepdim=True)                                  # mean(X − x₀) = μ − x₀
-    Xc = Xs.sub_(shift) if fast else Xs - shift                          # X − μ
+    if fast:
+        var = Xs.sub_(shift).square_().mean(dims, keepdim=True)         # mean((X − μ)²), in the buffer
+        return torch.sub(X, x0, out=Xs).sub_(shift), x0 + shift, var     # X − μ again, the same roundings
+    Xc = Xs - shift                                                      # X − μ
     return Xc, x0 + shift, (Xc * Xc).mean(dims, keepdim=True)            # X − μ, μ, var = mean((X − μ)²)
+
+
+def native_forward_ok(x: torch.Tensor, *params) -> bool:
+    """May the fast forward be torch's own forward kernel (``torch.native_layer_norm`` /
+    ``native_group_norm``: Y and the statistics μ, rstd in one call, the values torch's
+    ``F.layer_norm``/``F.group_norm`` give)? For a non-empty float32/float64 X with parameters of
+    its dtype; a float16/bfloat16 X keeps the formula (there torch's statistics are rounded to
+    X's dtype unless w is float32, and the backward wants them in float32)."""
+    return x.dtype in (torch.float32, torch.float64) and x.numel() > 0 and all(
+        p is None or p.dtype == x.dtype for p in params)
+
+
+def nan_where_overflow(y: torch.Tensor, rstd: torch.Tensor):
+    """torch's kernels give rstd = 0 (so x̂ = 0, Y = b) for a set whose squares overflow
+    (var = inf; rstd = 0 nowhere else): nan there instead, in Y and rstd, as ``rstd_of`` with
+    ``nan_on_overflow``. One reduction over the statistics when nothing overflows (compiled: no
+    data-dependent branch, the mask always applied)."""
+    if not torch.compiler.is_compiling() and bool(rstd.all()):
+        return y, rstd
+    bad = rstd == 0
+    return y.masked_fill_(bad, math.nan), rstd.masked_fill(bad, math.nan)
+
+
+def rescue_overflow(X: torch.Tensor, dims: tuple[int, ...], mu, rstd: torch.Tensor, eps: float, center: bool = True):
+    """The sets whose squares overflow (var = inf, so rstd = 0 and x̂ = 0; rstd = 0 nowhere else)
+    normalised again, scaled by s = max|X − x₀| (x₀ their first element; RMS: x₀ = 0): with
+    Z = (X − x₀)/s, μ = x₀ + s·mean(Z), rstd = 1/(s·√(mean((Z − mean Z)²) + eps/s²)) — the same
+    x̂, no square past 1. Where the sets are finite; an infinite X keeps rstd = 0. Returns (μ, rstd)
+    (μ None for RMS). The fast path's (a data-dependent branch, one reduction over the statistics
+    when nothing overflows; not compiled, not under a transform: the differentiable path keeps
+    x̂ = 0 there)."""
+    if torch.compiler.is_compiling() or bool(rstd.all()):
+        return mu, rstd
+    first = [slice(None)] * X.dim()
+    for d in dims:
+        first[d] = slice(0, 1)
+    x0 = X[tuple(first)] if center else X.new_zeros(())                  # x₀
+    D = X - x0                                                          # X − x₀
+    scale = D.abs().amax(dims, keepdim=True)                            # s
+    scale = scale.masked_fill(scale == 0, 1.0)
+    Z = D / scale                                                       # |Z| ≤ 1
+    zbar = Z.mean(dims, keepdim=True) if center else 0.0                # mean(Z)
+    r = torch.rsqrt(((Z - zbar) ** 2).mean(dims, keepdim=True) + eps / scale / scale) / scale
+    bad = (rstd == 0) & r.isfinite() & (r > 0)                          # the overflowed finite sets
+    return (None if mu is None else torch.where(bad, x0 + scale * zbar, mu)), torch.where(bad, r, rstd)
+
+
+def rstd_of(var: torch.Tensor, eps: float, nan_on_overflow: bool = False) -> torch.Tensor:
+    """rstd = 1/√(var + eps); with ``nan_on_overflow``, nan where var = inf (see ``normalize``)."""
+    rstd = torch.rsqrt(var + eps)                                    # 1/√(var + eps)
+    return rstd + (var - var) if nan_on_overflow else rstd           # + 0, or nan where var = inf
 
 
 def normalize(X: torch.Tensor, dims: tuple[int, ...], eps: float, center: bool = True,
@@ -67,20 +127,22 @@ def normalize(X: torch.Tensor, dims: tuple[int, ...], eps: float, center: bool =
     Returns (x̂, rstd (keepdim), μ (keepdim; None for RMS)); built from torch ops, so it is
     differentiable (``fast``: x̂ overwrites the buffer X − μ, see ``moments``).
     ``nan_on_overflow``: a set whose squares overflow (var = inf) gives nan, as torch's layer norm
-    does, instead of x̂ = 0 from rstd = 0 (torch's batch, group and RMS norms give the 0)."""
+    does, instead of x̂ = 0 from rstd = 0 (torch's batch and RMS norms give the 0)."""
     Xc, mu, var = moments(X, dims, center, fast)
-    rstd = torch.rsqrt(var + eps)                                    # 1/√(var + eps)
-    if nan_on_overflow:
-        rstd = rstd + (var - var)                                    # + 0, or nan where var = inf
-    if fast and center:
-        return Xc.mul_(rstd), rstd, mu                               # x̂, in X − μ's buffer
+    rstd = rstd_of(var, eps, nan_on_overflow)                        # 1/√(var + eps)
+    if fast:                                                         # x̂, in moments' buffer
+        return (Xc.mul_(rstd) if center else torch.mul(X, rstd, out=Xc)), rstd, mu
     return Xc * rstd, rstd, mu                                       # x̂
 
 
 def normalize_dx(xhat: torch.Tensor, rstd: torch.Tensor, v: torch.Tensor, dims: tuple[int, ...],
-                 center: bool = True) -> torch.Tensor:
+                 center: bool = True, eps: float | None = None) -> torch.Tensor:
     """The Jacobian of X ↦ x̂ applied to v: rstd·(v − mean(v) − x̂·mean(v ⊙ x̂)) (RMS: no mean(v)).
-    It is symmetric, so this one helper is the vjp (v = G ⊙ w) and the jvp (v = Ẋ)."""
+    It is symmetric, so this one helper is the vjp (v = G ⊙ w) and the jvp (v = Ẋ).
+    An RMS set of one element (``eps`` given): rstd·v·(1 − x̂²) = v·eps·rstd³ exactly (1 − x̂² would
+    cancel: x̂² = x²/(x² + eps) ≈ 1)."""
+    if not center and eps is not None and xhat.numel() == rstd.numel():
+        return v * (eps * rstd ** 3)                                 # v·eps/(x² + eps)^{3/2}
     proj = xhat * (v * xhat).mean(dims, keepdim=True)                # x̂·mean(v ⊙ x̂)
     if center:
         return rstd * (v - v.mean(dims, keepdim=True) - proj)        # rstd·(v − mean(v) − x̂·mean(v ⊙ x̂))
@@ -112,92 +174,97 @@ def one_dtype(G, x, w, mu) -> bool:
 
 def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
     """The backward of NormFn and LayerNormFn on the fast path (``fast_path()``): their equations
-        ∂L/∂X = rstd·(gy − mean(gy) − x̂·mean(gy ⊙ x̂)),  gy = G ⊙ w   (RMS: without mean(gy))
-        ∂L/∂w = Σ_rest G ⊙ x̂,   ∂L/∂b = Σ_rest G
+        ∂L/∂X = rstd·(gy + n₁ + x̂·n₂),  n₁ = −mean(gy), n₂ = −mean(gy ⊙ x̂),  gy = G ⊙ w
+        (RMS: without n₁),   ∂L/∂w = Σ_rest G ⊙ x̂,   ∂L/∂b = Σ_rest G
     from the forward's μ and rstd (nothing differentiates them here, so they need not be
-    recomputed from X), in one buffer, the one ∂L/∂X is returned in (on CPU a fresh buffer's
-    page faults cost more than a pass through it): it holds G ⊙ (X − μ), whose sums, scaled by
-    rstd per row (a matrix-vector product) or per channel, give ∂L/∂w and mean(gy ⊙ x̂), then
-    X − μ again, then ∂L/∂X = rstd·(gy + x̂·n₂) + rstd·n₁ (batch norm, no-affine layer norm) or
-    rstd·(gy + n₁ + x̂·n₂) (layer and RMS norm with w, group norm: a one-element group's gy and
-    n₁ cancel exactly), n₁ = −mean(gy), n₂ = −mean(gy ⊙ x̂) (each order measured within the
-    low-precision rule on the registry's cases).
-    The means of gy need no gy: w is constant over a batch norm's set (mean(G ⊙ w) =
-    w·mean(G)), a layer or RMS norm's row means are matrix-vector products, (G w)/D, and group
-    norm's come from sums per (sample, channel), ⊙ w. ``p_shape``: the shape of w and b;
-    ``need``: (∂L/∂X, ∂L/∂w, ∂L/∂b). Returns (∂L/∂X, ∂L/∂w, ∂L/∂b), None where not needed."""
+    recomputed from X), in one buffer B, the one ∂L/∂X is returned in (on CPU a fresh buffer's
+    page faults cost more than a pass through it). B holds G ⊙ (X − μ), whose sums scaled by
+    rstd give ∂L/∂w and n₂ (the means of gy need no gy: G's sums ⊙ w, or a matrix-vector product
+    with w), then X − μ again, scaled by rstd·n₂ (x̂·n₂) and shifted by n₁ in place (not by
+    addcmul: with a broadcast first operand it takes a path 6× slower), then + gy (see each
+    ``_*_dx``).
+    ``p_shape``: the shape of w and b; ``need``: (∂L/∂X, ∂L/∂w, ∂L/∂b). Returns (∂L/∂X, ∂L/∂w,
+    ∂L/∂b), None where not needed."""
     need_x, need_w, need_b = need
-    Xv, dims = spec.view(X)                                             # the statistics view
-    Gv = spec.view(G)[0]
-    pshape = spec.param_shape(p_shape, X.dim())                         # w, b broadcast in X's shape
-    Gsum = Gv.sum(dims, keepdim=True) if spec.over == "channel" and (need_b or need_x) else None  # batch norm: Σ_set G = Σ_rest G
-    if need_b:
-        gb = (Gsum if Gsum is not None else G.sum_to_size(pshape)).reshape(p_shape)   # Σ_rest G
+    if spec.over == "group":                                            # (N, C, spatial): per (n, c) sums first
+        N, C = X.shape[:2]
+        Xv, Gv = X.reshape(N, C, -1), G.reshape(N, C, -1)
+        per_c = lambda t: t.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C, 1)   # (N, G, 1) → (N, C, 1)
+        mu, rstd_c, dims = per_c(mu), per_c(rstd), (-1,)
     else:
-        gb = None
+        Xv, Gv, dims = X, G, spec.view(X)[1]
+        rstd_c = rstd
+    m = X.numel() // rstd.numel()                                       # elements per set
+    Gsum = Gv.sum(dims, keepdim=True) if spec.over != "trailing" and (need_b or need_x) else None   # Σ G per (n, c) or c
+    gb = None
+    if need_b:                                                          # Σ_rest G
+        gb = (Gsum.sum(0) if spec.over == "group" else Gsum if Gsum is not None else G.reshape(-1, m).sum(0))
+        gb = gb.reshape(p_shape)
     if not (need_x or need_w):
         return None, None, gb
-    B = torch.sub(Xv, mu).mul_(Gv) if spec.center else Xv * Gv          # G ⊙ (X − μ) = G ⊙ x̂ / rstd  (view)
-    m = B.numel() // rstd.numel()                                       # elements per set
-    S = None                                                            # Σ_set G ⊙ (X − μ)
+    B = torch.sub(Xv, mu).mul_(Gv) if spec.center else Xv * Gv          # G ⊙ (X − μ) = G ⊙ x̂ / rstd
     if spec.over == "trailing":                                         # rstd per row: into the sums over rows
         M = rstd.numel()
+        S = None
         gw = (rstd.reshape(1, M) @ B.reshape(M, m)).reshape(p_shape) if need_w else None   # Σ_rows rstd·G ⊙ (X − μ)
-    elif spec.over == "channel":                                        # rstd per channel: after the sum
-        S = B.sum(dims, keepdim=True)                                   # (1, C, 1…1)
-        gw = (S * rstd).reshape(p_shape) if need_w else None            # rstd·Σ G ⊙ (X − μ)
-    else:                                                               # group: sums per (sample, channel) first
-        N, C = X.shape[:2]
-        r = rstd.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C)   # rstd per (n, c)
-        S = B.reshape(N, C, -1).sum(-1).mul_(r)                         # Σ_spatial G ⊙ x̂      (N, C)
-        gw = S.sum(0).reshape(p_shape) if need_w else None              # Σ_rest G ⊙ x̂
+    else:                                                               # rstd per (n, c) or c: after the sum
+        S = B.sum(dims, keepdim=True).mul_(rstd_c)                      # Σ G ⊙ x̂ per (n, c) or c
+        gw = (S.sum(0) if spec.over == "group" else S).reshape(p_shape) if need_w else None
     if not need_x:
         return None, gw, gb
-    wx = spec.param(w, X)                                               # w in X's shape
-    if spec.center:
-        xhat = lambda: torch.sub(Xv, mu, out=B).mul_(rstd)              # x̂ again, in B
+    if m == 1 and spec.center:                                          # a one-element set: x̂ = 0, ∂L/∂X = 0
+        return torch.sub(Xv, mu, out=B).mul_(0).reshape(X.shape), gw, gb
+    dx = {"channel": _channel_dx, "group": _group_dx, "trailing": _trailing_dx}[spec.over]
+    return dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec).reshape(X.shape), gw, gb
+
+
+def _channel_dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec):
+    """batch norm: w is constant over each set, so ∂L/∂X = rstd·w·(G + n₁ + x̂·n₂) with
+    n₁ = −mean(G), n₂ = −mean(G ⊙ x̂): G + (X − μ)·(rstd·n₂) (torch's order), then ·rstd·w and
+    + rstd·w·n₁ in one pass."""
+    n1, n2 = Gsum * (-1 / m), S * (-1 / m)                              # −mean(G), −mean(G ⊙ x̂)
+    torch.addcmul(Gv, torch.sub(Xv, mu, out=B), n2.mul_(rstd), out=B)   # G + x̂·n₂
+    scale = rstd if w is None else rstd * spec.param(w, Xv)             # rstd·w
+    return B.mul_(scale).add_(n1.mul_(scale))                           # rstd·w·(G + x̂·n₂) + rstd·w·n₁
+
+
+def _group_dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec):
+    """group norm, in the (N, C, spatial) view: n₁ = −mean(G ⊙ w), n₂ = −mean(G ⊙ x̂ ⊙ w) over
+    each group from the per-(n, c) sums, and ∂L/∂X = (X − μ)·(rstd·n₂)·rstd + rstd·n₁ in one pass,
+    + G ⊙ (rstd·w) in another."""
+    N, C = Xv.shape[:2]
+    wc = None if w is None else w.reshape(1, C)
+    group_mean = lambda t: (t if wc is None else t.reshape(N, C) * wc).reshape(N, spec.k, -1).sum(-1, keepdim=True).mul_(-1 / m)
+    per_c = lambda t: t.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C, 1)
+    n1, n2 = group_mean(Gsum), group_mean(S)                            # (N, G, 1)
+    r = rstd.reshape(N, spec.k, 1)
+    if not torch.compiler.is_compiling() and bool((r < 2.0 ** -60).any()):   # rstd² underflows (a rescued set,
+        torch.sub(Xv, mu, out=B).mul_(per_c(n2 * r)).add_(per_c(n1))     # rescue_overflow): n₁ + x̂·n₂ first,
+        B.add_(Gv) if wc is None else B.addcmul_(Gv, wc.reshape(1, C, 1))   # + gy,
+        return B.mul_(rstd_c)                                            # ·rstd, as _trailing_dx
+    torch.sub(Xv, mu, out=B).mul_(per_c(n2 * r * r)).add_(per_c(n1 * r))   # rstd·(n₁ + x̂·n₂)
+    return B.addcmul_(Gv, rstd_c if wc is None else rstd_c * wc.reshape(1, C, 1))      # + rstd·G ⊙ w
+
+
+def _trailing_dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec):
+    """layer and RMS norm, rows of D = m: n₁ = −(G w)/D, n₂ = −((G ⊙ x̂) w)/D (matrix-vector
+    products; row sums without w), then ∂L/∂X = rstd·(gy + n₁ + x̂·n₂): n₁ + (X − μ)·(rstd·n₂)
+    in one pass, + gy in another (n₁ and gy added before the scaling, as the formula's order),
+    ·rstd in a third. An RMS row of one element: ∂L/∂X = gy·eps·rstd³ (``normalize_dx``)."""
+    M = rstd.numel()
+    G2, B2, r = G.reshape(M, m), B.reshape(M, m), rstd.reshape(M, 1)
+    if not spec.center and m == 1:
+        gx = torch.mul(G2, r.pow(3).mul_(spec.eps))                     # gy·eps·rstd³
+        return gx if w is None else gx.mul_(w.reshape(1, 1))
+    wn = None if w is None else w.reshape(m) * (-1 / m)                  # −w/D
+    row = lambda t: (t @ wn if wn is not None else t.sum(-1).mul_(-1 / m)).reshape(rstd.shape)
+    c = row(B2).mul_(rstd).mul_(rstd)                                   # rstd·n₂ = −rstd²·((G ⊙ (X − μ)) w)/D
+    if spec.center:                                                     # (in X's shape: B may share X's strides)
+        torch.sub(Xv, mu, out=B).mul_(c).add_(row(G2))                  # n₁ + x̂·n₂
     else:
-        xhat = lambda: torch.mul(Xv, rstd, out=B)
-    scale = rstd
-    if spec.over == "channel" or (w is None and spec.over == "trailing"):
-        # w is constant over each set: ∂L/∂X = rstd·w·(G + n₁ + x̂·n₂), n₁ = −mean(G), n₂ = −mean(G ⊙ x̂)
-        if not spec.center:
-            n1 = None
-        else:                                                           # −mean(G)
-            n1 = Gsum * (-1 / m) if Gsum is not None else Gv.sum(dims, keepdim=True).mul_(-1 / m)
-        S = B.sum(dims, keepdim=True) if S is None else S               # Σ G ⊙ (X − μ)
-        n2 = S.mul_(rstd).mul_(-1 / m)                                  # −mean(G ⊙ x̂)
-        if spec.center and w is not None:                               # G + (X − μ)·(rstd·n₂), torch's order
-            torch.addcmul(Gv, torch.sub(Xv, mu, out=B), n2.mul_(rstd), out=B)
-        else:                                                           # (either order rounds within the
-            torch.addcmul(Gv, xhat(), n2, out=B)                        # rule on its own cases only) G + x̂·n₂
-        if w is not None:
-            scale = rstd * wx                                           # rstd·w
-    else:
-        # n₁ = −mean(gy), n₂ = −mean(gy ⊙ x̂), gy = G ⊙ w
-        if spec.over == "trailing":
-            wn = w.reshape(m) * (-1 / m)                                # −w/D
-            n1 = (G.reshape(-1, m) @ wn).reshape(rstd.shape) if spec.center else None   # −(G w)/D
-            n2 = (B.reshape(-1, m) @ wn).reshape(rstd.shape).mul_(rstd)   # −((G ⊙ x̂) w)/D
-        else:                                                           # group: from the (N, C) sums, ⊙ w
-            N, C = X.shape[:2]
-            Gs = G.reshape(N, C, -1).sum(-1)                            # Σ_spatial G          (N, C)
-            gw_ = Gs if w is None else Gs * w
-            n1 = gw_.reshape(N, spec.k, -1).sum(-1, keepdim=True).mul_(-1 / m)   # −mean(gy)
-            n2 = (S if w is None else S * w).reshape(N, spec.k, -1).sum(-1, keepdim=True).mul_(-1 / m)   # −mean(gy ⊙ x̂)
-        if n1 is None:
-            xhat().mul_(n2)                                             # x̂·n₂
-        else:                                                           # n₁ before rstd: a one-element group's
-            torch.addcmul(n1, xhat(), n2, out=B)                        # n₁ + x̂·n₂ (x̂ = 0) and gy cancel exactly
-            n1 = None
-        gx = B.reshape(X.shape)
-        gx.add_(G) if w is None else gx.addcmul_(G, wx)                 # gy + n₁ + x̂·n₂
-    if n1 is None:
-        B.mul_(scale)                                                   # rstd·(gy + x̂·n₂)
-    else:
-        torch.addcmul(n1 * scale, B, scale, out=B)                      # rstd·(gy + x̂·n₂) + rstd·n₁
-    gx = B.reshape(X.shape)
-    return gx, gw, gb
+        torch.mul(Xv, c, out=B)                                         # x̂·n₂
+    B.add_(G) if w is None else B.addcmul_(G, w)                        # gy + n₁ + x̂·n₂
+    return B.mul_(rstd)                                                 # ·rstd
 
 
 # --- which dims, which parameter shape --------------------------------------------------------------
@@ -213,6 +280,11 @@ class Norm:
     k: int
     center: bool
     eps: float
+
+    #: a set whose squares overflow normalises to x̂ = 0 (rstd = 0), as torch's batch and RMS
+    #: norms do; torch's group norm gives that for most sets but nan for some (its Welford
+    #: kernel's order), so it follows the common case (tests/fuzz_known_open.py)
+    nan_on_overflow = False
 
     def view(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """x as its statistics view and the dims to reduce there."""
@@ -238,7 +310,7 @@ def _xhat(x: torch.Tensor, spec: Norm, fast: bool = False):
     """x̂ and rstd in x's shape (rstd broadcastable), from the statistics view."""
     X = opmath(x)
     Xs, dims = spec.view(X)
-    xhat, rstd, _ = normalize(Xs, dims, spec.eps, spec.center, fast=fast)
+    xhat, rstd, _ = normalize(Xs, dims, spec.eps, spec.center, spec.nan_on_overflow, fast)
     return xhat.reshape(X.shape), rstd, dims
 
 
@@ -248,6 +320,49 @@ def _affine(xhat, w, b):
         return torch.addcmul(b, xhat, w)
     y = xhat * w if w is not None else xhat
     return y + b if b is not None else y
+
+
+def _affine_fast(X, Xc, rstd, w, b, spec: "Norm", shape):
+    """x̂ ⊙ w + b on the fast path, in the buffer X − μ (RMS: the buffer of X², ``moments``'):
+    per channel (batch norm) or per (sample, channel) (group norm) rstd·w is one factor, so
+    Y = (X − μ)·(rstd·w) + b is one pass; per row (layer and RMS norm) rstd and w are two.
+    ``shape``: X's; w, b as ``Norm.param`` gives them."""
+    if spec.over == "trailing":
+        xhat = Xc.mul_(rstd) if spec.center else torch.mul(X, rstd, out=Xc)   # x̂ = (X − μ)·rstd (RMS: X·rstd)
+        scale = w
+    elif spec.over == "channel":
+        xhat, scale = Xc, rstd if w is None else rstd * w               # rstd·w  (1, C, 1…1)
+    else:                                                               # (N, G, m) → (N, C, spatial)
+        N, C = shape[:2]
+        xhat = Xc.reshape(N, C, math.prod(shape[2:]))
+        r = rstd.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C, 1)   # rstd per (n, c)
+        scale = r if w is None else r * w.reshape(1, C, 1)              # rstd·w per (n, c)
+        b = None if b is None else b.reshape(1, C, 1)
+    if scale is not None:                                               # (not addcmul: with a broadcast b it
+        xhat.mul_(scale)                                                # takes a slow path, 6× these two)
+    y = xhat.add_(b) if b is not None else xhat                         # (X − μ)·rstd·w + b
+    return y.reshape(shape)
+
+
+def _group_forward_fast(x, weight, bias, spec: "Norm"):
+    """group norm's fast forward: μ and rstd by torch's forward kernel (its Welford moments: a
+    constant group has μ = x exactly, and a group whose squares overflow rstd = 0 or nan, as
+    torch's), then Y = (X − μ)·(rstd·w) + b again in its output buffer: torch's own Y is
+    X·(rstd·w) + (b − μ·rstd·w), which leaves a rounding residue for a constant group
+    (handgrad.testing.differences: "group_norm: one-element groups are exact"). Two passes over
+    the buffer after the kernel's, against the formula's seven (``moments``)."""
+    N, C = x.shape[:2]
+    x = x if x.is_contiguous() else x.contiguous()                       # (the kernel's requirement)
+    y, mu, rstd = torch.native_group_norm(x, None, None, N, C, math.prod(x.shape[2:]), spec.k, spec.eps)
+    mu, rstd = mu.reshape(N, spec.k, 1), rstd.reshape(N, spec.k, 1)                       # the statistics view
+    mu, rstd = rescue_overflow(x.reshape(N, spec.k, -1), (-1,), mu, rstd, spec.eps)       # squares that overflow
+    ones = [1] * (x.dim() - 2)
+    per_c = lambda t: t.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C, *ones)   # (N, G) → (N, C, 1…1)
+    scale = per_c(rstd) if weight is None else per_c(rstd) * weight.reshape(1, C, *ones)     # rstd·w per (n, c)
+    torch.sub(x, per_c(mu), out=y).mul_(scale)                                               # (X − μ)·rstd·w
+    if bias is not None:
+        y.add_(bias.reshape(1, C, *ones))                                                    # + b
+    return y, mu, rstd, rstd.new_empty(0)                                                   # (var: batch norm's alone)
 
 
 def save_for_norm_backward(ctx, x, weight, mu, rstd) -> None:
@@ -289,16 +404,21 @@ class NormFn(HandFunction):
     @staticmethod
     def forward(x, weight, bias, spec):
         fast = fast_path()
+        if fast and spec.over == "group" and native_forward_ok(x, weight, bias):
+            return _group_forward_fast(x, weight, bias, spec)
         Xs, dims = spec.view(opmath(x))
         Xc, mu, var = moments(Xs, dims, spec.center, fast)                  # X − μ, μ, var over S
-        rstd = torch.rsqrt(var + spec.eps)                                   # 1/√(var + eps)
-        xhat = (Xc.mul_(rstd) if fast and spec.center else Xc * rstd).reshape(x.shape)   # x̂
+        rstd = rstd_of(var, spec.eps, spec.nan_on_overflow)                  # 1/√(var + eps)
+        if fast:                                                             # squares that overflow
+            mu2, rstd = rescue_overflow(Xs, dims, mu, rstd, spec.eps, spec.center)
+            if mu2 is not mu:
+                mu = mu2
+                torch.sub(Xs, mu, out=Xc)                                    # X − μ again
         w, b = spec.param(opmath(weight), x), spec.param(opmath(bias), x)
-        if fast:                                                             # x̂ is this op's buffer
-            y = torch.addcmul(b, xhat, w, out=xhat) if w is not None and b is not None else \
-                xhat.mul_(w) if w is not None else xhat.add_(b) if b is not None else xhat
+        if fast:                                                             # X − μ is this op's buffer
+            y = _affine_fast(Xs, Xc, rstd, w, b, spec, x.shape)
         else:
-            y = _affine(xhat, w, b)                                          # x̂ ⊙ w + b
+            y = _affine((Xc * rstd).reshape(x.shape), w, b)                  # x̂ ⊙ w + b
         return y.to(x.dtype), (mu if mu is not None else var.new_zeros(())), rstd, var
 
     @staticmethod
@@ -335,7 +455,7 @@ class NormFn(HandFunction):
             gy = G * w if w is not None else G                               # gy = G ⊙ w
             gys, _ = spec.view(gy)
             xhs, _ = spec.view(xhat)
-            grad_x = normalize_dx(xhs, rstd, gys, dims, spec.center)         # rstd·(gy − mean(gy) − x̂·mean(gy ⊙ x̂))
+            grad_x = normalize_dx(xhs, rstd, gys, dims, spec.center, spec.eps)   # rstd·(gy − mean(gy) − x̂·mean(gy ⊙ x̂))
             grad_x = grad_x.reshape(x.shape).to(ctx.x_dtype)
         if ctx.w is not None and ctx.needs_input_grad[1]:
             shape = spec.param_shape(ctx.w[0], ndim)
@@ -354,7 +474,7 @@ class NormFn(HandFunction):
         if dx is not None:
             dxs, _ = spec.view(opmath(dx))
             xhs, _ = spec.view(xhat)
-            dxhat = normalize_dx(xhs, rstd, dxs, dims, spec.center).reshape(xhat.shape)  # rstd·(Ẋ − mean(Ẋ) − x̂·mean(Ẋ ⊙ x̂))
+            dxhat = normalize_dx(xhs, rstd, dxs, dims, spec.center, spec.eps).reshape(xhat.shape)  # rstd·(Ẋ − mean(Ẋ) − x̂·mean(Ẋ ⊙ x̂))
             w = spec.param(opmath(weight), x)
             dy = dy + (dxhat * w if w is not None else dxhat)                # ⊙ w
         if dw is not None:
@@ -365,11 +485,14 @@ class NormFn(HandFunction):
 
 
 class BatchNormEvalFn(HandFunction):
-    r"""Y = x̂ ⊙ w + b,  x̂ = (X − r_μ)·r_rstd, r_rstd = 1/√(r_var + eps) with the running
-    statistics fixed — equals ``torch.nn.functional.batch_norm(..., training=False)``.
+    r"""Y = X ⊙ α + β,  α = w·r_rstd,  β = b − r_μ·α  (r_rstd = 1/√(r_var + eps)): x̂ ⊙ w + b with
+    x̂ = (X − r_μ)·r_rstd, the running statistics fixed — equals
+    ``torch.nn.functional.batch_norm(..., training=False)``.
 
     An affine map per channel: the statistics are constants (torch refuses a running mean or
-    variance that requires grad), so the Jacobian in X is diagonal.
+    variance that requires grad), so the Jacobian in X is diagonal. Written as torch's kernel
+    writes it (one pass over X; an infinite w gives torch's inf − inf = nan where X and r_μ
+    share a sign).
     Shapes: X (N, C, *), r_μ, r_var, w, b (C,) → Y (N, C, *).
     Backward, G = ∂L/∂Y, Σ_rest = Σ over every dim but 1:
         ∂L/∂X = G ⊙ w·r_rstd
@@ -381,15 +504,16 @@ class BatchNormEvalFn(HandFunction):
 
     @staticmethod
     def forward(x, running_mean, running_var, weight, bias, eps):
-        if fast_path() and opmath(x) is x:                                   # one buffer: x̂, then Y
-            rstd = _per_channel(torch.rsqrt(running_var + eps), x)           # r_rstd (C, 1…1)
-            xhat = torch.sub(x, _per_channel(running_mean, x)).mul_(rstd)    # (X − r_μ)·r_rstd
-            w, b = _per_channel(weight, x), _per_channel(bias, x)
-            if w is not None and b is not None:
-                return torch.addcmul(b, xhat, w, out=xhat)                   # x̂ ⊙ w + b
-            return xhat.mul_(w) if w is not None else xhat.add_(b) if b is not None else xhat
-        xhat, _ = _eval_xhat(x, running_mean, running_var, eps)              # (X − r_μ)·r_rstd
-        return _affine(xhat, _per_channel(opmath(weight), x), _per_channel(opmath(bias), x)).to(x.dtype)
+        X = opmath(x)
+        alpha = torch.rsqrt(opmath(running_var) + eps)                       # r_rstd (C,)
+        if weight is not None:
+            alpha = alpha * opmath(weight)                                   # α = w·r_rstd
+        beta = -opmath(running_mean) * alpha                                 # β = b − r_μ·α
+        if bias is not None:
+            beta = beta + opmath(bias)
+        if fast_path():                                                      # (addcmul with a broadcast β: a slow path)
+            return torch.mul(X, _per_channel(alpha, x)).add_(_per_channel(beta, x)).to(x.dtype)
+        return torch.addcmul(_per_channel(beta, x), X, _per_channel(alpha, x)).to(x.dtype)   # X ⊙ α + β
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._function import HandFunction, fast_path, opmath
-from .normalize import (Norm, normalize as normalize_over, normalize_dx, normalize_grads_fast, one_dtype,
+from .normalize import (Norm, nan_where_overflow, native_forward_ok, normalize as normalize_over, normalize_dx, normalize_grads_fast, one_dtype,
                         save_for_norm_backward)
 
 
@@ -58,15 +58,20 @@ class LayerNormFn(HandFunction):
 
     @staticmethod
     def forward(x, weight, bias, K, eps):
-        # fast (nothing records this): x̂ and then Y in the one buffer X − x₀ (ops.normalize.moments).
-        # (Not torch's forward kernel: its μ rounds for a constant row, whose x̂ must be 0 exactly.)
+        # fast (nothing records this): torch's forward kernel, Y, μ, rstd in one call (its Welford
+        # moments give a constant row μ = x exactly, so x̂ = 0), nan where the squares overflow;
+        # float16/bfloat16: x̂ and then Y in the one buffer X − x₀ (ops.normalize.moments).
         fast = fast_path()
+        if fast and native_forward_ok(x, weight, bias):
+            y, mu, rstd = torch.native_layer_norm(x, x.shape[x.dim() - K:], weight, bias, eps)
+            y, rstd = nan_where_overflow(y, rstd)                # (*, row), (*, 1…1)
+            return y, mu, rstd
         xhat, rstd, mu = normalize(opmath(x), K, eps, fast)      # x̂ = (X − μ)·rstd   (*, row)
         # Out of place unless fast: under vmap over w or b alone, x̂ is unbatched and could not
         # take them in place.
         w, b = opmath(weight), opmath(bias)
-        if w is not None and b is not None:
-            y = torch.addcmul(b, xhat, w, out=xhat if fast else None)   # x̂ ⊙ w + b
+        if w is not None and b is not None:                      # x̂ ⊙ w + b (fast: not addcmul, whose
+            y = xhat.mul_(w).add_(b) if fast else torch.addcmul(b, xhat, w)   # broadcast b is a slow path)
         elif w is not None:
             y = xhat.mul_(w) if fast else xhat * w               # x̂ ⊙ w
         elif b is not None:

@@ -59,12 +59,55 @@ def _strided_weight(call) -> bool:
     return w is not None and bool(getattr(w, "view", ()))
 
 
-def _one_element_groups(call) -> bool:
-    from ..fuzz.call import Spec
+def _constant_groups(call) -> bool:
+    # a group that is constant after rounding (one element: always)
+    from ..fuzz.call import Spec, _view
     x, G = _input(call), call.args[1] if len(call.args) > 1 else None
     if not isinstance(x, Spec) or len(x.shape) < 2 or not isinstance(G, int) or G <= 0 or x.shape[1] % G:
         return False
-    return x.shape[1] // G * math.prod(x.shape[2:]) == 1
+    if x.shape[1] // G * math.prod(x.shape[2:]) == 1:
+        return True
+    if not x.dtype.is_floating_point or x.base.numel() == 0:
+        return False
+    v = x.base.detach().to(x.dtype).double()
+    v = _view(v, x.view) if x.view else v
+    if v.numel() == 0:
+        return False
+    sets = v.reshape(v.shape[0] * G, -1)
+    return bool(((sets == sets[:, :1]).all(1) & sets[:, 0].isfinite()).any())
+
+
+def _squares_overflow(call) -> bool:
+    # |x| ≥ √(max/n)/2 somewhere (n: x's elements), so a set's squares may overflow the opmath dtype
+    x = _input(call)
+    if _not_tensor(call) or not x.dtype.is_floating_point or x.base.numel() == 0:
+        return False
+    v = x.base.detach().to(x.dtype).double()
+    v = v.where(v.isfinite(), 0.0)
+    return bool((v.abs() >= math.sqrt(_opmath_max(x.dtype) / max(math.prod(x.shape), 1)) / 2).any())
+
+
+def _infinite_input(call) -> bool:
+    # ±inf in x, with rows of one element (normalized_shape's product 1)
+    x, ns = _input(call), call.args[1] if len(call.args) > 1 else None
+    if _not_tensor(call) or not isinstance(ns, (list, tuple)) or math.prod(ns) != 1 or not x.dtype.is_floating_point:
+        return False
+    return x.base.numel() > 0 and bool(x.base.detach().to(x.dtype).isinf().any())
+
+
+def _zero_eps_constant_group(call) -> bool:
+    # eps = 0 (batch norm refuses it in training) and a group constant after rounding
+    return call.kwargs.get("eps") == 0 and _constant_groups(call)
+
+
+def _infinite_weight(call) -> bool:
+    # a weight with ±inf after rounding to its dtype (1e300 in bfloat16 is inf)
+    from ..fuzz.call import Spec
+    w = call.kwargs.get("weight")
+    if call.op == "batch_norm" and not isinstance(w, Spec) and len(call.args) > 3:
+        w = call.args[3]
+    return isinstance(w, Spec) and w.dtype.is_floating_point and w.base.numel() > 0 and not bool(
+        w.base.detach().to(w.dtype).isfinite().all())
 
 
 NORMS: tuple[Difference, ...] = (
@@ -108,12 +151,60 @@ NORMS: tuple[Difference, ...] = (
         "the refusal is an accident of its backward's undefined-weight path.",
         "F.group_norm(torch.randn(2, 4, 3, requires_grad=True), 2, bias=torch.zeros(4)).sum().backward()"),
     Difference(
-        "group_norm: one-element groups are exact", "group_norm", ("value", "grad"), _one_element_groups,
-        "a group of one element normalises to a rounding residue of x·rstd (its ∂L/∂x is 1e-13, not 0, in "
-        "float64; its float32 output is off by 5e-3 for |x| ~ 1e3)",
-        "x̂ = 0 exactly, so y = b and ∂L/∂x = 0",
-        "Those are the exact values: a one-element group is its own mean. As for layer_norm's constant rows.",
+        "group_norm: constant groups are exact", "group_norm", ("value", "grad"),
+        lambda call: call.kwargs.get("eps") != 0 and _constant_groups(call),
+        "a constant group (one element: always) normalises to a rounding residue of x·rstd: its "
+        "Y = X·(rstd·w) + (b − μ·rstd·w) rounds the two products apart (∂L/∂x of a one-element group is "
+        "1e-13, not 0, in float64; its float32 output is off by 5e-3 for |x| ~ 1e3; ∂L/∂w of float64 "
+        "groups of 1e39 is 2e24, not 0), and its ∂L/∂x may cancel to 0 where it is rstd·(gy − mean gy)",
+        "x̂ = 0 exactly, so y = b, ∂L/∂w = 0 and ∂L/∂x = rstd·(gy − mean(gy)) (0 for one element)",
+        "Those are the exact values: a constant group is its own mean. As for layer_norm's constant rows.",
         "F.group_norm(torch.tensor([[601.14, -1200.3]]).repeat(2, 1), 2, bias=torch.zeros(2))"),
+    *(Difference(
+        f"{op}: an infinite weight", op, ("value", "grad"), _infinite_weight,
+        "w = ±inf: Y = X·(rstd·w) + (b − μ·rstd·w) is inf − inf = nan where X and μ share a sign, ±inf "
+        "elsewhere (its eval kernel: nan or ±inf by the input's layout, contiguous or strided)",
+        "training: Y = x̂·w + b, ±inf (nan only where x̂ = 0); eval: X·α + β as torch's contiguous kernel",
+        "x̂·w is the limit of the normalised output as w grows; torch's nan comes from the order of its "
+        "per-channel products, not from the math (its own float64 gives it too).",
+        "F.group_norm(torch.tensor([[[1.0, 2.0, 4.0]]]), 1, weight=torch.tensor([math.inf]))")
+      for op in ("batch_norm", "group_norm")),
+    *(Difference(
+        f"{op}: an infinite weight's ∂L/∂x", op, ("grad",), _infinite_weight,
+        "gy = G ⊙ w is infinite, and its ∂L/∂x = rstd·(gy − mean(gy) − x̂·mean(gy ⊙ x̂)) subtracts "
+        "infinities: nan (for a one-element RMS row too, where the derivative is w·eps·rstd³)",
+        "the same formula in its own order (±inf or nan by element); a one-element RMS row's exact "
+        "gy·eps·rstd³ = ±inf",
+        "Where the row has more than one element the value is ∞ − ∞, undefined either way; where it has "
+        "one, ±inf is the limit and torch's nan the cancellation form's artefact.",
+        "torch.autograd.grad(F.rms_norm(torch.tensor([-2.0], requires_grad=True), (1,), "
+        "weight=torch.tensor([math.inf])), ...)")
+      for op in ("layer_norm", "rms_norm")),
+    *(Difference(
+        f"{op}: sets whose squares overflow are normalised", op, ("value", "grad"), _squares_overflow,
+        "a set with |x − μ| past √max (float32 ~1e19, float64 ~1e154) has var = inf: rstd = 0, so x̂ = 0 "
+        "(Y = b, no share in ∂L/∂w), or nan by its kernel's order",
+        "the normalised set: its statistics again with X scaled by max|X − x₀| (ops/normalize.py, "
+        "rescue_overflow), on the fast path (eager forward, first-order backward)",
+        "x̂ is scale-invariant and finite; the overflow is an artefact of squaring unscaled values. "
+        "(layer_norm gives nan there instead: its own entry.)",
+        repro)
+      for op, repro in (("batch_norm", "F.batch_norm(torch.tensor([[1e24], [-1e24], [3.0]]), None, None, training=True)"),
+                        ("group_norm", "F.group_norm(torch.tensor([[[1e24, -1e24, 3.0]]]), 1)"),
+                        ("rms_norm", "F.rms_norm(torch.tensor([[1e24, -1e24, 3.0]]), (3,))"))),
+    Difference(
+        "group_norm: eps = 0 and a constant group", "group_norm", ("value", "grad"), _zero_eps_constant_group,
+        "var = 0, rstd = inf: x̂ = (x − μ)·rstd is a rounding residue of x − μ times inf (±inf, or nan), "
+        "and ∂L/∂w = Σ G ⊙ x̂ with it",
+        "x − μ = 0 exactly, so x̂ = 0·inf = nan, and ∂L/∂w nan",
+        "x̂ is 0/0 there, undefined: nan says so, where torch's ±inf depends on how its mean rounds.",
+        "F.group_norm(torch.full((2, 3, 4), 0.1), 3, eps=0.0)"),
+    Difference(
+        "rms_norm: an infinite x in a one-element row", "rms_norm", ("grad",), _infinite_input,
+        "x = ±inf: rstd = 0, and rstd·(v − x̂·mean(v ⊙ x̂)) is 0·(inf − inf) = nan",
+        "∂L/∂x = v·eps·rstd³ = 0 (ops/normalize.py's one-element form)",
+        "0 is the limit of eps/(x² + eps)^{3/2} as |x| grows; torch's nan is its cancellation form's.",
+        "torch.autograd.grad(F.rms_norm(torch.tensor([-math.inf], requires_grad=True), (1,)), ...)"),
     Difference(
         "batch_norm: a non-contiguous weight", "batch_norm", ("value", "grad"), _strided_weight,
         "batch_norm's CPU backward with a strided weight view (w[::2]) gives a wrong ∂L/∂x (3.18 where the "
