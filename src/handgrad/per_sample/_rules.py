@@ -17,7 +17,7 @@ import torch.nn.functional as TF
 
 from .. import functional as F
 from .. import nn as hnn
-from ._formulas import affine, rows, scaled, summed
+from ._formulas import affine, conv_weight, rows, scaled, sq, summed
 
 __all__ = ["Part", "RULES", "rule_for", "refusal", "projection_parts"]
 
@@ -62,36 +62,42 @@ def _linear(m, x, G, grads):
 
 
 def _conv(m, x, G, grads):
-    r"""Yₙ = W_col Xₙ,col + b: the affine rule over the L output positions, with Xₙ,col the
-    unfolded patches (im2col; ``torch.nn.functional.unfold``), one affine map per group."""
+    r"""Yₙ = W_col Xₙ,col + b: the affine rule over the L output positions, one affine map per
+    group. ∂Cⁿ/∂W is formed by ``conv_weight`` (no im2col matrix); its norm takes the Gram form of
+    ``affine`` on the unfolded patches Xₙ,col (im2col, ``torch.nn.functional.unfold``) when
+    L² ≤ (C_in/g·|k|)·(C_out/g), the smaller intermediate (Opacus's "mixed ghost" choice)."""
     d = len(m.kernel_size)
     N = _sample_first(type(m).__name__, x, d + 2)
     if x.dim() != d + 2:
         raise RuntimeError(f"per_sample.capture: {type(m).__name__} got an input of shape {list(x.shape)}; "
                            f"expected (N, C, *{d} spatial dims)")
-    pad = m.padding
+    pad = tuple(m.padding) if not isinstance(m.padding, str) else (0,) * d
     if isinstance(m.padding, str) or m.padding_mode != "zeros":   # 'same'/'valid' or a padding mode: pad first
         if any(m._reversed_padding_repeated_twice):
             x = TF.pad(x, m._reversed_padding_repeated_twice,
                        mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
         pad = (0,) * d
-    if d == 1:                                            # conv1d as a 1 × k conv2d
-        cols = TF.unfold(x.unsqueeze(2), (1, *m.kernel_size), dilation=(1, *m.dilation), padding=(0, *pad),
-                         stride=(1, *m.stride))
-    else:
-        cols = TF.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)   # (N, C_in·k, L)
     g, C_out = m.groups, m.out_channels
-    K, L = cols.shape[1] // g, cols.shape[-1]
-    X = cols.view(N, g, K, L).mT.reshape(N * g, L, K)                       # (N·g, L, C_in/g · k)
-    D = G.reshape(N, g, C_out // g, L).mT.reshape(N * g, L, C_out // g)      # (N·g, L, C_out/g)
+    L, K = G.shape[2:].numel(), m.weight.shape[1:].numel()            # positions; C_in/g · |k|
     parts = []
     if _wanted(m.weight):
-        gw, sq = affine(X, D, grads)                                        # per (sample, group)
-        gw = None if gw is None else gw.reshape(N, *m.weight.shape)
-        parts.append(Part(m.weight, gw, None if sq is None else sq.view(N, g).sum(1)))
+        if grads or L * L > K * (C_out // g):
+            gw = conv_weight(x, G, tuple(m.kernel_size), tuple(m.stride), pad, tuple(m.dilation), g)
+            gw = gw.view(N, *m.weight.shape)                                    # (N, C_out, C_in/g, *k)
+            parts.append(Part(m.weight, gw, None) if grads else Part(m.weight, None, sq(gw)))
+        else:
+            if d == 1:                                                          # conv1d as a 1 × k conv2d
+                cols = TF.unfold(x.unsqueeze(2), (1, *m.kernel_size), dilation=(1, *m.dilation),
+                                 padding=(0, *pad), stride=(1, *m.stride))
+            else:
+                cols = TF.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)  # (N, C_in·k, L)
+            X = cols.view(N * g, K, L).mT                                       # (N·g, L, C_in/g · k)
+            D = G.reshape(N * g, C_out // g, L).mT                              # (N·g, L, C_out/g)
+            _, sq_w = affine(X, D, False)                                       # per (sample, group)
+            parts.append(Part(m.weight, None, sq_w.view(N, g).sum(1)))
     if _wanted(m.bias):
-        gb, sq = summed(G.reshape(N, C_out, L).mT)                          # Δ (N, L, C_out)
-        parts.append(Part(m.bias, gb, sq))
+        gb, sq_b = summed(G.reshape(N, C_out, L).mT)                            # Δ (N, L, C_out)
+        parts.append(Part(m.bias, gb, sq_b))
     return parts
 
 
