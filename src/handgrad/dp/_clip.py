@@ -31,6 +31,7 @@ from typing import Callable, Literal, Optional, Sequence
 import torch
 
 from .. import per_sample
+from ..per_sample._capture import record_of
 
 __all__ = ["EPS", "reduction_scale", "clip_factors", "weight_rows", "rng_state", "replayed_sum", "clipped_sum_ghost", "clipped_sum_grads", "add_noise"]
 
@@ -107,6 +108,11 @@ def clipped_sum_grads(model: torch.nn.Module, params: Sequence[torch.Tensor], ma
     if missing:
         raise RuntimeError(f"no grad_sample on {len(missing)} parameter(s) of shapes {missing}: run the "
                            "backward inside handgrad.per_sample.capture(model, grads=True)")
+    forwards = getattr(record_of(model), "forwards", 0)
+    if forwards > 1:
+        raise RuntimeError(f"the capture saw {forwards} forwards of the model, and grad_sample sums their rows "
+                           "(sample n of each), which clipping per sample cannot undo; for gradient accumulation "
+                           "capture one batch at a time and call opt.clip_and_accumulate() after each backward")
     n = params[0].grad_sample.shape[0]
     r = reduction_scale(loss_reduction, n)
     norms = per_sample.norms(model) / r  # ‖gₙ‖ (N,)

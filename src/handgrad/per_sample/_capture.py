@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .. import nn as hnn
 from ..functional._mha import PROJECTION_TAP
 from ._formulas import sq
 from ._rules import Part, projection_parts, refusal, rule_for
 
-__all__ = ["capture", "norms"]
+__all__ = ["capture", "norms", "record_of"]
 
 _STATE = "_handgrad_per_sample"   # on the model: the last capture's record, read by norms()
 
@@ -32,12 +33,52 @@ class _Record:
     """What one capture has recorded: the sample count, the parameters seen, and (grads=False)
     each parameter's per-sample squared norm by the rows it covers."""
 
-    def __init__(self, grads: bool):
+    def __init__(self, grads: bool, index: int):
         self.grads = grads
         self.active = False
+        self.index = index         # the model's captures so far, this one included (DP-SGD's accumulation check)
+        self.forwards = 0          # forwards of the model itself (with grad) inside this capture
         self.n: int | None = None
         self.params: dict[int, nn.Parameter] = {}
         self.sq: dict[tuple[int, int | None], torch.Tensor] = {}   # (id(param), first row) → (N,)
+        self.sinks: dict = {}      # each captured parameter's AccumulateGrad node → its name
+        self.inside: set = set()   # the graph nodes a covered layer's forward made (this capture's)
+        self.reached: set = set()  # the sinks a covered layer's nodes use
+
+    def enclose(self, outputs, inputs) -> None:
+        """Mark the graph nodes between a covered layer's tensor ``inputs`` and ``outputs`` as its own."""
+        stop = {t.grad_fn for t in tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+        todo = [t.grad_fn for t in tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        while todo:
+            node = todo.pop()
+            if node in self.inside or node in stop:
+                continue
+            self.inside.add(node)
+            todo += [n for n, _ in node.next_functions if n is not None]
+            self.reached.update(n for n, _ in node.next_functions if n in self.sinks)
+
+    def check_uses(self, outputs) -> None:
+        """Refuse a captured parameter that a node outside every covered layer uses (a weight tied
+        through a functional call, ``F.linear(h, emb.weight)``): no rule sees that use, so its
+        per-sample gradient would miss that share. One walk over the graph behind ``outputs``."""
+        seen, todo = set(), [t.grad_fn for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)
+                             and t.grad_fn is not None]
+        while todo:
+            node = todo.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            for n, _ in node.next_functions:
+                if n is None:
+                    continue
+                if n in self.reached and node not in self.inside:   # (one no layer reached: __exit__'s check)
+                    raise RuntimeError(
+                        f"per_sample.capture: {self.sinks[n]} is used outside the handgrad layer that owns it "
+                        f"(by {type(node).__name__}: e.g. a weight tied through a functional call such as "
+                        "F.linear(h, emb.weight)); no per-sample rule sees that use, so its per-sample gradient "
+                        "would be wrong. Tie it through modules instead (decoder.weight = emb.weight, both "
+                        "handgrad layers: their shares are summed), or untie it")
+                todo.append(n)
 
     def add(self, parts: list[Part], where: str) -> None:
         for part in parts:
@@ -108,8 +149,8 @@ class capture:
     def __enter__(self) -> "capture":
         if getattr(getattr(self.model, _STATE, None), "active", False):
             raise RuntimeError("per_sample.capture: this model is already inside a capture (they do not nest)")
-        record = _Record(self.grads)
-        plan, inner = [], set()      # inner: MultiheadAttention's out_proj, whose forward is never called
+        record = _Record(self.grads, getattr(getattr(self.model, _STATE, None), "index", 0) + 1)
+        plan, inner, inner_of = [], set(), []   # inner: MultiheadAttention's out_proj, whose forward is never called
         for name, m in self.model.named_modules():
             if id(m) in inner:
                 continue
@@ -119,6 +160,7 @@ class capture:
                 raise RuntimeError(f"per_sample.capture: cannot take {where}: {reason}")
             if isinstance(m, hnn.MultiheadAttention) and type(m).forward is hnn.MultiheadAttention.forward:
                 plan.append((m, where, None))
+                inner_of.append(m)
                 inner.add(id(m.out_proj))
             elif (rule := rule_for(m)) is not None:
                 plan.append((m, where, rule))
@@ -129,12 +171,17 @@ class capture:
         for p in self.model.parameters():
             if hasattr(p, "grad_sample"):
                 del p.grad_sample
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        with torch.enable_grad():   # the AccumulateGrad node every use of p has an edge to (held: it stays p's)
+            record.sinks = {p.view_as(p).grad_fn.next_functions[0][0]: names.get(id(p), "a parameter")
+                            for m, _, _ in plan for p in (m.parameters() if m in inner_of else _owned(m)) if p.requires_grad}
         for m, where, rule in plan:
             if rule is None:
-                self._handles += [m.register_forward_pre_hook(self._mha_enter(m, where, record)),
-                                  m.register_forward_hook(self._mha_exit, always_call=True)]
+                self._handles += [m.register_forward_pre_hook(self._mha_enter(m, where, record), with_kwargs=True),
+                                  m.register_forward_hook(self._mha_exit(record), with_kwargs=True, always_call=True)]
             else:
                 self._handles.append(m.register_forward_hook(self._tap(rule, where, record)))
+        self._handles.append(self.model.register_forward_hook(self._root_exit(record)))
         for m in self.model.modules():
             if isinstance(m, hnn.MLP) and m.fused:
                 m.fused = False
@@ -152,6 +199,7 @@ class capture:
         self._handles, self._unfused = [], []
         record = getattr(self.model, _STATE)
         record.active = False
+        record.sinks, record.inside, record.reached = {}, set(), set()   # graph nodes: not kept past the capture
         if exc_type is None:       # never silently skipped: a gradient that no rule saw
             missed = [name for name, p in self.model.named_parameters()
                       if id(p) not in record.params and p.grad is not None
@@ -173,8 +221,17 @@ class capture:
                 raise RuntimeError(f"per_sample.capture: cannot take {where}: {reason}")
             x = args[0]
             _watch(output, x, where, lambda G: rule(module, x, G, grads), record)
+            record.enclose(output, args)
             return None
         return forward_hook
+
+    @staticmethod
+    def _root_exit(record):
+        def root_hook(module, args, output):
+            if torch.is_grad_enabled():
+                record.forwards += 1
+                record.check_uses(output)
+        return root_hook
 
     def _mha_enter(self, m, where, record):
         grads = self.grads
@@ -184,14 +241,18 @@ class capture:
                 _watch(y, x, f"{where} {role} projection",
                        lambda G: projection_parts(m, role, x, G, bsz, grads), record)
 
-        def pre_hook(module, args):
+        def pre_hook(module, args, kwargs):
             PROJECTION_TAP.append(tap)
         return pre_hook
 
     @staticmethod
-    def _mha_exit(module, args, output):
-        if PROJECTION_TAP:                     # always_call: also when the forward raised
-            PROJECTION_TAP.pop()
+    def _mha_exit(record):
+        def exit_hook(module, args, kwargs, output):
+            if PROJECTION_TAP:                 # always_call: also when the forward raised
+                PROJECTION_TAP.pop()
+            if output is not None and torch.is_grad_enabled():
+                record.enclose(output, (args, kwargs))
+        return exit_hook
 
 
 def _grad_state(p: torch.Tensor):
@@ -210,6 +271,11 @@ def _watch(y: torch.Tensor, x: torch.Tensor, where: str, parts_of, record: _Reco
         with torch.no_grad():
             record.add(parts_of(G.detach()), where)
     y.register_hook(hook)
+
+
+def record_of(model: nn.Module) -> _Record | None:
+    """The record of ``model``'s last capture (None: never captured)."""
+    return getattr(model, _STATE, None)
 
 
 def norms(model: nn.Module) -> torch.Tensor:
