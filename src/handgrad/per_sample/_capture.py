@@ -26,7 +26,8 @@ _STATE = "_handgrad_per_sample"   # on the model: the last capture's record, rea
 
 
 def _owned(m: nn.Module):
-    return [p for p in m.parameters(recurse=False) if p.requires_grad]
+    """m's own trainable parameters (its ``_parameters``: no walk of the submodules)."""
+    return [p for p in m._parameters.values() if p is not None and p.requires_grad]
 
 
 class _Record:
@@ -41,28 +42,27 @@ class _Record:
         self.n: int | None = None
         self.params: dict[int, nn.Parameter] = {}
         self.sq: dict[tuple[int, int | None], torch.Tensor] = {}   # (id(param), first row) → (N,)
-        self.sinks: dict = {}      # each captured parameter's AccumulateGrad node → its name
-        self.inside: set = set()   # the graph nodes a covered layer's forward made (this capture's)
-        self.reached: set = set()  # the sinks a covered layer's nodes use
+        self.sinks: dict[int, str] = {}   # id of each captured parameter → its name
+        self.inside: set = set()          # the graph nodes a covered layer's forward made (this capture's)
+        self.reached: set[int] = set()    # the captured parameters a covered layer's nodes use
 
     def enclose(self, outputs, inputs) -> None:
         """Mark the graph nodes between a covered layer's tensor ``inputs`` and ``outputs`` as its own."""
-        stop = {t.grad_fn for t in tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.grad_fn is not None}
-        todo = [t.grad_fn for t in tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        stop, todo = set(_grad_fns(inputs)), _grad_fns(outputs)
         while todo:
             node = todo.pop()
             if node in self.inside or node in stop:
                 continue
             self.inside.add(node)
             todo += [n for n, _ in node.next_functions if n is not None]
-            self.reached.update(n for n, _ in node.next_functions if n in self.sinks)
+            self.reached.update(id(v) for n, _ in node.next_functions
+                                if (v := _leaf(n)) is not None and id(v) in self.sinks)
 
     def check_uses(self, outputs) -> None:
         """Refuse a captured parameter that a node outside every covered layer uses (a weight tied
         through a functional call, ``F.linear(h, emb.weight)``): no rule sees that use, so its
         per-sample gradient would miss that share. One walk over the graph behind ``outputs``."""
-        seen, todo = set(), [t.grad_fn for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)
-                             and t.grad_fn is not None]
+        seen, todo = set(), _grad_fns(outputs)
         while todo:
             node = todo.pop()
             if node in seen:
@@ -71,9 +71,9 @@ class _Record:
             for n, _ in node.next_functions:
                 if n is None:
                     continue
-                if n in self.reached and node not in self.inside:   # (one no layer reached: __exit__'s check)
-                    raise RuntimeError(
-                        f"per_sample.capture: {self.sinks[n]} is used outside the handgrad layer that owns it "
+                if (v := _leaf(n)) is not None and id(v) in self.reached and node not in self.inside:
+                    raise RuntimeError(                              # (one no layer reached: __exit__'s check)
+                        f"per_sample.capture: {self.sinks[id(v)]} is used outside the handgrad layer that owns it "
                         f"(by {type(node).__name__}: e.g. a weight tied through a functional call such as "
                         "F.linear(h, emb.weight)); no per-sample rule sees that use, so its per-sample gradient "
                         "would be wrong. Tie it through modules instead (decoder.weight = emb.weight, both "
@@ -150,8 +150,14 @@ class capture:
         if getattr(getattr(self.model, _STATE, None), "active", False):
             raise RuntimeError("per_sample.capture: this model is already inside a capture (they do not nest)")
         record = _Record(self.grads, getattr(getattr(self.model, _STATE, None), "index", 0) + 1)
-        plan, inner, inner_of = [], set(), []   # inner: MultiheadAttention's out_proj, whose forward is never called
-        for name, m in self.model.named_modules():
+        modules = list(self.model.named_modules())   # one walk; parameters from each module's own dict
+        params: dict[int, tuple[str, nn.Parameter]] = {}
+        for name, m in modules:
+            for k, p in m._parameters.items():
+                if p is not None and id(p) not in params:
+                    params[id(p)] = (f"{name}.{k}" if name else k, p)
+        plan, inner = [], set()      # inner: MultiheadAttention's out_proj, whose forward is never called
+        for name, m in modules:
             if id(m) in inner:
                 continue
             where = f"{name or '<model>'} ({type(m).__name__})"
@@ -160,33 +166,35 @@ class capture:
                 raise RuntimeError(f"per_sample.capture: cannot take {where}: {reason}")
             if isinstance(m, hnn.MultiheadAttention) and type(m).forward is hnn.MultiheadAttention.forward:
                 plan.append((m, where, None))
-                inner_of.append(m)
                 inner.add(id(m.out_proj))
+                owned = [p for p in m.parameters() if p.requires_grad]
             elif (rule := rule_for(m)) is not None:
                 plan.append((m, where, rule))
+                owned = _owned(m)
             elif _owned(m):
                 raise TypeError(
                     f"per_sample.capture: {where} has trainable parameters but is not a handgrad layer with a "
                     "per-sample rule; convert the model with handgrad.convert, or freeze it (requires_grad=False)")
-        for p in self.model.parameters():
+            else:
+                continue
+            record.sinks.update((id(p), params[id(p)][0]) for p in owned)
+        self._params = [p for _, p in params.values()]
+        self._names = {i: name for i, (name, _) in params.items()}
+        for p in self._params:
             if hasattr(p, "grad_sample"):
                 del p.grad_sample
-        names = {id(p): name for name, p in self.model.named_parameters()}
-        with torch.enable_grad():   # the AccumulateGrad node every use of p has an edge to (held: it stays p's)
-            record.sinks = {p.view_as(p).grad_fn.next_functions[0][0]: names.get(id(p), "a parameter")
-                            for m, _, _ in plan for p in (m.parameters() if m in inner_of else _owned(m)) if p.requires_grad}
         for m, where, rule in plan:
             if rule is None:
                 self._handles += [m.register_forward_pre_hook(self._mha_enter(m, where, record), with_kwargs=True),
                                   m.register_forward_hook(self._mha_exit(record), with_kwargs=True, always_call=True)]
             else:
-                self._handles.append(m.register_forward_hook(self._tap(rule, where, record)))
+                self._handles.append(m.register_forward_hook(self._tap(rule, where, record, _may_refuse(m))))
         self._handles.append(self.model.register_forward_hook(self._root_exit(record)))
-        for m in self.model.modules():
+        for _, m in modules:
             if isinstance(m, hnn.MLP) and m.fused:
                 m.fused = False
                 self._unfused.append(m)
-        self._grads_before = {id(p): _grad_state(p) for p in self.model.parameters()}
+        self._grads_before = {id(p): _grad_state(p) for p in self._params}
         record.active = True
         setattr(self.model, _STATE, record)
         return self
@@ -199,9 +207,9 @@ class capture:
         self._handles, self._unfused = [], []
         record = getattr(self.model, _STATE)
         record.active = False
-        record.sinks, record.inside, record.reached = {}, set(), set()   # graph nodes: not kept past the capture
+        record.inside = set()      # graph nodes: not kept past the capture
         if exc_type is None:       # never silently skipped: a gradient that no rule saw
-            missed = [name for name, p in self.model.named_parameters()
+            missed = [self._names[id(p)] for p in self._params
                       if id(p) not in record.params and p.grad is not None
                       and _grad_state(p) != self._grads_before.get(id(p))]
             if missed:
@@ -210,13 +218,13 @@ class capture:
                     "per-sample rule saw it (a layer whose forward runs inside another op, or a parameter used "
                     "outside its module); its per-sample gradient is unknown")
 
-    def _tap(self, rule, where, record):
+    def _tap(self, rule, where, record, may_refuse):
         grads = self.grads
 
         def forward_hook(module, args, output):
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return None
-            reason = refusal(module)            # the mode may have changed since entering (model.train())
+            reason = refusal(module) if may_refuse else None   # the mode may have changed (model.train())
             if reason is not None:
                 raise RuntimeError(f"per_sample.capture: cannot take {where}: {reason}")
             x = args[0]
@@ -253,6 +261,24 @@ class capture:
             if output is not None and torch.is_grad_enabled():
                 record.enclose(output, (args, kwargs))
         return exit_hook
+
+
+def _grad_fns(obj) -> list:
+    """The grad_fn of every tensor in ``obj`` (a tensor, or a nest of them) that has one."""
+    if isinstance(obj, torch.Tensor):
+        return [] if obj.grad_fn is None else [obj.grad_fn]
+    return [t.grad_fn for t in tree_leaves(obj) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+
+
+def _leaf(node):
+    """The tensor of an AccumulateGrad node (a leaf's gradient sink: every use of the leaf has an
+    edge to it), else None."""
+    return getattr(node, "variable", None)
+
+
+def _may_refuse(m: nn.Module) -> bool:
+    """Whether ``refusal(m)`` can change after entering (batch norm's mode), so each forward asks again."""
+    return isinstance(m, (hnn.BatchNorm1d, hnn.BatchNorm2d))
 
 
 def _grad_state(p: torch.Tensor):

@@ -64,10 +64,13 @@ def conv_weight(x: torch.Tensor, D: torch.Tensor, k_size: tuple[int, ...], strid
     return v.reshape(C_g, N, C_out, *k_size).movedim(0, 2).contiguous()                     # (N, C_out, C_g, *K)
 
 
-def summed(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""A bias added to each of the T rows: ∂Cⁿ/∂b = 1ᵀ Δₙ (D_out,). D = Δ (N, T, D_out)."""
+def summed(D: torch.Tensor, grads: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    r"""A bias added to each of the T rows: ∂Cⁿ/∂b = 1ᵀ Δₙ (D_out,). D = Δ (N, T, D_out).
+    Without ``grads`` the gradient is not returned (for T = 1 its norm is ‖δₙ‖, no copy)."""
+    if not grads and D.shape[1] == 1:
+        return None, sq(D)                               # ‖δₙ‖²
     g = D[:, 0].clone() if D.shape[1] == 1 else D.sum(1)   # 1ᵀ Δₙ  (N, D_out)
-    return g, sq(g)
+    return (g if grads else None), sq(g)
 
 
 def scaled(xhat: torch.Tensor, D: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:

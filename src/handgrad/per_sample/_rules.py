@@ -3,8 +3,9 @@ handgrad module takes, given the module's saved input ``x`` and ``G = ∂L/∂Y`
 
 A rule lays ``x`` and ``G`` out with the sample first, (N, T, ·) where a layer maps T rows of a
 sample alike (sequence positions, conv patches), and returns one ``Part`` per parameter. The
-normalised x̂ of the norm layers is recomputed with handgrad's own functional (the op with no
-weight or bias), so the normalisation is not written again here. ``RULES`` is the table;
+normalised x̂ of the norm layers is recomputed by the function handgrad's own op computes it with
+(``ops.normalize`` / ``ops.norms``; RMS and eval batch norm through the functional), so the
+normalisation is not written again here. ``RULES`` is the table;
 ``refusal`` names the modules capture cannot take, and why.
 """
 from __future__ import annotations
@@ -17,6 +18,10 @@ import torch.nn.functional as TF
 
 from .. import functional as F
 from .. import nn as hnn
+from ..ops._function import opmath
+from ..ops.normalize import Norm
+from ..ops.normalize import _xhat as norm_xhat
+from ..ops.norms import normalize as layer_norm_xhat
 from ._formulas import affine, conv_weight, rows, scaled, sq, summed
 
 __all__ = ["Part", "RULES", "rule_for", "refusal", "projection_parts"]
@@ -49,7 +54,7 @@ def _affine_parts(weight, bias, X, D, grads, rows_=None) -> list[Part]:
         g, sq = affine(X, D, grads)
         parts.append(Part(weight, g, sq, rows_))
     if _wanted(bias):
-        g, sq = summed(D)
+        g, sq = summed(D, grads)
         parts.append(Part(bias, g, sq, rows_))
     return parts
 
@@ -96,7 +101,7 @@ def _conv(m, x, G, grads):
             _, sq_w = affine(X, D, False)                                       # per (sample, group)
             parts.append(Part(m.weight, None, sq_w.view(N, g).sum(1)))
     if _wanted(m.bias):
-        gb, sq_b = summed(G.reshape(N, C_out, L).mT)                            # Δ (N, L, C_out)
+        gb, sq_b = summed(G.reshape(N, C_out, L).mT, grads)                     # Δ (N, L, C_out)
         parts.append(Part(m.bias, gb, sq_b))
     return parts
 
@@ -108,7 +113,7 @@ def _norm_parts(m, weight, bias, xhat, G, dims):
 def _layer_norm(m, x, G, grads):
     K = len(m.normalized_shape)
     _sample_first("LayerNorm", x, K + 1)
-    xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)       # x̂ over the last K dims
+    xhat = layer_norm_xhat(opmath(x), K, m.eps, fast=True)[0]           # x̂ over the last K dims (LayerNormFn's)
     return _norm_parts(m, m.weight, m.bias, xhat, G, tuple(range(1, x.dim() - K)))
 
 
