@@ -152,6 +152,20 @@ def test_step_equals_torch_func_reference(mode, reduction):
         torch.testing.assert_close(p0.detach() - p.detach(), expected[name], rtol=1e-10, atol=1e-12)
 
 
+def test_ghost_step_with_an_in_place_activation():
+    """Ghost clipping's pass 1 backpropagates to the layers' output edges as they were when each
+    layer ran: a ReLU(inplace=True) after a Linear moves the tensor's own edge past the layer."""
+    ref = nn.Sequential(nn.Linear(6, 9), nn.ReLU(inplace=True), nn.Linear(9, 4)).double()
+    model = handgrad.convert(copy.deepcopy(ref))
+    x, y = batch(10)
+    C, sigma, B = 0.8, 0.9, 10.0
+    expected = reference_gradient(ref, x, y, C, sigma, B, torch.Generator().manual_seed(7))
+    dp_step(model, x, y, "ghost", "mean", noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=B,
+            generator=torch.Generator().manual_seed(7))
+    for (name, p), p0 in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p0.detach() - p.detach(), expected[name], rtol=1e-10, atol=1e-12)  # rounding only
+
+
 @pytest.mark.parametrize("mode", ["ghost", "grads"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_step_equals_opacus_dp_optimizer(mode, reduction):

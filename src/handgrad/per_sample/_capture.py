@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_leaves
 
 from .. import nn as hnn
@@ -45,6 +46,7 @@ class _Record:
         self.sinks: dict[int, str] = {}   # id of each captured parameter → its name
         self.inside: set = set()          # the graph nodes a covered layer's forward made (this capture's)
         self.reached: set[int] = set()    # the captured parameters a covered layer's nodes use
+        self.taps: list = []       # the tapped layer outputs' gradient edges (ghost clipping backpropagates to them)
 
     def enclose(self, outputs, inputs) -> None:
         """Mark the graph nodes between a covered layer's tensor ``inputs`` and ``outputs`` as its own."""
@@ -207,7 +209,7 @@ class capture:
         self._handles, self._unfused = [], []
         record = getattr(self.model, _STATE)
         record.active = False
-        record.inside = set()      # graph nodes: not kept past the capture
+        record.inside, record.taps = set(), []   # graph nodes and outputs: not kept past the capture
         if exc_type is None:       # never silently skipped: a gradient that no rule saw
             missed = [self._names[id(p)] for p in self._params
                       if id(p) not in record.params and p.grad is not None
@@ -291,12 +293,15 @@ def _watch(y: torch.Tensor, x: torch.Tensor, where: str, parts_of, record: _Reco
     version = x._version
 
     def hook(G):
+        if not record.active:          # a backward after the capture closed, through its graph: not recorded
+            return
         if x._version != version:
             raise RuntimeError(f"per_sample.capture: the input of {where} was modified in place after the "
                                "layer ran; its per-sample gradients would use the changed values")
         with torch.no_grad():
             record.add(parts_of(G.detach()), where)
     y.register_hook(hook)
+    record.taps.append(get_gradient_edge(y))   # the edge as it is now: an in-place op after the layer moves y's
 
 
 def record_of(model: nn.Module) -> _Record | None:
