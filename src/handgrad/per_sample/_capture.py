@@ -139,8 +139,14 @@ class capture:
     Conv2d, LayerNorm, GroupNorm, RMSNorm, Embedding, BatchNorm in eval mode, MLP (run
     unfused), MultiheadAttention's projections. Refused with an error naming the module:
     batch norm with batch statistics (training mode), and any module with trainable parameters
-    of its own that is not one of these (convert it with ``handgrad.convert`` first).
-    Entering clears the ``grad_sample`` of the model's parameters.
+    of its own that is not one of these (convert it with ``handgrad.convert`` first), and a
+    captured parameter that something outside its layer also uses (a weight tied through a
+    functional call, ``F.linear(h, emb.weight)``; checked at the end of each forward of
+    ``model`` itself). Tying through modules (``decoder.weight = emb.weight``, both handgrad
+    layers) is captured: grad_sample sums both uses. ``torch.utils.checkpoint`` works in both
+    forms (the reentrant one records in the recomputation inside backward).
+    Entering clears the ``grad_sample`` of the model's parameters; a backward through the
+    capture's graph after it closed records nothing.
     """
 
     def __init__(self, model: nn.Module, grads: bool = True):
