@@ -252,12 +252,13 @@ class capture:
     def _mha_enter(self, m, where, record):
         grads = self.grads
 
-        def tap(role, x, y, bsz):
-            if torch.is_grad_enabled() and y.requires_grad:
-                _watch(y, x, f"{where} {role} projection",
-                       lambda G: projection_parts(m, role, x, G, bsz, grads), record)
-
         def pre_hook(module, args, kwargs):
+            grams: dict = {}           # this forward's Xₙ Xₙᵀ, shared by projections of one input
+
+            def tap(role, x, y, bsz):
+                if torch.is_grad_enabled() and y.requires_grad:
+                    _watch(y, x, f"{where} {role} projection",
+                           lambda G: projection_parts(m, role, x, G, bsz, grads, grams), record)
             PROJECTION_TAP.append(tap)
         return pre_hook
 

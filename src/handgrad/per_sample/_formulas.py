@@ -21,14 +21,15 @@ def sq(g: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(g.flatten(1), dim=1).square()
 
 
-def affine(X: torch.Tensor, D: torch.Tensor, grads: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+def affine(X: torch.Tensor, D: torch.Tensor, grads: bool, gram=None) -> tuple[torch.Tensor | None, torch.Tensor]:
     r"""A weight entering as Yₙ = Xₙ Wᵀ (one affine map applied to the T rows of sample n):
 
         ∂Cⁿ/∂W = Δₙᵀ Xₙ                                  (D_out, D_in)
         ‖Δₙᵀ Xₙ‖²_F = ⟨Xₙ Xₙᵀ, Δₙ Δₙᵀ⟩_F  (T × T Gram matrices; = ‖δₙ‖² ‖xₙ‖² for T = 1)
 
     Shapes: X (N, T, D_in), D = Δ (N, T, D_out). The norm takes the Gram form when T² ≤
-    D_in·D_out (ghost clipping's choice: the smaller intermediate), else forms Δₙᵀ Xₙ."""
+    D_in·D_out (ghost clipping's choice: the smaller intermediate), else forms Δₙᵀ Xₙ. ``gram``:
+    a function giving Xₙ Xₙᵀ (N, T, T), where several maps share X (attention's q, k, v)."""
     N, T, D_in = X.shape
     D_out = D.shape[-1]
     if grads or T * T > D_in * D_out:
@@ -36,7 +37,8 @@ def affine(X: torch.Tensor, D: torch.Tensor, grads: bool) -> tuple[torch.Tensor 
         return (g, None) if grads else (None, sq(g))
     if T == 1:                                           # ‖xₙ‖² ‖δₙ‖²
         return None, (torch.linalg.vector_norm(X, dim=(1, 2)) * torch.linalg.vector_norm(D, dim=(1, 2))).square()
-    return None, ((X @ X.mT) * (D @ D.mT)).sum((1, 2))   # ⟨Xₙ Xₙᵀ, Δₙ Δₙᵀ⟩  from (N, T, T)
+    XX = X @ X.mT if gram is None else gram()            # Xₙ Xₙᵀ (N, T, T)
+    return None, (XX * (D @ D.mT)).sum((1, 2))           # ⟨Xₙ Xₙᵀ, Δₙ Δₙᵀ⟩
 
 
 def conv_weight(x: torch.Tensor, D: torch.Tensor, k_size: tuple[int, ...], stride: tuple[int, ...],

@@ -47,11 +47,11 @@ def _sample_first(fn: str, x: torch.Tensor, ndim: int) -> int:
     return x.shape[0]
 
 
-def _affine_parts(weight, bias, X, D, grads, rows_=None) -> list[Part]:
+def _affine_parts(weight, bias, X, D, grads, rows_=None, gram=None) -> list[Part]:
     """Y = X Wᵀ + b over (N, T, ·) rows: W by ``affine``, b by ``summed``."""
     parts = []
     if _wanted(weight):
-        g, sq = affine(X, D, grads)
+        g, sq = affine(X, D, grads, gram)
         parts.append(Part(weight, g, sq, rows_))
     if _wanted(bias):
         g, sq = summed(D, grads)
@@ -193,21 +193,30 @@ def refusal(m: torch.nn.Module) -> str | None:
     return None
 
 
-def projection_parts(m: hnn.MultiheadAttention, role: str, x, y_grad, bsz: int, grads: bool) -> list[Part]:
+def projection_parts(m: hnn.MultiheadAttention, role: str, x, y_grad, bsz: int, grads: bool,
+                     grams: dict | None = None) -> list[Part]:
     r"""MultiheadAttention's projections (functional/_mha.py taps them): q, k, v = x W_{q,k,v}ᵀ + b
     with rows laid out (T, N, E), and ``out``, the output projection, with rows (T·N, E) in
     (t, n) order. Each is the affine rule; q, k, v use rows [0:E), [E:2E), [2E:3E) of
-    ``in_proj_weight`` / ``in_proj_bias`` (or their own ``*_proj_weight``)."""
+    ``in_proj_weight`` / ``in_proj_bias`` (or their own ``*_proj_weight``). ``grams``: one
+    forward's Xₙ Xₙᵀ by the input tensor, so self-attention's q, k, v form it once."""
     T = x.shape[:-1].numel() // bsz if bsz else 0
     X = x.reshape(T, bsz, x.shape[-1]).transpose(0, 1)                     # (N, T, D_in)
     D = y_grad.reshape(T, bsz, y_grad.shape[-1]).transpose(0, 1)           # (N, T, D_out)
+
+    def gram():
+        if grams is None:
+            return X @ X.mT
+        if id(x) not in grams:
+            grams[id(x)] = (x, X @ X.mT)                                    # x held: its id stays its own
+        return grams[id(x)][1]
     if role == "out":
         return _affine_parts(m.out_proj.weight, m.out_proj.bias, X, D, grads)
     E = m.embed_dim
     i = "qkv".index(role)
     block = slice(i * E, (i + 1) * E)
     if m._qkv_same_embed_dim:
-        parts = _affine_parts(m.in_proj_weight, None, X, D, grads, block)
+        parts = _affine_parts(m.in_proj_weight, None, X, D, grads, block, gram)
     else:
-        parts = _affine_parts(getattr(m, f"{role}_proj_weight"), None, X, D, grads)
+        parts = _affine_parts(getattr(m, f"{role}_proj_weight"), None, X, D, grads, gram=gram)
     return parts + _affine_parts(None, m.in_proj_bias, X, D, grads, block)
