@@ -126,11 +126,13 @@ def build(name: str, quick: bool) -> Case:
     theirs_dp = OpacusDPOptimizer(torch.optim.SGD(theirs.parameters(), lr=0.01), **kw)
 
     def dp_grads():
+        ours_dp.zero_grad()  # a training loop's (the other rows' captures of the same model are no batch of its)
         with per_sample.capture(ours):
             TF.cross_entropy(ours(x), y).backward()
         ours_dp.step()
 
     def dp_ghost():
+        ours_dp.zero_grad()
         ours_dp.backward(lambda: TF.cross_entropy(ours(x), y, reduction="none"))
         ours_dp.step()
 

@@ -152,6 +152,20 @@ def test_step_equals_torch_func_reference(mode, reduction):
         torch.testing.assert_close(p0.detach() - p.detach(), expected[name], rtol=1e-10, atol=1e-12)
 
 
+def test_ghost_step_with_an_in_place_activation():
+    """Ghost clipping's pass 1 backpropagates to the layers' output edges as they were when each
+    layer ran: a ReLU(inplace=True) after a Linear moves the tensor's own edge past the layer."""
+    ref = nn.Sequential(nn.Linear(6, 9), nn.ReLU(inplace=True), nn.Linear(9, 4)).double()
+    model = handgrad.convert(copy.deepcopy(ref))
+    x, y = batch(10)
+    C, sigma, B = 0.8, 0.9, 10.0
+    expected = reference_gradient(ref, x, y, C, sigma, B, torch.Generator().manual_seed(7))
+    dp_step(model, x, y, "ghost", "mean", noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=B,
+            generator=torch.Generator().manual_seed(7))
+    for (name, p), p0 in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p0.detach() - p.detach(), expected[name], rtol=1e-10, atol=1e-12)  # rounding only
+
+
 @pytest.mark.parametrize("mode", ["ghost", "grads"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_step_equals_opacus_dp_optimizer(mode, reduction):
@@ -179,6 +193,47 @@ def test_step_equals_opacus_dp_optimizer(mode, reduction):
         ours.step()
     for a, b in zip(model.parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)  # float64, rounding only
+
+
+@pytest.mark.parametrize("mode", ["ghost", "grads"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gradient_accumulation_clips_each_batch(mode, reduction):
+    """Two batches before one step: S sums each batch's clipped per-sample gradients, so the
+    step is the reference over their concatenation, with B counting both (Opacus's
+    accumulated_iterations: B·2 for 'mean')."""
+    ref = torch_mlp()
+    model = handgrad.convert(copy.deepcopy(ref))
+    (x1, y1), (x2, y2) = batch(6, seed=1), batch(4, seed=2)
+    C, sigma, B = 0.8, 0.9, 5.0
+    expected = reference_gradient(ref, torch.cat([x1, x2]), torch.cat([y1, y2]), C, sigma,
+                                  2 * B if reduction == "mean" else 1.0, torch.Generator().manual_seed(7))
+    opt = dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model, loss_reduction=reduction,
+                         noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=B,
+                         generator=torch.Generator().manual_seed(7))
+    dp_backward(opt, model, x1, y1, mode, reduction)
+    if mode == "grads":
+        assert opt.clip_and_accumulate().shape == (6,)                 # the first batch's norms
+    dp_backward(opt, model, x2, y2, mode, reduction)
+    opt.step()                                                         # takes the second batch itself
+    for (name, p), p0 in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p0.detach() - p.detach(), expected[name], rtol=1e-10, atol=1e-12)  # rounding only
+
+
+def test_gradient_accumulation_refuses_a_batch_it_would_lose():
+    model = handgrad.convert(torch_mlp())
+    opt = dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model, noise_multiplier=1.0,
+                         max_grad_norm=1.0, expected_batch_size=5)
+    (x1, y1), (x2, y2) = batch(5, seed=1), batch(5, seed=2)
+    for x, y in ((x1, y1), (x2, y2)):                                  # no clip_and_accumulate between
+        dp_backward(opt, model, x, y, "grads", "mean")
+    with pytest.raises(RuntimeError, match="2 captures of the model since its last batch"):
+        opt.step()
+    opt.zero_grad()
+    with per_sample.capture(model):                                    # two batches in one capture
+        for x, y in ((x1, y1), (x2, y2)):
+            F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="the capture saw 2 forwards of the model"):
+        opt.step()
 
 
 def test_empty_poisson_batch_steps_with_the_noise_alone():

@@ -313,6 +313,80 @@ def test_a_layer_used_twice():
         _close(p.grad_sample, ref[k], k)
 
 
+class _TiedLM(nn.Module):
+    """Embedding → LayerNorm → logits by the embedding's own weight: tied through a second module
+    (``decoder.weight = emb.weight``) or through a functional call (``F.linear(h, emb.weight)``)."""
+
+    def __init__(self, functional: bool, vocab=9, E=6):
+        super().__init__()
+        self.emb, self.norm, self.functional = nn.Embedding(vocab, E), nn.LayerNorm(E), functional
+        if not functional:
+            self.decoder = nn.Linear(E, vocab, bias=False)
+            self.decoder.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.norm(self.emb(ids))
+        return nn.functional.linear(h, self.emb.weight) if self.functional else self.decoder(h)
+
+
+def test_weight_tied_through_modules_sums_both_uses():
+    torch.manual_seed(17)
+    native = _TiedLM(functional=False).to(DT)
+    model = handgrad.convert(native)
+    assert model.decoder.weight is model.emb.weight
+    ids, y = torch.randint(0, 9, (4, 5)), torch.randint(0, 9, (4, 5))
+    ref = _reference(native, _sum_ce, (ids,), y)                       # functional_call ties them too
+    with per_sample.capture(model):
+        _sum_ce(model(ids), y).backward()
+    for k, p in model.named_parameters():
+        _close(p.grad_sample, ref[k], k)
+        _close(p.grad_sample.sum(0), p.grad, k)
+    with per_sample.capture(model, grads=False), pytest.raises(RuntimeError, match="second contribution"):
+        _sum_ce(model(ids), y).backward()
+
+
+def test_refuses_a_weight_tied_through_a_functional_call():
+    model = handgrad.convert(_TiedLM(functional=True))
+    ids = torch.randint(0, 9, (3, 4))
+    for grads in (True, False):
+        with per_sample.capture(model, grads=grads), pytest.raises(RuntimeError, match=r"emb\.weight is used outside"):
+            model(ids)                                                  # refused in the forward, before any backward
+    with torch.no_grad(), per_sample.capture(model):                   # no graph, nothing to refuse
+        model(ids)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("grads", [True, False])
+def test_under_activation_checkpointing(reentrant, grads):
+    """torch.utils.checkpoint: the non-reentrant form keeps the first forward's graph (the
+    recomputation only refills saved tensors, its outputs are never backpropagated); the
+    reentrant one runs the layers with grad off, then again inside backward, where the taps
+    are set and fire. Both record what the plain forward does."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.checkpointed = nn.Linear(4, 5), nn.Linear(5, 3), False
+
+        def forward(self, x):
+            f = lambda t: torch.tanh(self.a(t))                        # noqa: E731
+            return self.b(checkpoint(f, x, use_reentrant=reentrant) if self.checkpointed else f(x))
+
+    torch.manual_seed(18)
+    native = Net().to(DT)
+    model = handgrad.convert(native)
+    model.checkpointed = True                                          # the reference runs without (torch.func refuses it)
+    x, y = _r(6, 4).requires_grad_(), _r(6, 3)                         # reentrant: an input needing grad, else torch gives a none
+    ref = _reference(native, _sum_mse, (x.detach(),), y)
+    norms = _captured(model, _sum_mse, (x,), y, grads=grads)
+    ref_norms = torch.stack([g.flatten(1).square().sum(1) for g in ref.values()]).sum(0).sqrt()
+    _close(norms, ref_norms, "norms")
+    if grads:
+        for k, p in model.named_parameters():
+            _close(p.grad_sample, ref[k], k)
+
+
 def test_norms_need_a_capture():
     model = handgrad.convert(nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="never captured"):

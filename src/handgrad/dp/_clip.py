@@ -18,11 +18,13 @@ Two ways to S (``mode``):
   Memory N·|θ| for the per-sample gradients.
 * ``ghost``: pass 1, a forward and backward inside ``capture(grads=False)``, gives the norms,
   hence cₙ, and G = ∂L/∂Y at the network's output Y (N, …), whose row n is r ∂Cⁿ/∂Yₙ (samples do
-  not mix). Backward is linear in G, so backpropagating diag(cₙ / r) G gives S itself: pass 2
-  replays the forward outside the capture (with pass 1's RNG state, so dropout draws the same
-  masks) and backpropagates it. Two forwards and two backwards; nothing of size N·|θ| is formed.
-  (A capture's hooks sit on pass 1's graph and record every backward through it, so pass 2
-  needs a graph of its own.)
+  not mix). Backward is linear in G, so backpropagating diag(cₙ / r) G gives S itself: pass 2.
+  ``DPOptimizer.backward`` keeps pass 1's graph (its backward only reaches the layer outputs, so
+  no parameter gradient is accumulated) and runs pass 2 through it once the capture has closed
+  (a closed capture's hooks record nothing): one forward, two backwards. The Lightning callback,
+  whose pass 1 is Lightning's own backward (the graph freed), replays the forward of its output
+  module with pass 1's RNG state (so dropout draws the same masks). Nothing of size N·|θ| is
+  formed.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from typing import Callable, Literal, Optional, Sequence
 import torch
 
 from .. import per_sample
+from ..per_sample._capture import record_of
 
 __all__ = ["EPS", "reduction_scale", "clip_factors", "weight_rows", "rng_state", "replayed_sum", "clipped_sum_ghost", "clipped_sum_grads", "add_noise"]
 
@@ -82,10 +85,11 @@ def replayed_sum(params: Sequence[torch.Tensor], forward: Callable[[], torch.Ten
 def clipped_sum_ghost(model: torch.nn.Module, params: Sequence[torch.Tensor],
                       per_sample_losses: Callable[[], torch.Tensor], max_grad_norm: float
                       ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """S = Σₙ cₙ gₙ by ghost clipping, ``per_sample_losses()`` returning (C¹ … Cᴺ) (N,) (a
-    forward of ``model``; run twice). Here Y is the losses themselves: G = 1, r = 1.
-    Returns (S per parameter, the norms ‖gₙ‖ (N,))."""
-    state = rng_state(params[0].device)
+    """S = Σₙ cₙ gₙ by ghost clipping, ``per_sample_losses()`` returning (C¹ … Cᴺ) (N,) (one
+    forward of ``model``). Here Y is the losses themselves: G = 1, r = 1. Pass 1 backpropagates
+    only to the tapped layer outputs (their hooks give ‖gₙ‖; no AccumulateGrad runs), pass 2
+    backpropagates diag(cₙ) through the same graph, after the capture closed (so it is not
+    recorded). Returns (S per parameter, the norms ‖gₙ‖ (N,))."""
     with per_sample.capture(model, grads=False):  # pass 1: ‖gₙ‖ without forming any gₙ
         losses = per_sample_losses()  # (N,) Cⁿ
         if losses.dim() != 1:
@@ -93,10 +97,12 @@ def clipped_sum_ghost(model: torch.nn.Module, params: Sequence[torch.Tensor],
                              f"got shape {list(losses.shape)}")
         if len(losses) == 0:  # an empty Poisson batch: S = 0 (the step still adds the noise)
             return [torch.zeros_like(p) for p in params], losses.detach()
-        torch.autograd.grad(losses.sum(), params, allow_unused=True)
+        taps = record_of(model).taps
+        torch.autograd.grad(losses.sum(), taps or params, retain_graph=True, allow_unused=True)
     norms = per_sample.norms(model)  # ‖gₙ‖ (N,)
-    sums = replayed_sum(params, per_sample_losses, state, torch.ones_like(losses), clip_factors(norms, max_grad_norm))
-    return sums, norms
+    c = clip_factors(norms, max_grad_norm).to(losses.dtype)  # cₙ (N,)
+    sums = torch.autograd.grad(losses, params, c, allow_unused=True)  # pass 2: Σₙ cₙ ∂Cⁿ/∂θ
+    return [torch.zeros_like(p) if s is None else s for p, s in zip(params, sums)], norms
 
 
 def clipped_sum_grads(model: torch.nn.Module, params: Sequence[torch.Tensor], max_grad_norm: float,
@@ -107,6 +113,11 @@ def clipped_sum_grads(model: torch.nn.Module, params: Sequence[torch.Tensor], ma
     if missing:
         raise RuntimeError(f"no grad_sample on {len(missing)} parameter(s) of shapes {missing}: run the "
                            "backward inside handgrad.per_sample.capture(model, grads=True)")
+    forwards = getattr(record_of(model), "forwards", 0)
+    if forwards > 1:
+        raise RuntimeError(f"the capture saw {forwards} forwards of the model, and grad_sample sums their rows "
+                           "(sample n of each), which clipping per sample cannot undo; for gradient accumulation "
+                           "capture one batch at a time and call opt.clip_and_accumulate() after each backward")
     n = params[0].grad_sample.shape[0]
     r = reduction_scale(loss_reduction, n)
     norms = per_sample.norms(model) / r  # ‖gₙ‖ (N,)

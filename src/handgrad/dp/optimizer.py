@@ -6,6 +6,7 @@ from typing import Any, Callable, Literal, Optional
 
 import torch
 
+from ..per_sample._capture import record_of
 from . import _clip
 from .accounting import Accountant, make_accountant
 
@@ -44,8 +45,10 @@ class DPOptimizer(torch.optim.Optimizer):
       reduction="none")``; it is run twice (norms, then the clipped sum), no per-sample gradient
       is formed. Call it instead of the forward and ``loss.backward()``.
 
-    Several ``backward`` calls before one ``step`` accumulate (B counts each call's batch, as
-    Opacus's ``accumulated_iterations``). With ``accountant`` ('rdp', 'prv', or an Opacus
+    Several batches before one ``step`` accumulate, each clipped per sample (B counts each
+    batch, as Opacus's ``accumulated_iterations``): ``opt.backward`` calls, or one capture per
+    batch with ``opt.clip_and_accumulate()`` after each backward (a capture clears the last one's
+    ``grad_sample``: ``step`` refuses when a capture's batch was not taken). With ``accountant`` ('rdp', 'prv', or an Opacus
     accountant) and ``sample_rate`` q, each step is recorded and ``epsilon(delta)`` reads ε.
     The model's layers must be handgrad's (``handgrad.convert``) and mix no samples (no
     training-mode batch norm: ``capture`` refuses it).
@@ -71,6 +74,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self._summed: Optional[list[torch.Tensor]] = None  # Σ over the backward calls of S
         self._accumulated = 0  # backward calls since the last step
         self.last_norms: Optional[torch.Tensor] = None  # ‖gₙ‖ (N,) of the latest batch, unclipped
+        self._taken = self._captures()  # the model's capture count when S last took a batch
         check_covers(model, self.params)
 
     # --- torch.optim.Optimizer's state is the wrapped optimizer's (lr schedulers, state_dict) ---
@@ -102,24 +106,41 @@ class DPOptimizer(torch.optim.Optimizer):
         return self._accumulate(*_clip.clipped_sum_ghost(self.model, self.params, per_sample_losses,
                                                          self.max_grad_norm))
 
+    def clip_and_accumulate(self) -> torch.Tensor:
+        """Adds S = Σₙ cₙ gₙ of the batch the latest ``capture(model, grads=True)`` recorded
+        (its ``grad_sample``, then cleared); returns the unclipped norms ‖gₙ‖ (N,). ``step`` calls
+        it for the last batch; call it after each backward when accumulating several."""
+        if self._captures() - self._taken > 1:
+            raise RuntimeError(f"{self._captures() - self._taken} captures of the model since its last batch was "
+                               "taken, and each clears the one before: only the latest batch's grad_sample is left. "
+                               "For gradient accumulation call opt.clip_and_accumulate() after each backward")
+        norms = self._accumulate(*_clip.clipped_sum_grads(self.model, self.params, self.max_grad_norm,
+                                                          self.loss_reduction))
+        for p in self.params:
+            p.grad_sample = None
+        return norms
+
+    def _captures(self) -> int:
+        return getattr(record_of(self.model), "index", 0)
+
     def _accumulate(self, sums: list[torch.Tensor], norms: torch.Tensor) -> torch.Tensor:
         self._summed = sums if self._summed is None else [a + s for a, s in zip(self._summed, sums)]
         self._accumulated += 1
         self.last_norms = norms
+        self._taken = self._captures()
         return norms
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad_sample = None
-        self._summed, self._accumulated = None, 0
+        self._summed, self._accumulated, self._taken = None, 0, self._captures()
         self.original_optimizer.zero_grad(set_to_none)
 
     # --- ĝ = (S + ξ) / B, then the wrapped step -------------------------------------------------
     def noised_gradient(self) -> list[torch.Tensor]:
         """ĝ per parameter from this step's S (from ``backward``, else the captured grad_sample)."""
-        params = self.params
-        if self._summed is None:
-            self._accumulate(*_clip.clipped_sum_grads(self.model, params, self.max_grad_norm, self.loss_reduction))
+        if self._summed is None or any(getattr(p, "grad_sample", None) is not None for p in self.params):
+            self.clip_and_accumulate()              # the last batch's grad_sample (captured, not yet taken)
         noised = _clip.add_noise(self._summed, self.noise_multiplier * self.max_grad_norm, self.generator)  # S + ξ
         b = self.expected_batch_size * self._accumulated if self.loss_reduction == "mean" else 1.0  # B
         return [g / b for g in noised]
@@ -134,7 +155,7 @@ class DPOptimizer(torch.optim.Optimizer):
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate * self._accumulated)
         for p in self.params:
             p.grad_sample = None
-        self._summed, self._accumulated = None, 0
+        self._summed, self._accumulated, self._taken = None, 0, self._captures()
         return self.original_optimizer.step()
 
     def epsilon(self, delta: float) -> float:

@@ -13,31 +13,74 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
+from torch.utils._pytree import tree_leaves
 
 from .. import nn as hnn
 from ..functional._mha import PROJECTION_TAP
 from ._formulas import sq
 from ._rules import Part, projection_parts, refusal, rule_for
 
-__all__ = ["capture", "norms"]
+__all__ = ["capture", "norms", "record_of"]
 
 _STATE = "_handgrad_per_sample"   # on the model: the last capture's record, read by norms()
 
 
 def _owned(m: nn.Module):
-    return [p for p in m.parameters(recurse=False) if p.requires_grad]
+    """m's own trainable parameters (its ``_parameters``: no walk of the submodules)."""
+    return [p for p in m._parameters.values() if p is not None and p.requires_grad]
 
 
 class _Record:
     """What one capture has recorded: the sample count, the parameters seen, and (grads=False)
     each parameter's per-sample squared norm by the rows it covers."""
 
-    def __init__(self, grads: bool):
+    def __init__(self, grads: bool, index: int):
         self.grads = grads
         self.active = False
+        self.index = index         # the model's captures so far, this one included (DP-SGD's accumulation check)
+        self.forwards = 0          # forwards of the model itself (with grad) inside this capture
         self.n: int | None = None
         self.params: dict[int, nn.Parameter] = {}
         self.sq: dict[tuple[int, int | None], torch.Tensor] = {}   # (id(param), first row) → (N,)
+        self.sinks: dict[int, str] = {}   # id of each captured parameter → its name
+        self.inside: set = set()          # the graph nodes a covered layer's forward made (this capture's)
+        self.reached: set[int] = set()    # the captured parameters a covered layer's nodes use
+        self.taps: list = []       # the tapped layer outputs' gradient edges (ghost clipping backpropagates to them)
+
+    def enclose(self, outputs, inputs) -> None:
+        """Mark the graph nodes between a covered layer's tensor ``inputs`` and ``outputs`` as its own."""
+        stop, todo = set(_grad_fns(inputs)), _grad_fns(outputs)
+        while todo:
+            node = todo.pop()
+            if node in self.inside or node in stop:
+                continue
+            self.inside.add(node)
+            todo += [n for n, _ in node.next_functions if n is not None]
+            self.reached.update(id(v) for n, _ in node.next_functions
+                                if (v := _leaf(n)) is not None and id(v) in self.sinks)
+
+    def check_uses(self, outputs) -> None:
+        """Refuse a captured parameter that a node outside every covered layer uses (a weight tied
+        through a functional call, ``F.linear(h, emb.weight)``): no rule sees that use, so its
+        per-sample gradient would miss that share. One walk over the graph behind ``outputs``."""
+        seen, todo = set(), _grad_fns(outputs)
+        while todo:
+            node = todo.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            for n, _ in node.next_functions:
+                if n is None:
+                    continue
+                if (v := _leaf(n)) is not None and id(v) in self.reached and node not in self.inside:
+                    raise RuntimeError(                              # (one no layer reached: __exit__'s check)
+                        f"per_sample.capture: {self.sinks[id(v)]} is used outside the handgrad layer that owns it "
+                        f"(by {type(node).__name__}: e.g. a weight tied through a functional call such as "
+                        "F.linear(h, emb.weight)); no per-sample rule sees that use, so its per-sample gradient "
+                        "would be wrong. Tie it through modules instead (decoder.weight = emb.weight, both "
+                        "handgrad layers: their shares are summed), or untie it")
+                todo.append(n)
 
     def add(self, parts: list[Part], where: str) -> None:
         for part in parts:
@@ -96,8 +139,14 @@ class capture:
     Conv2d, LayerNorm, GroupNorm, RMSNorm, Embedding, BatchNorm in eval mode, MLP (run
     unfused), MultiheadAttention's projections. Refused with an error naming the module:
     batch norm with batch statistics (training mode), and any module with trainable parameters
-    of its own that is not one of these (convert it with ``handgrad.convert`` first).
-    Entering clears the ``grad_sample`` of the model's parameters.
+    of its own that is not one of these (convert it with ``handgrad.convert`` first), and a
+    captured parameter that something outside its layer also uses (a weight tied through a
+    functional call, ``F.linear(h, emb.weight)``; checked at the end of each forward of
+    ``model`` itself). Tying through modules (``decoder.weight = emb.weight``, both handgrad
+    layers) is captured: grad_sample sums both uses. ``torch.utils.checkpoint`` works in both
+    forms (the reentrant one records in the recomputation inside backward).
+    Entering clears the ``grad_sample`` of the model's parameters; a backward through the
+    capture's graph after it closed records nothing.
     """
 
     def __init__(self, model: nn.Module, grads: bool = True):
@@ -108,9 +157,15 @@ class capture:
     def __enter__(self) -> "capture":
         if getattr(getattr(self.model, _STATE, None), "active", False):
             raise RuntimeError("per_sample.capture: this model is already inside a capture (they do not nest)")
-        record = _Record(self.grads)
+        record = _Record(self.grads, getattr(getattr(self.model, _STATE, None), "index", 0) + 1)
+        modules = list(self.model.named_modules())   # one walk; parameters from each module's own dict
+        params: dict[int, tuple[str, nn.Parameter]] = {}
+        for name, m in modules:
+            for k, p in m._parameters.items():
+                if p is not None and id(p) not in params:
+                    params[id(p)] = (f"{name}.{k}" if name else k, p)
         plan, inner = [], set()      # inner: MultiheadAttention's out_proj, whose forward is never called
-        for name, m in self.model.named_modules():
+        for name, m in modules:
             if id(m) in inner:
                 continue
             where = f"{name or '<model>'} ({type(m).__name__})"
@@ -120,26 +175,34 @@ class capture:
             if isinstance(m, hnn.MultiheadAttention) and type(m).forward is hnn.MultiheadAttention.forward:
                 plan.append((m, where, None))
                 inner.add(id(m.out_proj))
+                owned = [p for p in m.parameters() if p.requires_grad]
             elif (rule := rule_for(m)) is not None:
                 plan.append((m, where, rule))
+                owned = _owned(m)
             elif _owned(m):
                 raise TypeError(
                     f"per_sample.capture: {where} has trainable parameters but is not a handgrad layer with a "
                     "per-sample rule; convert the model with handgrad.convert, or freeze it (requires_grad=False)")
-        for p in self.model.parameters():
+            else:
+                continue
+            record.sinks.update((id(p), params[id(p)][0]) for p in owned)
+        self._params = [p for _, p in params.values()]
+        self._names = {i: name for i, (name, _) in params.items()}
+        for p in self._params:
             if hasattr(p, "grad_sample"):
                 del p.grad_sample
         for m, where, rule in plan:
             if rule is None:
-                self._handles += [m.register_forward_pre_hook(self._mha_enter(m, where, record)),
-                                  m.register_forward_hook(self._mha_exit, always_call=True)]
+                self._handles += [m.register_forward_pre_hook(self._mha_enter(m, where, record), with_kwargs=True),
+                                  m.register_forward_hook(self._mha_exit(record), with_kwargs=True, always_call=True)]
             else:
-                self._handles.append(m.register_forward_hook(self._tap(rule, where, record)))
-        for m in self.model.modules():
+                self._handles.append(m.register_forward_hook(self._tap(rule, where, record, _may_refuse(m))))
+        self._handles.append(self.model.register_forward_hook(self._root_exit(record)))
+        for _, m in modules:
             if isinstance(m, hnn.MLP) and m.fused:
                 m.fused = False
                 self._unfused.append(m)
-        self._grads_before = {id(p): _grad_state(p) for p in self.model.parameters()}
+        self._grads_before = {id(p): _grad_state(p) for p in self._params}
         record.active = True
         setattr(self.model, _STATE, record)
         return self
@@ -152,8 +215,9 @@ class capture:
         self._handles, self._unfused = [], []
         record = getattr(self.model, _STATE)
         record.active = False
+        record.inside, record.taps = set(), []   # graph nodes and outputs: not kept past the capture
         if exc_type is None:       # never silently skipped: a gradient that no rule saw
-            missed = [name for name, p in self.model.named_parameters()
+            missed = [self._names[id(p)] for p in self._params
                       if id(p) not in record.params and p.grad is not None
                       and _grad_state(p) != self._grads_before.get(id(p))]
             if missed:
@@ -162,36 +226,68 @@ class capture:
                     "per-sample rule saw it (a layer whose forward runs inside another op, or a parameter used "
                     "outside its module); its per-sample gradient is unknown")
 
-    def _tap(self, rule, where, record):
+    def _tap(self, rule, where, record, may_refuse):
         grads = self.grads
 
         def forward_hook(module, args, output):
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return None
-            reason = refusal(module)            # the mode may have changed since entering (model.train())
+            reason = refusal(module) if may_refuse else None   # the mode may have changed (model.train())
             if reason is not None:
                 raise RuntimeError(f"per_sample.capture: cannot take {where}: {reason}")
             x = args[0]
             _watch(output, x, where, lambda G: rule(module, x, G, grads), record)
+            record.enclose(output, args)
             return None
         return forward_hook
+
+    @staticmethod
+    def _root_exit(record):
+        def root_hook(module, args, output):
+            if torch.is_grad_enabled():
+                record.forwards += 1
+                record.check_uses(output)
+        return root_hook
 
     def _mha_enter(self, m, where, record):
         grads = self.grads
 
-        def tap(role, x, y, bsz):
-            if torch.is_grad_enabled() and y.requires_grad:
-                _watch(y, x, f"{where} {role} projection",
-                       lambda G: projection_parts(m, role, x, G, bsz, grads), record)
+        def pre_hook(module, args, kwargs):
+            grams: dict = {}           # this forward's Xₙ Xₙᵀ, shared by projections of one input
 
-        def pre_hook(module, args):
+            def tap(role, x, y, bsz):
+                if torch.is_grad_enabled() and y.requires_grad:
+                    _watch(y, x, f"{where} {role} projection",
+                           lambda G: projection_parts(m, role, x, G, bsz, grads, grams), record)
             PROJECTION_TAP.append(tap)
         return pre_hook
 
     @staticmethod
-    def _mha_exit(module, args, output):
-        if PROJECTION_TAP:                     # always_call: also when the forward raised
-            PROJECTION_TAP.pop()
+    def _mha_exit(record):
+        def exit_hook(module, args, kwargs, output):
+            if PROJECTION_TAP:                 # always_call: also when the forward raised
+                PROJECTION_TAP.pop()
+            if output is not None and torch.is_grad_enabled():
+                record.enclose(output, (args, kwargs))
+        return exit_hook
+
+
+def _grad_fns(obj) -> list:
+    """The grad_fn of every tensor in ``obj`` (a tensor, or a nest of them) that has one."""
+    if isinstance(obj, torch.Tensor):
+        return [] if obj.grad_fn is None else [obj.grad_fn]
+    return [t.grad_fn for t in tree_leaves(obj) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+
+
+def _leaf(node):
+    """The tensor of an AccumulateGrad node (a leaf's gradient sink: every use of the leaf has an
+    edge to it), else None."""
+    return getattr(node, "variable", None)
+
+
+def _may_refuse(m: nn.Module) -> bool:
+    """Whether ``refusal(m)`` can change after entering (batch norm's mode), so each forward asks again."""
+    return isinstance(m, (hnn.BatchNorm1d, hnn.BatchNorm2d))
 
 
 def _grad_state(p: torch.Tensor):
@@ -204,12 +300,20 @@ def _watch(y: torch.Tensor, x: torch.Tensor, where: str, parts_of, record: _Reco
     version = x._version
 
     def hook(G):
+        if not record.active:          # a backward after the capture closed, through its graph: not recorded
+            return
         if x._version != version:
             raise RuntimeError(f"per_sample.capture: the input of {where} was modified in place after the "
                                "layer ran; its per-sample gradients would use the changed values")
         with torch.no_grad():
             record.add(parts_of(G.detach()), where)
     y.register_hook(hook)
+    record.taps.append(get_gradient_edge(y))   # the edge as it is now: an in-place op after the layer moves y's
+
+
+def record_of(model: nn.Module) -> _Record | None:
+    """The record of ``model``'s last capture (None: never captured)."""
+    return getattr(model, _STATE, None)
 
 
 def norms(model: nn.Module) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["affine", "summed", "scaled", "rows", "sq"]
+__all__ = ["affine", "conv_weight", "summed", "scaled", "rows", "sq"]
 
 
 def sq(g: torch.Tensor) -> torch.Tensor:
@@ -21,14 +21,15 @@ def sq(g: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(g.flatten(1), dim=1).square()
 
 
-def affine(X: torch.Tensor, D: torch.Tensor, grads: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+def affine(X: torch.Tensor, D: torch.Tensor, grads: bool, gram=None) -> tuple[torch.Tensor | None, torch.Tensor]:
     r"""A weight entering as Yₙ = Xₙ Wᵀ (one affine map applied to the T rows of sample n):
 
         ∂Cⁿ/∂W = Δₙᵀ Xₙ                                  (D_out, D_in)
         ‖Δₙᵀ Xₙ‖²_F = ⟨Xₙ Xₙᵀ, Δₙ Δₙᵀ⟩_F  (T × T Gram matrices; = ‖δₙ‖² ‖xₙ‖² for T = 1)
 
     Shapes: X (N, T, D_in), D = Δ (N, T, D_out). The norm takes the Gram form when T² ≤
-    D_in·D_out (ghost clipping's choice: the smaller intermediate), else forms Δₙᵀ Xₙ."""
+    D_in·D_out (ghost clipping's choice: the smaller intermediate), else forms Δₙᵀ Xₙ. ``gram``:
+    a function giving Xₙ Xₙᵀ (N, T, T), where several maps share X (attention's q, k, v)."""
     N, T, D_in = X.shape
     D_out = D.shape[-1]
     if grads or T * T > D_in * D_out:
@@ -36,21 +37,57 @@ def affine(X: torch.Tensor, D: torch.Tensor, grads: bool) -> tuple[torch.Tensor 
         return (g, None) if grads else (None, sq(g))
     if T == 1:                                           # ‖xₙ‖² ‖δₙ‖²
         return None, (torch.linalg.vector_norm(X, dim=(1, 2)) * torch.linalg.vector_norm(D, dim=(1, 2))).square()
-    return None, ((X @ X.mT) * (D @ D.mT)).sum((1, 2))   # ⟨Xₙ Xₙᵀ, Δₙ Δₙᵀ⟩  from (N, T, T)
+    XX = X @ X.mT if gram is None else gram()            # Xₙ Xₙᵀ (N, T, T)
+    return None, (XX * (D @ D.mT)).sum((1, 2))           # ⟨Xₙ Xₙᵀ, Δₙ Δₙᵀ⟩
 
 
-def summed(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""A bias added to each of the T rows: ∂Cⁿ/∂b = 1ᵀ Δₙ (D_out,). D = Δ (N, T, D_out)."""
+def conv_weight(x: torch.Tensor, D: torch.Tensor, k_size: tuple[int, ...], stride: tuple[int, ...],
+                padding: tuple[int, ...], dilation: tuple[int, ...], groups: int) -> torch.Tensor:
+    r"""A convolution's weight, Yₙ[o, p] = Σ_{c, k} W[o, c, k] Xₙ[g(o) C_g + c, s p + d k − pad]:
+
+        ∂Cⁿ/∂W[o, c, k] = Σ_p Δₙ[o, p] Xₙ[g(o) C_g + c, s p + d k − pad]   (= Δₙᵀ Xₙ,col: ``affine``
+                                                                            over the L positions)
+
+    for every n at once as one forward convolution, without the im2col matrix (L·C_g·|k| per
+    sample): X's sample and channel dims swap (input (C_g, N·g, *S): batch c, channel (n, group)),
+    Δ is the weight (N·C_out, 1, *S_out) with one group per (n, group), stride and dilation swap
+    roles (tap k sits at d k + s p), the padding stays. Its spatial output is at least K (rows no
+    window reaches give more): the first K are kept. x (N, C_in, *S), D = Δ (N, C_out, *S_out);
+    returns (N, C_out, C_g, *K), a new tensor."""
+    N, C_in, *S = x.shape
+    C_out, C_g, d = D.shape[1], C_in // groups, len(k_size)
+    dt = torch.promote_types(x.dtype, D.dtype)
+    if N == 0:                                                                              # no sample, no group
+        return x.new_zeros((0, C_out, C_g, *k_size), dtype=dt)
+    xt = x.to(dt).reshape(N, groups, C_g, *S).movedim(2, 0).reshape(C_g, N * groups, *S)    # (C_g, N·g, *S)
+    w = D.to(dt).reshape(N * C_out, 1, *D.shape[2:])                                        # (N·C_out, 1, *S_out)
+    v = torch.convolution(xt, w, None, dilation, padding, stride, False, (0,) * d, N * groups)  # (C_g, N·C_out, *K')
+    v = v[(..., *(slice(0, K) for K in k_size))]                                            # (C_g, N·C_out, *K)
+    return v.reshape(C_g, N, C_out, *k_size).movedim(0, 2).contiguous()                     # (N, C_out, C_g, *K)
+
+
+def summed(D: torch.Tensor, grads: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    r"""A bias added to each of the T rows: ∂Cⁿ/∂b = 1ᵀ Δₙ (D_out,). D = Δ (N, T, D_out).
+    Without ``grads`` the gradient is not returned (for T = 1 its norm is ‖δₙ‖, no copy)."""
+    if not grads and D.shape[1] == 1:
+        return None, sq(D)                               # ‖δₙ‖²
     g = D[:, 0].clone() if D.shape[1] == 1 else D.sum(1)   # 1ᵀ Δₙ  (N, D_out)
-    return g, sq(g)
+    return (g if grads else None), sq(g)
 
 
 def scaled(xhat: torch.Tensor, D: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     r"""An elementwise scale Y = x̂ ⊙ γ (γ broadcast along ``dims``; the norms' weight):
     ∂Cⁿ/∂γ = Σ_{dims} (Δ ⊙ x̂)ₙ. A shift (the norms' bias) is the same with x̂ = 1:
-    pass ``xhat=None``. xhat, D (N, …); the result (N, *γ's shape)."""
-    g = D if xhat is None else D * xhat                  # Δ ⊙ x̂
-    g = g.sum(dims) if dims else g.clone()               # Σ_{dims}  (sum(()) would sum every dim; a copy, not Δ)
+    pass ``xhat=None``. xhat, D (N, …); the result (N, *γ's shape). ``xhat`` is the caller's
+    fresh tensor and is overwritten by Δ ⊙ x̂ where the dtypes allow (one temporary of x's
+    size fewer: at CNN sizes a new buffer costs more in page faults than the product)."""
+    if xhat is None:
+        g = D
+    elif xhat.shape == D.shape and xhat.dtype == torch.promote_types(xhat.dtype, D.dtype):
+        g = xhat.mul_(D)                                 # Δ ⊙ x̂, in x̂'s buffer
+    else:
+        g = D * xhat
+    g = g.sum(dims) if dims else (g.clone() if g is D else g)   # Σ_{dims} (sum(()) would sum every dim); never Δ itself
     return g, sq(g)
 
 

@@ -3,8 +3,9 @@ handgrad module takes, given the module's saved input ``x`` and ``G = ∂L/∂Y`
 
 A rule lays ``x`` and ``G`` out with the sample first, (N, T, ·) where a layer maps T rows of a
 sample alike (sequence positions, conv patches), and returns one ``Part`` per parameter. The
-normalised x̂ of the norm layers is recomputed with handgrad's own functional (the op with no
-weight or bias), so the normalisation is not written again here. ``RULES`` is the table;
+normalised x̂ of the norm layers is recomputed by the function handgrad's own op computes it with
+(``ops.normalize`` / ``ops.norms``; RMS and eval batch norm through the functional), so the
+normalisation is not written again here. ``RULES`` is the table;
 ``refusal`` names the modules capture cannot take, and why.
 """
 from __future__ import annotations
@@ -17,7 +18,11 @@ import torch.nn.functional as TF
 
 from .. import functional as F
 from .. import nn as hnn
-from ._formulas import affine, rows, scaled, summed
+from ..ops._function import opmath
+from ..ops.normalize import Norm
+from ..ops.normalize import _xhat as norm_xhat
+from ..ops.norms import normalize as layer_norm_xhat
+from ._formulas import affine, conv_weight, rows, scaled, sq, summed
 
 __all__ = ["Part", "RULES", "rule_for", "refusal", "projection_parts"]
 
@@ -42,14 +47,14 @@ def _sample_first(fn: str, x: torch.Tensor, ndim: int) -> int:
     return x.shape[0]
 
 
-def _affine_parts(weight, bias, X, D, grads, rows_=None) -> list[Part]:
+def _affine_parts(weight, bias, X, D, grads, rows_=None, gram=None) -> list[Part]:
     """Y = X Wᵀ + b over (N, T, ·) rows: W by ``affine``, b by ``summed``."""
     parts = []
     if _wanted(weight):
-        g, sq = affine(X, D, grads)
+        g, sq = affine(X, D, grads, gram)
         parts.append(Part(weight, g, sq, rows_))
     if _wanted(bias):
-        g, sq = summed(D)
+        g, sq = summed(D, grads)
         parts.append(Part(bias, g, sq, rows_))
     return parts
 
@@ -62,36 +67,42 @@ def _linear(m, x, G, grads):
 
 
 def _conv(m, x, G, grads):
-    r"""Yₙ = W_col Xₙ,col + b: the affine rule over the L output positions, with Xₙ,col the
-    unfolded patches (im2col; ``torch.nn.functional.unfold``), one affine map per group."""
+    r"""Yₙ = W_col Xₙ,col + b: the affine rule over the L output positions, one affine map per
+    group. ∂Cⁿ/∂W is formed by ``conv_weight`` (no im2col matrix); its norm takes the Gram form of
+    ``affine`` on the unfolded patches Xₙ,col (im2col, ``torch.nn.functional.unfold``) when
+    L² ≤ (C_in/g·|k|)·(C_out/g), the smaller intermediate (Opacus's "mixed ghost" choice)."""
     d = len(m.kernel_size)
     N = _sample_first(type(m).__name__, x, d + 2)
     if x.dim() != d + 2:
         raise RuntimeError(f"per_sample.capture: {type(m).__name__} got an input of shape {list(x.shape)}; "
                            f"expected (N, C, *{d} spatial dims)")
-    pad = m.padding
+    pad = tuple(m.padding) if not isinstance(m.padding, str) else (0,) * d
     if isinstance(m.padding, str) or m.padding_mode != "zeros":   # 'same'/'valid' or a padding mode: pad first
         if any(m._reversed_padding_repeated_twice):
             x = TF.pad(x, m._reversed_padding_repeated_twice,
                        mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
         pad = (0,) * d
-    if d == 1:                                            # conv1d as a 1 × k conv2d
-        cols = TF.unfold(x.unsqueeze(2), (1, *m.kernel_size), dilation=(1, *m.dilation), padding=(0, *pad),
-                         stride=(1, *m.stride))
-    else:
-        cols = TF.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)   # (N, C_in·k, L)
     g, C_out = m.groups, m.out_channels
-    K, L = cols.shape[1] // g, cols.shape[-1]
-    X = cols.view(N, g, K, L).mT.reshape(N * g, L, K)                       # (N·g, L, C_in/g · k)
-    D = G.reshape(N, g, C_out // g, L).mT.reshape(N * g, L, C_out // g)      # (N·g, L, C_out/g)
+    L, K = G.shape[2:].numel(), m.weight.shape[1:].numel()            # positions; C_in/g · |k|
     parts = []
     if _wanted(m.weight):
-        gw, sq = affine(X, D, grads)                                        # per (sample, group)
-        gw = None if gw is None else gw.reshape(N, *m.weight.shape)
-        parts.append(Part(m.weight, gw, None if sq is None else sq.view(N, g).sum(1)))
+        if grads or L * L > K * (C_out // g):
+            gw = conv_weight(x, G, tuple(m.kernel_size), tuple(m.stride), pad, tuple(m.dilation), g)
+            gw = gw.view(N, *m.weight.shape)                                    # (N, C_out, C_in/g, *k)
+            parts.append(Part(m.weight, gw, None) if grads else Part(m.weight, None, sq(gw)))
+        else:
+            if d == 1:                                                          # conv1d as a 1 × k conv2d
+                cols = TF.unfold(x.unsqueeze(2), (1, *m.kernel_size), dilation=(1, *m.dilation),
+                                 padding=(0, *pad), stride=(1, *m.stride))
+            else:
+                cols = TF.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)  # (N, C_in·k, L)
+            X = cols.view(N * g, K, L).mT                                       # (N·g, L, C_in/g · k)
+            D = G.reshape(N * g, C_out // g, L).mT                              # (N·g, L, C_out/g)
+            _, sq_w = affine(X, D, False)                                       # per (sample, group)
+            parts.append(Part(m.weight, None, sq_w.view(N, g).sum(1)))
     if _wanted(m.bias):
-        gb, sq = summed(G.reshape(N, C_out, L).mT)                          # Δ (N, L, C_out)
-        parts.append(Part(m.bias, gb, sq))
+        gb, sq_b = summed(G.reshape(N, C_out, L).mT, grads)                     # Δ (N, L, C_out)
+        parts.append(Part(m.bias, gb, sq_b))
     return parts
 
 
@@ -102,7 +113,7 @@ def _norm_parts(m, weight, bias, xhat, G, dims):
 def _layer_norm(m, x, G, grads):
     K = len(m.normalized_shape)
     _sample_first("LayerNorm", x, K + 1)
-    xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)       # x̂ over the last K dims
+    xhat = layer_norm_xhat(opmath(x), K, m.eps, fast=True)[0]           # x̂ over the last K dims (LayerNormFn's)
     return _norm_parts(m, m.weight, m.bias, xhat, G, tuple(range(1, x.dim() - K)))
 
 
@@ -182,21 +193,30 @@ def refusal(m: torch.nn.Module) -> str | None:
     return None
 
 
-def projection_parts(m: hnn.MultiheadAttention, role: str, x, y_grad, bsz: int, grads: bool) -> list[Part]:
+def projection_parts(m: hnn.MultiheadAttention, role: str, x, y_grad, bsz: int, grads: bool,
+                     grams: dict | None = None) -> list[Part]:
     r"""MultiheadAttention's projections (functional/_mha.py taps them): q, k, v = x W_{q,k,v}ᵀ + b
     with rows laid out (T, N, E), and ``out``, the output projection, with rows (T·N, E) in
     (t, n) order. Each is the affine rule; q, k, v use rows [0:E), [E:2E), [2E:3E) of
-    ``in_proj_weight`` / ``in_proj_bias`` (or their own ``*_proj_weight``)."""
+    ``in_proj_weight`` / ``in_proj_bias`` (or their own ``*_proj_weight``). ``grams``: one
+    forward's Xₙ Xₙᵀ by the input tensor, so self-attention's q, k, v form it once."""
     T = x.shape[:-1].numel() // bsz if bsz else 0
     X = x.reshape(T, bsz, x.shape[-1]).transpose(0, 1)                     # (N, T, D_in)
     D = y_grad.reshape(T, bsz, y_grad.shape[-1]).transpose(0, 1)           # (N, T, D_out)
+
+    def gram():
+        if grams is None:
+            return X @ X.mT
+        if id(x) not in grams:
+            grams[id(x)] = (x, X @ X.mT)                                    # x held: its id stays its own
+        return grams[id(x)][1]
     if role == "out":
         return _affine_parts(m.out_proj.weight, m.out_proj.bias, X, D, grads)
     E = m.embed_dim
     i = "qkv".index(role)
     block = slice(i * E, (i + 1) * E)
     if m._qkv_same_embed_dim:
-        parts = _affine_parts(m.in_proj_weight, None, X, D, grads, block)
+        parts = _affine_parts(m.in_proj_weight, None, X, D, grads, block, gram)
     else:
-        parts = _affine_parts(getattr(m, f"{role}_proj_weight"), None, X, D, grads)
+        parts = _affine_parts(getattr(m, f"{role}_proj_weight"), None, X, D, grads, gram=gram)
     return parts + _affine_parts(None, m.in_proj_bias, X, D, grads, block)
