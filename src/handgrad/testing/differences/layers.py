@@ -22,6 +22,13 @@ def _high_rank_bias(call) -> bool:
         return False
 
 
+def _conv_nonfinite_or_huge(call) -> bool:
+    """an inf or nan element, or one past 1e15 (|z| for complex): where a convolution's sums overflow
+    or meet 0·inf"""
+    return any(not (v := s.base.to(s.dtype).abs().double()).isfinite().all() or bool((v > 1e15).any())
+               for s in call.specs() if s.dtype.is_floating_point or s.dtype.is_complex)
+
+
 def _adaptive_size(call):
     """adaptive_avg_pool2d's output size as torch resolves it ((H_out, W_out)), or None."""
     x, size = _input(call), call.args[1] if len(call.args) > 1 else None
@@ -49,6 +56,18 @@ def _int64_input(call) -> bool:
 
 
 LAYERS: tuple[Difference, ...] = (
+    *(Difference(
+        "conv: non-finite or overflowing values", op, ("value", "grad"), _conv_nonfinite_or_huge,
+        "with an inf or nan element, or a sum past the dtype's range, the result depends on the CPU kernel "
+        "torch picks for the shape (oneDNN skips the zero-padding taps and the taps a stride never reaches, "
+        "im2col multiplies them: 0·inf is nan in one and not in the other; its complex convolution adds "
+        "Gauss's three real products) and on the order of the overflowing sum (a bfloat16 output whose "
+        "float64 value is +1.1e70 comes out -inf)",
+        "the IEEE result of handgrad's own products: a float16/bfloat16 sum past float32's range is "
+        "recomputed in float64, so an overflow has the sign of the true sum",
+        "No single answer is torch's: its own kernels disagree on these inputs, call by call. handgrad's "
+        "follows one rule, and its overflows have the true sum's sign.",
+        "python -m handgrad.testing.fuzz --call conv2d:75509310767") for op in ("conv1d", "conv2d")),
     Difference(
         "linear: a bias of 3 or more dims that broadcasts", "linear", ("exception",), _high_rank_bias,
         "F.linear(x (1, 1, 3), w (3, 3), b (1, 1, 3)) raises RuntimeError (its addmm path expands the "
