@@ -6,12 +6,13 @@ exception types, and the layout the Functions in ``handgrad.ops.losses`` work on
 from __future__ import annotations
 
 import torch
+from .._compat import functorch_transforms_active
 from .._compat import nn_reduction as _Reduction
 
 from ..ops.losses import BCEWithLogitsFn, CrossEntropyFn, CrossEntropyOptions, NLLLossFn, SquaredErrorFn
 from ._common import (autocast, check_class_target, check_class_weight, check_ignore_index, check_label_smoothing,
                       check_no_bool_subtraction, check_not_differentiable, check_reduction, check_target_range,
-                      check_tensor, no_kernel, shape_str, warn)
+                      check_tensor, autocast_on, no_kernel, shape_str, warn, REDUCTIONS)
 
 __all__ = ["mse_loss", "half_squared_error", "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits"]
 
@@ -33,6 +34,14 @@ def _promote(*tensors):
     if not dtype.is_floating_point:
         dtype = torch.get_default_dtype()
     return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def _same_floats(input, target) -> bool:
+    """The common call of an elementwise loss, in one cheap test (it runs every step): two
+    tensors of one shape and one floating dtype, no autocast: nothing to warn about, cast or
+    refuse."""
+    return (type(input) is torch.Tensor and type(target) is torch.Tensor and input.shape == target.shape
+            and input.dtype == target.dtype and input.is_floating_point() and not autocast_on())
 
 
 def _check_floating(fn, kernel, input, target, weight=None):
@@ -63,6 +72,9 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average: bool | Non
              reduction: str = "mean", weight: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.nn.functional.mse_loss``: w ⊙ (x − y)², reduced; 'mean' with ``weight`` divides by
     Σ w, as torch does. Hand-derived backward for input, target and weight (ops.losses.SquaredErrorFn)."""
+    if weight is None and size_average is None and reduce is None and _same_floats(input, target) and (
+            reduction in REDUCTIONS):
+        return SquaredErrorFn.call(input, target, None, reduction, "mse")     # every check below passes
     check_tensor("input", input, fn="mse_loss")
     check_tensor("target", target, fn="mse_loss")
     if weight is not None:
@@ -97,6 +109,8 @@ def half_squared_error(input: torch.Tensor, target: torch.Tensor, reduction: str
     """The seed's loss Σ_n ½‖x_n − y_n‖² over the rows x_n (last dim): 'none' gives one value per
     row (shape input.shape[:-1]), 'mean' divides by the number of rows N. Broadcasts as
     ``0.5 * ((x − y) ** 2).sum(-1)`` does. Hand-derived backward (ops.losses.SquaredErrorFn)."""
+    if _same_floats(input, target) and input.dim() and reduction in REDUCTIONS:
+        return SquaredErrorFn.call(input, target, None, reduction, "half")    # every check below passes
     check_tensor("input", input, fn="half_squared_error")
     check_tensor("target", target, fn="half_squared_error")
     input, target = autocast("half_squared_error", input, target)
@@ -156,6 +170,35 @@ def _class_options(fn, input, target, weight, ignore_index, reduction, label_smo
     return C, weight, CrossEntropyOptions(reduction, ignore_index, eps, probs)
 
 
+_COMMON_OPTIONS: dict = {}
+
+
+def _common_class_call(input, target, weight, size_average, reduce, reduction, ignore_index, label_smoothing):
+    """The common call of cross_entropy / nll_loss, in one cheap test (it runs every step):
+    input (N, C) floating, target (N,) int64, no class weight, no legacy flags, a valid reduction,
+    an int ignore_index, no smoothing, no autocast. Every check of ``_class_args`` passes on it, so
+    its options come from a cache (None: anything else, which takes the detailed checks)."""
+    if not (weight is None and size_average is None and reduce is None and type(input) is torch.Tensor
+            and type(target) is torch.Tensor and input.dim() == 2 and target.dim() == 1
+            and target.dtype == torch.int64 and input.is_floating_point() and target.shape[0] == input.shape[0]
+            and type(ignore_index) is int and type(label_smoothing) in (float, int) and label_smoothing == 0
+            and not autocast_on()):
+        return None
+    opts = _COMMON_OPTIONS.get((reduction, ignore_index))
+    if opts is None:
+        if reduction not in REDUCTIONS:
+            return None
+        opts = _COMMON_OPTIONS[(reduction, ignore_index)] = CrossEntropyOptions(reduction, ignore_index)
+    return opts
+
+
+def _kernel_checks_range(input) -> bool:
+    """Does the Function's forward take its fast path, torch's nll_loss kernel, which refuses an
+    out-of-range class index itself (IndexError, its message completed by the Function)? Then the
+    functional's own host check would be a second pass over the target."""
+    return input.numel() > 0 and not functorch_transforms_active()
+
+
 def _class_args(fn, input, target, weight, size_average, reduce, reduction, ignore_index, label_smoothing, *,
                 allow_probs):
     """cross_entropy's and nll_loss's arguments: tensors, autocast, the legacy flags, then every
@@ -177,6 +220,11 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     """``torch.nn.functional.cross_entropy``: log-softmax and NLL in one Function
     (ops.losses.CrossEntropyFn), class-index or class-probability targets, K-dim and unbatched
     inputs, ``weight``, ``ignore_index``, ``label_smoothing``; torch's numbers in every case."""
+    opts = _common_class_call(input, target, weight, size_average, reduce, reduction, ignore_index, label_smoothing)
+    if opts is not None:
+        if not _kernel_checks_range(input):
+            check_target_range("cross_entropy", target, input.shape[1], ignore_index, input)
+        return CrossEntropyFn.call(input, target, None, opts)[0]
     input, target, weight, opts, C = _class_args("cross_entropy", input, target, weight, size_average, reduce,
                                                  reduction, ignore_index, label_smoothing, allow_probs=True)
     return class_loss("cross_entropy", input, target, weight, opts, C)
@@ -198,6 +246,11 @@ def nll_loss(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
              reduction: str = "mean") -> torch.Tensor:
     """``torch.nn.functional.nll_loss``: −w_y x_y (ops.losses.NLLLossFn), K-dim and unbatched
     inputs, ``weight``, ``ignore_index``; 'mean' divides by the kept rows' weights, as torch does."""
+    opts = _common_class_call(input, target, weight, size_average, reduce, reduction, ignore_index, 0.0)
+    if opts is not None:
+        if not _kernel_checks_range(input):
+            check_target_range("nll_loss", target, input.shape[1], ignore_index, input)
+        return NLLLossFn.call(input, target, None, opts)
     input, target, weight, opts, C = _class_args("nll_loss", input, target, weight, size_average, reduce,
                                                  reduction, ignore_index, 0.0, allow_probs=False)
     X, Y = _rows(input, target, False)

@@ -27,6 +27,11 @@ from ._function import accurate_sum as _sum
 from .softmax import log_softmax_jvp, log_softmax_rows, log_softmax_vjp
 
 
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in ``dtype``; t itself when it is already (``Tensor.to``'s own no-op test costs a µs)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _scale(g: torch.Tensor, reduction: str, den) -> torch.Tensor:
     """ĝ: the incoming gradient as it multiplies each element's derivative."""
     return g / den if reduction == "mean" else g           # g/den ('mean'), g ('sum'), G ('none')
@@ -91,11 +96,11 @@ class SquaredErrorFn(HandFunction):
             # expressions below do (tests/test_fast_paths.py compares the two).
             X, Y = opmath(x), opmath(y)
             if kind == "mse":
-                return TF.mse_loss(X, Y, reduction=reduction).to(x.dtype)            # Σ D² (/ |S|)
+                return _to(TF.mse_loss(X, Y, reduction=reduction), x.dtype)            # Σ D² (/ |S|)
             if reduction == "none":
-                return torch.sub(X, Y).square_().sum(-1).mul_(0.5).to(x.dtype)       # ½ Σ_d D²  per row
-            total = TF.mse_loss(X, Y, reduction="sum").mul_(0.5)                     # ½ Σ D²
-            return (total / X.shape[:-1].numel() if reduction == "mean" else total).to(x.dtype)
+                return _to(torch.sub(X, Y).square_().sum(-1).mul_(0.5), x.dtype)       # ½ Σ_d D²  per row
+            c = 0.5 / X.shape[:-1].numel() if reduction == "mean" else 0.5
+            return _to(TF.mse_loss(X, Y, reduction="sum").mul_(c), x.dtype)           # ½ Σ D² (/ N)
         D, c, den = _se_terms(x, y, w, kind)                    # D (S)
         E = c * D * D if w is None else c * opmath(w) * D * D   # E = c W ⊙ D²      (S)
         if reduction == "none":
@@ -115,14 +120,20 @@ class SquaredErrorFn(HandFunction):
     def backward(ctx, g):
         x, y, w = ctx.saved_tensors
         D, c, den = _se_terms(x, y, w, ctx.kind)                   # D = X − Y          (S)
-        g_hat = _se_expand(_scale(opmath(g), ctx.reduction, den), ctx.kind)   # ĝ     (S or scalar)
         gx = gy = gw = None
         if (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) and w is None and fast_path(g):
-            GD = D.mul_(2 * c * g_hat)                                     # 2c ĝ ⊙ D, in D's buffer
-            gx = GD.sum_to_size(ctx.shapes[0]).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+            # 2c ĝ ⊙ D in D's buffer, 2c/den folded into one number (a scalar g: one op on it;
+            # den = 0 only where D has no element)
+            scale = opmath(g) * ((2 * c / den if den else math.nan) if ctx.reduction == "mean" else 2 * c)
+            GD = D.mul_(_se_expand(scale, ctx.kind))                        # 2c ĝ ⊙ D
+            same = ctx.shapes[0] == ctx.shapes[1] == GD.shape               # nothing to sum down
+            if ctx.needs_input_grad[0]:
+                gx = _to(GD if same else GD.sum_to_size(ctx.shapes[0]), ctx.dtypes[0])
             if ctx.needs_input_grad[1]:                                    # −2c ĝ D (its own buffer if ∂L/∂X took GD)
-                gy = (torch.neg(GD) if gx is not None else GD.neg_()).sum_to_size(ctx.shapes[1]).to(ctx.dtypes[1])
+                gy = torch.neg(GD) if gx is not None else GD.neg_()
+                gy = _to(gy if same else gy.sum_to_size(ctx.shapes[1]), ctx.dtypes[1])
             return gx, gy, None, None, None
+        g_hat = _se_expand(_scale(opmath(g), ctx.reduction, den), ctx.kind)   # ĝ     (S or scalar)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             GD = 2 * c * g_hat * D if w is None else 2 * c * g_hat * opmath(w) * D  # 2c ĝ ⊙ W ⊙ D
             GD = GD.expand(D.shape)
@@ -282,6 +293,31 @@ def ce_row_scale(g, opts, den, keep_rows):
     return s if s.dim() == 0 else s.unsqueeze(1)                          # (M, 1) for 'none'
 
 
+def nll_kernel(X, y, w, opts):
+    """torch's nll_loss forward kernel on rows X (M, C), for the fast paths: the same −Σ a_i X_{i,y_i}
+    (/ Σ a_i) in one pass. It refuses a class index outside [0, C) itself (the functionals then skip
+    their own host check): its IndexError is completed with the class range and the shape."""
+    try:
+        return TF.nll_loss(X, y, None if w is None else opmath(w).reshape(-1),
+                           ignore_index=opts.ignore_index, reduction=opts.reduction)
+    except IndexError as e:
+        raise IndexError(f"{e} (target holds class indices in [0, {X.shape[1]}), ignore_index "
+                         f"{opts.ignore_index}, for rows of shape {list(X.shape)})") from None
+
+
+def fast_index_scale(g, col, C, opts):
+    """ĝ for index targets without a class weight, where nothing records it: (M, 1), 0 exactly on
+    ignored rows (g/den, g or g_i elsewhere; den = the kept rows), and y with ignored rows sent to
+    class 0. ``col``: y as (M, 1), its kept indices in [0, C) (the forward's kernel checked them)."""
+    keep = col != opts.ignore_index                                       # (M, 1)
+    y0 = col.clamp(0, C - 1)                                              # ignored rows: a class in range
+    if opts.reduction == "mean":
+        g = g / keep.sum()                                                # g / den
+    elif opts.reduction == "none":
+        g = g.unsqueeze(1)                                                # g_i      (M, 1)
+    return torch.where(keep, g, 0.0), y0                                  # ĝ, 0 on ignored rows
+
+
 class CrossEntropyFn(HandFunction):
     r"""ℓ_i = −Σ_c Q_ic log softmax(X)_ic, reduced — equals
     ``torch.nn.functional.cross_entropy(x, target, weight, ignore_index=…, reduction=…,
@@ -316,9 +352,7 @@ class CrossEntropyFn(HandFunction):
             # log p and −Σ a_i log p_{i,y_i} / den in two passes; the expressions below are the
             # same forward, taken under the torch.func transforms (tests/test_fast_paths.py).
             logp = torch.log_softmax(opmath(x), 1)                        # log p       (M, C)
-            loss = TF.nll_loss(logp, target, None if w is None else opmath(w).reshape(-1),
-                               ignore_index=opts.ignore_index, reduction=opts.reduction)
-            return loss.to(x.dtype), logp
+            return _to(nll_kernel(logp, target, w, opts), x.dtype), logp
         logp = log_softmax_rows(opmath(x))                                # log p       (M, C)
         loss = ce_losses(logp, target, w, opts)                           # ℓ           (M,)
         den = ce_denominator(target, w, opts, logp.dtype)
@@ -346,12 +380,15 @@ class CrossEntropyFn(HandFunction):
             # log p is torch's here (the forward's kernel), whose log p_y rounds at the scale of
             # 1 where p_y ≈ 1, so p_y − 1 is taken as −Σ_{j≠y} p_j (the same number, Σ p = 1):
             # a sum of small terms, no cancellation, instead of expm1(log p_y).
-            keep, y0, a = ce_index_terms(target, w, opts.ignore_index, logp.dtype)   # (M,)
-            col = y0.unsqueeze(1)                                         # (M, 1)
+            if w is None:
+                s, col = fast_index_scale(opmath(g), target.unsqueeze(1), logp.shape[1], opts)   # ĝ (a_i = keep_i), y  (M, 1)
+            else:
+                keep, y0, a = ce_index_terms(target, w, opts.ignore_index, logp.dtype)   # (M,)
+                col = y0.unsqueeze(1)                                     # (M, 1)
+                s = ce_row_scale(g, opts, _sum(a), keep) * a.unsqueeze(1)  # ĝ a_i   (M, 1)
             P = logp.exp().scatter_(1, col, 0.0)                          # P, 0 at y          (M, C)
             P.scatter_(1, col, P.sum(1, keepdim=True).neg_())             # P − E_y
-            s = ce_row_scale(g, opts, _sum(a), keep)                      # ĝ                  (M, 1) or ()
-            gx = P.mul_(a.unsqueeze(1) * s)                               # ĝ a_i (P_i − e_{y_i})
+            gx = P.mul_(s)                                                # ĝ a_i (P_i − e_{y_i})
         elif g is not None and need_x:
             R, keep = ce_direction(logp, target, w, opts, fast=fast)      # P (Q 1) − Q      (M, C)
             den = ce_denominator(target, w, opts, logp.dtype)
@@ -369,7 +406,7 @@ class CrossEntropyFn(HandFunction):
             back = log_softmax_vjp(logp, opmath(g_logp), 1)               # G_lp − P ⊙ (G_lp 1)
             gx = back if gx is None else gx + back
         if gx is not None:
-            gx = gx.to(ctx.x_dtype)
+            gx = _to(gx, ctx.x_dtype)
         return gx, gt, gw, None
 
     @staticmethod
@@ -412,8 +449,7 @@ class NLLLossFn(HandFunction):
     @staticmethod
     def forward(x, y, w, opts):
         if fast_path() and x.numel():                                     # torch's forward kernel: the same sum
-            return TF.nll_loss(opmath(x), y, None if w is None else opmath(w).reshape(-1),
-                               ignore_index=opts.ignore_index, reduction=opts.reduction).to(x.dtype)
+            return _to(nll_kernel(opmath(x), y, w, opts), x.dtype)
         X = opmath(x)                                                     # (M, C)
         keep, y0, a = ce_index_terms(y, w, opts.ignore_index, X.dtype)    # (M,)
         picked = _picked(X, y0)                                           # X_{i, y_i}      (M,)
@@ -433,6 +469,10 @@ class NLLLossFn(HandFunction):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         y, w = ctx.saved_tensors
+        if w is None and ctx.x_shape[1] and fast_path(g):                # a_i = keep_i; in place on fresh buffers
+            sa, col = fast_index_scale(opmath(g), y.unsqueeze(1), ctx.x_shape[1], ctx.opts)   # ĝ ⊙ a, y   (M, 1)
+            gx = sa.new_zeros(ctx.x_shape).scatter_(1, col, sa.neg_())    # −(ĝ ⊙ a) ⊙ E_y
+            return _to(gx, ctx.x_dtype), None, None, None
         keep, y0, a = ce_index_terms(y, w, ctx.opts.ignore_index, opmath(g).dtype)   # (M,)
         sa = ce_row_scale(g, ctx.opts, _sum(a), keep) * a.unsqueeze(1)    # ĝ ⊙ a   (M, 1)
         zeros = sa.new_zeros(ctx.x_shape)                                 # (M, C)
