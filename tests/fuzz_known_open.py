@@ -20,10 +20,6 @@ def _specs(call):
     return [s for s in call.specs()]
 
 
-def _kw(name, value):
-    return lambda call: call.kwargs.get(name) == value
-
-
 def _target(call):
     return call.args[1] if call.op in ("cross_entropy", "nll_loss") and len(call.args) > 1 else None
 
@@ -52,12 +48,6 @@ def _open(name, ops, kinds, when, repro, why="owned by the attention branch (ops
 def _kdim_empty_batch_or_complex(call):
     x = call.first()
     return x is not None and (x.dtype.is_complex or (len(x.shape) >= 1 and x.shape[0] == 0))
-
-
-def _max_norm_edge(call):
-    w = call.args[1] if len(call.args) > 1 else None
-    return call.kwargs.get("max_norm") is not None and isinstance(w, Spec) and (
-        bool(w.view) and w.view[0] == "expand" or 0 in w.shape)
 
 
 def _magnitude(spec):
@@ -127,16 +117,6 @@ KNOWN_OPEN: tuple[Difference, ...] = (
            "∂L/∂x = rstd·(v − x̂·mean(v ⊙ x̂)) is v·eps/(x² + eps)^{3/2} for a row of one element, ≈ 0; both "
            "leave a float32 residue (torch −6e-8, handgrad −1.5e-7 against a truth of −1e-16). The exact form "
            "for one-element rows belongs in ops/normalize.py (the norms speed branch's)"),
-    *_open("embedding sparse=True: handgrad's gradient is dense (refused)", ("embedding",), _ALL_KINDS,
-           _kw("sparse", True), "F.embedding(torch.tensor([0]), torch.randn(2, 3), sparse=True)",
-           "torch returns a sparse COO ∂L/∂W (uncoalesced: the indices and G's rows); EmbeddingFn's backward "
-           "(ops/embedding.py, the embedding speed branch's) returns a dense one, and the fuzzer's compare "
-           "would have to densify sparse gradients. The refusal now comes after every check torch makes"),
-    *_open("embedding max_norm edge cases", ("embedding",), ("exception",), _max_norm_edge,
-           "python -m handgrad.testing.fuzz --call embedding:1034940522103",
-           "the in-place renormalisation of an expanded weight (torch refuses only when its norm, in its own "
-           "accumulation, exceeds max_norm: a borderline norm decides), and empty rows or weights with "
-           "norm_type=inf or padding_idx (torch's renorm raises its own errors first)"),
     *_open("conv: complex input, and an empty batch with invalid options", ("conv1d", "conv2d"), ("exception",),
            _kdim_empty_batch_or_complex, "F.conv1d(torch.randn(0, 2, 7), torch.randn(3, 2, 5), dilation=0)",
            "torch computes complex convolutions (ops/conv.py is real-only: a complex path is a feature of the "
