@@ -50,27 +50,10 @@ def _kdim_empty_batch_or_complex(call):
     return x is not None and (x.dtype.is_complex or (len(x.shape) >= 1 and x.shape[0] == 0))
 
 
-def _magnitude(spec):
-    v = spec.base.to(spec.dtype)
-    if not v.is_floating_point() or not v.numel():
-        return 0.0
-    v = v.double()
-    return float("inf") if not bool(v.isfinite().all()) else float(v.abs().max())
-
-
 def _norm_overflow(call):
     return _nonfinite_or_huge(call) or any(
         float(s.base.to(s.dtype).double().abs().max()) ** 2 >= torch.finfo(s.dtype).max
         for s in _specs(call) if s.dtype.is_floating_point and s.base.numel() and s.base.to(s.dtype).isfinite().all())
-
-
-def _invalid_reduction(call):
-    return call.kwargs.get("reduction", "mean") not in ("none", "mean", "sum")
-
-
-def _probs_target_nonfloat_input(call):
-    x, t = call.first(), _target(call)
-    return x is not None and not x.dtype.is_floating_point and isinstance(t, Spec) and t.shape == x.shape
 
 
 def _linear_other_paths(call):
@@ -103,14 +86,6 @@ KNOWN_OPEN: tuple[Difference, ...] = (
            "∂L/∂x = (P − Q)ᵀ W is exactly 0 for equal rows (Σ P = Σ Q = 1); the chunked float32 sum leaves "
            "~eps·|W| where torch's is 0 by luck, over the rule's bound for a truth of 0; the same "
            "eps·max|G|·|W| bound as for the norms is to be derived in testing/tolerances.py"),
-    *_open("an infinite or overflowing class weight", ("cross_entropy", "nll_loss", "linear_cross_entropy"),
-           ("value", "grad"), lambda call: isinstance(call.kwargs.get("weight"), Spec) and (
-               _magnitude(call.kwargs["weight"]) >= torch.finfo(call.kwargs["weight"].dtype).max),
-           "F.cross_entropy(torch.randn(5, 2), torch.rand(5, 2), weight=torch.tensor([-math.inf, 0.34]))",
-           "w_c = ±inf makes the weighted loss undefined (0·inf in the terms of other classes, and in the "
-           "smoothing term); torch's sums give nan or ±inf by the order it multiplies, handgrad's the other. "
-           "Whether to define it (nan throughout, as an undefined value) is a choice for ops/losses.py (the "
-           "losses speed branch's)"),
     *_open("rms_norm: one-element rows cancel", ("rms_norm",), ("grad",),
            lambda call: isinstance(call.args[1], (list, tuple)) and math.prod(call.args[1]) == 1,
            "python -m handgrad.testing.fuzz --call rms_norm:662020048260",
@@ -141,18 +116,6 @@ KNOWN_OPEN: tuple[Difference, ...] = (
            "an inf or 1e300 pre-activation: the fused backward's f'(z)·G products give nan where torch's "
            "composition gives ±inf (or the reverse); each activation's limit at ±inf needs its own rule in "
            "ops/fused.py (the activations speed branch's)"),
-    *_open("linear_cross_entropy: an invalid reduction is checked later than torch", ("linear_cross_entropy",),
-           ("exception",), _invalid_reduction,
-           "F.linear_cross_entropy(torch.randn(1, 3), torch.randn(5, 3), torch.tensor([0]), reduction='Mean', "
-           "weight=torch.ones(5, requires_grad=True)) (torch: ValueError)",
-           "torch validates the reduction after the probability target's ignore_index check but before the "
-           "class weight's autograd check and the input's dtype; handgrad's comes after every class check"),
-    *_open("cross_entropy: probability targets with a non-floating input", ("cross_entropy",), ("exception",),
-           _probs_target_nonfloat_input,
-           "F.cross_entropy(torch.ones(3, 3, dtype=torch.long), torch.rand(3, 3).bfloat16(), ignore_index=0) "
-           "(torch: RuntimeError)",
-           "torch's probability path checks ignore_index before its log-softmax refuses the dtype; "
-           "check_class_target dispatches on the dtype before check_ignore_index runs"),
     *_open("softmax: float32 gradient where one y ≈ 1", ("softmax",), ("grad",),
            lambda call: call.first() is not None and call.first().dtype == torch.float32,
            "python -m handgrad.testing.fuzz --call softmax:852117446811",

@@ -157,6 +157,11 @@ def _class_options(fn, input, target, weight, ignore_index, reduction, label_smo
     """Every cross-entropy option validated, in torch's order, by its one function in ``_common``:
     returns (C, weight (C,) or None, CrossEntropyOptions)."""
     eps = check_label_smoothing(fn, label_smoothing)          # its type, then its range: torch's first checks
+    if allow_probs and target.shape == input.shape and target.is_floating_point() and input.dim():
+        # torch's probability path: ignore_index, then the weight's shape, then log_softmax's dtype
+        check_ignore_index(fn, ignore_index, target, probs=True, none_is_default=none_is_default)
+        if weight is not None and not input.is_floating_point():
+            check_class_weight(fn, weight, input, input.shape[1] if input.dim() >= 2 else input.shape[0], probs=True)
     C, probs = check_class_target(fn, input, target, allow_probs=allow_probs, weight=weight)
     if eps and not probs and weight is not None and weight.dim() != 1 and input.dim() > 2 and (
             weight.shape[0] != weight.numel()):

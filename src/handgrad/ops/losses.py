@@ -22,6 +22,7 @@ import torch
 
 import torch.nn.functional as TF
 
+from .._compat import is_functorch_wrapped
 from ._function import HandFunction, fast_path, opmath
 from ._function import accurate_sum as _sum
 from .softmax import log_softmax_jvp, log_softmax_rows, log_softmax_vjp
@@ -246,6 +247,15 @@ def ce_losses(logp, target, w, opts):
     return loss.where(keep, 0.0) if C else loss
 
 
+def _nonfinite(w) -> bool:
+    """Has the class weight an infinite or nan value? Asked on the host for a CPU weight only (no
+    device sync elsewhere: there the rearranged formula's ±∞ stand), not while compiling or under
+    a torch.func transform (no single value)."""
+    if w is None or w.device.type != "cpu" or torch.compiler.is_compiling() or is_functorch_wrapped(w):
+        return False
+    return not bool(torch.isfinite(w).all())
+
+
 def ce_direction(logp, target, w, opts, inplace: bool = False, fast: bool = False):
     """R = ∂ℓ_i/∂X_i = P_i (Q_i 1) − Q_i   (M, C), P = exp(log p), and the kept rows (None for
     probabilities). For class indices, with c_i = (1−ε) a_i and s_i = (ε/C) keep_i, it is
@@ -265,6 +275,14 @@ def ce_direction(logp, target, w, opts, inplace: bool = False, fast: bool = Fals
     if C == 0:                                                            # no classes: every row ignored
         return torch.zeros_like(logp), keep
     col = y0.unsqueeze(1)                                                 # (M, 1)
+    if _nonfinite(w):
+        # an infinite class weight: P (Q 1) − Q as written, torch's order (its log-softmax backward of
+        # −Q), so that its ∞ − ∞ are nan where torch's are; the rearranged form would give ±∞ there
+        # (ε/C) keep_i w_c (M, C): a product, 0·∞ = nan on an ignored row as in torch's backward of its
+        # masked smoothing term; no term at all without smoothing
+        Q = torch.zeros_like(logp) if not eps else (eps / C) * keep.to(logp.dtype).unsqueeze(1) * opmath(w)
+        Q = Q.scatter_add(1, col, ((1 - eps) * a).unsqueeze(1))           # + (1−ε) a_i δ_{c,y_i}
+        return logp.exp() * _sum(Q, 1, keepdim=True) - Q, keep            # P ⊙ (Q 1) − Q
     picked = torch.expm1(logp.gather(1, col))                             # p_{i,y_i} − 1      (M, 1)
     P = logp.exp_() if inplace else logp.exp()                            # P = softmax(X)    (M, C)
     inplace = inplace or fast                                             # P is this call's own buffer
@@ -386,8 +404,12 @@ class CrossEntropyFn(HandFunction):
                 keep, y0, a = ce_index_terms(target, w, opts.ignore_index, logp.dtype)   # (M,)
                 col = y0.unsqueeze(1)                                     # (M, 1)
                 s = ce_row_scale(g, opts, _sum(a), keep) * a.unsqueeze(1)  # ĝ a_i   (M, 1)
-            P = logp.exp().scatter_(1, col, 0.0)                          # P, 0 at y          (M, C)
-            P.scatter_(1, col, P.sum(1, keepdim=True).neg_())             # P − E_y
+            # (+ 0·p_y·ĝa: nan where torch's p_y·ĝa − ĝa is, for a nan p_y (an infinite logit) or an
+            # infinite ĝa (class weight): the undefined values stay undefined, as torch's)
+            P = logp.exp()                                                # P                  (M, C)
+            p_y = P.gather(1, col)                                        # p_y                (M, 1)
+            P.scatter_(1, col, 0.0)                                       # P, 0 at y
+            P.scatter_(1, col, P.sum(1, keepdim=True).neg_().addcmul_(p_y, s, value=0))   # P − E_y
             gx = P.mul_(s)                                                # ĝ a_i (P_i − e_{y_i})
         elif g is not None and need_x:
             R, keep = ce_direction(logp, target, w, opts, fast=fast)      # P (Q 1) − Q      (M, C)
