@@ -302,6 +302,41 @@ def ce_direction(logp, target, w, opts, inplace: bool = False, fast: bool = Fals
     return R, keep
 
 
+def ce_chunk_fast(Z, y, w, opts, g, den, want_loss: bool):
+    """The cross entropy of one chunk of logits Z (n, C) for class indices without smoothing, where
+    nothing records it and Z is the caller's buffer (``ops.fused``'s chunked linear_cross_entropy):
+    the losses ℓ_i = −a_i log p_{i,y_i} (``ce_losses``) and dZ = ĝ a_i (P_i − e_{y_i})
+    (``ce_direction`` times ``ce_row_scale``), without forming log p, all in Z's buffer. With m the
+    row max, e = e^{Z−m} and r = Σ_{j≠argmax} e_j, as ``log_softmax_rows``:
+        log p_{i,y_i} = (Z − m)_{i,y_i} − log1p(r_i),    P_i = e_i / (1 + r_i)
+        p_{i,y_i} − 1 = −r_i/(1 + r_i) where y_i is the argmax (no cancellation), else e_{i,y_i}/(1 + r_i) − 1
+    four passes over the chunk (max, − m, exp, Σ) and one scaling, where log p, P and R take nine.
+    ``g``: the incoming gradient (scalar, or (n,) for 'none'), None for the losses alone.
+    Returns (ℓ (n,) or None, dZ (n, C) in Z's buffer or None)."""
+    m, top = Z.max(1, keepdim=True)                                       # m, one argmax        (n, 1)
+    Z = Z.sub_(m)                                                         # Z − m ≤ 0
+    keep, y0, a = ce_index_terms(y, w, opts.ignore_index, Z.dtype)        # (n,)
+    col = y0.unsqueeze(1)                                                 # (n, 1)
+    z_y = Z.gather(1, col)                                                # (Z − m)_y            (n, 1)
+    E = Z.exp_()                                                          # e                    (n, C)
+    E.scatter_(1, top, 0.0)                                               # 0 at the argmax
+    r = E.sum(1, keepdim=True) + (m - m)                                  # r (a row max ±inf, nan: nan)
+    loss = None
+    if want_loss:                                                         # −a_i log p_{i,y_i}; ignored: 0
+        loss = (-a * (z_y - torch.log1p(r)).squeeze(1)).where(keep, 0.0)
+    if g is None:
+        return loss, None
+    s = ce_row_scale(g, opts, den, keep) * a.unsqueeze(1)                 # ĝ a_i                (n, 1)
+    inv = (1 + r).reciprocal_()                                           # 1/(1 + r)
+    e_y = z_y.exp()                                                       # e_{y}
+    pm1 = torch.where(col == top, -r * inv, e_y * inv - 1)                # p_y − 1
+    dZ = E.mul_(s * inv)                                                  # ĝ a_i p_j, 0 at the argmax
+    dZ.scatter_(1, top, s * inv)                                          # ĝ a_i p_argmax
+    # (+ 0·ĝa·e_y: nan where torch's p_y·ĝa − ĝa is, for an infinite ĝa or a nan e_y)
+    dZ.scatter_(1, col, torch.addcmul(s * pm1, s, e_y, value=0))          # ĝ a_i (p_y − 1)
+    return loss, dZ
+
+
 def ce_row_scale(g, opts, den, keep_rows):
     """ĝ per row (M, 1) or scalar; for index targets ignored rows get exactly 0 (torch's backward
     never touches them, even when den = 0 makes g/den infinite)."""
