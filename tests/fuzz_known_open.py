@@ -63,7 +63,6 @@ def _linear_other_paths(call):
 
 _NORMS = ("group_norm", "batch_norm", "rms_norm", "layer_norm")
 _ALL_KINDS = ("exception", "output", "dtype", "shape", "value", "requires_grad", "backward", "grad")
-_LINEAR = ("linear", "linear_act", "mlp")
 
 KNOWN_OPEN: tuple[Difference, ...] = (
     *_open("non-finite or overflowing values in the norms", _NORMS, ("value", "grad"),
@@ -105,12 +104,12 @@ KNOWN_OPEN: tuple[Difference, ...] = (
            "found by the large run, in ops/conv.py (the conv speed branch's): a bfloat16 gradient near the "
            "dtype's max (2.2e38) overflows to -inf in handgrad's accumulation, and a grouped float32 ∂L/∂x "
            "errs by 2e-5 on 7.1 (2× the rule's bound): the grouped backward's sum order"),
-    *_open("linear's other paths: odd bias shapes, mixed dtypes, empty inputs", _LINEAR, _ALL_KINDS,
-           _linear_other_paths,
+    *_open("linear_act/mlp: linear's other paths: odd bias shapes, mixed dtypes, empty inputs", ("linear_act", "mlp"),
+           _ALL_KINDS, _linear_other_paths,
            "F.linear(torch.randn(7, 0, 7), torch.randn(7), torch.randn(7, 0)) (torch: accepted)",
-           "torch's Linear.cpp chooses addmm, matmul then add, or an in-place add by the input's layout, "
-           "dims and emptiness (a 1-D weight with a bias, a bias that grows the output, a cast bias on an "
-           "empty or non-contiguous input); check_linear models the addmm test for the common layouts only"),
+           "linear itself follows torch's Linear.cpp (check_linear: addmm for a 2-D input or a contiguous one "
+           "with a bias of one non-1 dim, else matmul and an in-place add); the fused ops' own path choice "
+           "(functional/_fused.py's _fusable, ops/fused.py) is the activations branch's"),
     *_open("non-finite or huge values in the fused ops", ("linear_act", "mlp"), ("value", "grad"),
            _nonfinite_or_huge, "python -m handgrad.testing.fuzz --call linear_act:485620965946",
            "an inf or 1e300 pre-activation: the fused backward's f'(z)·G products give nan where torch's "

@@ -204,7 +204,10 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     logits = _Logits(logits_shape, out_dtype, input, linear_weight)
     _, weight, ce = _class_options(fn, logits, target, weight, ignore_index, reduction, label_smoothing,
                                    allow_probs=True, none_is_default=True)
-    if ce.probs or out_features:
+    # (logits of at most 2¹⁶ values, with no chunk size asked for: one chunk would hold them all, so
+    # chunking saves no memory, and the fused op's ~80 small torch calls cost more than the two ops)
+    small = chunk_size is None and logits_shape.numel() <= 1 << 16
+    if ce.probs or out_features or small:
         # torch's reference path, in handgrad's ops: linear, then cross_entropy on the logits
         logits = linear(input, W2, b2).reshape(logits_shape)
         logits, target, weight = autocast("cross_entropy", logits, target, weight)

@@ -240,7 +240,7 @@ def class_loss(fn, input, target, weight, opts, C):
     if opts.probs:
         input, target, weight = _promote(input, target, weight)   # torch promotes the probability path
     X, Y = _rows(input, target, opts.probs)
-    if not opts.probs:
+    if not opts.probs and (opts.label_smoothing or not _kernel_checks_range(X)):
         check_target_range(fn, Y, C, opts.ignore_index, input)
     loss, _ = CrossEntropyFn.call(X, Y, weight, opts)
     return loss.reshape(_loss_shape(input)) if opts.reduction == "none" else loss
