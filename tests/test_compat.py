@@ -102,6 +102,21 @@ def test_is_functorch_wrapped_and_its_fallback(monkeypatch):
     _assert_same(_out_and_grads(lambda x: F.cross_entropy(x, t), x), before)   # range check skipped
 
 
+def test_any_autocast_enabled_and_its_fallback(monkeypatch):
+    """One C call says whether any autocast is on; without it every device is asked: the same
+    dtypes either way (a linear runs in bfloat16 under CPU autocast, in float32 outside)."""
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    dtypes = []
+    for private in (_compat._any_autocast, None):
+        monkeypatch.setattr(_compat, "_any_autocast", private)
+        assert _compat.any_autocast_enabled() is (private is None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _compat.any_autocast_enabled()
+            dtypes.append(F.linear(x, w).dtype)
+        dtypes.append(F.linear(x, w).dtype)
+    assert dtypes == [torch.bfloat16, torch.float32] * 2
+
+
 def test_unwrap_dead_wrappers_fallback_goes_through_apply(monkeypatch):
     """Without torch's unwrap_dead_wrappers the fast path cannot be taken: call is apply."""
     monkeypatch.setattr(_compat, "unwrap_dead_wrappers", None)

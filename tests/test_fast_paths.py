@@ -24,7 +24,7 @@ from handgrad.testing.registry import all_cases
 from handgrad.testing.tolerances import EXACT_ATOL, EXACT_RTOL
 
 # the ops whose Functions have a fast path distinct from the differentiable one
-FAST = ("layer_norm", "batch_norm", "group_norm", "rms_norm", "cross_entropy", "nll_loss", "mse_loss",
+FAST = ("softmax", "log_softmax", "layer_norm", "batch_norm", "group_norm", "rms_norm", "cross_entropy", "nll_loss", "mse_loss",
         "half_squared_error", "binary_cross_entropy_with_logits", "embedding", "conv1d", "conv2d",
         "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d")
 

@@ -125,6 +125,13 @@ _is_wrapped = _private(lambda: torch._C._functorch.is_functorch_wrapped_tensor)
 _forward_ad = _private(lambda: importlib.import_module("torch.autograd.forward_ad"))
 _top_saved_hooks = _private(lambda: torch._C._autograd._top_saved_tensors_default_hooks)
 _unwrap_dead = _private(lambda: importlib.import_module("torch._functorch.utils").unwrap_dead_wrappers)
+_any_autocast = _private(lambda: torch._C._is_any_autocast_enabled)
+
+
+def any_autocast_enabled() -> bool:
+    """Is autocast on for any device (one C call, 0.1 µs, where asking cpu and cuda costs 0.5)?
+    Fallback: True (then the caller asks each device)."""
+    return True if _any_autocast is None else _any_autocast()
 
 
 # Dynamo of torch 2.4 cannot trace the query ("torch.* op returned non-Tensor bool"); there,

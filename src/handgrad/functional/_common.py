@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from .._compat import is_functorch_wrapped
+from .._compat import any_autocast_enabled, is_functorch_wrapped
 
 # What torch's autocast does with each op (torch/csrc/autocast_mode.cpp): "lower" runs in the
 # autocast dtype, "fp32" in float32; ops not listed run in their inputs' dtype. The registry's
@@ -54,8 +54,8 @@ def autocast(op: str, *tensors):
 
 
 def autocast_on() -> bool:
-    """Is autocast on for a device ``_AUTOCAST`` covers? (0.7 µs; ``tensor.device.type`` alone costs as much)"""
-    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+    """Is autocast on for a device ``_AUTOCAST`` covers? (0.1 µs when none is on, the common case)"""
+    return any_autocast_enabled() and (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
 
 
 def warn(message: str, stacklevel: int = 3) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.softmax import LogSoftmaxFn, SoftmaxFn
-from ._common import autocast, check_tensor, shape_str, warn
+from ._common import autocast, autocast_on, check_tensor, shape_str, warn
 
 __all__ = ["softmax", "log_softmax"]
 
@@ -25,6 +25,11 @@ def _prepare(name: str, input, dim, stacklevel: int, dtype):
 
     ``stacklevel`` is the caller's ``_stacklevel``, counted from ``softmax``/``log_softmax`` as in
     torch; this helper adds one frame, so the warning is raised one level further up."""
+    if dtype is None and type(dim) is int and isinstance(input, torch.Tensor) and input.is_floating_point() \
+            and not autocast_on():                   # the common call, in a third of the checks' time
+        ndim = input.dim() or 1
+        if -ndim <= dim < ndim:
+            return input, dim % ndim
     check_tensor("input", input, fn=name)
     if dim is None:
         dim = _implicit_dim(name, input.dim(), stacklevel + 1)

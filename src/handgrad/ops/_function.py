@@ -37,20 +37,26 @@ class HandFunction(torch.autograd.Function):
             cls.forward = attrs["forward"] = staticmethod(_owning(vars(cls)["forward"].__func__))
         twin = type(cls.__name__ + "NoJvp", (torch.autograd.Function,), attrs)
         raw_apply = super(torch.autograd.Function, cls).apply   # the C++ apply under Function.apply
-        unwrap = _compat.unwrap_dead_wrappers
+        unwrap, wrapped = _compat.unwrap_dead_wrappers, _compat.is_functorch_wrapped
         n, varargs, bind = _binder(cls)
+        Tensor, compiling, transforms = torch.Tensor, torch.compiler.is_compiling, _compat.functorch_transforms_active
 
         def call(*args, **kwargs):
             if kwargs or (len(args) != n and not (varargs and len(args) > n)):
                 args = bind(args, kwargs)                # keywords, defaults: as Function.apply
-            if torch.compiler.is_compiling():
+            if compiling():
                 return twin.apply(*args)
-            if unwrap is None or _compat.functorch_transforms_active():
+            if unwrap is None or transforms():
                 return cls.apply(*args)
             # Outside torch.func, what Function.apply does minus its per-call
             # inspect.signature(forward).bind (which only fills defaults and keywords, done above
             # where there are any): half the overhead (a tiny linear: 12 µs per call, apply 25 µs).
-            return raw_apply(*unwrap(args))
+            # With no transform running, a functorch-wrapped tensor is a dead one, which apply
+            # unwraps; asking each tensor (0.2 µs) spares rebuilding the arguments (1–2 µs).
+            for a in args:
+                if isinstance(a, Tensor) and wrapped(a):
+                    return raw_apply(*unwrap(args))
+            return raw_apply(*args)
 
         cls.call = staticmethod(call)
 
@@ -69,15 +75,18 @@ def _owning(forward):
             return out
         return out.detach()
 
+    Tensor, compiling, transforms = torch.Tensor, torch.compiler.is_compiling, _compat.functorch_transforms_active
+
     @functools.wraps(forward)
     def forward_owning(*args):
         out = forward(*args)
-        if torch.compiler.is_compiling() or _compat.functorch_transforms_active():
+        if compiling():
             return out
-        if isinstance(out, torch.Tensor):
-            return owned(out, args)
-        if isinstance(out, tuple):
-            return tuple(owned(o, args) if isinstance(o, torch.Tensor) else o for o in out)
+        if isinstance(out, Tensor):
+            # the common case first: an output that is no view has nothing to own (0.1 µs)
+            return out if out._base is None or transforms() else owned(out, args)
+        if isinstance(out, tuple) and not transforms():
+            return tuple(owned(o, args) if isinstance(o, Tensor) else o for o in out)
         return out
     return forward_owning
 

@@ -10,14 +10,14 @@ import torch
 
 from ._function import HandFunction
 
-__all__ = ["DropoutFn", "keep_mask", "keep_scale"]
+__all__ = ["DropoutFn", "keep_mask", "keep_scale", "masked_scale"]
 
 
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """m ~ Bernoulli(1 − p), elementwise, as bool. Drawn as torch's CPU dropout draws its noise
     (``torch.empty_like(x).bernoulli_(1 − p)``), so on CPU, from the same generator state, it is
     torch's own mask; on CUDA torch's fused kernel draws differently."""
-    return torch.empty_like(x).bernoulli_(1 - p).bool()
+    return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)     # (the same draws as into x's dtype)
 
 
 def keep_scale(mask: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
@@ -25,6 +25,29 @@ def keep_scale(mask: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor
     if p == 1:
         return torch.zeros((), dtype=dtype, device=mask.device)
     return mask.to(dtype).div_(1 - p)
+
+
+_SCALES: dict[tuple, torch.Tensor] = {}
+
+
+def scale_of(p: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """1 / (1 − p) as a 0-d tensor of ``dtype`` (0 for p = 1), rounded as ``keep_scale``'s kept
+    elements (the same division of 1 by 1 − p), made once per (p, dtype, device) (while Dynamo
+    traces, made in the graph: it keys no dict on a dtype or device, torch 2.4)."""
+    if torch.compiler.is_compiling():
+        return keep_scale(torch.ones((), dtype=torch.bool, device=device), p, dtype)
+    key = (p, dtype, device)
+    c = _SCALES.get(key)
+    if c is None:
+        c = _SCALES[key] = keep_scale(torch.ones((), dtype=torch.bool, device=device), p, dtype)
+    return c
+
+
+def masked_scale(t: torch.Tensor, mask: torch.Tensor, p: float, inplace: bool = False) -> torch.Tensor:
+    """t ⊙ m / (1 − p) as (t ⊙ m) · c, c = 1 / (1 − p) rounded as in m / (1 − p): the same values
+    as t ⊙ (m / (1 − p)) (m is 0 or 1, so t ⊙ m is exact), in two passes and no noise buffer."""
+    c = scale_of(p, t.dtype, t.device)
+    return (t.mul_(mask) if inplace else torch.mul(t, mask)).mul_(c)
 
 
 class DropoutFn(HandFunction):
@@ -41,8 +64,7 @@ class DropoutFn(HandFunction):
 
     @staticmethod
     def forward(x, mask, p, inplace):
-        noise = keep_scale(mask, p, x.dtype)                                 # m / (1 − p)
-        return x.mul_(noise) if inplace else x * noise                       # X ⊙ m / (1 − p)
+        return masked_scale(x, mask, p, inplace)                             # X ⊙ m / (1 − p)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -58,11 +80,10 @@ class DropoutFn(HandFunction):
         (mask,) = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y * keep_scale(mask, ctx.p, grad_y.dtype)          # G ⊙ m / (1 − p)
+            grad_x = masked_scale(grad_y, mask, ctx.p)                       # G ⊙ m / (1 − p)
         return grad_x, None, None, None
 
     @staticmethod
     def jvp(ctx, dx, _dmask, _p, _inplace):
         (mask,) = ctx.saved_tensors
-        noise = keep_scale(mask, ctx.p, dx.dtype)
-        return dx.mul_(noise) if ctx.inplace else dx * noise                 # Ẋ ⊙ m / (1 − p)
+        return masked_scale(dx, mask, ctx.p, ctx.inplace)                    # Ẋ ⊙ m / (1 − p)

@@ -24,6 +24,8 @@ def _to_input(g: torch.Tensor, shape, dtype: torch.dtype, device) -> torch.Tenso
     """g summed over the dims broadcasting added or stretched (to ``shape``), in the input's
     dtype and device; the real part for a real input (torch's handle_r_to_c)."""
     g = g.sum_to_size(shape) if g.shape != shape else g                         # Σ over the broadcast dims
+    if g.dtype == dtype and g.device == device:
+        return g                                                                # (no call: 0.5 µs)
     if g.dtype.is_complex and not dtype.is_complex:
         g = g.real
     return g.to(dtype=dtype, device=device)

@@ -12,9 +12,7 @@ import torch
 
 from ._function import HandFunction
 
-__all__ = ["MeanFn", "MeanOptions", "mean_of"]
-
-_HALF = (torch.float16, torch.bfloat16)
+__all__ = ["MeanFn", "MeanOptions"]
 
 
 @dataclass(frozen=True)
@@ -34,16 +32,6 @@ def _count(shape, dims) -> int:
     return n
 
 
-def mean_of(x: torch.Tensor, o: MeanOptions) -> torch.Tensor:
-    """(1/n) Σ_D x in ``o.dtype``, evaluated as torch's CPU mean evaluates it: the sum in the
-    dtype (in float32 for float16/bfloat16: x's values are summed unrounded), divided by n,
-    rounded to the dtype once."""
-    n = _count(x.shape, o.dims)
-    acc = torch.float32 if o.dtype in _HALF else o.dtype
-    y = x.sum(o.dims, keepdim=o.keepdim, dtype=acc).div_(n)                    # (1/n) Σ_D X
-    return y if acc == o.dtype else y.to(o.dtype)
-
-
 class MeanFn(HandFunction):
     r"""Y = (1/n) Σ_{d∈D} X — equals ``torch.mean(x, dim, keepdim, dtype=dtype)``.
 
@@ -58,7 +46,9 @@ class MeanFn(HandFunction):
 
     @staticmethod
     def forward(x, options):
-        return mean_of(x, options)                                              # (1/n) Σ_D X
+        # torch's mean kernel, the forward only: a float16/bfloat16 sum accumulates in float32
+        # (x's values unrounded) and is rounded to the dtype once, after the division by n
+        return torch.mean(x, options.dims, options.keepdim, dtype=options.dtype)   # (1/n) Σ_D X
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -70,13 +60,17 @@ class MeanFn(HandFunction):
         grad_x = None
         if ctx.needs_input_grad[0]:
             n = _count(ctx.shape, ctx.o.dims)
-            g = (grad_y / n).to(ctx.x_dtype)                                    # G / n, rounded as torch's
+            g = grad_y
             if not ctx.o.keepdim:
                 for d in sorted(ctx.o.dims):                                    # D back as size-1 dims
                     g = g.unsqueeze(d)
-            grad_x = g.expand(ctx.shape)                                        # expand_D(G / n)  (*S)
+            # divided after the expand, as torch's: one fresh (*S) buffer, which a leaf's .grad
+            # keeps as it is (an expanded view it would copy)
+            grad_x = g.expand(ctx.shape) / n                                    # expand_D(G / n)  (*S)
+            if grad_x.dtype != ctx.x_dtype:
+                grad_x = grad_x.to(ctx.x_dtype)                                 # rounded as torch's
         return grad_x, None
 
     @staticmethod
     def jvp(ctx, dx, _options):
-        return mean_of(dx, ctx.o)                                               # (1/n) Σ_D Ẋ
+        return torch.mean(dx, ctx.o.dims, ctx.o.keepdim, dtype=ctx.o.dtype)     # (1/n) Σ_D Ẋ

@@ -14,7 +14,7 @@ import torch
 
 from .._compat import forward_ad_active, functorch_transforms_active
 from ._function import HandFunction, accurate_sum, opmath
-from .activations import exp, exp_, fast
+from .activations import exp, fast
 
 
 # --- forward, in the stable forms -----------------------------------------------------------
@@ -65,37 +65,31 @@ def log_softmax_rows(X: torch.Tensor, inplace: bool = False, accurate: bool = Tr
     return Z.sub_(torch.log1p(r)) if inplace else Z - torch.log1p(r)   # log p = Z − log(1 + r)
 
 
-# --- the fast path: the same formulas in fewer passes over one buffer ------------------------
+# --- the fast path: the same formulas in fewer passes ------------------------------------
 # Taken where nothing records the computation (``activations.fast``: grad mode off, no transform,
-# float32/float64), along the last dim. Row sums accumulate in the tensor's own dtype, as torch's
-# CPU kernels do along the last dim; along another dim torch sums in double, and so there the
-# formulas' float64 sums run (float32 ones measured a few eps of the row scale worse than torch
-# on (64, 13) columns, tests/test_softmax_norms.py).
-
-def fast_softmax(X: torch.Tensor, dim: int) -> torch.Tensor:
-    """Y = exp(X − m) / (exp(X − m))1, into one buffer."""
-    E = exp_(torch.sub(X, X.amax(dim, keepdim=True)))              # exp(X − m)
-    return E.div_(E.sum(dim, keepdim=True))                        # E / (E)1
-
-
-def fast_log_softmax(X: torch.Tensor, dim: int) -> torch.Tensor:
-    """Y = (X − m) − log((exp(X − m))1): exp(X − m) is summed, then X − m overwrites it."""
-    m = X.amax(dim, keepdim=True)
-    E = exp_(torch.sub(X, m))                                      # exp(X − m)
-    lse = E.sum(dim, keepdim=True).log_()                          # log(exp(X − m))1  (*, 1, *)
-    return torch.sub(X, m, out=E).sub_(lse)                        # (X − m) − lse
-
+# float32/float64). The forward is torch's forward kernel (``torch.softmax``/``torch.log_softmax``,
+# the Y of the formulas above in one fused pass, as ``attention`` and ``losses`` use it; a forward
+# kernel, not a backward one): the formulas take five passes and five calls (6–9 µs more per call
+# at (8, 64), 1.2–1.5× the time at (4096, 512)). The backward is the hand-derived product below
+# in fewer passes, along the last dim only: there row sums accumulate in the tensor's own dtype,
+# as torch's CPU kernels do; along another dim torch sums in double, and so there the formulas'
+# float64 sums run (float32 ones measured a few eps of the row scale worse than torch on (64, 13)
+# columns, tests/test_softmax_norms.py).
 
 def fast_softmax_vjp(Y: torch.Tensor, G: torch.Tensor, dim: int) -> torch.Tensor:
-    """∂L/∂X = Y ⊙ (G − (G ⊙ Y)1), the products' buffer reused for the result."""
-    P = torch.mul(G, Y)                                            # G ⊙ Y
-    return torch.sub(G, P.sum(dim, keepdim=True), out=P).mul_(Y)   # Y ⊙ (G − (G ⊙ Y)1)
+    """∂L/∂X = Y ⊙ (G − (G ⊙ Y)1) = G ⊙ Y − Y ⊙ (G ⊙ Y)1: the products' buffer is reused for the
+    result (three passes: the products, their row sums, one addcmul)."""
+    P = torch.mul(G, Y)                                                        # G ⊙ Y
+    return torch.addcmul(P, Y, P.sum(dim, keepdim=True), value=-1, out=P)      # G ⊙ Y − Y ⊙ (G ⊙ Y)1
+
+
+_EXP2_FROM = 1 << 12     # elements: below, one exp call costs less than exp2's two (measured: even at 4096)
 
 
 def fast_log_softmax_vjp(Y: torch.Tensor, G: torch.Tensor, dim: int) -> torch.Tensor:
-    """∂L/∂X = G − exp(Y) ⊙ (G)1, in exp(Y)'s buffer."""
-    P = exp(Y)                                                     # exp(Y)
-    return torch.addcmul(G, P, G.sum(dim, keepdim=True), value=-1, out=P)   # G − exp(Y) ⊙ (G)1
+    """∂L/∂X = G − exp(Y) ⊙ (G)1, in exp(Y)'s buffer (exp as exp2 on large tensors, ``activations.exp``)."""
+    P = Y.exp() if Y.numel() < _EXP2_FROM else exp(Y)                           # exp(Y)
+    return torch.addcmul(G, P, G.sum(dim, keepdim=True), value=-1, out=P)      # G − exp(Y) ⊙ (G)1
 
 
 # --- the hand-derived products, from the output Y -------------------------------------------
@@ -135,12 +129,12 @@ def log_softmax_jvp(Y: torch.Tensor, dX: torch.Tensor, dim: int) -> torch.Tensor
     return dX - (dX * Y.exp()).sum(dim, keepdim=True)
 
 
-def _along_dim(x, dim, exact, fast_version):
-    """Y = exact(X) along dim (in opmath, rounded once), or its fast path along the last dim."""
+def _along_dim(x, dim, exact, kernel):
+    """Y = exact(X) along dim (in opmath, rounded once), or on the fast path torch's forward kernel."""
+    if fast(x):
+        return kernel(x, dim)
     if x.numel() == 0:                                           # amax refuses an empty dim
         return torch.empty_like(x)
-    if dim == x.dim() - 1 and fast(x):
-        return fast_version(x, dim)
     return exact(opmath(x), dim).to(x.dtype)
 
 
@@ -182,7 +176,7 @@ class SoftmaxFn(_AlongDimFn):
 
     @staticmethod
     def forward(x, dim):
-        return _along_dim(x, dim, softmax_forward, fast_softmax)          # Y = exp(X − m) / (exp(X − m))1
+        return _along_dim(x, dim, softmax_forward, torch.softmax)          # Y = exp(X − m) / (exp(X − m))1
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -210,7 +204,7 @@ class LogSoftmaxFn(_AlongDimFn):
 
     @staticmethod
     def forward(x, dim):
-        return _along_dim(x, dim, log_softmax_forward, fast_log_softmax)  # Y = (X − m) − log((exp(X − m))1)
+        return _along_dim(x, dim, log_softmax_forward, torch.log_softmax)  # Y = (X − m) − log((exp(X − m))1)
 
     @staticmethod
     def backward(ctx, grad_y):
