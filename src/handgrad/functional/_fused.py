@@ -9,7 +9,7 @@ import torch
 from .._compat import functorch_transforms_active
 from ..ops.fused import LCEOptions, LinearCrossEntropyFn, StackFn, StackSpec, activation_spec, default_chunk_size
 from ._common import (autocast, check_ignore_index, check_linear, check_reduction, check_target_range, check_tensor,
-                      shape_str)
+                      no_kernel, shape_str)
 from . import _activations
 from ._linear import linear
 from ._losses import _class_options, class_loss
@@ -199,6 +199,8 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     W2 = linear_weight.reshape(linear_weight.shape[:-1].numel(), D)   # (C·d1·…, D) (D may be 0)
     b2 = None if linear_bias is None else linear_bias.reshape(-1)
     check_linear(fn, W2, b2, features=D, dtype=input.dtype, names=("linear_weight", "linear_bias"))
+    if input.dtype == torch.bool:             # torch's linear has no bool kernel (integers it computes)
+        no_kernel(fn, input, kernel="addmm_impl_cpu_")
     reduction = check_reduction(reduction)    # torch's order: its linear, then cross_entropy's Python, then C++
     # the cross entropy's checks on the logits' shape and dtype (no tensor: nothing allocated)
     logits = _Logits(logits_shape, out_dtype, input, linear_weight)

@@ -405,7 +405,7 @@ def _lce_chunks(X, W, b, T, w, opts: LCEOptions, *, want_loss: bool, g, den, nee
     scratch = Wo.new_empty(min(opts.chunk_size, N), C) if unbatched and N else None
     # index targets without smoothing, nothing recorded: ops.losses.ce_chunk_fast, in fewer passes
     # (the chunk's one buffer: the logits' GEMM writes into the scratch buffer unless it rounds to a half type)
-    quick = scratch is not None and not ce.probs and not ce.label_smoothing and (own_g or fast_path(g))
+    quick = scratch is not None and C and not ce.probs and not ce.label_smoothing and (own_g or fast_path(g))
     into = quick and X.dtype == scratch.dtype and not torch.is_autocast_enabled(X.device.type)
     for s in range(0, N, opts.chunk_size):
         e = min(s + opts.chunk_size, N)
