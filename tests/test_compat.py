@@ -20,6 +20,7 @@ import handgrad.functional as F
 from handgrad import _compat
 from handgrad.ops._function import HandFunction
 from handgrad.ops.linear import LinearFn
+from handgrad.testing.tolerances import EXACT_ATOL, EXACT_RTOL
 
 D64 = torch.float64
 
@@ -60,7 +61,12 @@ def test_transforms_active_fallback_keeps_the_ops_right(monkeypatch):
     before = [_out_and_grads(op, x, w1, b1, w2) for op in ops]
     monkeypatch.setattr(_compat, "_transforms_active", None)
     assert _compat.functorch_transforms_active() is True
-    for op, ref in zip(ops, before):
+    for i, (op, ref) in enumerate(zip(ops, before)):
+        if i == 1:   # linear_cross_entropy's fast path (ops.losses.ce_chunk_fast; cross_entropy's torch
+            # forward kernel for small logits) is the same math in another order: equal to rounding
+            for s, t in zip(_out_and_grads(op, x, w1, b1, w2), ref):
+                torch.testing.assert_close(s, t, rtol=EXACT_RTOL, atol=EXACT_ATOL)
+            continue
         _assert_same(_out_and_grads(op, x, w1, b1, w2), ref)
 
 
