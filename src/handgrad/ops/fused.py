@@ -330,11 +330,12 @@ class LCEOptions:
 
 
 def default_chunk_size(n_rows: int, n_classes: int) -> int:
-    """Rows per chunk: a chunk of logits holds about 2²⁰ float32 values (4 MiB), whatever C is;
+    """Rows per chunk: a chunk of logits holds about 2²¹ float32 values (8 MiB), whatever C is;
     at least 1 row and at most all of them, a multiple of 8 when above 8 (aligned GEMMs).
     The trade-off (bench `lce`, N=4096, D=256, C=16384, one CPU thread): the step's peak is
-    ∂L/∂W + ∂L/∂X + one chunk: 16 MiB chunks measured 36 MiB at ~0.7× native's CPU time,
-    4 MiB chunks 24 MiB at ~0.85×. Smaller chunks cost time: each chunk's ∂L/∂W += dZᵀ X
+    ∂L/∂W + ∂L/∂X + the chunk's one buffer (the training step's fast chunk, ops.losses.ce_chunk_fast,
+    works in the logits' own buffer): 8 MiB chunks measured 28 MiB (3.6% of native) at 0.75×
+    native's CPU time, 4 MiB chunks 0.9×. Smaller chunks cost time: each chunk's ∂L/∂W += dZᵀ X
     rereads all of ∂L/∂W, and a GEMM with few rows is memory-bound."""
     rows = max(1, (1 << 21) // max(n_classes, 1))
     if rows > 8:
