@@ -9,7 +9,8 @@ import torch
 from .._compat import functorch_transforms_active
 from .._compat import nn_reduction as _Reduction
 
-from ..ops.losses import BCEWithLogitsFn, CrossEntropyFn, CrossEntropyOptions, NLLLossFn, SquaredErrorFn
+from ..ops.bce import BCEWithLogitsFn
+from ..ops.losses import CrossEntropyFn, CrossEntropyOptions, NLLLossFn, SquaredErrorFn
 from ._common import (autocast, check_class_target, check_class_weight, check_ignore_index, check_label_smoothing,
                       check_no_bool_subtraction, check_not_differentiable, check_reduction, check_target_range,
                       check_tensor, autocast_on, no_kernel, shape_str, warn, REDUCTIONS)
@@ -272,7 +273,7 @@ def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor, 
                                      size_average: bool | None = None, reduce: bool | None = None,
                                      reduction: str = "mean", pos_weight: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.nn.functional.binary_cross_entropy_with_logits`` in the stable softplus form
-    (ops.losses.BCEWithLogitsFn); ``weight`` and ``pos_weight`` broadcast to the input's shape."""
+    (ops.bce.BCEWithLogitsFn); ``weight`` and ``pos_weight`` broadcast to the input's shape."""
     fn = "binary_cross_entropy_with_logits"
     check_tensor("input", input, fn=fn)
     check_tensor("target", target, fn=fn)
