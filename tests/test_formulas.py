@@ -363,8 +363,12 @@ def test_fused_ops_run_the_per_op_helpers(monkeypatch):
     x, W, t = _x(6, 3), _x(4, 3), _idx(0, 3, -100, 1, 2, 0)
     before = F.linear_cross_entropy(x, W, t, chunk_size=2)
     assert fused.ce_losses is losses.ce_losses and fused.ce_direction is losses.ce_direction
-    monkeypatch.setattr(fused, "ce_losses", lambda logp, *a: 2 * losses.ce_losses(logp, *a))
+    assert fused.ce_chunk_fast is losses.ce_chunk_fast          # the fast chunk (nothing recorded)
+    monkeypatch.setattr(fused, "ce_chunk_fast", lambda Z, *a: (lambda l, d: (2 * l, d))(*losses.ce_chunk_fast(Z, *a)))
     torch.testing.assert_close(F.linear_cross_entropy(x, W, t, chunk_size=2), 2 * before)
+    smoothed = F.linear_cross_entropy(x, W, t, chunk_size=2, label_smoothing=0.1)   # ce_losses per chunk
+    monkeypatch.setattr(fused, "ce_losses", lambda logp, *a: 2 * losses.ce_losses(logp, *a))
+    torch.testing.assert_close(F.linear_cross_entropy(x, W, t, chunk_size=2, label_smoothing=0.1), 2 * smoothed)
 
 
 def test_lce_double_backward_and_jvp_are_handgrads(monkeypatch):

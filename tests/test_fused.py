@@ -295,7 +295,7 @@ def test_lce_gradients_in_forward_only_when_asked():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(4096, 16384) == 64           # 2²⁰ logits a chunk
+    assert default_chunk_size(4096, 16384) == 128          # 2²¹ logits a chunk
     assert default_chunk_size(10, 16384) == 10             # never more rows than there are
     assert default_chunk_size(0, 7) == 1
     assert default_chunk_size(10**6, 10**8) == 1           # at least one row

@@ -222,9 +222,40 @@ def test_embedding_max_norm_renormalises_weight_in_place_as_torch():
     torch.testing.assert_close(Wo2, Wr2, atol=0, rtol=1e-15)
 
 
-def test_embedding_sparse_refused():
-    with pytest.raises(NotImplementedError, match="sparse=True"):
-        HF.embedding(IDX, torch.randn(6, 3), sparse=True)
+@pytest.mark.parametrize("idx", [IDX, torch.tensor([[2, 2], [0, 5]], dtype=torch.int32), torch.tensor([], dtype=torch.long)])
+@pytest.mark.parametrize("padding_idx", [None, 2, -1])
+def test_embedding_sparse_gradient_is_torchs(idx, padding_idx):
+    """sparse=True: torch's uncoalesced COO ∂L/∂W, entry for entry (indices idx, values G's rows, the
+    padding rows left out), and its refusal of scale_grad_by_freq in backward."""
+    W = torch.randn(6, 3, dtype=D64)
+    grads = []
+    for f in (HF.embedding, TF.embedding):
+        w = W.clone().requires_grad_()
+        y = f(idx, w, padding_idx=padding_idx, sparse=True)
+        y.backward(torch.arange(y.numel(), dtype=D64).reshape(y.shape))
+        grads.append(w.grad)
+    ours, ref = grads
+    assert ours.layout == ref.layout == torch.sparse_coo and ours.is_coalesced() == ref.is_coalesced()
+    assert torch.equal(ours._indices(), ref._indices()) and torch.equal(ours._values(), ref._values())
+    with pytest.raises(RuntimeError, match="scale_grad_by_freq"):
+        HF.embedding(IDX, W.clone().requires_grad_(), scale_grad_by_freq=True, sparse=True).sum().backward()
+
+
+@pytest.mark.parametrize("opt", [torch.optim.SparseAdam, torch.optim.SGD])
+def test_embedding_sparse_module_trains_like_torchs(opt):
+    torch.manual_seed(0)
+    ref = nn.Embedding(10, 4, sparse=True, dtype=D64)
+    ours = hnn.Embedding(10, 4, sparse=True, dtype=D64)
+    ours.load_state_dict(ref.state_dict())
+    steps = [(m, opt(m.parameters(), lr=0.1)) for m in (ours, ref)]
+    for _ in range(3):
+        idx = torch.randint(0, 10, (6,))
+        for m, o in steps:
+            o.zero_grad()
+            (m(idx) ** 2).sum().backward()
+            assert m.weight.grad.is_sparse
+            o.step()
+    torch.testing.assert_close(ours.weight, ref.weight, atol=0, rtol=0)
 
 
 def test_embedding_module_and_from_pretrained():

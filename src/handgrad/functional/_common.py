@@ -276,18 +276,26 @@ def check_linear(fn: str, weight, bias, *, features: int, dtype: torch.dtype, in
     if weight.dim() == 2 and bias.dim() == 1 and bias.shape[0] == weight.shape[0] and bias.dtype == dtype:
         return bias        # the common (D_out,) bias: broadcasts to any (*, D_out), either path (no broadcast_shapes: 11 µs)
     out_shape = torch.Size((*input.shape[:-1], *weight.shape[:-1]))
-    # torch's addmm path: a 2-D input, or a contiguous one with a bias that varies along the
-    # last dim only ((D_out,), (1,), (1, D_out), …: measured on torch 2.13)
-    addmm = input.dim() == 2 or (input.is_contiguous() and bias.dim() >= 1 and bias.numel() == bias.shape[-1])
+    # torch's addmm path (Linear.cpp; measured on torch 2.13): a 2-D input, or a contiguous one with a
+    # contiguous bias of one dim that is not 1 ((D_out,), (1,), (1, D_out), (k, 1), …): the input flattened to
+    # (N, D_in), b expanded to (N, D_out), the result viewed as the output. Else matmul, then
+    # output.add_(b) in place: b broadcasts to the output without growing it, of any dtype that casts.
+    addmm = input.dim() == 2 or (input.is_contiguous() and bias.is_contiguous() and (
+        bias.dim() == 1 or sum(n != 1 for n in bias.shape) == 1))
     if addmm and weight.dim() == 1:
         raise RuntimeError(f"{fn}: a 1-D weight {shape_str(weight)} with bias {shape_str(bias)} on input "
                            f"{shape_str(input)}: mat2 must be a matrix, got 1-D tensor (torch's addmm path)")
+    rows = torch.Size((input.shape[:-1].numel(), out_shape[-1] if weight.dim() == 2 else 1))
+    target = rows if addmm else out_shape
     try:
-        broadcast = torch.broadcast_shapes(out_shape, bias.shape)
+        broadcast = torch.broadcast_shapes(target, bias.shape)
     except RuntimeError:
         broadcast = None
-    if broadcast != out_shape:
-        raise RuntimeError(f"{fn}: bias of shape {shape_str(bias)} does not broadcast to the output shape {list(out_shape)}")
+    if broadcast != target:
+        raise RuntimeError(f"{fn}: bias of shape {shape_str(bias)} does not broadcast to the "
+                           f"{'flattened output' if addmm else 'output'} shape {list(target)} (output {list(out_shape)})")
+    if addmm and input.dim() != 2 and bias.dim() > 1:
+        bias = bias.expand(rows).reshape(out_shape)             # b per flattened row, as the output's view
     if bias.dtype == dtype:
         return bias
     if addmm or not torch.can_cast(torch.result_type(torch.empty((1,), dtype=dtype), bias), dtype):

@@ -5,7 +5,6 @@ import numbers
 
 import torch
 
-from ..ops._function import opmath
 from ..ops.embedding import EmbeddingFn, embedding_renorm_
 from ._common import check_tensor, shape_str
 
@@ -22,7 +21,8 @@ def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None
     ``scale_grad_by_freq`` divides each row's gradient by its count in ``input``; ``max_norm``
     renormalises the referred rows of ``weight`` in place first, as torch does.
 
-    ``sparse=True`` is refused (NotImplementedError): handgrad's gradient wrt ``weight`` is dense."""
+    ``sparse=True``: the gradient wrt ``weight`` is torch's uncoalesced sparse COO tensor (for
+    torch.optim.SparseAdam, SGD, …)."""
     check_tensor("indices", input, fn="embedding")
     check_tensor("weight", weight, fn="embedding")
     if padding_idx is not None:                # torch's Python checks first, then embedding_renorm_'s, then embedding's
@@ -30,27 +30,20 @@ def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None
         if (padding_idx > 0 and padding_idx >= V) or (padding_idx < 0 and padding_idx < -V):   # torch's test
             raise AssertionError(f"Padding_idx must be within num_embeddings (embedding: padding_idx={padding_idx}, "
                                  f"weight of shape {shape_str(weight)})")
-    if max_norm is not None and input.numel():
-        # (no index: torch's renorm touches no row and checks nothing)
+    if max_norm is not None:
+        # torch.embedding_renorm_'s binding, then its checks, then its loop over the rows
+        for name, v in (("max_norm", max_norm), ("norm_type", norm_type)):
+            if not isinstance(v, numbers.Real):
+                raise TypeError(f"embedding_renorm_(): argument '{name}' must be float, not {type(v).__name__}")
+        if weight.dim() != 2:
+            raise RuntimeError(f"embedding: Expected 2-dimensional tensor, but got weight of shape {shape_str(weight)} "
+                               "(while checking arguments for embedding_renorm_)")
         if input.dtype not in _INDEX_DTYPES:
             raise RuntimeError(
                 "Expected tensor for argument #2 'indices' to have one of the following scalar types: Long, Int; but "
                 f"got {input.dtype} instead (while checking arguments for embedding_renorm_; indices of shape "
                 f"{shape_str(input)})")
-        if weight.dim() != 2:
-            raise RuntimeError(f"embedding: Expected 2-dimensional tensor, but got weight of shape {shape_str(weight)} "
-                               "(while checking arguments for embedding_renorm_)")
-        V = weight.shape[0]
-        if int(input.max()) >= V:                   # its row select, before embedding's own range check
-            raise IndexError(f"embedding: select(): index {int(input.max())} out of range for weight of shape "
-                             f"{shape_str(weight)} (max_norm's renormalisation)")
-        if any(st == 0 and n > 1 for st, n in zip(weight.stride(), weight.shape)) and bool(
-                (torch.linalg.vector_norm(opmath(weight[input.reshape(-1).long().unique()]), ord=float(norm_type),
-                                          dim=1) > max_norm).any()):
-            # a row to renormalise, written in place into memory shared by several elements
-            raise RuntimeError(f"embedding: max_norm renormalises weight in place, but more than one element of weight "
-                               f"(shape {shape_str(weight)}, strides {list(weight.stride())}) refers to a single "
-                               "memory location. Please clone() the tensor before performing the operation.")
+        embedding_renorm_(weight, input, float(max_norm), float(norm_type))
     if weight.dim() != 2:
         raise RuntimeError(f"'weight' must be 2-D (embedding: weight of shape {shape_str(weight)})")
     if input.dtype not in _INDEX_DTYPES:
@@ -64,24 +57,14 @@ def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None
     if input.numel() and V == 0:
         raise RuntimeError(f"embedding: index_select(): self indexing axis dim should be positive (weight of shape "
                            f"{shape_str(weight)} has no rows, indices of shape {shape_str(input)})")
-    if input.numel() and not torch.compiler.is_compiling():
+    if input.numel() and not weight.shape[1] and not torch.compiler.is_compiling():
+        # (rows with elements: EmbeddingFn's index_select refuses an index out of range, IndexError)
         lo, hi = int(input.min()), int(input.max())
-        if (lo < 0 or hi >= V) and weight.shape[1] == 0:     # torch's kernel for rows of no element
+        if lo < 0 or hi >= V:                               # torch's kernel for rows of no element
             raise RuntimeError(f"embedding: INDICES element is out of DATA bounds (indices in [{lo}, {hi}], weight of "
                                f"shape {shape_str(weight)})")
-        if lo < 0 or hi >= V:
-            raise IndexError(f"index out of range in self (embedding: indices in [{lo}, {hi}], weight of shape "
-                             f"{shape_str(weight)})")
-    if weight.is_complex() and weight.requires_grad:
+    out = EmbeddingFn.call(input, weight, padding_idx, bool(scale_grad_by_freq), bool(sparse))
+    if weight.is_complex() and weight.requires_grad:           # autograd's check of the output, after the kernel's
         raise RuntimeError(f"embedding does not support automatic differentiation for outputs with complex dtype "
                            f"(weight of shape {shape_str(weight)})")
-    if sparse:
-        raise NotImplementedError(
-            "embedding: sparse=True is not supported by handgrad: its gradient wrt 'weight' is a dense (V, D) "
-            f"tensor (weight of shape {shape_str(weight)}); use sparse=False (or torch.nn.functional.embedding)"
-        )
-    if max_norm is not None and input.numel():
-        if not isinstance(norm_type, numbers.Real):
-            raise TypeError(f"embedding(): argument 'norm_type' must be float, not {type(norm_type).__name__}")
-        embedding_renorm_(weight, input, float(max_norm), float(norm_type))
-    return EmbeddingFn.call(input, weight, padding_idx, bool(scale_grad_by_freq))
+    return out

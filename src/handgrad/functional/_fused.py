@@ -2,15 +2,14 @@
 The math lives in ``handgrad.ops.fused``."""
 from __future__ import annotations
 
-import dataclasses
-
 from typing import Sequence
 
 import torch
 
 from .._compat import functorch_transforms_active
 from ..ops.fused import LCEOptions, LinearCrossEntropyFn, StackFn, StackSpec, activation_spec, default_chunk_size
-from ._common import autocast, check_linear, check_reduction, check_target_range, check_tensor, shape_str
+from ._common import (autocast, check_ignore_index, check_linear, check_reduction, check_target_range, check_tensor,
+                      no_kernel, shape_str)
 from . import _activations
 from ._linear import linear
 from ._losses import _class_options, class_loss
@@ -181,6 +180,9 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     if out_features and input.dim() == 1:
         raise RuntimeError(f"{fn}: K-dimensional loss defined by linear_weight shape {shape_str(linear_weight)} "
                            f"requires batched input (N, {D}), got unbatched input of shape {shape_str(input)}")
+    logits_shape = torch.Size((*input.shape[:-1], C, *out_features))
+    if ignore_index is not None and target.shape == logits_shape:   # torch's Python check, before its linear
+        check_ignore_index(fn, ignore_index, target, probs=True, none_is_default=True)
     if chunk_size is None and options is not None:
         chunk_size = getattr(options, "batch_chunk_size", None)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -193,14 +195,17 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     W2 = linear_weight.reshape(linear_weight.shape[:-1].numel(), D)   # (C·d1·…, D) (D may be 0)
     b2 = None if linear_bias is None else linear_bias.reshape(-1)
     check_linear(fn, W2, b2, features=D, dtype=input.dtype, names=("linear_weight", "linear_bias"))
+    if input.dtype == torch.bool:             # torch's linear has no bool kernel (integers it computes)
+        no_kernel(fn, input, kernel="addmm_impl_cpu_")
+    reduction = check_reduction(reduction)    # torch's order: its linear, then cross_entropy's Python, then C++
     # the cross entropy's checks on the logits' shape and dtype (no tensor: nothing allocated)
-    logits_shape = torch.Size((*input.shape[:-1], C, *out_features))
     logits = _Logits(logits_shape, out_dtype, input, linear_weight)
     _, weight, ce = _class_options(fn, logits, target, weight, ignore_index, reduction, label_smoothing,
                                    allow_probs=True, none_is_default=True)
-    ce = dataclasses.replace(ce, reduction=check_reduction(reduction))     # torch's order: after the target's checks
-    reduction = ce.reduction
-    if ce.probs or out_features:
+    # (logits of at most 2¹⁶ values, with no chunk size asked for: one chunk would hold them all, so
+    # chunking saves no memory, and the fused op's ~80 small torch calls cost more than the two ops)
+    small = chunk_size is None and logits_shape.numel() <= 1 << 16
+    if ce.probs or out_features or small:
         # torch's reference path, in handgrad's ops: linear, then cross_entropy on the logits
         logits = linear(input, W2, b2).reshape(logits_shape)
         logits, target, weight = autocast("cross_entropy", logits, target, weight)

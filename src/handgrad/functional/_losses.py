@@ -6,12 +6,14 @@ exception types, and the layout the Functions in ``handgrad.ops.losses`` work on
 from __future__ import annotations
 
 import torch
+from .._compat import functorch_transforms_active
 from .._compat import nn_reduction as _Reduction
 
-from ..ops.losses import BCEWithLogitsFn, CrossEntropyFn, CrossEntropyOptions, NLLLossFn, SquaredErrorFn
+from ..ops.bce import BCEWithLogitsFn
+from ..ops.losses import CrossEntropyFn, CrossEntropyOptions, NLLLossFn, SquaredErrorFn
 from ._common import (autocast, check_class_target, check_class_weight, check_ignore_index, check_label_smoothing,
                       check_no_bool_subtraction, check_not_differentiable, check_reduction, check_target_range,
-                      check_tensor, no_kernel, shape_str, warn)
+                      check_tensor, autocast_on, no_kernel, shape_str, warn, REDUCTIONS)
 
 __all__ = ["mse_loss", "half_squared_error", "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits"]
 
@@ -33,6 +35,14 @@ def _promote(*tensors):
     if not dtype.is_floating_point:
         dtype = torch.get_default_dtype()
     return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def _same_floats(input, target) -> bool:
+    """The common call of an elementwise loss, in one cheap test (it runs every step): two
+    tensors of one shape and one floating dtype, no autocast: nothing to warn about, cast or
+    refuse."""
+    return (type(input) is torch.Tensor and type(target) is torch.Tensor and input.shape == target.shape
+            and input.dtype == target.dtype and input.is_floating_point() and not autocast_on())
 
 
 def _check_floating(fn, kernel, input, target, weight=None):
@@ -63,6 +73,9 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average: bool | Non
              reduction: str = "mean", weight: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.nn.functional.mse_loss``: w ⊙ (x − y)², reduced; 'mean' with ``weight`` divides by
     Σ w, as torch does. Hand-derived backward for input, target and weight (ops.losses.SquaredErrorFn)."""
+    if weight is None and size_average is None and reduce is None and _same_floats(input, target) and (
+            reduction in REDUCTIONS):
+        return SquaredErrorFn.call(input, target, None, reduction, "mse")     # every check below passes
     check_tensor("input", input, fn="mse_loss")
     check_tensor("target", target, fn="mse_loss")
     if weight is not None:
@@ -97,6 +110,8 @@ def half_squared_error(input: torch.Tensor, target: torch.Tensor, reduction: str
     """The seed's loss Σ_n ½‖x_n − y_n‖² over the rows x_n (last dim): 'none' gives one value per
     row (shape input.shape[:-1]), 'mean' divides by the number of rows N. Broadcasts as
     ``0.5 * ((x − y) ** 2).sum(-1)`` does. Hand-derived backward (ops.losses.SquaredErrorFn)."""
+    if _same_floats(input, target) and input.dim() and reduction in REDUCTIONS:
+        return SquaredErrorFn.call(input, target, None, reduction, "half")    # every check below passes
     check_tensor("input", input, fn="half_squared_error")
     check_tensor("target", target, fn="half_squared_error")
     input, target = autocast("half_squared_error", input, target)
@@ -143,6 +158,11 @@ def _class_options(fn, input, target, weight, ignore_index, reduction, label_smo
     """Every cross-entropy option validated, in torch's order, by its one function in ``_common``:
     returns (C, weight (C,) or None, CrossEntropyOptions)."""
     eps = check_label_smoothing(fn, label_smoothing)          # its type, then its range: torch's first checks
+    if allow_probs and target.shape == input.shape and target.is_floating_point() and input.dim():
+        # torch's probability path: ignore_index, then the weight's shape, then log_softmax's dtype
+        check_ignore_index(fn, ignore_index, target, probs=True, none_is_default=none_is_default)
+        if weight is not None and not input.is_floating_point():
+            check_class_weight(fn, weight, input, input.shape[1] if input.dim() >= 2 else input.shape[0], probs=True)
     C, probs = check_class_target(fn, input, target, allow_probs=allow_probs, weight=weight)
     if eps and not probs and weight is not None and weight.dim() != 1 and input.dim() > 2 and (
             weight.shape[0] != weight.numel()):
@@ -154,6 +174,35 @@ def _class_options(fn, input, target, weight, ignore_index, reduction, label_smo
         no_kernel(fn, input, kernel="nll_loss")                 # the kernel's dispatch on the input's dtype
     ignore_index = check_ignore_index(fn, ignore_index, target, probs=probs, none_is_default=none_is_default)
     return C, weight, CrossEntropyOptions(reduction, ignore_index, eps, probs)
+
+
+_COMMON_OPTIONS: dict = {}
+
+
+def _common_class_call(input, target, weight, size_average, reduce, reduction, ignore_index, label_smoothing):
+    """The common call of cross_entropy / nll_loss, in one cheap test (it runs every step):
+    input (N, C) floating, target (N,) int64, no class weight, no legacy flags, a valid reduction,
+    an int ignore_index, no smoothing, no autocast. Every check of ``_class_args`` passes on it, so
+    its options come from a cache (None: anything else, which takes the detailed checks)."""
+    if not (weight is None and size_average is None and reduce is None and type(input) is torch.Tensor
+            and type(target) is torch.Tensor and input.dim() == 2 and target.dim() == 1
+            and target.dtype == torch.int64 and input.is_floating_point() and target.shape[0] == input.shape[0]
+            and type(ignore_index) is int and type(label_smoothing) in (float, int) and label_smoothing == 0
+            and not autocast_on()):
+        return None
+    opts = _COMMON_OPTIONS.get((reduction, ignore_index))
+    if opts is None:
+        if reduction not in REDUCTIONS:
+            return None
+        opts = _COMMON_OPTIONS[(reduction, ignore_index)] = CrossEntropyOptions(reduction, ignore_index)
+    return opts
+
+
+def _kernel_checks_range(input) -> bool:
+    """Does the Function's forward take its fast path, torch's nll_loss kernel, which refuses an
+    out-of-range class index itself (IndexError, its message completed by the Function)? Then the
+    functional's own host check would be a second pass over the target."""
+    return input.numel() > 0 and not functorch_transforms_active()
 
 
 def _class_args(fn, input, target, weight, size_average, reduce, reduction, ignore_index, label_smoothing, *,
@@ -177,6 +226,11 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     """``torch.nn.functional.cross_entropy``: log-softmax and NLL in one Function
     (ops.losses.CrossEntropyFn), class-index or class-probability targets, K-dim and unbatched
     inputs, ``weight``, ``ignore_index``, ``label_smoothing``; torch's numbers in every case."""
+    opts = _common_class_call(input, target, weight, size_average, reduce, reduction, ignore_index, label_smoothing)
+    if opts is not None:
+        if not _kernel_checks_range(input):
+            check_target_range("cross_entropy", target, input.shape[1], ignore_index, input)
+        return CrossEntropyFn.call(input, target, None, opts)[0]
     input, target, weight, opts, C = _class_args("cross_entropy", input, target, weight, size_average, reduce,
                                                  reduction, ignore_index, label_smoothing, allow_probs=True)
     return class_loss("cross_entropy", input, target, weight, opts, C)
@@ -187,7 +241,7 @@ def class_loss(fn, input, target, weight, opts, C):
     if opts.probs:
         input, target, weight = _promote(input, target, weight)   # torch promotes the probability path
     X, Y = _rows(input, target, opts.probs)
-    if not opts.probs:
+    if not opts.probs and (opts.label_smoothing or not _kernel_checks_range(X)):
         check_target_range(fn, Y, C, opts.ignore_index, input)
     loss, _ = CrossEntropyFn.call(X, Y, weight, opts)
     return loss.reshape(_loss_shape(input)) if opts.reduction == "none" else loss
@@ -198,6 +252,11 @@ def nll_loss(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
              reduction: str = "mean") -> torch.Tensor:
     """``torch.nn.functional.nll_loss``: −w_y x_y (ops.losses.NLLLossFn), K-dim and unbatched
     inputs, ``weight``, ``ignore_index``; 'mean' divides by the kept rows' weights, as torch does."""
+    opts = _common_class_call(input, target, weight, size_average, reduce, reduction, ignore_index, 0.0)
+    if opts is not None:
+        if not _kernel_checks_range(input):
+            check_target_range("nll_loss", target, input.shape[1], ignore_index, input)
+        return NLLLossFn.call(input, target, None, opts)
     input, target, weight, opts, C = _class_args("nll_loss", input, target, weight, size_average, reduce,
                                                  reduction, ignore_index, 0.0, allow_probs=False)
     X, Y = _rows(input, target, False)
@@ -214,7 +273,7 @@ def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor, 
                                      size_average: bool | None = None, reduce: bool | None = None,
                                      reduction: str = "mean", pos_weight: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.nn.functional.binary_cross_entropy_with_logits`` in the stable softplus form
-    (ops.losses.BCEWithLogitsFn); ``weight`` and ``pos_weight`` broadcast to the input's shape."""
+    (ops.bce.BCEWithLogitsFn); ``weight`` and ``pos_weight`` broadcast to the input's shape."""
     fn = "binary_cross_entropy_with_logits"
     check_tensor("input", input, fn=fn)
     check_tensor("target", target, fn=fn)

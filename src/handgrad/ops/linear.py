@@ -9,8 +9,11 @@ import torch
 from ._function import HandFunction
 
 
-def affine(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """Z = X Wᵀ + b   (N, D_out), one GEMM (addmm adds a bias that broadcasts to Z)."""
+def affine(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Z = X Wᵀ + b   (N, D_out), one GEMM (addmm adds a bias that broadcasts to Z); ``out``: a
+    buffer of Z's shape and dtype to write it into (nothing records it)."""
+    if out is not None:
+        return torch.mm(X, W.mT, out=out) if b is None else torch.addmm(b, X, W.mT, out=out)
     return X @ W.mT if b is None else torch.addmm(b, X, W.mT)
 
 

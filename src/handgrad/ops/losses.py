@@ -1,5 +1,5 @@
 """The losses: squared error (``mse_loss``, the seed's ``half_squared_error``), softmax cross
-entropy, negative log-likelihood and binary cross entropy with logits.
+entropy and negative log-likelihood (binary cross entropy with logits: ``ops.bce``).
 Derivation: docs/derivation.md#losses.
 
 Every Function here reduces with ``reduction`` ∈ {'none', 'mean', 'sum'}; with the incoming
@@ -22,9 +22,15 @@ import torch
 
 import torch.nn.functional as TF
 
+from .._compat import is_functorch_wrapped
 from ._function import HandFunction, fast_path, opmath
 from ._function import accurate_sum as _sum
 from .softmax import log_softmax_jvp, log_softmax_rows, log_softmax_vjp
+
+
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in ``dtype``; t itself when it is already (``Tensor.to``'s own no-op test costs a µs)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _scale(g: torch.Tensor, reduction: str, den) -> torch.Tensor:
@@ -91,11 +97,11 @@ class SquaredErrorFn(HandFunction):
             # expressions below do (tests/test_fast_paths.py compares the two).
             X, Y = opmath(x), opmath(y)
             if kind == "mse":
-                return TF.mse_loss(X, Y, reduction=reduction).to(x.dtype)            # Σ D² (/ |S|)
+                return _to(TF.mse_loss(X, Y, reduction=reduction), x.dtype)            # Σ D² (/ |S|)
             if reduction == "none":
-                return torch.sub(X, Y).square_().sum(-1).mul_(0.5).to(x.dtype)       # ½ Σ_d D²  per row
-            total = TF.mse_loss(X, Y, reduction="sum").mul_(0.5)                     # ½ Σ D²
-            return (total / X.shape[:-1].numel() if reduction == "mean" else total).to(x.dtype)
+                return _to(torch.sub(X, Y).square_().sum(-1).mul_(0.5), x.dtype)       # ½ Σ_d D²  per row
+            c = 0.5 / X.shape[:-1].numel() if reduction == "mean" else 0.5
+            return _to(TF.mse_loss(X, Y, reduction="sum").mul_(c), x.dtype)           # ½ Σ D² (/ N)
         D, c, den = _se_terms(x, y, w, kind)                    # D (S)
         E = c * D * D if w is None else c * opmath(w) * D * D   # E = c W ⊙ D²      (S)
         if reduction == "none":
@@ -115,14 +121,20 @@ class SquaredErrorFn(HandFunction):
     def backward(ctx, g):
         x, y, w = ctx.saved_tensors
         D, c, den = _se_terms(x, y, w, ctx.kind)                   # D = X − Y          (S)
-        g_hat = _se_expand(_scale(opmath(g), ctx.reduction, den), ctx.kind)   # ĝ     (S or scalar)
         gx = gy = gw = None
         if (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) and w is None and fast_path(g):
-            GD = D.mul_(2 * c * g_hat)                                     # 2c ĝ ⊙ D, in D's buffer
-            gx = GD.sum_to_size(ctx.shapes[0]).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+            # 2c ĝ ⊙ D in D's buffer, 2c/den folded into one number (a scalar g: one op on it;
+            # den = 0 only where D has no element)
+            scale = opmath(g) * ((2 * c / den if den else math.nan) if ctx.reduction == "mean" else 2 * c)
+            GD = D.mul_(_se_expand(scale, ctx.kind))                        # 2c ĝ ⊙ D
+            same = ctx.shapes[0] == ctx.shapes[1] == GD.shape               # nothing to sum down
+            if ctx.needs_input_grad[0]:
+                gx = _to(GD if same else GD.sum_to_size(ctx.shapes[0]), ctx.dtypes[0])
             if ctx.needs_input_grad[1]:                                    # −2c ĝ D (its own buffer if ∂L/∂X took GD)
-                gy = (torch.neg(GD) if gx is not None else GD.neg_()).sum_to_size(ctx.shapes[1]).to(ctx.dtypes[1])
+                gy = torch.neg(GD) if gx is not None else GD.neg_()
+                gy = _to(gy if same else gy.sum_to_size(ctx.shapes[1]), ctx.dtypes[1])
             return gx, gy, None, None, None
+        g_hat = _se_expand(_scale(opmath(g), ctx.reduction, den), ctx.kind)   # ĝ     (S or scalar)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             GD = 2 * c * g_hat * D if w is None else 2 * c * g_hat * opmath(w) * D  # 2c ĝ ⊙ W ⊙ D
             GD = GD.expand(D.shape)
@@ -235,6 +247,15 @@ def ce_losses(logp, target, w, opts):
     return loss.where(keep, 0.0) if C else loss
 
 
+def _nonfinite(w) -> bool:
+    """Has the class weight an infinite or nan value? Asked on the host for a CPU weight only (no
+    device sync elsewhere: there the rearranged formula's ±∞ stand), not while compiling or under
+    a torch.func transform (no single value)."""
+    if w is None or w.device.type != "cpu" or torch.compiler.is_compiling() or is_functorch_wrapped(w):
+        return False
+    return not bool(torch.isfinite(w).all())
+
+
 def ce_direction(logp, target, w, opts, inplace: bool = False, fast: bool = False):
     """R = ∂ℓ_i/∂X_i = P_i (Q_i 1) − Q_i   (M, C), P = exp(log p), and the kept rows (None for
     probabilities). For class indices, with c_i = (1−ε) a_i and s_i = (ε/C) keep_i, it is
@@ -254,6 +275,14 @@ def ce_direction(logp, target, w, opts, inplace: bool = False, fast: bool = Fals
     if C == 0:                                                            # no classes: every row ignored
         return torch.zeros_like(logp), keep
     col = y0.unsqueeze(1)                                                 # (M, 1)
+    if _nonfinite(w):
+        # an infinite class weight: P (Q 1) − Q as written, torch's order (its log-softmax backward of
+        # −Q), so that its ∞ − ∞ are nan where torch's are; the rearranged form would give ±∞ there
+        # (ε/C) keep_i w_c (M, C): a product, 0·∞ = nan on an ignored row as in torch's backward of its
+        # masked smoothing term; no term at all without smoothing
+        Q = torch.zeros_like(logp) if not eps else (eps / C) * keep.to(logp.dtype).unsqueeze(1) * opmath(w)
+        Q = Q.scatter_add(1, col, ((1 - eps) * a).unsqueeze(1))           # + (1−ε) a_i δ_{c,y_i}
+        return logp.exp() * _sum(Q, 1, keepdim=True) - Q, keep            # P ⊙ (Q 1) − Q
     picked = torch.expm1(logp.gather(1, col))                             # p_{i,y_i} − 1      (M, 1)
     P = logp.exp_() if inplace else logp.exp()                            # P = softmax(X)    (M, C)
     inplace = inplace or fast                                             # P is this call's own buffer
@@ -273,6 +302,41 @@ def ce_direction(logp, target, w, opts, inplace: bool = False, fast: bool = Fals
     return R, keep
 
 
+def ce_chunk_fast(Z, y, w, opts, g, den, want_loss: bool):
+    """The cross entropy of one chunk of logits Z (n, C) for class indices without smoothing, where
+    nothing records it and Z is the caller's buffer (``ops.fused``'s chunked linear_cross_entropy):
+    the losses ℓ_i = −a_i log p_{i,y_i} (``ce_losses``) and dZ = ĝ a_i (P_i − e_{y_i})
+    (``ce_direction`` times ``ce_row_scale``), without forming log p, all in Z's buffer. With m the
+    row max, e = e^{Z−m} and r = Σ_{j≠argmax} e_j, as ``log_softmax_rows``:
+        log p_{i,y_i} = (Z − m)_{i,y_i} − log1p(r_i),    P_i = e_i / (1 + r_i)
+        p_{i,y_i} − 1 = −r_i/(1 + r_i) where y_i is the argmax (no cancellation), else e_{i,y_i}/(1 + r_i) − 1
+    four passes over the chunk (max, − m, exp, Σ) and one scaling, where log p, P and R take nine.
+    ``g``: the incoming gradient (scalar, or (n,) for 'none'), None for the losses alone.
+    Returns (ℓ (n,) or None, dZ (n, C) in Z's buffer or None)."""
+    m, top = Z.max(1, keepdim=True)                                       # m, one argmax        (n, 1)
+    Z = Z.sub_(m)                                                         # Z − m ≤ 0
+    keep, y0, a = ce_index_terms(y, w, opts.ignore_index, Z.dtype)        # (n,)
+    col = y0.unsqueeze(1)                                                 # (n, 1)
+    z_y = Z.gather(1, col)                                                # (Z − m)_y            (n, 1)
+    E = Z.exp_()                                                          # e                    (n, C)
+    E.scatter_(1, top, 0.0)                                               # 0 at the argmax
+    r = E.sum(1, keepdim=True) + (m - m)                                  # r (a row max ±inf, nan: nan)
+    loss = None
+    if want_loss:                                                         # −a_i log p_{i,y_i}; ignored: 0
+        loss = (-a * (z_y - torch.log1p(r)).squeeze(1)).where(keep, 0.0)
+    if g is None:
+        return loss, None
+    s = ce_row_scale(g, opts, den, keep) * a.unsqueeze(1)                 # ĝ a_i                (n, 1)
+    inv = (1 + r).reciprocal_()                                           # 1/(1 + r)
+    e_y = z_y.exp()                                                       # e_{y}
+    pm1 = torch.where(col == top, -r * inv, e_y * inv - 1)                # p_y − 1
+    dZ = E.mul_(s * inv)                                                  # ĝ a_i p_j, 0 at the argmax
+    dZ.scatter_(1, top, s * inv)                                          # ĝ a_i p_argmax
+    # (+ 0·ĝa·e_y: nan where torch's p_y·ĝa − ĝa is, for an infinite ĝa or a nan e_y)
+    dZ.scatter_(1, col, torch.addcmul(s * pm1, s, e_y, value=0))          # ĝ a_i (p_y − 1)
+    return loss, dZ
+
+
 def ce_row_scale(g, opts, den, keep_rows):
     """ĝ per row (M, 1) or scalar; for index targets ignored rows get exactly 0 (torch's backward
     never touches them, even when den = 0 makes g/den infinite)."""
@@ -280,6 +344,31 @@ def ce_row_scale(g, opts, den, keep_rows):
     if keep_rows is not None and opts.reduction == "mean":
         s = torch.where(keep_rows, s, torch.zeros_like(s))               # ignored rows: 0
     return s if s.dim() == 0 else s.unsqueeze(1)                          # (M, 1) for 'none'
+
+
+def nll_kernel(X, y, w, opts):
+    """torch's nll_loss forward kernel on rows X (M, C), for the fast paths: the same −Σ a_i X_{i,y_i}
+    (/ Σ a_i) in one pass. It refuses a class index outside [0, C) itself (the functionals then skip
+    their own host check): its IndexError is completed with the class range and the shape."""
+    try:
+        return TF.nll_loss(X, y, None if w is None else opmath(w).reshape(-1),
+                           ignore_index=opts.ignore_index, reduction=opts.reduction)
+    except IndexError as e:
+        raise IndexError(f"{e} (target holds class indices in [0, {X.shape[1]}), ignore_index "
+                         f"{opts.ignore_index}, for rows of shape {list(X.shape)})") from None
+
+
+def fast_index_scale(g, col, C, opts):
+    """ĝ for index targets without a class weight, where nothing records it: (M, 1), 0 exactly on
+    ignored rows (g/den, g or g_i elsewhere; den = the kept rows), and y with ignored rows sent to
+    class 0. ``col``: y as (M, 1), its kept indices in [0, C) (the forward's kernel checked them)."""
+    keep = col != opts.ignore_index                                       # (M, 1)
+    y0 = col.clamp(0, C - 1)                                              # ignored rows: a class in range
+    if opts.reduction == "mean":
+        g = g / keep.sum()                                                # g / den
+    elif opts.reduction == "none":
+        g = g.unsqueeze(1)                                                # g_i      (M, 1)
+    return torch.where(keep, g, 0.0), y0                                  # ĝ, 0 on ignored rows
 
 
 class CrossEntropyFn(HandFunction):
@@ -316,9 +405,7 @@ class CrossEntropyFn(HandFunction):
             # log p and −Σ a_i log p_{i,y_i} / den in two passes; the expressions below are the
             # same forward, taken under the torch.func transforms (tests/test_fast_paths.py).
             logp = torch.log_softmax(opmath(x), 1)                        # log p       (M, C)
-            loss = TF.nll_loss(logp, target, None if w is None else opmath(w).reshape(-1),
-                               ignore_index=opts.ignore_index, reduction=opts.reduction)
-            return loss.to(x.dtype), logp
+            return _to(nll_kernel(logp, target, w, opts), x.dtype), logp
         logp = log_softmax_rows(opmath(x))                                # log p       (M, C)
         loss = ce_losses(logp, target, w, opts)                           # ℓ           (M,)
         den = ce_denominator(target, w, opts, logp.dtype)
@@ -346,12 +433,19 @@ class CrossEntropyFn(HandFunction):
             # log p is torch's here (the forward's kernel), whose log p_y rounds at the scale of
             # 1 where p_y ≈ 1, so p_y − 1 is taken as −Σ_{j≠y} p_j (the same number, Σ p = 1):
             # a sum of small terms, no cancellation, instead of expm1(log p_y).
-            keep, y0, a = ce_index_terms(target, w, opts.ignore_index, logp.dtype)   # (M,)
-            col = y0.unsqueeze(1)                                         # (M, 1)
-            P = logp.exp().scatter_(1, col, 0.0)                          # P, 0 at y          (M, C)
-            P.scatter_(1, col, P.sum(1, keepdim=True).neg_())             # P − E_y
-            s = ce_row_scale(g, opts, _sum(a), keep)                      # ĝ                  (M, 1) or ()
-            gx = P.mul_(a.unsqueeze(1) * s)                               # ĝ a_i (P_i − e_{y_i})
+            if w is None:
+                s, col = fast_index_scale(opmath(g), target.unsqueeze(1), logp.shape[1], opts)   # ĝ (a_i = keep_i), y  (M, 1)
+            else:
+                keep, y0, a = ce_index_terms(target, w, opts.ignore_index, logp.dtype)   # (M,)
+                col = y0.unsqueeze(1)                                     # (M, 1)
+                s = ce_row_scale(g, opts, _sum(a), keep) * a.unsqueeze(1)  # ĝ a_i   (M, 1)
+            # (+ 0·p_y·ĝa: nan where torch's p_y·ĝa − ĝa is, for a nan p_y (an infinite logit) or an
+            # infinite ĝa (class weight): the undefined values stay undefined, as torch's)
+            P = logp.exp()                                                # P                  (M, C)
+            p_y = P.gather(1, col)                                        # p_y                (M, 1)
+            P.scatter_(1, col, 0.0)                                       # P, 0 at y
+            P.scatter_(1, col, P.sum(1, keepdim=True).neg_().addcmul_(p_y, s, value=0))   # P − E_y
+            gx = P.mul_(s)                                                # ĝ a_i (P_i − e_{y_i})
         elif g is not None and need_x:
             R, keep = ce_direction(logp, target, w, opts, fast=fast)      # P (Q 1) − Q      (M, C)
             den = ce_denominator(target, w, opts, logp.dtype)
@@ -369,7 +463,7 @@ class CrossEntropyFn(HandFunction):
             back = log_softmax_vjp(logp, opmath(g_logp), 1)               # G_lp − P ⊙ (G_lp 1)
             gx = back if gx is None else gx + back
         if gx is not None:
-            gx = gx.to(ctx.x_dtype)
+            gx = _to(gx, ctx.x_dtype)
         return gx, gt, gw, None
 
     @staticmethod
@@ -412,8 +506,7 @@ class NLLLossFn(HandFunction):
     @staticmethod
     def forward(x, y, w, opts):
         if fast_path() and x.numel():                                     # torch's forward kernel: the same sum
-            return TF.nll_loss(opmath(x), y, None if w is None else opmath(w).reshape(-1),
-                               ignore_index=opts.ignore_index, reduction=opts.reduction).to(x.dtype)
+            return _to(nll_kernel(opmath(x), y, w, opts), x.dtype)
         X = opmath(x)                                                     # (M, C)
         keep, y0, a = ce_index_terms(y, w, opts.ignore_index, X.dtype)    # (M,)
         picked = _picked(X, y0)                                           # X_{i, y_i}      (M,)
@@ -433,6 +526,10 @@ class NLLLossFn(HandFunction):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         y, w = ctx.saved_tensors
+        if w is None and ctx.x_shape[1] and fast_path(g):                # a_i = keep_i; in place on fresh buffers
+            sa, col = fast_index_scale(opmath(g), y.unsqueeze(1), ctx.x_shape[1], ctx.opts)   # ĝ ⊙ a, y   (M, 1)
+            gx = sa.new_zeros(ctx.x_shape).scatter_(1, col, sa.neg_())    # −(ĝ ⊙ a) ⊙ E_y
+            return _to(gx, ctx.x_dtype), None, None, None
         keep, y0, a = ce_index_terms(y, w, ctx.opts.ignore_index, opmath(g).dtype)   # (M,)
         sa = ce_row_scale(g, ctx.opts, _sum(a), keep) * a.unsqueeze(1)    # ĝ ⊙ a   (M, 1)
         zeros = sa.new_zeros(ctx.x_shape)                                 # (M, C)
@@ -447,107 +544,3 @@ class NLLLossFn(HandFunction):
         keep, y0, a = ce_index_terms(y, w, ctx.opts.ignore_index, dX.dtype)
         dloss = -a * _picked(dX, y0)                                      # ℓ̇_i = −a_i Ẋ_{i, y_i}
         return reduce_loss(dloss, ctx.opts.reduction, _sum(a)).to(ctx.x_dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Binary cross entropy with logits
-# ---------------------------------------------------------------------------------------------
-
-def _softplus(X):
-    """softplus(X) = log(1 + e^{X}), stable: max(X, 0) + log1p(e^{−|X|})."""
-    return torch.clamp_min(X, 0) + torch.log1p(torch.exp(-X.abs()))
-
-
-class BCEWithLogitsFn(HandFunction):
-    r"""ℓ = −w ⊙ [p ⊙ T ⊙ log σ(X) + (1 − T) ⊙ log(1 − σ(X))], reduced — equals
-    ``torch.nn.functional.binary_cross_entropy_with_logits(x, t, weight=w, pos_weight=p)``.
-
-    Stable form: log σ(X) = −softplus(−X), log(1 − σ(X)) = −softplus(X), and with
-    softplus(±X) = max(±X, 0) + log1p(e^{−|X|}):
-        ℓ = w ⊙ [(1 − T) ⊙ max(X, 0) + p ⊙ T ⊙ max(−X, 0) + λ ⊙ log1p(e^{−|X|})],  λ = 1 + (p − 1) ⊙ T
-    Every term is ≥ 0 (T ∈ [0, 1], p ≥ 0), so nothing cancels and e^{X} never overflows.
-    Shapes: X, T (S); w, p None or broadcastable to S → ℓ (S) or a scalar ('mean' over |S|).
-    Backward, ĝ = g/|S|, g or G:
-        ∂L/∂X = ĝ ⊙ w ⊙ (λ ⊙ σ(X) − p ⊙ T)                            (S)   [= ĝ w (σ(X) − T) when p = 1]
-        ∂L/∂T = ĝ ⊙ w ⊙ (p ⊙ softplus(−X) − softplus(X))              (S)   [= −ĝ w X when p = 1]
-    (torch does not differentiate w or p; neither does this: the functional refuses them with
-    requires_grad, as torch does.)
-    Forward mode: ℓ̇ = ∂ℓ/∂X ⊙ Ẋ + ∂ℓ/∂T ⊙ Ṫ (the two bracketed factors above), reduced as ℓ.
-    Saves X, T, w, p.
-    Derivation: docs/derivation.md#binary-cross-entropy-with-logits
-    """
-
-    @staticmethod
-    def forward(x, t, w, p, reduction):
-        if fast_path() and x.numel():                                     # torch's forward: the same stable form
-            return TF.binary_cross_entropy_with_logits(
-                opmath(x), opmath(t), opmath(w), reduction=reduction, pos_weight=opmath(p)).to(x.dtype)
-        X, T = opmath(x), opmath(t)                                       # (S)
-        log1p_term = torch.log1p(torch.exp(-X.abs()))                     # log1p(e^{−|X|})
-        if p is None:
-            loss = (1 - T) * torch.clamp_min(X, 0) + T * torch.clamp_min(-X, 0) + log1p_term
-        else:
-            P = opmath(p)
-            lam = 1 + (P - 1) * T                                         # λ = 1 + (p − 1) T
-            loss = (1 - T) * torch.clamp_min(X, 0) + P * T * torch.clamp_min(-X, 0) + lam * log1p_term
-        if w is not None:
-            loss = loss * opmath(w)                                       # ⊙ w
-        return reduce_loss(loss, reduction, loss.numel()).to(x.dtype)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, t, w, p, reduction = inputs
-        ctx.reduction, ctx.dtypes = reduction, (x.dtype, t.dtype)
-        ctx.save_for_backward(x, t, w, p)
-        ctx.save_for_forward(x, t, w, p)
-
-    @staticmethod
-    def _partials(ctx, need_x, need_t):
-        """∂ℓ/∂X and ∂ℓ/∂T elementwise (before ĝ), as far as asked."""
-        x, t, w, p = ctx.saved_tensors
-        X, T = opmath(x), opmath(t)
-        dX = dT = None
-        if need_x:
-            if p is None:
-                dX = torch.sigmoid(X) - T                                 # σ(X) − T
-            else:
-                PT = opmath(p) * T                                        # p T
-                dX = (PT + 1 - T) * torch.sigmoid(X) - PT                 # λ σ(X) − p T,  λ = p T + 1 − T
-        if need_t:
-            dT = -X if p is None else opmath(p) * _softplus(-X) - _softplus(X)   # p softplus(−X) − softplus(X)
-        if w is not None:
-            W = opmath(w)
-            dX = None if dX is None else dX * W                           # ⊙ w
-            dT = None if dT is None else dT * W
-        return dX, dT, X.numel()
-
-    @staticmethod
-    def backward(ctx, g):
-        need_x, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_x or need_t):
-            return None, None, None, None, None
-        G = opmath(g)
-        x, t, w, p = ctx.saved_tensors
-        if need_x and not need_t and p is None and fast_path(g):          # σ(X) − T, ⊙ w, ⊙ ĝ: one buffer
-            dX = torch.sigmoid(opmath(x)).sub_(opmath(t))                 # σ(X) − T
-            if w is not None:
-                dX.mul_(opmath(w))                                        # ⊙ w
-            dX.mul_(G)                                                    # ĝ ⊙ ∂ℓ/∂X
-            if ctx.reduction == "mean":
-                dX.div_(x.numel())                                        # / |S| last, in torch's order
-            return dX.to(ctx.dtypes[0]), None, None, None, None
-        dX, dT, n = BCEWithLogitsFn._partials(ctx, need_x, need_t)
-        # ĝ ⊙ ∂ℓ/∂X, ĝ ⊙ ∂ℓ/∂T, dividing by |S| last ('mean'), in torch's order of rounding
-        gx = None if dX is None else _scale(G * dX, ctx.reduction, n).to(ctx.dtypes[0])
-        gt = None if dT is None else _scale(G * dT, ctx.reduction, n).to(ctx.dtypes[1])
-        return gx, gt, None, None, None
-
-    @staticmethod
-    def jvp(ctx, dx, dt, _w, _p, _r):
-        dX, dT, n = BCEWithLogitsFn._partials(ctx, dx is not None, dt is not None)
-        dl = 0
-        if dx is not None:
-            dl = dl + dX * opmath(dx)                                     # ∂ℓ/∂X ⊙ Ẋ
-        if dt is not None:
-            dl = dl + dT * opmath(dt)                                     # ∂ℓ/∂T ⊙ Ṫ
-        return reduce_loss(dl, ctx.reduction, n).to(ctx.dtypes[0])

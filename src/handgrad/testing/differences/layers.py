@@ -1,4 +1,4 @@
-"""The deliberate differences of linear, the poolings and the reductions (mean).
+"""The deliberate differences of linear, conv, embedding, the poolings and the reductions (mean).
 Entries of ``differences.DIFFERENCES`` (see its docstring for the fields)."""
 from __future__ import annotations
 
@@ -113,4 +113,14 @@ LAYERS: tuple[Difference, ...] = (
         "One signature, mean(input, dim=None, keepdim=False, *, dtype=None): an omitted dim is dim=None, as "
         "written out; torch's refusal is its overload resolution, not a rule about the call.",
         "torch.mean(torch.ones(2, 3), keepdim=True)"),
+    Difference(
+        "embedding: sparse gradient of a 0-d index with padding_idx", "embedding", ("backward",),
+        lambda call: call.kwargs.get("sparse") is True and call.kwargs.get("padding_idx") is not None
+        and not call.args[0].shape,
+        "its sparse backward masks the 0-d indices and the (D,) gradient with one 0-d mask: IndexError "
+        "'too many indices for tensor of dimension 0'",
+        "the sparse gradient, as for the same index in a 1-element tensor (no entry where it is padding_idx)",
+        "A 0-d index is one row, and its forward is accepted; the backward's refusal is an accident of "
+        "indexing the unflattened tensors.",
+        "F.embedding(torch.tensor(1), torch.randn(3, 2, requires_grad=True), padding_idx=0, sparse=True).sum().backward()"),
 )

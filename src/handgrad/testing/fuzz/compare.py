@@ -250,6 +250,11 @@ def compare(theirs: Outcome, ours: Outcome, truth: Outcome | None, wobble: Outco
             out.append(Mismatch("grad", f"input {i}: torch {'no ' if tg is None else ''}gradient | handgrad "
                                         f"{'no ' if hg is None else ''}gradient", "grad presence"))
         elif tg is not None:
+            if tg.layout != hg.layout:
+                out.append(Mismatch("grad", f"input {i}: torch {tg.layout} | handgrad {hg.layout}", "grad layout"))
+                continue
+            if tg.is_sparse:   # (embedding's sparse=True) compared as the dense tensors they sum to
+                tg, hg, xg, wg, cg = (t if t is None or not t.is_sparse else t.to_dense() for t in (tg, hg, xg, wg, cg))
             if tg.dtype != hg.dtype or tg.shape != hg.shape:
                 out.append(Mismatch("grad", f"input {i}: torch {tg.dtype}{list(tg.shape)} | handgrad "
                                             f"{hg.dtype}{list(hg.shape)}", "grad dtype/shape"))
