@@ -176,6 +176,26 @@ def is_batched_tensor(t: torch.Tensor) -> bool:
     return _is_batched(t) or _is_legacy_batched(t)
 
 
+# Dynamo of torch 2.4 runs a torch.nn module it does not inline (handgrad's twins subclass torch.nn
+# classes) on FakeTensors as plain Python, and AOT traces it again under fake/proxy dispatch modes,
+# where torch.compiler.is_compiling() is False: a branch on a value must ask this too. Fallback:
+# no tensor's values are readable (the branch-free path, as compiled).
+try:
+    from torch._subclasses.fake_tensor import FakeTensor as _FakeTensor
+    _get_mode, _MODES = torch._C._get_dispatch_mode, tuple(
+        getattr(torch._C._TorchDispatchModeKey, k) for k in ("FAKE", "PROXY", "FUNCTIONAL")
+        if hasattr(torch._C._TorchDispatchModeKey, k))
+except (ImportError, AttributeError):            # pragma: no cover - where torch moved them
+    _FakeTensor = None
+
+
+def values_readable(t: torch.Tensor | None = None) -> bool:
+    """May Python branch on ``t``'s values: not compiling, not a FakeTensor, no fake, proxy or
+    functional dispatch mode active (torch 2.4's Dynamo runs modules it does not inline that way)?"""
+    return (not torch.compiler.is_compiling() and _FakeTensor is not None and not isinstance(t, _FakeTensor)
+            and not any(_get_mode(k) is not None for k in _MODES))
+
+
 def is_functorch_wrapped(t: torch.Tensor) -> bool:
     """Is ``t`` wrapped by a torch.func transform (values Python cannot branch on)? Fallback:
     True (skip the value-dependent check; the op itself still runs)."""

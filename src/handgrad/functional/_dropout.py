@@ -28,5 +28,8 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace:
     p = float(p)
     if not training or p == 0.0 or input.numel() == 0:
         return input
+    if input.dtype.is_complex and p < 1.0:
+        # torch draws its mask in x's dtype, and bernoulli_ refuses complex: its own error, first
+        torch.empty_like(input).bernoulli_(1 - p)
     mask = torch.zeros_like(input, dtype=torch.bool) if p == 1.0 else keep_mask(input, p)
     return DropoutFn.call(input, mask, p, bool(inplace))

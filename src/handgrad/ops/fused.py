@@ -293,8 +293,8 @@ class StackFn(HandFunction):
         needs = ctx.needs_input_grad                               # (x, spec, W_1, b_1, …)
         upstream = ctx.below   # [l]: does X_0 or a parameter of a layer below l need a gradient?
         result: list[torch.Tensor | None] = [None] * (2 + 2 * L)
-        g0 = next((g for g in grads if g is not None), None)
-        quick = g0 is not None and fast(g0, grad=g0)               # the fast path, asked once (one dtype)
+        g0 = [g for g in grads if g is not None]                  # (a list: Dynamo 2.4 has no next(it, default))
+        quick = len(g0) > 0 and fast(g0[0], grad=g0[0])            # the fast path, asked once (one dtype)
         g0 = None
         G, owned = None, False                                     # Δ_{l+1} W_{l+1}, ours to overwrite?
         for l in reversed(range(L)):

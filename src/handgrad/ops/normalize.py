@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._compat import values_readable
 from ._function import HandFunction, fast_path, opmath
 
 __all__ = ["Norm", "NormFn", "BatchNormEvalFn", "moments", "native_forward_ok", "nan_where_overflow", "normalize",
@@ -85,7 +86,7 @@ def nan_where_overflow(y: torch.Tensor, rstd: torch.Tensor):
     (var = inf; rstd = 0 nowhere else): nan there instead, in Y and rstd, as ``rstd_of`` with
     ``nan_on_overflow``. One reduction over the statistics when nothing overflows (compiled: no
     data-dependent branch, the mask always applied)."""
-    if not torch.compiler.is_compiling() and bool(rstd.all()):
+    if values_readable(rstd) and bool(rstd.all()):
         return y, rstd
     bad = rstd == 0
     return y.masked_fill_(bad, math.nan), rstd.masked_fill(bad, math.nan)
@@ -99,7 +100,7 @@ def rescue_overflow(X: torch.Tensor, dims: tuple[int, ...], mu, rstd: torch.Tens
     (μ None for RMS). The fast path's (a data-dependent branch, one reduction over the statistics
     when nothing overflows; not compiled, not under a transform: the differentiable path keeps
     x̂ = 0 there)."""
-    if torch.compiler.is_compiling() or bool(rstd.all()):
+    if not values_readable(rstd) or bool(rstd.all()):
         return mu, rstd
     first = [slice(None)] * X.dim()
     for d in dims:
@@ -238,7 +239,7 @@ def _group_dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec):
     per_c = lambda t: t.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C, 1)
     n1, n2 = group_mean(Gsum), group_mean(S)                            # (N, G, 1)
     r = rstd.reshape(N, spec.k, 1)
-    if not torch.compiler.is_compiling() and bool((r < 2.0 ** -60).any()):   # rstd² underflows (a rescued set,
+    if values_readable(r) and bool((r < 2.0 ** -60).any()):   # rstd² underflows (a rescued set,
         torch.sub(Xv, mu, out=B).mul_(per_c(n2 * r)).add_(per_c(n1))     # rescue_overflow): n₁ + x̂·n₂ first,
         B.add_(Gv) if wc is None else B.addcmul_(Gv, wc.reshape(1, C, 1))   # + gy,
         return B.mul_(rstd_c)                                            # ·rstd, as _trailing_dx
@@ -283,7 +284,7 @@ class Norm:
 
     #: a set whose squares overflow normalises to x̂ = 0 (rstd = 0), as torch's batch and RMS
     #: norms do; torch's group norm gives that for most sets but nan for some (its Welford
-    #: kernel's order), so it follows the common case (tests/fuzz_known_open.py)
+    #: kernel's order), so it follows the common case (docs/differences.md)
     nan_on_overflow = False
 
     def view(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:

@@ -111,6 +111,18 @@ def _log_softmax_terms(G, input, dim=None, _stacklevel=3, dtype=None):
     return {"input": g + y * g.sum(dim, keepdim=True)}
 
 
+def _gelu_terms(G, input, approximate="none"):
+    # ∂L/∂z = G ⊙ (Φ(z) + z φ(z)) cancels for z < 0 (−0.75: 0.227 − 0.224): |g|·(Φ + |z| φ);
+    # tanh form: G ⊙ σ(2u)(1 + 2z σ(−2u) c (1 + 3κz²)), u = c(z + κz³): |g|·σ(2u)(1 + |2z σ(−2u) c (1 + 3κz²)|)
+    z, g = input.double(), G.double().abs()
+    if approximate == "tanh":
+        c, k = math.sqrt(2 / math.pi), 0.044715
+        s = torch.sigmoid(2 * c * (z + k * z ** 3))
+        return {"input": g * s * (1 + (2 * z * (1 - s) * c * (1 + 3 * k * z * z)).abs())}
+    phi = torch.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+    return {"input": g * (torch.special.ndtr(z) + z.abs() * phi)}
+
+
 def _normalised(x, dims, centred, eps, stats=None):
     """(|x̂|, rstd) of the norms, |x̂| as its absolute computation: x̂ = (x − μ)·rstd over ``dims``
     (``centred``: μ the mean; RMS norm: μ = 0) has the terms (|x| + |μ|)·rstd, the size its
@@ -227,6 +239,7 @@ def _linear_cross_entropy_terms(G, input, linear_weight, target, *, linear_bias=
 #: catalogue op name → its absolute computation: (G, *the op's arguments) → {parameter name: the
 #: terms of that gradient, one per element}
 TERM_SCALES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
+    "gelu": _gelu_terms,
     "softmax": _softmax_terms,
     "log_softmax": _log_softmax_terms,
     "layer_norm": _layer_norm_terms,

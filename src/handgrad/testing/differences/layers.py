@@ -29,6 +29,13 @@ def _conv_nonfinite_or_huge(call) -> bool:
                for s in call.specs() if s.dtype.is_floating_point or s.dtype.is_complex)
 
 
+def _bool_empty_linear(call) -> bool:
+    from ..fuzz.call import Spec
+    x, w = call.args[0], call.args[1] if len(call.args) > 1 else None
+    return (isinstance(x, Spec) and isinstance(w, Spec) and x.dtype == torch.bool and w.dtype == torch.bool
+            and bool(x.shape) and x.shape[-1] == 0)
+
+
 def _adaptive_size(call):
     """adaptive_avg_pool2d's output size as torch resolves it ((H_out, W_out)), or None."""
     x, size = _input(call), call.args[1] if len(call.args) > 1 else None
@@ -76,6 +83,16 @@ LAYERS: tuple[Difference, ...] = (
         "The result is well defined and torch computes it for other shapes of the same rank; the "
         "refusal depends on which internal kernel the shapes select.",
         "F.linear(torch.randn(1, 1, 3), torch.randn(3, 3), torch.randn(1, 1, 3))"),
+    Difference(
+        "linear: bool operands with no input features are refused", "linear", ("exception",), _bool_empty_linear,
+        "F.linear of bool tensors with D_in = 0 raises RuntimeError ('result type Long can't be cast to the "
+        "desired output type Bool') on its addmm path, but returns the bias on the paths that some layouts take "
+        "(a 1-D input with an expanded weight and bias, a transposed ≥3-D input)",
+        "RuntimeError, as torch's addmm path, for every layout",
+        "A product of bool matrices is refused for every D_in > 0; whether D_in = 0 passes depends only on "
+        "the strides, which choose torch's internal kernel.",
+        "F.linear(torch.zeros(0, dtype=torch.bool), torch.ones(1, 0, dtype=torch.bool).expand(3, 0), "
+        "torch.zeros(1, dtype=torch.bool).expand(3)) (torch: ok; contiguous operands or a 2-D input: RuntimeError)"),
     Difference(
         "adaptive_avg_pool2d: output (1, 1) follows the pooling rules", "adaptive_avg_pool2d", ("exception",),
         _adaptive_mean_path,
