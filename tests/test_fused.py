@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import handgrad.functional as F
 from handgrad import catalogue
-from handgrad.ops.fused import default_chunk_size
+from handgrad.ops.linear_cross_entropy import default_chunk_size
 from handgrad.testing import references
 from handgrad.testing.registry import all_cases
 

@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 
 from .._compat import functorch_transforms_active
-from ..ops.fused import LCEOptions, LinearCrossEntropyFn, StackFn, StackSpec, activation_spec, default_chunk_size
+from ..ops.fused import StackFn, StackSpec, activation_spec
+from ..ops.linear_cross_entropy import LCEOptions, LinearCrossEntropyFn, default_chunk_size
 from ._common import (autocast, check_ignore_index, check_linear, check_reduction, check_target_range, check_tensor,
                       no_kernel, shape_str)
 from . import _activations
@@ -151,7 +152,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     the (N, C) logits: rows go ``chunk_size`` at a time (handgrad's extra keyword; default
     ``options.batch_chunk_size`` if given, else about 4 MiB of float32 logits per chunk), and the
     gradients are computed in the forward pass and only scaled in backward
-    (ops.fused.LinearCrossEntropyFn). Class-probability targets and K-dim weights
+    (ops.linear_cross_entropy.LinearCrossEntropyFn). Class-probability targets and K-dim weights
     (C, d1, …, dK, D) take handgrad's ``cross_entropy(linear(…))``, as torch's reference path.
 
     Shapes: input (D,) or (N, D); linear_weight (C, D) or (C, d1, …, dK, D); linear_bias (C, d1, …);

@@ -180,7 +180,7 @@ class SquaredErrorFn(HandFunction):
 # Softmax cross entropy and negative log-likelihood (rows X (M, C), class dim last)
 #
 # The pieces below are the cross entropy's formulas, each written once: CrossEntropyFn uses
-# them on all rows, ops.fused.LinearCrossEntropyFn on one chunk of rows at a time.
+# them on all rows, ops.linear_cross_entropy.LinearCrossEntropyFn on one chunk of rows at a time.
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -304,7 +304,7 @@ def ce_direction(logp, target, w, opts, inplace: bool = False, fast: bool = Fals
 
 def ce_chunk_fast(Z, y, w, opts, g, den, want_loss: bool):
     """The cross entropy of one chunk of logits Z (n, C) for class indices without smoothing, where
-    nothing records it and Z is the caller's buffer (``ops.fused``'s chunked linear_cross_entropy):
+    nothing records it and Z is the caller's buffer (``ops.linear_cross_entropy``'s chunks):
     the losses ℓ_i = −a_i log p_{i,y_i} (``ce_losses``) and dZ = ĝ a_i (P_i − e_{y_i})
     (``ce_direction`` times ``ce_row_scale``), without forming log p, all in Z's buffer. With m the
     row max, e = e^{Z−m} and r = Σ_{j≠argmax} e_j, as ``log_softmax_rows``:

@@ -259,11 +259,18 @@ def _trailing_dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec):
         return gx if w is None else gx.mul_(w.reshape(1, 1))
     wn = None if w is None else w.reshape(m) * (-1 / m)                  # −w/D
     row = lambda t: (t @ wn if wn is not None else t.sum(-1).mul_(-1 / m)).reshape(rstd.shape)
-    c = row(B2).mul_(rstd).mul_(rstd)                                   # rstd·n₂ = −rstd²·((G ⊙ (X − μ)) w)/D
-    if spec.center:                                                     # (in X's shape: B may share X's strides)
-        torch.sub(Xv, mu, out=B).mul_(c).add_(row(G2))                  # n₁ + x̂·n₂
+    n2 = row(B2).mul_(rstd)                                             # n₂ = −rstd·((G ⊙ (X − μ)) w)/D
+    c = n2 * rstd                                                       # rstd·n₂
+    # x̂·n₂ = (X − μ)·(rstd·n₂), in X's shape (B may share X's strides); where rstd·n₂ overflows
+    # and n₂ does not, x̂ first and then ·n₂ (one pass more)
+    spill = values_readable(c) and not bool(c.isfinite().all())
+    if spec.center:
+        torch.sub(Xv, mu, out=B)                                        # X − μ
+        B.mul_(rstd).mul_(n2) if spill else B.mul_(c)                   # x̂·n₂
     else:
-        torch.mul(Xv, c, out=B)                                         # x̂·n₂
+        torch.mul(Xv, rstd, out=B).mul_(n2) if spill else torch.mul(Xv, c, out=B)   # x̂·n₂
+    if spec.center:
+        B.add_(row(G2))                                                 # n₁ + x̂·n₂
     B.add_(G) if w is None else B.addcmul_(G, w)                        # gy + n₁ + x̂·n₂
     return B.mul_(rstd)                                                 # ·rstd
 

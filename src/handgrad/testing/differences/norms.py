@@ -110,7 +110,32 @@ def _infinite_weight(call) -> bool:
         w.base.detach().to(w.dtype).isfinite().all())
 
 
+def _gradient_may_overflow(call) -> bool:
+    # ∂L/∂x = rstd·(G⊙w − …) with rstd ≤ 1/√eps: a weight near max·√eps may take it past the dtype
+    from ..fuzz.call import Spec
+    x, w = _input(call), call.kwargs.get("weight")
+    if call.op == "batch_norm" and not isinstance(w, Spec) and len(call.args) > 3:
+        w = call.args[3]
+    if _not_tensor(call) or not isinstance(w, Spec) or not w.dtype.is_floating_point or not w.base.numel():
+        return False
+    eps = call.kwargs.get("eps")
+    eps = torch.finfo(x.dtype).eps if not isinstance(eps, (int, float)) or eps <= 0 else eps
+    wmax = float(w.base.detach().to(w.dtype).double().abs().max())
+    return wmax / math.sqrt(eps) >= torch.finfo(x.dtype).max / 64
+
+
 NORMS: tuple[Difference, ...] = (
+    *(Difference(
+        f"{op}: a gradient past the dtype's range has its sign", op, ("grad",), _gradient_may_overflow,
+        "∂L/∂x = rstd·(G⊙w − mean(G⊙w) − x̂·mean(G⊙w⊙x̂)) with a weight near the dtype's max: its kernel "
+        "forms rstd·(G⊙w) and rstd·x̂·(…) apart, both overflow, and inf − inf gives nan",
+        "±inf with the sign of the float64 gradient: the bracket first, then ·rstd (rstd·n₂ is formed only "
+        "where it fits)",
+        "The true gradient is finite but past the dtype's range, so the rounded answer is ±inf of its "
+        "sign; nan says the value is undefined, which it is not.",
+        "torch.autograd.grad(F.rms_norm(x, (3,), w), x, torch.ones(3)) for x = torch.tensor([1.4e-3, 1.6e-3, "
+        "-1.9e-3]), w = torch.full((3,), 6.7e37) (torch: nan, nan, inf; handgrad inf, inf, inf; float64: "
+        "3.3e40, 3.2e40, 5.0e40)") for op in ("layer_norm", "rms_norm", "group_norm", "batch_norm")),
     Difference(
         "layer_norm: rows of values whose squares overflow", "layer_norm", ("value", "grad"),
         _layer_norm_overflow,
