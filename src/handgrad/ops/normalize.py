@@ -546,7 +546,12 @@ class BatchNormEvalFn(HandFunction):
         if ctx.w is not None and ctx.needs_input_grad[3] and fast_path(grad_y):   # r_rstd after the sum: one buffer
             rstd = torch.rsqrt(opmath(running_var) + ctx.eps)                # r_rstd (C,)
             B = torch.sub(opmath(x), _per_channel(opmath(running_mean), x)).mul_(G)   # G ⊙ (X − r_μ)
-            grad_w = (_channel_sum(B) * rstd).reshape(ctx.w[0]).to(ctx.w[1])  # Σ_rest G ⊙ x̂
+            s = _channel_sum(B)                                              # Σ_rest G ⊙ (X − r_μ)
+            if s.dtype == torch.float32 and values_readable(s) and not bool(s.isfinite().all()):
+                # partial sums past float32's range (|X − r_μ| near its max) where the whole may
+                # cancel back into it: the sum again in float64, rounded once
+                s = _channel_sum(torch.sub(x.double(), _per_channel(running_mean.double(), x)).mul_(G.double()))
+            grad_w = (s * rstd).reshape(ctx.w[0]).to(ctx.w[1])              # Σ_rest G ⊙ x̂
         elif ctx.w is not None and ctx.needs_input_grad[3]:
             xhat, _ = _eval_xhat(x, running_mean, running_var, ctx.eps)
             grad_w = _channel_sum(G * xhat).reshape(ctx.w[0]).to(ctx.w[1])   # Σ_rest G ⊙ x̂
