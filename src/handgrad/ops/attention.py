@@ -35,7 +35,7 @@ import math
 
 import torch
 
-from ._function import HandFunction, fast_path, opmath
+from ._function import HandFunction, fast_path, opmath, own_dtype
 from .dropout import keep_scale
 
 __all__ = ["AttentionFn", "BLOCK", "TILE", "scale_forms"]
@@ -69,12 +69,6 @@ def scale_forms(scale: float, form: str) -> tuple[float, float, float]:
 def _pre(t: torch.Tensor, s: float) -> torch.Tensor:
     """s·t, t itself for s = 1 (the products' own scale, ``scale_forms``)."""
     return t if s == 1.0 else t * s
-
-
-def _own_dtype(t: torch.Tensor):
-    """Every product runs in the compute dtype chosen here: autocast's cast is made once, by the
-    functional (recorded outside the Function), never again inside forward, backward or jvp."""
-    return torch.autocast(t.device.type, enabled=False)
 
 
 def _no_autocast(t: torch.Tensor) -> bool:
@@ -408,7 +402,7 @@ class AttentionFn(HandFunction):
     def forward(q, k, v, mask, drop, p, causal, scale, groups):
         if _no_autocast(q):
             return AttentionFn._forward(q, k, v, mask, drop, p, causal, scale, groups)
-        with _own_dtype(q):
+        with own_dtype(q):
             return AttentionFn._forward(q, k, v, mask, drop, p, causal, scale, groups)
 
     @staticmethod
@@ -448,7 +442,7 @@ class AttentionFn(HandFunction):
             grad_o = lse.new_zeros((*lse.shape, v.shape[-1]))
         if _no_autocast(grad_o):
             return AttentionFn._backward(ctx, grad_o, grad_lse)
-        with _own_dtype(grad_o):
+        with own_dtype(grad_o):
             return AttentionFn._backward(ctx, grad_o, grad_lse)
 
     @staticmethod
@@ -484,7 +478,7 @@ class AttentionFn(HandFunction):
 
     @staticmethod
     def jvp(ctx, dq, dk, dv, dmask, _ddrop, _p, _causal, _scale, _groups):
-        with _own_dtype(ctx.saved_tensors[0]):
+        with own_dtype(ctx.saved_tensors[0]):
             return AttentionFn._jvp(ctx, dq, dk, dv, dmask)
 
     @staticmethod

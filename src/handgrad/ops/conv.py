@@ -20,7 +20,6 @@ X (N, C_in, *S), W (C_out, C_g, *K), b (C_out,), G and Y (N, C_out, *S_out).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ import torch.nn.functional as TF
 
 from .. import _compat
 from .._compat import functorch_transforms_active, is_batched_tensor, is_functorch_wrapped
-from ._function import HandFunction, fast_path, opmath
+from ._function import HandFunction, fast_path, opmath, own_dtype
 
 
 @dataclass(frozen=True)
@@ -72,15 +71,6 @@ class Spatial:
     (``torch.func.hessian``) would then count more inputs than the jvp has tangents."""
 
     dims: tuple[int, ...]
-
-
-def own_dtype(t: torch.Tensor):
-    """Each product runs in the dtype it is given: autocast's cast is made once, by the functional
-    (recorded outside the Function), never again inside a forward or a backward run in its region.
-    Outside autocast, nothing to switch off (a context entered per product costs ~5 µs)."""
-    if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
-        return contextlib.nullcontext()
-    return torch.autocast(t.device.type, enabled=False)
 
 
 # A product whose im2col matrix has at most this many elements is "tiny": a oneDNN primitive's fixed

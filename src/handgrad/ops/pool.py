@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as TF
 
 from .._compat import functorch_transforms_active
-from ._function import HandFunction, fast_path, opmath
-from .conv import own_dtype
+from ._function import HandFunction, fast_path, opmath, own_dtype
 
 
 # --- average pooling: Y = A_h X A_wᵀ ----------------------------------------------------------

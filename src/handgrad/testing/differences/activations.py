@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .entry import Difference, _input, _max_abs, _not_tensor, _opmath_max
+from .entry import Difference, _input, _magnitude, _max_abs, _not_tensor, _opmath_max
 
 __all__ = ["ACTIVATIONS"]
 
@@ -19,10 +19,7 @@ def _gelu_tanh_flat(call) -> bool:
     if _not_tensor(call) or call.kwargs.get("approximate") != "tanh":
         return False
     if call.op == "linear_act":   # its gelu layer: a bound on |x Wᵀ + b|
-        mags = [_max_abs(s) if s.base.to(s.dtype).isfinite().all() else math.inf for s in call.specs()
-                if s.dtype.is_floating_point]
-        bound = (x.shape[-1] if x.shape else 1) * math.prod(mags[:2]) + sum(mags[2:])
-        return call.kwargs.get("activation") == "gelu" and bound >= math.sqrt(_opmath_max(x.dtype)) / 4
+        return call.kwargs.get("activation") == "gelu" and _layer_bound(call) >= math.sqrt(_opmath_max(x.dtype)) / 4
     v = x.base.to(x.dtype).double()
     return bool(v.isinf().any()) or _max_abs(x) >= math.sqrt(_opmath_max(x.dtype)) / 4
 
@@ -31,9 +28,6 @@ def _layer_bound(call) -> float:
     """A bound on |z| of every layer of linear_act/mlp (inf where an argument is not finite):
     b₀ = max|x|, b_l = D_{l−1}·b_{l−1}·max|W_l| + max|b_l| (the activations do not grow |z|)."""
     from ..fuzz.call import Spec
-
-    def mag(s):
-        return _max_abs(s) if s.base.to(s.dtype).isfinite().all() else math.inf
 
     x = _input(call)
     if _not_tensor(call):
@@ -44,11 +38,11 @@ def _layer_bound(call) -> float:
     else:
         ws, bs = call.args[1], call.args[2] if len(call.args) > 2 else call.kwargs.get("biases")
         layers = list(zip(ws, bs if isinstance(bs, (list, tuple)) else [None] * len(ws)))
-    bound, width = mag(x), (x.shape[-1] if x.shape else 1)
+    bound, width = _magnitude(x), (x.shape[-1] if x.shape else 1)
     for w, b in layers:
         if not isinstance(w, Spec):
             return 0.0
-        bound = width * bound * mag(w) + (mag(b) if isinstance(b, Spec) else 0.0)
+        bound = width * bound * _magnitude(w) + (_magnitude(b) if isinstance(b, Spec) else 0.0)
         width = w.shape[0] if len(w.shape) == 2 else 1
     return bound
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import math
+
 import torch
 
 __all__ = ["Difference"]
@@ -35,6 +37,15 @@ def _max_abs(spec) -> float:
     v = spec.base.detach().to(spec.dtype).double()
     v = v[v.isfinite()]
     return float(v.abs().max()) if v.numel() else 0.0
+
+
+def _magnitude(spec) -> float:
+    """max |v| over the argument's values as its dtype holds them (inf where one is not finite)."""
+    v = spec.base.detach().to(spec.dtype)
+    if not v.is_floating_point() or v.numel() == 0:
+        return 0.0 if v.numel() == 0 or v.is_complex() else float(v.double().abs().max())
+    v = v.double()
+    return math.inf if not bool(v.isfinite().all()) else float(v.abs().max())
 
 
 def _opmath_max(dtype) -> float:

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .entry import Difference, _complex_argument, _input, _not_tensor, _specs
+from .entry import Difference, _complex_argument, _input, _magnitude, _not_tensor, _specs
 
 __all__ = ["LOSSES"]
 
@@ -32,15 +32,6 @@ def _weighted_nonfloat_mse(call) -> bool:
     for s in specs[1:]:
         dtype = torch.promote_types(dtype, s.dtype)
     return not dtype.is_floating_point and dtype != torch.bool and torch.bool not in (specs[0].dtype, specs[1].dtype)
-
-
-def _magnitude(spec) -> float:
-    """max |v| over the argument's values as its dtype holds them (inf where one is not finite)."""
-    v = spec.base.detach().to(spec.dtype)
-    if not v.is_floating_point() or v.numel() == 0:
-        return 0.0 if v.numel() == 0 or v.is_complex() else float(v.double().abs().max())
-    v = v.double()
-    return math.inf if not bool(v.isfinite().all()) else float(v.abs().max())
 
 
 def _loss_may_overflow(call) -> bool:

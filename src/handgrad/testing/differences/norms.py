@@ -100,23 +100,25 @@ def _zero_eps_constant_group(call) -> bool:
     return call.kwargs.get("eps") == 0 and _constant_groups(call)
 
 
-def _infinite_weight(call) -> bool:
-    # a weight with ±inf after rounding to its dtype (1e300 in bfloat16 is inf)
+def _float_weight(call):
+    """The call's floating, non-empty weight ``Spec`` (batch_norm's may be positional), or None."""
     from ..fuzz.call import Spec
     w = call.kwargs.get("weight")
     if call.op == "batch_norm" and not isinstance(w, Spec) and len(call.args) > 3:
         w = call.args[3]
-    return isinstance(w, Spec) and w.dtype.is_floating_point and w.base.numel() > 0 and not bool(
-        w.base.detach().to(w.dtype).isfinite().all())
+    return w if isinstance(w, Spec) and w.dtype.is_floating_point and w.base.numel() > 0 else None
+
+
+def _infinite_weight(call) -> bool:
+    # a weight with ±inf after rounding to its dtype (1e300 in bfloat16 is inf)
+    w = _float_weight(call)
+    return w is not None and not bool(w.base.detach().to(w.dtype).isfinite().all())
 
 
 def _gradient_may_overflow(call) -> bool:
     # ∂L/∂x = rstd·(G⊙w − …) with rstd ≤ 1/√eps: a weight near max·√eps may take it past the dtype
-    from ..fuzz.call import Spec
-    x, w = _input(call), call.kwargs.get("weight")
-    if call.op == "batch_norm" and not isinstance(w, Spec) and len(call.args) > 3:
-        w = call.args[3]
-    if _not_tensor(call) or not isinstance(w, Spec) or not w.dtype.is_floating_point or not w.base.numel():
+    x, w = _input(call), _float_weight(call)
+    if _not_tensor(call) or w is None:
         return False
     eps = call.kwargs.get("eps")
     eps = torch.finfo(x.dtype).eps if not isinstance(eps, (int, float)) or eps <= 0 else eps
