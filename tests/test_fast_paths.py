@@ -11,14 +11,21 @@ compile take. Both must compute the same function and gradients:
 - eager ``autograd.grad(..., create_graph=True)`` (the fast forward, the differentiable
   backward) against the same.
 
-In float64, where the two differ only in the order of rounding: ``EXACT_ATOL``/``EXACT_RTOL``.
+Each case runs twice: with the compiled kernels (``handgrad.kernels``: the fast path's formula
+as numba loops, on CPU float32/float64) and with them off (the torch-op fast path, as on CUDA or
+without numba). In float64, where the paths differ only in the order of rounding:
+``EXACT_ATOL``/``EXACT_RTOL``.
 (The fast path's low-precision accuracy against a float64 truth is the registry's ``lowp``
 check, which runs eagerly, so on the fast path.)
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+
+from handgrad import kernels
 
 from handgrad.testing.registry import all_cases
 from handgrad.testing.tolerances import EXACT_ATOL, EXACT_RTOL
@@ -54,8 +61,16 @@ def _dense(grads, xs):
     return [torch.zeros_like(x) if g is None else g.detach() for g, x in zip(grads, xs)]
 
 
+@pytest.fixture(params=["kernels", "torch-ops"])
+def fast_mode(request):
+    if request.param == "kernels" and not kernels.enabled():
+        pytest.skip("numba does not import here: the kernels' run is the torch-op run")
+    with kernels.disabled() if request.param == "torch-ops" else contextlib.nullcontext():
+        yield request.param
+
+
 @pytest.mark.parametrize("case,shape", list(_cases()))
-def test_fast_path_equals_differentiable_path(case, shape):
+def test_fast_path_equals_differentiable_path(case, shape, fast_mode):
     torch.manual_seed(0)
     inputs = case.inputs(shape, torch.float64)
     xs = inputs.diff
