@@ -236,6 +236,45 @@ def _linear_cross_entropy_terms(G, input, linear_weight, target, *, linear_bias=
     return out
 
 
+def _activation_terms(name, kwargs, g, z):
+    # |g| ⊙ the absolute computation of f′(z): gelu's sum of terms, else |g ⊙ f′(z)|
+    if name == "gelu":
+        return _gelu_terms(g, z, **kwargs)["input"]
+    z = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        y = getattr(torch.nn.functional, name)(z, **kwargs)
+        return torch.autograd.grad(y, z, g)[0].abs()
+
+
+def _stack_terms(G, input, layers):
+    # the fused stacks: z_l = h_{l−1} W_lᵀ + b_l, h_l = f_l(z_l); backward δ_l = (δ_{l+1} W_{l+1}) ⊙ f_l′(z_l),
+    # ∂L/∂W_l = δ_lᵀ h_{l−1}, ∂L/∂b_l = 1ᵀ δ_l, ∂L/∂x = δ_1 W_1: the same products of the terms'
+    # sizes, |δ_l| from |g| through each f′'s terms and |W|, against |h| (layers: (W, b, f, kwargs))
+    hs, zs = [input.double().reshape(-1, input.shape[-1])], []        # h_0 = x (rows, features)
+    for W, b, f, kw in layers:
+        zs.append(hs[-1] @ W.double().mT + (0.0 if b is None else b.double()))
+        hs.append(zs[-1] if f is None else getattr(torch.nn.functional, f)(zs[-1], **kw))
+    t = G.double().abs().reshape(zs[-1].shape)
+    gw, gb = [None] * len(layers), [None] * len(layers)
+    for l in reversed(range(len(layers))):
+        W, b, f, kw = layers[l]
+        t = t if f is None else _activation_terms(f, kw, t, zs[l])          # |δ_l|
+        gw[l], gb[l] = t.mT @ hs[l].abs(), None if b is None else t.sum_to_size(b.shape)
+        t = t @ W.double().abs()
+    return {"input": t.reshape(input.shape), "weights": gw, "biases": gb, "weight": gw[0], "bias": gb[0]}
+
+
+def _linear_act_terms(G, input, weight, bias=None, activation="relu", **activation_kwargs):
+    return _stack_terms(G, input, [(weight, bias, activation, activation_kwargs)])
+
+
+def _mlp_terms(G, input, weights, biases, activation="sigmoid", last_activation=None):
+    weights = list(weights)
+    biases = [None] * len(weights) if biases is None else list(biases)
+    fs = [activation] * (len(weights) - 1) + [last_activation]
+    return _stack_terms(G, input, [(w, b, f, {}) for w, b, f in zip(weights, biases, fs)])
+
+
 #: catalogue op name → its absolute computation: (G, *the op's arguments) → {parameter name: the
 #: terms of that gradient, one per element}
 TERM_SCALES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
@@ -247,6 +286,8 @@ TERM_SCALES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
     "batch_norm": _batch_norm_terms,
     "group_norm": _group_norm_terms,
     "linear_cross_entropy": _linear_cross_entropy_terms,
+    "linear_act": _linear_act_terms,
+    "mlp": _mlp_terms,
 }
 
 
@@ -264,11 +305,23 @@ def term_scales(terms: Callable | None, G, args: tuple, kwargs: dict, diff) -> l
     try:
         bound = inspect.signature(terms).bind(G, *args, **kwargs).arguments
         by_name = terms(detached(G), *map(detached, args), **{k: detached(v) for k, v in kwargs.items()})
-        names = [next((n for n, v in bound.items() if v is t), None) for t in diff]
-        out = [by_name.get(n) for n in names]
+        out = [_by_identity(bound, by_name, t) for t in diff]
         return [s if s is None or s.shape == t.shape else None for s, t in zip(out, diff)]
     except Exception:  # noqa: BLE001 - the absolute computation refuses the call: no terms, the stricter rule
         return [None] * len(diff)
+
+
+def _by_identity(bound: dict, by_name: dict, t):
+    """The terms of the argument that is ``t``: a bound argument, or an element of a list of them
+    (mlp's weights)."""
+    for name, v in bound.items():
+        if v is t:
+            return by_name.get(name)
+        if isinstance(v, (list, tuple)) and isinstance(by_name.get(name), list):
+            for i, e in enumerate(v):
+                if e is t:
+                    return by_name[name][i]
+    return None
 
 
 SCALED_LOWP_RULE = "|ours − truth| ≤ |reference − truth| + ulps·eps·scale, element by element"

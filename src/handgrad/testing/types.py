@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from .tolerances import DEFAULT_LOWP_ULPS
+from .tolerances import DEFAULT_LOWP_ULPS, TERM_SCALES
 
 __all__ = ["Shape", "DEFAULT_SHAPES", "Inputs", "BadInput", "OpCase", "randn"]
 
@@ -82,7 +82,14 @@ class OpCase:
     # with a named constant in handgrad.testing.tolerances saying why.
     lowp_ulps: float = DEFAULT_LOWP_ULPS
     lowp_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+    # The absolute computation of its gradients' terms (tolerances.TERM_SCALES) in this case's
+    # own call signature, where it is not the op's (mlp's flat parameters); None: the op's.
+    lowp_terms: Callable | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def terms(self) -> Callable | None:
+        """The absolute computation the ``lowp`` rule evaluates on this case's arguments."""
+        return self.lowp_terms or TERM_SCALES.get(self.name.split("[")[0])
 
     def inputs(self, shape: Shape, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> Inputs:
         return self.make(tuple(shape), dtype, torch.device(device))

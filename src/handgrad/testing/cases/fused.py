@@ -9,7 +9,7 @@ from ... import catalogue
 from ... import functional as F
 from ..references import mlp as mlp_reference
 from ..references import torch_reference
-from ..tolerances import DEEP_MLP_ULPS, FUSED_ULPS
+from ..tolerances import DEEP_MLP_ULPS, FUSED_ULPS, TERM_SCALES
 from ..types import BadInput, Inputs, OpCase, randn
 
 # Every activation of the catalogue, with the options its fused case passes: a non-default where
@@ -54,9 +54,13 @@ def _mlp_case(activation: str, last: str | None, bias: bool, widths=(5, 3), bad=
     def reference(x, *params):
         return mlp_reference(x, params[0::2], params[1::2], activation, last)
 
+    def terms(G, x, *params):                      # tolerances.TERM_SCALES["mlp"], flat as the arguments
+        t = TERM_SCALES["mlp"](G, x, params[0::2], params[1::2], activation, last)
+        return {"x": t["input"], "params": [p for pair in zip(t["weights"], t["biases"]) for p in pair]}
+
     L = len(widths)
     name = f"mlp[{activation},last={last}{'' if bias else ',no-bias'}{',' + str(L) + '-layer' if L != 2 else ''}]"
-    return OpCase(name, ours, reference, make, bad_inputs=bad, lowp_ulps=ulps or FUSED_ULPS)
+    return OpCase(name, ours, reference, make, bad_inputs=bad, lowp_ulps=ulps or FUSED_ULPS, lowp_terms=terms)
 
 
 def _lce_case(reduction: str, label_smoothing: float = 0.0, bias: bool = True, shapes=None) -> OpCase:

@@ -187,7 +187,7 @@ def check_case(case: OpCase, shape: Shape | None = None, device: str | torch.dev
     the first of the case's low-precision dtypes, so the ``lowp`` check runs in each of
     ``case.lowp_dtypes`` with the case's margin; every other check runs on float64 copies, except
     ``autocast``. ``options`` (default: ``CheckOptions()``) gives the rest; the case's ``lowp_dtypes``
-    and ``lowp_ulps``, its op's ``tolerances.TERM_SCALES`` entry and ``strict`` replace its fields."""
+    and ``lowp_ulps``, its terms (``OpCase.terms``) and ``strict`` replace its fields."""
     shape = representative_shape(case) if shape is None else tuple(shape)
     dtype = case.lowp_dtypes[0] if case.lowp_dtypes else torch.float64
     with torch.random.fork_rng(devices=[]):  # the same inputs every run; the caller's RNG untouched
@@ -195,4 +195,4 @@ def check_case(case: OpCase, shape: Shape | None = None, device: str | torch.dev
         inputs = case.inputs(shape, dtype, device)
     return check_function(case.fn, inputs, reference=case.reference, checks=checks, bad_inputs=case.bad_inputs,
                           name=case.id(shape), options=options, strict=strict, lowp_dtypes=case.lowp_dtypes,
-                          lowp_ulps=case.lowp_ulps, lowp_terms=TERM_SCALES.get(case.name.split("[")[0]))
+                          lowp_ulps=case.lowp_ulps, lowp_terms=case.terms())
