@@ -17,7 +17,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     # b (D_out,) or None, one dtype, no autocast: nothing to cast or refuse (4.5 → 1 µs a call).
     # Anything else takes the detailed checks below.
     if (isinstance(input, Tensor) and isinstance(weight, Tensor) and weight.dim() == 2 and input.dim() >= 1
-            and input.shape[-1] == weight.shape[1] and input.dtype == weight.dtype
+            and input.shape[-1] == weight.shape[1] and input.dtype == weight.dtype and input.is_floating_point()
             and (bias is None or (isinstance(bias, Tensor) and bias.dim() == 1 and bias.shape[0] == weight.shape[0]
                                   and bias.dtype == input.dtype))
             and not autocast_on()):
@@ -26,6 +26,10 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     check_tensor("weight", weight, fn="linear")
     if bias is not None:
         check_tensor("bias", bias, fn="linear")
+    if not (input.is_floating_point() or input.is_complex() or weight.is_floating_point() or weight.is_complex()):
+        # integer and bool operands: nothing to differentiate, so torch's own call, whose kernel
+        # choice by shape (addmm, or matmul + add_) decides what it accepts (a bool K = 0 product)
+        return torch.nn.functional.linear(input, weight, bias)
     input, weight, bias = autocast("linear", input, weight, bias)
     bias = check_linear("linear", weight, bias, features=input.shape[-1] if input.dim() else 0, dtype=input.dtype,
                         input=input)
