@@ -191,18 +191,25 @@ def check_class_target(fn: str, input, target, *, allow_probs: bool, weight=None
                                f"(target of shape {shape_str(target)} for input of shape {shape_str(input)}"
                                f"{'; size mismatch with 0 classes' if target.shape == expected else ''})")
     if input.dim() == 4 and not input.is_floating_point():
-        # 4-D: nll_loss2d checks the weight's size, then dispatches on the input's dtype, then the target's
+        # 4-D: nll_loss2d checks the target's dtype (Long or Byte), the weight's size, then dispatches
+        # on the input's dtype, and only then refuses a Byte K-dim target
+        if target.dtype not in (torch.int64, torch.uint8):
+            _target_dtype_error(fn, target, input)
         if weight is not None and weight.numel() != C:
             raise RuntimeError(f"{fn}: weight tensor should be defined either for all {C} classes or no classes, "
                                f"but got weight of shape {shape_str(weight)} (input of shape {shape_str(input)})")
         no_kernel(fn, input, kernel="nll_loss2d")
     if target.dtype != torch.int64 and not (target.dtype == torch.uint8 and (input.dim() <= 2 or not target.numel())):
         # torch: Byte targets only for 1-D/2-D input (its K-dim kernels take Long alone, and run for no element)
-        scalar = torch.empty(0, dtype=target.dtype).type().split(".")[-1].removesuffix("Tensor")   # torch's 'Float'
-        raise RuntimeError(f"{fn}: expected target dtype to be Long or Byte, but got {scalar} ({target.dtype}) "
-                           f"(target of shape {shape_str(target)} for input of shape {shape_str(input)}"
-                           f"{'; Byte only for 1-D or 2-D input' if target.dtype == torch.uint8 else ''})")
+        _target_dtype_error(fn, target, input)
     return C, False
+
+
+def _target_dtype_error(fn: str, target, input):
+    scalar = torch.empty(0, dtype=target.dtype).type().split(".")[-1].removesuffix("Tensor")   # torch's 'Float'
+    raise RuntimeError(f"{fn}: expected target dtype to be Long or Byte, but got {scalar} ({target.dtype}) "
+                       f"(target of shape {shape_str(target)} for input of shape {shape_str(input)}"
+                       f"{'; Byte only for 1-D or 2-D input' if target.dtype == torch.uint8 else ''})")
 
 
 def _is_wrapped(t) -> bool:

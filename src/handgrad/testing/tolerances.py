@@ -236,6 +236,70 @@ def _linear_cross_entropy_terms(G, input, linear_weight, target, *, linear_bias=
     return out
 
 
+def _reduction(size_average, reduce, reduction):
+    if size_average is not None or reduce is not None:      # torch's legacy flags
+        from .._compat import _legacy_get_string
+        return _legacy_get_string(size_average, reduce, emit_warning=False)
+    return "mean" if reduction == "elementwise_mean" else reduction
+
+
+def _cross_entropy_terms(G, input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                         reduction="mean", label_smoothing=0.0):
+    # ∂L/∂z = s·(S P − q) per sample: P = softmax(z) over the classes, q the target's coefficients,
+    # (1 − ε) w_y [c = y] + (ε/C) w_c for a class index y (0 where y is ignored), w_c ((1 − ε) t_c + ε/C)
+    # for probabilities t; S = Σ_c q_c; s = |G|, divided by the mean's denominator (Σ of the kept
+    # samples' w_y; the sample count for probabilities): the terms s·(S P + q)
+    z, red = input.double(), _reduction(size_average, reduce, reduction)
+    cdim = 0 if z.dim() == 1 else 1
+    C, eps = z.shape[cdim], max(float(label_smoothing), 0.0)          # (torch takes ε < 0 as 0)
+    shape = [1] * z.dim()
+    shape[cdim] = C
+    w = (torch.ones(C, dtype=torch.float64) if weight is None else weight.double()).reshape(shape)
+    if target.is_floating_point():
+        q = w * ((1 - eps) * target.double() + eps / C)
+        denom = z.numel() // max(C, 1)
+    else:
+        t = target.long().unsqueeze(cdim)
+        keep = (t != ignore_index).double()
+        t = t.where(t != ignore_index, 0)
+        wy = w.expand_as(z).gather(cdim, t)                              # w_y (…, 1, …)
+        q = ((1 - eps) * torch.zeros_like(z).scatter(cdim, t, 1.0) * wy + eps / C * w) * keep
+        denom = (wy * keep).sum()
+    P = torch.softmax(z, cdim)
+    g = G.double().abs()
+    g = g.unsqueeze(cdim) if red == "none" else g
+    g = g / abs(denom) if red == "mean" else g
+    qa = q.abs()                                                         # (a class weight may be < 0)
+    out = {"input": g * (qa.sum(cdim, keepdim=True) * P + qa)}
+    if target.is_floating_point():
+        # probabilities: ∂L/∂t = −s w (1 − ε) log P, ∂L/∂w = −Σ_samples s ((1 − ε) t + ε/C) log P,
+        # log P = z − lse(z) (its terms |z| + |lse|)
+        logp = z.abs() + torch.logsumexp(z, cdim, keepdim=True).abs()
+        out["target"] = g * w.abs() * (1 - eps) * logp
+        if weight is not None:
+            coef = ((1 - eps) * target.double() + eps / C).abs()
+            out["weight"] = (g * coef * logp).sum_to_size(shape).reshape(weight.shape)
+    return out
+
+
+def _mse_loss_terms(G, input, target, size_average=None, reduce=None, reduction="mean", weight=None):
+    # L = R(w ⊙ d²), d = x − y (broadcast), R a sum, a mean (÷ numel, or ÷ Σw with weight) or none:
+    # ∂L/∂x = Σ_bcast 2 s w d, ∂L/∂y its negative, ∂L/∂w = Σ_bcast s d² − [mean] G·A/W² (A = Σ w d²,
+    # W = Σw): the terms Σ_bcast |2 s w d|, Σ_bcast |s| d² + |G A|/W²
+    red = _reduction(size_average, reduce, reduction)
+    x, y = torch.broadcast_tensors(input.double(), target.double())
+    d, g = x - y, G.double().abs()
+    w = torch.ones((), dtype=torch.float64) if weight is None else weight.double()
+    W = w.sum().abs() if weight is not None else torch.tensor(float(d.numel()), dtype=torch.float64)
+    s = g if red == "none" else g / W if red == "mean" else g
+    out = {"input": (2 * s * (w * d).abs()).sum_to_size(input.shape),        # (W = |Σw|: a weight may be < 0)
+           "target": (2 * s * (w * d).abs()).sum_to_size(target.shape)}
+    if weight is not None:
+        extra = g * (w * d * d).sum().abs() / (W * W) if red == "mean" else 0.0
+        out["weight"] = (s * d * d).sum_to_size(weight.shape) + extra
+    return out
+
+
 def _activation_terms(name, kwargs, g, z):
     # |g| ⊙ the absolute computation of f′(z): gelu's sum of terms, else |g ⊙ f′(z)|
     if name == "gelu":
@@ -286,6 +350,8 @@ TERM_SCALES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
     "batch_norm": _batch_norm_terms,
     "group_norm": _group_norm_terms,
     "linear_cross_entropy": _linear_cross_entropy_terms,
+    "cross_entropy": _cross_entropy_terms,
+    "mse_loss": _mse_loss_terms,
     "linear_act": _linear_act_terms,
     "mlp": _mlp_terms,
 }
