@@ -89,18 +89,22 @@ def test_lowp_sum_past_float32_range(dtype):
     torch.testing.assert_close(F.conv1d(x.to(dtype), w.to(dtype)), truth)
 
 
-def test_tiny_grouped_weight_gradient_at_most_torchs_error():
-    """The fuzzer's find: float32 ∂L/∂W of a 5×5, groups 3 conv on (3, 3, 9, 9) erred up to 2.4×
-    torch's error against float64; summed in float64 it is within torch's."""
+@pytest.mark.parametrize("x_shape, w_shape, padding, groups", [
+    ((3, 3, 9, 9), (6, 1, 5, 5), 2, 3),       # tiny: the batched GEMM's order
+    ((7, 4, 11, 8), (6, 2, 7, 7), 3, 2),      # small: oneDNN's forward kernel over the batch (seed 3)
+])
+def test_tiny_grouped_weight_gradient_at_most_torchs_error(x_shape, w_shape, padding, groups):
+    """The fuzzer's finds: float32 ∂L/∂W of a grouped conv erred past torch's error against float64
+    (up to 2.4× on the tiny one); summed in float64 it is within torch's."""
     worst = 0.0
     for seed in range(20):
         gen = torch.Generator().manual_seed(seed)
-        x, w = torch.randn(3, 3, 9, 9, generator=gen, **f64()), torch.randn(6, 1, 5, 5, generator=gen, **f64())
-        g = torch.randn(3, 6, 9, 9, generator=gen, **f64())
+        x, w = torch.randn(*x_shape, generator=gen, **f64()), torch.randn(*w_shape, generator=gen, **f64())
+        g = torch.randn(x_shape[0], w_shape[0], *x_shape[2:], generator=gen, **f64())
 
         def grad_w(conv, dt):
             ww = w.to(dt).requires_grad_()
-            return torch.autograd.grad(conv(x.to(dt), ww, padding=2, groups=3), ww, g.to(dt))[0].double()
+            return torch.autograd.grad(conv(x.to(dt), ww, padding=padding, groups=groups), ww, g.to(dt))[0].double()
 
         truth = grad_w(TF.conv2d, torch.float64)
         ours = (grad_w(F.conv2d, torch.float32) - truth).abs().max()
@@ -138,6 +142,30 @@ def test_size_dependent_evaluations_agree(shape, kernel):
     w = torch.randn(5, shape[1], kernel, kernel, **f64(), requires_grad=True)
     assert_matches_torch(lambda x, w: F.conv2d(x, w, padding=kernel // 2), lambda x, w: TF.conv2d(x, w, padding=kernel // 2),
                          x, w)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("shape, kernel, options", [
+    ((3, 16, 300), 3, dict(padding=1)),
+    ((2, 16, 700), 4, dict(padding="same")),                          # asymmetric padding (1, 2)
+    ((3, 24, 500), 3, dict(stride=3, dilation=2, padding=2)),         # rows no window reaches
+    ((8, 16, 130), 5, dict(stride=2)),
+])
+def test_conv1d_weight_gradient_past_the_tiny_bound(shape, kernel, options):
+    """A 1-D weight gradient past the tiny bound with C_in·K > C_out: the convolution over the
+    batch (lifted to 2-D, G channels-last). Float64: the values equal torch's to rounding, at first
+    and second order (the second order runs ConvWeightGradFn's forward)."""
+    x = torch.randn(*shape, **f64(), requires_grad=True)
+    w = torch.randn(5, shape[1], kernel, **f64(), requires_grad=True)
+    ours, theirs = (lambda x, w: F.conv1d(x, w, **options)), (lambda x, w: TF.conv1d(x, w, **options))
+    assert_matches_torch(ours, theirs, x, w)
+    g = torch.randn_like(theirs(x, w))
+    second = []
+    for f in (ours, theirs):
+        gx, gw = torch.autograd.grad(f(x, w), (x, w), g, create_graph=True)
+        second.append(torch.autograd.grad((gx * gx).sum() + (gw * gw).sum(), (x, w)))
+    for a, b in zip(*second):
+        torch.testing.assert_close(a, b)
 
 
 def test_string_padding_takes_a_bias_of_another_dtype():
