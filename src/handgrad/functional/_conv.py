@@ -93,10 +93,11 @@ def _convnd(fn: str, dims: int, input, weight, bias, stride, padding, dilation, 
         # torch's CPU kernels (which take the integer types) dispatch on the input's dtype first
         raise NotImplementedError(f"{fn}: not implemented for input of dtype {x.dtype} (shape {shape_str(input)}): "
                                   "no convolution kernel takes bool")
-    if not (x.is_floating_point() or x.dtype.is_complex) and not empty and any(d > 1 for d in dilation):
+    if (not (x.is_floating_point() or x.dtype.is_complex or x.dtype == torch.int64) and not empty
+            and any(d > 1 for d in dilation)):
         # torch's dilated CPU kernel (slow_conv_dilated) dispatches on the input's dtype before the weight's check
         raise NotImplementedError(f"{fn}: not implemented for input of dtype {x.dtype} with dilation {list(dilation)} "
-                                  f"(shape {shape_str(input)}): torch's dilated kernel takes floating types only")
+                                  f"(shape {shape_str(input)}): torch's dilated kernel takes floating types and int64 only")
     if weight.dtype != x.dtype and (not empty or x.dtype.is_complex):
         raise RuntimeError(f"{fn}: Input type ({x.dtype}) and weight type ({weight.dtype}) should be the same")
     opts = ConvOptions(stride, lo, hi, dilation, groups)
