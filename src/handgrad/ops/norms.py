@@ -49,7 +49,7 @@ class LayerNormFn(HandFunction):
     Forward mode, tangents Ẋ, ẇ, ḃ:
         Ẏ = rstd·(Ẋ − mean(Ẋ) − x̂·mean(Ẋ ⊙ x̂)) ⊙ w + x̂ ⊙ ẇ + ḃ
     Returns (Y, μ, rstd), the row statistics (*, 1…1) non-differentiable outputs for the fast
-    path's backward (``ops.normalize.normalize_grads_fast``); saves X, μ, rstd (and w where ∂L/∂X
+    path's backward (``ops.normalize_fast.normalize_grads_fast``); saves X, μ, rstd (and w where ∂L/∂X
     needs it); the differentiable backward recomputes μ, rstd, x̂ from X (see the module docstring).
     float16/bfloat16 X runs in float32 and rounds once; w and b may be float32 with a
     float16/bfloat16 X (torch's CPU mixed-dtype kernel); each gradient has its input's dtype.
