@@ -31,7 +31,8 @@ import torch
 
 from .._compat import values_readable
 from ._function import HandFunction, fast_path, opmath
-from .normalize_fast import _affine_fast, _group_forward_fast, nan_where_overflow, normalize_grads_fast, one_dtype, rescue_overflow
+from .normalize_fast import (_affine_fast, _group_forward_fast, eval_grads_kernel, forward_kernel, nan_where_overflow,
+                             normalize_grads_fast, one_dtype, rescue_overflow)
 
 __all__ = ["Norm", "NormFn", "BatchNormEvalFn", "moments", "native_forward_ok", "nan_where_overflow", "normalize",
            "normalize_dx", "normalize_grads_fast", "rescue_overflow", "update_running_stats"]
@@ -225,6 +226,9 @@ class NormFn(HandFunction):
     @staticmethod
     def forward(x, weight, bias, spec):
         fast = fast_path()
+        out = forward_kernel(x, weight, bias, spec) if fast else None        # the compiled loops
+        if out is not None:
+            return out
         if fast and spec.over == "group" and native_forward_ok(x, weight, bias):
             return _group_forward_fast(x, weight, bias, spec)
         Xs, dims = spec.view(opmath(x))
@@ -350,6 +354,14 @@ class BatchNormEvalFn(HandFunction):
     def backward(ctx, grad_y):
         x, running_mean, running_var, weight = ctx.saved_tensors
         G = opmath(grad_y)                                                   # (N, C, *)
+        need = (ctx.needs_input_grad[0], ctx.w is not None and ctx.needs_input_grad[3],
+                ctx.b is not None and ctx.needs_input_grad[4])
+        out = eval_grads_kernel(G, x, running_mean, running_var, weight, ctx.eps, need) if (
+            x is not None and fast_path(grad_y)) else None                   # the compiled pass
+        if out is not None:
+            gx, gw, gb = out
+            return (gx, None, None, None if gw is None else gw.reshape(ctx.w[0]),
+                    None if gb is None else gb.reshape(ctx.b[0]), None)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             scale = _per_channel(torch.rsqrt(opmath(running_var) + ctx.eps), G)   # r_rstd (C, 1…1)

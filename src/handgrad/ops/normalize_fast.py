@@ -11,10 +11,12 @@ import math
 
 import torch
 
+from .. import kernels
 from .._compat import values_readable
 from ._function import opmath
 
-__all__ = ["nan_where_overflow", "normalize_grads_fast", "one_dtype", "rescue_overflow"]
+__all__ = ["eval_grads_kernel", "forward_kernel", "nan_where_overflow", "normalize_grads_fast", "one_dtype",
+           "rescue_overflow"]
 
 def nan_where_overflow(y: torch.Tensor, rstd: torch.Tensor):
     """torch's kernels give rstd = 0 (so x̂ = 0, Y = b) for a set whose squares overflow
@@ -73,6 +75,11 @@ def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
     ``_*_dx``).
     ``p_shape``: the shape of w and b; ``need``: (∂L/∂X, ∂L/∂w, ∂L/∂b). Returns (∂L/∂X, ∂L/∂w,
     ∂L/∂b), None where not needed."""
+    m = X.numel() // rstd.numel()                                       # elements per set
+    if m > 1:                                                           # (a one-element set: below)
+        G = G if G.is_contiguous() else G.contiguous()
+        if kernels.usable(G, X, mu, rstd, w):
+            return _grads_kernel(G, X, mu, rstd, w, spec, p_shape, need)
     need_x, need_w, need_b = need
     if spec.over == "group":                                            # (N, C, spatial): per (n, c) sums first
         N, C = X.shape[:2]
@@ -82,7 +89,6 @@ def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
     else:
         Xv, Gv, dims = X, G, spec.view(X)[1]
         rstd_c = rstd
-    m = X.numel() // rstd.numel()                                       # elements per set
     Gsum = Gv.sum(dims, keepdim=True) if spec.over != "trailing" and (need_b or need_x) else None   # Σ G per (n, c) or c
     gb = None
     if need_b:                                                          # Σ_rest G
@@ -104,6 +110,88 @@ def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
         return torch.sub(Xv, mu, out=B).mul_(0).reshape(X.shape), gw, gb
     dx = {"channel": _channel_dx, "group": _group_dx, "trailing": _trailing_dx}[spec.over]
     return dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec).reshape(X.shape), gw, gb
+
+
+def _grads_kernel(G, X, mu, rstd, w, spec, p_shape, need):
+    """normalize_grads_fast's equations by the compiled loops (``kernels.norms.*_backward``: one
+    pass for the sums, one for ∂L/∂X), X and G viewed as the kernel's layout: rows (M, D),
+    or (N, C, P) for groups and channels."""
+    K = kernels.load("norms")
+    need_x, need_w, need_b = need
+    none = X.new_empty(0)
+    gw = X.new_empty(p_shape) if need_w else none
+    gb = X.new_empty(p_shape) if need_b else none
+    wv = none if w is None else w.view(-1)
+    if spec.over == "trailing":
+        M = rstd.numel()
+        shape = (M, X.numel() // M)                                     # (M, D)
+        gx = torch.empty(shape, dtype=X.dtype) if need_x else X.new_empty(0, 0)
+        a = kernels.arrays(G.view(shape), X.view(shape), mu.view(M) if spec.center else none, rstd.view(M), wv, gx,
+                           gw.view(-1), gb.view(-1))
+        K.rows_backward(*a[:5], w is not None, spec.center, *a[5:], need_x, need_w, need_b)
+    else:
+        N, C = X.shape[:2]
+        shape = (N, C, X.numel() // (N * C))                            # (N, C, P)
+        gx = torch.empty(shape, dtype=X.dtype) if need_x else X.new_empty(0, 0, 0)
+        if spec.over == "group":
+            a = kernels.arrays(G.view(shape), X.view(shape), mu.view(N, spec.k), rstd.view(N, spec.k), wv, gx, gw, gb)
+            K.groups_backward(*a[:2], spec.k, *a[2:5], w is not None, *a[5:], need_x, need_w, need_b)
+        else:
+            a = kernels.arrays(G.view(shape), X.view(shape), mu.view(C), rstd.view(C), wv, gx, gw, gb)
+            K.channels_backward(*a[:5], w is not None, *a[5:], need_x, need_w, need_b)
+    return (gx.view(X.shape) if need_x else None), (gw if need_w else None), (gb if need_b else None)
+
+
+def forward_kernel(x, weight, bias, spec):
+    """NormFn's fast forward by the compiled loops (``kernels.norms.*_forward``): (Y, μ, rstd,
+    var) as NormFn.forward returns them, or None where the kernels do not apply (then the
+    torch-op path): a layer-norm-like centred row (LayerNormFn has torch's kernel), or a set
+    whose variance is infinite (the kernel says so; ``rescue_overflow`` is the torch-op path's)."""
+    if not (x.numel() and kernels.usable(x, weight, bias)) or (spec.over == "trailing" and spec.center):
+        return None
+    K = kernels.load("norms")
+    none = x.new_empty(0)
+    w, b = (none if t is None else t.view(-1) for t in (weight, bias))
+    y = torch.empty_like(x)
+    if spec.over == "trailing":                                         # RMS: rows (M, D)
+        D = math.prod(x.shape[x.dim() - spec.k:])
+        M = x.numel() // D
+        rstd = x.new_empty(x.shape[:x.dim() - spec.k] + (1,) * spec.k)
+        a = kernels.arrays(x.view(M, D), w, y.view(M, D), rstd.view(M))
+        ok = K.rms_forward(*a[:2], weight is not None, spec.eps, *a[2:])
+        mu, var = x.new_zeros(()), none
+    else:
+        N, C = x.shape[:2]
+        shape = (N, C, x.numel() // (N * C))                            # (N, C, P)
+        if spec.over == "group":
+            mu, rstd, var = x.new_empty(N, spec.k, 1), x.new_empty(N, spec.k, 1), none
+            a = kernels.arrays(x.view(shape), w, b, y.view(shape), mu.view(N, spec.k), rstd.view(N, spec.k))
+            ok = K.groups_forward(a[0], spec.k, *a[1:3], weight is not None, bias is not None, spec.eps, *a[3:])
+        else:
+            stat = (1, C) + (1,) * (x.dim() - 2)
+            mu, var, rstd = x.new_empty(stat), x.new_empty(stat), x.new_empty(stat)
+            a = kernels.arrays(x.view(shape), w, b, y.view(shape), mu.view(C), var.view(C), rstd.view(C))
+            ok = K.channels_forward(*a[:3], weight is not None, bias is not None, spec.eps, *a[3:])
+    return (y, mu, rstd, var) if ok else None
+
+
+def eval_grads_kernel(G, x, running_mean, running_var, weight, eps, need):
+    """BatchNormEvalFn's backward by one compiled pass (``kernels.norms.eval_channels_backward``),
+    or None where the kernels do not apply. ``need``: (∂L/∂X, ∂L/∂w, ∂L/∂b)."""
+    G = G if G.is_contiguous() else G.contiguous()
+    if not (G.numel() and kernels.usable(G, x, running_mean, running_var, weight)):
+        return None
+    need_x, need_w, need_b = need
+    N, C = x.shape[:2]
+    shape = (N, C, x.numel() // (N * C))                                # (N, C, P)
+    rrstd = torch.rsqrt(running_var + eps)                              # r_rstd (C,)
+    alpha = rrstd if weight is None else rrstd * weight                 # α = w·r_rstd
+    gx = torch.empty_like(x) if need_x else x.new_empty(0, 0, 0)
+    gw = x.new_empty(C) if need_w else x.new_empty(0)
+    gb = x.new_empty(C) if need_b else x.new_empty(0)
+    a = kernels.arrays(G.view(shape), x.view(shape), running_mean.view(C), rrstd, alpha.view(C), gx.view(shape) if need_x else gx, gw, gb)
+    kernels.load("norms").eval_channels_backward(*a, need_x, need_w, need_b)
+    return (gx if need_x else None), (gw if need_w else None), (gb if need_b else None)
 
 
 def _channel_dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec):

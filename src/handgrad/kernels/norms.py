@@ -1,0 +1,245 @@
+"""The normalisations' fast passes (``ops/normalize_fast.py``), as loops: NormFn's and
+LayerNormFn's forward and backward, BatchNormEvalFn's backward, in their symbols.
+
+Three layouts of the sets S the statistics run over (m elements each):
+- rows (layer and RMS norm): X (M, D), one set a row, w and b per column;
+- groups (group norm): X (N, C, P), the set of sample n and group g its C/G channels × P,
+  w and b per channel;
+- channels (batch norm): X (N, C, P), the set of channel c every (n, p), w and b per channel.
+
+Sums accumulate in float64 (a float32 X's sums then round once; a float32 set's squares cannot
+overflow there). A forward returns False where a set's variance is infinite (a float64 X whose
+squares overflow, or an infinite X: rstd = 0): the caller then takes the torch-op path, which
+rescues those sets (``rescue_overflow``).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import kernel
+
+
+# --- forward -------------------------------------------------------------------------------------
+
+
+@kernel
+def rms_forward(X, w, has_w, eps, Y, rstd):
+    """Rows (M, D): rstd = 1/√(mean(X²) + eps), Y = X·rstd ⊙ w."""
+    M, D = X.shape
+    ok = True
+    for i in range(M):
+        s = 0.0
+        for j in range(D):                                  # pass 1: Σ X²
+            x = np.float64(X[i, j])
+            s += x * x
+        r = 1.0 / math.sqrt(s / D + eps)                    # rstd
+        rstd[i] = r
+        ok = ok and r > 0.0
+        for j in range(D):                                  # pass 2: Y = X·rstd ⊙ w
+            y = X[i, j] * r
+            Y[i, j] = y * w[j] if has_w else y
+    return ok
+
+
+@kernel
+def channels_forward(X, w, b, has_w, has_b, eps, Y, mu, var, rstd):
+    """Channels (N, C, P): μ = x₀ + mean(X − x₀) (x₀ the set's first element: a constant set
+    gives X − μ = 0 exactly), var = mean((X − μ)²), rstd = 1/√(var + eps),
+    Y = (X − μ)·(rstd·w) + b."""
+    N, C, P = X.shape
+    m = N * P
+    ok = True
+    for c in range(C):
+        x0 = np.float64(X[0, c, 0])
+        s = 0.0
+        for n in range(N):                                  # pass 1: Σ (X − x₀)
+            for p in range(P):
+                s += X[n, c, p] - x0
+        shift = s / m                                       # μ − x₀
+        q = 0.0
+        for n in range(N):                                  # pass 2: Σ (X − μ)²
+            for p in range(P):
+                d = (X[n, c, p] - x0) - shift
+                q += d * d
+        v = q / m
+        r = 1.0 / math.sqrt(v + eps)
+        u = x0 + shift
+        mu[c], var[c], rstd[c] = u, v, r
+        ok = ok and r > 0.0
+        a = r * w[c] if has_w else r                        # rstd·w
+        beta = b[c] if has_b else 0.0
+        for n in range(N):                                  # pass 3: Y = (X − μ)·(rstd·w) + b
+            for p in range(P):
+                Y[n, c, p] = ((X[n, c, p] - x0) - shift) * a + beta
+    return ok
+
+
+@kernel
+def groups_forward(X, k, w, b, has_w, has_b, eps, Y, mu, rstd):
+    """Groups (N, C, P), ``k`` groups of C/k channels: μ, var, rstd over each group's
+    (C/k)·P elements as ``channels_forward``, Y = (X − μ)·(rstd·w) + b per channel."""
+    N, C, P = X.shape
+    Cg = C // k
+    m = Cg * P
+    ok = True
+    for n in range(N):
+        for g in range(k):
+            c0 = g * Cg
+            x0 = np.float64(X[n, c0, 0])
+            s = 0.0
+            for c in range(c0, c0 + Cg):                    # pass 1: Σ (X − x₀)
+                for p in range(P):
+                    s += X[n, c, p] - x0
+            shift = s / m                                   # μ − x₀
+            q = 0.0
+            for c in range(c0, c0 + Cg):                    # pass 2: Σ (X − μ)²
+                for p in range(P):
+                    d = (X[n, c, p] - x0) - shift
+                    q += d * d
+            r = 1.0 / math.sqrt(q / m + eps)
+            mu[n, g], rstd[n, g] = x0 + shift, r
+            ok = ok and r > 0.0
+            for c in range(c0, c0 + Cg):                    # pass 3: Y = (X − μ)·(rstd·w) + b
+                a = r * w[c] if has_w else r
+                beta = b[c] if has_b else 0.0
+                for p in range(P):
+                    Y[n, c, p] = ((X[n, c, p] - x0) - shift) * a + beta
+    return ok
+
+
+# --- backward ------------------------------------------------------------------------------------
+# G = ∂L/∂Y, gy = G ⊙ w, x̂ = (X − μ)·rstd, per set:
+#     ∂L/∂X = rstd·(gy + n₁ + x̂·n₂),  n₁ = −mean(gy) (RMS: 0),  n₂ = −mean(gy ⊙ x̂)
+#     ∂L/∂w = Σ_rest G ⊙ x̂,  ∂L/∂b = Σ_rest G
+# from the forward's μ and rstd: one pass for the sums, one for ∂L/∂X (x̂ formed before ·n₂, so
+# no rstd² that could underflow or overflow).
+
+
+@kernel
+def rows_backward(G, X, mu, rstd, w, has_w, center, gx, gw, gb, need_x, need_w, need_b):
+    """Rows (M, D), μ and rstd (M,) (RMS: ``center`` False, μ unread)."""
+    M, D = X.shape
+    sw = np.zeros(D)                                        # Σ_rows G ⊙ x̂
+    sb = np.zeros(D)                                        # Σ_rows G
+    for i in range(M):
+        u = np.float64(mu[i]) if center else 0.0
+        r = np.float64(rstd[i])
+        s1 = 0.0
+        s2 = 0.0
+        for j in range(D):                                  # pass 1: Σ gy, Σ gy ⊙ (X − μ), the column sums
+            g = np.float64(G[i, j])
+            xc = X[i, j] - u
+            gy = g * w[j] if has_w else g
+            s1 += gy
+            s2 += gy * xc
+            sw[j] += g * xc * r
+            sb[j] += g
+        if need_x:
+            n1 = -s1 / D if center else 0.0                 # −mean(gy)
+            n2 = -s2 * r / D                                # −mean(gy ⊙ x̂)
+            for j in range(D):                              # pass 2: rstd·(gy + n₁ + x̂·n₂)
+                gy = G[i, j] * w[j] if has_w else G[i, j]
+                gx[i, j] = r * (gy + n1 + ((X[i, j] - u) * r) * n2)
+    if need_w:
+        for j in range(D):
+            gw[j] = sw[j]
+    if need_b:
+        for j in range(D):
+            gb[j] = sb[j]
+
+
+@kernel
+def groups_backward(G, X, k, mu, rstd, w, has_w, gx, gw, gb, need_x, need_w, need_b):
+    """Groups (N, C, P), μ and rstd (N, k): per (n, c) Σ G and Σ G ⊙ (X − μ), which give
+    ∂L/∂w, ∂L/∂b and, ⊙ w summed over the group's channels, n₁ and n₂."""
+    N, C, P = X.shape
+    Cg = C // k
+    m = Cg * P
+    sw = np.zeros(C)                                        # Σ_n,p G ⊙ x̂
+    sb = np.zeros(C)                                        # Σ_n,p G
+    for n in range(N):
+        for g in range(k):
+            u = np.float64(mu[n, g])
+            r = np.float64(rstd[n, g])
+            s1 = 0.0
+            s2 = 0.0
+            for c in range(g * Cg, (g + 1) * Cg):           # pass 1: per (n, c) sums
+                t1 = 0.0
+                t2 = 0.0
+                for p in range(P):
+                    gg = np.float64(G[n, c, p])
+                    t1 += gg
+                    t2 += gg * (X[n, c, p] - u)
+                sb[c] += t1
+                sw[c] += t2 * r
+                wc = np.float64(w[c]) if has_w else 1.0
+                s1 += t1 * wc                               # Σ gy
+                s2 += t2 * wc                               # Σ gy ⊙ (X − μ)
+            if need_x:
+                n1 = -s1 / m                                # −mean(gy)
+                n2 = -s2 * r / m                            # −mean(gy ⊙ x̂)
+                for c in range(g * Cg, (g + 1) * Cg):       # pass 2: rstd·(gy + n₁ + x̂·n₂)
+                    wc = np.float64(w[c]) if has_w else 1.0
+                    for p in range(P):
+                        gx[n, c, p] = r * (G[n, c, p] * wc + n1 + ((X[n, c, p] - u) * r) * n2)
+    if need_w:
+        for c in range(C):
+            gw[c] = sw[c]
+    if need_b:
+        for c in range(C):
+            gb[c] = sb[c]
+
+
+@kernel
+def channels_backward(G, X, mu, rstd, w, has_w, gx, gw, gb, need_x, need_w, need_b):
+    """Channels (N, C, P), μ and rstd (C,): w is constant over a set, so
+    ∂L/∂X = rstd·w·(G + n₁ + x̂·n₂) with n₁ = −mean(G), n₂ = −mean(G ⊙ x̂)."""
+    N, C, P = X.shape
+    m = N * P
+    for c in range(C):
+        u = np.float64(mu[c])
+        r = np.float64(rstd[c])
+        t1 = 0.0
+        t2 = 0.0
+        for n in range(N):                                  # pass 1: Σ G, Σ G ⊙ (X − μ)
+            for p in range(P):
+                gg = np.float64(G[n, c, p])
+                t1 += gg
+                t2 += gg * (X[n, c, p] - u)
+        if need_w:
+            gw[c] = t2 * r                                  # Σ G ⊙ x̂
+        if need_b:
+            gb[c] = t1                                      # Σ G
+        if need_x:
+            n1 = -t1 / m                                    # −mean(G)
+            n2 = -t2 * r / m                                # −mean(G ⊙ x̂)
+            a = r * w[c] if has_w else r                    # rstd·w
+            for n in range(N):                              # pass 2: rstd·w·(G + n₁ + x̂·n₂)
+                for p in range(P):
+                    gx[n, c, p] = a * (G[n, c, p] + n1 + ((X[n, c, p] - u) * r) * n2)
+
+
+@kernel
+def eval_channels_backward(G, X, rmu, rrstd, alpha, gx, gw, gb, need_x, need_w, need_b):
+    """BatchNormEvalFn, channels (N, C, P), r_μ, r_rstd and α = w·r_rstd (C,), in one pass:
+    ∂L/∂X = G ⊙ α,  ∂L/∂w = Σ G ⊙ (X − r_μ)·r_rstd,  ∂L/∂b = Σ G (X − r_μ in float64: its
+    float32 products and partial sums may pass float32's range where the whole does not)."""
+    N, C, P = X.shape
+    for c in range(C):
+        u = np.float64(rmu[c])
+        a = alpha[c]
+        t1 = 0.0
+        t2 = 0.0
+        for n in range(N):
+            for p in range(P):
+                gg = G[n, c, p]
+                if need_x:
+                    gx[n, c, p] = gg * a                    # G ⊙ w·r_rstd
+                t1 += gg
+                t2 += np.float64(gg) * (np.float64(X[n, c, p]) - u)
+        if need_w:
+            gw[c] = t2 * np.float64(rrstd[c])               # Σ G ⊙ x̂
+        if need_b:
+            gb[c] = t1                                      # Σ G
