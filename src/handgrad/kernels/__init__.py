@@ -78,17 +78,17 @@ def usable(*tensors: torch.Tensor | None) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if (type(t) not in _TENSORS or t.device.type != "cpu" or t.dtype not in _FLOATS or (dtype is not None and t.dtype != dtype)
+        if (type(t) not in _TENSORS or not t.is_cpu or (t.dtype is not dtype and (dtype is not None or t.dtype not in _FLOATS))
                 or not t.is_contiguous() or t.is_conj() or t.is_neg()):
             return False
-        dtype, big = t.dtype, big or t.numel() >= GRAIN
+        dtype, big = t.dtype, big or t.numel() >= GRAIN      # (is_cpu: 0.05 µs, device.type 0.26)
     return (dtype is not None and (not big or torch.get_num_threads() == 1) and values_readable()
             and _numba() is not None)
 
 
 def arrays(*tensors: torch.Tensor | None):
     """The numpy views (no copy) a kernel takes; None stays None."""
-    return tuple(None if t is None else t.detach().numpy() for t in tensors)
+    return tuple(None if t is None else t.detach().numpy() if t.requires_grad else t.numpy() for t in tensors)
 
 
 @functools.cache

@@ -109,6 +109,16 @@ def groups_forward(X, k, w, b, has_w, has_b, eps, Y, mu, rstd):
     return ok
 
 
+@kernel
+def nonzero(a):
+    """Is every element of ``a`` nonzero (nan counts, as in torch.all)? LayerNormFn's check for
+    rstd = 0 (squares that overflow) after torch's forward kernel, without torch.all's 3 µs."""
+    for i in range(a.size):
+        if a[i] == 0:
+            return False
+    return True
+
+
 # --- backward ------------------------------------------------------------------------------------
 # G = ∂L/∂Y, gy = G ⊙ w, x̂ = (X − μ)·rstd, per set:
 #     ∂L/∂X = rstd·(gy + n₁ + x̂·n₂),  n₁ = −mean(gy) (RMS: 0),  n₂ = −mean(gy ⊙ x̂)

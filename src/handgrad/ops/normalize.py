@@ -31,10 +31,10 @@ import torch
 
 from .._compat import values_readable
 from ._function import HandFunction, fast_path, opmath
-from .normalize_fast import (_affine_fast, _group_forward_fast, eval_grads_kernel, forward_kernel, nan_where_overflow,
+from .normalize_fast import (_affine_fast, _group_forward_fast, cast, eval_grads_kernel, forward_kernel, nan_where_overflow,
                              normalize_grads_fast, one_dtype, rescue_overflow)
 
-__all__ = ["Norm", "NormFn", "BatchNormEvalFn", "moments", "native_forward_ok", "nan_where_overflow", "normalize",
+__all__ = ["Norm", "NormFn", "BatchNormEvalFn", "cast", "moments", "native_forward_ok", "nan_where_overflow", "normalize",
            "normalize_dx", "normalize_grads_fast", "rescue_overflow", "update_running_stats"]
 
 
@@ -270,8 +270,7 @@ class NormFn(HandFunction):
                     ctx.b is not None and ctx.needs_input_grad[2])
             p_shape = x.shape[x.dim() - spec.k:] if spec.over == "trailing" else x.shape[1:2]
             gx, gw, gb = normalize_grads_fast(G, opmath(x), mu, rstd, opmath(weight), spec, p_shape, need)
-            return (None if gx is None else gx.to(ctx.x_dtype), None if gw is None else gw.to(ctx.w[1]),
-                    None if gb is None else gb.to(ctx.b[1]), None)
+            return cast(gx, ctx.x_dtype), cast(gw, ctx.w and ctx.w[1]), cast(gb, ctx.b and ctx.b[1]), None
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             xhat, rstd, dims = _xhat(x, spec)                                # x̂, rstd

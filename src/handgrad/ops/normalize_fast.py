@@ -7,15 +7,17 @@ docs/derivation.md#batch-group-and-rms-normalisation.
 """
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 
 from .. import kernels
 from .._compat import values_readable
 from ._function import opmath
 
-__all__ = ["eval_grads_kernel", "forward_kernel", "nan_where_overflow", "normalize_grads_fast", "one_dtype",
+__all__ = ["cast", "eval_grads_kernel", "forward_kernel", "nan_where_overflow", "normalize_grads_fast", "one_dtype",
            "rescue_overflow"]
 
 def nan_where_overflow(y: torch.Tensor, rstd: torch.Tensor):
@@ -23,7 +25,10 @@ def nan_where_overflow(y: torch.Tensor, rstd: torch.Tensor):
     (var = inf; rstd = 0 nowhere else): nan there instead, in Y and rstd, as ``rstd_of`` with
     ``nan_on_overflow``. One reduction over the statistics when nothing overflows (compiled: no
     data-dependent branch, the mask always applied)."""
-    if values_readable(rstd) and bool(rstd.all()):
+    if kernels.usable(rstd):
+        if kernels.load("norms").nonzero(kernels.arrays(rstd)[0].reshape(-1)):
+            return y, rstd
+    elif values_readable(rstd) and bool(rstd.all()):
         return y, rstd
     bad = rstd == 0
     return y.masked_fill_(bad, math.nan), rstd.masked_fill(bad, math.nan)
@@ -52,6 +57,12 @@ def rescue_overflow(X: torch.Tensor, dims: tuple[int, ...], mu, rstd: torch.Tens
     bad = (rstd == 0) & r.isfinite() & (r > 0)                          # the overflowed finite sets
     return (None if mu is None else torch.where(bad, x0 + scale * zbar, mu)), torch.where(bad, r, rstd)
 
+
+
+def cast(t: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    """t in ``dtype`` (a gradient in its input's dtype); None stays None, and a tensor already
+    in it is not touched (``.to`` costs 0.8 µs even then)."""
+    return t if t is None or t.dtype is dtype else t.to(dtype)
 
 
 def one_dtype(G, x, w, mu) -> bool:
@@ -115,31 +126,38 @@ def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
 def _grads_kernel(G, X, mu, rstd, w, spec, p_shape, need):
     """normalize_grads_fast's equations by the compiled loops (``kernels.norms.*_backward``: one
     pass for the sums, one for ∂L/∂X), X and G viewed as the kernel's layout: rows (M, D),
-    or (N, C, P) for groups and channels."""
+    or (N, C, P) for groups and channels (numpy's reshapes: a torch view costs 0.9 µs)."""
     K = kernels.load("norms")
     need_x, need_w, need_b = need
-    none = X.new_empty(0)
-    gw = X.new_empty(p_shape) if need_w else none
-    gb = X.new_empty(p_shape) if need_b else none
-    wv = none if w is None else w.view(-1)
+    gx = torch.empty(X.shape, dtype=X.dtype) if need_x else None
+    gw = torch.empty(p_shape, dtype=X.dtype) if need_w else None
+    gb = torch.empty(p_shape, dtype=X.dtype) if need_b else None
+    Ga, Xa, ua, ra, wa, gxa, gwa, gba = kernels.arrays(G, X, mu, rstd, w, gx, gw, gb)
+    none = _empty(Xa.dtype)
+    wa, gwa, gba = (none[1] if t is None else t.reshape(-1) for t in (wa, gwa, gba))
     if spec.over == "trailing":
-        M = rstd.numel()
-        shape = (M, X.numel() // M)                                     # (M, D)
-        gx = torch.empty(shape, dtype=X.dtype) if need_x else X.new_empty(0, 0)
-        a = kernels.arrays(G.view(shape), X.view(shape), mu.view(M) if spec.center else none, rstd.view(M), wv, gx,
-                           gw.view(-1), gb.view(-1))
-        K.rows_backward(*a[:5], w is not None, spec.center, *a[5:], need_x, need_w, need_b)
+        M = ra.size
+        shape = (M, Xa.size // M)                                       # (M, D)
+        K.rows_backward(Ga.reshape(shape), Xa.reshape(shape), ua.reshape(-1) if spec.center else none[1], ra.reshape(M), wa,
+                        w is not None, spec.center, none[2] if gx is None else gxa.reshape(shape), gwa, gba,
+                        need_x, need_w, need_b)
     else:
         N, C = X.shape[:2]
-        shape = (N, C, X.numel() // (N * C))                            # (N, C, P)
-        gx = torch.empty(shape, dtype=X.dtype) if need_x else X.new_empty(0, 0, 0)
+        shape = (N, C, Xa.size // (N * C))                              # (N, C, P)
+        gxa = none[3] if gx is None else gxa.reshape(shape)
         if spec.over == "group":
-            a = kernels.arrays(G.view(shape), X.view(shape), mu.view(N, spec.k), rstd.view(N, spec.k), wv, gx, gw, gb)
-            K.groups_backward(*a[:2], spec.k, *a[2:5], w is not None, *a[5:], need_x, need_w, need_b)
+            K.groups_backward(Ga.reshape(shape), Xa.reshape(shape), spec.k, ua.reshape(N, spec.k), ra.reshape(N, spec.k), wa,
+                              w is not None, gxa, gwa, gba, need_x, need_w, need_b)
         else:
-            a = kernels.arrays(G.view(shape), X.view(shape), mu.view(C), rstd.view(C), wv, gx, gw, gb)
-            K.channels_backward(*a[:5], w is not None, *a[5:], need_x, need_w, need_b)
-    return (gx.view(X.shape) if need_x else None), (gw if need_w else None), (gb if need_b else None)
+            K.channels_backward(Ga.reshape(shape), Xa.reshape(shape), ua.reshape(C), ra.reshape(C), wa, w is not None,
+                                gxa, gwa, gba, need_x, need_w, need_b)
+    return gx, gw, gb
+
+
+@functools.cache
+def _empty(dtype):
+    """Empty arrays of ``dtype`` by ndim (index 1–3): an absent operand or output of a kernel."""
+    return (None, np.empty(0, dtype), np.empty((0, 0), dtype), np.empty((0, 0, 0), dtype))
 
 
 def forward_kernel(x, weight, bias, spec):
@@ -150,29 +168,36 @@ def forward_kernel(x, weight, bias, spec):
     if not (x.numel() and kernels.usable(x, weight, bias)) or (spec.over == "trailing" and spec.center):
         return None
     K = kernels.load("norms")
-    none = x.new_empty(0)
-    w, b = (none if t is None else t.view(-1) for t in (weight, bias))
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=x.dtype)
     if spec.over == "trailing":                                         # RMS: rows (M, D)
         D = math.prod(x.shape[x.dim() - spec.k:])
-        M = x.numel() // D
-        rstd = x.new_empty(x.shape[:x.dim() - spec.k] + (1,) * spec.k)
-        a = kernels.arrays(x.view(M, D), w, y.view(M, D), rstd.view(M))
-        ok = K.rms_forward(*a[:2], weight is not None, spec.eps, *a[2:])
-        mu, var = x.new_zeros(()), none
+        rstd = torch.empty(x.shape[:x.dim() - spec.k] + (1,) * spec.k, dtype=x.dtype)
+        xa, wa, ya, ra = kernels.arrays(x, weight, y, rstd)
+        M = ra.size
+        ok = K.rms_forward(xa.reshape(M, D), _empty(xa.dtype)[1] if wa is None else wa.reshape(-1), weight is not None,
+                           spec.eps, ya.reshape(M, D), ra.reshape(M))
+        return (y, _zero(x.dtype), rstd, _zero(x.dtype)) if ok else None
+    N, C = x.shape[:2]
+    shape = (N, C, x.numel() // (N * C))                                # (N, C, P)
+    group = spec.over == "group"
+    stat = (N, spec.k, 1) if group else (1, C) + (1,) * (x.dim() - 2)
+    mu, rstd = torch.empty(stat, dtype=x.dtype), torch.empty(stat, dtype=x.dtype)
+    var = _zero(x.dtype) if group else torch.empty(stat, dtype=x.dtype)
+    xa, wa, ba, ya, ua, ra, va = kernels.arrays(x, weight, bias, y, mu, rstd, var)
+    none = _empty(xa.dtype)[1]
+    wa, ba = (none if t is None else t.reshape(-1) for t in (wa, ba))
+    if group:
+        ok = K.groups_forward(xa.reshape(shape), spec.k, wa, ba, weight is not None, bias is not None, spec.eps,
+                              ya.reshape(shape), ua.reshape(N, spec.k), ra.reshape(N, spec.k))
     else:
-        N, C = x.shape[:2]
-        shape = (N, C, x.numel() // (N * C))                            # (N, C, P)
-        if spec.over == "group":
-            mu, rstd, var = x.new_empty(N, spec.k, 1), x.new_empty(N, spec.k, 1), none
-            a = kernels.arrays(x.view(shape), w, b, y.view(shape), mu.view(N, spec.k), rstd.view(N, spec.k))
-            ok = K.groups_forward(a[0], spec.k, *a[1:3], weight is not None, bias is not None, spec.eps, *a[3:])
-        else:
-            stat = (1, C) + (1,) * (x.dim() - 2)
-            mu, var, rstd = x.new_empty(stat), x.new_empty(stat), x.new_empty(stat)
-            a = kernels.arrays(x.view(shape), w, b, y.view(shape), mu.view(C), var.view(C), rstd.view(C))
-            ok = K.channels_forward(*a[:3], weight is not None, bias is not None, spec.eps, *a[3:])
+        ok = K.channels_forward(xa.reshape(shape), wa, ba, weight is not None, bias is not None, spec.eps,
+                                ya.reshape(shape), ua.reshape(C), va.reshape(C), ra.reshape(C))
     return (y, mu, rstd, var) if ok else None
+
+
+def _zero(dtype):
+    """A 0-d zero: NormFn's μ for RMS and var for group and RMS norm (only batch norm's is read)."""
+    return torch.zeros((), dtype=dtype)
 
 
 def eval_grads_kernel(G, x, running_mean, running_var, weight, eps, need):
@@ -185,13 +210,16 @@ def eval_grads_kernel(G, x, running_mean, running_var, weight, eps, need):
     N, C = x.shape[:2]
     shape = (N, C, x.numel() // (N * C))                                # (N, C, P)
     rrstd = torch.rsqrt(running_var + eps)                              # r_rstd (C,)
-    alpha = rrstd if weight is None else rrstd * weight                 # α = w·r_rstd
-    gx = torch.empty_like(x) if need_x else x.new_empty(0, 0, 0)
-    gw = x.new_empty(C) if need_w else x.new_empty(0)
-    gb = x.new_empty(C) if need_b else x.new_empty(0)
-    a = kernels.arrays(G.view(shape), x.view(shape), running_mean.view(C), rrstd, alpha.view(C), gx.view(shape) if need_x else gx, gw, gb)
-    kernels.load("norms").eval_channels_backward(*a, need_x, need_w, need_b)
-    return (gx if need_x else None), (gw if need_w else None), (gb if need_b else None)
+    alpha = rrstd if weight is None else rrstd * weight.reshape(C)      # α = w·r_rstd
+    gx = torch.empty(x.shape, dtype=x.dtype) if need_x else None
+    gw = torch.empty(C, dtype=x.dtype) if need_w else None
+    gb = torch.empty(C, dtype=x.dtype) if need_b else None
+    Ga, Xa, ua, ra, aa, gxa, gwa, gba = kernels.arrays(G, x, running_mean, rrstd, alpha, gx, gw, gb)
+    none = _empty(Xa.dtype)
+    kernels.load("norms").eval_channels_backward(
+        Ga.reshape(shape), Xa.reshape(shape), ua.reshape(C), ra, aa, none[3] if gx is None else gxa.reshape(shape),
+        none[1] if gw is None else gwa, none[1] if gb is None else gba, need_x, need_w, need_b)
+    return gx, gw, gb
 
 
 def _channel_dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec):
