@@ -8,9 +8,12 @@ Three layouts of the sets S the statistics run over (m elements each):
 - channels (batch norm): X (N, C, P), the set of channel c every (n, p), w and b per channel.
 
 Sums accumulate in float64 (a float32 X's sums then round once; a float32 set's squares cannot
-overflow there). A forward returns False where a set's variance is infinite (a float64 X whose
-squares overflow, or an infinite X: rstd = 0): the caller then takes the torch-op path, which
-rescues those sets (``rescue_overflow``).
+overflow there; the partial sums along the last axis, of at most one row of P or D, in X's dtype,
+where they vectorise); the elementwise passes run in X's dtype, each set's scalars (μ, rstd, n₁, n₂)
+rounded to it once through a small array of that dtype (float64 there halves a float32 pass's
+vector width: layer norm's backward, 4096×512, took 1.25 ms against 0.73 ms). A forward returns False where a set's rstd is not positive (a variance that is infinite: squares
+or partial sums that overflow; or nan: a nan or infinite X): the caller then takes the torch-op
+path, which rescues the finite sets (``rescue_overflow``) and gives nan or 0 as before elsewhere.
 """
 from __future__ import annotations
 
@@ -29,17 +32,18 @@ def rms_forward(X, w, has_w, eps, Y, rstd):
     """Rows (M, D): rstd = 1/√(mean(X²) + eps), Y = X·rstd ⊙ w."""
     M, D = X.shape
     ok = True
+    sc = np.empty(1, X.dtype)                               # rstd in X's dtype
     for i in range(M):
         s = 0.0
         for j in range(D):                                  # pass 1: Σ X²
             x = np.float64(X[i, j])
             s += x * x
-        r = 1.0 / math.sqrt(s / D + eps)                    # rstd
+        sc[0] = 1.0 / math.sqrt(s / D + eps)                # rstd
+        r = sc[0]
         rstd[i] = r
         ok = ok and r > 0.0
         for j in range(D):                                  # pass 2: Y = X·rstd ⊙ w
-            y = X[i, j] * r
-            Y[i, j] = y * w[j] if has_w else y
+            Y[i, j] = X[i, j] * r * w[j] if has_w else X[i, j] * r
     return ok
 
 
@@ -51,28 +55,36 @@ def channels_forward(X, w, b, has_w, has_b, eps, Y, mu, var, rstd):
     N, C, P = X.shape
     m = N * P
     ok = True
+    sc = np.zeros(4, X.dtype)                               # μ − x₀, μ, rstd·w, b in X's dtype
+    z = np.zeros(1, X.dtype)                                # a partial sum's 0 in X's dtype
     for c in range(C):
-        x0 = np.float64(X[0, c, 0])
+        x0 = X[0, c, 0]
         s = 0.0
         for n in range(N):                                  # pass 1: Σ (X − x₀)
+            t = z[0]
             for p in range(P):
-                s += X[n, c, p] - x0
-        shift = s / m                                       # μ − x₀
+                t += X[n, c, p] - x0
+            s += t
+        sc[0] = s / m                                       # μ − x₀
+        shift = sc[0]
         q = 0.0
         for n in range(N):                                  # pass 2: Σ (X − μ)²
+            t = z[0]
             for p in range(P):
                 d = (X[n, c, p] - x0) - shift
-                q += d * d
+                t += d * d
+            q += t
         v = q / m
         r = 1.0 / math.sqrt(v + eps)
-        u = x0 + shift
-        mu[c], var[c], rstd[c] = u, v, r
-        ok = ok and r > 0.0
-        a = r * w[c] if has_w else r                        # rstd·w
-        beta = b[c] if has_b else 0.0
+        mu[c], var[c], rstd[c] = np.float64(x0) + shift, v, r
+        ok = ok and rstd[c] > 0.0
+        sc[1] = np.float64(x0) + shift
+        sc[2] = rstd[c] * w[c] if has_w else rstd[c]       # rstd·w
+        sc[3] = b[c] if has_b else 0.0
+        u, a, beta = sc[1], sc[2], sc[3]
         for n in range(N):                                  # pass 3: Y = (X − μ)·(rstd·w) + b
             for p in range(P):
-                Y[n, c, p] = ((X[n, c, p] - x0) - shift) * a + beta
+                Y[n, c, p] = (X[n, c, p] - u) * a + beta
     return ok
 
 
@@ -84,28 +96,36 @@ def groups_forward(X, k, w, b, has_w, has_b, eps, Y, mu, rstd):
     Cg = C // k
     m = Cg * P
     ok = True
+    sc = np.zeros(4, X.dtype)                               # μ − x₀, μ, rstd·w, b in X's dtype
+    z = np.zeros(1, X.dtype)                                # a partial sum's 0 in X's dtype
     for n in range(N):
         for g in range(k):
             c0 = g * Cg
-            x0 = np.float64(X[n, c0, 0])
+            x0 = X[n, c0, 0]
             s = 0.0
             for c in range(c0, c0 + Cg):                    # pass 1: Σ (X − x₀)
+                t = z[0]
                 for p in range(P):
-                    s += X[n, c, p] - x0
-            shift = s / m                                   # μ − x₀
+                    t += X[n, c, p] - x0
+                s += t
+            sc[0] = s / m                                   # μ − x₀
+            shift = sc[0]
             q = 0.0
             for c in range(c0, c0 + Cg):                    # pass 2: Σ (X − μ)²
+                t = z[0]
                 for p in range(P):
                     d = (X[n, c, p] - x0) - shift
-                    q += d * d
-            r = 1.0 / math.sqrt(q / m + eps)
-            mu[n, g], rstd[n, g] = x0 + shift, r
-            ok = ok and r > 0.0
+                    t += d * d
+                q += t
+            mu[n, g], rstd[n, g] = np.float64(x0) + shift, 1.0 / math.sqrt(q / m + eps)
+            ok = ok and rstd[n, g] > 0.0
+            sc[1] = np.float64(x0) + shift
             for c in range(c0, c0 + Cg):                    # pass 3: Y = (X − μ)·(rstd·w) + b
-                a = r * w[c] if has_w else r
-                beta = b[c] if has_b else 0.0
+                sc[2] = rstd[n, g] * w[c] if has_w else rstd[n, g]
+                sc[3] = b[c] if has_b else 0.0
+                u, a, beta = sc[1], sc[2], sc[3]
                 for p in range(P):
-                    Y[n, c, p] = ((X[n, c, p] - x0) - shift) * a + beta
+                    Y[n, c, p] = (X[n, c, p] - u) * a + beta
     return ok
 
 
@@ -133,13 +153,15 @@ def rows_backward(G, X, mu, rstd, w, has_w, center, gx, gw, gb, need_x, need_w, 
     M, D = X.shape
     sw = np.zeros(D)                                        # Σ_rows G ⊙ x̂
     sb = np.zeros(D)                                        # Σ_rows G
+    sc = np.empty(4, X.dtype)                               # a row's scalars in X's dtype (see the module)
     for i in range(M):
-        u = np.float64(mu[i]) if center else 0.0
-        r = np.float64(rstd[i])
+        sc[0] = mu[i] if center else 0.0
+        sc[1] = rstd[i]
+        u, r = sc[0], sc[1]
         s1 = 0.0
         s2 = 0.0
         for j in range(D):                                  # pass 1: Σ gy, Σ gy ⊙ (X − μ), the column sums
-            g = np.float64(G[i, j])
+            g = G[i, j]
             xc = X[i, j] - u
             gy = g * w[j] if has_w else g
             s1 += gy
@@ -147,8 +169,9 @@ def rows_backward(G, X, mu, rstd, w, has_w, center, gx, gw, gb, need_x, need_w, 
             sw[j] += g * xc * r
             sb[j] += g
         if need_x:
-            n1 = -s1 / D if center else 0.0                 # −mean(gy)
-            n2 = -s2 * r / D                                # −mean(gy ⊙ x̂)
+            sc[2] = -s1 / D if center else 0.0              # n₁ = −mean(gy)
+            sc[3] = -s2 * np.float64(r) / D                 # n₂ = −mean(gy ⊙ x̂)
+            n1, n2 = sc[2], sc[3]
             for j in range(D):                              # pass 2: rstd·(gy + n₁ + x̂·n₂)
                 gy = G[i, j] * w[j] if has_w else G[i, j]
                 gx[i, j] = r * (gy + n1 + ((X[i, j] - u) * r) * n2)
@@ -169,29 +192,33 @@ def groups_backward(G, X, k, mu, rstd, w, has_w, gx, gw, gb, need_x, need_w, nee
     m = Cg * P
     sw = np.zeros(C)                                        # Σ_n,p G ⊙ x̂
     sb = np.zeros(C)                                        # Σ_n,p G
+    sc = np.empty(5, X.dtype)                               # a set's scalars in X's dtype
+    sc[4] = 1.0                                             # (w absent; sc[4] − sc[4]: 0)
     for n in range(N):
         for g in range(k):
-            u = np.float64(mu[n, g])
-            r = np.float64(rstd[n, g])
+            sc[0], sc[1] = mu[n, g], rstd[n, g]
+            u, r = sc[0], sc[1]
             s1 = 0.0
             s2 = 0.0
             for c in range(g * Cg, (g + 1) * Cg):           # pass 1: per (n, c) sums
-                t1 = 0.0
-                t2 = 0.0
+                a1 = sc[4] - sc[4]
+                a2 = sc[4] - sc[4]
                 for p in range(P):
-                    gg = np.float64(G[n, c, p])
-                    t1 += gg
-                    t2 += gg * (X[n, c, p] - u)
+                    gg = G[n, c, p]
+                    a1 += gg
+                    a2 += gg * (X[n, c, p] - u)
+                t1, t2 = np.float64(a1), np.float64(a2)
                 sb[c] += t1
                 sw[c] += t2 * r
                 wc = np.float64(w[c]) if has_w else 1.0
                 s1 += t1 * wc                               # Σ gy
                 s2 += t2 * wc                               # Σ gy ⊙ (X − μ)
             if need_x:
-                n1 = -s1 / m                                # −mean(gy)
-                n2 = -s2 * r / m                            # −mean(gy ⊙ x̂)
+                sc[2] = -s1 / m                             # n₁ = −mean(gy)
+                sc[3] = -s2 * np.float64(r) / m             # n₂ = −mean(gy ⊙ x̂)
+                n1, n2 = sc[2], sc[3]
                 for c in range(g * Cg, (g + 1) * Cg):       # pass 2: rstd·(gy + n₁ + x̂·n₂)
-                    wc = np.float64(w[c]) if has_w else 1.0
+                    wc = w[c] if has_w else sc[4]
                     for p in range(P):
                         gx[n, c, p] = r * (G[n, c, p] * wc + n1 + ((X[n, c, p] - u) * r) * n2)
     if need_w:
@@ -208,24 +235,30 @@ def channels_backward(G, X, mu, rstd, w, has_w, gx, gw, gb, need_x, need_w, need
     ∂L/∂X = rstd·w·(G + n₁ + x̂·n₂) with n₁ = −mean(G), n₂ = −mean(G ⊙ x̂)."""
     N, C, P = X.shape
     m = N * P
+    sc = np.zeros(6, X.dtype)                               # a set's scalars in X's dtype (sc[5]: 0)
     for c in range(C):
-        u = np.float64(mu[c])
-        r = np.float64(rstd[c])
+        sc[0], sc[1] = mu[c], rstd[c]
+        u, r = sc[0], sc[1]
         t1 = 0.0
         t2 = 0.0
         for n in range(N):                                  # pass 1: Σ G, Σ G ⊙ (X − μ)
+            a1 = sc[5]
+            a2 = sc[5]
             for p in range(P):
-                gg = np.float64(G[n, c, p])
-                t1 += gg
-                t2 += gg * (X[n, c, p] - u)
+                gg = G[n, c, p]
+                a1 += gg
+                a2 += gg * (X[n, c, p] - u)
+            t1 += a1
+            t2 += a2
         if need_w:
-            gw[c] = t2 * r                                  # Σ G ⊙ x̂
+            gw[c] = t2 * np.float64(r)                      # Σ G ⊙ x̂
         if need_b:
             gb[c] = t1                                      # Σ G
         if need_x:
-            n1 = -t1 / m                                    # −mean(G)
-            n2 = -t2 * r / m                                # −mean(G ⊙ x̂)
-            a = r * w[c] if has_w else r                    # rstd·w
+            sc[2] = -t1 / m                                 # n₁ = −mean(G)
+            sc[3] = -t2 * np.float64(r) / m                 # n₂ = −mean(G ⊙ x̂)
+            sc[4] = r * w[c] if has_w else r                # rstd·w
+            n1, n2, a = sc[2], sc[3], sc[4]
             for n in range(N):                              # pass 2: rstd·w·(G + n₁ + x̂·n₂)
                 for p in range(P):
                     gx[n, c, p] = a * (G[n, c, p] + n1 + ((X[n, c, p] - u) * r) * n2)
