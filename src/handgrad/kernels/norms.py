@@ -265,14 +265,38 @@ def channels_backward(G, X, mu, rstd, w, has_w, gx, gw, gb, need_x, need_w, need
 
 
 @kernel
-def eval_channels_backward(G, X, rmu, rrstd, alpha, gx, gw, gb, need_x, need_w, need_b):
-    """BatchNormEvalFn, channels (N, C, P), r_μ, r_rstd and α = w·r_rstd (C,), in one pass:
-    ∂L/∂X = G ⊙ α,  ∂L/∂w = Σ G ⊙ (X − r_μ)·r_rstd,  ∂L/∂b = Σ G (X − r_μ in float64: its
-    float32 products and partial sums may pass float32's range where the whole does not)."""
+def eval_channels_forward(X, rmu, rvar, w, b, has_w, has_b, eps, Y):
+    """BatchNormEvalFn, channels (N, C, P): α = w·r_rstd, β = b − r_μ·α (r_rstd = 1/√(r_var + eps)),
+    Y = X ⊙ α + β in one pass."""
     N, C, P = X.shape
+    sc = np.empty(3, X.dtype)                               # r_var + eps, α, β in X's dtype
     for c in range(C):
+        sc[0] = rvar[c] + eps
+        sc[1] = 1.0 / math.sqrt(sc[0])                      # r_rstd
+        if has_w:
+            sc[1] = sc[1] * w[c]                            # α = w·r_rstd
+        sc[2] = -rmu[c] * sc[1]                             # β = b − r_μ·α
+        if has_b:
+            sc[2] = sc[2] + b[c]
+        a, beta = sc[1], sc[2]
+        for n in range(N):
+            for p in range(P):
+                Y[n, c, p] = X[n, c, p] * a + beta          # X ⊙ α + β
+
+
+@kernel
+def eval_channels_backward(G, X, rmu, rvar, w, has_w, eps, gx, gw, gb, need_x, need_w, need_b):
+    """BatchNormEvalFn, channels (N, C, P), in one pass: ∂L/∂X = G ⊙ w·r_rstd,
+    ∂L/∂w = Σ G ⊙ (X − r_μ)·r_rstd, ∂L/∂b = Σ G (G ⊙ (X − r_μ) in float64: its float32 products
+    and partial sums may pass float32's range where the whole does not)."""
+    N, C, P = G.shape
+    sc = np.empty(3, G.dtype)                               # r_var + eps, r_rstd, w·r_rstd in G's dtype
+    for c in range(C):
+        sc[0] = rvar[c] + eps
+        sc[1] = 1.0 / math.sqrt(sc[0])                      # r_rstd
+        sc[2] = sc[1] * w[c] if has_w else sc[1]            # w·r_rstd
+        a = sc[2]
         u = np.float64(rmu[c])
-        a = alpha[c]
         t1 = 0.0
         t2 = 0.0
         for n in range(N):
@@ -281,8 +305,9 @@ def eval_channels_backward(G, X, rmu, rrstd, alpha, gx, gw, gb, need_x, need_w, 
                 if need_x:
                     gx[n, c, p] = gg * a                    # G ⊙ w·r_rstd
                 t1 += gg
-                t2 += np.float64(gg) * (np.float64(X[n, c, p]) - u)
+                if need_w:                                  # (X absent otherwise)
+                    t2 += np.float64(gg) * (np.float64(X[n, c, p]) - u)
         if need_w:
-            gw[c] = t2 * np.float64(rrstd[c])               # Σ G ⊙ x̂
+            gw[c] = t2 * np.float64(sc[1])                  # Σ G ⊙ x̂
         if need_b:
             gb[c] = t1                                      # Σ G

@@ -31,7 +31,7 @@ import torch
 
 from .._compat import values_readable
 from ._function import HandFunction, fast_path, opmath
-from .normalize_fast import (_affine_fast, _group_forward_fast, cast, eval_grads_kernel, forward_kernel, nan_where_overflow,
+from .normalize_fast import (_affine_fast, _group_forward_fast, cast, eval_forward_kernel, eval_grads_kernel, forward_kernel, nan_where_overflow,
                              normalize_grads_fast, one_dtype, rescue_overflow)
 
 __all__ = ["Norm", "NormFn", "BatchNormEvalFn", "cast", "moments", "native_forward_ok", "nan_where_overflow", "normalize",
@@ -328,6 +328,9 @@ class BatchNormEvalFn(HandFunction):
 
     @staticmethod
     def forward(x, running_mean, running_var, weight, bias, eps):
+        y = eval_forward_kernel(x, running_mean, running_var, weight, bias, eps) if fast_path() else None
+        if y is not None:                                                    # the compiled pass
+            return y
         X = opmath(x)
         alpha = torch.rsqrt(opmath(running_var) + eps)                       # r_rstd (C,)
         if weight is not None:
@@ -356,7 +359,7 @@ class BatchNormEvalFn(HandFunction):
         need = (ctx.needs_input_grad[0], ctx.w is not None and ctx.needs_input_grad[3],
                 ctx.b is not None and ctx.needs_input_grad[4])
         out = eval_grads_kernel(G, x, running_mean, running_var, weight, ctx.eps, need) if (
-            x is not None and fast_path(grad_y)) else None                   # the compiled pass
+            fast_path(grad_y)) else None                                     # the compiled pass
         if out is not None:
             gx, gw, gb = out
             return (gx, None, None, None if gw is None else gw.reshape(ctx.w[0]),

@@ -17,7 +17,7 @@ from .. import kernels
 from .._compat import values_readable
 from ._function import opmath
 
-__all__ = ["cast", "eval_grads_kernel", "forward_kernel", "nan_where_overflow", "normalize_grads_fast", "one_dtype",
+__all__ = ["cast", "eval_forward_kernel", "eval_grads_kernel", "forward_kernel", "nan_where_overflow", "normalize_grads_fast", "one_dtype",
            "rescue_overflow"]
 
 def nan_where_overflow(y: torch.Tensor, rstd: torch.Tensor):
@@ -200,25 +200,41 @@ def _zero(dtype):
     return torch.zeros((), dtype=dtype)
 
 
+def eval_forward_kernel(x, running_mean, running_var, weight, bias, eps):
+    """BatchNormEvalFn's fast forward by one compiled pass (``kernels.norms.eval_channels_forward``),
+    or None where the kernels do not apply."""
+    if not (x.numel() and kernels.usable(x, running_mean, running_var, weight, bias)):
+        return None
+    N, C = x.shape[:2]
+    y = torch.empty(x.shape, dtype=x.dtype)
+    xa, ua, va, wa, ba, ya = kernels.arrays(x, running_mean, running_var, weight, bias, y)
+    none = _empty(xa.dtype)[1]
+    shape = (N, C, xa.size // (N * C))                                  # (N, C, P)
+    kernels.load("norms").eval_channels_forward(
+        xa.reshape(shape), ua.reshape(C), va.reshape(C), none if wa is None else wa.reshape(C),
+        none if ba is None else ba.reshape(C), wa is not None, ba is not None, eps, ya.reshape(shape))
+    return y
+
+
 def eval_grads_kernel(G, x, running_mean, running_var, weight, eps, need):
     """BatchNormEvalFn's backward by one compiled pass (``kernels.norms.eval_channels_backward``),
-    or None where the kernels do not apply. ``need``: (∂L/∂X, ∂L/∂w, ∂L/∂b)."""
+    or None where the kernels do not apply. ``need``: (∂L/∂X, ∂L/∂w, ∂L/∂b); ``x`` (None where
+    ∂L/∂w is not needed, as BatchNormEvalFn saves it) is read for ∂L/∂w alone."""
     G = G if G.is_contiguous() else G.contiguous()
     if not (G.numel() and kernels.usable(G, x, running_mean, running_var, weight)):
         return None
     need_x, need_w, need_b = need
-    N, C = x.shape[:2]
-    shape = (N, C, x.numel() // (N * C))                                # (N, C, P)
-    rrstd = torch.rsqrt(running_var + eps)                              # r_rstd (C,)
-    alpha = rrstd if weight is None else rrstd * weight.reshape(C)      # α = w·r_rstd
-    gx = torch.empty(x.shape, dtype=x.dtype) if need_x else None
-    gw = torch.empty(C, dtype=x.dtype) if need_w else None
-    gb = torch.empty(C, dtype=x.dtype) if need_b else None
-    Ga, Xa, ua, ra, aa, gxa, gwa, gba = kernels.arrays(G, x, running_mean, rrstd, alpha, gx, gw, gb)
-    none = _empty(Xa.dtype)
+    N, C = G.shape[:2]
+    gx = torch.empty(G.shape, dtype=G.dtype) if need_x else None
+    gw = torch.empty(C, dtype=G.dtype) if need_w else None
+    gb = torch.empty(C, dtype=G.dtype) if need_b else None
+    Ga, Xa, ua, va, wa, gxa, gwa, gba = kernels.arrays(G, x, running_mean, running_var, weight, gx, gw, gb)
+    none = _empty(Ga.dtype)
+    shape = (N, C, Ga.size // (N * C))                                  # (N, C, P)
     kernels.load("norms").eval_channels_backward(
-        Ga.reshape(shape), Xa.reshape(shape), ua.reshape(C), ra, aa, none[3] if gx is None else gxa.reshape(shape),
-        none[1] if gw is None else gwa, none[1] if gb is None else gba, need_x, need_w, need_b)
+        Ga.reshape(shape), none[3] if Xa is None else Xa.reshape(shape), ua.reshape(C), va.reshape(C), none[1] if wa is None else wa.reshape(C),
+        wa is not None, eps, none[3] if gx is None else gxa.reshape(shape), none[1] if gw is None else gwa,
+        none[1] if gb is None else gba, need_x, need_w, need_b)
     return gx, gw, gb
 
 
