@@ -130,6 +130,24 @@ def groups_forward(X, k, w, b, has_w, has_b, eps, Y, mu, rstd):
 
 
 @kernel
+def running_update(rmu, rvar, mu, var, momentum, unbias, has_mu, has_var):
+    """Batch norm's running statistics, in place, per channel (C,):
+    r_μ ← m·μ + (1 − m)·r_μ,  r_var ← m·var·n/(n − 1) + (1 − m)·r_var  (``unbias`` = n/(n − 1)),
+    each product and sum rounded to the statistics' dtype as torch's ops round them."""
+    sc = np.empty(3, rmu.dtype if has_mu else rvar.dtype)
+    for c in range(mu.size):
+        if has_mu:
+            sc[0] = momentum * mu[c]
+            sc[1] = (1 - momentum) * rmu[c]
+            rmu[c] = sc[0] + sc[1]
+        if has_var:
+            sc[0] = momentum * var[c]
+            sc[0] = sc[0] * unbias
+            sc[1] = (1 - momentum) * rvar[c]
+            rvar[c] = sc[0] + sc[1]
+
+
+@kernel
 def nonzero(a):
     """Is every element of ``a`` nonzero (nan counts, as in torch.all)? LayerNormFn's check for
     rstd = 0 (squares that overflow) after torch's forward kernel, without torch.all's 3 µs."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from .._compat import values_readable
 from ._function import HandFunction, fast_path, opmath
 from .normalize_fast import (_affine_fast, _group_forward_fast, cast, eval_forward_kernel, eval_grads_kernel, forward_kernel, nan_where_overflow,
@@ -124,6 +125,15 @@ def update_running_stats(running_mean, running_var, mu: torch.Tensor, var: torch
     μ and var (1, C, 1…1) over every dim but 1 (n elements per channel): the batch statistics
     NormFn's forward returns. An empty batch leaves them (as torch)."""
     if n == 0:
+        return
+    if kernels.usable(running_mean, running_var, mu, var) and (running_mean is not None or running_var is not None):
+        rm, rv, ma, va = kernels.arrays(running_mean, running_var, mu, var)   # one compiled loop, not 7 ops
+        none = ma.reshape(-1)[:0]
+        kernels.load("norms").running_update(none if rm is None else rm.reshape(-1), none if rv is None else rv.reshape(-1),
+                                             ma.reshape(-1), va.reshape(-1), momentum, n / (n - 1), rm is not None, rv is not None)
+        for t in (running_mean, running_var):                        # what copy_ records: a change in place
+            if t is not None:
+                torch.autograd.graph.increment_version(t)
         return
     with torch.no_grad():
         if running_mean is not None:
