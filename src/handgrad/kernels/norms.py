@@ -1,5 +1,6 @@
-"""The normalisations' fast passes (``ops/normalize_fast.py``), as loops: NormFn's and
-LayerNormFn's forward and backward, BatchNormEvalFn's backward, in their symbols.
+"""The normalisations' fast passes (``ops/normalize_fast.py``), as loops, in their Functions'
+symbols: NormFn's forward and backward, LayerNormFn's backward, BatchNormEvalFn's forward and
+backward, batch norm's running statistics.
 
 Three layouts of the sets S the statistics run over (m elements each):
 - rows (layer and RMS norm): X (M, D), one set a row, w and b per column;
@@ -7,13 +8,15 @@ Three layouts of the sets S the statistics run over (m elements each):
   w and b per channel;
 - channels (batch norm): X (N, C, P), the set of channel c every (n, p), w and b per channel.
 
-Sums accumulate in float64 (a float32 X's sums then round once; a float32 set's squares cannot
-overflow there; the partial sums along the last axis, of at most one row of P or D, in X's dtype,
-where they vectorise); the elementwise passes run in X's dtype, each set's scalars (μ, rstd, n₁, n₂)
+Sums accumulate in float64 (a float32 X's sums then round once), the partial sums along the last
+axis (one row of P or D) in X's dtype where they vectorise (RMS's squares: in float64; one that
+overflows gives the forward's rstd = 0 or nan, below). The elementwise passes run in X's dtype, each set's scalars (μ, rstd, n₁, n₂)
 rounded to it once through a small array of that dtype (float64 there halves a float32 pass's
-vector width: layer norm's backward, 4096×512, took 1.25 ms against 0.73 ms). A forward returns False where a set's rstd is not positive (a variance that is infinite: squares
-or partial sums that overflow; or nan: a nan or infinite X): the caller then takes the torch-op
-path, which rescues the finite sets (``rescue_overflow``) and gives nan or 0 as before elsewhere.
+vector width: layer norm's backward, 4096×512, took 1.25 ms against 0.73 ms).
+
+A forward returns False where a set's rstd is not positive (an infinite variance: squares or
+partial sums that overflow; or nan: a nan or infinite X): the caller then takes the torch-op
+path, which rescues the finite sets (``rescue_overflow``) and gives nan or 0 elsewhere, as before.
 """
 from __future__ import annotations
 

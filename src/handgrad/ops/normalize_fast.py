@@ -84,12 +84,14 @@ def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
     with w), then X − μ again, scaled by rstd·n₂ (x̂·n₂) and shifted by n₁ in place (not by
     addcmul: with a broadcast first operand it takes a path 6× slower), then + gy (see each
     ``_*_dx``).
+    On CPU float32/float64 (``kernels.usable``) the same equations run as compiled loops, two
+    passes (``_grads_kernel``); one-element sets keep the torch ops (x̂ = 0 exactly there).
     ``p_shape``: the shape of w and b; ``need``: (∂L/∂X, ∂L/∂w, ∂L/∂b). Returns (∂L/∂X, ∂L/∂w,
     ∂L/∂b), None where not needed."""
     m = X.numel() // rstd.numel()                                       # elements per set
     if m > 1:                                                           # (a one-element set: below)
         G = G if G.is_contiguous() else G.contiguous()
-        if kernels.usable(G, X, mu, rstd, w):
+        if kernels.usable(G, X, w) and mu.is_contiguous() and rstd.is_contiguous():   # (μ, rstd: the forward's, X's dtype)
             return _grads_kernel(G, X, mu, rstd, w, spec, p_shape, need)
     need_x, need_w, need_b = need
     if spec.over == "group":                                            # (N, C, spatial): per (n, c) sums first
@@ -129,7 +131,7 @@ def _grads_kernel(G, X, mu, rstd, w, spec, p_shape, need):
     or (N, C, P) for groups and channels (numpy's reshapes: a torch view costs 0.9 µs)."""
     K = kernels.load("norms")
     need_x, need_w, need_b = need
-    gx = torch.empty(X.shape, dtype=X.dtype) if need_x else None
+    gx = torch.empty_like(X) if need_x else None
     gw = torch.empty(p_shape, dtype=X.dtype) if need_w else None
     gb = torch.empty(p_shape, dtype=X.dtype) if need_b else None
     Ga, Xa, ua, ra, wa, gxa, gwa, gba = kernels.arrays(G, X, mu, rstd, w, gx, gw, gb)
@@ -168,7 +170,7 @@ def forward_kernel(x, weight, bias, spec):
     if not (x.numel() and kernels.usable(x, weight, bias)) or (spec.over == "trailing" and spec.center):
         return None
     K = kernels.load("norms")
-    y = torch.empty(x.shape, dtype=x.dtype)
+    y = torch.empty_like(x)                                             # (x contiguous: usable)
     if spec.over == "trailing":                                         # RMS: rows (M, D)
         D = math.prod(x.shape[x.dim() - spec.k:])
         rstd = torch.empty(x.shape[:x.dim() - spec.k] + (1,) * spec.k, dtype=x.dtype)
@@ -206,7 +208,7 @@ def eval_forward_kernel(x, running_mean, running_var, weight, bias, eps):
     if not (x.numel() and kernels.usable(x, running_mean, running_var, weight, bias)):
         return None
     N, C = x.shape[:2]
-    y = torch.empty(x.shape, dtype=x.dtype)
+    y = torch.empty_like(x)                                             # (x contiguous: usable)
     xa, ua, va, wa, ba, ya = kernels.arrays(x, running_mean, running_var, weight, bias, y)
     none = _empty(xa.dtype)[1]
     shape = (N, C, xa.size // (N * C))                                  # (N, C, P)
@@ -225,7 +227,7 @@ def eval_grads_kernel(G, x, running_mean, running_var, weight, eps, need):
         return None
     need_x, need_w, need_b = need
     N, C = G.shape[:2]
-    gx = torch.empty(G.shape, dtype=G.dtype) if need_x else None
+    gx = torch.empty_like(G) if need_x else None
     gw = torch.empty(C, dtype=G.dtype) if need_w else None
     gb = torch.empty(C, dtype=G.dtype) if need_b else None
     Ga, Xa, ua, va, wa, gxa, gwa, gba = kernels.arrays(G, x, running_mean, running_var, weight, gx, gw, gb)
