@@ -8,11 +8,12 @@ Three layouts of the sets S the statistics run over (m elements each):
   w and b per channel;
 - channels (batch norm): X (N, C, P), the set of channel c every (n, p), w and b per channel.
 
-Sums accumulate in float64 (a float32 X's sums then round once), the partial sums along the last
-axis (one row of P or D) in X's dtype where they vectorise (RMS's squares: in float64; one that
-overflows gives the forward's rstd = 0 or nan, below). The elementwise passes run in X's dtype, each set's scalars (μ, rstd, n₁, n₂)
-rounded to it once through a small array of that dtype (float64 there halves a float32 pass's
-vector width: layer norm's backward, 4096×512, took 1.25 ms against 0.73 ms).
+Sums accumulate in float64 (a float32 X's sums then round once), partial sums of up to ``CHUNK``
+elements along the last axis in X's dtype, where they vectorise (RMS's squares: in float64; one
+that overflows gives the forward's rstd = 0 or nan, below). The elementwise passes run in X's
+dtype, each set's scalars (μ, rstd, n₁, n₂) rounded to it once through a small array of that
+dtype (float64 there halves a float32 pass's vector width: layer norm's backward, 4096×512, took
+1.25 ms against 0.73 ms).
 
 A forward returns False where a set's rstd is not positive (an infinite variance: squares or
 partial sums that overflow; or nan: a nan or infinite X): the caller then takes the torch-op
@@ -25,6 +26,94 @@ import math
 import numpy as np
 
 from . import kernel
+
+# the length of a partial sum in X's dtype (vectorised; then added in float64): its rounding
+# error grows with √CHUNK, not with a row's length. A row of at most CHUNK is one loop from 0 to
+# its length (measured: the only form numba vectorises here at any length); a longer row, chunks of
+# CHUNK (they vectorise) and the rest (it does not; a loop bounded by min(j0 + CHUNK, n), 6×
+# slower, neither).
+CHUNK = 1024
+
+
+@kernel
+def _sum_dev(A, i, x0, z):
+    """Σ (a − x₀) over the row a = A[i] of a 2-d A (a row view's layout is not known contiguous:
+    its loop would not vectorise); ``z``: 0 in A's dtype."""
+    n = A.shape[1]
+    if n <= CHUNK:                                          # one partial sum (the loop that vectorises best)
+        t = z
+        for j in range(n):
+            t += A[i, j] - x0
+        return np.float64(t)
+    full = n // CHUNK * CHUNK
+    s = 0.0
+    for j0 in range(0, full, CHUNK):
+        t = z
+        for j in range(CHUNK):
+            t += A[i, j0 + j] - x0
+        s += t
+    t = z
+    for j in range(n - full):                               # (the rest, < CHUNK: not vectorised)
+        t += A[i, full + j] - x0
+    return s + t
+
+
+@kernel
+def _sum_sq_dev(A, i, x0, shift, z):
+    """Σ ((a − x₀) − shift)² over the row a = A[i] (shift = μ − x₀)."""
+    n = A.shape[1]
+    if n <= CHUNK:
+        t = z
+        for j in range(n):
+            d = (A[i, j] - x0) - shift
+            t += d * d
+        return np.float64(t)
+    full = n // CHUNK * CHUNK
+    s = 0.0
+    for j0 in range(0, full, CHUNK):
+        t = z
+        for j in range(CHUNK):
+            d = (A[i, j0 + j] - x0) - shift
+            t += d * d
+        s += t
+    t = z
+    for j in range(n - full):
+        d = (A[i, full + j] - x0) - shift
+        t += d * d
+    return s + t
+
+
+@kernel
+def _sums_g(G, X, i, u, z):
+    """(Σ g, Σ g ⊙ (a − u)) over the rows g = G[i], a = X[i]."""
+    n = X.shape[1]
+    if n <= CHUNK:
+        t1 = z
+        t2 = z
+        for j in range(n):
+            gg = G[i, j]
+            t1 += gg
+            t2 += gg * (X[i, j] - u)
+        return np.float64(t1), np.float64(t2)
+    full = n // CHUNK * CHUNK
+    s1 = 0.0
+    s2 = 0.0
+    for j0 in range(0, full, CHUNK):
+        t1 = z
+        t2 = z
+        for j in range(CHUNK):
+            gg = G[i, j0 + j]
+            t1 += gg
+            t2 += gg * (X[i, j0 + j] - u)
+        s1 += t1
+        s2 += t2
+    t1 = z
+    t2 = z
+    for j in range(n - full):
+        gg = G[i, full + j]
+        t1 += gg
+        t2 += gg * (X[i, full + j] - u)
+    return s1 + t1, s2 + t2
 
 
 # --- forward -------------------------------------------------------------------------------------
@@ -56,6 +145,7 @@ def channels_forward(X, w, b, has_w, has_b, eps, Y, mu, var, rstd):
     gives X − μ = 0 exactly), var = mean((X − μ)²), rstd = 1/√(var + eps),
     Y = (X − μ)·(rstd·w) + b."""
     N, C, P = X.shape
+    X2 = X.reshape(N * C, P)                                # rows of P, (n, c) = row n·C + c
     m = N * P
     ok = True
     sc = np.zeros(4, X.dtype)                               # μ − x₀, μ, rstd·w, b in X's dtype
@@ -64,19 +154,12 @@ def channels_forward(X, w, b, has_w, has_b, eps, Y, mu, var, rstd):
         x0 = X[0, c, 0]
         s = 0.0
         for n in range(N):                                  # pass 1: Σ (X − x₀)
-            t = z[0]
-            for p in range(P):
-                t += X[n, c, p] - x0
-            s += t
+            s += _sum_dev(X2, n * C + c, x0, z[0])
         sc[0] = s / m                                       # μ − x₀
         shift = sc[0]
         q = 0.0
         for n in range(N):                                  # pass 2: Σ (X − μ)²
-            t = z[0]
-            for p in range(P):
-                d = (X[n, c, p] - x0) - shift
-                t += d * d
-            q += t
+            q += _sum_sq_dev(X2, n * C + c, x0, shift, z[0])
         v = q / m
         r = 1.0 / math.sqrt(v + eps)
         mu[c], var[c], rstd[c] = np.float64(x0) + shift, v, r
@@ -96,6 +179,7 @@ def groups_forward(X, k, w, b, has_w, has_b, eps, Y, mu, rstd):
     """Groups (N, C, P), ``k`` groups of C/k channels: μ, var, rstd over each group's
     (C/k)·P elements as ``channels_forward``, Y = (X − μ)·(rstd·w) + b per channel."""
     N, C, P = X.shape
+    X2 = X.reshape(N * C, P)                                # rows of P, (n, c) = row n·C + c
     Cg = C // k
     m = Cg * P
     ok = True
@@ -107,19 +191,12 @@ def groups_forward(X, k, w, b, has_w, has_b, eps, Y, mu, rstd):
             x0 = X[n, c0, 0]
             s = 0.0
             for c in range(c0, c0 + Cg):                    # pass 1: Σ (X − x₀)
-                t = z[0]
-                for p in range(P):
-                    t += X[n, c, p] - x0
-                s += t
+                s += _sum_dev(X2, n * C + c, x0, z[0])
             sc[0] = s / m                                   # μ − x₀
             shift = sc[0]
             q = 0.0
             for c in range(c0, c0 + Cg):                    # pass 2: Σ (X − μ)²
-                t = z[0]
-                for p in range(P):
-                    d = (X[n, c, p] - x0) - shift
-                    t += d * d
-                q += t
+                q += _sum_sq_dev(X2, n * C + c, x0, shift, z[0])
             mu[n, g], rstd[n, g] = np.float64(x0) + shift, 1.0 / math.sqrt(q / m + eps)
             ok = ok and rstd[n, g] > 0.0
             sc[1] = np.float64(x0) + shift
@@ -209,6 +286,8 @@ def groups_backward(G, X, k, mu, rstd, w, has_w, gx, gw, gb, need_x, need_w, nee
     """Groups (N, C, P), μ and rstd (N, k): per (n, c) Σ G and Σ G ⊙ (X − μ), which give
     ∂L/∂w, ∂L/∂b and, ⊙ w summed over the group's channels, n₁ and n₂."""
     N, C, P = X.shape
+    X2 = X.reshape(N * C, P)                                # rows of P, (n, c) = row n·C + c
+    G2 = G.reshape(N * C, P)
     Cg = C // k
     m = Cg * P
     sw = np.zeros(C)                                        # Σ_n,p G ⊙ x̂
@@ -222,13 +301,7 @@ def groups_backward(G, X, k, mu, rstd, w, has_w, gx, gw, gb, need_x, need_w, nee
             s1 = 0.0
             s2 = 0.0
             for c in range(g * Cg, (g + 1) * Cg):           # pass 1: per (n, c) sums
-                a1 = sc[4] - sc[4]
-                a2 = sc[4] - sc[4]
-                for p in range(P):
-                    gg = G[n, c, p]
-                    a1 += gg
-                    a2 += gg * (X[n, c, p] - u)
-                t1, t2 = np.float64(a1), np.float64(a2)
+                t1, t2 = _sums_g(G2, X2, n * C + c, u, sc[4] - sc[4])   # Σ G, Σ G ⊙ (X − μ)
                 sb[c] += t1
                 sw[c] += t2 * r
                 wc = np.float64(w[c]) if has_w else 1.0
@@ -255,6 +328,8 @@ def channels_backward(G, X, mu, rstd, w, has_w, gx, gw, gb, need_x, need_w, need
     """Channels (N, C, P), μ and rstd (C,): w is constant over a set, so
     ∂L/∂X = rstd·w·(G + n₁ + x̂·n₂) with n₁ = −mean(G), n₂ = −mean(G ⊙ x̂)."""
     N, C, P = X.shape
+    X2 = X.reshape(N * C, P)                                # rows of P, (n, c) = row n·C + c
+    G2 = G.reshape(N * C, P)
     m = N * P
     sc = np.zeros(6, X.dtype)                               # a set's scalars in X's dtype (sc[5]: 0)
     for c in range(C):
@@ -263,12 +338,7 @@ def channels_backward(G, X, mu, rstd, w, has_w, gx, gw, gb, need_x, need_w, need
         t1 = 0.0
         t2 = 0.0
         for n in range(N):                                  # pass 1: Σ G, Σ G ⊙ (X − μ)
-            a1 = sc[5]
-            a2 = sc[5]
-            for p in range(P):
-                gg = G[n, c, p]
-                a1 += gg
-                a2 += gg * (X[n, c, p] - u)
+            a1, a2 = _sums_g(G2, X2, n * C + c, u, sc[5])
             t1 += a1
             t2 += a2
         if need_w:

@@ -17,8 +17,8 @@ from .. import kernels
 from .._compat import values_readable
 from ._function import opmath
 
-__all__ = ["cast", "eval_forward_kernel", "eval_grads_kernel", "forward_kernel", "nan_where_overflow", "normalize_grads_fast", "one_dtype",
-           "rescue_overflow"]
+__all__ = ["cast", "eval_forward_kernel", "eval_grads_kernel", "forward_kernel", "nan_where_overflow",
+           "normalize_grads_fast", "one_dtype", "rescue_overflow"]
 
 def nan_where_overflow(y: torch.Tensor, rstd: torch.Tensor):
     """torch's kernels give rstd = 0 (so x̂ = 0, Y = b) for a set whose squares overflow
