@@ -72,23 +72,22 @@ def usable(*tensors: torch.Tensor | None) -> bool:
     contiguous CPU float32/float64 tensors of one dtype, values readable (not a compile trace or
     a fake tensor), kernels enabled, and torch would run the op on one thread (see the module
     docstring)."""
-    if _off[0]:
+    if _off[0] or not values_readable():        # (first: Dynamo traces no further)
         return False
     dtype, big = None, False
     for t in tensors:
         if t is None:
             continue
-        if (type(t) not in _TENSORS or t.device.type != "cpu" or t.dtype not in _FLOATS or (dtype is not None and t.dtype != dtype)
+        if (type(t) not in _TENSORS or not t.is_cpu or (t.dtype is not dtype and (dtype is not None or t.dtype not in _FLOATS))
                 or not t.is_contiguous() or t.is_conj() or t.is_neg()):
             return False
-        dtype, big = t.dtype, big or t.numel() >= GRAIN
-    return (dtype is not None and (not big or torch.get_num_threads() == 1) and values_readable()
-            and _numba() is not None)
+        dtype, big = t.dtype, big or t.numel() >= GRAIN      # (is_cpu: 0.05 µs, device.type 0.26)
+    return dtype is not None and (not big or torch.get_num_threads() == 1) and _numba() is not None
 
 
 def arrays(*tensors: torch.Tensor | None):
     """The numpy views (no copy) a kernel takes; None stays None."""
-    return tuple(None if t is None else t.detach().numpy() for t in tensors)
+    return tuple(None if t is None else t.detach().numpy() if t.requires_grad else t.numpy() for t in tensors)
 
 
 @functools.cache

@@ -29,10 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from .._compat import values_readable
 from ._function import HandFunction, fast_path, opmath
+from .normalize_fast import (_affine_fast, _group_forward_fast, cast, eval_forward_kernel, eval_grads_kernel, forward_kernel, nan_where_overflow,
+                             normalize_grads_fast, one_dtype, rescue_overflow)
 
-__all__ = ["Norm", "NormFn", "BatchNormEvalFn", "moments", "native_forward_ok", "nan_where_overflow", "normalize",
+__all__ = ["Norm", "NormFn", "BatchNormEvalFn", "cast", "moments", "native_forward_ok", "nan_where_overflow", "normalize",
            "normalize_dx", "normalize_grads_fast", "rescue_overflow", "update_running_stats"]
 
 
@@ -81,41 +84,6 @@ def native_forward_ok(x: torch.Tensor, *params) -> bool:
         p is None or p.dtype == x.dtype for p in params)
 
 
-def nan_where_overflow(y: torch.Tensor, rstd: torch.Tensor):
-    """torch's kernels give rstd = 0 (so x̂ = 0, Y = b) for a set whose squares overflow
-    (var = inf; rstd = 0 nowhere else): nan there instead, in Y and rstd, as ``rstd_of`` with
-    ``nan_on_overflow``. One reduction over the statistics when nothing overflows (compiled: no
-    data-dependent branch, the mask always applied)."""
-    if values_readable(rstd) and bool(rstd.all()):
-        return y, rstd
-    bad = rstd == 0
-    return y.masked_fill_(bad, math.nan), rstd.masked_fill(bad, math.nan)
-
-
-def rescue_overflow(X: torch.Tensor, dims: tuple[int, ...], mu, rstd: torch.Tensor, eps: float, center: bool = True):
-    """The sets whose squares overflow (var = inf, so rstd = 0 and x̂ = 0; rstd = 0 nowhere else)
-    normalised again, scaled by s = max|X − x₀| (x₀ their first element; RMS: x₀ = 0): with
-    Z = (X − x₀)/s, μ = x₀ + s·mean(Z), rstd = 1/(s·√(mean((Z − mean Z)²) + eps/s²)) — the same
-    x̂, no square past 1. Where the sets are finite; an infinite X keeps rstd = 0. Returns (μ, rstd)
-    (μ None for RMS). The fast path's (a data-dependent branch, one reduction over the statistics
-    when nothing overflows; not compiled, not under a transform: the differentiable path keeps
-    x̂ = 0 there)."""
-    if not values_readable(rstd) or bool(rstd.all()):
-        return mu, rstd
-    first = [slice(None)] * X.dim()
-    for d in dims:
-        first[d] = slice(0, 1)
-    x0 = X[tuple(first)] if center else X.new_zeros(())                  # x₀
-    D = X - x0                                                          # X − x₀
-    scale = D.abs().amax(dims, keepdim=True)                            # s
-    scale = scale.masked_fill(scale == 0, 1.0)
-    Z = D / scale                                                       # |Z| ≤ 1
-    zbar = Z.mean(dims, keepdim=True) if center else 0.0                # mean(Z)
-    r = torch.rsqrt(((Z - zbar) ** 2).mean(dims, keepdim=True) + eps / scale / scale) / scale
-    bad = (rstd == 0) & r.isfinite() & (r > 0)                          # the overflowed finite sets
-    return (None if mu is None else torch.where(bad, x0 + scale * zbar, mu)), torch.where(bad, r, rstd)
-
-
 def rstd_of(var: torch.Tensor, eps: float, nan_on_overflow: bool = False) -> torch.Tensor:
     """rstd = 1/√(var + eps); with ``nan_on_overflow``, nan where var = inf (see ``normalize``)."""
     rstd = torch.rsqrt(var + eps)                                    # 1/√(var + eps)
@@ -158,121 +126,20 @@ def update_running_stats(running_mean, running_var, mu: torch.Tensor, var: torch
     NormFn's forward returns. An empty batch leaves them (as torch)."""
     if n == 0:
         return
+    if kernels.usable(running_mean, running_var, mu, var) and (running_mean is not None or running_var is not None):
+        rm, rv, ma, va = kernels.arrays(running_mean, running_var, mu, var)   # one compiled loop, not 7 ops
+        none = ma.reshape(-1)[:0]
+        kernels.load("norms").running_update(none if rm is None else rm.reshape(-1), none if rv is None else rv.reshape(-1),
+                                             ma.reshape(-1), va.reshape(-1), momentum, n / (n - 1), rm is not None, rv is not None)
+        for t in (running_mean, running_var):                        # what copy_ records: a change in place
+            if t is not None:
+                torch.autograd.graph.increment_version(t)
+        return
     with torch.no_grad():
         if running_mean is not None:
             running_mean.copy_(momentum * mu.reshape(-1) + (1 - momentum) * running_mean)
         if running_var is not None:
             running_var.copy_(momentum * var.reshape(-1) * (n / (n - 1)) + (1 - momentum) * running_var)
-
-
-def one_dtype(G, x, w, mu) -> bool:
-    """Do G, X (in opmath), w and the statistics share one dtype? The fast path's in-place and
-    matrix-vector steps need it; mixed dtypes (a float64 w with a bfloat16 X) take the formula,
-    which promotes as torch does."""
-    dtype = G.dtype
-    return opmath(x).dtype == dtype and mu.dtype == dtype and (w is None or opmath(w).dtype == dtype)
-
-
-def normalize_grads_fast(G, X, mu, rstd, w, spec: "Norm", p_shape, need):
-    """The backward of NormFn and LayerNormFn on the fast path (``fast_path()``): their equations
-        ∂L/∂X = rstd·(gy + n₁ + x̂·n₂),  n₁ = −mean(gy), n₂ = −mean(gy ⊙ x̂),  gy = G ⊙ w
-        (RMS: without n₁),   ∂L/∂w = Σ_rest G ⊙ x̂,   ∂L/∂b = Σ_rest G
-    from the forward's μ and rstd (nothing differentiates them here, so they need not be
-    recomputed from X), in one buffer B, the one ∂L/∂X is returned in (on CPU a fresh buffer's
-    page faults cost more than a pass through it). B holds G ⊙ (X − μ), whose sums scaled by
-    rstd give ∂L/∂w and n₂ (the means of gy need no gy: G's sums ⊙ w, or a matrix-vector product
-    with w), then X − μ again, scaled by rstd·n₂ (x̂·n₂) and shifted by n₁ in place (not by
-    addcmul: with a broadcast first operand it takes a path 6× slower), then + gy (see each
-    ``_*_dx``).
-    ``p_shape``: the shape of w and b; ``need``: (∂L/∂X, ∂L/∂w, ∂L/∂b). Returns (∂L/∂X, ∂L/∂w,
-    ∂L/∂b), None where not needed."""
-    need_x, need_w, need_b = need
-    if spec.over == "group":                                            # (N, C, spatial): per (n, c) sums first
-        N, C = X.shape[:2]
-        Xv, Gv = X.reshape(N, C, -1), G.reshape(N, C, -1)
-        per_c = lambda t: t.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C, 1)   # (N, G, 1) → (N, C, 1)
-        mu, rstd_c, dims = per_c(mu), per_c(rstd), (-1,)
-    else:
-        Xv, Gv, dims = X, G, spec.view(X)[1]
-        rstd_c = rstd
-    m = X.numel() // rstd.numel()                                       # elements per set
-    Gsum = Gv.sum(dims, keepdim=True) if spec.over != "trailing" and (need_b or need_x) else None   # Σ G per (n, c) or c
-    gb = None
-    if need_b:                                                          # Σ_rest G
-        gb = (Gsum.sum(0) if spec.over == "group" else Gsum if Gsum is not None else G.reshape(-1, m).sum(0))
-        gb = gb.reshape(p_shape)
-    if not (need_x or need_w):
-        return None, None, gb
-    B = torch.sub(Xv, mu).mul_(Gv) if spec.center else Xv * Gv          # G ⊙ (X − μ) = G ⊙ x̂ / rstd
-    if spec.over == "trailing":                                         # rstd per row: into the sums over rows
-        M = rstd.numel()
-        S = None
-        gw = (rstd.reshape(1, M) @ B.reshape(M, m)).reshape(p_shape) if need_w else None   # Σ_rows rstd·G ⊙ (X − μ)
-    else:                                                               # rstd per (n, c) or c: after the sum
-        S = B.sum(dims, keepdim=True).mul_(rstd_c)                      # Σ G ⊙ x̂ per (n, c) or c
-        gw = (S.sum(0) if spec.over == "group" else S).reshape(p_shape) if need_w else None
-    if not need_x:
-        return None, gw, gb
-    if m == 1 and spec.center:                                          # a one-element set: x̂ = 0, ∂L/∂X = 0
-        return torch.sub(Xv, mu, out=B).mul_(0).reshape(X.shape), gw, gb
-    dx = {"channel": _channel_dx, "group": _group_dx, "trailing": _trailing_dx}[spec.over]
-    return dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec).reshape(X.shape), gw, gb
-
-
-def _channel_dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec):
-    """batch norm: w is constant over each set, so ∂L/∂X = rstd·w·(G + n₁ + x̂·n₂) with
-    n₁ = −mean(G), n₂ = −mean(G ⊙ x̂): G + (X − μ)·(rstd·n₂) (torch's order), then ·rstd·w and
-    + rstd·w·n₁ in one pass."""
-    n1, n2 = Gsum * (-1 / m), S * (-1 / m)                              # −mean(G), −mean(G ⊙ x̂)
-    torch.addcmul(Gv, torch.sub(Xv, mu, out=B), n2.mul_(rstd), out=B)   # G + x̂·n₂
-    scale = rstd if w is None else rstd * spec.param(w, Xv)             # rstd·w
-    return B.mul_(scale).add_(n1.mul_(scale))                           # rstd·w·(G + x̂·n₂) + rstd·w·n₁
-
-
-def _group_dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec):
-    """group norm, in the (N, C, spatial) view: n₁ = −mean(G ⊙ w), n₂ = −mean(G ⊙ x̂ ⊙ w) over
-    each group from the per-(n, c) sums, and ∂L/∂X = (X − μ)·(rstd·n₂)·rstd + rstd·n₁ in one pass,
-    + G ⊙ (rstd·w) in another."""
-    N, C = Xv.shape[:2]
-    wc = None if w is None else w.reshape(1, C)
-    group_mean = lambda t: (t if wc is None else t.reshape(N, C) * wc).reshape(N, spec.k, -1).sum(-1, keepdim=True).mul_(-1 / m)
-    per_c = lambda t: t.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C, 1)
-    n1, n2 = group_mean(Gsum), group_mean(S)                            # (N, G, 1)
-    r = rstd.reshape(N, spec.k, 1)
-    if values_readable(r) and bool((r < 2.0 ** -60).any()):   # rstd² underflows (a rescued set,
-        torch.sub(Xv, mu, out=B).mul_(per_c(n2 * r)).add_(per_c(n1))     # rescue_overflow): n₁ + x̂·n₂ first,
-        B.add_(Gv) if wc is None else B.addcmul_(Gv, wc.reshape(1, C, 1))   # + gy,
-        return B.mul_(rstd_c)                                            # ·rstd, as _trailing_dx
-    torch.sub(Xv, mu, out=B).mul_(per_c(n2 * r * r)).add_(per_c(n1 * r))   # rstd·(n₁ + x̂·n₂)
-    return B.addcmul_(Gv, rstd_c if wc is None else rstd_c * wc.reshape(1, C, 1))      # + rstd·G ⊙ w
-
-
-def _trailing_dx(B, G, Xv, Gv, mu, rstd, rstd_c, w, Gsum, S, m, spec):
-    """layer and RMS norm, rows of D = m: n₁ = −(G w)/D, n₂ = −((G ⊙ x̂) w)/D (matrix-vector
-    products; row sums without w), then ∂L/∂X = rstd·(gy + n₁ + x̂·n₂): n₁ + (X − μ)·(rstd·n₂)
-    in one pass, + gy in another (n₁ and gy added before the scaling, as the formula's order),
-    ·rstd in a third. An RMS row of one element: ∂L/∂X = gy·eps·rstd³ (``normalize_dx``)."""
-    M = rstd.numel()
-    G2, B2, r = G.reshape(M, m), B.reshape(M, m), rstd.reshape(M, 1)
-    if not spec.center and m == 1:
-        gx = torch.mul(G2, r.pow(3).mul_(spec.eps))                     # gy·eps·rstd³
-        return gx if w is None else gx.mul_(w.reshape(1, 1))
-    wn = None if w is None else w.reshape(m) * (-1 / m)                  # −w/D
-    row = lambda t: (t @ wn if wn is not None else t.sum(-1).mul_(-1 / m)).reshape(rstd.shape)
-    n2 = row(B2).mul_(rstd)                                             # n₂ = −rstd·((G ⊙ (X − μ)) w)/D
-    c = n2 * rstd                                                       # rstd·n₂
-    # x̂·n₂ = (X − μ)·(rstd·n₂), in X's shape (B may share X's strides); where rstd·n₂ overflows
-    # and n₂ does not, x̂ first and then ·n₂ (one pass more)
-    spill = values_readable(c) and not bool(c.isfinite().all())
-    if spec.center:
-        torch.sub(Xv, mu, out=B)                                        # X − μ
-        B.mul_(rstd).mul_(n2) if spill else B.mul_(c)                   # x̂·n₂
-    else:
-        torch.mul(Xv, rstd, out=B).mul_(n2) if spill else torch.mul(Xv, c, out=B)   # x̂·n₂
-    if spec.center:
-        B.add_(row(G2))                                                 # n₁ + x̂·n₂
-    B.add_(G) if w is None else B.addcmul_(G, w)                        # gy + n₁ + x̂·n₂
-    return B.mul_(rstd)                                                 # ·rstd
 
 
 # --- which dims, which parameter shape --------------------------------------------------------------
@@ -330,49 +197,6 @@ def _affine(xhat, w, b):
     return y + b if b is not None else y
 
 
-def _affine_fast(X, Xc, rstd, w, b, spec: "Norm", shape):
-    """x̂ ⊙ w + b on the fast path, in the buffer X − μ (RMS: the buffer of X², ``moments``'):
-    per channel (batch norm) or per (sample, channel) (group norm) rstd·w is one factor, so
-    Y = (X − μ)·(rstd·w) + b is one pass; per row (layer and RMS norm) rstd and w are two.
-    ``shape``: X's; w, b as ``Norm.param`` gives them."""
-    if spec.over == "trailing":
-        xhat = Xc.mul_(rstd) if spec.center else torch.mul(X, rstd, out=Xc)   # x̂ = (X − μ)·rstd (RMS: X·rstd)
-        scale = w
-    elif spec.over == "channel":
-        xhat, scale = Xc, rstd if w is None else rstd * w               # rstd·w  (1, C, 1…1)
-    else:                                                               # (N, G, m) → (N, C, spatial)
-        N, C = shape[:2]
-        xhat = Xc.reshape(N, C, math.prod(shape[2:]))
-        r = rstd.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C, 1)   # rstd per (n, c)
-        scale = r if w is None else r * w.reshape(1, C, 1)              # rstd·w per (n, c)
-        b = None if b is None else b.reshape(1, C, 1)
-    if scale is not None:                                               # (not addcmul: with a broadcast b it
-        xhat.mul_(scale)                                                # takes a slow path, 6× these two)
-    y = xhat.add_(b) if b is not None else xhat                         # (X − μ)·rstd·w + b
-    return y.reshape(shape)
-
-
-def _group_forward_fast(x, weight, bias, spec: "Norm"):
-    """group norm's fast forward: μ and rstd by torch's forward kernel (its Welford moments: a
-    constant group has μ = x exactly, and a group whose squares overflow rstd = 0 or nan, as
-    torch's), then Y = (X − μ)·(rstd·w) + b again in its output buffer: torch's own Y is
-    X·(rstd·w) + (b − μ·rstd·w), which leaves a rounding residue for a constant group
-    (handgrad.testing.differences: "group_norm: one-element groups are exact"). Two passes over
-    the buffer after the kernel's, against the formula's seven (``moments``)."""
-    N, C = x.shape[:2]
-    x = x if x.is_contiguous() else x.contiguous()                       # (the kernel's requirement)
-    y, mu, rstd = torch.native_group_norm(x, None, None, N, C, math.prod(x.shape[2:]), spec.k, spec.eps)
-    mu, rstd = mu.reshape(N, spec.k, 1), rstd.reshape(N, spec.k, 1)                       # the statistics view
-    mu, rstd = rescue_overflow(x.reshape(N, spec.k, -1), (-1,), mu, rstd, spec.eps)       # squares that overflow
-    ones = [1] * (x.dim() - 2)
-    per_c = lambda t: t.reshape(N, spec.k, 1).expand(N, spec.k, C // spec.k).reshape(N, C, *ones)   # (N, G) → (N, C, 1…1)
-    scale = per_c(rstd) if weight is None else per_c(rstd) * weight.reshape(1, C, *ones)     # rstd·w per (n, c)
-    torch.sub(x, per_c(mu), out=y).mul_(scale)                                               # (X − μ)·rstd·w
-    if bias is not None:
-        y.add_(bias.reshape(1, C, *ones))                                                    # + b
-    return y, mu, rstd, rstd.new_empty(0)                                                   # (var: batch norm's alone)
-
-
 def save_for_norm_backward(ctx, x, weight, mu, rstd) -> None:
     """What every normalising layer's backward reads: x̂ (from X, μ, rstd) feeds ∂L/∂X and ∂L/∂w;
     w feeds ∂L/∂X only; ∂L/∂b needs G alone. Forward mode reads X and w."""
@@ -412,6 +236,9 @@ class NormFn(HandFunction):
     @staticmethod
     def forward(x, weight, bias, spec):
         fast = fast_path()
+        out = forward_kernel(x, weight, bias, spec) if fast else None        # the compiled loops
+        if out is not None:
+            return out
         if fast and spec.over == "group" and native_forward_ok(x, weight, bias):
             return _group_forward_fast(x, weight, bias, spec)
         Xs, dims = spec.view(opmath(x))
@@ -453,8 +280,7 @@ class NormFn(HandFunction):
                     ctx.b is not None and ctx.needs_input_grad[2])
             p_shape = x.shape[x.dim() - spec.k:] if spec.over == "trailing" else x.shape[1:2]
             gx, gw, gb = normalize_grads_fast(G, opmath(x), mu, rstd, opmath(weight), spec, p_shape, need)
-            return (None if gx is None else gx.to(ctx.x_dtype), None if gw is None else gw.to(ctx.w[1]),
-                    None if gb is None else gb.to(ctx.b[1]), None)
+            return cast(gx, ctx.x_dtype), cast(gw, ctx.w and ctx.w[1]), cast(gb, ctx.b and ctx.b[1]), None
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             xhat, rstd, dims = _xhat(x, spec)                                # x̂, rstd
@@ -512,6 +338,9 @@ class BatchNormEvalFn(HandFunction):
 
     @staticmethod
     def forward(x, running_mean, running_var, weight, bias, eps):
+        y = eval_forward_kernel(x, running_mean, running_var, weight, bias, eps) if fast_path() else None
+        if y is not None:                                                    # the compiled pass
+            return y
         X = opmath(x)
         alpha = torch.rsqrt(opmath(running_var) + eps)                       # r_rstd (C,)
         if weight is not None:
@@ -537,6 +366,14 @@ class BatchNormEvalFn(HandFunction):
     def backward(ctx, grad_y):
         x, running_mean, running_var, weight = ctx.saved_tensors
         G = opmath(grad_y)                                                   # (N, C, *)
+        need = (ctx.needs_input_grad[0], ctx.w is not None and ctx.needs_input_grad[3],
+                ctx.b is not None and ctx.needs_input_grad[4])
+        out = eval_grads_kernel(G, x, running_mean, running_var, weight, ctx.eps, need) if (
+            fast_path(grad_y)) else None                                     # the compiled pass
+        if out is not None:
+            gx, gw, gb = out
+            return (gx, None, None, None if gw is None else gw.reshape(ctx.w[0]),
+                    None if gb is None else gb.reshape(ctx.b[0]), None)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             scale = _per_channel(torch.rsqrt(opmath(running_var) + ctx.eps), G)   # r_rstd (C, 1…1)

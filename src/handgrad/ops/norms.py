@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._function import HandFunction, fast_path, opmath
-from .normalize import (Norm, nan_where_overflow, native_forward_ok, normalize as normalize_over, normalize_dx, normalize_grads_fast, one_dtype,
+from .normalize import (Norm, cast, nan_where_overflow, native_forward_ok, normalize as normalize_over, normalize_dx, normalize_grads_fast, one_dtype,
                         save_for_norm_backward)
 
 
@@ -49,7 +49,7 @@ class LayerNormFn(HandFunction):
     Forward mode, tangents Ẋ, ẇ, ḃ:
         Ẏ = rstd·(Ẋ − mean(Ẋ) − x̂·mean(Ẋ ⊙ x̂)) ⊙ w + x̂ ⊙ ẇ + ḃ
     Returns (Y, μ, rstd), the row statistics (*, 1…1) non-differentiable outputs for the fast
-    path's backward (``ops.normalize.normalize_grads_fast``); saves X, μ, rstd (and w where ∂L/∂X
+    path's backward (``ops.normalize_fast.normalize_grads_fast``); saves X, μ, rstd (and w where ∂L/∂X
     needs it); the differentiable backward recomputes μ, rstd, x̂ from X (see the module docstring).
     float16/bfloat16 X runs in float32 and rounds once; w and b may be float32 with a
     float16/bfloat16 X (torch's CPU mixed-dtype kernel); each gradient has its input's dtype.
@@ -103,9 +103,8 @@ class LayerNormFn(HandFunction):
         need = ctx.needs_input_grad[:2] + (ctx.has_bias and ctx.needs_input_grad[2],)
         if fast_path(grad_y) and G.numel() and x is not None and one_dtype(G, x, weight, mu):        # the same equations, fewer passes
             gx, gw, gb = normalize_grads_fast(G, opmath(x), mu, rstd, opmath(weight), Norm("trailing", K, True, ctx.eps),
-                                              tuple(x.shape[x.dim() - K:]), need)
-            return (None if gx is None else gx.to(ctx.x_dtype), None if gw is None else gw.to(ctx.w_dtype),
-                    None if gb is None else gb.to(ctx.b_dtype), None, None)
+                                              x.shape[x.dim() - K:], need)
+            return cast(gx, ctx.x_dtype), cast(gw, ctx.w_dtype), cast(gb, ctx.b_dtype), None, None
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             xhat, rstd, _ = normalize(opmath(x), K, ctx.eps)                 # x̂ (*, row), rstd (*, 1…1)
