@@ -211,7 +211,7 @@ NORMS: tuple[Difference, ...] = (
         f"{op}: sets whose squares overflow are normalised", op, ("value", "grad"), _squares_overflow,
         "a set with |x − μ| past √max (float32 ~1e19, float64 ~1e154) has var = inf: rstd = 0, so x̂ = 0 "
         "(Y = b, no share in ∂L/∂w), or nan by its kernel's order",
-        "the normalised set: its statistics again with X scaled by max|X − x₀| (ops/normalize.py, "
+        "the normalised set: its statistics again with X scaled by max|X − x₀| (ops/normalize_fast.py, "
         "rescue_overflow), on the fast path (eager forward, first-order backward)",
         "x̂ is scale-invariant and finite; the overflow is an artefact of squaring unscaled values. "
         "(layer_norm gives nan there instead: its own entry.)",
