@@ -30,13 +30,14 @@ y + α cancels to 0 (z = −17, float32: 0 instead of 4.1e-8), where α e^z is e
 Only the in-place twin, whose z is overwritten, reads y + α (``df_from_output``), as torch's
 in-place ``elu_`` does (its ``is_result`` backward).
 
-Each spec may carry a fast path (``fast_f``, ``fast_df``): the same f and G ⊙ f' in fewer passes,
-taken where nothing records the computation (``fast``): the forward is torch's own forward kernel
-where it has one (one pass, as native); the backward (``fast_vjp``) writes f' block by block into
-a cache-sized scratch (``out=``, ``lerp``/``addcmul``/``maximum``, exp as exp2 or through the
-vectorised sigmoid/gelu kernels) and multiplies by G into one buffer, so it allocates what
-torch's one-pass backward kernel does. The formulas above stay the differentiable path that
-double backward, forward AD, vmap and compile use, and the registry's reference check runs both.
+Each spec may carry a fast path (``fast_f``, ``kernel``, ``fast_df``): the same f and G ⊙ f' in
+fewer passes, taken where nothing records the computation (``fast``): the forward is torch's own
+forward kernel where it has one (one pass, as native); the backward (``ops._fast_vjp.fast_vjp``) is
+a compiled one-pass kernel (handgrad.kernels.activations) on CPU float32/float64, else f' block by
+block into a cache-sized scratch times G (``fast_df``, torch ops), one buffer either way, as
+torch's one-pass backward kernel allocates. The formulas above stay the differentiable path that
+double backward, forward AD, vmap and compile use, and the registry's reference check and
+tests/test_fast_paths.py (kernels on and off) compare them.
 
 The numeric options are parsed as torch's bindings parse a Scalar (``scalar``): a Python number
 or a one-element tensor, else a TypeError naming the argument; the fused ops get the same check.
@@ -53,7 +54,7 @@ import torch.nn.functional as TF
 
 from .. import catalogue, kernels
 from .._compat import forward_ad_active, functorch_transforms_active
-from ._fast_vjp import _BLOCK, _LOG2E, _all_finite, _blocks, const, exp, exp_, fast, fast_vjp  # noqa: F401 (exp, _BLOCK: ops.softmax, tests)
+from ._fast_vjp import _BLOCK, _LOG2E, _all_finite, _blocks, const, exp, exp_, fast, fast_vjp  # noqa: F401 (exp, exp_, _BLOCK: re-exported, ops.softmax and tests)
 from ._function import HandFunction, opmath
 
 
@@ -84,7 +85,7 @@ class Activation:
     # on the whole tensor, unblocked, and G multiplies in place (two passes, one buffer).
     one_pass: bool = False
     # ``kernel(g, saved, out)``: G ⊙ f'(Z) into ``out`` by a compiled kernel
-    # (handgrad.kernels.activations), on flat contiguous CPU float32/float64 tensors of one dtype
+    # (handgrad.kernels.activations), on contiguous CPU float32/float64 tensors of one shape and dtype
     # (``fast_vjp`` asks ``kernels.usable``), ``saved`` the saved Y or Z; before ``fast_df``.
     kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
 
@@ -105,9 +106,10 @@ def scalar(value, name: str, fn: str) -> float:
 
 def _kernel(name: str, *options: float):
     """``Activation.kernel``: handgrad.kernels.activations.<name>(g, saved, out, *options) on the
-    tensors' numpy views (the kernel module, and numba, imported at the first call)."""
+    tensors' flat numpy views (the kernel module, and numba, imported at the first call)."""
     def run(g, saved, out):
-        getattr(kernels.load("activations"), name)(*kernels.arrays(g, saved, out), *options)
+        g, saved, out = (a.reshape(-1) for a in kernels.arrays(g, saved, out))   # (numpy's reshape: 0.2 µs, torch's view 1 µs)
+        getattr(kernels.load("activations"), name)(g, saved, out, *options)
     return run
 
 
@@ -261,7 +263,7 @@ def gelu_spec(approximate: str = "none") -> Activation:
             vjp = kernels.load("activations").gelu_vjp
             for ob, gb, zb, yb in _blocks(out, g, z, scratch=1):
                 torch.ops.aten.gelu.out(zb, out=yb)                          # y = z Φ(z)
-                vjp(*kernels.arrays(gb, zb, yb, ob))                         # G ⊙ (Φ(z) + z φ(z))
+                vjp(*(a.reshape(-1) for a in kernels.arrays(gb, zb, yb, ob)))   # G ⊙ (Φ(z) + z φ(z))
 
         return Activation(
             "gelu",
