@@ -16,16 +16,11 @@ compare them with the differentiable path.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import torch
 
 from .. import kernels
 from .._compat import values_readable
 from ._function import fast_path
-
-if TYPE_CHECKING:
-    from .activations import Activation
 
 _FAST_DTYPES = (torch.float32, torch.float64)
 
@@ -94,10 +89,10 @@ def _all_finite(*ts: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t.sum())) for t in ts)
 
 
-def fast_vjp(act: Activation, g: torch.Tensor, z: torch.Tensor | None, y: torch.Tensor | None,
+def fast_vjp(act, g: torch.Tensor, z: torch.Tensor | None, y: torch.Tensor | None,
              out: torch.Tensor | None = None) -> torch.Tensor:
-    """G ⊙ f'(Z) on the fast path into ``out``: a fresh buffer, or G itself where the caller owns it
-    (a fused stack's Δ). By ``act.kernel`` in one pass where the kernels take the tensors; else
+    """G ⊙ f'(Z) on the fast path (``act`` an ops.activations.Activation) into ``out``: a fresh
+    buffer, or G itself where the caller owns it (a fused stack's Δ). By ``act.kernel`` in one pass where the kernels take the tensors; else
     f'(Z) block by block into a block-sized scratch (``act.fast_df``), times G: one full-size
     buffer at most, as torch's one-pass kernel allocates; f''s temporaries span one block and stay
     in cache. ``act.select`` (relu) runs instead where G or the saved tensor holds an inf or nan
