@@ -90,19 +90,23 @@ def _all_finite(*ts: torch.Tensor) -> bool:
 
 
 def fast_vjp(act, g: torch.Tensor, z: torch.Tensor | None, y: torch.Tensor | None,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+             out: torch.Tensor | None = None) -> torch.Tensor | None:
     """G ⊙ f'(Z) on the fast path (``act`` an ops.activations.Activation) into ``out``: a fresh
     buffer, or G itself where the caller owns it (a fused stack's Δ). By ``act.kernel`` in one pass where the kernels take the tensors; else
     f'(Z) block by block into a block-sized scratch (``act.fast_df``), times G: one full-size
     buffer at most, as torch's one-pass kernel allocates; f''s temporaries span one block and stay
     in cache. ``act.select`` (relu) runs instead where G or the saved tensor holds an inf or nan
-    (always off CPU, where checking would sync; the kernel selects as torch does)."""
+    (always off CPU, where checking would sync; the kernel selects as torch does). None where the
+    spec has a kernel but no ``fast_df`` and the kernel cannot run: the caller's formula then."""
     saved = y if z is None else z
-    if act.kernel is not None and g.shape == saved.shape and kernels.usable(g, saved, out):
+    if (act.kernel is not None and saved.numel() >= act.kernel_min and g.shape == saved.shape
+            and kernels.usable(g, saved, out)):
         if out is None:
             out = torch.empty_like(saved)
         act.kernel(g, saved, out)                                   # G ⊙ f'(Z), one pass
         return out
+    if act.fast_df is None:                                         # a kernel only (elu α ≠ 1): not taken
+        return None
     fresh = out is None
     if fresh:
         out = torch.empty_like(saved)

@@ -88,6 +88,10 @@ class Activation:
     # (handgrad.kernels.activations), on contiguous CPU float32/float64 tensors of one shape and dtype
     # (``fast_vjp`` asks ``kernels.usable``), ``saved`` the saved Y or Z; before ``fast_df``.
     kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    # Elements below which ``fast_df`` runs instead of ``kernel``: where f' is one torch op
+    # (sigmoid, tanh, leaky_relu), its two ops cost less than the kernel's fixed price (the checks
+    # and three numpy views: +7 µs a call at 8×64) until the passes they save outweigh it.
+    kernel_min: int = 0
 
     def output_df(self) -> Callable[[None, torch.Tensor], torch.Tensor] | None:
         """f' as a function (None, y) → f'(z), or None where y does not determine it."""
@@ -102,6 +106,9 @@ def scalar(value, name: str, fn: str) -> float:
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     raise TypeError(f"{fn}(): argument '{name}' must be Number, not {type(value).__name__}")
+
+
+_SMALL = 1 << 14   # ``kernel_min`` of the specs whose f' is one torch op (64 KiB of float32: a pass of ~2 µs)
 
 
 def _kernel(name: str, *options: float):
@@ -122,7 +129,7 @@ def sigmoid_spec() -> Activation:
         torch.lerp(y, const(0.0, y), y, out=out)
 
     return Activation("sigmoid", torch.sigmoid, lambda z, y: y * (1 - y), "output", fast_df=fast_df, one_pass=True,
-                      fast_f_=torch.sigmoid_, kernel=_kernel("sigmoid_vjp"))
+                      fast_f_=torch.sigmoid_, kernel=_kernel("sigmoid_vjp"), kernel_min=_SMALL)
 
 
 def tanh_spec() -> Activation:
@@ -133,7 +140,7 @@ def tanh_spec() -> Activation:
         torch.add(y, 1, out=out).lerp_(const(0.0, y), y)
 
     return Activation("tanh", torch.tanh, lambda z, y: (1 - y) * (1 + y), "output", fast_df=fast_df, one_pass=True,
-                      fast_f_=torch.tanh_, kernel=_kernel("tanh_vjp"))
+                      fast_f_=torch.tanh_, kernel=_kernel("tanh_vjp"), kernel_min=_SMALL)
 
 
 def relu_spec() -> Activation:
@@ -174,7 +181,7 @@ def leaky_relu_spec(negative_slope: float = 0.01) -> Activation:
     from_y = (lambda z, y: torch.where(y > 0, 1.0, torch.full_like(y, s))) if s >= 0 else None
     return Activation("leaky_relu", f, lambda z, y: torch.where(z > 0, 1.0, torch.full_like(z, s)), "input",
                       df_from_output=from_y, fast_f=fast_f, fast_df=fast_df,
-                      one_pass=True, kernel=_kernel("leaky_relu_vjp", s))
+                      one_pass=True, kernel=_kernel("leaky_relu_vjp", s), kernel_min=_SMALL)
 
 
 def elu_spec(alpha: float = 1.0) -> Activation:
@@ -451,11 +458,13 @@ class ElementwiseFn(HandFunction):
         if not ctx.needs_input_grad[0]:
             return None, None
         act = ctx.act
-        if act.fast_df is not None:
+        if act.fast_df is not None or act.kernel is not None:
             saved, = ctx.saved_tensors
             if grad_y.dtype == saved.dtype and fast(saved, grad=grad_y):
                 z, y = (None, saved) if act.saves == "output" else (saved, None)
-                return fast_vjp(act, grad_y, z, y), None                            # G ⊙ f'(Z), fewer passes
+                grad_z = fast_vjp(act, grad_y, z, y)                                # G ⊙ f'(Z), fewer passes
+                if grad_z is not None:
+                    return grad_z, None
         if act.select is not None:
             saved, = ctx.saved_tensors
             z, y = (None, saved) if act.saves == "output" else (saved, None)
