@@ -265,8 +265,11 @@ def gelu_spec(approximate: str = "none") -> Activation:
             torch.addcmul(phi_cdf(z), e, z, value=_INV_SQRT_2PI, out=out)    # the erf form: z = 0, ±inf, nan
 
         def kernel(g, z, out):
-            # per block: y = gelu(z) by torch's vectorised kernel into a block scratch, then
-            # G ⊙ (y/z + z φ(z)) in one pass (handgrad.kernels.activations.gelu_vjp)
+            if z.dtype == torch.float32:                                     # one pass, erfc in the kernel
+                _kernel("gelu_vjp_f32")(g, z, out)
+                return
+            # float64, per block: y = gelu(z) by torch's vectorised kernel into a block scratch,
+            # then G ⊙ (y/z + z φ(z)) in one pass (handgrad.kernels.activations.gelu_vjp)
             vjp = kernels.load("activations").gelu_vjp
             for ob, gb, zb, yb in _blocks(out, g, z, scratch=1):
                 torch.ops.aten.gelu.out(zb, out=yb)                          # y = z Φ(z)
