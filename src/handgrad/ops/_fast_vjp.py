@@ -9,13 +9,15 @@ Taken where nothing records the computation (``fast``). The backward is, in orde
 - else f'(Z) block by block into a cache-sized scratch (``Activation.fast_df``: ``out=``,
   ``lerp``/``addcmul``/``maximum``, exp as exp2 or through the vectorised sigmoid/gelu kernels),
   times G into one buffer, so it allocates what torch's one-pass backward kernel does (CUDA,
-  half types in, strided tensors, no numba).
+  strided tensors, no numba, several threads on a large tensor, and the small tensors of
+  ``Activation.kernel_min``).
 Both compute the spec's formula; the registry's reference check and tests/test_fast_paths.py
 compare them with the differentiable path.
 """
 from __future__ import annotations
 
 import math
+
 import torch
 
 from .. import kernels
@@ -92,8 +94,9 @@ def _all_finite(*ts: torch.Tensor) -> bool:
 def fast_vjp(act, g: torch.Tensor, z: torch.Tensor | None, y: torch.Tensor | None,
              out: torch.Tensor | None = None) -> torch.Tensor | None:
     """G ⊙ f'(Z) on the fast path (``act`` an ops.activations.Activation) into ``out``: a fresh
-    buffer, or G itself where the caller owns it (a fused stack's Δ). By ``act.kernel`` in one pass where the kernels take the tensors; else
-    f'(Z) block by block into a block-sized scratch (``act.fast_df``), times G: one full-size
+    buffer, or G itself where the caller owns it (a fused stack's Δ). By ``act.kernel`` in one
+    pass where the kernels take the tensors (from ``act.kernel_min`` elements on); else f'(Z)
+    block by block into a block-sized scratch (``act.fast_df``), times G: one full-size
     buffer at most, as torch's one-pass kernel allocates; f''s temporaries span one block and stay
     in cache. ``act.select`` (relu) runs instead where G or the saved tensor holds an inf or nan
     (always off CPU, where checking would sync; the kernel selects as torch does). None where the
