@@ -449,3 +449,38 @@ def test_relu_selects_as_torch():
         g, = torch.autograd.grad(F.relu(z), z, G)
         tg, = torch.autograd.grad(TF.relu(z), z, G)
         torch.testing.assert_close(g, tg, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", list(_FAST_VARIANTS))
+def test_kernel_path_equals_formula(name, dtype, monkeypatch):
+    """The compiled kernel (handgrad.kernels.activations, one pass) against the differentiable
+    formula, on three blocks with the kinks and edges and, in the last, ±inf and nan in Z and G,
+    on one thread (on several, torch's kernels run large tensors in parallel and the kernel is not
+    taken): the same values to a few roundings, nan where the formula's is nan."""
+    from handgrad import kernels
+    if not kernels.enabled():
+        pytest.skip("numba does not import here")
+    op, kw = _FAST_VARIANTS[name]
+    fn = catalogue.get(op).functional
+    z = _blocked_input(dtype)
+    z[-6:] = torch.tensor([math.inf, -math.inf, math.nan, 0.0, -3.0, 3.0], dtype=dtype)
+    z.requires_grad_()
+    G = torch.randn(z.shape, dtype=dtype)
+    G[-12:-6] = torch.tensor([math.inf, -math.inf, math.nan, 1.0, math.inf, math.nan], dtype=dtype)
+    calls = []
+    arrays = kernels.arrays
+    monkeypatch.setattr(kernels, "arrays", lambda *ts: calls.append(1) or arrays(*ts))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        y = fn(z, **kw)
+        fast, = torch.autograd.grad(y, z, G, retain_graph=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls, f"{name}: the kernel was not taken"
+    formula, = torch.autograd.grad(y, z, G, create_graph=True)
+    # float32: a few roundings of f' (gelu: Φ = gelu(z)/z carries torch's vectorised erf's
+    # absolute error, as the torch-op path's, times |G| ≤ 5)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=3e-6 if op == "gelu" else 1e-6)
+    torch.testing.assert_close(fast, formula.detach(), equal_nan=True, **tol)

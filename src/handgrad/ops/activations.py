@@ -30,13 +30,14 @@ y + α cancels to 0 (z = −17, float32: 0 instead of 4.1e-8), where α e^z is e
 Only the in-place twin, whose z is overwritten, reads y + α (``df_from_output``), as torch's
 in-place ``elu_`` does (its ``is_result`` backward).
 
-Each spec may carry a fast path (``fast_f``, ``fast_df``): the same f and G ⊙ f' in fewer passes,
-taken where nothing records the computation (``fast``): the forward is torch's own forward kernel
-where it has one (one pass, as native); the backward (``fast_vjp``) writes f' block by block into
-a cache-sized scratch (``out=``, ``lerp``/``addcmul``/``maximum``, exp as exp2 or through the
-vectorised sigmoid/gelu kernels) and multiplies by G into one buffer, so it allocates what
-torch's one-pass backward kernel does. The formulas above stay the differentiable path that
-double backward, forward AD, vmap and compile use, and the registry's reference check runs both.
+Each spec may carry a fast path (``fast_f``, ``kernel``, ``fast_df``): the same f and G ⊙ f' in
+fewer passes, taken where nothing records the computation (``fast``): the forward is torch's own
+forward kernel where it has one (one pass, as native); the backward (``ops._fast_vjp.fast_vjp``) is
+a compiled one-pass kernel (handgrad.kernels.activations) on CPU float32/float64, else f' block by
+block into a cache-sized scratch times G (``fast_df``, torch ops), one buffer either way, as
+torch's one-pass backward kernel allocates. The formulas above stay the differentiable path that
+double backward, forward AD, vmap and compile use, and the registry's reference check and
+tests/test_fast_paths.py (kernels on and off) compare them.
 
 The numeric options are parsed as torch's bindings parse a Scalar (``scalar``): a Python number
 or a one-element tensor, else a TypeError naming the argument; the fused ops get the same check.
@@ -51,9 +52,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as TF
 
-from .. import catalogue
-from .._compat import forward_ad_active, functorch_transforms_active, values_readable
-from ._function import HandFunction, fast_path, opmath
+from .. import catalogue, kernels
+from .._compat import forward_ad_active, functorch_transforms_active
+from ._fast_vjp import _BLOCK, _LOG2E, _all_finite, _blocks, const, exp, exp_, fast, fast_vjp  # noqa: F401 (exp, exp_, _BLOCK: re-exported, ops.softmax and tests)
+from ._function import HandFunction, opmath
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,14 @@ class Activation:
     # ``fast_df`` needs no temporaries (one pass into ``out``): into a fresh result it then runs
     # on the whole tensor, unblocked, and G multiplies in place (two passes, one buffer).
     one_pass: bool = False
+    # ``kernel(g, saved, out)``: G ⊙ f'(Z) into ``out`` by a compiled kernel
+    # (handgrad.kernels.activations), on contiguous CPU float32/float64 tensors of one shape and dtype
+    # (``fast_vjp`` asks ``kernels.usable``), ``saved`` the saved Y or Z; before ``fast_df``.
+    kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    # Elements below which ``fast_df`` runs instead of ``kernel``: where f' is one torch op
+    # (sigmoid, tanh, leaky_relu), its two ops cost less than the kernel's fixed price (the checks
+    # and three numpy views: +7 µs a call at 8×64) until the passes they save outweigh it.
+    kernel_min: int = 0
 
     def output_df(self) -> Callable[[None, torch.Tensor], torch.Tensor] | None:
         """f' as a function (None, y) → f'(z), or None where y does not determine it."""
@@ -98,107 +108,16 @@ def scalar(value, name: str, fn: str) -> float:
     raise TypeError(f"{fn}(): argument '{name}' must be Number, not {type(value).__name__}")
 
 
-_FAST_DTYPES = (torch.float32, torch.float64)
+_SMALL = 1 << 14   # ``kernel_min`` of the specs whose f' is one torch op (64 KiB of float32: a pass of ~2 µs)
 
 
-def fast(*tensors: torch.Tensor, grad: torch.Tensor | None = None) -> bool:
-    """May the fast path run? ``fast_path`` (nothing records it, no torch.func transform, no
-    batched incoming ``grad``), no Dynamo tracing it (it takes the formula), and every tensor
-    float32/float64 (half types and complex take the formula, which computes in opmath). The
-    registry compares both paths: ``reference`` runs the backward with and without ``create_graph``."""
-    if not values_readable(grad) or not fast_path(grad):
-        return False
-    return all(t.dtype in _FAST_DTYPES for t in tensors) and (grad is None or grad.dtype in _FAST_DTYPES)
-
-
-_CONSTS: dict[tuple, torch.Tensor] = {}
-
-
-def const(value: float, like: torch.Tensor) -> torch.Tensor:
-    """A 0-d tensor ``value`` of ``like``'s dtype and device, made once: ``lerp``'s end and
-    ``addcmul``'s input take tensors, not numbers."""
-    key = (value, like.dtype, like.device)
-    c = _CONSTS.get(key)
-    if c is None:
-        c = _CONSTS[key] = torch.full((), value, dtype=like.dtype, device=like.device)
-    return c
-
-
-_LOG2E = 1 / math.log(2)
-
-
-def exp_(t: torch.Tensor) -> torch.Tensor:
-    """t ← e^t as 2^{t log₂e}, in place: torch's CPU exp kernel runs ~4× slower than its exp2
-    (float32, one thread: 1.5 ms against 0.4 ms for 2²¹ elements); the scaling rounds the
-    exponent once, a relative error of |t|·eps in e^t, which is small where e^t is not."""
-    return t.mul_(_LOG2E).exp2_()
-
-
-def exp(t: torch.Tensor) -> torch.Tensor:
-    """e^t as ``exp_``, into a fresh buffer."""
-    return torch.mul(t, _LOG2E).exp2_()
-
-
-def _indicator(op, t: torch.Tensor, bound: float) -> torch.Tensor:
-    """[t ≤ bound] (``torch.le``) or [t > bound] (``torch.gt``) as 0./1. in t's dtype, a fresh
-    buffer: a float mask, where a bool one would make every later pass mix dtypes (slow)."""
-    return op(t, bound, out=torch.empty_like(t))
-
-
-_BLOCK = 1 << 17   # elements per block of a multi-pass vjp (512 KiB in float32: its temporaries stay in L2)
-
-
-def _blocks(out: torch.Tensor, *ts: torch.Tensor, scratch: int = 0):
-    """``(out_b, *ts_b, *scratch_b)`` for each block of ``_BLOCK`` elements of the flattened
-    tensors (one shape, all contiguous), each scratch a block-sized buffer reused for every block.
-    A formula of several passes then allocates one full-size buffer (``out``, the result, as
-    torch's one-pass kernel does) and its temporaries stay in cache: the peak is native's, and
-    no pass pays for faulting in a fresh buffer. Anything non-contiguous: one block, the whole
-    tensors, full-size scratch."""
-    n = out.numel()
-    if n <= _BLOCK or not all(t.is_contiguous() for t in (out, *ts)):
-        yield (out, *ts, *(torch.empty_like(out) for _ in range(scratch)))
-        return
-    flat = [t.view(-1) for t in (out, *ts)]
-    bufs = [out.new_empty(_BLOCK) for _ in range(scratch)]
-    for s in range(0, n, _BLOCK):
-        e = min(s + _BLOCK, n)
-        yield (*(f[s:e] for f in flat), *(b[: e - s] for b in bufs))
-
-
-def _all_finite(*ts: torch.Tensor) -> bool:
-    """No element of ``ts`` is inf or nan (their sums are finite; an overflowing sum says no)."""
-    return all(bool(torch.isfinite(t.sum())) for t in ts)
-
-
-def fast_vjp(act: Activation, g: torch.Tensor, z: torch.Tensor | None, y: torch.Tensor | None,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-    """G ⊙ f'(Z) on the fast path: f'(Z) block by block into a block-sized scratch
-    (``act.fast_df``), times G into ``out``: a fresh buffer, or G itself where the caller owns it
-    (a fused stack's Δ). One full-size buffer at most, as torch's one-pass kernel allocates; f''s
-    temporaries span one block and stay in cache. ``act.select`` (relu) runs instead where G or the
-    saved tensor holds an inf or nan (always off CPU, where checking would sync)."""
-    saved = y if z is None else z
-    fresh = out is None
-    if fresh:
-        out = torch.empty_like(saved)
-    cpu = saved.device.type == "cpu"
-    if act.select is not None and not (cpu and (fresh or _all_finite(g, saved))):
-        return out.copy_(act.select(g, z, y))                    # torch's selection, inf/nan kept
-    if fresh and act.one_pass:
-        act.fast_df(z, y, out)                                   # f'(Z)
-        out.mul_(g)                                              # G ⊙ f'(Z)
-    elif saved.numel() <= _BLOCK:                                # one block: no slicing
-        d = torch.empty_like(saved)
-        act.fast_df(z, y, d)                                     # f'(Z)
-        torch.mul(g, d, out=out)                                 # G ⊙ f'(Z)
-    else:
-        for ob, gb, sb, d in _blocks(out, g, saved, scratch=1):
-            act.fast_df(None if z is None else sb, None if y is None else sb, d)   # f'(Z)
-            torch.mul(gb, d, out=ob)                              # G ⊙ f'(Z)
-    if act.select is not None and fresh and not _all_finite(out):
-        return act.select(g, z, y)                                # (an inf or nan G or saved value)
-    return out
+def _kernel(name: str, *options: float):
+    """``Activation.kernel``: handgrad.kernels.activations.<name>(g, saved, out, *options) on the
+    tensors' flat numpy views (the kernel module, and numba, imported at the first call)."""
+    def run(g, saved, out):
+        g, saved, out = kernels.arrays(g, saved, out)
+        getattr(kernels.load("activations"), name)(g.ravel(), saved.ravel(), out.ravel(), *options)   # (numpy's ravel: 0.2 µs, torch's view 1 µs)
+    return run
 
 
 def sigmoid_spec() -> Activation:
@@ -210,7 +129,7 @@ def sigmoid_spec() -> Activation:
         torch.lerp(y, const(0.0, y), y, out=out)
 
     return Activation("sigmoid", torch.sigmoid, lambda z, y: y * (1 - y), "output", fast_df=fast_df, one_pass=True,
-                      fast_f_=torch.sigmoid_)
+                      fast_f_=torch.sigmoid_, kernel=_kernel("sigmoid_vjp"), kernel_min=_SMALL)
 
 
 def tanh_spec() -> Activation:
@@ -221,7 +140,7 @@ def tanh_spec() -> Activation:
         torch.add(y, 1, out=out).lerp_(const(0.0, y), y)
 
     return Activation("tanh", torch.tanh, lambda z, y: (1 - y) * (1 + y), "output", fast_df=fast_df, one_pass=True,
-                      fast_f_=torch.tanh_)
+                      fast_f_=torch.tanh_, kernel=_kernel("tanh_vjp"), kernel_min=_SMALL)
 
 
 def relu_spec() -> Activation:
@@ -237,7 +156,7 @@ def relu_spec() -> Activation:
         return g.masked_fill(y <= 0, 0)                              # torch's threshold_backward: 0 for y ≤ 0, else G
 
     return Activation("relu", lambda z: z.clamp_min(0), lambda z, y: (y <= 0).logical_not().to(y.dtype), "output",
-                      fast_df=fast_df, select=select, one_pass=True, fast_f_=torch.relu_)
+                      fast_df=fast_df, select=select, one_pass=True, fast_f_=torch.relu_, kernel=_kernel("relu_vjp"))
 
 
 def leaky_relu_spec(negative_slope: float = 0.01) -> Activation:
@@ -262,7 +181,7 @@ def leaky_relu_spec(negative_slope: float = 0.01) -> Activation:
     from_y = (lambda z, y: torch.where(y > 0, 1.0, torch.full_like(y, s))) if s >= 0 else None
     return Activation("leaky_relu", f, lambda z, y: torch.where(z > 0, 1.0, torch.full_like(z, s)), "input",
                       df_from_output=from_y, fast_f=fast_f, fast_df=fast_df,
-                      one_pass=True)
+                      one_pass=True, kernel=_kernel("leaky_relu_vjp", s), kernel_min=_SMALL)
 
 
 def elu_spec(alpha: float = 1.0) -> Activation:
@@ -300,7 +219,7 @@ def elu_spec(alpha: float = 1.0) -> Activation:
             torch.clamp_max(z, 0, out=out).sigmoid_()                # σ = σ(min(z, 0))
             out.div_(torch.sub(const(1.0, z), out))                  # σ/(1 − σ) = e^{min(z, 0)}
 
-    return Activation("elu", f, df, "input", from_y, fast_f=fast_f, fast_df=fast_df)
+    return Activation("elu", f, df, "input", from_y, fast_f=fast_f, fast_df=fast_df, kernel=_kernel("elu_vjp", a))
 
 
 _SQRT1_2 = math.sqrt(0.5)               # 1/√2
@@ -345,12 +264,23 @@ def gelu_spec(approximate: str = "none") -> Activation:
                     return
             torch.addcmul(phi_cdf(z), e, z, value=_INV_SQRT_2PI, out=out)    # the erf form: z = 0, ±inf, nan
 
+        def kernel(g, z, out):
+            if z.dtype == torch.float32:                                     # one pass, erfc in the kernel
+                _kernel("gelu_vjp_f32")(g, z, out)
+                return
+            # float64, per block: y = gelu(z) by torch's vectorised kernel into a block scratch,
+            # then G ⊙ (y/z + z φ(z)) in one pass (handgrad.kernels.activations.gelu_vjp)
+            vjp = kernels.load("activations").gelu_vjp
+            for ob, gb, zb, yb in _blocks(out, g, z, scratch=1):
+                torch.ops.aten.gelu.out(zb, out=yb)                          # y = z Φ(z)
+                vjp(*(a.ravel() for a in kernels.arrays(gb, zb, yb, ob)))       # G ⊙ (Φ(z) + z φ(z))
+
         return Activation(
             "gelu",
             lambda z: z * _phi_cdf(z),
             lambda z, y: _phi_cdf(z) + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI,
             "input",
-            fast_f=fast_f, fast_df=fast_df,
+            fast_f=fast_f, fast_df=fast_df, kernel=kernel,
         )
     if approximate == "tanh":
         # f(z) = ½ z (1 + tanh u), u = c(z + κz³). With 1 + tanh u = 2σ(2u) and 1 − tanh u = 2σ(−2u):
@@ -382,7 +312,8 @@ def gelu_spec(approximate: str = "none") -> Activation:
             d.mul_(out.sigmoid_())                                           # z' σ(−2u) σ(2u)
             out.add_(d)                                                      # σ(2u) + z' σ(2u) σ(−2u)
 
-        return Activation("gelu", lambda z: z * torch.sigmoid(2 * u(z)), df, "input", fast_f=fast_f, fast_df=fast_df)
+        return Activation("gelu", lambda z: z * torch.sigmoid(2 * u(z)), df, "input", fast_f=fast_f, fast_df=fast_df,
+                          kernel=_kernel("gelu_tanh_vjp"))
     # torch's own message (aten/src/ATen/native/Activation.cpp), with the value given
     raise RuntimeError(f"approximate argument must be either none or tanh. (got approximate={approximate!r})")
 
@@ -402,7 +333,8 @@ def silu_spec() -> Activation:
         torch.lerp(torch.mul(z, out), const(1.0, z), out, out=out)       # y + σ(1 − y)
 
     # f(z) = z σ(z)
-    return Activation("silu", lambda z: z * torch.sigmoid(z), df, "input", fast_f=fast_f, fast_df=fast_df)
+    return Activation("silu", lambda z: z * torch.sigmoid(z), df, "input", fast_f=fast_f, fast_df=fast_df,
+                      kernel=_kernel("silu_vjp"))
 
 
 # x above which σ(x) = 1/(1 + e^{−x}) rounds to exactly 1 (e^{−x} below half an ulp of 1)
@@ -444,7 +376,7 @@ def softplus_spec(beta: float = 1.0, threshold: float = 20.0) -> Activation:
         bz = torch.mul(z, b)                                             # βz
         torch.maximum(torch.sigmoid(bz, out=out), torch.gt(bz, t, out=bz), out=out)   # max(σ(βz), [βz > t])
 
-    return Activation("softplus", f, df, "input", fast_f=fast_f, fast_df=fast_df)
+    return Activation("softplus", f, df, "input", fast_f=fast_f, fast_df=fast_df, kernel=_kernel("softplus_vjp", b, t))
 
 
 # name → factory(**options) → Activation: the math of each of the catalogue's activations
@@ -529,11 +461,13 @@ class ElementwiseFn(HandFunction):
         if not ctx.needs_input_grad[0]:
             return None, None
         act = ctx.act
-        if act.fast_df is not None:
+        if act.fast_df is not None or act.kernel is not None:
             saved, = ctx.saved_tensors
             if grad_y.dtype == saved.dtype and fast(saved, grad=grad_y):
                 z, y = (None, saved) if act.saves == "output" else (saved, None)
-                return fast_vjp(act, grad_y, z, y), None                            # G ⊙ f'(Z), fewer passes
+                grad_z = fast_vjp(act, grad_y, z, y)                                # G ⊙ f'(Z), fewer passes
+                if grad_z is not None:
+                    return grad_z, None
         if act.select is not None:
             saved, = ctx.saved_tensors
             z, y = (None, saved) if act.saves == "output" else (saved, None)

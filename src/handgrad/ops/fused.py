@@ -63,8 +63,10 @@ def _act_grad(act: Activation, G: torch.Tensor, Z: torch.Tensor | None, Y: torch
     if act is IDENTITY:
         return G                                                   # f'(Z) = 1
     saved = Y if Z is None else Z
-    if act.fast_df is not None and quick and G.dtype == saved.dtype:
-        return fast_vjp(act, G, Z, Y, out=G if inplace else None)  # G ⊙ f'(Z), fewer passes (into G if ours)
+    if (act.fast_df is not None or act.kernel is not None) and quick and G.dtype == saved.dtype:
+        D = fast_vjp(act, G, Z, Y, out=G if inplace else None)     # G ⊙ f'(Z), fewer passes (into G if ours)
+        if D is not None:
+            return D
     if act.select is not None:
         return act.select(G, Z, Y)                                 # torch selects G (relu): inf/nan G kept
     if inplace and G.dtype not in _LOW:                            # G is its own opmath dtype
