@@ -35,10 +35,11 @@ import math
 
 import torch
 
+from .. import kernels
 from ._function import HandFunction, fast_path, opmath, own_dtype
 from .dropout import keep_scale
 
-__all__ = ["AttentionFn", "BLOCK", "TILE", "scale_forms"]
+__all__ = ["AttentionFn", "BLOCK", "KERNEL_WORK", "TILE", "scale_forms"]
 
 #: query rows per causal block. The products and exps of a block of rows [r0, r1) run over its
 #: r1 visible keys: with T/BLOCK = n blocks that is (n + 1)/(2n) of the full (T × T) work
@@ -52,6 +53,13 @@ BLOCK = 64
 #: products spent half their time waiting on memory). At B·H = 64, T = 256, float32: 2¹⁷ 1.16×
 #: native (causal 0.99×), 2¹⁸ 1.20× (1.04×), and each of the three workspaces half the size.
 TILE = 1 << 17
+
+#: the most multiply-adds n·L·S·(E + Ev) (halved under the causal mask: a row meets only the keys
+#: it sees) for which the fast path is the compiled kernel (kernels/attention.py: one call
+#: forward, one backward, instead of ~10 and ~20 torch calls of 2–5 µs each); above it torch's
+#: GEMMs win. Measured, forward + backward, float32, one thread, kernel against torch ops:
+#: n·L·S·(E+Ev) = 2·8·8·64: 0.56×, 4·16·16·64: 0.75×, 8·16·16·64 (2¹⁷): 0.91×, 4·32·32·64: 1.17×.
+KERNEL_WORK = 1 << 17
 
 def scale_forms(scale: float, form: str) -> tuple[float, float, float]:
     """(s_q, s_k, α): the Function's ``scale`` argument, S = α·((s_q Q)(s_k K)ᵀ) = scale·Q Kᵀ,
@@ -377,6 +385,60 @@ def _fast_backward(q, k, v, G, glse, mask, drop, p, causal, lse, scale, aq, ak, 
     return dQ, dK, dV
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy of a strided one (the kernel path runs at small sizes only)."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _kernel_ready(q, k, v, mask, drop, groups: int, causal: bool) -> bool:
+    """Does the compiled kernel take this call: no mask, no dropout, no GQA, one batch layout,
+    at most ``KERNEL_WORK`` multiply-adds per product? Never while compiling (Dynamo would trace
+    ``kernels.usable``'s queries)."""
+    if mask is not None or drop is not None or groups != 1 or torch.compiler.is_compiling():
+        return False
+    qs, ks, vs = q.shape, k.shape, v.shape
+    batch = qs[:-2]
+    return (ks[:-2] == batch and vs[:-2] == batch
+            and q.numel() // max(1, qs[-1]) * ks[-2] * (qs[-1] + vs[-1]) <= KERNEL_WORK * (2 if causal else 1))
+
+
+def _kernel_forward(q, k, v, causal: bool, alpha: float):
+    """O (*, L, Ev), ℓ (*, L) from the kernel (S = alpha·(Q Kᵀ): the scale forms' product, taken
+    in float64), or None where kernels are off."""
+    q, k, v = _dense(q), _dense(k), _dense(v)
+    if not kernels.usable(q, k, v):
+        return None
+    qs, (S, Ev) = q.shape, v.shape[-2:]
+    batch, L, E = qs[:-2], qs[-2], qs[-1]
+    n = q.numel() // max(1, L * E) if len(batch) != 1 else qs[0]
+    O, lse = q.new_empty((*batch, L, Ev)), q.new_empty((*batch, L))
+    qa, ka, va, Oa, la = kernels.arrays(q, k, v, O, lse)
+    if len(batch) != 1:
+        qa, ka, va, Oa, la = qa.reshape(n, L, E), ka.reshape(n, S, E), va.reshape(n, S, Ev), Oa.reshape(n, L, Ev), la.reshape(n, L)
+    kernels.load("attention").forward(qa, ka, va, alpha, causal, Oa, la)
+    return O, lse
+
+
+def _kernel_backward(q, k, v, G, causal: bool, alpha: float, need_q, need_k, need_v):
+    """(∂L/∂Q, ∂L/∂K, ∂L/∂V) from the kernel (``backward``; None where not needed), or None where
+    kernels are off."""
+    q, k, v, G = _dense(q), _dense(k), _dense(v), _dense(G)
+    if not kernels.usable(q, k, v, G):
+        return None
+    qs, (S, Ev) = q.shape, v.shape[-2:]
+    batch, L, E = qs[:-2], qs[-2], qs[-1]
+    dQ = q.new_empty(qs) if need_q else None
+    dK = k.new_empty(k.shape) if need_k else None
+    dV = v.new_empty(v.shape) if need_v else None
+    arrs = kernels.arrays(q, k, v, G, dQ, dK, dV)
+    if len(batch) != 1:
+        n = q.numel() // max(1, L * E)
+        arrs = [None if a is None else a.reshape(n, *a.shape[-2:]) for a in arrs]
+    qa, ka, va, Ga, dQa, dKa, dVa = arrs
+    kernels.load("attention").backward(qa, ka, va, Ga, alpha, causal, dQa, dKa, dVa)
+    return dQ, dK, dV
+
+
 class AttentionFn(HandFunction):
     r"""O = softmax(scale·Q Kᵀ + M) V, with dropout on the weights — equals
     ``torch.nn.functional.scaled_dot_product_attention`` (the dropout mask D given).
@@ -407,6 +469,10 @@ class AttentionFn(HandFunction):
 
     @staticmethod
     def _forward(q, k, v, mask, drop, p, causal, scale, groups):
+        if _kernel_ready(q, k, v, mask, drop, groups, causal) and fast_path():   # small: the compiled kernel
+            out = _kernel_forward(q, k, v, causal, scale[0] * scale[1] * scale[2])   # S = s_q s_k α·(Q Kᵀ)
+            if out is not None:
+                return out
         dtype = q.dtype
         q, k, v = opmath(q), repeat_heads(opmath(k), groups), repeat_heads(opmath(v), groups)
         sq, sk, scale = scale
@@ -450,6 +516,10 @@ class AttentionFn(HandFunction):
         q, k, v, mask, drop, lse = ctx.saved_tensors
         g, (sq, sk, scale), p, causal = ctx.groups, ctx.scale, ctx.p, ctx.causal
         need_q, need_k, need_v, need_m = ctx.needs_input_grad[:4]
+        if grad_lse is None and _kernel_ready(q, k, v, mask, drop, g, causal) and fast_path(grad_o):   # small: the kernel
+            grads = _kernel_backward(q, k, v, grad_o, causal, sq * sk * scale, need_q, need_k, need_v)
+            if grads is not None:
+                return (*grads, None, None, None, None, None, None)
         Q, K, V = _pre(opmath(q), sq), _pre(repeat_heads(opmath(k), g), sk), repeat_heads(opmath(v), g)
         aq, ak = scale * sq, scale * sk                                      # ∂S/∂Q = α s_q K, ∂S/∂K = α s_k Q
         G = opmath(grad_o)                                                   # (*, L, Ev)
