@@ -391,35 +391,51 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel_ready(q, k, v, mask, drop, groups: int, causal: bool) -> bool:
-    """Does the compiled kernel take this call: no mask, no dropout, no GQA, one batch layout,
-    at most ``KERNEL_WORK`` multiply-adds per product? Never while compiling (Dynamo would trace
+    """Does the compiled kernel take this call: no GQA, one batch layout (a mask broadcasts), at
+    most ``KERNEL_WORK`` multiply-adds per product? Never while compiling (Dynamo would trace
     ``kernels.usable``'s queries)."""
-    if mask is not None or drop is not None or groups != 1 or torch.compiler.is_compiling():
+    if groups != 1 or torch.compiler.is_compiling():
         return False
     qs, ks, vs = q.shape, k.shape, v.shape
     batch = qs[:-2]
-    return (ks[:-2] == batch and vs[:-2] == batch
+    return (ks[:-2] == batch and vs[:-2] == batch and (drop is None or drop.shape[:-2] == batch)
             and q.numel() // max(1, qs[-1]) * ks[-2] * (qs[-1] + vs[-1]) <= KERNEL_WORK * (2 if causal else 1))
 
 
-def _kernel_forward(q, k, v, causal: bool, alpha: float):
-    """O (*, L, Ev), ℓ (*, L) from the kernel (S = alpha·(Q Kᵀ): the scale forms' product, taken
+def _kernel_masks(q, mask, drop, p: float, S: int):
+    """The kernel's M (the float mask; a bool one as 0 / −∞, as ``scores`` reads it) and N = D/(1 − p),
+    each (*, L, S) in Q's dtype, contiguous; None where absent."""
+    shape = (*q.shape[:-1], S)
+    add = keep = None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.where(mask, 0.0, -math.inf)                 # M: −∞ where a bool mask is False
+        add = _dense((mask if mask.dtype == q.dtype else mask.to(q.dtype)).expand(shape))
+    if drop is not None:
+        keep = _dense(keep_scale(drop, p, q.dtype).expand(shape))    # N
+    return add, keep
+
+
+def _kernel_forward(q, k, v, mask, drop, p: float, causal: bool, alpha: float):
+    """O (*, L, Ev), ℓ (*, L) from the kernel (S = alpha·(Q Kᵀ) + M: the scale forms' product, taken
     in float64), or None where kernels are off."""
     q, k, v = _dense(q), _dense(k), _dense(v)
     if not kernels.usable(q, k, v):
         return None
     qs, (S, Ev) = q.shape, v.shape[-2:]
     batch, L, E = qs[:-2], qs[-2], qs[-1]
-    n = q.numel() // max(1, L * E) if len(batch) != 1 else qs[0]
+    add, keep = _kernel_masks(q, mask, drop, p, S)
     O, lse = q.new_empty((*batch, L, Ev)), q.new_empty((*batch, L))
-    qa, ka, va, Oa, la = kernels.arrays(q, k, v, O, lse)
+    arrs = kernels.arrays(q, k, v, add, keep, O, lse)
     if len(batch) != 1:
-        qa, ka, va, Oa, la = qa.reshape(n, L, E), ka.reshape(n, S, E), va.reshape(n, S, Ev), Oa.reshape(n, L, Ev), la.reshape(n, L)
-    kernels.load("attention").forward(qa, ka, va, alpha, causal, Oa, la)
+        n = q.numel() // max(1, L * E)
+        arrs = [None if a is None else a.reshape(n, *a.shape[len(batch):]) for a in arrs]
+    qa, ka, va, Ma, Na, Oa, la = arrs
+    kernels.load("attention").forward(qa, ka, va, Ma, Na, alpha, causal, Oa, la)
     return O, lse
 
 
-def _kernel_backward(q, k, v, G, causal: bool, alpha: float, need_q, need_k, need_v):
+def _kernel_backward(q, k, v, G, mask, drop, p: float, causal: bool, alpha: float, need_q, need_k, need_v):
     """(∂L/∂Q, ∂L/∂K, ∂L/∂V) from the kernel (``backward``; None where not needed), or None where
     kernels are off."""
     q, k, v, G = _dense(q), _dense(k), _dense(v), _dense(G)
@@ -427,15 +443,16 @@ def _kernel_backward(q, k, v, G, causal: bool, alpha: float, need_q, need_k, nee
         return None
     qs, (S, Ev) = q.shape, v.shape[-2:]
     batch, L, E = qs[:-2], qs[-2], qs[-1]
+    add, keep = _kernel_masks(q, mask, drop, p, S)
     dQ = q.new_empty(qs) if need_q else None
     dK = k.new_empty(k.shape) if need_k else None
     dV = v.new_empty(v.shape) if need_v else None
-    arrs = kernels.arrays(q, k, v, G, dQ, dK, dV)
+    arrs = kernels.arrays(q, k, v, add, keep, G, dQ, dK, dV)
     if len(batch) != 1:
         n = q.numel() // max(1, L * E)
-        arrs = [None if a is None else a.reshape(n, *a.shape[-2:]) for a in arrs]
-    qa, ka, va, Ga, dQa, dKa, dVa = arrs
-    kernels.load("attention").backward(qa, ka, va, Ga, alpha, causal, dQa, dKa, dVa)
+        arrs = [None if a is None else a.reshape(n, *a.shape[len(batch):]) for a in arrs]
+    qa, ka, va, Ma, Na, Ga, dQa, dKa, dVa = arrs
+    kernels.load("attention").backward(qa, ka, va, Ma, Na, Ga, alpha, causal, dQa, dKa, dVa)
     return dQ, dK, dV
 
 
@@ -470,7 +487,7 @@ class AttentionFn(HandFunction):
     @staticmethod
     def _forward(q, k, v, mask, drop, p, causal, scale, groups):
         if _kernel_ready(q, k, v, mask, drop, groups, causal) and fast_path():   # small: the compiled kernel
-            out = _kernel_forward(q, k, v, causal, scale[0] * scale[1] * scale[2])   # S = s_q s_k α·(Q Kᵀ)
+            out = _kernel_forward(q, k, v, mask, drop, p, causal, scale[0] * scale[1] * scale[2])   # S = s_q s_k α·(Q Kᵀ) + M
             if out is not None:
                 return out
         dtype = q.dtype
@@ -516,8 +533,8 @@ class AttentionFn(HandFunction):
         q, k, v, mask, drop, lse = ctx.saved_tensors
         g, (sq, sk, scale), p, causal = ctx.groups, ctx.scale, ctx.p, ctx.causal
         need_q, need_k, need_v, need_m = ctx.needs_input_grad[:4]
-        if grad_lse is None and _kernel_ready(q, k, v, mask, drop, g, causal) and fast_path(grad_o):   # small: the kernel
-            grads = _kernel_backward(q, k, v, grad_o, causal, sq * sk * scale, need_q, need_k, need_v)
+        if grad_lse is None and not need_m and _kernel_ready(q, k, v, mask, drop, g, causal) and fast_path(grad_o):
+            grads = _kernel_backward(q, k, v, grad_o, mask, drop, p, causal, sq * sk * scale, need_q, need_k, need_v)
             if grads is not None:
                 return (*grads, None, None, None, None, None, None)
         Q, K, V = _pre(opmath(q), sq), _pre(repeat_heads(opmath(k), g), sk), repeat_heads(opmath(v), g)
