@@ -416,21 +416,26 @@ def _kernel_masks(q, mask, drop, p: float, S: int):
     return add, keep
 
 
+def _rows(a, n: int):
+    """The (n, ·, ·) view of a kernel operand's numpy array (None stays None)."""
+    return None if a is None else a.reshape(n, a.shape[-2], a.shape[-1])
+
+
 def _kernel_forward(q, k, v, mask, drop, p: float, causal: bool, alpha: float):
     """O (*, L, Ev), ℓ (*, L) from the kernel (S = alpha·(Q Kᵀ) + M: the scale forms' product, taken
     in float64), or None where kernels are off."""
     q, k, v = _dense(q), _dense(k), _dense(v)
     if not kernels.usable(q, k, v):
         return None
-    qs, (S, Ev) = q.shape, v.shape[-2:]
-    batch, L, E = qs[:-2], qs[-2], qs[-1]
-    add, keep = _kernel_masks(q, mask, drop, p, S)
-    O, lse = q.new_empty((*batch, L, Ev)), q.new_empty((*batch, L))
-    arrs = kernels.arrays(q, k, v, add, keep, O, lse)
-    if len(batch) != 1:
-        n = q.numel() // max(1, L * E)
-        arrs = [None if a is None else a.reshape(n, *a.shape[len(batch):]) for a in arrs]
-    qa, ka, va, Ma, Na, Oa, la = arrs
+    qs, vs = q.shape, v.shape
+    batch, L = qs[:-2], qs[-2]
+    add, keep = (None, None) if mask is None and drop is None else _kernel_masks(q, mask, drop, p, vs[-2])
+    O, lse = q.new_empty((*batch, L, vs[-1])), q.new_empty((*batch, L))
+    qa, ka, va, Ma, Na, Oa, la = kernels.arrays(q, k, v, add, keep, O, lse)
+    if len(batch) != 1:                                          # (n, ·, ·) views
+        n = q.numel() // max(1, L * qs[-1])
+        qa, ka, va, Ma, Na, Oa, la = (_rows(qa, n), _rows(ka, n), _rows(va, n), _rows(Ma, n), _rows(Na, n),
+                                      _rows(Oa, n), la.reshape(n, L))
     kernels.load("attention").forward(qa, ka, va, Ma, Na, alpha, causal, Oa, la)
     return O, lse
 
@@ -441,18 +446,16 @@ def _kernel_backward(q, k, v, G, mask, drop, p: float, causal: bool, alpha: floa
     q, k, v, G = _dense(q), _dense(k), _dense(v), _dense(G)
     if not kernels.usable(q, k, v, G):
         return None
-    qs, (S, Ev) = q.shape, v.shape[-2:]
-    batch, L, E = qs[:-2], qs[-2], qs[-1]
-    add, keep = _kernel_masks(q, mask, drop, p, S)
+    qs = q.shape
+    add, keep = (None, None) if mask is None and drop is None else _kernel_masks(q, mask, drop, p, k.shape[-2])
     dQ = q.new_empty(qs) if need_q else None
     dK = k.new_empty(k.shape) if need_k else None
     dV = v.new_empty(v.shape) if need_v else None
     arrs = kernels.arrays(q, k, v, add, keep, G, dQ, dK, dV)
-    if len(batch) != 1:
-        n = q.numel() // max(1, L * E)
-        arrs = [None if a is None else a.reshape(n, *a.shape[len(batch):]) for a in arrs]
-    qa, ka, va, Ma, Na, Ga, dQa, dKa, dVa = arrs
-    kernels.load("attention").backward(qa, ka, va, Ma, Na, Ga, alpha, causal, dQa, dKa, dVa)
+    if len(qs) != 3:                                             # (n, ·, ·) views
+        n = q.numel() // max(1, qs[-2] * qs[-1])
+        arrs = [_rows(a, n) for a in arrs]
+    kernels.load("attention").backward(*arrs[:6], alpha, causal, *arrs[6:])
     return dQ, dK, dV
 
 
