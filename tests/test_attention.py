@@ -438,3 +438,12 @@ def test_sdpa_kernel_equals_the_torch_op_path(kw):
     for a, b, c in zip(fast, torch_ops, ref):
         torch.testing.assert_close(a, b, **TOL)
         torch.testing.assert_close(a, c, **TOL)
+
+
+def test_sdpa_mask_that_requires_grad_keeps_the_torch_op_forward():
+    """The fuzzer's call (seed 3) where the kernel's forward met the differentiable backward (a mask
+    that requires grad): that backward recomputes P = exp(S − m)·exp(m − ℓ) from ℓ, which the kernel
+    rounds from its float64 S, so with one key P ≠ 1 and dS ≠ 0 where torch's is exactly 0."""
+    from handgrad.testing.fuzz import check_call
+    from handgrad.testing.fuzz.draw import draw_call
+    assert check_call(draw_call("scaled_dot_product_attention", 334047605903)) == []

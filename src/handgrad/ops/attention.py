@@ -489,7 +489,10 @@ class AttentionFn(HandFunction):
 
     @staticmethod
     def _forward(q, k, v, mask, drop, p, causal, scale, groups):
-        if _kernel_ready(q, k, v, mask, drop, groups, causal) and fast_path():   # small: the compiled kernel
+        # small: the compiled kernel; not for a mask that requires grad, whose backward (the
+        # differentiable path) recomputes P from ℓ: ℓ from its own rounding of S, or P ≠ 1 for one key
+        if (_kernel_ready(q, k, v, mask, drop, groups, causal) and (mask is None or not mask.requires_grad)
+                and fast_path()):
             out = _kernel_forward(q, k, v, mask, drop, p, causal, scale[0] * scale[1] * scale[2])   # S = s_q s_k α·(Q Kᵀ) + M
             if out is not None:
                 return out
