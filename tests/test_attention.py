@@ -409,7 +409,7 @@ def test_sdpa_kernel_equals_the_torch_op_path(kw):
     gradients against the torch-op fast path (kernels off) and the differentiable path, float64,
     with a fully masked row (P = 0, O = 0) and the dropout's keep mask."""
     from handgrad import kernels
-    from handgrad.ops import attention
+    from handgrad.ops import _attention_kernel
     from handgrad.ops.attention import AttentionFn, scale_forms
     if not kernels.enabled():
         pytest.skip("numba does not import here")
@@ -427,7 +427,7 @@ def test_sdpa_kernel_equals_the_torch_op_path(kw):
         mask[3] = -torch.inf                                    # a fully masked row
     elif kw == "dropout-mask":
         drop = torch.rand(*batch, Lq, Sk) > 0.3
-    assert attention._kernel_ready(q, k, v, mask, drop, 1, causal)
+    assert _attention_kernel.kernel_ready(q, k, v, mask, drop, 1, causal)
     fn = lambda q, k, v: AttentionFn.call(q, k, v, mask, drop, 0.3 if drop is not None else 0.0, causal,
                                           scale_forms(0.5, "gemm"), 1)[0]
     torch.manual_seed(1)                                        # (the same G for both)

@@ -16,7 +16,10 @@ computed in float32, as torch's kernels do; each weight P is rounded once (torch
 on the fast path).
 
 Two paths compute the same formulas:
-- the fast path (``fast_path``: grad mode off, outside torch.func, so every forward and every
+- at a small size (``_attention_kernel.KERNEL_WORK``) on CPU float32/float64, with no GQA and no
+  mask that requires grad, the fast path is the compiled kernel (``_attention_kernel``), one call
+  forward and one backward, in float64;
+- else the fast path (``fast_path``: grad mode off, outside torch.func, so every forward and every
   first-order backward), on (n, ·, ·) views of inputs whose batch dims agree, tile by tile
   (``_tiles``: cache-sized; with a causal mask, blocks of ``BLOCK`` query rows over only the keys
   they see), in place in (L × S) workspaces the call owns, the products written into the
@@ -35,11 +38,11 @@ import math
 
 import torch
 
-from .. import kernels
+from ._attention_kernel import kernel_backward, kernel_forward, kernel_ready
 from ._function import HandFunction, fast_path, opmath, own_dtype
 from .dropout import keep_scale
 
-__all__ = ["AttentionFn", "BLOCK", "KERNEL_WORK", "TILE", "scale_forms"]
+__all__ = ["AttentionFn", "BLOCK", "TILE", "scale_forms"]
 
 #: query rows per causal block. The products and exps of a block of rows [r0, r1) run over its
 #: r1 visible keys: with T/BLOCK = n blocks that is (n + 1)/(2n) of the full (T × T) work
@@ -54,12 +57,6 @@ BLOCK = 64
 #: native (causal 0.99×), 2¹⁸ 1.20× (1.04×), and each of the three workspaces half the size.
 TILE = 1 << 17
 
-#: the most multiply-adds n·L·S·(E + Ev) (halved under the causal mask: a row meets only the keys
-#: it sees) for which the fast path is the compiled kernel (kernels/attention.py: one call
-#: forward, one backward, instead of ~10 and ~20 torch calls of 2–5 µs each); above it torch's
-#: GEMMs win. Measured, forward + backward, float32, one thread, kernel against torch ops:
-#: n·L·S·(E+Ev) = 2·8·8·64: 0.56×, 4·16·16·64: 0.75×, 8·16·16·64 (2¹⁷): 0.91×, 4·32·32·64: 1.17×.
-KERNEL_WORK = 1 << 17
 
 def scale_forms(scale: float, form: str) -> tuple[float, float, float]:
     """(s_q, s_k, α): the Function's ``scale`` argument, S = α·((s_q Q)(s_k K)ᵀ) = scale·Q Kᵀ,
@@ -385,80 +382,6 @@ def _fast_backward(q, k, v, G, glse, mask, drop, p, causal, lse, scale, aq, ak, 
     return dQ, dK, dV
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    """t, or a contiguous copy of a strided one (the kernel path runs at small sizes only)."""
-    return t if t.is_contiguous() else t.contiguous()
-
-
-def _kernel_ready(q, k, v, mask, drop, groups: int, causal: bool) -> bool:
-    """Does the compiled kernel take this call: no GQA, one batch layout (a mask broadcasts), at
-    most ``KERNEL_WORK`` multiply-adds per product? Never while compiling (Dynamo would trace
-    ``kernels.usable``'s queries)."""
-    if groups != 1 or torch.compiler.is_compiling():
-        return False
-    qs, ks, vs = q.shape, k.shape, v.shape
-    batch = qs[:-2]
-    return (ks[:-2] == batch and vs[:-2] == batch and (drop is None or drop.shape[:-2] == batch)
-            and q.numel() // max(1, qs[-1]) * ks[-2] * (qs[-1] + vs[-1]) <= KERNEL_WORK * (2 if causal else 1))
-
-
-def _kernel_masks(q, mask, drop, p: float, S: int):
-    """The kernel's M (the float mask; a bool one as 0 / −∞, as ``scores`` reads it) and N = D/(1 − p),
-    each (*, L, S) in Q's dtype, contiguous; None where absent."""
-    shape = (*q.shape[:-1], S)
-    add = keep = None
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            mask = torch.where(mask, 0.0, -math.inf)                 # M: −∞ where a bool mask is False
-        add = _dense((mask if mask.dtype == q.dtype else mask.to(q.dtype)).expand(shape))
-    if drop is not None:
-        keep = _dense(keep_scale(drop, p, q.dtype).expand(shape))    # N
-    return add, keep
-
-
-def _rows(a, n: int):
-    """The (n, ·, ·) view of a kernel operand's numpy array (None stays None)."""
-    return None if a is None else a.reshape(n, a.shape[-2], a.shape[-1])
-
-
-def _kernel_forward(q, k, v, mask, drop, p: float, causal: bool, alpha: float):
-    """O (*, L, Ev), ℓ (*, L) from the kernel (S = alpha·(Q Kᵀ) + M: the scale forms' product, taken
-    in float64), or None where kernels are off."""
-    q, k, v = _dense(q), _dense(k), _dense(v)
-    if not kernels.usable(q, k, v):
-        return None
-    qs, vs = q.shape, v.shape
-    batch, L = qs[:-2], qs[-2]
-    add, keep = (None, None) if mask is None and drop is None else _kernel_masks(q, mask, drop, p, vs[-2])
-    O, lse = q.new_empty((*batch, L, vs[-1])), q.new_empty((*batch, L))
-    qa, ka, va, Ma, Na, Oa, la = kernels.arrays(q, k, v, add, keep, O, lse)
-    if len(batch) != 1:                                          # (n, ·, ·) views
-        n = q.numel() // max(1, L * qs[-1])
-        qa, ka, va, Ma, Na, Oa, la = (_rows(qa, n), _rows(ka, n), _rows(va, n), _rows(Ma, n), _rows(Na, n),
-                                      _rows(Oa, n), la.reshape(n, L))
-    kernels.load("attention").forward(qa, ka, va, Ma, Na, alpha, causal, Oa, la)
-    return O, lse
-
-
-def _kernel_backward(q, k, v, G, mask, drop, p: float, causal: bool, alpha: float, need_q, need_k, need_v):
-    """(∂L/∂Q, ∂L/∂K, ∂L/∂V) from the kernel (``backward``; None where not needed), or None where
-    kernels are off."""
-    q, k, v, G = _dense(q), _dense(k), _dense(v), _dense(G)
-    if not kernels.usable(q, k, v, G):
-        return None
-    qs = q.shape
-    add, keep = (None, None) if mask is None and drop is None else _kernel_masks(q, mask, drop, p, k.shape[-2])
-    dQ = q.new_empty(qs) if need_q else None
-    dK = k.new_empty(k.shape) if need_k else None
-    dV = v.new_empty(v.shape) if need_v else None
-    arrs = kernels.arrays(q, k, v, add, keep, G, dQ, dK, dV)
-    if len(qs) != 3:                                             # (n, ·, ·) views
-        n = q.numel() // max(1, qs[-2] * qs[-1])
-        arrs = [_rows(a, n) for a in arrs]
-    kernels.load("attention").backward(*arrs[:6], alpha, causal, *arrs[6:])
-    return dQ, dK, dV
-
-
 class AttentionFn(HandFunction):
     r"""O = softmax(scale·Q Kᵀ + M) V, with dropout on the weights — equals
     ``torch.nn.functional.scaled_dot_product_attention`` (the dropout mask D given).
@@ -491,9 +414,9 @@ class AttentionFn(HandFunction):
     def _forward(q, k, v, mask, drop, p, causal, scale, groups):
         # small: the compiled kernel; not for a mask that requires grad, whose backward (the
         # differentiable path) recomputes P from ℓ: ℓ from its own rounding of S, or P ≠ 1 for one key
-        if (_kernel_ready(q, k, v, mask, drop, groups, causal) and (mask is None or not mask.requires_grad)
+        if (kernel_ready(q, k, v, mask, drop, groups, causal) and (mask is None or not mask.requires_grad)
                 and fast_path()):
-            out = _kernel_forward(q, k, v, mask, drop, p, causal, scale[0] * scale[1] * scale[2])   # S = s_q s_k α·(Q Kᵀ) + M
+            out = kernel_forward(q, k, v, mask, drop, p, causal, scale[0] * scale[1] * scale[2])   # S = s_q s_k α·(Q Kᵀ) + M
             if out is not None:
                 return out
         dtype = q.dtype
@@ -539,8 +462,8 @@ class AttentionFn(HandFunction):
         q, k, v, mask, drop, lse = ctx.saved_tensors
         g, (sq, sk, scale), p, causal = ctx.groups, ctx.scale, ctx.p, ctx.causal
         need_q, need_k, need_v, need_m = ctx.needs_input_grad[:4]
-        if grad_lse is None and not need_m and _kernel_ready(q, k, v, mask, drop, g, causal) and fast_path(grad_o):
-            grads = _kernel_backward(q, k, v, grad_o, mask, drop, p, causal, sq * sk * scale, need_q, need_k, need_v)
+        if grad_lse is None and not need_m and kernel_ready(q, k, v, mask, drop, g, causal) and fast_path(grad_o):
+            grads = kernel_backward(q, k, v, grad_o, mask, drop, p, causal, sq * sk * scale, need_q, need_k, need_v)
             if grads is not None:
                 return (*grads, None, None, None, None, None, None)
         Q, K, V = _pre(opmath(q), sq), _pre(repeat_heads(opmath(k), g), sk), repeat_heads(opmath(v), g)
