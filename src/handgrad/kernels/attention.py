@@ -70,7 +70,9 @@ def forward(q, k, v, add, keep, alpha, causal, O, lse):
 def backward(q, k, v, add, keep, G, alpha, causal, dQ, dK, dV):
     """With P recomputed row by row, G = ∂L/∂O (n, L, Ev):
     ∂L/∂V_j = Σ_i P_ij N_ij G_i,   dP_ij = (G_i · v_j) N_ij,   dS_ij = P_ij (dP_ij − Σ_j' P_ij' dP_ij'),
-    ∂L/∂Q_i = α·Σ_j dS_ij k_j,   ∂L/∂K_j = α·Σ_i dS_ij q_i.   dQ, dK or dV None: not wanted."""
+    ∂L/∂Q_i = α·Σ_j dS_ij k_j,   ∂L/∂K_j = α·Σ_i dS_ij q_i.   dQ, dK or dV None: not wanted.
+    The row term c is summed in float64: its rounding (eps₆₄·|dP|) is below the outputs' own, so
+    ``grad_scores``' refinement of c (for float32 sums) is not needed here."""
     n, L, E = q.shape[0], q.shape[1], q.shape[2]
     S, Ev = k.shape[1], v.shape[2]
     p = np.empty(S, np.float64)
