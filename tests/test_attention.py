@@ -400,3 +400,50 @@ def test_attention_rounds_the_scale_as_torchs_kernel(call):
     from handgrad.testing.fuzz.draw import draw_call
     op, seed = call.rsplit(":", 1)
     assert check_call(draw_call(op, int(seed))) == []
+
+
+@pytest.mark.parametrize("kw", ["plain", "causal", "causal-more-keys", "bool-mask", "float-mask", "dropout-mask",
+                                "unbatched"])
+def test_sdpa_kernel_equals_the_torch_op_path(kw):
+    """At a small size the fast path is the compiled kernel (kernels/attention.py): its output and
+    gradients against the torch-op fast path (kernels off) and the differentiable path, float64,
+    with a fully masked row (P = 0, O = 0) and the dropout's keep mask."""
+    from handgrad import kernels
+    from handgrad.ops import _attention_kernel
+    from handgrad.ops.attention import AttentionFn, scale_forms
+    if not kernels.enabled():
+        pytest.skip("numba does not import here")
+    torch.manual_seed(0)
+    batch = () if kw == "unbatched" else (2, 3)
+    Lq, Sk = 5, 5 + (3 if kw == "causal-more-keys" else 0)
+    q = torch.randn(*batch, Lq, 4, dtype=D, requires_grad=True)
+    k, v = (torch.randn(*batch, Sk, e, dtype=D, requires_grad=True) for e in (4, 6))
+    mask, drop, causal = None, None, kw.startswith("causal")
+    if kw == "bool-mask":
+        mask = torch.rand(2, 1, Lq, Sk) > 0.3
+        mask[1, 0, 2] = False                                   # a fully masked row
+    elif kw == "float-mask":
+        mask = torch.randn(Lq, Sk, dtype=D)
+        mask[3] = -torch.inf                                    # a fully masked row
+    elif kw == "dropout-mask":
+        drop = torch.rand(*batch, Lq, Sk) > 0.3
+    assert _attention_kernel.kernel_ready(q, k, v, mask, drop, 1, causal)
+    fn = lambda q, k, v: AttentionFn.call(q, k, v, mask, drop, 0.3 if drop is not None else 0.0, causal,
+                                          scale_forms(0.5, "gemm"), 1)[0]
+    torch.manual_seed(1)                                        # (the same G for both)
+    fast, ref = _fast_and_differentiable(fn, (q, k, v))
+    torch.manual_seed(1)
+    with kernels.disabled():
+        torch_ops, _ = _fast_and_differentiable(fn, (q, k, v))
+    for a, b, c in zip(fast, torch_ops, ref):
+        torch.testing.assert_close(a, b, **TOL)
+        torch.testing.assert_close(a, c, **TOL)
+
+
+def test_sdpa_mask_that_requires_grad_keeps_the_torch_op_forward():
+    """The fuzzer's call (seed 3) where the kernel's forward met the differentiable backward (a mask
+    that requires grad): that backward recomputes P = exp(S − m)·exp(m − ℓ) from ℓ, which the kernel
+    rounds from its float64 S, so with one key P ≠ 1 and dS ≠ 0 where torch's is exactly 0."""
+    from handgrad.testing.fuzz import check_call
+    from handgrad.testing.fuzz.draw import draw_call
+    assert check_call(draw_call("scaled_dot_product_attention", 334047605903)) == []

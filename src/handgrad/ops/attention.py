@@ -16,7 +16,10 @@ computed in float32, as torch's kernels do; each weight P is rounded once (torch
 on the fast path).
 
 Two paths compute the same formulas:
-- the fast path (``fast_path``: grad mode off, outside torch.func, so every forward and every
+- at a small size (``_attention_kernel.KERNEL_WORK``) on CPU float32/float64, with no GQA and no
+  mask that requires grad, the fast path is the compiled kernel (``_attention_kernel``), one call
+  forward and one backward, in float64;
+- else the fast path (``fast_path``: grad mode off, outside torch.func, so every forward and every
   first-order backward), on (n, ·, ·) views of inputs whose batch dims agree, tile by tile
   (``_tiles``: cache-sized; with a causal mask, blocks of ``BLOCK`` query rows over only the keys
   they see), in place in (L × S) workspaces the call owns, the products written into the
@@ -35,6 +38,7 @@ import math
 
 import torch
 
+from ._attention_kernel import kernel_backward, kernel_forward, kernel_ready
 from ._function import HandFunction, fast_path, opmath, own_dtype
 from .dropout import keep_scale
 
@@ -52,6 +56,7 @@ BLOCK = 64
 #: products spent half their time waiting on memory). At B·H = 64, T = 256, float32: 2¹⁷ 1.16×
 #: native (causal 0.99×), 2¹⁸ 1.20× (1.04×), and each of the three workspaces half the size.
 TILE = 1 << 17
+
 
 def scale_forms(scale: float, form: str) -> tuple[float, float, float]:
     """(s_q, s_k, α): the Function's ``scale`` argument, S = α·((s_q Q)(s_k K)ᵀ) = scale·Q Kᵀ,
@@ -407,6 +412,13 @@ class AttentionFn(HandFunction):
 
     @staticmethod
     def _forward(q, k, v, mask, drop, p, causal, scale, groups):
+        # small: the compiled kernel; not for a mask that requires grad, whose backward (the
+        # differentiable path) recomputes P from ℓ: ℓ from its own rounding of S, or P ≠ 1 for one key
+        if (kernel_ready(q, k, v, mask, drop, groups, causal) and (mask is None or not mask.requires_grad)
+                and fast_path()):
+            out = kernel_forward(q, k, v, mask, drop, p, causal, scale[0] * scale[1] * scale[2])   # S = s_q s_k α·(Q Kᵀ) + M
+            if out is not None:
+                return out
         dtype = q.dtype
         q, k, v = opmath(q), repeat_heads(opmath(k), groups), repeat_heads(opmath(v), groups)
         sq, sk, scale = scale
@@ -450,6 +462,10 @@ class AttentionFn(HandFunction):
         q, k, v, mask, drop, lse = ctx.saved_tensors
         g, (sq, sk, scale), p, causal = ctx.groups, ctx.scale, ctx.p, ctx.causal
         need_q, need_k, need_v, need_m = ctx.needs_input_grad[:4]
+        if grad_lse is None and not need_m and kernel_ready(q, k, v, mask, drop, g, causal) and fast_path(grad_o):
+            grads = kernel_backward(q, k, v, grad_o, mask, drop, p, causal, sq * sk * scale, need_q, need_k, need_v)
+            if grads is not None:
+                return (*grads, None, None, None, None, None, None)
         Q, K, V = _pre(opmath(q), sq), _pre(repeat_heads(opmath(k), g), sk), repeat_heads(opmath(v), g)
         aq, ak = scale * sq, scale * sk                                      # ∂S/∂Q = α s_q K, ∂S/∂K = α s_k Q
         G = opmath(grad_o)                                                   # (*, L, Ev)

@@ -11,8 +11,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as TF
 
+from .. import kernels
 from .._compat import functorch_transforms_active
 from ._function import HandFunction, fast_path, opmath, own_dtype
+
+
+def _kernel_ok(*tensors) -> bool:
+    """May these go to a kernel (``kernels.usable``; never while compiling: Dynamo would trace the
+    question)?"""
+    return not torch.compiler.is_compiling() and kernels.usable(*tensors)
 
 
 # --- average pooling: Y = A_h X A_wᵀ ----------------------------------------------------------
@@ -26,7 +33,9 @@ def window_matrix(start: torch.Tensor, end: torch.Tensor, size: int, divisor: to
     return inside.to(opmath(like).dtype) / divisor[:, None].to(opmath(like).dtype)
 
 
-_MATRICES: dict = {}     # (kind, sizes…, dtype, device) → A: constants, never written to
+_MATRICES: dict = {}     # (build, sizes…, dtype, device) → A: constants, never written to
+_PLAIN = (int, bool, type(None))
+_LOW = (torch.float16, torch.bfloat16)
 
 
 def _memo(build):
@@ -37,9 +46,13 @@ def _memo(build):
 
     def cached(*args):
         *sizes, like = args
-        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or not all(isinstance(v, (int, bool, type(None))) for v in sizes):
+        for v in sizes:                          # a tensor-valued size is never a key
+            if type(v) not in _PLAIN:
+                return build(*args)
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
             return build(*args)
-        key = (build.__name__, *sizes, opmath(like).dtype, like.device)
+        dtype = like.dtype
+        key = (build, *sizes, torch.float32 if dtype in _LOW else dtype, like.device)   # (opmath's dtype)
         A = _MATRICES.get(key)
         if A is None:
             if len(_MATRICES) >= 256:
@@ -169,8 +182,9 @@ class AvgPool2dFn(HandFunction):
     semantics for what lies outside the window); the backward never calls its backward. G = ∂L/∂Y:
         ∂L/∂X = A_hᵀ G A_w        (N, C, H, W)   (SeparablePoolFn on the transposes)
     where the windows tile X (stride = kernel, no padding, k | H and k | W) every entry of A is the
-    same a, and A_hᵀ G A_w is G[⌊h/k_h⌋, ⌊w/k_w⌋] · a_h a_w: G scaled once, each entry repeated
-    k_h × k_w times (the fast path: one pass instead of two products).
+    same a (a_h a_w = 1/(k_h k_w), or 1/divisor_override), and A_hᵀ G A_w is G[⌊h/k_h⌋, ⌊w/k_w⌋] · a_h a_w:
+    G scaled once, each entry repeated k_h × k_w times (the fast path: one pass instead of two
+    products; kernels/pool.py ``tile_backward`` on CPU float32/float64).
     Forward mode: Ẏ = A_h Ẋ A_wᵀ.
     Derivation: docs/derivation.md#pooling
     """
@@ -188,21 +202,31 @@ class AvgPool2dFn(HandFunction):
         ctx.save_for_backward(a_h, a_w)
         ctx.save_for_forward(a_h, a_w)
         (H, W), (H_out, W_out) = x.shape[2:], output.shape[2:]
-        ctx.opts, ctx.tiles = opts, (opts.stride == opts.kernel_size and opts.padding == (0, 0)
-                                     and (H, W) == (H_out * opts.kernel_size[0], W_out * opts.kernel_size[1]))
+        (k_h, k_w), o = opts.kernel_size, opts
+        ctx.opts = opts
+        # the windows tile X: a_h a_w = 1/(k_h k_w), or 1/divisor_override (avg_pool_matrix's entries)
+        tiles = o.stride == o.kernel_size and o.padding == (0, 0) and H == H_out * k_h and W == W_out * k_w
+        ctx.tile = (1.0 / (o.divisor_override or k_h * k_w)) if tiles else None
 
     @staticmethod
     def backward(ctx, grad_y):
-        a_h, a_w = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        if ctx.tiles and fast_path(grad_y):                                # nothing records it: one pass
+        if ctx.tile is not None and fast_path(grad_y):                     # nothing records it: one pass
             N, C, H_out, W_out = grad_y.shape
             k_h, k_w = ctx.opts.kernel_size
-            g = (opmath(grad_y) * (a_h[0, 0] * a_w[0, 0])).to(grad_y.dtype)  # G a_h a_w
-            grad_x = g[:, :, :, None, :, None].expand(N, C, H_out, k_h, W_out, k_w).reshape(
-                N, C, H_out * k_h, W_out * k_w)                                # G[⌊h/k_h⌋, ⌊w/k_w⌋] a_h a_w
+            grad_x = grad_y.new_empty((N, C, H_out * k_h, W_out * k_w))
+            if _kernel_ok(grad_y, grad_x):
+                g, out = kernels.arrays(grad_y, grad_x)
+                kernels.load("pool").tile_backward(g, ctx.tile, k_h, k_w, out)   # G[⌊h/k_h⌋, ⌊w/k_w⌋] a_h a_w
+            else:
+                g = opmath(grad_y) * ctx.tile                              # G a_h a_w
+                if g.dtype != grad_y.dtype:
+                    g = g.to(grad_y.dtype)
+                grad_x = g.view(N, C, H_out, 1, W_out, 1).expand(N, C, H_out, k_h, W_out, k_w).reshape(
+                    N, C, H_out * k_h, W_out * k_w)                            # G[⌊h/k_h⌋, ⌊w/k_w⌋] a_h a_w
         else:
+            a_h, a_w = ctx.saved_tensors
             grad_x = SeparablePoolFn.call(grad_y, a_h.mT, a_w.mT)         # A_hᵀ G A_w
         return grad_x, None, None, None
 

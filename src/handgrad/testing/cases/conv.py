@@ -127,6 +127,11 @@ CASES = [
            _pool(kernel_size=(3, 2), stride=2, padding=1, ceil_mode=True, count_include_pad=False), shapes=_2D[:1]),
     OpCase("avg_pool2d[divisor_override=5]", F.avg_pool2d, TF.avg_pool2d,
            _pool(kernel_size=3, stride=(2, 1), padding=(1, 0), divisor_override=5), shapes=_2D[:1]),
+    # windows that tile the input (stride = kernel, no padding, k | H, W): the backward's one-pass fast path
+    OpCase("avg_pool2d[tiles]", F.avg_pool2d, TF.avg_pool2d, _pool(kernel_size=(2, 3)),
+           shapes=((2, 3, 8, 6), (3, 4, 6), (0, 3, 4, 6))),
+    OpCase("avg_pool2d[tiles,divisor_override=5]", F.avg_pool2d, TF.avg_pool2d, _pool(kernel_size=2, divisor_override=5),
+           shapes=((2, 3, 8, 6),)),
     OpCase("adaptive_avg_pool2d", F.adaptive_avg_pool2d, TF.adaptive_avg_pool2d, _pool(output_size=(3, 4)), shapes=_2D,
            bad_inputs=_BAD_ADAPTIVE),
     # windows that overlap (H = 7 → 3) and an output larger than the input (6 → 9)
