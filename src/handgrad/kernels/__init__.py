@@ -72,7 +72,7 @@ def usable(*tensors: torch.Tensor | None) -> bool:
     contiguous CPU float32/float64 tensors of one dtype, values readable (not a compile trace or
     a fake tensor), kernels enabled, and torch would run the op on one thread (see the module
     docstring)."""
-    if _off[0]:
+    if _off[0] or not values_readable():   # first: Dynamo's strict mode refuses even t.is_conj()
         return False
     dtype, big = None, False
     for t in tensors:
@@ -82,8 +82,7 @@ def usable(*tensors: torch.Tensor | None) -> bool:
                 or not t.is_contiguous() or t.is_conj() or t.is_neg()):
             return False
         dtype, big = t.dtype, big or t.numel() >= GRAIN
-    return (dtype is not None and (not big or torch.get_num_threads() == 1) and values_readable()
-            and _numba() is not None)
+    return dtype is not None and (not big or torch.get_num_threads() == 1) and _numba() is not None
 
 
 def arrays(*tensors: torch.Tensor | None):
