@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernel
+from ._exp import exp
 
 
 @kernel
@@ -36,13 +37,14 @@ def _row_scales(y, w, g, ignore_index, mean, ghat, a, col):
 
 
 @kernel
-def cross_entropy_grad_(P, y, w, g, ignore_index, mean, eps):
-    """P ← ∂L/∂X = ĝ ⊙ (P ⊙ (Q 1) − Q) in place, P = softmax(X) given, with c_i = (1−ε) a_i,
-    s_i = (ε/C) keep_i, Σw = Σ_c w_c (C without a weight):
+def cross_entropy_grad(logp, y, w, g, ignore_index, mean, eps, out):
+    """out = ∂L/∂X = ĝ ⊙ (P ⊙ (Q 1) − Q), P = exp(log p), with c_i = (1−ε) a_i, s_i = (ε/C) keep_i,
+    Σw = Σ_c w_c (C without a weight):
         ĝ_i [(c_i + s_i Σw)(P_i − e_{y_i}) + s_i (Σw e_{y_i} − w)]
     p_{i,y_i} − 1 taken as −Σ_{j≠y_i} p_ij (the same number, Σ p = 1; a sum of small terms where
-    p_y ≈ 1, no cancellation). Per row: pass 1 that sum, pass 2 the scaling, then the y_i entry."""
-    M, C = P.shape
+    p_y ≈ 1, no cancellation). Per row: pass 1 P into ``out`` and that sum, pass 2 the scaling in
+    place, then the y_i entry."""
+    M, C = logp.shape
     ghat, a, col = np.empty(M, np.float64), np.empty(M, np.float64), np.empty(M, np.int64)
     _row_scales(y, w, g, ignore_index, mean, ghat, a, col)
     wsum = 0.0
@@ -56,34 +58,36 @@ def cross_entropy_grad_(P, y, w, g, ignore_index, mean, eps):
         gc = (1.0 - eps) * ghat[i] * a[i]                              # ĝ_i c_i
         gs = ghat[i] * (eps / C) if y[i] != ignore_index else 0.0      # ĝ_i s_i
         u = gc + gs * wsum                                             # ĝ_i (c_i + s_i Σw)
-        p_y = np.float64(P[i, yi])
         r = 0.0
-        for j in range(yi):                                            # Σ_{j≠y} p_ij: below y, then above
-            r += np.float64(P[i, j])
+        for j in range(yi):                                            # P, and Σ_{j≠y} p_ij: below y, then above
+            p = exp(logp[i, j])
+            out[i, j] = p
+            r += p
         for j in range(yi + 1, C):
-            r += np.float64(P[i, j])
+            p = exp(logp[i, j])
+            out[i, j] = p
+            r += p
+        p_y = exp(logp[i, yi])
         if eps == 0.0:
             for j in range(C):                                         # ĝ_i c_i p_ij
-                P[i, j] = u * np.float64(P[i, j])
+                out[i, j] = u * np.float64(out[i, j])
         elif w is None:
             for j in range(C):                                         # ĝ_i [(c_i + s_i Σw) p_ij − s_i]
-                P[i, j] = u * np.float64(P[i, j]) - gs
+                out[i, j] = u * np.float64(out[i, j]) - gs
         else:
             for j in range(C):                                         # ĝ_i [(c_i + s_i Σw) p_ij − s_i w_j]
-                P[i, j] = u * np.float64(P[i, j]) - gs * np.float64(w[j])
+                out[i, j] = u * np.float64(out[i, j]) - gs * np.float64(w[j])
         w_y = 1.0 if w is None else np.float64(w[yi])
         # at y: ĝ_i [(c_i + s_i Σw)(p_y − 1) + s_i (Σw − w_y)]; the + 0·p_y·u keeps a nan p_y (an
         # infinite logit) or an infinite u (class weight) undefined, as torch's p_y·u − u is
-        P[i, yi] = u * (0.0 * p_y * u - r) + gs * (wsum - w_y)
+        out[i, yi] = u * (0.0 * p_y * u - r) + gs * (wsum - w_y)
 
 
 @kernel
-def nll_grad(y, w, g, ignore_index, mean, out):
-    """out = −(ĝ ⊙ a) ⊙ E_y (M, C), E_y the one-hot rows of y: per row zeros, then −ĝ_i a_i at y_i."""
-    M, C = out.shape
+def nll_grad_(y, w, g, ignore_index, mean, out):
+    """out = −(ĝ ⊙ a) ⊙ E_y (M, C), E_y the one-hot rows of y, into zeros: −ĝ_i a_i at (i, y_i)."""
+    M = out.shape[0]
     ghat, a, col = np.empty(M, np.float64), np.empty(M, np.float64), np.empty(M, np.int64)
     _row_scales(y, w, g, ignore_index, mean, ghat, a, col)
     for i in range(M):
-        for j in range(C):
-            out[i, j] = 0.0
         out[i, col[i]] = -(ghat[i] * a[i])                             # −ĝ_i a_i

@@ -26,8 +26,7 @@ from .. import kernels
 from .._compat import forward_ad_active, functorch_transforms_active, is_functorch_wrapped
 from ._function import HandFunction, fast_path, opmath
 from ._function import accurate_sum as _sum
-from .activations import exp
-from .softmax import _EXP2_FROM, log_softmax_jvp, log_softmax_rows, log_softmax_vjp
+from .softmax import log_softmax_jvp, log_softmax_rows, log_softmax_vjp
 
 
 def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -435,13 +434,12 @@ class CrossEntropyFn(HandFunction):
         fast = g_logp is None and fast_path(g)                           # R and ∂L/∂X: one buffer
         if g is not None and need_x and fast and not opts.probs and logp.shape[1] and (
                 not opts.label_smoothing or not _nonfinite(w)) and kernels.usable(logp, g, w):
-            # the compiled kernel (kernels/losses.py): ĝ ⊙ (P ⊙ (Q 1) − Q) in P's buffer, one row pass,
-            # p_y − 1 as −Σ_{j≠y} p_j (torch's log p, as below); smoothing too, for a finite class weight
-            P = logp.exp() if logp.numel() < _EXP2_FROM else exp(logp)   # P = exp(log p)    (M, C)
+            # the compiled kernel (kernels/losses.py): ĝ ⊙ (P ⊙ (Q 1) − Q), one row pass, p_y − 1 as
+            # −Σ_{j≠y} p_j (torch's log p, as below); smoothing too, for a finite class weight
+            gx = torch.empty_like(logp)                                   # (M, C)
             y = target if target.is_contiguous() else target.contiguous()
-            kernels.load("losses").cross_entropy_grad_(*kernels.arrays(P, y, w, g), opts.ignore_index,
-                                                       opts.reduction == "mean", float(opts.label_smoothing))
-            gx = P                                                        # ĝ ⊙ (P (Q 1) − Q)
+            kernels.load("losses").cross_entropy_grad(*kernels.arrays(logp, y, w, g), opts.ignore_index,
+                                                      opts.reduction == "mean", float(opts.label_smoothing), gx.numpy())
         elif g is not None and need_x and fast and not opts.probs and not opts.label_smoothing and logp.shape[1]:
             # log p is torch's here (the forward's kernel), whose log p_y rounds at the scale of
             # 1 where p_y ≈ 1, so p_y − 1 is taken as −Σ_{j≠y} p_j (the same number, Σ p = 1):
@@ -541,11 +539,11 @@ class NLLLossFn(HandFunction):
             return None, None, None, None
         y, w = ctx.saved_tensors
         if ctx.x_shape[1] and fast_path(g) and g.dtype == ctx.x_dtype and kernels.usable(g, w):
-            # the compiled kernel (kernels/losses.py): zeros and −ĝ_i a_i at (i, y_i), one pass
-            gx = torch.empty(ctx.x_shape, dtype=g.dtype)                  # (M, C)
+            # the compiled kernel (kernels/losses.py): −ĝ_i a_i at (i, y_i) into zeros, one pass over y
+            gx = torch.zeros(ctx.x_shape, dtype=g.dtype)                  # (M, C)
             y = y if y.is_contiguous() else y.contiguous()
-            kernels.load("losses").nll_grad(*kernels.arrays(y, w, g), ctx.opts.ignore_index,
-                                            ctx.opts.reduction == "mean", gx.numpy())
+            kernels.load("losses").nll_grad_(*kernels.arrays(y, w, g), ctx.opts.ignore_index,
+                                             ctx.opts.reduction == "mean", gx.numpy())
             return gx, None, None, None                                   # −(ĝ ⊙ a) ⊙ E_y
         if w is None and ctx.x_shape[1] and fast_path(g):                # a_i = keep_i; in place on fresh buffers
             sa, col = fast_index_scale(opmath(g), y.unsqueeze(1), ctx.x_shape[1], ctx.opts)   # ĝ ⊙ a, y   (M, 1)
