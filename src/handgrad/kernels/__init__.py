@@ -78,7 +78,7 @@ def usable(*tensors: torch.Tensor | None) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if (type(t) not in _TENSORS or t.device.type != "cpu" or t.dtype not in _FLOATS or (dtype is not None and t.dtype != dtype)
+        if (type(t) not in _TENSORS or not t.is_cpu or t.dtype not in _FLOATS or (dtype is not None and t.dtype != dtype)
                 or not t.is_contiguous() or t.is_conj() or t.is_neg()):
             return False
         dtype, big = t.dtype, big or t.numel() >= GRAIN
@@ -87,7 +87,7 @@ def usable(*tensors: torch.Tensor | None) -> bool:
 
 def arrays(*tensors: torch.Tensor | None):
     """The numpy views (no copy) a kernel takes; None stays None."""
-    return tuple(None if t is None else t.detach().numpy() for t in tensors)
+    return tuple(None if t is None else t.detach().numpy() if t.requires_grad else t.numpy() for t in tensors)
 
 
 @functools.cache
