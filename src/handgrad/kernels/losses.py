@@ -57,7 +57,8 @@ def cross_entropy_grad(logp, y, w, g, ignore_index, mean, eps, out):
         yi = col[i]
         gc = (1.0 - eps) * ghat[i] * a[i]                              # ĝ_i c_i
         gs = ghat[i] * (eps / C) if y[i] != ignore_index else 0.0      # ĝ_i s_i
-        u = gc + gs * wsum                                             # ĝ_i (c_i + s_i Σw)
+        # ĝ_i (c_i + s_i Σw); without smoothing no Σw term at all (0·Σw is nan for an infinite weight)
+        u = gc + gs * wsum if eps != 0.0 else gc
         r = 0.0
         for j in range(yi):                                            # P, and Σ_{j≠y} p_ij: below y, then above
             p = exp(logp[i, j])
@@ -77,10 +78,11 @@ def cross_entropy_grad(logp, y, w, g, ignore_index, mean, eps, out):
         else:
             for j in range(C):                                         # ĝ_i [(c_i + s_i Σw) p_ij − s_i w_j]
                 out[i, j] = u * np.float64(out[i, j]) - gs * np.float64(w[j])
-        w_y = 1.0 if w is None else np.float64(w[yi])
         # at y: ĝ_i [(c_i + s_i Σw)(p_y − 1) + s_i (Σw − w_y)]; the + 0·p_y·u keeps a nan p_y (an
         # infinite logit) or an infinite u (class weight) undefined, as torch's p_y·u − u is
-        out[i, yi] = u * (0.0 * p_y * u - r) + gs * (wsum - w_y)
+        out[i, yi] = u * (0.0 * p_y * u - r)
+        if eps != 0.0:
+            out[i, yi] += gs * (wsum - (1.0 if w is None else np.float64(w[yi])))
 
 
 @kernel

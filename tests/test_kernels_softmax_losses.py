@@ -1,7 +1,8 @@
-"""The compiled softmax and log-softmax backward (``handgrad.kernels.softmax``), taken from
-``ops.softmax.KERNEL_FROM`` elements: above the registry's shapes, so tests/test_fast_paths.py
-never reaches it. Here: its gradient against torch's autograd on shapes above the threshold,
-with kernels on and off, including rows with −inf logits and a dominant class."""
+"""The compiled kernels of softmax and the losses (``handgrad.kernels.softmax``, ``.losses``) where
+tests/test_fast_paths.py does not reach them: the softmax backward, taken from
+``ops.softmax.KERNEL_FROM`` elements (above the registry's shapes), against torch's autograd with
+kernels on and off, including rows with −inf logits and a dominant class; the cross entropy's
+backward with a non-finite class weight beside ignored rows."""
 from __future__ import annotations
 
 import contextlib
@@ -37,3 +38,23 @@ def test_softmax_backward_above_kernel_threshold(name, shape, dtype, mode):
     with kernels.disabled() if mode == "torch-ops" else contextlib.nullcontext():
         ours, = torch.autograd.grad(getattr(F, name)(x, -1), x, g)
     torch.testing.assert_close(ours, ref, equal_nan=True, **TOL[dtype])
+
+
+@pytest.mark.parametrize("mode", ["kernels", "torch-ops"])
+@pytest.mark.parametrize("bad", [float("nan"), -float("inf"), float("inf")])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_nonfinite_weight_beside_ignored_rows(reduction, bad, mode):
+    """An ignored row's gradient is exactly 0 whatever the class weight holds (torch never
+    touches it); the kept rows' nan/inf are torch's (fuzzer seeds 1 and 2, cross_entropy)."""
+    if mode == "kernels" and not kernels.enabled():
+        pytest.skip("numba does not import here")
+    torch.manual_seed(0)
+    x = (torch.randn(4, 3) * 5).requires_grad_()
+    t = torch.tensor([0, -100, 1, -100])
+    w = torch.tensor([0.5, 1.0, bad])
+    g = torch.randn(4) if reduction == "none" else torch.tensor(1.0)
+    ref, = torch.autograd.grad(torch.nn.functional.cross_entropy(x, t, weight=w, reduction=reduction), x, g)
+    with kernels.disabled() if mode == "torch-ops" else contextlib.nullcontext():
+        ours, = torch.autograd.grad(F.cross_entropy(x, t, weight=w, reduction=reduction), x, g)
+    torch.testing.assert_close(ours, ref, equal_nan=True)
+    assert (ours[1] == 0).all() and (ours[3] == 0).all()
