@@ -40,7 +40,7 @@ def _row_scales(y, w, g, ignore_index, mean, ghat, a, col):
 def cross_entropy_grad(logp, y, w, g, ignore_index, mean, eps, out):
     """out = ∂L/∂X = ĝ ⊙ (P ⊙ (Q 1) − Q), P = exp(log p), with c_i = (1−ε) a_i, s_i = (ε/C) keep_i,
     Σw = Σ_c w_c (C without a weight):
-        ĝ_i [(c_i + s_i Σw)(P_i − e_{y_i}) + s_i (Σw e_{y_i} − w)]
+        ĝ_i [c_i (P_i − e_{y_i}) + s_i (Σw P_i − w)]
     p_{i,y_i} − 1 taken as −Σ_{j≠y_i} p_ij (the same number, Σ p = 1; a sum of small terms where
     p_y ≈ 1, no cancellation). Per row: pass 1 P into ``out`` and that sum, pass 2 the scaling in
     place, then the y_i entry."""
@@ -78,11 +78,13 @@ def cross_entropy_grad(logp, y, w, g, ignore_index, mean, eps, out):
         else:
             for j in range(C):                                         # ĝ_i [(c_i + s_i Σw) p_ij − s_i w_j]
                 out[i, j] = u * np.float64(out[i, j]) - gs * np.float64(w[j])
-        # at y: ĝ_i [(c_i + s_i Σw)(p_y − 1) + s_i (Σw − w_y)]; the + 0·p_y·u keeps a nan p_y (an
-        # infinite logit) or an infinite u (class weight) undefined, as torch's p_y·u − u is
-        out[i, yi] = u * (0.0 * p_y * u - r)
+        # at y: ĝ_i [c_i (p_y − 1) + s_i (Σw p_y − w_y)], each part without cancellation: p_y − 1 as
+        # −Σ_{j≠y} p_j where p_y ≈ 1, Σw p_y − w_y where smoothing dominates (ε = 1: p_y − 1/C, as
+        # torch's). The + 0·p_y·u keeps a nan p_y (an infinite logit) or an infinite u (class
+        # weight) undefined, as torch's p_y·u − u is
+        out[i, yi] = gc * (0.0 * p_y * u - r)
         if eps != 0.0:
-            out[i, yi] += gs * (wsum - (1.0 if w is None else np.float64(w[yi])))
+            out[i, yi] += gs * (wsum * p_y - (1.0 if w is None else np.float64(w[yi])))
 
 
 @kernel
