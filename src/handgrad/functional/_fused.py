@@ -153,7 +153,7 @@ def _small_call(input, linear_weight, target, linear_bias, weight, reduction, ig
     if not (linear_weight.dim() == 2 and type(input) is torch.Tensor and input.dim() == 2
             and linear_weight.shape[1] == input.shape[1] and linear_weight.dtype == input.dtype
             and input.shape[0] * linear_weight.shape[0] <= _UNCHUNKED
-            and (linear_bias is None or (type(linear_bias) is torch.Tensor and linear_bias.dim() == 1
+            and (linear_bias is None or (isinstance(linear_bias, torch.Tensor) and linear_bias.dim() == 1
                                          and linear_bias.shape[0] == linear_weight.shape[0]
                                          and linear_bias.dtype == input.dtype))):
         return None
@@ -180,7 +180,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     Shapes: input (D,) or (N, D); linear_weight (C, D) or (C, d1, …, dK, D); linear_bias (C, d1, …);
     target as ``cross_entropy``'s for logits (N, C, d1, …) (or (C,) unbatched)."""
     fn = "linear_cross_entropy"
-    if options is None and chunk_size is None and type(linear_weight) is torch.Tensor:
+    if options is None and chunk_size is None and isinstance(linear_weight, torch.Tensor):   # (a Parameter too)
         # The common small call, in one cheap test (it runs every step): logits (N, C) of at most
         # _UNCHUNKED values, nothing to chunk, so torch's reference path as below (linear, then
         # cross_entropy) with every check passed: (8, 64) into 512 classes, 150 → 60 µs a call

@@ -73,7 +73,7 @@ def log_softmax_rows(X: torch.Tensor, inplace: bool = False, accurate: bool = Tr
 # kernel, not a backward one): the formulas take five passes and five calls (6–9 µs more per call
 # at (8, 64), 1.2–1.5× the time at (4096, 512)). The backward is the hand-derived product below
 # in fewer passes, along the last dim only: there row sums accumulate in the tensor's own dtype,
-# as torch's CPU kernels do; along another dim torch sums in double, and so there the formulas'
+# as torch's CPU kernels do (in float64 in the compiled row pass); along another dim torch sums in double, and so there the formulas'
 # float64 sums run (float32 ones measured a few eps of the row scale worse than torch on (64, 13)
 # columns, tests/test_softmax_norms.py).
 
