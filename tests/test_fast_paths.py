@@ -34,7 +34,7 @@ from handgrad.testing.tolerances import EXACT_ATOL, EXACT_RTOL
 FAST = ("softmax", "log_softmax", "layer_norm", "batch_norm", "group_norm", "rms_norm", "cross_entropy", "nll_loss", "mse_loss",
         "half_squared_error", "binary_cross_entropy_with_logits", "embedding", "conv1d", "conv2d",
         "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "scaled_dot_product_attention",
-        "multi_head_attention_forward")
+        "multi_head_attention_forward", "linear_cross_entropy")
 
 
 def _cases():
