@@ -35,7 +35,7 @@ FAST = ("softmax", "log_softmax", "layer_norm", "batch_norm", "group_norm", "rms
         "half_squared_error", "binary_cross_entropy_with_logits", "embedding", "conv1d", "conv2d",
         "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "scaled_dot_product_attention",
         "multi_head_attention_forward", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "silu", "softplus",
-        "linear_act", "mlp")
+        "linear_act", "mlp", "linear_cross_entropy")
 
 
 def _cases():

