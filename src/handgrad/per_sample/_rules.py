@@ -22,7 +22,7 @@ from ..ops._function import opmath
 from ..ops.normalize import Norm
 from ..ops.normalize import _xhat as norm_xhat
 from ..ops.norms import normalize as layer_norm_xhat
-from ._formulas import affine, conv_weight, rows, scaled, sq, summed
+from ._formulas import affine, conv_cols, conv_weight, rows, scaled, summed
 
 __all__ = ["Part", "RULES", "rule_for", "refusal", "projection_parts"]
 
@@ -68,9 +68,10 @@ def _linear(m, x, G, grads):
 
 def _conv(m, x, G, grads):
     r"""Yₙ = W_col Xₙ,col + b: the affine rule over the L output positions, one affine map per
-    group. ∂Cⁿ/∂W is formed by ``conv_weight`` (no im2col matrix); its norm takes the Gram form of
-    ``affine`` on the unfolded patches Xₙ,col (im2col, ``torch.nn.functional.unfold``) when
-    L² ≤ (C_in/g·|k|)·(C_out/g), the smaller intermediate (Opacus's "mixed ghost" choice)."""
+    group, on the patches Xₙ,col (``conv_cols``, a chunk of samples at a time). ∂Cⁿ/∂W is formed by
+    ``conv_weight`` (with ``grads=False`` only its norm is kept), or its norm takes the Gram form of
+    ``affine`` when L² ≤ (C_in/g·|k|)·(C_out/g), the smaller intermediate (Opacus's "mixed ghost"
+    choice)."""
     d = len(m.kernel_size)
     N = _sample_first(type(m).__name__, x, d + 2)
     if x.dim() != d + 2:
@@ -84,22 +85,20 @@ def _conv(m, x, G, grads):
         pad = (0,) * d
     g, C_out = m.groups, m.out_channels
     L, K = G.shape[2:].numel(), m.weight.shape[1:].numel()            # positions; C_in/g · |k|
+    conv = (tuple(m.kernel_size), tuple(m.stride), pad, tuple(m.dilation))
     parts = []
     if _wanted(m.weight):
         if grads or L * L > K * (C_out // g):
-            gw = conv_weight(x, G, tuple(m.kernel_size), tuple(m.stride), pad, tuple(m.dilation), g)
-            gw = gw.view(N, *m.weight.shape)                                    # (N, C_out, C_in/g, *k)
-            parts.append(Part(m.weight, gw, None) if grads else Part(m.weight, None, sq(gw)))
+            gw, sq_w = conv_weight(x, G, *conv, g, grads)                       # (N, C_out, C_in/g, *k) or (N,)
+            parts.append(Part(m.weight, gw, sq_w))
         else:
-            if d == 1:                                                          # conv1d as a 1 × k conv2d
-                cols = TF.unfold(x.unsqueeze(2), (1, *m.kernel_size), dilation=(1, *m.dilation),
-                                 padding=(0, *pad), stride=(1, *m.stride))
-            else:
-                cols = TF.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)  # (N, C_in·k, L)
-            X = cols.view(N * g, K, L).mT                                       # (N·g, L, C_in/g · k)
-            D = G.reshape(N * g, C_out // g, L).mT                              # (N·g, L, C_out/g)
-            _, sq_w = affine(X, D, False)                                       # per (sample, group)
-            parts.append(Part(m.weight, None, sq_w.view(N, g).sum(1)))
+            sq_w = G.new_empty(N, dtype=torch.promote_types(x.dtype, G.dtype))
+            Dg = G.reshape(N, g, C_out // g, L)                                 # (N, g, C_out/g, L)
+            for a, b, cols in conv_cols(x.to(sq_w.dtype), *conv, tuple(G.shape[2:])):
+                X = cols.view((b - a) * g, K, L).mT                             # (n·g, L, C_in/g · k)
+                D = Dg[a:b].reshape((b - a) * g, C_out // g, L).mT.to(X.dtype)  # (n·g, L, C_out/g)
+                sq_w[a:b] = affine(X, D, False)[1].view(b - a, g).sum(1)        # per (sample, group), summed
+            parts.append(Part(m.weight, None, sq_w))
     if _wanted(m.bias):
         gb, sq_b = summed(G.reshape(N, C_out, L).mT, grads)                     # Δ (N, L, C_out)
         parts.append(Part(m.bias, gb, sq_b))
