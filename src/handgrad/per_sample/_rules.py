@@ -10,6 +10,7 @@ normalisation is not written again here. ``RULES`` is the table;
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,12 +18,13 @@ import torch
 import torch.nn.functional as TF
 
 from .. import functional as F
+from .. import kernels
 from .. import nn as hnn
-from ..ops._function import opmath
+from ..ops._function import fast_path, opmath
 from ..ops.normalize import Norm
 from ..ops.normalize import _xhat as norm_xhat
 from ..ops.norms import normalize as layer_norm_xhat
-from ._formulas import affine, conv_cols, conv_weight, rows, scaled, summed
+from ._formulas import affine, conv_cols, conv_weight, rows, scaled, sq, summed
 
 __all__ = ["Part", "RULES", "rule_for", "refusal", "projection_parts"]
 
@@ -109,9 +111,32 @@ def _norm_parts(m, weight, bias, xhat, G, dims):
     return [Part(p, *scaled(xh, G, dims)) for p, xh in ((weight, xhat), (bias, None)) if _wanted(p)]
 
 
+def _kernel_norm_parts(family_fn, weight, bias, x3, G3, shape, *args):
+    """The norm layers' Parts from a kernel of kernels/per_sample.py (the same ∂Cⁿ/∂w = Σ (G ⊙ x̂)ₙ,
+    ∂Cⁿ/∂b = Σ Gₙ as ``scaled``, in two passes), or None where the kernel cannot take x3, G3
+    (not on the fast path, or not contiguous float32/float64 CPU tensors of one dtype)."""
+    if not (fast_path() and kernels.usable(x3, G3)):
+        return None
+    N = x3.shape[0]
+    gw = x3.new_empty((N, x3.shape[1] if family_fn == "group_norm_terms" else x3.shape[2]), dtype=torch.float64)
+    gb = torch.empty_like(gw)
+    getattr(kernels.load("per_sample"), family_fn)(*kernels.arrays(x3, G3), *args, *kernels.arrays(gw, gb))
+    parts = []
+    for p, g in ((weight, gw), (bias, gb)):
+        if _wanted(p):
+            parts.append(Part(p, g.to(x3.dtype).view(N, *shape), sq(g).to(x3.dtype)))   # ‖gₙ‖² of the float64 sums
+    return parts
+
+
 def _layer_norm(m, x, G, grads):
     K = len(m.normalized_shape)
     _sample_first("LayerNorm", x, K + 1)
+    if x.dtype == G.dtype and (_wanted(m.weight) or _wanted(m.bias)):
+        N, T, D = x.shape[0], math.prod(x.shape[1:x.dim() - K]), math.prod(m.normalized_shape)
+        parts = _kernel_norm_parts("layer_norm_terms", m.weight, m.bias, x.reshape(N, T, D),        # (N, T, D)
+                                   G.reshape(N, T, D), tuple(m.normalized_shape), float(m.eps))
+        if parts is not None:
+            return parts
     xhat = layer_norm_xhat(opmath(x), K, m.eps, fast=True)[0]           # x̂ over the last K dims (LayerNormFn's)
     return _norm_parts(m, m.weight, m.bias, xhat, G, tuple(range(1, x.dim() - K)))
 
@@ -125,6 +150,12 @@ def _rms_norm(m, x, G, grads):
 
 def _group_norm(m, x, G, grads):
     _sample_first("GroupNorm", x, 2)
+    if x.dtype == G.dtype and (_wanted(m.weight) or _wanted(m.bias)):
+        N, C, L = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+        parts = _kernel_norm_parts("group_norm_terms", m.weight, m.bias, x.reshape(N, C, L),         # (N, C, L)
+                                   G.reshape(N, C, L), (C,), m.num_groups, float(m.eps))
+        if parts is not None:
+            return parts
     xhat = F.group_norm(x, m.num_groups, None, None, m.eps)             # x (N, C, *): weight per channel
     return _norm_parts(m, m.weight, m.bias, xhat, G, tuple(range(2, x.dim())))
 
@@ -144,6 +175,10 @@ def _embedding(m, x, G, grads):
     D = G.reshape(N, T, m.embedding_dim)                                # (N, T, E)
     if m.padding_idx is not None:                                       # torch's gradient skips that row
         D = D * (index != m.padding_idx).unsqueeze(-1)
+    if not grads and T * T <= m.num_embeddings * m.embedding_dim and fast_path() and kernels.usable(D):
+        out = D.new_empty(N, dtype=torch.float64)                       # the pairwise form, equal pairs only
+        kernels.load("per_sample").embedding_pair_sq(index.contiguous().numpy(), *kernels.arrays(D, out))
+        return [Part(m.weight, None, out.to(D.dtype))]
     return [Part(m.weight, *rows(index, D, m.num_embeddings, grads))]
 
 
