@@ -24,7 +24,8 @@ def sq(g: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(g.flatten(1), dim=1).square()
 
 
-def affine(X: torch.Tensor, D: torch.Tensor, grads: bool, gram=None) -> tuple[torch.Tensor | None, torch.Tensor]:
+def affine(X: torch.Tensor, D: torch.Tensor, grads: bool, gram=None,
+           d_sq: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
     r"""A weight entering as Yₙ = Xₙ Wᵀ (one affine map applied to the T rows of sample n):
 
         ∂Cⁿ/∂W = Δₙᵀ Xₙ                                  (D_out, D_in)
@@ -32,13 +33,16 @@ def affine(X: torch.Tensor, D: torch.Tensor, grads: bool, gram=None) -> tuple[to
 
     Shapes: X (N, T, D_in), D = Δ (N, T, D_out). The norm takes the Gram form when T² ≤
     D_in·D_out (ghost clipping's choice: the smaller intermediate), else forms Δₙᵀ Xₙ. ``gram``:
-    a function giving Xₙ Xₙᵀ (N, T, T), where several maps share X (attention's q, k, v)."""
+    a function giving Xₙ Xₙᵀ (N, T, T), where several maps share X (attention's q, k, v); ``d_sq``:
+    ‖δₙ‖² (N,) for T = 1 where the caller has it (the bias's norm)."""
     N, T, D_in = X.shape
     D_out = D.shape[-1]
     if grads or T * T > D_in * D_out:
         g = D.mT * X if T == 1 else D.mT @ X             # Δₙᵀ Xₙ  (N, D_out, D_in); T = 1: δₙ xₙᵀ
         return (g, None) if grads else (None, sq(g))
     if T == 1:                                           # ‖xₙ‖² ‖δₙ‖²
+        if d_sq is not None:
+            return None, sq(X).mul_(d_sq)
         return None, (torch.linalg.vector_norm(X, dim=(1, 2)) * torch.linalg.vector_norm(D, dim=(1, 2))).square()
     XX = X @ X.mT if gram is None else gram()            # Xₙ Xₙᵀ (N, T, T)
     return None, (XX * (D @ D.mT)).sum((1, 2))           # ⟨Xₙ Xₙᵀ, Δₙ Δₙᵀ⟩
