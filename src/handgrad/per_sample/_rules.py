@@ -5,7 +5,9 @@ A rule lays ``x`` and ``G`` out with the sample first, (N, T, ·) where a layer 
 sample alike (sequence positions, conv patches), and returns one ``Part`` per parameter. The
 normalised x̂ of the norm layers is recomputed by the function handgrad's own op computes it with
 (``ops.normalize`` / ``ops.norms``; RMS and eval batch norm through the functional), so the
-normalisation is not written again here. ``RULES`` is the table;
+normalisation is not written again here; on the fast path, group and layer norm's terms and the
+embedding's pairwise norm come from the compiled kernels of ``kernels/per_sample.py`` instead (the
+same sums in one or two passes; tests/test_per_sample.py compares both). ``RULES`` is the table;
 ``refusal`` names the modules capture cannot take, and why.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ._formulas import affine, conv_cols, conv_weight, rows, scaled, sq, summed
 __all__ = ["Part", "RULES", "rule_for", "refusal", "projection_parts"]
 
 
-class Part(NamedTuple):               # (a NamedTuple: several are made per layer per backward, ~4× cheaper than a dataclass)
+class Part(NamedTuple):               # (several per layer per backward: ~4× cheaper than a dataclass)
     param: torch.nn.Parameter
     grad: torch.Tensor | None        # (N, *rows' shape) ∂Cⁿ/∂θ, or None (grads=False and not formed)
     sq_norm: torch.Tensor | None     # (N,) ‖∂Cⁿ/∂θ‖²_F (None: grads=True, not computed)
