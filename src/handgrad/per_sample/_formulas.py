@@ -61,8 +61,8 @@ def conv_cols(x: torch.Tensor, k_size: tuple[int, ...], stride: tuple[int, ...],
         Xₙ,col[(c, k), p] = X_pad[n, c, s p + d k]        (rows (c, k) as W's flattened (C_in, *k))
 
     as one strided view of the zero-padded X (tap k at offset d k, position p at s p, per spatial
-    dim) copied into a buffer reused across chunks: no ``unfold`` (a kernel per column, 3–7×
-    slower here) and no N·C_in·|k|·L buffer for a big batch. x (N, C_in, *S); S_out: the output
+    dim) copied into a buffer reused across chunks: no ``unfold`` (im2col, 2–4× slower than the
+    copy at the CNN bench's sizes) and no N·C_in·|k|·L buffer for a big batch. x (N, C_in, *S); S_out: the output
     positions (G's spatial shape)."""
     N, C = x.shape[:2]
     if any(padding):
@@ -105,8 +105,9 @@ def conv_weight(x: torch.Tensor, D: torch.Tensor, k_size: tuple[int, ...], strid
     out = x.new_empty((N, groups, C_out // groups, rows), dtype=dt) if grads else None   # (N, g, C_out/g, C_g·|k|)
     sq_norm = None if grads else x.new_empty((N,), dtype=dt)
     Dm = D.to(dt).reshape(N, groups, C_out // groups, math.prod(D.shape[2:]))            # (N, g, C_out/g, L)
-    # the GEMM with the longer side as the output's rows is the faster (MKL, one thread: a stem,
-    # C_g·|k| = 9 < C_out = 16, takes 0.29 ms as (Xₙ,col Δₙᵀ)ᵀ against 0.40 ms; 144 > 32: 1.87 against 2.04)
+    # the GEMM whose output has the longer side as its (contiguous) columns is the faster (MKL, one
+    # thread, batch 64: a stem, C_g·|k| = 9 < C_out = 16, takes 0.29 ms as (Xₙ,col Δₙᵀ)ᵀ against
+    # 0.40 ms; the CNN's second conv, 144 > 32, 1.87 ms as Δₙ Xₙ,colᵀ against 2.04)
     transposed = rows < C_out // groups
     for a, b, cols in conv_cols(x.to(dt), k_size, stride, padding, dilation, tuple(D.shape[2:])):
         cols = cols.view(b - a, groups, rows, cols.shape[-1])                           # (b − a, g, C_g·|k|, L)
