@@ -92,7 +92,8 @@ def conv_weight(x: torch.Tensor, D: torch.Tensor, k_size: tuple[int, ...], strid
     r"""A convolution's weight, Yₙ[o, p] = Σ_{c, k} W[o, c, k] Xₙ[g(o) C_g + c, s p + d k − pad]:
     the affine map W_col on the patches, per group j (C_g = C_in/g input, C_out/g output channels):
 
-        ∂Cⁿ/∂W_j = Δₙ,j Xₙ,col,jᵀ        (C_out/g, C_g·|k|):  ∂Cⁿ/∂W[o, c, k] = Σ_p Δₙ[o, p] Xₙ,col[(g(o) C_g + c, k), p]
+        ∂Cⁿ/∂W_j = Δₙ,j Xₙ,col,jᵀ        (C_out/g, C_g·|k|)
+        ∂Cⁿ/∂W[o, c, k] = Σ_p Δₙ[o, p] Xₙ,col[(g(o) C_g + c, k), p]
 
     for every n as one batched GEMM per chunk of samples (``conv_cols``), the squared norm
     ‖∂Cⁿ/∂W‖²_F = Σ_j ‖Δₙ,j Xₙ,col,jᵀ‖²_F of each chunk's product (``grads=False``: nothing of
@@ -121,7 +122,7 @@ def conv_weight(x: torch.Tensor, D: torch.Tensor, k_size: tuple[int, ...], strid
         if grads:
             out[a:b] = g
         else:
-            sq_norm[a:b] = torch.linalg.vector_norm(g, dim=(1, 2, 3)).square()          # ‖Δₙ,j Xₙ,col,jᵀ‖² summed over j
+            sq_norm[a:b] = torch.linalg.vector_norm(g, dim=(1, 2, 3)).square()          # Σ_j ‖Δₙ,j Xₙ,col,jᵀ‖²
     return (None if out is None else out.view(N, C_out, C_g, *k_size)), sq_norm
 
 
