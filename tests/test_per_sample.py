@@ -150,6 +150,61 @@ def test_embedding(T, padding_idx):
     _check(emb, _sum_mse, (idx,), _r(4, T, 3))
 
 
+def _captured_layer(layer, x, G, grads):
+    """(grad_sample of each parameter or None, norms) of one backward of Σ G ⊙ layer(x)."""
+    layer.zero_grad(set_to_none=True)
+    with per_sample.capture(layer, grads=grads):
+        (layer(x) * G).sum().backward()
+    return [getattr(p, "grad_sample", None) for p in layer.parameters()], per_sample.norms(layer)
+
+
+@pytest.mark.parametrize("make, x", [
+    (lambda: nn.GroupNorm(2, 4), lambda: torch.randn(5, 4, 6, 3) * 3 + 2),
+    (lambda: nn.LayerNorm((3, 4)), lambda: torch.randn(5, 2, 3, 4) * 3 + 2),
+    (lambda: nn.Embedding(20, 5, padding_idx=2), lambda: torch.randint(0, 6, (5, 9))),   # repeats; T² ≤ V·E
+])
+@pytest.mark.parametrize("grads", [True, False])
+def test_kernels_equal_the_torch_op_path(make, x, grads, monkeypatch):
+    """The rules' compiled kernels (kernels/per_sample.py) against their torch-op path: float64
+    equal to 1e-12 relative (both sum the same terms in another order: a few ulps times ~20
+    terms); float32 at most the torch path's own error against the float64 truth plus 2 ulps of
+    the result (2⁻²² relative: the kernels round their float64 sums once, the torch path rounds
+    every partial sum, so the kernels' error is the smaller one, up to the last rounding)."""
+    from handgrad import kernels
+    if not kernels.enabled():
+        pytest.skip("no numba")
+    torch.manual_seed(21)
+    base, x = make(), x()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(torch.randn_like(p))
+    G = torch.randn(*x.shape, base.embedding_dim) if isinstance(base, nn.Embedding) else torch.randn_like(x)
+    ran = []
+    family = kernels.load("per_sample")
+    for name in family.__all__:
+        fn = getattr(family, name)
+        monkeypatch.setattr(family, name, lambda *a, _fn=fn, _n=name: (ran.append(_n), _fn(*a))[1])
+    results = {}
+    for dt in (torch.float64, torch.float32):
+        layer = handgrad.convert(copy.deepcopy(base).to(dt))
+        xd = x.to(dt) if x.is_floating_point() else x
+        results[dt, "kernel"] = _captured_layer(layer, xd, G.to(dt), grads)
+        with kernels.disabled():
+            results[dt, "torch"] = _captured_layer(layer, xd, G.to(dt), grads)
+    if not grads or not isinstance(base, nn.Embedding):   # (the embedding's kernel is the norms-only pairwise form)
+        assert ran, "the kernel path was not taken"
+    (g64, n64), (t64, tn64) = results[torch.float64, "kernel"], results[torch.float64, "torch"]
+    for a, b in [*zip(g64, t64), (n64, tn64)]:
+        if b is not None:
+            assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+    (g32, n32), (t32, tn32) = results[torch.float32, "kernel"], results[torch.float32, "torch"]
+    for a, b, truth in [*zip(g32, t32, t64), (n32, tn32, tn64)]:
+        if truth is not None:
+            assert a.dtype == torch.float32
+            err, err_torch = (a.double() - truth).abs().max(), (b.double() - truth).abs().max()
+            assert err <= err_torch + 2 ** -22 * truth.abs().max(), (err.item(), err_torch.item())
+
+
 def test_mlp_fused():
     torch.manual_seed(5)
     mlp = handgrad.nn.MLP([4, 6, 3], activation="tanh", dtype=DT)

@@ -34,7 +34,8 @@ arguments handgrad does not take) runs torch's own.
 - Arguments handgrad does not take fall through to torch: a tensor that is not a plain dense
   strided tensor (sparse, nested, quantized, a tensor subclass with its own
   ``__torch_function__``), no floating-point tensor among the arguments (``torch.relu`` of an int
-  tensor), ``out=``, or a spelling's own unsupported option (``sparse=True`` embeddings).
+  tensor), ``out=``, or a spelling's own unsupported option. ``sparse=True`` embeddings are
+  handgrad's (its embedding gives the same uncoalesced COO gradient as torch's).
 - A mean or a product that records nothing (grad mode off, or no operand requiring grad, and no
   forward-AD level or torch.func transform open) runs torch's own call: no backward node can come
   of it, and MeanFn's and MulFn's forward passes are torch's evaluation, so the values are the
@@ -100,10 +101,10 @@ def _torch_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, cudnn
 
 def _torch_embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
     # torch.embedding(weight, indices, ...): the operands swapped, -1 for "no padding index", no
-    # max_norm (F.embedding renormalises before calling it). Sparse gradients are torch's alone.
-    if sparse or not isinstance(padding_idx, int) or not -1 <= padding_idx < weight.shape[0]:
+    # max_norm (F.embedding renormalises before calling it); sparse=True: handgrad's COO gradient
+    if not isinstance(padding_idx, int) or not -1 <= padding_idx < weight.shape[0]:
         return None
-    return (indices, weight, None if padding_idx == -1 else padding_idx, None, 2.0, scale_grad_by_freq), {}
+    return (indices, weight, None if padding_idx == -1 else padding_idx, None, 2.0, scale_grad_by_freq, sparse), {}
 
 
 def _torch_dropout(input, p, train):
@@ -138,12 +139,6 @@ _ADAPTERS: dict[Callable, tuple[str, Callable]] = {
 }
 
 
-def _f_embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
-                 sparse=False):
-    # F.embedding (the functional's own signature): sparse gradients are torch's alone
-    return None if sparse else ((input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq), {})
-
-
 def _records_nothing(a, b=None) -> bool:
     """No autograd graph and no tangent can come out of a call on ``a`` (and ``b``): grad mode is
     off or neither requires grad, and no forward-AD level or torch.func transform is open.
@@ -175,7 +170,8 @@ def _f_mul(input, other):
 
 # catalogue op name → the adapter of its spellings that share the functional's signature, where
 # handgrad's functional refuses an option torch's takes, or where torch's own call is the same
-_GUARDS: dict[str, Callable] = {"embedding": _f_embedding, "mean": _f_mean, "mul": _f_mul}
+# (F.embedding needs none: handgrad's takes every option of torch's, sparse=True included)
+_GUARDS: dict[str, Callable] = {"mean": _f_mean, "mul": _f_mul}
 
 
 def _routes() -> dict[Callable, tuple[Callable, Callable | None]]:

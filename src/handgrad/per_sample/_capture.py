@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_leaves
 
 from .. import nn as hnn
@@ -49,16 +49,20 @@ class _Record:
         self.taps: list = []       # the tapped layer outputs' gradient edges (ghost clipping backpropagates to them)
 
     def enclose(self, outputs, inputs) -> None:
-        """Mark the graph nodes between a covered layer's tensor ``inputs`` and ``outputs`` as its own."""
-        stop, todo = set(_grad_fns(inputs)), _grad_fns(outputs)
+        """Mark the graph nodes between a covered layer's tensor ``inputs`` and ``outputs`` as its own
+        (run per layer per forward: the loop is kept to the set and attribute lookups it needs)."""
+        stop, todo = _grad_fns(inputs), _grad_fns(outputs)
+        inside, sinks, reached = self.inside, self.sinks, self.reached
         while todo:
             node = todo.pop()
-            if node in self.inside or node in stop:
+            if node in inside or node in stop:
                 continue
-            self.inside.add(node)
-            todo += [n for n, _ in node.next_functions if n is not None]
-            self.reached.update(id(v) for n, _ in node.next_functions
-                                if (v := _leaf(n)) is not None and id(v) in self.sinks)
+            inside.add(node)
+            for n, _ in node.next_functions:
+                if n is not None:
+                    todo.append(n)
+                    if (v := _leaf(n)) is not None and id(v) in sinks:
+                        reached.add(id(v))
 
     def check_uses(self, outputs) -> None:
         """Refuse a captured parameter that a node outside every covered layer uses (a weight tied
@@ -273,9 +277,12 @@ class capture:
 
 
 def _grad_fns(obj) -> list:
-    """The grad_fn of every tensor in ``obj`` (a tensor, or a nest of them) that has one."""
+    """The grad_fn of every tensor in ``obj`` (a tensor, or a nest of them) that has one. A tuple
+    of tensors (a layer's ``args``, the common case) without the pytree walk (~6 µs a call)."""
     if isinstance(obj, torch.Tensor):
         return [] if obj.grad_fn is None else [obj.grad_fn]
+    if isinstance(obj, tuple) and all(isinstance(t, torch.Tensor) for t in obj):
+        return [t.grad_fn for t in obj if t.grad_fn is not None]
     return [t.grad_fn for t in tree_leaves(obj) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
 
 
@@ -305,10 +312,16 @@ def _watch(y: torch.Tensor, x: torch.Tensor, where: str, parts_of, record: _Reco
         if x._version != version:
             raise RuntimeError(f"per_sample.capture: the input of {where} was modified in place after the "
                                "layer ran; its per-sample gradients would use the changed values")
+        if not torch.is_grad_enabled():        # a backward without create_graph: nothing records already
+            record.add(parts_of(G.detach()), where)
+            return
         with torch.no_grad():
             record.add(parts_of(G.detach()), where)
     y.register_hook(hook)
-    record.taps.append(get_gradient_edge(y))   # the edge as it is now: an in-place op after the layer moves y's
+    # the edge as it is now (an in-place op after the layer moves y's). No ownership token (what
+    # get_gradient_edge adds for a Python node: one more autograd op per layer, ~10 µs): the taps
+    # are used only while the graph is alive (ghost clipping's pass 1, within the capture)
+    record.taps.append(GradientEdge(y.grad_fn, y.output_nr) if y.grad_fn is not None else get_gradient_edge(y))
 
 
 def record_of(model: nn.Module) -> _Record | None:

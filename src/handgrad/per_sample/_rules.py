@@ -5,30 +5,32 @@ A rule lays ``x`` and ``G`` out with the sample first, (N, T, ·) where a layer 
 sample alike (sequence positions, conv patches), and returns one ``Part`` per parameter. The
 normalised x̂ of the norm layers is recomputed by the function handgrad's own op computes it with
 (``ops.normalize`` / ``ops.norms``; RMS and eval batch norm through the functional), so the
-normalisation is not written again here. ``RULES`` is the table;
+normalisation is not written again here; on the fast path, group and layer norm's terms and the
+embedding's pairwise norm come from the compiled kernels of ``kernels/per_sample.py`` instead (the
+same sums in one or two passes; tests/test_per_sample.py compares both). ``RULES`` is the table;
 ``refusal`` names the modules capture cannot take, and why.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import math
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as TF
 
 from .. import functional as F
+from .. import kernels
 from .. import nn as hnn
-from ..ops._function import opmath
+from ..ops._function import fast_path, opmath
 from ..ops.normalize import Norm
 from ..ops.normalize import _xhat as norm_xhat
 from ..ops.norms import normalize as layer_norm_xhat
-from ._formulas import affine, conv_weight, rows, scaled, sq, summed
+from ._formulas import affine, conv_cols, conv_weight, rows, scaled, sq, summed
 
 __all__ = ["Part", "RULES", "rule_for", "refusal", "projection_parts"]
 
 
-@dataclass(frozen=True)
-class Part:
+class Part(NamedTuple):               # (several per layer per backward: ~4× cheaper than a dataclass)
     param: torch.nn.Parameter
     grad: torch.Tensor | None        # (N, *rows' shape) ∂Cⁿ/∂θ, or None (grads=False and not formed)
     sq_norm: torch.Tensor | None     # (N,) ‖∂Cⁿ/∂θ‖²_F (None: grads=True, not computed)
@@ -48,14 +50,16 @@ def _sample_first(fn: str, x: torch.Tensor, ndim: int) -> int:
 
 
 def _affine_parts(weight, bias, X, D, grads, rows_=None, gram=None) -> list[Part]:
-    """Y = X Wᵀ + b over (N, T, ·) rows: W by ``affine``, b by ``summed``."""
+    """Y = X Wᵀ + b over (N, T, ·) rows: W by ``affine``, b by ``summed``; one row per sample
+    without ``grads``: ‖δₙ‖² once for both."""
     parts = []
+    d_sq = sq(D) if not grads and D.shape[1] == 1 and _wanted(weight) and _wanted(bias) else None
     if _wanted(weight):
-        g, sq = affine(X, D, grads, gram)
-        parts.append(Part(weight, g, sq, rows_))
+        g, s = affine(X, D, grads, gram, d_sq)
+        parts.append(Part(weight, g, s, rows_))
     if _wanted(bias):
-        g, sq = summed(D, grads)
-        parts.append(Part(bias, g, sq, rows_))
+        g, s = (None, d_sq) if d_sq is not None else summed(D, grads)
+        parts.append(Part(bias, g, s, rows_))
     return parts
 
 
@@ -68,9 +72,10 @@ def _linear(m, x, G, grads):
 
 def _conv(m, x, G, grads):
     r"""Yₙ = W_col Xₙ,col + b: the affine rule over the L output positions, one affine map per
-    group. ∂Cⁿ/∂W is formed by ``conv_weight`` (no im2col matrix); its norm takes the Gram form of
-    ``affine`` on the unfolded patches Xₙ,col (im2col, ``torch.nn.functional.unfold``) when
-    L² ≤ (C_in/g·|k|)·(C_out/g), the smaller intermediate (Opacus's "mixed ghost" choice)."""
+    group, on the patches Xₙ,col (``conv_cols``, a chunk of samples at a time). ∂Cⁿ/∂W is formed by
+    ``conv_weight`` (with ``grads=False`` only its norm is kept), or its norm takes the Gram form of
+    ``affine`` when L² ≤ (C_in/g·|k|)·(C_out/g), the smaller intermediate (Opacus's "mixed ghost"
+    choice)."""
     d = len(m.kernel_size)
     N = _sample_first(type(m).__name__, x, d + 2)
     if x.dim() != d + 2:
@@ -84,22 +89,20 @@ def _conv(m, x, G, grads):
         pad = (0,) * d
     g, C_out = m.groups, m.out_channels
     L, K = G.shape[2:].numel(), m.weight.shape[1:].numel()            # positions; C_in/g · |k|
+    conv = (tuple(m.kernel_size), tuple(m.stride), pad, tuple(m.dilation))
     parts = []
     if _wanted(m.weight):
         if grads or L * L > K * (C_out // g):
-            gw = conv_weight(x, G, tuple(m.kernel_size), tuple(m.stride), pad, tuple(m.dilation), g)
-            gw = gw.view(N, *m.weight.shape)                                    # (N, C_out, C_in/g, *k)
-            parts.append(Part(m.weight, gw, None) if grads else Part(m.weight, None, sq(gw)))
+            gw, sq_w = conv_weight(x, G, *conv, g, grads)                       # (N, C_out, C_in/g, *k) or (N,)
+            parts.append(Part(m.weight, gw, sq_w))
         else:
-            if d == 1:                                                          # conv1d as a 1 × k conv2d
-                cols = TF.unfold(x.unsqueeze(2), (1, *m.kernel_size), dilation=(1, *m.dilation),
-                                 padding=(0, *pad), stride=(1, *m.stride))
-            else:
-                cols = TF.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)  # (N, C_in·k, L)
-            X = cols.view(N * g, K, L).mT                                       # (N·g, L, C_in/g · k)
-            D = G.reshape(N * g, C_out // g, L).mT                              # (N·g, L, C_out/g)
-            _, sq_w = affine(X, D, False)                                       # per (sample, group)
-            parts.append(Part(m.weight, None, sq_w.view(N, g).sum(1)))
+            sq_w = G.new_empty(N, dtype=torch.promote_types(x.dtype, G.dtype))
+            Dg = G.reshape(N, g, C_out // g, L)                                 # (N, g, C_out/g, L)
+            for a, b, cols in conv_cols(x.to(sq_w.dtype), *conv, tuple(G.shape[2:])):
+                X = cols.view((b - a) * g, K, L).mT                             # (n·g, L, C_in/g · k)
+                D = Dg[a:b].reshape((b - a) * g, C_out // g, L).mT.to(X.dtype)  # (n·g, L, C_out/g)
+                sq_w[a:b] = affine(X, D, False)[1].view(b - a, g).sum(1)        # per (sample, group), summed
+            parts.append(Part(m.weight, None, sq_w))
     if _wanted(m.bias):
         gb, sq_b = summed(G.reshape(N, C_out, L).mT, grads)                     # Δ (N, L, C_out)
         parts.append(Part(m.bias, gb, sq_b))
@@ -110,9 +113,32 @@ def _norm_parts(m, weight, bias, xhat, G, dims):
     return [Part(p, *scaled(xh, G, dims)) for p, xh in ((weight, xhat), (bias, None)) if _wanted(p)]
 
 
+def _kernel_norm_parts(family_fn, weight, bias, x3, G3, shape, *args):
+    """The norm layers' Parts from a kernel of kernels/per_sample.py (the same ∂Cⁿ/∂w = Σ (G ⊙ x̂)ₙ,
+    ∂Cⁿ/∂b = Σ Gₙ as ``scaled``, in two passes), or None where the kernel cannot take x3, G3
+    (not on the fast path, or not contiguous float32/float64 CPU tensors of one dtype)."""
+    if not (fast_path() and kernels.usable(x3, G3)):
+        return None
+    N = x3.shape[0]
+    gw = x3.new_empty((N, x3.shape[1] if family_fn == "group_norm_terms" else x3.shape[2]), dtype=torch.float64)
+    gb = torch.empty_like(gw)
+    getattr(kernels.load("per_sample"), family_fn)(*kernels.arrays(x3, G3), *args, *kernels.arrays(gw, gb))
+    parts = []
+    for p, g in ((weight, gw), (bias, gb)):
+        if _wanted(p):
+            parts.append(Part(p, g.to(x3.dtype).view(N, *shape), sq(g).to(x3.dtype)))   # ‖gₙ‖² of the float64 sums
+    return parts
+
+
 def _layer_norm(m, x, G, grads):
     K = len(m.normalized_shape)
     _sample_first("LayerNorm", x, K + 1)
+    if x.dtype == G.dtype and (_wanted(m.weight) or _wanted(m.bias)):
+        N, T, D = x.shape[0], math.prod(x.shape[1:x.dim() - K]), math.prod(m.normalized_shape)
+        parts = _kernel_norm_parts("layer_norm_terms", m.weight, m.bias, x.reshape(N, T, D),        # (N, T, D)
+                                   G.reshape(N, T, D), tuple(m.normalized_shape), float(m.eps))
+        if parts is not None:
+            return parts
     xhat = layer_norm_xhat(opmath(x), K, m.eps, fast=True)[0]           # x̂ over the last K dims (LayerNormFn's)
     return _norm_parts(m, m.weight, m.bias, xhat, G, tuple(range(1, x.dim() - K)))
 
@@ -126,6 +152,12 @@ def _rms_norm(m, x, G, grads):
 
 def _group_norm(m, x, G, grads):
     _sample_first("GroupNorm", x, 2)
+    if x.dtype == G.dtype and (_wanted(m.weight) or _wanted(m.bias)):
+        N, C, L = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+        parts = _kernel_norm_parts("group_norm_terms", m.weight, m.bias, x.reshape(N, C, L),         # (N, C, L)
+                                   G.reshape(N, C, L), (C,), m.num_groups, float(m.eps))
+        if parts is not None:
+            return parts
     xhat = F.group_norm(x, m.num_groups, None, None, m.eps)             # x (N, C, *): weight per channel
     return _norm_parts(m, m.weight, m.bias, xhat, G, tuple(range(2, x.dim())))
 
@@ -145,6 +177,10 @@ def _embedding(m, x, G, grads):
     D = G.reshape(N, T, m.embedding_dim)                                # (N, T, E)
     if m.padding_idx is not None:                                       # torch's gradient skips that row
         D = D * (index != m.padding_idx).unsqueeze(-1)
+    if not grads and T * T <= m.num_embeddings * m.embedding_dim and fast_path() and kernels.usable(D):
+        out = D.new_empty(N, dtype=torch.float64)                       # the pairwise form, equal pairs only
+        kernels.load("per_sample").embedding_pair_sq(index.contiguous().numpy(), *kernels.arrays(D, out))
+        return [Part(m.weight, None, out.to(D.dtype))]
     return [Part(m.weight, *rows(index, D, m.num_embeddings, grads))]
 
 
