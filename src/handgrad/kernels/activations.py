@@ -24,10 +24,12 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-from . import FASTMATH, kernel
+from . import FASTMATH, _numba, kernel
 
 _LOG2E = 1.4426950408889634      # log₂ e
 _LN2 = 0.6931471805599453        # ln 2
+_LN2_HI = 0.693145751953125      # ln 2 in 16 bits (k·_LN2_HI is exact for |k| ≤ 1075) …
+_LN2_LO = 1.4286068203094173e-06 # … and the rest: r = (x − k·hi) − k·lo (Cody–Waite)
 _INV_SQRT_2PI = 0.3989422804014327   # 1/√(2π)
 _C2 = 2 * 0.7978845608028654     # 2c, c = √(2/π)
 _KAPPA = 0.044715                # κ
@@ -44,14 +46,14 @@ def _float_of_bits(typingctx, bits):
     return (types.float64 if wide else types.float32)(bits), codegen
 
 
-@kernel
-def _exp64(x):
+@_numba().njit(fastmath={"contract", "nsz"}, nogil=True, cache=True, error_model="numpy")   # not reassoc: it
+def _exp64(x):                                                         # would fold hi + lo back into one ln 2
     """e^x for float64 x ≤ 0 (every caller's argument), to a few roundings: 2^k · e^r,
     k = rint(x log₂e), r = x − k ln 2 (|r| ≤ ln2/2), e^r = Σ_{n ≤ 13} rⁿ/n! (Horner, truncation
     under 5e-18). 0 below −708.3 (an absolute error under 2.5e-308), nan at nan."""
     t = -708.3 if x < -708.3 else x                                   # (nan passes the test)
     k = np.rint(t * _LOG2E)                                           # −1022 ≤ k ≤ 0
-    r = t - k * _LN2
+    r = (t - k * _LN2_HI) - k * _LN2_LO                               # (one ln 2: 12 roundings at x = −80)
     p = 1.0 / 6227020800.0                                            # 1/13!, Horner down to e^r
     p = p * r + 1.0 / 479001600.0
     p = p * r + 1.0 / 39916800.0
