@@ -87,8 +87,9 @@ def backward_grads(loss, params):
 # of room, far below any real error.
 TOL64 = dict(rtol=1e-10, atol=1e-12)
 # float32 compiled vs eager: the compiled graph may reorder and fuse reductions (a few ulps per op,
-# float32 eps ≈ 1.2e-7) across a handful of ops.
-TOL32 = dict(rtol=1e-5, atol=1e-6)
+# float32 eps ≈ 1.2e-7) across a handful of ops, and eager takes the compiled kernels (float64 sums)
+# where compile takes the formula: a few ulps of the gradients' terms (~0.5) near a zero element.
+TOL32 = dict(rtol=1e-5, atol=4e-6)
 
 
 @pytest.fixture

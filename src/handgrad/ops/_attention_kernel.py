@@ -63,8 +63,8 @@ def kernel_forward(q, k, v, mask, drop, p: float, causal: bool, alpha: float):
     """O (*, L, Ev), ℓ (*, L) from the kernel (S = alpha·(Q Kᵀ) + M: the scale forms' product, taken
     in float64), or None where kernels are off."""
     q, k, v = _dense(q), _dense(k), _dense(v)
-    if not kernels.usable(q, k, v):
-        return None
+    if not (q.numel() and k.numel() and v.numel()) or not kernels.usable(q, k, v):   # (no element: numpy's
+        return None                                                                 # reshape of a 0 dim fails)
     qs, vs = q.shape, v.shape
     batch, L = qs[:-2], qs[-2]
     add, keep = (None, None) if mask is None and drop is None else _kernel_masks(q, mask, drop, p, vs[-2])
@@ -82,7 +82,7 @@ def kernel_backward(q, k, v, G, mask, drop, p: float, causal: bool, alpha: float
     """(∂L/∂Q, ∂L/∂K, ∂L/∂V) from the kernel (``backward``; None where not needed), or None where
     kernels are off."""
     q, k, v, G = _dense(q), _dense(k), _dense(v), _dense(G)
-    if not kernels.usable(q, k, v, G):
+    if not (q.numel() and k.numel() and v.numel()) or not kernels.usable(q, k, v, G):
         return None
     qs = q.shape
     add, keep = (None, None) if mask is None and drop is None else _kernel_masks(q, mask, drop, p, k.shape[-2])
