@@ -10,10 +10,10 @@ from .._compat import functorch_transforms_active
 from ..ops.fused import StackFn, StackSpec, activation_spec
 from ..ops.linear_cross_entropy import LCEOptions, LinearCrossEntropyFn, default_chunk_size
 from ._common import (autocast, check_ignore_index, check_linear, check_reduction, check_target_range, check_tensor,
-                      no_kernel, shape_str)
+                      shape_str)
 from . import _activations
 from ._linear import linear
-from ._losses import _class_options, _common_class_call, _kernel_checks_range, class_loss
+from ._losses import _class_options, cross_entropy, _common_class_call, _kernel_checks_range, class_loss
 from ..ops.linear import LinearFn
 from ..ops.losses import CrossEntropyFn
 
@@ -228,8 +228,12 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     W2 = linear_weight.reshape(linear_weight.shape[:-1].numel(), D)   # (C·d1·…, D) (D may be 0)
     b2 = None if linear_bias is None else linear_bias.reshape(-1)
     check_linear(fn, W2, b2, features=D, dtype=input.dtype, names=("linear_weight", "linear_bias"))
-    if input.dtype == torch.bool:             # torch's linear has no bool kernel (integers it computes)
-        no_kernel(fn, input, kernel="addmm_impl_cpu_")
+    if not input.is_floating_point():
+        # torch's reference path as it runs: its linear (a bool product only where D = 0 without a
+        # bias), then cross_entropy's checks (label_smoothing first) refusing integer logits
+        logits = linear(input, W2, b2).reshape(logits_shape)
+        return cross_entropy(logits, target, weight, reduction=reduction, label_smoothing=label_smoothing,
+                             ignore_index=-100 if ignore_index is None else ignore_index)
     reduction = check_reduction(reduction)    # torch's order: its linear, then cross_entropy's Python, then C++
     # the cross entropy's checks on the logits' shape and dtype (no tensor: nothing allocated)
     logits = _Logits(logits_shape, out_dtype, input, linear_weight)

@@ -165,8 +165,9 @@ def _class_options(fn, input, target, weight, ignore_index, reduction, label_smo
             check_class_weight(fn, weight, input, input.shape[1] if input.dim() >= 2 else input.shape[0], probs=True)
     C, probs = check_class_target(fn, input, target, allow_probs=allow_probs, weight=weight)
     if eps and not probs and weight is not None and weight.dim() != 1 and input.dim() > 2 and (
-            weight.shape[0] != weight.numel()):
-        # torch's label-smoothing path views the weight by its first dim as (1, C, 1, …): (1, C) fails
+            weight.shape[0] != weight.numel() or reduction == "mean" and bool((target != ignore_index).any())):
+        # torch's label-smoothing path views the weight by its first dim as (1, C, 1, …): (1, C) fails;
+        # its 'mean' gathers the weight at the targets kept, which a 2-D weight fails if there are any
         raise RuntimeError(f"{fn}: with label_smoothing, weight of shape {shape_str(weight)} must be 1-D (C,) "
                            f"for input of shape {shape_str(input)}")
     weight = check_class_weight(fn, weight, input, C, probs=probs)

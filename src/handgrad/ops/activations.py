@@ -368,13 +368,16 @@ def softplus_spec(beta: float = 1.0, threshold: float = 20.0) -> Activation:
 
     def fast_df(z, y, out):
         # σ(βz), then max(σ, [βz > t]): 1 strictly above the threshold (σ is exactly 1 there
-        # already for β = 1 and t above ``_SIGMOID_ONE``). torch.sigmoid flushes to 0 where e^{βz}
-        # is subnormal (float32 βz < −87; the formula keeps it): an absolute error below 1.2e-38.
-        if b == 1 and t >= _SIGMOID_ONE[z.dtype]:
+        # already for β = 1 and t above ``_SIGMOID_ONE``). torch.sigmoid's 1/(1 + e^{−βz}) flushes
+        # to 0 where e^{−βz} overflows (βz below −log max) and e^{βz} is still subnormal: there,
+        # found by one read-only pass (min βz), the formula's σ takes over.
+        bz = z if b == 1 else torch.mul(z, b)                            # βz
+        if z.numel() and bz.amin() < -_EXP_MAX.get(z.dtype, _EXP_MAX[torch.float32]):
+            out.copy_(df(z, None))
+        elif b == 1 and t >= _SIGMOID_ONE[z.dtype]:
             torch.sigmoid(z, out=out)                                    # σ(z)
-            return
-        bz = torch.mul(z, b)                                             # βz
-        torch.maximum(torch.sigmoid(bz, out=out), torch.gt(bz, t, out=bz), out=out)   # max(σ(βz), [βz > t])
+        else:
+            torch.maximum(torch.sigmoid(bz, out=out), torch.gt(bz, t), out=out)   # max(σ(βz), [βz > t])
 
     return Activation("softplus", f, df, "input", fast_f=fast_f, fast_df=fast_df, kernel=_kernel("softplus_vjp", b, t))
 
