@@ -528,9 +528,10 @@ def test_empty_batch_norm_input_is_returned_before_any_check():
 # Calls that long sweeps (outside CI's draw) once found disagreeing, redrawn from their seeds:
 # softplus's σ(βz) flushed to 0 on a non-contiguous float32 input with βz < −88; bool input to
 # linear_cross_entropy refused before torch's label_smoothing check; a (1, 1) class weight with
-# K-dim input and smoothing under 'mean', which torch refuses.
+# K-dim input and smoothing under 'mean', which torch refuses; a 3-D integer input to nll_loss with
+# a uint8 target (torch's nll_loss2d dispatches on the input's dtype before refusing the Byte target).
 @pytest.mark.parametrize("found", ["softplus:239845055259", "linear_cross_entropy:556992991605",
-                                   "cross_entropy:940470998542", "mlp:907767313839"])
+                                   "cross_entropy:940470998542", "mlp:907767313839", "nll_loss:171469673439"])
 def test_calls_once_found_disagreeing_agree(found):
     op, seed = found.rsplit(":", 1)
     assert fuzz.check_call(fuzz.draw.draw_call(op, int(seed))) == []

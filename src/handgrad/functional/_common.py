@@ -190,8 +190,8 @@ def check_class_target(fn: str, input, target, *, allow_probs: bool, weight=None
             raise RuntimeError(f"{fn}: Expected target size {list(expected)}, got {list(target.shape)} "
                                f"(target of shape {shape_str(target)} for input of shape {shape_str(input)}"
                                f"{'; size mismatch with 0 classes' if target.shape == expected else ''})")
-    if input.dim() == 4 and not input.is_floating_point():
-        # 4-D: nll_loss2d checks the target's dtype (Long or Byte), the weight's size, then dispatches
+    if input.dim() > 2 and not input.is_floating_point():
+        # K-dim (torch views any as 4-D): nll_loss2d checks the target's dtype (Long or Byte), the weight's size, then dispatches
         # on the input's dtype, and only then refuses a Byte K-dim target
         if target.dtype not in (torch.int64, torch.uint8):
             _target_dtype_error(fn, target, input)
