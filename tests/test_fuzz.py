@@ -535,3 +535,11 @@ def test_empty_batch_norm_input_is_returned_before_any_check():
 def test_calls_once_found_disagreeing_agree(found):
     op, seed = found.rsplit(":", 1)
     assert fuzz.check_call(fuzz.draw.draw_call(op, int(seed))) == []
+
+
+def test_linear_cross_entropy_kdim_2d_class_weight_with_smoothing_default_ignore_index():
+    # ignore_index=None means −100 before torch's 'mean' gathers a 2-D class weight (and refuses it)
+    x, W, t = torch.randn(4, 5), torch.randn(3, 2, 5), torch.randint(0, 3, (4, 2))
+    for fn in (TF.linear_cross_entropy, F.linear_cross_entropy):
+        with pytest.raises(RuntimeError):
+            fn(x, W, t, weight=torch.ones(3, 1), label_smoothing=0.1)

@@ -164,8 +164,9 @@ def _class_options(fn, input, target, weight, ignore_index, reduction, label_smo
         if weight is not None and not input.is_floating_point():
             check_class_weight(fn, weight, input, input.shape[1] if input.dim() >= 2 else input.shape[0], probs=True)
     C, probs = check_class_target(fn, input, target, allow_probs=allow_probs, weight=weight)
+    ignore_index = check_ignore_index(fn, ignore_index, target, probs=probs, none_is_default=none_is_default)
     if eps and not probs and weight is not None and weight.dim() != 1 and input.dim() > 2 and (
-            weight.shape[0] != weight.numel() or reduction == "mean" and bool((target != ignore_index).any())):
+            weight.shape[0] != weight.numel() or (reduction == "mean" and bool((target != ignore_index).any()))):
         # torch's label-smoothing path views the weight by its first dim as (1, C, 1, …): (1, C) fails;
         # its 'mean' gathers the weight at the targets kept, which a 2-D weight fails if there are any
         raise RuntimeError(f"{fn}: with label_smoothing, weight of shape {shape_str(weight)} must be 1-D (C,) "
@@ -173,7 +174,6 @@ def _class_options(fn, input, target, weight, ignore_index, reduction, label_smo
     weight = check_class_weight(fn, weight, input, C, probs=probs)
     if not probs and not input.is_floating_point():
         no_kernel(fn, input, kernel="nll_loss")                 # the kernel's dispatch on the input's dtype
-    ignore_index = check_ignore_index(fn, ignore_index, target, probs=probs, none_is_default=none_is_default)
     return C, weight, CrossEntropyOptions(reduction, ignore_index, eps, probs)
 
 

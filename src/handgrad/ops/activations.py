@@ -372,7 +372,7 @@ def softplus_spec(beta: float = 1.0, threshold: float = 20.0) -> Activation:
         # to 0 where e^{−βz} overflows (βz below −log max) and e^{βz} is still subnormal: there,
         # found by one read-only pass (min βz), the formula's σ takes over.
         bz = z if b == 1 else torch.mul(z, b)                            # βz
-        if z.numel() and bz.amin() < -_EXP_MAX.get(z.dtype, _EXP_MAX[torch.float32]):
+        if z.numel() and bz.amin() < -_EXP_MAX[z.dtype]:
             out.copy_(df(z, None))
         elif b == 1 and t >= _SIGMOID_ONE[z.dtype]:
             torch.sigmoid(z, out=out)                                    # σ(z)
